@@ -1,0 +1,72 @@
+"""Shared fixtures. Run the suite with `python -m pytest -q tests` from the repository root.
+
+`train_gpt.py` is imported as a module (importing it has no side effects). Tests that want real
+data use ../shared/data when it is present and skip with a reason otherwise; the `dataset`
+fixture falls back to the embedded sample (data/make_sample.py), so every test that needs shards
+and a tokenizer runs on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CANONICAL_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
+CHALLENGE_DOCS = SHARED_DATA / "corpus" / "fineweb_challenge_docs_200.jsonl"
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train_gpt as tg  # noqa: E402
+
+
+def read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"])
+            if limit is not None and len(texts) >= limit:
+                break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not CANONICAL_TOKENIZER.is_file() or not CHALLENGE_DOCS.is_file():
+        pytest.skip(f"shared data not present at {SHARED_DATA} (canonical tokenizer and challenge docs)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> dict:
+    """A real 1024-token dataset: the 200 challenge documents tokenized with the canonical tokenizer
+    (val = first 20 documents) when ../shared/data exists, else the embedded sample.
+
+    Returns {"dir": dataset folder, "tokenizer": .model path, "vocab_size": 1024, "source": str}.
+    """
+    root = tmp_path_factory.mktemp("dataset")
+    if CANONICAL_TOKENIZER.is_file() and CHALLENGE_DOCS.is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(CANONICAL_TOKENIZER))
+        docs = read_jsonl_texts(CHALLENGE_DOCS)
+        streams = [np.array([sp.bos_id()] + sp.encode(t), dtype=np.int64) for t in docs]
+        out = root / "datasets" / "fineweb10B_sp1024"
+        tg.write_shard(out / "fineweb_val_000000.bin", np.concatenate(streams[:20]))
+        tg.write_shard(out / "fineweb_train_000000.bin", np.concatenate(streams[20:110]))
+        tg.write_shard(out / "fineweb_train_000001.bin", np.concatenate(streams[110:]))
+        return {"dir": out, "tokenizer": CANONICAL_TOKENIZER, "vocab_size": 1024, "source": "shared"}
+    spec_path = ROOT / "data" / "make_sample.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sample", spec_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dataset_dir, tokenizer = module.build_sample(root, vocab_size=1024, log=lambda *a, **k: None)
+    return {"dir": Path(dataset_dir), "tokenizer": Path(tokenizer), "vocab_size": 1024, "source": "sample"}
