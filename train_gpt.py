@@ -26,7 +26,6 @@ import datetime
 import difflib
 import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -1437,9 +1436,34 @@ def ensure_sample_data(h: Hyperparameters, d: DistInfo, log: Logger) -> None:
     barrier()
 
 
-def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, log: Logger) -> dict[str, str]:
+@dataclass
+class DataBundle:
+    train_files: list[Path]
+    val_tokens: np.ndarray
+    luts: dict[str, Tensor]
+    fingerprint: dict[str, Any]
+
+
+def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
+    """Tokenizer, byte tables, shard lists and the validation split, all checked before training."""
+    if h.sample_data:
+        ensure_sample_data(h, d, log)
+    sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
+    luts = luts_to_device(build_byte_luts(sp, h.tokenizer_file), d.device)
+    train_files = list_shards(h.dataset_dir, "train")
+    val_files = list_shards(h.dataset_dir, "val")
+    fingerprint = dataset_fingerprint(train_files, val_files, h.tokenizer_file)
+    val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size)
+    fingerprint["val_tokens"] = int(val_tokens.size - 1)  # scored targets after truncation
+    return DataBundle(train_files, val_tokens, luts, fingerprint)
+
+
+def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, fingerprint: dict[str, Any],
+               log: Logger) -> dict[str, str]:
+    """The resolved config, versions, code hash and dataset fingerprint: one sorted `key: value` block."""
     versions = environment_versions(d.device)
     info = {**{k.lower(): v for k, v in h.knob_values().items()}, **versions,
+            **{f"dataset_{k}": v for k, v in fingerprint.items()},
             "world_size": d.world_size, "grad_accum_steps": h.accum_steps, "attention_backend": backend,
             "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes": len(code)}
     log("config:")
@@ -1465,7 +1489,8 @@ def run(h: Hyperparameters) -> int:
         code_path = Path(__file__).resolve()
         code = code_path.read_bytes()
         backend = select_attention_backend(d.device)
-        versions = log_header(h, d, code, backend, log)
+        data = None if h.dry_run else prepare_data(h, d, log)
+        versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
         torch.manual_seed(h.seed)
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
         opt = Optimizers(model, h, d.rank, d.world_size)
@@ -1479,27 +1504,16 @@ def run(h: Hyperparameters) -> int:
         if h.dry_run:
             log("dry_run:ok (no data read, nothing written)")
             return 0
-        return train_and_evaluate(h, d, model, opt, code, versions, backend, log)
+        return train_and_evaluate(h, d, model, opt, data, code, versions, backend, log)
     finally:
         log.close()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimizers, code: bytes,
+def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimizers, data: DataBundle, code: bytes,
                        versions: dict[str, str], backend: str, log: Logger) -> int:
-    if h.sample_data:
-        ensure_sample_data(h, d, log)
-    sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
-    luts = luts_to_device(build_byte_luts(sp, h.tokenizer_file), d.device)
-    train_files = list_shards(h.dataset_dir, "train")
-    val_files = list_shards(h.dataset_dir, "val")
-    fingerprint = dataset_fingerprint(train_files, val_files, h.tokenizer_file)
-    val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size)
-    fingerprint["val_tokens"] = int(val_tokens.size - 1)
-    for key in sorted(fingerprint):
-        log(f"  dataset_{key}: {fingerprint[key]}")
-
+    val_tokens, luts, fingerprint = data.val_tokens, data.luts, data.fingerprint
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if h.compile else model
 
     def evaluate() -> EvalResult:
@@ -1507,7 +1521,7 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
                         d.device, h.compute_dtype)
 
     def make_loader() -> TrainLoader:
-        return TrainLoader(train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
+        return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
                            h.seed, h.vocab_size, d.device)
 
     result, ema = train(h, d, model, compiled, opt, make_loader, evaluate, log)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import io
 import json
 import math
@@ -99,11 +98,6 @@ NUM_TRAIN_SHARDS = 2
 MIN_VAL_TOKENS = 4096
 
 BOS_ID = 1
-# Challenge shard format (must match train_gpt.write_shard / the loader).
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-SHARD_HEADER_BYTES = 256 * 4
-TOKEN_BYTES = 2  # uint16
 MAX_UINT16_VOCAB = 2 ** 16
 
 # SentencePiece "meta space" that marks word starts; byte counting in the
@@ -334,25 +328,23 @@ def train_tokenizer(docs: list[str], model_path: Path, vocab_size: int) -> spm.S
 # Shards, manifest, install
 # --------------------------------------------------------------------------
 
-def _import_write_shard() -> Callable[[Path, np.ndarray], None]:
-    """train_gpt.write_shard is the one writer of the shard format; import
-    it from the repo root (the parent of data/) only when needed."""
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    # When train_gpt.py is the running script it lives in sys.modules as
-    # __main__; reuse it rather than executing the file a second time.
+def _train_gpt():
+    """train_gpt.py owns the shard format and its checks; import it from the repo root (the parent of
+    data/) only when needed."""
+    repo_root = Path(__file__).resolve().parent.parent
+    # When train_gpt.py is the running script it lives in sys.modules as __main__; reuse it rather
+    # than executing the file a second time.
     main_module = sys.modules.get("__main__")
     main_file = getattr(main_module, "__file__", None)
-    if main_file and Path(main_file).resolve() == Path(repo_root) / "train_gpt.py":
-        return main_module.write_shard
-    if repo_root not in sys.path:
-        sys.path.insert(0, repo_root)
+    if main_file and Path(main_file).resolve() == repo_root / "train_gpt.py":
+        return main_module
+    if str(repo_root) not in sys.path:
+        sys.path.insert(0, str(repo_root))
     try:
-        from train_gpt import write_shard
+        import train_gpt
     except ImportError as exc:
-        raise ImportError(
-            f"cannot import write_shard from train_gpt.py in {repo_root}: {exc}"
-        ) from exc
-    return write_shard
+        raise ImportError(f"cannot import train_gpt.py from {repo_root}: {exc}") from exc
+    return train_gpt
 
 
 def _encode_documents(sp: spm.SentencePieceProcessor, docs: list[str]) -> list[np.ndarray]:
@@ -377,27 +369,6 @@ def _shard_boundaries(doc_lengths: list[int], num_shards: int) -> list[int]:
         cuts.append(cut)
     cuts.append(len(doc_lengths))
     return cuts
-
-
-def _write_checked_shard(write_shard: Callable[[Path, np.ndarray], None], path: Path, tokens: np.ndarray) -> None:
-    """Write one shard and check the result against the format, so a change
-    in write_shard's contract fails here rather than in training."""
-    write_shard(path, tokens)
-    expected = SHARD_HEADER_BYTES + TOKEN_BYTES * len(tokens)
-    actual = path.stat().st_size
-    if actual != expected:
-        raise RuntimeError(f"{path.name}: {actual} bytes written, expected {expected}")
-    header = np.fromfile(path, dtype="<i4", count=3)
-    if header.tolist() != [SHARD_MAGIC, SHARD_VERSION, len(tokens)]:
-        raise RuntimeError(f"{path.name}: unexpected shard header {header.tolist()}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _manifest_is_valid(manifest_path: Path, data_dir: Path, vocab_size: int) -> bool:
@@ -513,7 +484,7 @@ def _build_into(tmp_dir: Path, data_dir: Path, vocab_size: int, log: Log) -> Non
     if val_tokens <= MIN_VAL_TOKENS:
         raise RuntimeError(f"val split has only {val_tokens} tokens; need more than {MIN_VAL_TOKENS}")
 
-    write_shard = _import_write_shard()
+    tg = _train_gpt()
     shards_per_split = {"val": 1, "train": NUM_TRAIN_SHARDS}
     doc_counts: dict[str, int] = {}
     token_counts: dict[str, int] = {}
@@ -523,7 +494,10 @@ def _build_into(tmp_dir: Path, data_dir: Path, vocab_size: int, log: Log) -> Non
         cuts = _shard_boundaries([len(t) for t in per_doc], shards_per_split[split])
         for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
             shard = np.concatenate(per_doc[lo:hi]).astype(np.uint16)
-            _write_checked_shard(write_shard, tmp_dir / dataset_rel / f"fineweb_{split}_{i:06d}.bin", shard)
+            path = tmp_dir / dataset_rel / f"fineweb_{split}_{i:06d}.bin"
+            tg.write_shard(path, shard)
+            if tg.read_shard_header(path) != len(shard):  # the reader must accept what the writer wrote
+                raise RuntimeError(f"{path}: shard reads back with a different token count")
         doc_counts[split] = len(split_docs)
         byte_counts[split] = sum(_utf8_len(d) for d in split_docs)
         token_counts[split] = sum(len(t) for t in per_doc)
@@ -533,7 +507,7 @@ def _build_into(tmp_dir: Path, data_dir: Path, vocab_size: int, log: Log) -> Non
     import sentencepiece as spm
 
     files = {
-        p.relative_to(tmp_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.relative_to(tmp_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": tg.sha256_file(p)}
         for p in sorted(tmp_dir.rglob("*")) if p.is_file()
     }
     manifest = {
