@@ -1025,7 +1025,8 @@ def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """LR multiplier at training progress `frac` in [0, 1]: 1, then linear warmdown to a MIN_LR floor."""
     if warmdown_frac <= 0.0 or frac < 1.0 - warmdown_frac:
         return 1.0
-    return max((1.0 - frac) / warmdown_frac, min_lr)
+    # min(.., 1): (1 - frac) / W can round to 1 + 1 ulp exactly at the warmdown start.
+    return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)
 
 
 def muon_momentum_at(step: int, start: float, final: float, warmup_steps: int) -> float:
