@@ -234,13 +234,13 @@ class Hyperparameters:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Hyperparameters":
         """The one place that reads the environment. Raises ConfigError naming the bad variable."""
         env = dict(os.environ if env is None else env)
-        preset = env.get("PRESET", "record")
+        preset = env.get("PRESET", "record").strip()
         if preset not in PRESETS:
             raise ConfigError(f"PRESET={preset!r} is not allowed: use one of {', '.join(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[preset])
         for f in cls.knob_fields():
             name = f.name.upper()
-            if name in env:
+            if name in env and name != "PRESET":
                 values[f.name] = _parse_value(name, env[name], type(f.default))
         values["preset"] = preset
         warnings = _check_unknown_vars(env, bool(values.get("strict_env", False)))
@@ -254,6 +254,8 @@ class Hyperparameters:
             value = getattr(self, f.name)
             if check is not None and not check(value):
                 raise ConfigError(f"{f.name.upper()}={value!r} is not allowed: expected {f.metadata['allowed']}")
+        if self.local_rank < 0:
+            raise ConfigError(f"LOCAL_RANK={self.local_rank} is not allowed: expected >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"RANK={self.rank} / WORLD_SIZE={self.world_size} is not a valid torchrun topology")
         if self.model_dim % self.num_heads:
@@ -329,7 +331,7 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
 def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
     known = set(Hyperparameters.knob_names()) | LAUNCHER_VARS
-    candidates = sorted(known | set(UNIMPLEMENTED_FEATURES))
+    candidates = sorted(set(Hyperparameters.knob_names()) | set(UNIMPLEMENTED_FEATURES))  # suggest knobs only
     warnings = []
     for name in sorted(env):
         value = env[name]

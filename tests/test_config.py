@@ -1,0 +1,484 @@
+"""Configuration: `Hyperparameters.from_env`, presets, validation messages, world sizes, unknown
+variables, derived paths and the DRY_RUN=1 preflight.
+
+Run: python -m pytest -q tests/test_config.py
+
+Every test passes its environment to `from_env` explicitly (never os.environ); the two subprocess
+tests build a clean child environment without knobs or torchrun variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tg
+
+H = tg.Hyperparameters
+SCRIPT = ROOT / "train_gpt.py"
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def config_error(env: dict[str, str]) -> str:
+    """The ConfigError message for `env`; fails if from_env accepts it or raises something else."""
+    with pytest.raises(tg.ConfigError) as info:
+        H.from_env(env)
+    return str(info.value)
+
+
+def assert_one_line_naming(msg: str, *needles: str) -> None:
+    assert "\n" not in msg and "\r" not in msg, f"message is not one line: {msg!r}"
+    assert msg.strip() == msg and msg, f"message is empty or padded: {msg!r}"
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not named in message {msg!r}"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """os.environ minus knobs, feature flags and torchrun variables, plus `extra` and PYTHONPATH."""
+    drop = set(H.knob_names()) | set(tg.UNIMPLEMENTED_FEATURES) | set(TORCHRUN_VARS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not k.startswith("TORCHELASTIC_") and k not in ("PYTHONPATH", "PRESET")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------- defaults and presets
+
+
+def test_empty_env_is_the_dataclass_default_record_preset():
+    h = H.from_env({})
+    assert h == H()
+    assert h.preset == "record" and tg.PRESETS["record"] == {}
+    assert h.env_warnings == ()
+    assert (h.world_size, h.rank, h.local_rank) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("VOCAB_SIZE", 8192), ("NUM_LAYERS", 11), ("MODEL_DIM", 512), ("NUM_HEADS", 8), ("NUM_KV_HEADS", 4),
+    ("MLP_MULT", 4.0), ("TRAIN_SEQ_LEN", 2048), ("TRAIN_BATCH_TOKENS", 786_432), ("MATRIX_LR", 0.026),
+    ("EMA_DECAY", 0.9965), ("WARMDOWN_FRAC", 0.75), ("MIN_LR", 0.1), ("TIE_EMBEDDINGS", True),
+    ("MAX_WALLCLOCK_SECONDS", 600.0), ("SEED", 1337), ("COMPILE", True), ("DRY_RUN", False),
+])
+def test_documented_record_defaults(name, value):
+    h = H.from_env({})
+    got = h.knob_values()[name]
+    assert got == value and type(got) is type(value), f"{name}: {got!r} != {value!r}"
+
+
+def test_knob_names_are_upper_case_fields_and_unique():
+    names = H.knob_names()
+    assert len(names) == len(set(names))
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", n) for n in names)
+    # topology and bookkeeping fields are not knobs
+    assert not {"WORLD_SIZE", "RANK", "LOCAL_RANK", "ENV_WARNINGS"} & set(names)
+    # a feature flag that became a knob must leave UNIMPLEMENTED_FEATURES, or setting it would be refused
+    assert not set(names) & set(tg.UNIMPLEMENTED_FEATURES)
+
+
+# A value that passes validation and differs from the record default, per knob (str knobs listed;
+# numbers and bools derived from the default).
+STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_path": "/tok/x.model",
+                 "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32"}
+
+
+def _override_candidates(f) -> list[str]:
+    d = f.default
+    if isinstance(d, bool):
+        return ["0" if d else "1"]
+    if isinstance(d, int):
+        return [str(v) for v in (d * 2, d + 1, d - 1, 1, 2) if v != d and v >= 0]
+    if isinstance(d, float):
+        return [repr(v) for v in (d / 2, d * 2, 0.5, 0.25, 1.0, 0.0) if v != d]
+    return [STR_OVERRIDES[f.name]] if f.name in STR_OVERRIDES else []
+
+
+@pytest.mark.parametrize("f", [f for f in H.knob_fields() if f.name != "preset"], ids=lambda f: f.name.upper())
+def test_every_knob_can_be_overridden(f):
+    candidates = _override_candidates(f)
+    if not candidates:
+        pytest.skip(f"no override value chosen for new str knob {f.name.upper()}")
+    for raw in candidates:  # the first value that passes the cross-field checks with the other defaults
+        try:
+            h = H.from_env({f.name.upper(): raw})
+            break
+        except tg.ConfigError as exc:
+            assert f.name.upper() in str(exc) or "TRAIN_BATCH_TOKENS" in str(exc) or "VAL_BATCH" in str(exc)
+    else:
+        pytest.fail(f"none of {candidates} is accepted for {f.name.upper()}")
+    got = getattr(h, f.name)
+    assert type(got) is type(f.default)
+    assert got != f.default
+    expected = {bool: lambda s: s == "1", int: int, float: float, str: str}[type(f.default)](raw)
+    assert got == expected
+    # nothing else moved
+    others = {k: v for k, v in h.knob_values().items() if k != f.name.upper()}
+    assert others == {k: v for k, v in H().knob_values().items() if k != f.name.upper()}
+
+
+@pytest.mark.parametrize("env, field_name, value", [
+    ({"NUM_LAYERS": "3"}, "num_layers", 3),  # int
+    ({"NUM_LAYERS": " 7 "}, "num_layers", 7),  # surrounding whitespace is ignored
+    ({"MATRIX_LR": "0.5"}, "matrix_lr", 0.5),  # float
+    ({"MATRIX_LR": "1e-3"}, "matrix_lr", 1e-3),
+    ({"MLP_MULT": "3"}, "mlp_mult", 3.0),  # an integer literal for a float knob is a float
+    ({"TIE_EMBEDDINGS": "0"}, "tie_embeddings", False),  # bool 0/1
+    ({"SAMPLE_DATA": "1"}, "sample_data", True),
+    ({"COMPILE": "0"}, "compile", False),
+    ({"RUN_ID": "abc-1.2_x"}, "run_id", "abc-1.2_x"),  # str
+    ({"DEVICE": "cpu"}, "device", "cpu"),
+])
+def test_overrides_by_type(env, field_name, value):
+    got = getattr(H.from_env(env), field_name)
+    assert got == value and type(got) is type(value)
+
+
+def test_baseline_preset():
+    h = H.from_env({"PRESET": "baseline"})
+    assert h.preset == "baseline"
+    assert (h.num_layers, h.mlp_mult, h.train_batch_tokens, h.train_seq_len, h.vocab_size) == (9, 2.0, 524_288, 1024, 1024)
+    assert (h.model_dim, h.num_heads, h.num_kv_heads, h.eval_seq_len) == (512, 8, 4, 1024)
+    for name, value in tg.PRESETS["baseline"].items():
+        assert getattr(h, name) == value, name
+    # knobs the preset does not mention keep the record defaults
+    for f in H.knob_fields():
+        if f.name not in tg.PRESETS["baseline"] and f.name != "preset":
+            assert getattr(h, f.name) == f.default, f.name
+
+
+def test_explicit_env_var_beats_preset():
+    h = H.from_env({"PRESET": "baseline", "NUM_LAYERS": "5", "MATRIX_LR": "0.01", "TRAIN_SEQ_LEN": "2048"})
+    assert (h.num_layers, h.matrix_lr, h.train_seq_len) == (5, 0.01, 2048)
+    assert h.mlp_mult == 2.0  # the rest of the preset still applies
+    h = H.from_env({"PRESET": "smoke", "COMPILE": "1", "SAMPLE_DATA": "0"})
+    assert h.compile is True and h.sample_data is False and h.num_layers == tg.PRESETS["smoke"]["num_layers"]
+
+
+def test_smoke_preset_is_small():
+    h = H.from_env({"PRESET": "smoke"})
+    assert h.preset == "smoke" and h.sample_data and not h.compile and h.vocab_size == 1024
+    assert h.num_layers <= 4 and h.model_dim <= 128 and h.train_batch_tokens <= 16_384 and h.train_seq_len <= 256
+    assert 0 < h.max_wallclock_seconds <= 120
+    n = sum(p.numel() for p in tg.GPT(tg.ModelConfig.from_hparams(h)).parameters())
+    assert n < 1_000_000
+
+
+@pytest.mark.parametrize("preset", ["bogus", "Record", ""])
+def test_unknown_preset_fails_naming_preset(preset):
+    msg = config_error({"PRESET": preset})
+    assert_one_line_naming(msg, "PRESET", repr(preset))
+
+
+def test_preset_is_whitespace_stripped_like_every_other_value():
+    assert tg.Hyperparameters.from_env({"PRESET": " smoke "}).preset == "smoke"
+
+
+# ---------------------------------------------------------------- malformed values
+
+MALFORMED = [
+    ({"NUM_LAYERS": "eleven"}, ["NUM_LAYERS", "eleven"]),
+    ({"NUM_LAYERS": "1e3"}, ["NUM_LAYERS", "1e3"]),
+    ({"NUM_LAYERS": "3.0"}, ["NUM_LAYERS", "3.0"]),
+    ({"EMA_DECAY": "1.5"}, ["EMA_DECAY", "1.5"]),
+    ({"EMA_DECAY": "-0.1"}, ["EMA_DECAY", "-0.1"]),
+    ({"TIE_EMBEDDINGS": "yes"}, ["TIE_EMBEDDINGS", "yes"]),
+    ({"COMPILE": "true"}, ["COMPILE", "true"]),
+    ({"DRY_RUN": "2"}, ["DRY_RUN", "2"]),
+    ({"MAX_WALLCLOCK_SECONDS": "nan"}, ["MAX_WALLCLOCK_SECONDS", "nan"]),
+    ({"MAX_WALLCLOCK_SECONDS": "inf"}, ["MAX_WALLCLOCK_SECONDS", "inf"]),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, ["MAX_WALLCLOCK_SECONDS", "-1"]),
+    ({"MLP_MULT": "-inf"}, ["MLP_MULT", "-inf"]),
+    ({"SEED": "-1"}, ["SEED", "-1"]),
+    ({"ITERATIONS": "-5"}, ["ITERATIONS", "-5"]),
+    ({"ITERATIONS": "0"}, ["ITERATIONS", "0"]),
+    ({"WARMUP_STEPS": "-2"}, ["WARMUP_STEPS", "-2"]),
+    ({"GRAD_ACCUM_STEPS": "-1"}, ["GRAD_ACCUM_STEPS", "-1"]),
+    ({"TRAIN_BATCH_TOKENS": "-2048"}, ["TRAIN_BATCH_TOKENS", "-2048"]),
+    ({"MATRIX_LR": "-0.1"}, ["MATRIX_LR", "-0.1"]),
+    ({"GRAD_CLIP_NORM": "-1"}, ["GRAD_CLIP_NORM", "-1"]),
+    ({"MUON_WD": "-0.5"}, ["MUON_WD", "-0.5"]),
+    ({"LOGIT_SOFTCAP": "-30"}, ["LOGIT_SOFTCAP", "-30"]),
+    ({"NUM_HEADS": "0"}, ["NUM_HEADS", "0"]),
+    ({"MUON_MOMENTUM": "1.5"}, ["MUON_MOMENTUM", "1.5"]),
+    ({"WARMDOWN_FRAC": "2"}, ["WARMDOWN_FRAC", "2"]),
+    ({"VOCAB_SIZE": "70000"}, ["VOCAB_SIZE", "70000"]),
+    ({"VOCAB_SIZE": "1"}, ["VOCAB_SIZE", "1"]),
+    ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS", "3", "NUM_HEADS"]),
+    ({"NUM_HEADS": "8", "NUM_KV_HEADS": "16"}, ["NUM_KV_HEADS", "16"]),
+    ({"MODEL_DIM": "100"}, ["MODEL_DIM", "100"]),
+    ({"MODEL_DIM": "24", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, ["MODEL_DIM", "24"]),  # odd head dim
+    ({"VAL_BATCH_TOKENS": "1000"}, ["VAL_BATCH_TOKENS", "1000"]),
+    ({"RUN_ID": "a/b"}, ["RUN_ID", "a/b"]),
+    ({"RUN_ID": "../escape"}, ["RUN_ID", "../escape"]),
+    ({"RUN_ID": "two\nlines"}, ["RUN_ID"]),
+    ({"DEVICE": "mps"}, ["DEVICE", "mps"]),
+    ({"COMPUTE_DTYPE": "fp16"}, ["COMPUTE_DTYPE", "fp16"]),
+    ({"WORLD_SIZE": "two"}, ["WORLD_SIZE", "two"]),
+    ({"WORLD_SIZE": "0"}, ["WORLD_SIZE", "0"]),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, ["RANK", "2"]),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, ["RANK", "-1"]),
+    ({"LOCAL_RANK": "-1"}, ["LOCAL_RANK", "-1"]),
+    ({"RANK": "zero"}, ["RANK", "zero"]),
+]
+
+
+@pytest.mark.parametrize("env, needles", MALFORMED,
+                         ids=[",".join(f"{k}={v!r}" for k, v in env.items()) for env, _ in MALFORMED])
+def test_malformed_value_raises_one_line_config_error(env, needles):
+    msg = config_error(env)
+    assert_one_line_naming(msg, *needles)
+
+
+def test_config_error_is_a_value_error_subclass():
+    assert issubclass(tg.ConfigError, ValueError)
+
+
+def test_batch_not_divisible_into_whole_sequences_per_rank():
+    # 524288 tokens at seq 1024 over 3 ranks x 1 micro-batch: 170.67 sequences per rank
+    msg = config_error({"PRESET": "baseline", "WORLD_SIZE": "3", "RANK": "0", "GRAD_ACCUM_STEPS": "1"})
+    assert_one_line_naming(msg, "TRAIN_BATCH_TOKENS", "524288", "3072")
+    # record batch over 5 ranks: the message gives the required multiple 5*1*2048 = 10240
+    msg = config_error({"WORLD_SIZE": "5", "RANK": "0", "GRAD_ACCUM_STEPS": "1"})
+    assert_one_line_naming(msg, "TRAIN_BATCH_TOKENS", "786432", "10240")
+    # an explicit batch that is not a whole number of sequences
+    msg = config_error({"TRAIN_BATCH_TOKENS": "786433"})
+    assert_one_line_naming(msg, "TRAIN_BATCH_TOKENS", "786433", str(8 * 2048))
+
+
+def test_record_batch_does_split_over_three_ranks():
+    # 786432 = 3 * 128 * 2048: the record batch IS whole sequences per rank on 3 ranks (no error)
+    h = H.from_env({"WORLD_SIZE": "3", "RANK": "0", "GRAD_ACCUM_STEPS": "1"})
+    assert (h.accum_steps, h.micro_batch_seqs) == (1, 128)
+    assert h.world_size * h.accum_steps * h.micro_batch_seqs * h.train_seq_len == 786_432
+
+
+# ---------------------------------------------------------------- world sizes
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("preset", ["record", "baseline", "smoke"])
+def test_world_sizes_keep_the_global_batch(world, preset):
+    ref = H.from_env({"PRESET": preset})
+    auto = ref.grad_accum_steps == 0  # a preset may pin GRAD_ACCUM_STEPS
+    for rank in (0, world - 1):
+        h = H.from_env({"PRESET": preset, "WORLD_SIZE": str(world), "RANK": str(rank)})
+        assert (h.world_size, h.rank) == (world, rank)
+        assert h.accum_steps == (max(1, 8 // world) if auto else ref.grad_accum_steps)
+        assert h.train_batch_tokens == world * h.accum_steps * h.micro_batch_seqs * h.train_seq_len
+        assert h.train_batch_tokens == ref.train_batch_tokens  # the global batch is the same
+        if auto:  # same micro-batch shape everywhere: 8 micro-batches in total per step
+            assert h.micro_batch_seqs == ref.micro_batch_seqs and world * h.accum_steps == 8
+
+
+@pytest.mark.parametrize("world, micro", [(16, 24), (32, 12)])
+def test_large_world_sizes_work_for_the_record_batch(world, micro):
+    h = H.from_env({"WORLD_SIZE": str(world), "RANK": str(world - 1), "LOCAL_RANK": "7"})
+    assert h.accum_steps == 1 and h.micro_batch_seqs == micro
+    assert world * h.micro_batch_seqs * h.train_seq_len == 786_432
+
+
+def test_grad_accum_steps_overrides_the_default():
+    h = H.from_env({"WORLD_SIZE": "8", "RANK": "3", "GRAD_ACCUM_STEPS": "2"})
+    assert h.accum_steps == 2 and h.micro_batch_seqs == 24
+    h = H.from_env({"GRAD_ACCUM_STEPS": "1"})
+    assert h.accum_steps == 1 and h.micro_batch_seqs == 384
+    assert h.train_batch_tokens == h.accum_steps * h.micro_batch_seqs * h.train_seq_len
+    assert H.from_env({"GRAD_ACCUM_STEPS": "0"}).accum_steps == 8  # 0 = automatic
+
+
+def test_val_batch_seqs_is_consistent():
+    for world in (1, 2, 8):
+        h = H.from_env({"WORLD_SIZE": str(world)})
+        assert h.val_batch_seqs >= 1
+        assert h.val_batch_seqs * world * h.accum_steps * h.eval_seq_len <= h.val_batch_tokens
+
+
+# ---------------------------------------------------------------- unknown variables
+
+
+def _named_vars(msg: str) -> set[str]:
+    return set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", msg))
+
+
+@pytest.mark.parametrize("typo, knob", [("MUON_WDD", "MUON_WD"), ("NUM_LAYER", "NUM_LAYERS"),
+                                        ("MATRIX_LRR", "MATRIX_LR"), ("EMA_DECY", "EMA_DECAY")])
+def test_typo_warns_with_closest_knob(typo, knob):
+    value = "3" if typo == "NUM_LAYER" else "0.1"
+    h = H.from_env({typo: value})
+    assert len(h.env_warnings) == 1
+    w = h.env_warnings[0]
+    assert "\n" not in w
+    assert {typo, knob} <= _named_vars(w), w
+    # the typo did not change anything
+    assert h.knob_values() == H().knob_values()
+    with pytest.raises(tg.ConfigError) as info:
+        H.from_env({typo: value, "STRICT_ENV": "1"})
+    assert_one_line_naming(str(info.value), typo, knob)
+
+
+def test_several_typos_warn_each():
+    h = H.from_env({"MUON_WDD": "0.1", "NUM_LAYER": "3"})
+    assert len(h.env_warnings) == 2
+    assert any("MUON_WDD" in w for w in h.env_warnings) and any("NUM_LAYER" in w for w in h.env_warnings)
+
+
+UNRELATED = {"HOME": "/root", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "0,1",
+             "OMP_NUM_THREADS": "2", "PYTHONPATH": "/x", "LC_ALL": "C", "TERM": "xterm", "USER": "me",
+             "LD_LIBRARY_PATH": "/usr/lib", "NCCL_DEBUG": "INFO", "TORCH_LOGS": "recompiles",
+             "TORCHINDUCTOR_CACHE_DIR": "/tmp/ind", "TRITON_CACHE_DIR": "/tmp/tr", "HF_HOME": "/tmp/hf",
+             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "1",
+             "TORCHELASTIC_RUN_ID": "none", "PYTHONDONTWRITEBYTECODE": "1", "VIRTUAL_ENV": "/venv"}
+
+
+def test_unrelated_variables_give_no_warning():
+    h = H.from_env(UNRELATED)
+    assert h.env_warnings == ()
+    assert H.from_env({**UNRELATED, "STRICT_ENV": "1"}).env_warnings == ()
+
+
+@pytest.mark.parametrize("name", ["MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"])
+def test_common_thread_count_variables_are_not_flagged(name):
+    # Standard BLAS thread-count variables set by many cluster profiles next to OMP_NUM_THREADS. They
+    # are not typos of a knob: "did you mean OMP_NUM_THREADS?" is noise (OMP_NUM_THREADS is not a knob
+    # either), and with STRICT_ENV=1 the run is refused.
+    assert H.from_env({name: "1"}).env_warnings == ()
+    H.from_env({name: "1", "STRICT_ENV": "1"})
+
+
+@pytest.mark.parametrize("env", [{"XSA_LAST_N": "4"}, {"TTT_ENABLED": "1"}, {"RECUR_LAYERS": "4,5"},
+                                 {"TRIGRAM": "1"}, {"COMPRESSOR": "lzma"}, {"MLP_ACT": "gelu"},
+                                 {"BIGRAM_VOCAB_SIZE": "2048"}, {"SLIDING_WINDOW_ENABLED": "true"}],
+                         ids=lambda e: next(iter(e)))
+def test_unimplemented_feature_on_raises(env):
+    (name, value), = env.items()
+    msg = config_error(env)
+    assert_one_line_naming(msg, name, value)
+
+
+@pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"XSA_LAST_N": "0"}, {"COMPRESSOR": "brotli"},
+                                 {"TTT_ENABLED": "false"}, {"MLP_ACT": "relu2"}, {"RECUR_LAYERS": ""},
+                                 {"MUON_NS": "classic"}, {"SWA_ENABLED": "off"}],
+                         ids=lambda e: next(iter(e)))
+def test_unimplemented_feature_off_is_accepted(env):
+    h = H.from_env(env)
+    assert h.env_warnings == () and h.knob_values() == H().knob_values()
+
+
+def test_every_unimplemented_feature_is_refused_when_on_and_accepted_when_off():
+    for name in tg.UNIMPLEMENTED_FEATURES:
+        msg = config_error({name: "1"}) if "1" not in tg.FEATURE_NATIVE_VALUES.get(name, ()) else None
+        if msg is not None:
+            assert_one_line_naming(msg, name)
+        assert H.from_env({name: "0"}).env_warnings == ()
+
+
+# ---------------------------------------------------------------- derived paths
+
+
+def test_default_paths_follow_data_dir_and_vocab_size():
+    h = H.from_env({})
+    assert h.dataset_dir == Path("./data") / "datasets" / "fineweb10B_sp8192"
+    assert h.tokenizer_file == Path("./data") / "tokenizers" / "fineweb_8192_bpe.model"
+    h = H.from_env({"DATA_DIR": "/mnt/pg", "VOCAB_SIZE": "1024"})
+    assert h.dataset_dir == Path("/mnt/pg/datasets/fineweb10B_sp1024")
+    assert h.tokenizer_file == Path("/mnt/pg/tokenizers/fineweb_1024_bpe.model")
+    assert H.from_env({"PRESET": "baseline"}).dataset_dir.name == "fineweb10B_sp1024"
+
+
+def test_data_path_and_tokenizer_path_override():
+    env = {"DATA_DIR": "/mnt/pg", "DATA_PATH": "/elsewhere/shards", "TOKENIZER_PATH": "/t/tok.model"}
+    h = H.from_env(env)
+    assert h.dataset_dir == Path("/elsewhere/shards") and h.tokenizer_file == Path("/t/tok.model")
+    h = H.from_env({**env, "SAMPLE_DATA": "1"})
+    assert h.dataset_dir == Path("/elsewhere/shards") and h.tokenizer_file == Path("/t/tok.model")
+
+
+def test_sample_data_selects_the_sample_names():
+    h = H.from_env({"SAMPLE_DATA": "1", "VOCAB_SIZE": "1024", "DATA_DIR": "/d"})
+    assert h.dataset_dir == Path("/d/datasets/sample_sp1024")
+    assert h.tokenizer_file == Path("/d/tokenizers/sample_1024_bpe.model")
+    smoke = H.from_env({"PRESET": "smoke"})
+    assert smoke.dataset_dir == Path("./data/datasets/sample_sp1024")
+    # the same names data/make_sample.py builds
+    text = (ROOT / "data" / "make_sample.py").read_text(encoding="utf-8")
+    assert '"datasets" / f"sample_sp{vocab_size}"' in text and '"tokenizers" / f"sample_{vocab_size}_bpe.model"' in text
+
+
+# ---------------------------------------------------------------- DRY_RUN=1 and exit codes
+
+
+def _model_param_count(env: dict[str, str]) -> int:
+    h = H.from_env(env)
+    return sum(p.numel() for p in tg.GPT(tg.ModelConfig.from_hparams(h)).parameters())
+
+
+def test_dry_run_subprocess(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    log_dir = tmp_path / "logs"
+    knobs = {"PRESET": "smoke", "DRY_RUN": "1", "COMPILE": "0", "LOG_DIR": str(log_dir), "DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=cwd, env=child_env(**knobs),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+
+    # config block: sorted `  key: value` lines covering every knob
+    start = lines.index("config:")
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        block.append(line)
+    keys = [line[2:].split(":", 1)[0] for line in block]
+    assert all(re.fullmatch(r"  [a-z0-9_]+: .*|  [a-z0-9_]+:", line) for line in block), block
+    assert keys == sorted(keys) and len(keys) == len(set(keys))
+    config = {line[2:].split(":", 1)[0]: line[2:].split(":", 1)[1].strip() for line in block}
+    h = H.from_env(knobs)
+    assert set(f.name for f in H.knob_fields()) <= set(config)
+    shadowed = {"run_id", "device", "grad_accum_steps"}  # generated / shown as the effective value
+    for f in H.knob_fields():
+        if f.name not in shadowed:
+            assert config[f.name] == str(getattr(h, f.name)).strip(), f.name
+    assert config["grad_accum_steps"] == str(h.accum_steps) and config["world_size"] == "1"
+    assert config["device"] == "cpu" and re.fullmatch(r"smoke_\d{8}_\d{6}", config["run_id"])
+
+    # parameter counts
+    n = _model_param_count(knobs)
+    assert f"model_params:{n}" in lines
+    groups = [line for line in lines if line.startswith("param_group:")]
+    names = [re.search(r"param_group:(\S+)", g).group(1) for g in groups]
+    assert names == list(tg.PARAM_GROUPS)
+    counts = [int(re.search(r"\bparams:(\d+)", g).group(1)) for g in groups]
+    assert sum(counts) == n
+    assert "dry_run:ok" in proc.stdout
+
+    # nothing written
+    assert not log_dir.exists()
+    assert list(cwd.iterdir()) == []
+
+
+def test_bad_knob_subprocess_exits_2_with_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path,
+                          env=child_env(NUM_LAYERS="eleven", LOG_DIR=str(tmp_path / "logs")),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1, proc.stderr
+    assert err[0].startswith("error: ") and "NUM_LAYERS" in err[0] and "eleven" in err[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_returns_2_in_process(capsys):
+    # main(env) with an explicit env: same contract without a subprocess
+    assert tg.main({"EMA_DECAY": "1.5"}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "EMA_DECAY" in err[0]

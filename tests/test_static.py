@@ -1,0 +1,450 @@
+"""Static (AST and text) checks of train_gpt.py and its README knob table.
+
+Run: python -m pytest -q tests/test_static.py
+
+- the environment is read only inside Hyperparameters.from_env;
+- every knob is read by the code (a new, unused knob fails `test_no_dead_knobs`);
+- the section banners appear once each, in order;
+- module level holds only imports, constants, defs/classes, the docstring and the __main__ guard;
+- README.md's table between <!-- knobs:start --> and <!-- knobs:end --> equals knob_table_markdown().
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tg
+
+SCRIPT = ROOT / "train_gpt.py"
+README = ROOT / "README.md"
+SECTIONS = ["Config", "Logging", "Distributed", "Data and BPB", "Model", "Optimizers",
+            "Quantization and packing", "Evaluation", "Training", "Main"]
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return SCRIPT.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tree(source) -> ast.Module:
+    return ast.parse(source, filename=str(SCRIPT))
+
+
+def _dotted(node: ast.AST) -> str:
+    """'a.b.c' for Name/Attribute chains, '' otherwise."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return ""
+
+
+def _walk_with_scope(node: ast.AST, scope: tuple[str, ...] = ()) -> Iterable[tuple[ast.AST, tuple[str, ...]]]:
+    """Yield (node, qualified scope) for every node; scope is the chain of enclosing class/def names."""
+    for child in ast.iter_child_nodes(node):
+        yield child, scope
+        inner = scope + (child.name,) if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else scope
+        yield from _walk_with_scope(child, inner)
+
+
+# ---------------------------------------------------------------- environment access
+
+ENV_NAMES = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
+
+
+def environment_uses(tree: ast.Module) -> list[tuple[int, str, tuple[str, ...]]]:
+    """(line, what, scope) of every way the code could reach the process environment."""
+    uses = []
+    for node, scope in _walk_with_scope(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ENV_NAMES:
+            uses.append((node.lineno, _dotted(node) or node.attr, scope))
+        elif isinstance(node, ast.Name) and node.id in ENV_NAMES:
+            uses.append((node.lineno, node.id, scope))
+        elif isinstance(node, ast.ImportFrom) and any(a.name in ENV_NAMES for a in node.names):
+            uses.append((node.lineno, f"from {node.module} import ...", scope))
+        elif isinstance(node, ast.Constant) and node.value in ENV_NAMES:  # getattr(os, "environ")
+            uses.append((node.lineno, repr(node.value), scope))
+    return uses
+
+
+def test_environment_is_read_only_in_from_env(tree):
+    uses = environment_uses(tree)
+    assert uses, "expected Hyperparameters.from_env to read os.environ"
+    outside = [(line, what, ".".join(scope) or "<module>") for line, what, scope in uses
+               if scope != ("Hyperparameters", "from_env")]
+    assert outside == [], f"environment accessed outside Hyperparameters.from_env: {outside}"
+    assert all(what == "os.environ" for _, what, _ in uses), uses
+
+
+def test_environment_checker_catches_other_places():
+    code = ("import os\nfrom os import getenv\nX = os.environ.get('A')\n"
+            "def f():\n    return os.getenv('B')\n"
+            "class Hyperparameters:\n    def from_env(cls):\n        return dict(os.environ)\n"
+            "def g():\n    return getattr(os, 'environ')\n")
+    scopes = {(line, ".".join(scope)) for line, _, scope in environment_uses(ast.parse(code))}
+    assert (2, "") in scopes and (3, "") in scopes and (5, "f") in scopes and (10, "g") in scopes
+    assert (8, "Hyperparameters.from_env") in scopes
+
+
+# ---------------------------------------------------------------- dead knobs
+
+HPARAMS_CLASS = "Hyperparameters"
+MODEL_CONFIG_CLASS = "ModelConfig"
+# Hyperparameters methods that only define, parse or validate knobs: a read there is not a use.
+NON_USING_METHODS = {"__post_init__", "from_env", "knob_fields", "knob_names", "knob_values"}
+
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef | None:
+    return next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+
+
+def _annotated_names(tree: ast.Module, class_name: str) -> set[str]:
+    """Argument and variable names annotated with `class_name` anywhere in the module."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            ann = node.annotation
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            ann, node = node.annotation, node.target
+        else:
+            continue
+        text = ann.value if isinstance(ann, ast.Constant) and isinstance(ann.value, str) else ast.unparse(ann)
+        if re.fullmatch(rf"(?:\w+\.)?{class_name}(?:\s*\|\s*None)?", text.strip().strip("'\"")):
+            names.add(node.arg if isinstance(node, ast.arg) else node.id)
+    return names
+
+
+def _is_receiver(node: ast.AST, names: set[str], attrs: set[str]) -> bool:
+    """`h`, any name annotated with the class, or `<something>.h` / `self.cfg`-style attributes."""
+    return (isinstance(node, ast.Name) and node.id in names) or (isinstance(node, ast.Attribute) and node.attr in attrs)
+
+
+def _strings_in(node: ast.AST) -> set[str]:
+    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def find_dead_knobs(source: str, knob_names: Iterable[str]) -> list[str]:
+    """Knob field names (lower case) that the code never reads. A knob counts as read when it is
+
+    - `h.<knob>` (h: a name called `h` or annotated `Hyperparameters`, or `self.h`) outside the
+      parsing/validation methods of Hyperparameters;
+    - `self.<knob>` inside a Hyperparameters property that is itself used (e.g. `h.dataset_dir`);
+    - `getattr(h, "<knob>")`, or `getattr(h, TABLE[...])` where TABLE is a module-level constant
+      whose strings name the knob (PARAM_GROUPS);
+    - `values["<knob>"]` / `values.get("<knob>")` inside from_env (knobs that steer parsing: STRICT_ENV);
+    - a field of the same name in ModelConfig, when ModelConfig.from_hparams is called somewhere and
+      the model code reads that field as `cfg.<field>` / `self.cfg.<field>`.
+    """
+    tree = ast.parse(source)
+    knobs = list(knob_names)
+    hp = _class(tree, HPARAMS_CLASS)
+    h_names = {"h"} | _annotated_names(tree, HPARAMS_CLASS)
+    h_attrs = {"h"}
+    cfg_names = {"cfg"} | _annotated_names(tree, MODEL_CONFIG_CLASS)
+    cfg_attrs = {"cfg"}
+    tables = {t.id: node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+              for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+    used: set[str] = set()
+    property_reads: dict[str, set[str]] = {}
+    hp_nodes: set[int] = set()
+    if hp is not None:
+        hp_nodes = {id(n) for n in ast.walk(hp)}
+        for item in hp.body:
+            if isinstance(item, ast.FunctionDef):
+                if any(_dotted(d) == "property" for d in item.decorator_list):
+                    property_reads[item.name] = {n.attr for n in ast.walk(item) if isinstance(n, ast.Attribute)
+                                                 and isinstance(n.value, ast.Name) and n.value.id == "self"}
+                if item.name == "from_env":
+                    for n in ast.walk(item):
+                        if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Load) and _dotted(n.value) == "values":
+                            used |= _strings_in(n.slice)
+                        if isinstance(n, ast.Call) and _dotted(n.func) == "values.get" and n.args:
+                            used |= _strings_in(n.args[0])
+
+    cfg_reads: set[str] = set()
+    from_hparams_called = False
+    for node in ast.walk(tree):
+        if id(node) in hp_nodes:
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            if _is_receiver(node.value, h_names, h_attrs):
+                used.add(node.attr)
+            if _is_receiver(node.value, cfg_names, cfg_attrs):
+                cfg_reads.add(node.attr)
+        if isinstance(node, ast.Call):
+            if _dotted(node.func) == f"{MODEL_CONFIG_CLASS}.from_hparams":
+                from_hparams_called = True
+            if _dotted(node.func) == "getattr" and len(node.args) >= 2 and _is_receiver(node.args[0], h_names, h_attrs):
+                key = node.args[1]
+                if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                    used.add(key.value)
+                for name in {n.id for n in ast.walk(key) if isinstance(n, ast.Name)} & set(tables):
+                    used |= _strings_in(tables[name])
+
+    # properties of Hyperparameters count through their users, to a fixed point
+    changed = True
+    while changed:
+        changed = False
+        for prop, reads in property_reads.items():
+            if prop in used and not reads <= used:
+                used |= reads
+                changed = True
+
+    mc = _class(tree, MODEL_CONFIG_CLASS)
+    if mc is not None and from_hparams_called:
+        mc_fields = {n.target.id for n in mc.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        used |= mc_fields & cfg_reads
+
+    return [k for k in knobs if k not in used]
+
+
+def test_no_dead_knobs(source):
+    knobs = [f.name for f in tg.Hyperparameters.knob_fields()]
+    dead = find_dead_knobs(source, knobs)
+    assert dead == [], f"knobs never read by train_gpt.py (dead knobs): {[k.upper() for k in dead]}"
+
+
+def test_dead_knob_checker_flags_a_new_unused_knob(source):
+    knobs = [f.name for f in tg.Hyperparameters.knob_fields()]
+    assert find_dead_knobs(source, knobs + ["fake_unused_knob", "xsa_last_n"]) == ["fake_unused_knob", "xsa_last_n"]
+
+
+def test_dead_knob_checker_rules():
+    code = '''
+from dataclasses import dataclass
+PARAM_GROUPS = {"m": ("muon", "lr_a", "wd_a")}
+@dataclass
+class Hyperparameters:
+    used_direct: int = 1
+    only_validated: int = 1
+    via_prop: str = ""
+    prop_unused: str = ""
+    lr_a: float = 0.1
+    wd_a: float = 0.1
+    via_getattr: int = 1
+    strict: bool = False
+    width: int = 4
+    depth: int = 2
+    def __post_init__(self):
+        assert self.only_validated > 0 and self.width > 0 and self.depth > 0
+    @classmethod
+    def from_env(cls, env):
+        values = {}
+        return bool(values.get("strict", False))
+    @property
+    def path(self):
+        return self.via_prop
+    @property
+    def never_used(self):
+        return self.prop_unused
+@dataclass
+class ModelConfig:
+    width: int
+    depth: int
+    @classmethod
+    def from_hparams(cls, h):
+        return cls(width=h.width, depth=h.depth)
+class Net:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.w = cfg.width
+def run(hp: Hyperparameters):
+    cfg = ModelConfig.from_hparams(hp)
+    lr = {g: getattr(hp, PARAM_GROUPS[g][1]) for g in PARAM_GROUPS}
+    wd = getattr(hp, PARAM_GROUPS["m"][2])
+    return hp.used_direct, hp.path, getattr(hp, "via_getattr"), lr, wd
+'''
+    names = ["used_direct", "only_validated", "via_prop", "prop_unused", "lr_a", "wd_a", "via_getattr",
+             "strict", "width", "depth"]
+    # `depth` is read by from_hparams (h.depth) so it counts as read; `width` also through cfg.width
+    assert find_dead_knobs(code, names) == ["only_validated", "prop_unused"]
+    # without any ModelConfig.from_hparams call and without h.width, cfg.width does not make WIDTH live
+    no_bridge = code.replace("cfg = ModelConfig.from_hparams(hp)", "cfg = None").replace(
+        "return cls(width=h.width, depth=h.depth)", "return cls(**{})")
+    assert find_dead_knobs(no_bridge, names) == ["only_validated", "prop_unused", "width", "depth"]
+
+
+# ---------------------------------------------------------------- section banners
+
+
+def test_section_banners_in_order(source):
+    banners = re.findall(r"^# ==== (.+?) ====\s*$", source, flags=re.MULTILINE)
+    assert banners == SECTIONS
+    # no near-miss banners (wrong number of '=' or indentation)
+    loose = [line for line in source.splitlines() if re.match(r"\s*#\s*=+\s*\w.*=+\s*$", line)]
+    assert len(loose) == len(SECTIONS), loose
+
+
+def test_docstring_lists_the_sections(tree):
+    doc = ast.get_docstring(tree) or ""
+    listed = re.search(r"Sections, in order.*?:\s*(.+?)\.(?:\n|$)", doc, flags=re.S)
+    assert listed, "module docstring should list the sections"
+    names = [s.strip().lower() for s in re.sub(r"\s+", " ", listed.group(1)).split(",")]
+    assert names == [s.lower() for s in SECTIONS]
+
+
+# ---------------------------------------------------------------- module-level statements
+
+# Calls allowed at import time: pure constructors of constants.
+ALLOWED_CONSTANT_CALLS = {"frozenset", "set", "dict", "tuple", "list", "str", "int", "float", "bytes",
+                          "struct.Struct", "np.dtype", "re.compile"}
+# Method calls on str values allowed inside constant expressions (e.g. str(d).removeprefix("torch.")).
+ALLOWED_STR_METHODS = {"removeprefix", "removesuffix", "upper", "lower", "strip", "join", "format", "encode"}
+# Decorator calls allowed on module-level defs/classes and their methods.
+ALLOWED_DECORATOR_CALLS = {"dataclass", "dataclasses.dataclass", "torch.no_grad"}
+# Calls allowed in class bodies (dataclass field definitions).
+ALLOWED_CLASS_BODY_CALLS = ALLOWED_CONSTANT_CALLS | {"knob", "field", "dataclasses.field"}
+
+
+def _calls_outside_lambdas(node: ast.AST) -> Iterable[ast.Call]:
+    """Calls evaluated when `node` is executed (not those inside lambdas/comprehension-free defs)."""
+    if isinstance(node, (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return
+    if isinstance(node, ast.Call):
+        yield node
+    for child in ast.iter_child_nodes(node):
+        yield from _calls_outside_lambdas(child)
+
+
+def _call_ok(call: ast.Call, allowed: set[str]) -> bool:
+    name = _dotted(call.func)
+    if name in allowed:
+        return True
+    return isinstance(call.func, ast.Attribute) and call.func.attr in ALLOWED_STR_METHODS and (
+        (isinstance(call.func.value, ast.Constant) and isinstance(call.func.value.value, str))
+        or (isinstance(call.func.value, ast.Call) and _dotted(call.func.value.func) == "str"))
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and _dotted(node.test.left) == "__name__"
+            and len(node.test.ops) == 1 and isinstance(node.test.ops[0], ast.Eq)
+            and isinstance(node.test.comparators[0], ast.Constant) and node.test.comparators[0].value == "__main__")
+
+
+def module_level_problems(tree: ast.Module) -> list[str]:
+    problems = []
+
+    def check_calls(node: ast.AST, allowed: set[str], where: str) -> None:
+        for call in _calls_outside_lambdas(node):
+            if not _call_ok(call, allowed):
+                problems.append(f"line {call.lineno}: call {ast.unparse(call.func)}() at import time ({where})")
+
+    def check_def(node: ast.AST, where: str) -> None:
+        for dec in node.decorator_list:
+            for call in _calls_outside_lambdas(dec):
+                if _dotted(call.func) not in ALLOWED_DECORATOR_CALLS:
+                    problems.append(f"line {call.lineno}: decorator call {ast.unparse(call.func)}() ({where})")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
+                check_calls(default, ALLOWED_CONSTANT_CALLS, f"default of {where}")
+        if isinstance(node, ast.ClassDef):
+            for base in node.bases + [k.value for k in node.keywords]:
+                check_calls(base, set(), f"base of {where}")
+            for i, item in enumerate(node.body):
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    check_def(item, f"{where}.{item.name}")
+                elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                    if item.value is not None:
+                        check_calls(item.value, ALLOWED_CLASS_BODY_CALLS, f"class body of {where}")
+                elif isinstance(item, ast.Pass) or (i == 0 and isinstance(item, ast.Expr)
+                                                    and isinstance(item.value, ast.Constant)):
+                    pass
+                else:
+                    problems.append(f"line {item.lineno}: {type(item).__name__} statement in class body of {where}")
+
+    for i, node in enumerate(tree.body):
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue  # module docstring
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            if node.value is not None:
+                check_calls(node.value, ALLOWED_CONSTANT_CALLS, "module constant")
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            check_def(node, node.name)
+            continue
+        if _is_main_guard(node) and i == len(tree.body) - 1:
+            continue
+        if isinstance(node, ast.Try) and all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in node.body) and all(
+                isinstance(s, (ast.Import, ast.ImportFrom, ast.Assign, ast.Pass))
+                for h in node.handlers for s in h.body) and not node.orelse and not node.finalbody:
+            for h in node.handlers:  # optional imports: `try: import x / except ImportError: x = None`
+                for s in h.body:
+                    check_calls(s, ALLOWED_CONSTANT_CALLS, "optional import fallback")
+            continue
+        problems.append(f"line {node.lineno}: {type(node).__name__} statement at module level: "
+                        f"{ast.unparse(node).splitlines()[0][:80]}")
+    return problems
+
+
+def test_module_level_has_no_side_effect_statements(tree):
+    problems = module_level_problems(tree)
+    assert problems == [], "\n".join(problems)
+    assert _is_main_guard(tree.body[-1]), "the script must end with the `if __name__ == \"__main__\":` guard"
+    assert sum(_is_main_guard(n) for n in tree.body) == 1
+
+
+def test_module_level_checker_catches_side_effects():
+    code = '''"""doc"""
+import os
+A = frozenset({"x"})
+B = {str(d).removeprefix("torch."): d for d in (1, 2)}
+torch.manual_seed(0)
+C = open("f").read()
+print("hi")
+for i in range(3):
+    pass
+@dataclass(frozen=True)
+class K:
+    x: int = knob(1, "h", lambda v: re.fullmatch("a", v))
+    y = setup()
+@functools.lru_cache(maxsize=None)
+def f(a=make()):
+    return os.environ
+if __name__ == "__main__":
+    main()
+'''
+    problems = module_level_problems(ast.parse(code))
+    joined = "\n".join(problems)
+    for bad in ("torch.manual_seed", "open", "print", "For", "setup", "functools.lru_cache", "make"):
+        assert bad in joined, (bad, problems)
+    assert len(problems) == 8, problems  # open() and .read() are two calls
+    for fine in ("frozenset", "removeprefix", "knob", "re.fullmatch", "dataclass()", "main"):
+        assert f"call {fine}" not in joined and f"decorator call {fine}" not in joined
+
+
+# ---------------------------------------------------------------- README knob table
+
+START, END = "<!-- knobs:start -->", "<!-- knobs:end -->"
+
+
+def test_knob_table_markdown_covers_every_knob():
+    table = tg.knob_table_markdown().splitlines()
+    assert table[0].startswith("| Variable |") and set(table[1]) <= set("|-: ")
+    names = [re.match(r"\| `([A-Z0-9_]+)` \|", row).group(1) for row in table[2:]]
+    assert names == tg.Hyperparameters.knob_names()
+    width = table[0].count("|")
+    assert all(row.count("|") == width for row in table), "a cell contains an unescaped '|'"
+
+
+def test_readme_knob_table_is_current():
+    assert README.is_file(), f"{README} is missing: it must contain the knob table between {START} and {END}"
+    text = README.read_text(encoding="utf-8")
+    assert text.count(START) == 1 and text.count(END) == 1, f"README.md must contain {START} and {END} once each"
+    start, end = text.index(START) + len(START), text.index(END)
+    assert start <= end, f"{END} comes before {START} in README.md"
+    current = tg.knob_table_markdown().strip()
+    assert text[start:end].strip() == current, (
+        "README.md knob table is stale: replace the text between the markers with "
+        "`python -c 'import train_gpt; print(train_gpt.knob_table_markdown())'`")
