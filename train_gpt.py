@@ -563,9 +563,11 @@ def list_shards(dataset_dir: Path, split: str) -> list[Path]:
 
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
-    if tokens.size and int(tokens.max()) >= vocab_size:
-        bad = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{where}: token id {int(tokens[bad])} at position {bad} is >= VOCAB_SIZE={vocab_size}")
+    """Every id must index the embedding: a larger id means the data and VOCAB_SIZE disagree (pg#1723)."""
+    flat = tokens.reshape(-1)
+    if flat.size and int(flat.max()) >= vocab_size:
+        bad = int(np.argmax(flat >= vocab_size))
+        raise DataError(f"{where}: token id {int(flat[bad])} at position {bad} is >= VOCAB_SIZE={vocab_size}")
 
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> np.ndarray:
@@ -575,7 +577,9 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
         tokens = np.asarray(load_shard(f))
         check_token_range(tokens, vocab_size, str(f))
         parts.append(tokens)
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=SHARD_TOKEN_DTYPE)
+    if not parts:
+        raise DataError("fineweb_val_*.bin: no validation shards given")
+    tokens = np.concatenate(parts)
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise DataError(f"{files[0].parent}/fineweb_val_*.bin: validation split has {tokens.size} tokens, "
@@ -620,7 +624,11 @@ class TrainLoader:
         self.global_seqs = micro_seqs * accum * world_size
         self.device = device
         self.wait_seconds = 0.0
-        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
+        # (n_windows, seq_len+1) strided views: indexing the first axis copies each window as one
+        # contiguous row, with no (rows, seq_len+1) index array to build and gather through.
+        self._windows = [np.lib.stride_tricks.sliding_window_view(s, seq_len + 1) if s.size > seq_len else None
+                         for s in self.shards]
+        self._error: BaseException | None = None
         pin = device.type == "cuda"
         # Ring of preallocated (pinned on CUDA) buffers: queue depth + one being filled + one in use + spare.
         self._buffers = [torch.empty((micro_seqs, seq_len + 1), dtype=torch.int64, pin_memory=pin)
@@ -628,19 +636,26 @@ class TrainLoader:
         self._copied = [None] * len(self._buffers)  # CUDA events: host buffer free for reuse
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        total = sum(max(0, (s.size - 1) // seq_len) for s in self.shards)
+        total = sum(self._slot_count(s.size, self._max_phase(s.size)) for s in self.shards)  # worst-case phases
         if total < self.global_seqs:
             raise DataError(f"{self.files[0].parent}/fineweb_train_*.bin: only {total} training sequences of "
                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens, need at least {self.global_seqs} per step")
         self._thread = threading.Thread(target=self._produce, name="train-loader", daemon=True)
         self._thread.start()
 
+    def _max_phase(self, n_tokens: int) -> int:
+        # A random phase varies where windows start across epochs; tiny shards keep phase 0.
+        return self.seq_len - 1 if n_tokens > 2 * self.seq_len + 1 else 0
+
+    def _slot_count(self, n_tokens: int, phase: int) -> int:
+        return max(0, (n_tokens - 1 - phase) // self.seq_len)
+
     def _epoch_slots(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         shard_ids, starts = [], []
         for i, tokens in enumerate(self.shards):
-            phase = int(rng.integers(self.seq_len)) if tokens.size > 2 * self.seq_len + 1 else 0
-            count = max(0, (tokens.size - 1 - phase) // self.seq_len)
+            phase = int(rng.integers(self._max_phase(tokens.size) + 1))
+            count = self._slot_count(tokens.size, phase)
             shard_ids.append(np.full(count, i, dtype=np.int32))
             starts.append(phase + np.arange(count, dtype=np.int64) * self.seq_len)
         perm = rng.permutation(sum(len(s) for s in starts))
@@ -650,7 +665,7 @@ class TrainLoader:
         # Vectorised gather, one fancy-index per shard present in the chunk (no per-sequence loop).
         for sid in np.unique(shard_ids):
             rows = np.flatnonzero(shard_ids == sid)
-            block = self.shards[sid][starts[rows, None] + self._offsets]
+            block = self._windows[sid][starts[rows]]
             check_token_range(block, self.vocab_size, str(self.files[sid]))
             out[rows] = block
 
@@ -662,6 +677,8 @@ class TrainLoader:
                 if pos + self.global_seqs > len(starts):
                     epoch, pos = epoch + 1, 0
                     shard_ids, starts = self._epoch_slots(epoch)
+                    if len(starts) < self.global_seqs:  # excluded by the worst-case check in __init__
+                        raise DataError(f"epoch {epoch} has {len(starts)} sequences, fewer than one step needs")
                 for m in range(self.accum):
                     lo = pos + (self.rank * self.accum + m) * self.micro_seqs
                     if self._copied[ring] is not None:
@@ -681,10 +698,13 @@ class TrainLoader:
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of shape (micro_seqs, seq_len) on the device; time blocked is accumulated."""
+        if self._error is not None:
+            raise self._error
         t0 = time.perf_counter()
         item = self._queue.get()
         self.wait_seconds += time.perf_counter() - t0
         if isinstance(item, BaseException):
+            self._error = item  # the producer has stopped: every later call raises too, never blocks
             raise item
         buf = self._buffers[item]
         if self.device.type == "cuda":
@@ -693,7 +713,9 @@ class TrainLoader:
             event.record()
             self._copied[item] = event
         else:
-            batch = buf.clone()  # the ring slot is refilled later; the step may still hold its tensors
+            # The ring slot is refilled later and the step may still hold its tensors. numpy's copy is
+            # single-threaded: torch's clone splits across both cores and stalls when one is busy.
+            batch = torch.from_numpy(buf.numpy().copy())
         return batch[:, :-1], batch[:, 1:]
 
     def close(self) -> None:
