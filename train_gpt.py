@@ -1530,6 +1530,9 @@ def run(h: Hyperparameters) -> int:
             log("dry_run:ok (no data read, nothing written)")
             return 0
         return train_and_evaluate(h, d, model, opt, data, code, versions, backend, log)
+    except (ConfigError, ArtifactError, TrainingDiverged) as exc:
+        log(f"error: {exc}", console=False)  # the log file keeps the reason; main() prints it to stderr
+        raise
     finally:
         log.close()
         if dist.is_available() and dist.is_initialized():
