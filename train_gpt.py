@@ -1133,22 +1133,31 @@ def sync_gradients(params: list[nn.Parameter], world_size: int) -> None:
 
 
 class EMA:
-    """fp32 exponential moving average of every parameter, updated with fused foreach ops."""
+    """fp32 exponential moving average of every parameter, updated with fused foreach ops.
+
+    Bias-corrected (as Adam's moments): the average starts at zero and is divided by 1 - decay**steps,
+    so it is an average of trained weights only. Without the correction the initial weights keep a
+    weight of decay**steps, e.g. 0.99**48 = 62% after a 48-step smoke run."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.steps = 0
         self.params = list(model.parameters())
-        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.shadow = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         # e = d*e + (1-d)*w  ==  lerp(e, w, 1-d)
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        self.steps += 1
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module) -> None:
+        if self.steps == 0:
+            return
+        correction = 1.0 - self.decay ** self.steps
         for p, s in zip(model.parameters(), self.shadow):
-            p.copy_(s.to(p.dtype))
+            p.copy_((s / correction).to(p.dtype))
 
 # ==== Quantization and packing ====
 
@@ -1167,7 +1176,9 @@ class ArtifactError(ValueError):
 def quantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8: scale = max|row| / 127 stored as fp16, values in [-127, 127]."""
     w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float16).tiny).half()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).half()
+    # An all-zero row (or one below fp16's subnormal range) gets scale 1: its values quantize to 0.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(w / scale.float()[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -1177,24 +1188,28 @@ def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
-    """Group byte k of every `stride`-byte value together: similar bytes compress better (PR #1089)."""
-    if stride <= 1 or not data:
+    """Group byte k of every `stride`-byte value together: similar bytes compress better (PR #1089).
+    A tail shorter than one value (len % stride bytes) is appended unchanged, so any length works."""
+    if stride <= 1 or len(data) < stride:
         return data
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if arr.size % stride:
-        raise ValueError(f"byte_shuffle: {arr.size} bytes is not a multiple of stride {stride}")
-    return arr.reshape(-1, stride).T.tobytes()
+    whole = len(data) - len(data) % stride
+    arr = np.frombuffer(data, dtype=np.uint8, count=whole)
+    return arr.reshape(-1, stride).T.tobytes() + data[whole:]
 
 
 def byte_unshuffle(data: bytes, stride: int) -> bytes:
-    if stride <= 1 or not data:
+    """Inverse of byte_shuffle for every length."""
+    if stride <= 1 or len(data) < stride:
         return data
-    arr = np.frombuffer(data, dtype=np.uint8)
-    return arr.reshape(stride, -1).T.tobytes()
+    whole = len(data) - len(data) % stride
+    arr = np.frombuffer(data, dtype=np.uint8, count=whole)
+    return arr.reshape(stride, -1).T.tobytes() + data[whole:]
 
 
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
-                                                          torch.int8, torch.int64, torch.int32)}
+                                                          torch.int8, torch.uint8, torch.int32, torch.int64,
+                                                          torch.bool)}
+FP16_MAX = 65504.0  # largest finite float16
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
@@ -1241,7 +1256,11 @@ def pack_artifact(state: dict[str, Tensor]) -> bytes:
         if name in quantized:
             continue
         t = state[name]
-        kind, stored = ("fp16", t.detach().half()) if t.is_floating_point() else ("raw", t.detach())
+        if t.dtype not in _TORCH_DTYPES.values():
+            raise ArtifactError(f"{name}: dtype {t.dtype} cannot be stored in an artifact")
+        # Small float tensors go to fp16, unless a value would overflow it: then they stay exact.
+        to_fp16 = t.is_floating_point() and (t.numel() == 0 or t.detach().abs().max().item() <= FP16_MAX)
+        kind, stored = ("fp16", t.detach().half()) if to_fp16 else ("raw", t.detach())
         entries.append({"name": name, "kind": kind, "dtype": str(t.dtype).removeprefix("torch."),
                         "shape": list(t.shape), "data": add(_tensor_bytes(stored), stored.element_size())})
     header = json.dumps({"format": "pgolf-artifact", "version": ARTIFACT_VERSION, "tensors": entries},
@@ -1273,6 +1292,9 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
         header = json.loads(body[4: 4 + hlen])
     except (brotli.error, struct.error, ValueError) as exc:
         raise ArtifactError(f"{source}: corrupted artifact: {exc}") from None
+    if 4 + hlen > len(body) or not isinstance(header, dict) or header.get("format") != "pgolf-artifact" \
+            or header.get("version") != ARTIFACT_VERSION or not isinstance(header.get("tensors"), list):
+        raise ArtifactError(f"{source}: corrupted artifact: header is not a version-{ARTIFACT_VERSION} pgolf-artifact header")
     payload = memoryview(body)[4 + hlen:]
 
     def segment(seg: dict[str, int]) -> bytes:
@@ -1282,15 +1304,23 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
 
     state = {}
     for e in header["tensors"]:
-        dtype = _TORCH_DTYPES[e["dtype"]]
-        if e["kind"] == "int8_row":
-            q = _bytes_tensor(segment(e["q"]), torch.int8, e["shape"])
-            scale = _bytes_tensor(segment(e["scale"]), torch.float16, [e["shape"][0]])
-            state[e["name"]] = dequantize_rows(q, scale, dtype)
-        elif e["kind"] == "fp16":
-            state[e["name"]] = _bytes_tensor(segment(e["data"]), torch.float16, e["shape"]).to(dtype)
-        else:
-            state[e["name"]] = _bytes_tensor(segment(e["data"]), dtype, e["shape"])
+        try:
+            dtype = _TORCH_DTYPES[e["dtype"]]
+            if e["kind"] == "int8_row":
+                q = _bytes_tensor(segment(e["q"]), torch.int8, e["shape"])
+                scale = _bytes_tensor(segment(e["scale"]), torch.float16, [e["shape"][0]])
+                state[e["name"]] = dequantize_rows(q, scale, dtype)
+            elif e["kind"] == "fp16":
+                state[e["name"]] = _bytes_tensor(segment(e["data"]), torch.float16, e["shape"]).to(dtype)
+            elif e["kind"] == "raw":
+                state[e["name"]] = _bytes_tensor(segment(e["data"]), dtype, e["shape"])
+            else:
+                raise ValueError(f"unknown tensor kind {e['kind']!r}")
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            name = e.get("name", "?") if isinstance(e, dict) else "?"
+            raise ArtifactError(f"{source}: corrupted artifact: tensor {name!r}: {type(exc).__name__}: {exc}") from None
     return state
 
 
@@ -1602,6 +1632,9 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
     log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:roundtrip bytes_total:{bytes_total} "
         f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(result.train_time_ms)} "
         f"eval_time_ms:{round(eval_time_ms)} steps:{result.steps}")
+    # Leave together: a rank that exits right after its last all-reduce can abort in interpreter
+    # finalization while Gloo's worker thread still releases that collective's tensors (needs the GIL).
+    barrier()
     return 0
 
 

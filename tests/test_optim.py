@@ -352,14 +352,15 @@ def test_training_progress():
 
 
 def test_ema_update_matches_manual_loop():
+    """Bias-corrected EMA: shadow_t = d*shadow + (1-d)*w from zero; applied = shadow_t / (1 - d**t)."""
     h = make_hparams()
     model = build(h)
     d = 0.9
     ema = tg.EMA(model, d)
-    shadow = [p.detach().float().clone() for p in model.parameters()]
     for s, p in zip(ema.shadow, model.parameters()):
-        assert torch.equal(s, p.detach().float())
+        assert s.dtype == torch.float32 and s.shape == p.shape and not s.any()
         assert s.data_ptr() != p.data_ptr()
+    shadow = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
     for step in range(3):
         with torch.no_grad():
             for p in model.parameters():
@@ -368,12 +369,25 @@ def test_ema_update_matches_manual_loop():
         shadow = [d * s + (1 - d) * p.detach().float() for s, p in zip(shadow, model.parameters())]
         for a, b in zip(ema.shadow, shadow):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    # the shadow is not the live weights
-    assert any(not torch.equal(s, p.detach()) for s, p in zip(ema.shadow, model.parameters()))
     fresh = build(h, seed=9)
     ema.apply_to(fresh)
     for s, p in zip(shadow, fresh.parameters()):
-        torch.testing.assert_close(p.detach(), s, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), s / (1 - d ** 3), rtol=1e-6, atol=1e-7)
+
+
+def test_ema_after_one_update_is_the_weights_and_without_updates_changes_nothing():
+    h = make_hparams()
+    model = build(h)
+    ema = tg.EMA(model, 0.99)
+    untouched = build(h, seed=9)
+    before = [p.detach().clone() for p in untouched.parameters()]
+    ema.apply_to(untouched)  # no update yet: nothing to average, the model is left as it is
+    for p, b in zip(untouched.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    ema.update()  # one step: the bias-corrected average is exactly the current weights
+    ema.apply_to(untouched)
+    for p, q in zip(untouched.parameters(), model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_ema_converges_to_constant_weights():
@@ -385,8 +399,11 @@ def test_ema_converges_to_constant_weights():
             p.copy_(torch.randn_like(p))
     for _ in range(60):
         ema.update()
-    for s, p in zip(ema.shadow, model.parameters()):
+    target = build(h, seed=9)
+    ema.apply_to(target)
+    for s, p, q in zip(ema.shadow, model.parameters(), target.parameters()):
         torch.testing.assert_close(s, p.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_sync_gradients_single_rank_is_noop():
