@@ -141,6 +141,10 @@ def _unit_interval(v: float) -> bool:
     return 0.0 <= v <= 1.0
 
 
+def _below_one(v: float) -> bool:  # decays, momenta, betas: at 1.0 an average never takes new values
+    return 0.0 <= v < 1.0
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # --- Run and data ---
@@ -202,19 +206,19 @@ class Hyperparameters:
     scalar_lr: float = knob(0.02, "AdamW LR for vectors, scalars and control tensors", _non_negative, ">= 0")
     tied_embed_lr: float = knob(0.03, "AdamW LR for the token embedding", _non_negative, ">= 0")
     head_lr: float = knob(0.008, "AdamW LR for the untied output head (TIE_EMBEDDINGS=0)", _non_negative, ">= 0")
-    muon_momentum: float = knob(0.97, "Muon momentum after warmup", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    muon_momentum: float = knob(0.97, "Muon momentum after warmup", _below_one, "in [0, 1)")
+    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", _below_one, "in [0, 1)")
     muon_momentum_warmup_steps: int = knob(1500, "steps of linear momentum warmup", _non_negative, ">= 0")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", _positive, "> 0")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", _non_negative, ">= 0")
     embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", _non_negative, ">= 0")
     adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", _non_negative, ">= 0")
-    beta1: float = knob(0.9, "AdamW beta1", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-    beta2: float = knob(0.95, "AdamW beta2", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    beta1: float = knob(0.9, "AdamW beta1", _below_one, "in [0, 1)")
+    beta2: float = knob(0.95, "AdamW beta2", _below_one, "in [0, 1)")
     adam_eps: float = knob(1e-8, "AdamW epsilon", _positive, "> 0")
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0")
     ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)",
-                            lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+                            _below_one, "in [0, 1)")
 
     # --- Launcher topology (read from torchrun's variables; not knobs) ---
     world_size: int = 1
