@@ -474,7 +474,7 @@ def setup_distributed(h: Hyperparameters) -> DistInfo:
     if use_cuda:
         device = torch.device("cuda", h.local_rank)
         torch.cuda.set_device(device)
-        # fp32 matmuls outside autocast (e.g. the logits' softcap path) may use TF32, as every record does.
+        # fp32 matmuls (COMPUTE_DTYPE=fp32 runs, anything outside autocast) may use TF32, as the records do.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
