@@ -65,6 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "qk_gain_init": 1.5, "matrix_lr": 0.04, "scalar_lr": 0.04, "tied_embed_lr": 0.05,
         "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85, "muon_momentum_warmup_steps": 500,
         "muon_wd": 0.0, "embed_wd": 0.0, "adam_wd": 0.0, "grad_clip_norm": 0.0, "ema_decay": 0.0,
+        "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
+        "muon_row_normalize": False,
         # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
         "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
     },
@@ -77,6 +79,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "qk_gain_init": 1.5, "matrix_lr": 0.04, "scalar_lr": 0.04, "tied_embed_lr": 0.05,
         "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85, "muon_momentum_warmup_steps": 100,
         "ema_decay": 0.99, "train_log_every": 50, "val_loss_every": 0, "compile": False,
+        "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
+        "muon_row_normalize": False,
     },
 }
 
@@ -102,8 +106,6 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "VALUE_RESIDUAL": "value residual", "VE_ENABLED": "value embeddings",
     "SKIP_GATES_ENABLED": "sigmoid skip gates", "SPARSE_ATTN_GATE_ENABLED": "attention output gate",
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
-    "ROPE_DIMS": "partial RoPE", "LN_SCALE": "layerwise LN scale", "MLP_ACT": "other MLP activations",
-    "MUON_ROW_NORMALIZE": "MuonEq-R", "MUON_EQ_R": "MuonEq-R", "MUON_NS": "other Newton-Schulz sets",
     "TTT_ENABLED": "test-time training", "SLIDING_WINDOW_ENABLED": "sliding-window evaluation",
     "EVAL_STRIDE": "sliding-window evaluation", "USE_GPTQ": "GPTQ quantization",
     "GPTQ_CALIB_BATCHES": "GPTQ quantization", "GPTQ_DAMP": "GPTQ quantization",
@@ -114,10 +116,9 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "COMPRESSOR": "other compressors", "MAX_VAL_TOKENS": "validation subsets",
 }
 # Values of those variables that describe exactly what this script already does.
-FEATURE_NATIVE_VALUES: dict[str, frozenset[str]] = {
-    "MLP_ACT": frozenset({"relu2"}), "COMPRESSOR": frozenset({"brotli"}),
-    "MUON_NS": frozenset({"classic"}),
-}
+FEATURE_NATIVE_VALUES: dict[str, frozenset[str]] = {"COMPRESSOR": frozenset({"brotli"})}
+# Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands).
+KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE"}
 
 
 class ConfigError(ValueError):
@@ -200,6 +201,14 @@ class Hyperparameters:
     logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", _non_negative, ">= 0")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
     qk_gain_init: float = knob(5.25, "initial per-head query gain after QK RMS-norm", _positive, "> 0")
+    rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
+                          _non_negative, ">= 0")
+    rope_train_seq_len: int = knob(2048, "NTK-scale the RoPE base for sequences longer than this", _positive, "> 0")
+    mlp_act: str = knob("leaky_relu2", "MLP activation: relu2 / leaky_relu2 (PR #549)",
+                        lambda v: v in ("relu2", "leaky_relu2"), "relu2 or leaky_relu2")
+    leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", _non_negative, ">= 0")
+    ln_scale: bool = knob(True, "scale each block's norm outputs by 1/sqrt(layer index + 1) (PR #315)")
+    ortho_init: bool = knob(True, "orthogonal init of block matrices >= 64x64 (PR #65); output projections stay zero")
 
     # --- Optimizers ---
     matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", _non_negative, ">= 0")
@@ -210,6 +219,10 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", _below_one, "in [0, 1)")
     muon_momentum_warmup_steps: int = knob(1500, "steps of linear momentum warmup", _non_negative, ">= 0")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", _positive, "> 0")
+    muon_ns: str = knob("polar_express", "Newton-Schulz coefficients: classic / polar_express (PR #1344)",
+                        lambda v: v in NS_COEFFICIENT_SETS, "classic or polar_express")
+    muon_row_normalize: bool = knob(True, "MuonEq-R: normalize update rows before Newton-Schulz (PR #1217); "
+                                          "alias MUON_EQ_R")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", _non_negative, ">= 0")
     embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", _non_negative, ">= 0")
     adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", _non_negative, ">= 0")
@@ -242,6 +255,12 @@ class Hyperparameters:
         if preset not in PRESETS:
             raise ConfigError(f"PRESET={preset!r} is not allowed: use one of {', '.join(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[preset])
+        for alias, name in KNOB_ALIASES.items():
+            if alias in env:
+                if name in env and env[name].strip() != env[alias].strip():
+                    raise ConfigError(f"{alias}={env[alias]!r} is not allowed together with {name}={env[name]!r}: "
+                                      f"{alias} is another name for {name}; set one of them")
+                env.setdefault(name, env[alias])
         for f in cls.knob_fields():
             name = f.name.upper()
             if name in env and name != "PRESET":
@@ -266,6 +285,8 @@ class Hyperparameters:
             raise ConfigError(f"MODEL_DIM={self.model_dim} is not allowed: must be divisible by NUM_HEADS={self.num_heads}")
         if (self.model_dim // self.num_heads) % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} is not allowed: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+        if self.rope_dims % 2 or self.rope_dims == 2:  # halves of an even width; NTK needs d > 2
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"NUM_KV_HEADS={self.num_kv_heads} is not allowed: must divide NUM_HEADS={self.num_heads}")
         if int(self.model_dim * self.mlp_mult) < 1:
@@ -334,7 +355,7 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
 
 def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
-    known = set(Hyperparameters.knob_names()) | LAUNCHER_VARS
+    known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LAUNCHER_VARS
     candidates = sorted(set(Hyperparameters.knob_names()) | set(UNIMPLEMENTED_FEATURES))  # suggest knobs only
     warnings = []
     for name in sorted(env):
@@ -813,6 +834,13 @@ class ModelConfig:
     logit_softcap: float
     rope_base: float
     qk_gain_init: float
+    # Defaults reproduce the baseline model, so a ModelConfig built by hand stays the BASE shape.
+    rope_dims: int = 0
+    rope_train_seq_len: int = 1 << 30
+    mlp_act: str = "relu2"
+    leaky_slope: float = 0.5
+    ln_scale: bool = False
+    ortho_init: bool = False
     attn_backend: str = "sdpa"
 
     @classmethod
@@ -821,31 +849,47 @@ class ModelConfig:
         return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
 
 
+# Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
+ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".mlp.fc.weight")
+
+
 def rms_norm(x: Tensor) -> Tensor:
     # Parameter-free RMSNorm everywhere (BASE onward): nothing to learn, nothing to quantize.
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    """RoPE angle tables, recomputed per forward (cheap, and no cache that inference mode could poison:
-    openai/parameter-golf PR #1643 hit exactly that with a cached table)."""
+def rope_base_for(seq_len: int, base: float, rope_dims: int, train_seq_len: int) -> float:
+    """NTK-aware base scaling for sequences longer than the training length (PR #265):
+    base * (seq_len / train_seq_len) ** (d / (d - 2)); unchanged up to train_seq_len."""
+    if seq_len <= train_seq_len:
+        return base
+    return base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
 
-    def __init__(self, head_dim: int, base: float):
+
+class Rotary(nn.Module):
+    """RoPE angle tables for the first `rope_dims` dims of a head, recomputed per forward (cheap, and no
+    cache that inference mode could poison: openai/parameter-golf PR #1643 hit that with a cached table)."""
+
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
+        self.register_buffer("exponents", torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims,
+                             persistent=False)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
+        base = rope_base_for(seq_len, self.base, self.rope_dims, self.train_seq_len)
+        inv_freq = base ** -self.exponents
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, T, H, D); rotate the two halves of the head dimension.
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    # x: (B, T, H, D); rotate the two halves of the first 2*cos.size(-1) dims, pass the rest through
+    # (partial RoPE: the unrotated dims attend by content only).
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -889,7 +933,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """relu^2 MLP (BASE) with a float width multiplier."""
+    """Squared-ReLU MLP with a float width multiplier: relu(x)^2 (BASE) or leaky_relu(x, slope)^2,
+    which keeps a gradient for negative inputs (PR #549: -0.0021 BPB in its ablation)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -897,14 +942,19 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
+        self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.proj(h.square())
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        # Layerwise LN scale (PR #315): deeper blocks see smaller normalized inputs.
+        self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
@@ -915,8 +965,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cos, sin)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
 class GPT(nn.Module):
@@ -928,8 +978,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.rotary = Rotary(cfg.model_dim // cfg.num_heads, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        head_dim = cfg.model_dim // cfg.num_heads
+        rope_dims = cfg.rope_dims if 0 < cfg.rope_dims < head_dim else head_dim
+        self.rotary = Rotary(rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
         self.num_encoder = cfg.num_layers // 2
         self.num_decoder = cfg.num_layers - self.num_encoder
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), cfg.model_dim))
@@ -937,6 +989,12 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
             nn.init.zeros_(self.lm_head.weight)
+        if cfg.ortho_init:
+            # OrthoInit (PR #65): orthogonal block matrices >= 64x64; the zero-initialized output
+            # projections stay zero so every block still starts as the identity.
+            for name, p in self.blocks.named_parameters():
+                if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
+                    nn.init.orthogonal_(p, gain=1.0)
 
     def hidden(self, ids: Tensor) -> Tensor:
         x = rms_norm(self.tok_emb(ids))
@@ -967,8 +1025,21 @@ class GPT(nn.Module):
 
 # ==== Optimizers ====
 
-# Newton-Schulz quintic coefficients (Keller Jordan's Muon; classic set used BASE -> PR #1769).
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Newton-Schulz quintic coefficients (a, b, c) per iteration. classic: Keller Jordan's Muon, one
+# tuple for every step (BASE -> PR #1769). polar_express: a tuned tuple per step (PR #1344, used from
+# PR #1787); steps beyond the list reuse its last tuple, and the input is normalized with a 1.02 safety
+# factor because the first tuple is aggressive.
+NS_COEFFICIENT_SETS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "classic": ((3.4445, -4.7750, 2.0315),),
+    "polar_express": (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+}
+NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.02}
 NS_EPS = 1e-7
 
 # One table maps every parameter to exactly one group: (optimizer, LR knob, weight-decay knob).
@@ -992,29 +1063,36 @@ def classify_param(name: str) -> str:
     return "scalar"  # resid_mix, attn/mlp scales, q_gain, skip_weights, ...
 
 
-def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """Approximate the orthogonal polar factor U V^T of G with the quintic Newton-Schulz iteration."""
-    a, b, c = NS_COEFFS
+def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "classic") -> Tensor:
+    """Approximate the orthogonal polar factor U V^T of G with quintic Newton-Schulz iterations."""
+    table = NS_COEFFICIENT_SETS[coeffs]
     X = G.to(dtype)
-    X = X / (X.norm() + NS_EPS)
+    X = X / (X.norm() * NS_NORM_SAFETY[coeffs] + NS_EPS)
     transposed = X.size(0) > X.size(1)
     if transposed:  # iterate on the short side: X X^T is the smaller Gram matrix
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.T if transposed else X
 
 
+def row_normalize(U: Tensor) -> Tensor:
+    """MuonEq-R (PR #1217/#1260): give every row of the update unit L2 norm before orthogonalizing."""
+    return U / U.norm(dim=1, keepdim=True).clamp_min(NS_EPS)
+
+
 class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum, Newton-Schulz orthogonalization, decoupled weight decay with the
-    scheduled LR, update scaled by sqrt(max(1, rows/cols)). Under torchrun rank r orthogonalizes the
-    matrices i % world == r and one all-reduce shares the updates (the DDP-era records' scheme)."""
+    """Muon: Nesterov momentum, optional MuonEq-R row normalization, Newton-Schulz orthogonalization,
+    decoupled weight decay with the scheduled LR, update scaled by sqrt(max(1, rows/cols)). Under
+    torchrun rank r orthogonalizes the matrices i % world == r and one all-reduce shares the updates
+    (the DDP-era records' scheme)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, ns_coeffs: str = "classic", row_normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, ns_coeffs=ns_coeffs, row_normalize=row_normalize))
         self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
@@ -1038,7 +1116,9 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(mu).add_(p.grad)
                     update = p.grad.add(buf, alpha=mu)  # Nesterov
-                    X = newton_schulz(update, group["backend_steps"], ns_dtype)
+                    if group["row_normalize"]:
+                        update = row_normalize(update)
+                    X = newton_schulz(update, group["backend_steps"], ns_dtype, group["ns_coeffs"])
                     X = X * math.sqrt(max(1.0, p.size(0) / p.size(1)))
                     flat[offset: offset + n] = X.reshape(-1)
                 offset += n
@@ -1088,7 +1168,8 @@ class Optimizers:
         self.base_lr = {g: getattr(h, PARAM_GROUPS[g][1]) for g in PARAM_GROUPS}
         self.muon = Muon(grouped["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum,
                          backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd,
-                         rank=rank, world_size=world_size)
+                         rank=rank, world_size=world_size, ns_coeffs=h.muon_ns,
+                         row_normalize=h.muon_row_normalize)
         adam_groups = [dict(params=grouped[g], lr=self.base_lr[g], weight_decay=getattr(h, PARAM_GROUPS[g][2]),
                             name=g) for g in ("embed", "head", "scalar") if grouped[g]]
         fused = bool(self.params) and self.params[0].is_cuda

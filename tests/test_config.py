@@ -85,7 +85,8 @@ def test_knob_names_are_upper_case_fields_and_unique():
 # A value that passes validation and differs from the record default, per knob (str knobs listed;
 # numbers and bools derived from the default).
 STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_path": "/tok/x.model",
-                 "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32"}
+                 "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
+                 "mlp_act": "relu2", "muon_ns": "classic"}
 
 
 def _override_candidates(f) -> list[str]:
@@ -363,8 +364,7 @@ def test_unimplemented_feature_on_raises(env):
 
 
 @pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"XSA_LAST_N": "0"}, {"COMPRESSOR": "brotli"},
-                                 {"TTT_ENABLED": "false"}, {"MLP_ACT": "relu2"}, {"RECUR_LAYERS": ""},
-                                 {"MUON_NS": "classic"}, {"SWA_ENABLED": "off"}],
+                                 {"TTT_ENABLED": "false"}, {"RECUR_LAYERS": ""}, {"SWA_ENABLED": "off"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_off_is_accepted(env):
     h = H.from_env(env)
@@ -482,3 +482,24 @@ def test_main_returns_2_in_process(capsys):
     assert tg.main({"EMA_DECAY": "1.5"}) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "EMA_DECAY" in err[0]
+
+
+def test_muon_eq_r_is_an_alias_of_muon_row_normalize():
+    assert H.from_env({"MUON_EQ_R": "0"}).muon_row_normalize is False
+    assert H.from_env({"MUON_EQ_R": "1", "PRESET": "baseline"}).muon_row_normalize is True
+    assert H.from_env({"MUON_EQ_R": "1", "MUON_ROW_NORMALIZE": "1"}).muon_row_normalize is True
+    assert H.from_env({"MUON_EQ_R": "1"}).env_warnings == ()
+    msg = config_error({"MUON_EQ_R": "0", "MUON_ROW_NORMALIZE": "1"})
+    assert_one_line_naming(msg, "MUON_EQ_R", "MUON_ROW_NORMALIZE")
+    msg = config_error({"MUON_EQ_R": "yes"})
+    assert "MUON_ROW_NORMALIZE" in msg and "yes" in msg
+
+
+def test_record_defaults_of_the_model_and_muon_options():
+    h = H.from_env({})
+    assert (h.mlp_act, h.leaky_slope, h.ln_scale, h.rope_dims, h.rope_train_seq_len, h.ortho_init) == (
+        "leaky_relu2", 0.5, True, 16, 2048, True)
+    assert (h.muon_ns, h.muon_row_normalize) == ("polar_express", True)
+    b = H.from_env({"PRESET": "baseline"})
+    assert (b.mlp_act, b.ln_scale, b.rope_dims, b.ortho_init, b.muon_ns, b.muon_row_normalize) == (
+        "relu2", False, 0, False, "classic", False)

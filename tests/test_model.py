@@ -251,7 +251,7 @@ def test_attention_matches_reference(heads, kv_heads):
     cfg = make_cfg(NUM_HEADS=str(heads), NUM_KV_HEADS=str(kv_heads), ROPE_BASE="10000")
     torch.manual_seed(0)
     attn = tg.CausalSelfAttention(cfg)
-    rotary = tg.Rotary(cfg.model_dim // cfg.num_heads, cfg.rope_base)
+    rotary = tg.Rotary(cfg.model_dim // cfg.num_heads, cfg.rope_base, cfg.rope_train_seq_len)
     with torch.no_grad():
         attn.proj.weight.normal_(0.0, 0.2)
         attn.q_gain.copy_(torch.linspace(0.5, 3.0, heads))  # distinct gain per head
@@ -274,7 +274,7 @@ def test_gqa_kv_head_mapping_matters():
     attn = tg.CausalSelfAttention(cfg)
     with torch.no_grad():
         attn.proj.weight.normal_(0.0, 0.2)
-    rotary = tg.Rotary(16, cfg.rope_base)
+    rotary = tg.Rotary(16, cfg.rope_base, cfg.rope_train_seq_len)
     x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(2))
     cos, sin = rotary(12, x.device)
     with torch.no_grad():
@@ -288,7 +288,7 @@ def test_gqa_kv_head_mapping_matters():
 
 
 def test_rotary_tables():
-    rot = tg.Rotary(16, 10000.0)
+    rot = tg.Rotary(16, 10000.0, 1 << 30)
     cos, sin = rot(8, torch.device("cpu"))
     assert cos.shape == sin.shape == (8, 8)
     inv = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
@@ -419,7 +419,7 @@ def test_mlp_hidden_width(mult, dim):
 
 
 def test_mlp_is_relu_squared():
-    cfg = make_cfg(MLP_MULT="2.5")
+    cfg = make_cfg(MLP_MULT="2.5", MLP_ACT="relu2")
     torch.manual_seed(0)
     mlp = tg.MLP(cfg)
     with torch.no_grad():
@@ -468,3 +468,81 @@ def test_compute_autocast_modes():
         assert not torch.is_autocast_enabled("cpu")
     with tg.compute_autocast(cpu, "bf16"):
         assert torch.is_autocast_enabled("cpu")
+
+
+# ---------------------------------------------------------------- record-stack model options
+
+
+def test_mlp_leaky_relu_squared():
+    cfg = make_cfg(MLP_MULT="2.0", MLP_ACT="leaky_relu2", LEAKY_SLOPE="0.5")
+    torch.manual_seed(0)
+    mlp = tg.MLP(cfg)
+    with torch.no_grad():
+        mlp.proj.weight.normal_(0.0, 0.1)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        h = x @ mlp.fc.weight.T
+        ref = (torch.where(h > 0, h, 0.5 * h) ** 2) @ mlp.proj.weight.T
+        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
+        relu = tg.MLP(make_cfg(MLP_MULT="2.0", MLP_ACT="relu2"))
+        relu.load_state_dict(mlp.state_dict())
+        assert not torch.allclose(relu(x), mlp(x)), "negative inputs must contribute with leaky_relu2"
+
+
+def test_partial_rope_rotates_only_the_first_dims():
+    rot = tg.Rotary(4, 10000.0, 1 << 30)
+    cos, sin = rot(6, torch.device("cpu"))
+    assert cos.shape == (6, 2)
+    x = torch.randn(2, 6, 3, 16)
+    y = tg.apply_rotary(x, cos, sin)
+    assert torch.equal(y[..., 4:], x[..., 4:]), "dims past ROPE_DIMS pass through unchanged"
+    assert not torch.allclose(y[:, 1:, :, :4], x[:, 1:, :, :4])
+    torch.testing.assert_close(y[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_dims_at_or_above_head_dim_means_all_and_odd_is_refused():
+    full = build(ROPE_DIMS="0")
+    assert full.rotary.rope_dims == 16
+    assert build(ROPE_DIMS="64").rotary.rope_dims == 16
+    assert build(ROPE_DIMS="8").rotary.rope_dims == 8
+    for bad in ("3", "2"):
+        with pytest.raises(tg.ConfigError, match="ROPE_DIMS"):
+            make_hparams(ROPE_DIMS=bad)
+
+
+def test_ntk_rope_base_scaling():
+    assert tg.rope_base_for(2048, 10000.0, 16, 2048) == 10000.0
+    assert tg.rope_base_for(1024, 10000.0, 16, 2048) == 10000.0
+    scaled = tg.rope_base_for(4096, 10000.0, 16, 2048)
+    assert scaled == pytest.approx(10000.0 * 2.0 ** (16 / 14))
+    rot = tg.Rotary(16, 10000.0, 8)
+    cos_long, _ = rot(16, torch.device("cpu"))
+    # 16 positions with a training length of 8: the tables use the scaled base
+    inv = (10000.0 * 2.0 ** (16 / 14)) ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    torch.testing.assert_close(cos_long, (torch.arange(16, dtype=torch.float64)[:, None] * inv).cos().float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ln_scale_scales_norm_outputs_by_layer():
+    on, off = build(LN_SCALE="1"), build(LN_SCALE="0")
+    assert [b.norm_scale for b in on.blocks] == pytest.approx([1 / math.sqrt(i + 1) for i in range(4)])
+    assert all(b.norm_scale == 1.0 for b in off.blocks)
+    randomize_zero_inits(on)
+    off.load_state_dict(on.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(on.logits(ids), off.logits(ids))
+
+
+def test_ortho_init_makes_input_matrices_orthogonal_and_keeps_output_projections_zero():
+    model = build(ORTHO_INIT="1", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="4", MLP_MULT="2.0")
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            assert not p.any(), name
+        elif name.endswith(tg.ORTHO_INIT_SUFFIXES):
+            w = p.detach().double()
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=torch.float64), rtol=0, atol=1e-5)
+    plain = build(ORTHO_INIT="0", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="4", MLP_MULT="2.0")
+    w = plain.blocks[0].attn.c_q.weight.detach().double()
+    assert (w @ w.T - torch.eye(64, dtype=torch.float64)).abs().max() > 0.1

@@ -476,3 +476,61 @@ def test_training_reduces_loss_on_repeated_batch():
         final = model(x, y).item()
     assert first == pytest.approx(math.log(VOCAB), abs=0.05)
     assert final < first - 1.0, (first, final)
+
+
+# ---------------------------------------------------------------- record-stack Muon options
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
+def test_polar_express_orthogonalizes_at_least_as_well_as_classic(shape):
+    torch.manual_seed(0)
+    G = torch.randn(*shape, dtype=torch.float64)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    errs = {}
+    for coeffs in ("classic", "polar_express"):
+        X = tg.newton_schulz(G, 5, torch.float64, coeffs)
+        assert X.shape == G.shape
+        sv = torch.linalg.svdvals(X)
+        assert sv.min() > 0.5 and sv.max() < 1.5, (coeffs, sv.min(), sv.max())
+        errs[coeffs] = (X - polar).norm() / polar.norm()
+    assert errs["polar_express"] <= errs["classic"], errs
+
+
+def test_newton_schulz_steps_beyond_the_table_reuse_its_last_tuple():
+    torch.manual_seed(1)
+    G = torch.randn(16, 24, dtype=torch.float64)
+    table = tg.NS_COEFFICIENT_SETS["polar_express"]
+    X = G / (G.norm() * tg.NS_NORM_SAFETY["polar_express"] + tg.NS_EPS)
+    for i in range(7):
+        a, b, c = table[min(i, len(table) - 1)]
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    torch.testing.assert_close(tg.newton_schulz(G, 7, torch.float64, "polar_express"), X)
+
+
+def test_row_normalize_and_muon_eq_r_step():
+    torch.manual_seed(2)
+    U = torch.randn(6, 10) * torch.arange(1, 7)[:, None]
+    R = tg.row_normalize(U)
+    torch.testing.assert_close(R.norm(dim=1), torch.ones(6))
+    assert torch.equal(tg.row_normalize(torch.zeros(3, 4)), torch.zeros(3, 4))
+    p = torch.nn.Parameter(torch.randn(6, 10))
+    p0 = p.detach().clone()
+    p.grad = U.clone()
+    opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0, row_normalize=True,
+                  ns_coeffs="polar_express")
+    opt.step()
+    update = U + 0.9 * U  # Nesterov on the first step: g + mu * buf with buf = g
+    expected = p0 - 0.1 * tg.newton_schulz(tg.row_normalize(update), 5, torch.float32, "polar_express")
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizers_pass_the_muon_knobs_through():
+    h = make_hparams(MUON_NS="polar_express", MUON_ROW_NORMALIZE="1")
+    opt = tg.Optimizers(build(h), h)
+    group = opt.muon.param_groups[0]
+    assert group["ns_coeffs"] == "polar_express" and group["row_normalize"] is True
+    h = make_hparams(MUON_NS="classic", MUON_ROW_NORMALIZE="0")
+    group = tg.Optimizers(build(h), h).muon.param_groups[0]
+    assert group["ns_coeffs"] == "classic" and group["row_normalize"] is False
