@@ -67,6 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "muon_wd": 0.0, "embed_wd": 0.0, "adam_wd": 0.0, "grad_clip_norm": 0.0, "ema_decay": 0.0,
         "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
         "muon_row_normalize": False,
+        "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
+        "sparse_attn_gate_enabled": False,
         # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
         "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
     },
@@ -81,6 +83,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.99, "train_log_every": 50, "val_loss_every": 0, "compile": False,
         "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
         "muon_row_normalize": False,
+        "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
+        "sparse_attn_gate_enabled": False,
     },
 }
 
@@ -96,15 +100,12 @@ LAUNCHER_VARS = frozenset({
 # Setting one to anything but an "off" value must fail loudly instead of being silently ignored.
 OFF_VALUES = frozenset({"", "0", "0.0", "false", "off", "none"})
 UNIMPLEMENTED_FEATURES: dict[str, str] = {
-    "XSA_LAST_N": "exclusive self-attention", "SMEAR_GATE_ENABLED": "SmearGate",
-    "BIGRAM_VOCAB_SIZE": "BigramHash embeddings", "BIGRAM_DIM": "BigramHash embeddings",
     "TRIGRAM": "trigram hash embeddings", "NUM_LOOPS": "depth recurrence",
     "LOOP_START": "depth recurrence", "LOOP_END": "depth recurrence",
     "ENABLE_LOOPING_AT": "depth recurrence", "RECUR_LAYERS": "depth recurrence",
     "RECUR_START_STEP": "depth recurrence", "PARALLEL_RESIDUAL": "parallel residuals",
     "PARALLEL_START_LAYER": "parallel residuals", "PARALLEL_RESIDUAL_START": "parallel residuals",
-    "VALUE_RESIDUAL": "value residual", "VE_ENABLED": "value embeddings",
-    "SKIP_GATES_ENABLED": "sigmoid skip gates", "SPARSE_ATTN_GATE_ENABLED": "attention output gate",
+    "VE_ENABLED": "value embeddings",
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
     "TTT_ENABLED": "test-time training", "SLIDING_WINDOW_ENABLED": "sliding-window evaluation",
     "EVAL_STRIDE": "sliding-window evaluation", "USE_GPTQ": "GPTQ quantization",
@@ -209,6 +210,18 @@ class Hyperparameters:
     leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", _non_negative, ">= 0")
     ln_scale: bool = knob(True, "scale each block's norm outputs by 1/sqrt(layer index + 1) (PR #315)")
     ortho_init: bool = knob(True, "orthogonal init of block matrices >= 64x64 (PR #65); output projections stay zero")
+    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off, >= NUM_LAYERS = all; PR #265)",
+                           _non_negative, ">= 0")
+    skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)) (PR #1089)")
+    smear_gate_enabled: bool = knob(True, "SmearGate: input-gated mix of the previous token's embedding, "
+                                          "masked at BOS (PR #1667, BOS fix #1851)")
+    gate_window: int = knob(12, "input dims the SmearGate and the attention output gate read", _positive, "> 0")
+    sparse_attn_gate_enabled: bool = knob(True, "per-head sigmoid gate on the attention output (PR #1787)")
+    sparse_attn_gate_scale: float = knob(0.5, "logit scale of the attention output gate", _positive, "> 0")
+    bigram_vocab_size: int = knob(0, "BigramHash buckets (0 = off; PR #65)", lambda v: v == 0 or v >= 2,
+                                  "0 (off) or >= 2")
+    bigram_dim: int = knob(128, "BigramHash embedding width", _positive, "> 0")
+    value_residual: bool = knob(False, "mix every layer's values with the first layer's (ResFormer; PR #1499)")
 
     # --- Optimizers ---
     matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", _non_negative, ">= 0")
@@ -287,6 +300,8 @@ class Hyperparameters:
             raise ConfigError(f"MODEL_DIM={self.model_dim} is not allowed: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims == 2:  # halves of an even width; NTK needs d > 2
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
+        if self.gate_window > self.model_dim:
+            raise ConfigError(f"GATE_WINDOW={self.gate_window} is not allowed: must be <= MODEL_DIM={self.model_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"NUM_KV_HEADS={self.num_kv_heads} is not allowed: must divide NUM_HEADS={self.num_heads}")
         if int(self.model_dim * self.mlp_mult) < 1:
@@ -537,6 +552,7 @@ SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 SHARD_TOKEN_DTYPE = np.dtype("<u2")
 LEADING_SPACE = "\u2581"  # SentencePiece's word-boundary marker; counts as ONE byte (a space)
+BOS_ID = 1  # the challenge recipe's bos id: every document starts with it (pad/bos/eos/unk = 0/1/2/3)
 
 
 class DataError(ConfigError):
@@ -769,6 +785,8 @@ def load_tokenizer(path: Path, vocab_size: int):
     sp = spm.SentencePieceProcessor(model_file=str(path))
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab_size={sp.vocab_size()} does not match VOCAB_SIZE={vocab_size}")
+    if sp.bos_id() != BOS_ID:  # document boundaries (BPB, SmearGate, BigramHash) are found by this id
+        raise DataError(f"{path}: tokenizer bos_id={sp.bos_id()}, expected {BOS_ID} (the challenge recipe)")
     return sp
 
 
@@ -841,11 +859,21 @@ class ModelConfig:
     leaky_slope: float = 0.5
     ln_scale: bool = False
     ortho_init: bool = False
+    xsa_last_n: int = 0
+    skip_gates_enabled: bool = False
+    smear_gate_enabled: bool = False
+    gate_window: int = 12
+    sparse_attn_gate_enabled: bool = False
+    sparse_attn_gate_scale: float = 1.0
+    bigram_vocab_size: int = 0
+    bigram_dim: int = 128
+    value_residual: bool = False
+    bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "attn_backend"]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("attn_backend", "bos_id")]
         return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
 
 
@@ -893,9 +921,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE."""
+    """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optionally XSA, a
+    per-head output gate and value residual mixing."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
@@ -907,6 +936,13 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
         # q_gain is an inverse temperature: with unit-RMS q and k the logit is gain*sqrt(D)*cos(q, k).
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
+        self.use_xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.sparse_attn_gate_scale
+        # Output gate sigmoid(scale * W x[:window]) per head; W = 0 gives 0.5 at init (PR #1787).
+        self.attn_gate_w = (nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window))
+                            if cfg.sparse_attn_gate_enabled else None)
+        # Value residual (ResFormer): v = l0 * v_first_layer + l1 * v; the first layer has nothing to mix.
+        self.vr_lambda = (nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual and layer_idx > 0 else None)
         self.backend = cfg.attn_backend
         self._fa3 = None
         if self.backend == "fa3":
@@ -914,11 +950,16 @@ class CausalSelfAttention(nn.Module):
 
             self._fa3 = flash_attn_func
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (output, this layer's raw values) so the first layer's values can feed value residual."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v_raw = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = v_raw
+        if self.vr_lambda is not None and v_first is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            v = lam[0] * v_first + lam[1] * v
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -929,7 +970,23 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2)
-        return self.proj(y.reshape(B, T, C))
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        if self.attn_gate_w is not None:
+            gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_window], self.attn_gate_w.to(x.dtype)))
+            y = y * gate[..., None]  # (B, T, H, 1)
+        return self.proj(y.reshape(B, T, C)), v_raw
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (PR #265/#478): remove from each head's output its component along the token's own
+    (normalized) value vector, so attention adds only what the token does not already carry.
+    GQA-aware without repeating K/V: y (B, T, H, D) is viewed as (B, T, Hkv, H/Hkv, D)."""
+    B, T, H, D = y.shape
+    Hkv = v.size(2)
+    yg = y.view(B, T, Hkv, H // Hkv, D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, D)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
 class MLP(nn.Module):
@@ -955,18 +1012,63 @@ class Block(nn.Module):
         super().__init__()
         # Layerwise LN scale (PR #315): deeper blocks see smaller normalized inputs.
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix mixes the running stream with the embedding stream x0 (BASE); init = (1, 0).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first)
+        x = x + self.attn_scale.to(x.dtype) * a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1} (PR #1667), identity at init (w = 0, lam = 0).
+    The previous-token term is zeroed where token t is BOS, so the last token of one document never
+    leaks into the next (PR #1851 BOS fix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.window, self.bos_id = cfg.gate_window, cfg.bos_id
+        self.smear_w = nn.Parameter(torch.zeros(cfg.gate_window))
+        self.smear_lambda = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}; zeros at t = 0
+        gate = torch.sigmoid(x[..., : self.window] @ self.smear_w.to(x.dtype))  # (B, T)
+        gate = gate * (ids != self.bos_id).to(x.dtype)
+        return x + (self.smear_lambda.to(x.dtype) * gate)[..., None] * prev
+
+
+class BigramHash(nn.Module):
+    """Hashed embedding of (previous token, token) pairs added to the token embedding (PR #65):
+    bucket = (36313 * t_i XOR 27191 * t_{i-1}) mod (V_b - 1); position 0 and BOS positions use the
+    reserved bucket V_b - 1, so nothing crosses a document boundary. The table starts at zero (a no-op);
+    the projection keeps its default init, since with both at zero neither would get a gradient."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets, self.bos_id = cfg.bigram_vocab_size, cfg.bos_id
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, ids: Tensor) -> Tensor:
+        ids = ids.long()
+        prev = F.pad(ids[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
+        first = torch.arange(ids.size(1), device=ids.device) == 0
+        return torch.where(first[None, :] | (ids == self.bos_id), self.buckets - 1, hashed)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.embed(self.bucket_ids(ids)))
 
 
 class GPT(nn.Module):
@@ -984,7 +1086,12 @@ class GPT(nn.Module):
         self.rotary = Rotary(rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
         self.num_encoder = cfg.num_layers // 2
         self.num_decoder = cfg.num_layers - self.num_encoder
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), cfg.model_dim))
+        num_skips = min(self.num_encoder, self.num_decoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        # Sigmoid skip gates (PR #1089): g = 0 starts at an even mix of the stream and the skip.
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
+        self.smear = SmearGate(cfg) if cfg.smear_gate_enabled else None
+        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
@@ -997,17 +1104,28 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(p, gain=1.0)
 
     def hidden(self, ids: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(ids))
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids).to(x.dtype)
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x = rms_norm(x)
         x0 = x
         cos, sin = self.rotary(ids.size(1), ids.device)
-        skips = []
+        skips, v_first = [], None
         for block in self.blocks[: self.num_encoder]:
-            x = block(x, x0, cos, sin)
+            x, v = block(x, x0, cos, sin, v_first)
+            v_first = v if v_first is None else v_first
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder:]):
             if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin)
+                skip = self.skip_weights[i].to(x.dtype) * skips.pop()
+                if self.skip_gates is not None:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[i].to(x.dtype)))
+                else:
+                    x = x + skip
+            x, v = block(x, x0, cos, sin, v_first)
+            v_first = v if v_first is None else v_first
         return rms_norm(x)
 
     def logits(self, ids: Tensor) -> Tensor:
@@ -1054,8 +1172,10 @@ MATRIX_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", "
 
 
 def classify_param(name: str) -> str:
-    if name == "tok_emb.weight":
+    if name in ("tok_emb.weight", "bigram.embed.weight"):  # embedding tables (PR #65: bigram with the tokens)
         return "embed"
+    if name == "bigram.proj.weight":
+        return "matrix"
     if name == "lm_head.weight":
         return "head"
     if name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):

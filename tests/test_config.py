@@ -353,9 +353,9 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"XSA_LAST_N": "4"}, {"TTT_ENABLED": "1"}, {"RECUR_LAYERS": "4,5"},
+@pytest.mark.parametrize("env", [{"NUM_LOOPS": "2"}, {"TTT_ENABLED": "1"}, {"RECUR_LAYERS": "4,5"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "lzma"}, {"MLP_ACT": "gelu"},
-                                 {"BIGRAM_VOCAB_SIZE": "2048"}, {"SLIDING_WINDOW_ENABLED": "true"}],
+                                 {"PARALLEL_START_LAYER": "7"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_on_raises(env):
     (name, value), = env.items()
@@ -363,7 +363,7 @@ def test_unimplemented_feature_on_raises(env):
     assert_one_line_naming(msg, name, value)
 
 
-@pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"XSA_LAST_N": "0"}, {"COMPRESSOR": "brotli"},
+@pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"NUM_LOOPS": "0"}, {"COMPRESSOR": "brotli"},
                                  {"TTT_ENABLED": "false"}, {"RECUR_LAYERS": ""}, {"SWA_ENABLED": "off"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_off_is_accepted(env):

@@ -24,6 +24,9 @@ TINY = {
     "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "MLP_MULT": "2.0", "TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "32", "QK_GAIN_INIT": "1.5",
     "LOGIT_SOFTCAP": "30.0", "TIED_EMBED_INIT_STD": "0.005",
+    # The record-stack extras are off here, so these tests check the base math; the tests at the end
+    # of this module switch them on one by one (and all together for causality).
+    "XSA_LAST_N": "0", "SKIP_GATES_ENABLED": "0", "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0",
 }
 
 
@@ -250,7 +253,7 @@ def reference_attention(attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base
 def test_attention_matches_reference(heads, kv_heads):
     cfg = make_cfg(NUM_HEADS=str(heads), NUM_KV_HEADS=str(kv_heads), ROPE_BASE="10000")
     torch.manual_seed(0)
-    attn = tg.CausalSelfAttention(cfg)
+    attn = tg.CausalSelfAttention(cfg, 0)
     rotary = tg.Rotary(cfg.model_dim // cfg.num_heads, cfg.rope_base, cfg.rope_train_seq_len)
     with torch.no_grad():
         attn.proj.weight.normal_(0.0, 0.2)
@@ -259,7 +262,7 @@ def test_attention_matches_reference(heads, kv_heads):
     x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(1))
     cos, sin = rotary(20, x.device)
     with torch.no_grad():
-        got = attn(x, cos, sin)
+        got = attn(x, cos, sin)[0]
         ref = reference_attention(attn, x, cfg.rope_base)
     assert got.shape == (2, 20, 64)
     assert ref.abs().max() > 0.1
@@ -271,19 +274,19 @@ def test_gqa_kv_head_mapping_matters():
     would give a different result, so the reference test pins the mapping."""
     cfg = make_cfg(NUM_HEADS="4", NUM_KV_HEADS="2")
     torch.manual_seed(0)
-    attn = tg.CausalSelfAttention(cfg)
+    attn = tg.CausalSelfAttention(cfg, 0)
     with torch.no_grad():
         attn.proj.weight.normal_(0.0, 0.2)
     rotary = tg.Rotary(16, cfg.rope_base, cfg.rope_train_seq_len)
     x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(2))
     cos, sin = rotary(12, x.device)
     with torch.no_grad():
-        got = attn(x, cos, sin)
+        got = attn(x, cos, sin)[0]
         # swap the two KV heads' weights: output must change if both KV heads are used
         kv_dim = attn.c_k.weight.shape[0]
         for w in (attn.c_k.weight, attn.c_v.weight):
             w.copy_(torch.cat((w[kv_dim // 2:], w[: kv_dim // 2])))
-        swapped = attn(x, cos, sin)
+        swapped = attn(x, cos, sin)[0]
     assert (got - swapped).abs().max() > 1e-3
 
 
@@ -338,10 +341,10 @@ def test_skip_connection_wiring():
     with torch.no_grad():
         h0 = tg.rms_norm(model.tok_emb(x))
         cos, sin = model.rotary(x.size(1), x.device)
-        e0 = model.blocks[0](h0, h0, cos, sin)
-        e1 = model.blocks[1](e0, h0, cos, sin)
-        d0 = model.blocks[2](e1 + model.skip_weights[0] * e1, h0, cos, sin)
-        d1 = model.blocks[3](d0 + model.skip_weights[1] * e0, h0, cos, sin)
+        e0 = model.blocks[0](h0, h0, cos, sin)[0]
+        e1 = model.blocks[1](e0, h0, cos, sin)[0]
+        d0 = model.blocks[2](e1 + model.skip_weights[0] * e1, h0, cos, sin)[0]
+        d1 = model.blocks[3](d0 + model.skip_weights[1] * e0, h0, cos, sin)[0]
         torch.testing.assert_close(model.hidden(x), tg.rms_norm(d1), rtol=1e-5, atol=1e-5)
 
 
@@ -375,7 +378,7 @@ def test_blocks_are_identity_at_init():
     cos, sin = model.rotary(16, x.device)
     with torch.no_grad():
         for block in model.blocks:
-            torch.testing.assert_close(block(x, torch.randn_like(x), cos, sin), x, rtol=0.0, atol=0.0)
+            torch.testing.assert_close(block(x, torch.randn_like(x), cos, sin)[0], x, rtol=0.0, atol=0.0)
 
 
 # ---------------------------------------------------------------- state and determinism
@@ -546,3 +549,142 @@ def test_ortho_init_makes_input_matrices_orthogonal_and_keeps_output_projections
     plain = build(ORTHO_INIT="0", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="4", MLP_MULT="2.0")
     w = plain.blocks[0].attn.c_q.weight.detach().double()
     assert (w @ w.T - torch.eye(64, dtype=torch.float64)).abs().max() > 0.1
+
+
+def full_stack_overrides() -> dict[str, str]:
+    return dict(XSA_LAST_N="3", SKIP_GATES_ENABLED="1", SMEAR_GATE_ENABLED="1", SPARSE_ATTN_GATE_ENABLED="1",
+                BIGRAM_VOCAB_SIZE="97", BIGRAM_DIM="16", VALUE_RESIDUAL="1", ROPE_DIMS="8", LN_SCALE="1",
+                MLP_ACT="leaky_relu2", GATE_WINDOW="8")
+
+
+def perturb_all(model: tg.GPT, seed: int = 3) -> tg.GPT:
+    """Random values for every parameter that starts at an identity value (zero projections, gates,
+    lambdas), so every feature really acts on the output."""
+    randomize_zero_inits(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("smear", "skip_gates", "attn_gate_w", "vr_lambda", "bigram.embed")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def test_causality_with_every_feature_on():
+    model = perturb_all(build(**full_stack_overrides()))
+    torch.manual_seed(5)
+    ids = torch.randint(2, VOCAB, (2, 24))
+    ids[:, 9] = tg.BOS_ID  # a document boundary inside the window
+    changed = ids.clone()
+    changed[:, 14:] = torch.randint(2, VOCAB, (2, 10))
+    with torch.no_grad():
+        a, b = model.logits(ids), model.logits(changed)
+    torch.testing.assert_close(a[:, :14], b[:, :14], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 14:], b[:, 14:]), "the changed positions must see the change"
+
+
+def test_record_model_parameter_count_matches_the_public_record():
+    h = tg.Hyperparameters.from_env({})  # PRESET=record
+    torch.manual_seed(0)
+    n = sum(p.numel() for p in tg.GPT(tg.ModelConfig.from_hparams(h)).parameters())
+    assert abs(n - 35_945_671) / 35_945_671 < 0.005, n
+
+
+def test_xsa_layers_and_projection():
+    for last_n, expected in (("0", []), ("2", [2, 3]), ("11", [0, 1, 2, 3])):
+        model = build(XSA_LAST_N=last_n)
+        assert [i for i, b in enumerate(model.blocks) if b.attn.use_xsa] == expected
+    torch.manual_seed(0)
+    y, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    out = tg.exclusive_self_attention(y, v)
+    vn = F.normalize(v, dim=-1)
+    for h in range(4):  # query head h shares KV head h // 2
+        dot = (out[:, :, h] * vn[:, :, h // 2]).sum(-1)
+        torch.testing.assert_close(dot, torch.zeros_like(dot), rtol=0, atol=1e-5)
+        residual = y[:, :, h] - out[:, :, h]  # what was removed lies along v-hat
+        torch.testing.assert_close(residual, (y[:, :, h] * vn[:, :, h // 2]).sum(-1, keepdim=True) * vn[:, :, h // 2])
+
+
+def test_attention_output_gate_is_half_at_init_and_follows_its_weights():
+    cfg_on, cfg_off = make_cfg(SPARSE_ATTN_GATE_ENABLED="1", GATE_WINDOW="8"), make_cfg()
+    torch.manual_seed(0)
+    on = tg.CausalSelfAttention(cfg_on, 0)
+    off = tg.CausalSelfAttention(cfg_off, 0)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if k != "attn_gate_w"})
+    with torch.no_grad():
+        on.proj.weight.normal_(0, 0.2)
+        off.proj.weight.copy_(on.proj.weight)
+    x = torch.randn(2, 6, 64)
+    cos, sin = tg.Rotary(16, 10000.0, 1 << 30)(6, x.device)
+    with torch.no_grad():
+        torch.testing.assert_close(on(x, cos, sin)[0], 0.5 * off(x, cos, sin)[0], rtol=1e-5, atol=1e-6)
+        on.attn_gate_w.fill_(10.0)  # strongly open gates: close to the ungated output
+        assert not torch.allclose(on(x, cos, sin)[0], 0.5 * off(x, cos, sin)[0], atol=1e-4)
+
+
+def test_value_residual_mixes_the_first_layers_values():
+    model = build(VALUE_RESIDUAL="1")
+    assert model.blocks[0].attn.vr_lambda is None
+    assert all(torch.equal(b.attn.vr_lambda, torch.tensor([0.5, 0.5])) for b in model.blocks[1:])
+    attn = model.blocks[1].attn
+    torch.manual_seed(0)
+    x, v_first = torch.randn(1, 5, 64), torch.randn(1, 5, 2, 16)
+    cos, sin = model.rotary(5, x.device)
+    plain = tg.CausalSelfAttention(make_cfg(), 1)
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "vr_lambda"})
+    with torch.no_grad():
+        attn.proj.weight.normal_(0, 0.2)
+        plain.proj.weight.copy_(attn.proj.weight)
+        attn.vr_lambda.copy_(torch.tensor([0.0, 1.0]))  # own values only: the plain layer
+        torch.testing.assert_close(attn(x, cos, sin, v_first)[0], plain(x, cos, sin)[0])
+        attn.vr_lambda.copy_(torch.tensor([1.0, 0.0]))  # first layer's values only
+        assert not torch.allclose(attn(x, cos, sin, v_first)[0], plain(x, cos, sin)[0])
+
+
+def test_skip_gates_lerp_between_stream_and_skip():
+    model = perturb_all(build(SKIP_GATES_ENABLED="1"))
+    plain = build()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "skip_gates"})
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        model.skip_gates.fill_(-30.0)  # sigmoid -> 0: x = w * skip ... differs from the additive skip
+        assert not torch.allclose(model.logits(ids), plain.logits(ids))
+        model.skip_gates.fill_(30.0)  # sigmoid -> 1: the skip is ignored entirely
+        no_skip = build()
+        no_skip.load_state_dict(plain.state_dict())
+        no_skip.skip_weights.zero_()
+        torch.testing.assert_close(model.logits(ids), no_skip.logits(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_smear_gate_is_identity_at_init_and_never_crosses_bos():
+    cfg = make_cfg(SMEAR_GATE_ENABLED="1", GATE_WINDOW="8")
+    smear = tg.SmearGate(cfg)
+    x = torch.randn(2, 7, 64)
+    ids = torch.randint(2, VOCAB, (2, 7))
+    ids[:, 4] = tg.BOS_ID
+    torch.testing.assert_close(smear(x, ids), x, rtol=0, atol=0)
+    with torch.no_grad():
+        smear.smear_lambda.fill_(0.7)
+        smear.smear_w.normal_()
+    y = smear(x, ids)
+    x2 = x.clone()
+    x2[:, 3] += 5.0  # the token just before the BOS changes
+    y2 = smear(x2, ids)
+    torch.testing.assert_close(y2[:, 4], y[:, 4], rtol=0, atol=0)  # the BOS position ignores it
+    assert not torch.allclose(y2[:, 3], y[:, 3])
+    x3 = x.clone()
+    x3[:, 1] += 5.0  # a non-BOS position does see its predecessor
+    assert not torch.allclose(smear(x3, ids)[:, 2], y[:, 2])
+
+
+def test_bigram_hash_buckets_and_bos_isolation():
+    cfg = make_cfg(BIGRAM_VOCAB_SIZE="101", BIGRAM_DIM="8")
+    bigram = tg.BigramHash(cfg)
+    ids = torch.tensor([[5, 9, tg.BOS_ID, 7, 3]])
+    buckets = bigram.bucket_ids(ids)[0].tolist()
+    assert buckets[0] == 100 and buckets[2] == 100  # position 0 and the BOS: the reserved bucket
+    assert buckets[1] == ((36313 * 9) ^ (27191 * 5)) % 100
+    assert buckets[3] == ((36313 * 7) ^ (27191 * tg.BOS_ID)) % 100
+    other = torch.tensor([[6, 11, tg.BOS_ID, 7, 3]])  # a different previous document
+    assert bigram.bucket_ids(other)[0, 2:].tolist() == buckets[2:]
+    torch.testing.assert_close(bigram(ids), torch.zeros(1, 5, 64))  # zero table: a no-op at init
+    assert bigram.proj.weight.abs().sum() > 0, "the projection must not start at zero too (no gradient)"

@@ -72,9 +72,9 @@ def test_every_parameter_in_exactly_one_group(tie):
     else:
         assert "head" not in groups.values()
     scalars = {n for n, g in groups.items() if g == "scalar"}
-    expected_scalar = {"skip_weights"} | {
+    expected_scalar = {"skip_weights", "skip_gates", "smear.smear_w", "smear.smear_lambda"} | {
         f"blocks.{i}.{s}" for i in range(h.num_layers)
-        for s in ("resid_mix", "attn_scale", "mlp_scale", "attn.q_gain")}
+        for s in ("resid_mix", "attn_scale", "mlp_scale", "attn.q_gain", "attn.attn_gate_w")}
     assert scalars == expected_scalar
 
     # Muon holds exactly the 2-D block matrices, by identity
