@@ -69,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "muon_row_normalize": False,
         "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
         "sparse_attn_gate_enabled": False,
+        "num_loops": 0, "parallel_mode": "off",
         # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
         "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
     },
@@ -85,6 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "muon_row_normalize": False,
         "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
         "sparse_attn_gate_enabled": False,
+        "num_loops": 0, "parallel_mode": "off",
     },
 }
 
@@ -100,11 +102,7 @@ LAUNCHER_VARS = frozenset({
 # Setting one to anything but an "off" value must fail loudly instead of being silently ignored.
 OFF_VALUES = frozenset({"", "0", "0.0", "false", "off", "none"})
 UNIMPLEMENTED_FEATURES: dict[str, str] = {
-    "TRIGRAM": "trigram hash embeddings", "NUM_LOOPS": "depth recurrence",
-    "LOOP_START": "depth recurrence", "LOOP_END": "depth recurrence",
-    "ENABLE_LOOPING_AT": "depth recurrence", "RECUR_LAYERS": "depth recurrence",
-    "RECUR_START_STEP": "depth recurrence", "PARALLEL_RESIDUAL": "parallel residuals",
-    "PARALLEL_START_LAYER": "parallel residuals", "PARALLEL_RESIDUAL_START": "parallel residuals",
+    "TRIGRAM": "trigram hash embeddings", "PARALLEL_RESIDUAL_START": "parallel residuals",
     "VE_ENABLED": "value embeddings",
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
     "TTT_ENABLED": "test-time training", "SLIDING_WINDOW_ENABLED": "sliding-window evaluation",
@@ -120,6 +118,9 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
 FEATURE_NATIVE_VALUES: dict[str, frozenset[str]] = {"COMPRESSOR": frozenset({"brotli"})}
 # Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands).
 KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE"}
+# Older names rewritten to today's knobs by _translate_legacy_vars.
+LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL"})
+PARALLEL_MODES = ("off", "gptj", "lanes", "lane_merge")
 
 
 class ConfigError(ValueError):
@@ -222,6 +223,18 @@ class Hyperparameters:
                                   "0 (off) or >= 2")
     bigram_dim: int = knob(128, "BigramHash embedding width", _positive, "> 0")
     value_residual: bool = knob(False, "mix every layer's values with the first layer's (ResFormer; PR #1499)")
+    num_loops: int = knob(2, "depth recurrence: extra passes over layers LOOP_START..LOOP_END (0 = off; PR #1493)",
+                          _non_negative, ">= 0")
+    loop_start: int = knob(3, "first physical layer of the looped span", _non_negative, ">= 0")
+    loop_end: int = knob(5, "last physical layer of the looped span (inclusive)", _non_negative, ">= 0")
+    enable_looping_at: float = knob(0.35, "turn looping on at this fraction of training (wallclock or steps)",
+                                    _unit_interval, "a number in [0, 1]")
+    looping_start_step: int = knob(0, "turn looping on at this step instead (0 = use ENABLE_LOOPING_AT)",
+                                   _non_negative, ">= 0")
+    parallel_mode: str = knob("lanes", "parallel residuals: off / gptj / lanes / lane_merge (PR #1530, #1289)",
+                              lambda v: v in PARALLEL_MODES, "off, gptj, lanes or lane_merge")
+    parallel_start_layer: int = knob(8, "first physical layer of the parallel-residual tail (two-lane modes: "
+                                        "decoder half only)", _non_negative, ">= 0")
 
     # --- Optimizers ---
     matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", _non_negative, ">= 0")
@@ -268,6 +281,7 @@ class Hyperparameters:
         if preset not in PRESETS:
             raise ConfigError(f"PRESET={preset!r} is not allowed: use one of {', '.join(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[preset])
+        _translate_legacy_vars(env)
         for alias, name in KNOB_ALIASES.items():
             if alias in env:
                 if name in env and env[name].strip() != env[alias].strip():
@@ -300,6 +314,9 @@ class Hyperparameters:
             raise ConfigError(f"MODEL_DIM={self.model_dim} is not allowed: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims == 2:  # halves of an even width; NTK needs d > 2
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
+        if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
+            raise ConfigError(f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} is not allowed: need "
+                              f"LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers} (or NUM_LOOPS=0 for no looping)")
         if self.gate_window > self.model_dim:
             raise ConfigError(f"GATE_WINDOW={self.gate_window} is not allowed: must be <= MODEL_DIM={self.model_dim}")
         if self.num_heads % self.num_kv_heads:
@@ -348,6 +365,42 @@ class Hyperparameters:
         return {f.name.upper(): getattr(self, f.name) for f in self.knob_fields()}
 
 
+def _translate_legacy_vars(env: dict[str, str]) -> None:
+    """Older run commands' names (PR #1204/#1290 style), rewritten in place to today's knobs.
+
+    RECUR_LAYERS="4,5" loops a contiguous span once, from RECUR_START_STEP; PARALLEL_RESIDUAL=0/1
+    switches parallel residuals off/on. An explicit new-style knob that disagrees is an error."""
+    def put(name: str, value: str, source: str) -> None:
+        if name in env and env[name].strip() != value:
+            raise ConfigError(f"{source} is not allowed together with {name}={env[name]!r}: set one of them")
+        env[name] = value
+
+    raw = env.get("RECUR_LAYERS")
+    if raw is not None and raw.strip():
+        try:
+            layers = [int(t) for t in raw.split(",")]
+        except ValueError:
+            raise ConfigError(f"RECUR_LAYERS={raw!r} is not allowed: expected comma-separated layer indices") from None
+        if layers != list(range(layers[0], layers[-1] + 1)):
+            raise ConfigError(f"RECUR_LAYERS={raw!r} is not allowed: the looped layers must be contiguous")
+        source = f"RECUR_LAYERS={raw!r}"
+        put("LOOP_START", str(layers[0]), source)
+        put("LOOP_END", str(layers[-1]), source)
+        put("NUM_LOOPS", "1", source)
+    elif raw is not None:
+        put("NUM_LOOPS", "0", "RECUR_LAYERS=''")
+    if "RECUR_START_STEP" in env:
+        put("LOOPING_START_STEP", env["RECUR_START_STEP"].strip(), f"RECUR_START_STEP={env['RECUR_START_STEP']!r}")
+    if "PARALLEL_RESIDUAL" in env:
+        flag = env["PARALLEL_RESIDUAL"].strip()
+        if flag not in ("0", "1"):
+            raise ConfigError(f"PARALLEL_RESIDUAL={flag!r} is not allowed: expected 0 or 1")
+        if flag == "0":
+            put("PARALLEL_MODE", "off", "PARALLEL_RESIDUAL='0'")
+        elif env.get("PARALLEL_MODE", "").strip() == "off":
+            raise ConfigError("PARALLEL_RESIDUAL='1' is not allowed together with PARALLEL_MODE='off'")
+
+
 def _parse_value(name: str, raw: str, kind: type) -> Any:
     text = raw.strip()
     try:
@@ -370,7 +423,7 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
 
 def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
-    known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LAUNCHER_VARS
+    known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LEGACY_VARS | LAUNCHER_VARS
     candidates = sorted(set(Hyperparameters.knob_names()) | set(UNIMPLEMENTED_FEATURES))  # suggest knobs only
     warnings = []
     for name in sorted(env):
@@ -868,6 +921,11 @@ class ModelConfig:
     bigram_vocab_size: int = 0
     bigram_dim: int = 128
     value_residual: bool = False
+    num_loops: int = 0
+    loop_start: int = 0
+    loop_end: int = 0
+    parallel_mode: str = "off"
+    parallel_start_layer: int = 0
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
 
@@ -875,6 +933,27 @@ class ModelConfig:
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("attn_backend", "bos_id")]
         return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
+
+
+def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
+    """Virtual layer order: physical layers loop_start..loop_end run num_loops extra times, sharing
+    their parameters (depth recurrence, PR #1204 -> #1493). (11, 3, 5, 2) gives 17 virtual layers."""
+    if num_loops <= 0:
+        return list(range(num_layers))
+    span = list(range(loop_start, loop_end + 1))
+    return list(range(loop_start)) + span * (num_loops + 1) + list(range(loop_end + 1, num_layers))
+
+
+def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
+    """Virtual index where parallel residuals begin: the longest suffix of the layout whose physical
+    layers are all >= start_layer (len(layout) when there is none or mode is off). Two-lane modes never
+    start before the decoder half, where the U-Net skips are merged into the attention lane."""
+    if mode == "off":
+        return len(layout)
+    i = len(layout)
+    while i > 0 and layout[i - 1] >= start_layer:
+        i -= 1
+    return max(i, len(layout) // 2) if mode in ("lanes", "lane_merge") else i
 
 
 # Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
@@ -1018,14 +1097,56 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix mixes the running stream with the embedding stream x0 (BASE); init = (1, 0).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        # Two-lane routing (rows: attention, MLP sub-layer; columns: lane 0, lane 1): lane <- r*lane + p*out.
+        # Starts at the sequential values r = p = 1 (the records started r at 1.1; not measured here).
+        self.lane_r = self.lane_p = None
+        if cfg.parallel_mode == "lanes" and layer_idx >= cfg.parallel_start_layer:
+            self.lane_r = nn.Parameter(torch.ones(2, 2))
+            self.lane_p = nn.Parameter(torch.ones(2, 2))
+
+    def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                 v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
+        x = self._mix(x, x0)
         a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first)
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
+
+    def forward_gptj(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                     v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """GPT-J parallel block (PR #1412): attention and MLP read the same normalized input."""
+        x = self._mix(x, x0)
+        n = rms_norm(x) * self.norm_scale
+        a, v = self.attn(n, cos, sin, v_first)
+        return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v
+
+    def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                      v_first: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Two lanes with learned routing (PR #1204 ordering: the MLP reads lane 1 after attention
+        wrote to it), so r = p = 1 with equal lanes is exactly the sequential block."""
+        r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
+        l0 = self._mix(l0, x0)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first)
+        a = self.attn_scale.to(l0.dtype) * a
+        l0, l1 = r[0, 0] * l0 + p[0, 0] * a, r[0, 1] * l1 + p[0, 1] * a
+        m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale)
+        return r[1, 0] * l0 + p[1, 0] * m, r[1, 1] * l1 + p[1, 1] * m, v
+
+    def forward_lane_merge(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                           v_first: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Separate attention and MLP lanes with no cross-writes (PR #1289); merged at the end."""
+        l0 = self._mix(l0, x0)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first)
+        l0 = l0 + self.attn_scale.to(l0.dtype) * a
+        return l0, l1 + self.mlp_scale.to(l1.dtype) * self.mlp(rms_norm(l1) * self.norm_scale), v
+
+
+def merge_skip(stream: Tensor, skip: Tensor, gate: Tensor | None) -> Tensor:
+    """U-Net skip merge: additive (BASE) or the sigmoid-gated lerp(skip, stream, gate) (PR #1089)."""
+    return stream + skip if gate is None else torch.lerp(skip, stream, gate)
 
 
 class SmearGate(nn.Module):
@@ -1084,9 +1205,15 @@ class GPT(nn.Module):
         head_dim = cfg.model_dim // cfg.num_heads
         rope_dims = cfg.rope_dims if 0 < cfg.rope_dims < head_dim else head_dim
         self.rotary = Rotary(rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
-        self.num_encoder = cfg.num_layers // 2
-        self.num_decoder = cfg.num_layers - self.num_encoder
-        num_skips = min(self.num_encoder, self.num_decoder)
+        # Both layouts exist from the start so turning looping on changes no parameter (or count).
+        self.layouts = {False: layer_layout(cfg.num_layers, 0, 0, 0),
+                        True: layer_layout(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops)}
+        self.looping = False
+        self.parallel_from = {k: parallel_tail_start(v, cfg.parallel_start_layer, cfg.parallel_mode)
+                              for k, v in self.layouts.items()}
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_mode == "lane_merge" else None
+        # The skip count follows the longest (looped) layout; the plain layout uses the first ones.
+        num_skips = max(min(len(v) // 2, len(v) - len(v) // 2) for v in self.layouts.values())
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         # Sigmoid skip gates (PR #1089): g = 0 starts at an even mix of the stream and the skip.
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
@@ -1112,21 +1239,51 @@ class GPT(nn.Module):
         x = rms_norm(x)
         x0 = x
         cos, sin = self.rotary(ids.size(1), ids.device)
-        skips, v_first = [], None
-        for block in self.blocks[: self.num_encoder]:
-            x, v = block(x, x0, cos, sin, v_first)
-            v_first = v if v_first is None else v_first
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder:]):
-            if skips:
+        layout, mode = self.layouts[self.looping], self.cfg.parallel_mode
+        num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
+        skips, v_first, lanes = [], None, None
+        for pos, layer in enumerate(layout):
+            block = self.blocks[layer]
+            if pos >= num_encoder and skips:  # U-Net: decoder position i adds the i-th last encoder output
+                i = pos - num_encoder
                 skip = self.skip_weights[i].to(x.dtype) * skips.pop()
-                if self.skip_gates is not None:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[i].to(x.dtype)))
-                else:
-                    x = x + skip
-            x, v = block(x, x0, cos, sin, v_first)
+                gate = torch.sigmoid(self.skip_gates[i].to(x.dtype)) if self.skip_gates is not None else None
+                if lanes is None:
+                    x = merge_skip(x, skip, gate)
+                elif mode == "lanes":  # into both lanes (PR #1204), so equal lanes stay equal
+                    lanes = (merge_skip(lanes[0], skip, gate), merge_skip(lanes[1], skip, gate))
+                else:  # lane_merge: only the attention lane takes skips (PR #1289)
+                    lanes = (merge_skip(lanes[0], skip, gate), lanes[1])
+            if pos < parallel_from:
+                x, v = block(x, x0, cos, sin, v_first)
+            elif mode == "gptj":
+                x, v = block.forward_gptj(x, x0, cos, sin, v_first)
+            else:
+                lanes = lanes or (x, x)
+                step = block.forward_lanes if mode == "lanes" else block.forward_lane_merge
+                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first)
             v_first = v if v_first is None else v_first
+            if pos < num_encoder:
+                skips.append(x)
+        if lanes is not None:
+            if self.lane_merge is not None:
+                lam = self.lane_merge.to(x.dtype)
+                x = lam * lanes[0] + (1 - lam) * lanes[1]
+            else:
+                x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
+
+    def set_looping(self, on: bool) -> None:
+        """Depth recurrence on/off; torch.compile keeps one graph for each state."""
+        self.looping = bool(on) and self.cfg.num_loops > 0
+
+    def layout_summary(self) -> str:
+        layout = self.layouts[self.looping]
+        enc, dec = layout[: len(layout) // 2], layout[len(layout) // 2:]
+        par = self.parallel_from[self.looping]
+        return format_kv(virtual_layers=len(layout), encoder=str(enc).replace(" ", ""),
+                         decoder=str(dec).replace(" ", ""),
+                         parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
     def logits(self, ids: Tensor) -> Tensor:
         h = self.hidden(ids)
@@ -1618,6 +1775,13 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
     return total / h.accum_steps
 
 
+def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
+    """Depth recurrence turns on at LOOPING_START_STEP when set, else at ENABLE_LOOPING_AT of training."""
+    if h.num_loops <= 0:
+        return False
+    return step >= h.looping_start_step if h.looping_start_step else frac >= h.enable_looping_at
+
+
 def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., Tensor], opt: Optimizers,
           make_loader: Callable[[], TrainLoader], evaluate: Callable[[], EvalResult], log: Logger) -> tuple[TrainResult, EMA | None]:
     """Warmup (restored afterwards, untimed), then steps until ITERATIONS or the wallclock cap."""
@@ -1628,12 +1792,18 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
         opt_state = copy.deepcopy(opt.state_dict())
         loader = make_loader()
         try:
-            for i in range(h.warmup_steps):
-                opt.set_schedule(1.0, 0)
-                train_step(compiled, loader, opt, h, d.world_size, d.device)
-                log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}"))
+            # With depth recurrence, both graphs (looping off and on) are compiled here, outside the
+            # timer, so switching looping on mid-run causes no compile stall (pitfalls J).
+            for looping in ([False, True] if h.num_loops else [False]):
+                model.set_looping(looping)
+                for i in range(h.warmup_steps):
+                    opt.set_schedule(1.0, 0)
+                    train_step(compiled, loader, opt, h, d.world_size, d.device)
+                    extra = {"looping": int(looping)} if h.num_loops else {}
+                    log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}", **extra))
         finally:
             loader.close()
+            model.set_looping(False)
         model.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
         opt.zero_grad()
@@ -1646,6 +1816,9 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
         while step < h.iterations:
             t0 = time.perf_counter()
             frac = training_progress(step, train_time, h.iterations, cap)
+            if not model.looping and looping_due(h, step, frac):
+                model.set_looping(True)
+                log(format_kv(layer_loop="enabled", step=step, frac=f"{frac:.3f}") + " " + model.layout_summary())
             scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
             opt.set_schedule(scale, step)
             loss = train_step(compiled, loader, opt, h, d.world_size, d.device)
@@ -1758,6 +1931,11 @@ def run(h: Hyperparameters) -> int:
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
         opt = Optimizers(model, h, d.rank, d.world_size)
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        log(format_kv(layers="plain") + " " + model.layout_summary())
+        if h.num_loops:
+            model.set_looping(True)
+            log(format_kv(layers="looped") + " " + model.layout_summary())
+            model.set_looping(False)
         for group, count in opt.group_counts().items():
             optim, lr_knob, wd_knob = PARAM_GROUPS[group]
             log(format_kv(param_group=group, optimizer=optim, params=count, lr=getattr(h, lr_knob),

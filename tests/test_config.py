@@ -86,7 +86,7 @@ def test_knob_names_are_upper_case_fields_and_unique():
 # numbers and bools derived from the default).
 STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_path": "/tok/x.model",
                  "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
-                 "mlp_act": "relu2", "muon_ns": "classic"}
+                 "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj"}
 
 
 def _override_candidates(f) -> list[str]:
@@ -124,7 +124,7 @@ def test_every_knob_can_be_overridden(f):
 
 
 @pytest.mark.parametrize("env, field_name, value", [
-    ({"NUM_LAYERS": "3"}, "num_layers", 3),  # int
+    ({"NUM_LAYERS": "13"}, "num_layers", 13),  # int
     ({"NUM_LAYERS": " 7 "}, "num_layers", 7),  # surrounding whitespace is ignored
     ({"MATRIX_LR": "0.5"}, "matrix_lr", 0.5),  # float
     ({"MATRIX_LR": "1e-3"}, "matrix_lr", 1e-3),
@@ -353,9 +353,9 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"NUM_LOOPS": "2"}, {"TTT_ENABLED": "1"}, {"RECUR_LAYERS": "4,5"},
+@pytest.mark.parametrize("env", [{"GPTQ_DAMP": "0.01"}, {"TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "lzma"}, {"MLP_ACT": "gelu"},
-                                 {"PARALLEL_START_LAYER": "7"}, {"SLIDING_WINDOW_ENABLED": "true"}],
+                                 {"LQER_ENABLED": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_on_raises(env):
     (name, value), = env.items()
@@ -363,8 +363,8 @@ def test_unimplemented_feature_on_raises(env):
     assert_one_line_naming(msg, name, value)
 
 
-@pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"NUM_LOOPS": "0"}, {"COMPRESSOR": "brotli"},
-                                 {"TTT_ENABLED": "false"}, {"RECUR_LAYERS": ""}, {"SWA_ENABLED": "off"}],
+@pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"VE_ENABLED": "0"}, {"COMPRESSOR": "brotli"},
+                                 {"TTT_ENABLED": "false"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_off_is_accepted(env):
     h = H.from_env(env)
@@ -503,3 +503,24 @@ def test_record_defaults_of_the_model_and_muon_options():
     b = H.from_env({"PRESET": "baseline"})
     assert (b.mlp_act, b.ln_scale, b.rope_dims, b.ortho_init, b.muon_ns, b.muon_row_normalize) == (
         "relu2", False, 0, False, "classic", False)
+
+
+def test_legacy_recurrence_and_parallel_names():
+    h = H.from_env({"RECUR_LAYERS": "4,5", "RECUR_START_STEP": "3000", "PARALLEL_START_LAYER": "7"})
+    assert (h.num_loops, h.loop_start, h.loop_end, h.looping_start_step) == (1, 4, 5, 3000)
+    assert h.parallel_start_layer == 7 and h.env_warnings == ()
+    assert H.from_env({"RECUR_LAYERS": ""}).num_loops == 0
+    assert H.from_env({"PARALLEL_RESIDUAL": "0"}).parallel_mode == "off"
+    assert H.from_env({"PARALLEL_RESIDUAL": "1"}).parallel_mode == "lanes"
+    for env, names in (({"RECUR_LAYERS": "4,6"}, ["RECUR_LAYERS", "contiguous"]),
+                       ({"RECUR_LAYERS": "4,x"}, ["RECUR_LAYERS"]),
+                       ({"RECUR_LAYERS": "4,5", "NUM_LOOPS": "2"}, ["RECUR_LAYERS", "NUM_LOOPS"]),
+                       ({"PARALLEL_RESIDUAL": "1", "PARALLEL_MODE": "off"}, ["PARALLEL_RESIDUAL", "PARALLEL_MODE"]),
+                       ({"PARALLEL_RESIDUAL": "2"}, ["PARALLEL_RESIDUAL"])):
+        assert_one_line_naming(config_error(env), *names)
+
+
+def test_loop_span_must_fit_the_model():
+    msg = config_error({"NUM_LAYERS": "4"})  # the record span 3..5 needs at least 6 layers
+    assert_one_line_naming(msg, "LOOP_START", "NUM_LAYERS=4", "NUM_LOOPS=0")
+    assert H.from_env({"NUM_LAYERS": "4", "NUM_LOOPS": "0"}).num_layers == 4

@@ -27,6 +27,7 @@ TINY = {
     # The record-stack extras are off here, so these tests check the base math; the tests at the end
     # of this module switch them on one by one (and all together for causality).
     "XSA_LAST_N": "0", "SKIP_GATES_ENABLED": "0", "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0",
+    "NUM_LOOPS": "0", "PARALLEL_MODE": "off",
 }
 
 
@@ -313,7 +314,8 @@ def test_skip_weight_count(layers):
     model = build(NUM_LAYERS=str(layers))
     enc = layers // 2
     assert model.skip_weights.shape == (min(enc, layers - enc), 64)
-    assert model.num_encoder == enc and model.num_decoder == layers - enc
+    layout = model.layouts[False]
+    assert layout == list(range(layers)) and layout[: len(layout) // 2] == list(range(enc))
     assert torch.equal(model.skip_weights, torch.ones_like(model.skip_weights))
     x, y = batch(t=16)
     with torch.no_grad():
@@ -688,3 +690,95 @@ def test_bigram_hash_buckets_and_bos_isolation():
     assert bigram.bucket_ids(other)[0, 2:].tolist() == buckets[2:]
     torch.testing.assert_close(bigram(ids), torch.zeros(1, 5, 64))  # zero table: a no-op at init
     assert bigram.proj.weight.abs().sum() > 0, "the projection must not start at zero too (no gradient)"
+
+
+# ---------------------------------------------------------------- depth recurrence and parallel residuals
+
+
+@pytest.mark.parametrize("args,layout,enc,dec", [
+    ((11, 3, 5, 2), [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10],
+     [0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10]),  # the record (17 virtual layers)
+    ((11, 4, 5, 2), [0, 1, 2, 3, 4, 5, 4, 5, 4, 5, 6, 7, 8, 9, 10],
+     [0, 1, 2, 3, 4, 5, 4], [5, 4, 5, 6, 7, 8, 9, 10]),  # PR #1394 (15 virtual)
+    ((11, 4, 5, 1), [0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9, 10],
+     [0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9, 10]),  # RECUR_LAYERS=4,5 (13 virtual)
+    ((6, 2, 2, 0), [0, 1, 2, 3, 4, 5], [0, 1, 2], [3, 4, 5]),  # off
+])
+def test_layer_layouts(args, layout, enc, dec):
+    got = tg.layer_layout(*args)
+    assert got == layout and got[: len(got) // 2] == enc and got[len(got) // 2:] == dec
+
+
+def test_looping_shares_parameters_and_keeps_the_count():
+    model = perturb_all(build(NUM_LAYERS="6", NUM_LOOPS="2", LOOP_START="2", LOOP_END="3"))
+    n_before = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        plain = model.logits(ids)
+        model.set_looping(True)
+        looped = model.logits(ids)
+    assert sum(p.numel() for p in model.parameters()) == n_before
+    assert model.layouts[True] == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
+    assert len(list(model.blocks)) == 6  # physical blocks only: the loop reuses the same modules
+    assert model.skip_weights.shape[0] == 5  # sized for the looped layout (5 encoder / 5 decoder)
+    assert not torch.allclose(plain, looped)
+    model.set_looping(False)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids), plain)
+    assert not build(NUM_LOOPS="0").layouts[True] != list(range(4))
+
+
+def test_looping_due_by_fraction_or_step():
+    h = make_hparams(NUM_LAYERS="6", NUM_LOOPS="1", LOOP_START="2", LOOP_END="3", ENABLE_LOOPING_AT="0.35")
+    assert not tg.looping_due(h, 100, 0.34) and tg.looping_due(h, 0, 0.35)
+    h = make_hparams(NUM_LAYERS="6", NUM_LOOPS="1", LOOP_START="2", LOOP_END="3", LOOPING_START_STEP="3000")
+    assert not tg.looping_due(h, 2999, 0.9) and tg.looping_due(h, 3000, 0.0)
+    assert not tg.looping_due(make_hparams(NUM_LOOPS="0"), 10**6, 1.0)
+
+
+def _parallel_pair(mode: str, **extra: str) -> tuple[tg.GPT, tg.GPT]:
+    """A model in `mode` from layer 2 and the sequential model with the same shared weights."""
+    par = perturb_all(build(NUM_LAYERS="4", PARALLEL_MODE=mode, PARALLEL_START_LAYER="2", **extra))
+    seq = build(NUM_LAYERS="4", PARALLEL_MODE="off", **extra)
+    seq.load_state_dict({k: v for k, v in par.state_dict().items() if k in seq.state_dict()})
+    return par, seq
+
+
+def test_lanes_mode_is_sequential_at_its_initial_routing_and_differs_when_routed():
+    par, seq = _parallel_pair("lanes")
+    assert par.parallel_from[False] == 2 and par.blocks[1].lane_r is None and par.blocks[2].lane_r is not None
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
+        par.blocks[2].lane_p[1, 0] = 0.0  # the MLP no longer writes to the attention lane
+        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
+
+
+def test_gptj_mode_reads_one_input_and_matches_sequential_without_mlp():
+    par, seq = _parallel_pair("gptj")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
+        for model in (par, seq):
+            for block in model.blocks[2:]:
+                block.mlp.proj.weight.zero_()  # with the MLP silent both blocks are x + attn(x)
+        torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_lane_merge_mode_formula():
+    par, seq = _parallel_pair("lane_merge")
+    assert par.lane_merge is not None and float(par.lane_merge.detach()) == 0.5
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
+        par.lane_merge.fill_(1.0)  # only the attention lane, which no MLP wrote to
+        for model in (par, seq):
+            for block in model.blocks[2:]:
+                block.mlp.proj.weight.zero_()
+        torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_two_lane_tail_never_starts_in_the_encoder():
+    model = build(NUM_LAYERS="4", PARALLEL_MODE="lanes", PARALLEL_START_LAYER="0")
+    assert model.parallel_from[False] == 2  # the decoder half; gptj has no such limit
+    assert build(NUM_LAYERS="4", PARALLEL_MODE="gptj", PARALLEL_START_LAYER="0").parallel_from[False] == 0

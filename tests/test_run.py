@@ -51,7 +51,8 @@ STEP_RE = re.compile(
 
 TINY = dict(VOCAB_SIZE=1024, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
             TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, VAL_BATCH_TOKENS=8192, ITERATIONS=6,
-            WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0, COMPILE=0, TRAIN_LOG_EVERY=1)
+            WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0, COMPILE=0, TRAIN_LOG_EVERY=1,
+            NUM_LOOPS=0)  # the record's looped span (layers 3..5) does not fit 2 layers; see the looping test
 RUN_TIMEOUT_S = 240
 SMOKE_TIMEOUT_S = 300
 SMOKE_CI_BUDGET_S = 180
@@ -419,6 +420,22 @@ def test_truncated_shard_exits_2_naming_the_file(dataset, tmp_path, which, keep)
     assert str(shard) in errors[0], errors[0]
     assert "truncated" in errors[0] or "size mismatch" in errors[0], errors[0]
     assert not (run.log_dir / "bad.ptz").exists()
+
+
+@pytest.mark.slow
+def test_depth_recurrence_turns_on_mid_run_with_parallel_lanes(dataset, tmp_path):
+    env = tiny_env(dataset, tmp_path, "loop", NUM_LAYERS=4, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2,
+                   LOOPING_START_STEP=3, PARALLEL_MODE="lanes", PARALLEL_START_LAYER=3)
+    run = run_script(tmp_path, env)
+    assert run.rc == 0, run.describe()
+    assert FINAL_RE.fullmatch(run.stdout_lines[-1])
+    log = "\n".join(run.log_lines)
+    # both graphs were exercised in the warmup, and looping switched on at step 3 (before the 4th step)
+    assert "warmup_step:2/2 looping:0" in log and "warmup_step:2/2 looping:1" in log
+    enabled = [line for line in run.log_lines if line.startswith("layer_loop:enabled")]
+    assert len(enabled) == 1 and "step:3 " in enabled[0], enabled
+    assert "encoder:[0,1,2]" in enabled[0] and "decoder:[1,2,3]" in enabled[0] and "parallel:[3]" in enabled[0]
+    assert "layers:looped virtual_layers:6" in log
 
 
 # ---------------------------------------------------------------------------------------------
