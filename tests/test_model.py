@@ -423,15 +423,19 @@ def test_mlp_hidden_width(mult, dim):
         assert block.mlp.proj.weight.shape == (dim, hidden)
 
 
-def test_mlp_is_relu_squared():
-    cfg = make_cfg(MLP_MULT="2.5", MLP_ACT="relu2")
+@pytest.mark.parametrize("act,ref_act", [
+    ("relu2", lambda h: torch.clamp(h, min=0) ** 2),
+    ("leaky_relu2", lambda h: torch.where(h > 0, h, 0.5 * h) ** 2),
+])
+def test_mlp_activation_matches_its_formula(act, ref_act):
+    cfg = make_cfg(MLP_MULT="2.5", MLP_ACT=act, LEAKY_SLOPE="0.5")
     torch.manual_seed(0)
     mlp = tg.MLP(cfg)
     with torch.no_grad():
         mlp.proj.weight.normal_(0.0, 0.1)
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
-        ref = (torch.clamp(x @ mlp.fc.weight.T, min=0) ** 2) @ mlp.proj.weight.T
+        ref = ref_act(x @ mlp.fc.weight.T) @ mlp.proj.weight.T
         torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -478,20 +482,15 @@ def test_compute_autocast_modes():
 # ---------------------------------------------------------------- record-stack model options
 
 
-def test_mlp_leaky_relu_squared():
-    cfg = make_cfg(MLP_MULT="2.0", MLP_ACT="leaky_relu2", LEAKY_SLOPE="0.5")
+def test_leaky_relu2_differs_from_relu2_on_negative_inputs():
     torch.manual_seed(0)
-    mlp = tg.MLP(cfg)
+    leaky = tg.MLP(make_cfg(MLP_MULT="2.0", MLP_ACT="leaky_relu2"))
+    relu = tg.MLP(make_cfg(MLP_MULT="2.0", MLP_ACT="relu2"))
     with torch.no_grad():
-        mlp.proj.weight.normal_(0.0, 0.1)
-    x = torch.randn(3, 5, 64)
-    with torch.no_grad():
-        h = x @ mlp.fc.weight.T
-        ref = (torch.where(h > 0, h, 0.5 * h) ** 2) @ mlp.proj.weight.T
-        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
-        relu = tg.MLP(make_cfg(MLP_MULT="2.0", MLP_ACT="relu2"))
-        relu.load_state_dict(mlp.state_dict())
-        assert not torch.allclose(relu(x), mlp(x)), "negative inputs must contribute with leaky_relu2"
+        leaky.proj.weight.normal_(0.0, 0.1)
+        relu.load_state_dict(leaky.state_dict())
+        x = torch.randn(3, 5, 64)
+        assert not torch.allclose(relu(x), leaky(x)), "negative inputs must contribute with leaky_relu2"
 
 
 def test_partial_rope_rotates_only_the_first_dims():
