@@ -1,7 +1,7 @@
 """CPU ablation of the record stack: the full scaled-down stack against the same shape with one
 technique switched off (or, for techniques off in the record, switched on), at equal wallclock.
 
-Run (about 2 minutes per variant and seed on a 2-core CPU):
+Run (the training seconds plus about a minute of evaluation per variant and seed on a 2-core CPU):
     python bench/ablate.py [--seconds 60] [--seeds 1337] [--only NAME ...] [--out bench/ablation.md]
 
 Data: ../shared/data/corpus/fineweb_legal_pilot_2800.jsonl tokenized with the canonical
@@ -40,11 +40,11 @@ FINAL_RE = re.compile(r"^final val_loss:(\S+) val_bpb:(\S+) .* steps:(\d+)$")
 # The record stack scaled to a 2-core CPU: 6 layers x 128, loop 2..3 once more, lanes from layer 4.
 BASE_ENV = {
     "VOCAB_SIZE": "1024", "NUM_LAYERS": "6", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-    "MLP_MULT": "4.0", "TRAIN_SEQ_LEN": "256", "EVAL_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192",
+    "MLP_MULT": "4.0", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "4096",
     "GRAD_ACCUM_STEPS": "1", "VAL_BATCH_TOKENS": "65536", "ITERATIONS": "100000", "WARMUP_STEPS": "2",
     "COMPILE": "0", "TRAIN_LOG_EVERY": "100", "EMA_DECAY": "0.99", "MUON_MOMENTUM_WARMUP_STEPS": "100",
     "LOOP_START": "2", "LOOP_END": "3", "NUM_LOOPS": "1", "PARALLEL_START_LAYER": "4", "ROPE_DIMS": "16",
-    "ROPE_TRAIN_SEQ_LEN": "256",
+    "ROPE_TRAIN_SEQ_LEN": "128",
 }
 # name -> overrides; "full" is the record stack itself.
 VARIANTS: dict[str, dict[str, str]] = {
