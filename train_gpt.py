@@ -1754,7 +1754,6 @@ class TrainResult:
     train_time_ms: float
     data_wait_ms: float
     stopped_by: str
-    last_train_loss: float
 
 
 def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizers, h: Hyperparameters,
@@ -1810,7 +1809,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     loader = make_loader()
     cap = h.max_wallclock_seconds
-    train_time, step, stopped_by, last_loss = 0.0, 0, "iterations", float("nan")
+    train_time, step, stopped_by = 0.0, 0, "iterations"
     tokens_per_step = h.train_batch_tokens
     try:
         while step < h.iterations:
@@ -1854,7 +1853,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 break
     finally:
         loader.close()
-    return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by, last_loss), ema
+    return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by), ema
 
 # ==== Main ====
 
