@@ -2,7 +2,11 @@
 technique switched off (or, for techniques off in the record, switched on), at equal wallclock.
 
 Run (the training seconds plus about a minute of evaluation per variant and seed on a 2-core CPU):
-    python bench/ablate.py [--seconds 60] [--seeds 1337] [--only NAME ...] [--out bench/ablation.md]
+    python bench/ablate.py [--seconds 60 | --steps N] [--seeds 1337] [--only NAME ...] [--out bench/ablation.md]
+
+`--steps N` runs every variant for exactly N optimizer steps (no wallclock cap) instead: it compares
+what each technique does per step, immune to this machine's load, while `--seconds` also charges a
+technique for the time it costs. Each finished run is appended to `<out>.jsonl` as it completes.
 
 Data: ../shared/data/corpus/fineweb_legal_pilot_2800.jsonl tokenized with the canonical
 ../shared/data/tokenizers/fineweb_1024_bpe.model ([BOS] + ids per document); the last 200 documents
@@ -86,11 +90,15 @@ def build_dataset() -> Path:
     return CACHE
 
 
-def run_variant(name: str, overrides: dict[str, str], seed: int, seconds: float, data: Path, log_dir: Path) -> dict:
+def run_variant(name: str, overrides: dict[str, str], seed: int, seconds: float, steps: int | None, data: Path,
+                log_dir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "TMPDIR")}
     env.update(BASE_ENV)
+    env["MAX_WALLCLOCK_SECONDS"] = str(seconds)
     env.update(overrides)
-    env.update(SEED=str(seed), MAX_WALLCLOCK_SECONDS=str(seconds), DATA_PATH=str(data),
+    if steps is not None:
+        env.update(ITERATIONS=str(steps), MAX_WALLCLOCK_SECONDS="0")
+    env.update(SEED=str(seed), DATA_PATH=str(data),
                TOKENIZER_PATH=str(TOKENIZER), LOG_DIR=str(log_dir), RUN_ID=f"{name}_s{seed}")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True)
@@ -105,6 +113,7 @@ def run_variant(name: str, overrides: dict[str, str], seed: int, seconds: float,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="training wallclock per run")
+    ap.add_argument("--steps", type=int, default=None, help="step-matched instead: exactly this many steps per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337])
     ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run only these variants")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "ablation.md", help="markdown table to write")
@@ -118,22 +127,27 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     for name in names:
         for seed in args.seeds:
-            r = run_variant(name, VARIANTS[name], seed, args.seconds, data, log_dir)
+            r = run_variant(name, VARIANTS[name], seed, args.seconds, args.steps, data, log_dir)
             results.setdefault(name, []).append(r)
+            with open(args.out.with_suffix(".jsonl"), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(r) + "\n")
             print(f"{name:22s} seed {seed}: val_bpb {r['val_bpb']:.4f} steps {r['steps']} ({r['wall_s']:.0f}s)", flush=True)
     full = statistics.mean(r["val_bpb"] for r in results["full"]) if "full" in results else None
-    rows = ["| variant | overrides | val_bpb (mean) | Δ vs full | steps (mean) | seeds |", "|---|---|---|---|---|---|"]
+    rows = ["| variant | overrides | val_bpb (mean) | Δ vs full | per seed | steps (mean) | train+eval s (mean) |",
+            "|---|---|---|---|---|---|---|"]
     for name in names:
         rs = results[name]
         bpb = statistics.mean(r["val_bpb"] for r in rs)
         delta = f"{bpb - full:+.4f}" if full is not None and name != "full" else ""
         over = " ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "(record stack)"
-        rows.append(f"| {name} | `{over}` | {bpb:.4f} | {delta} | {statistics.mean(r['steps'] for r in rs):.0f} | "
-                    f"{', '.join(str(r['seed']) for r in rs)} |")
+        per_seed = ", ".join(f"{r['seed']}: {r['val_bpb']:.4f}" for r in rs)
+        rows.append(f"| {name} | `{over}` | {bpb:.4f} | {delta} | {per_seed} | "
+                    f"{statistics.mean(r['steps'] for r in rs):.0f} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
     if "full" in results and len(results["full"]) > 1:
         spread = statistics.stdev(r["val_bpb"] for r in results["full"])
         rows.append(f"\nSeed std of the full stack: {spread:.4f} BPB over {len(results['full'])} seeds.")
-    header = (f"Command: `python bench/ablate.py --seconds {args.seconds:g} --seeds {' '.join(map(str, args.seeds))}`; "
+    budget = f"--steps {args.steps}" if args.steps is not None else f"--seconds {args.seconds:g}"
+    header = (f"Command: `python bench/ablate.py {budget} --seeds {' '.join(map(str, args.seeds))}`; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}.\n\n")
     args.out.write_text(header + "\n".join(rows) + "\n")
     print("\n".join(rows))
