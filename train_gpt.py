@@ -39,7 +39,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_loops": 0, "parallel_mode": "off",
         # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
         "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
+        "lqer_enabled": False,
     },
     "smoke": {
         # Sized for a 2-core CPU: ~16k tokens/s, so many small steps beat a few large ones.
@@ -86,7 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "muon_row_normalize": False,
         "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
         "sparse_attn_gate_enabled": False,
-        "num_loops": 0, "parallel_mode": "off",
+        "num_loops": 0, "parallel_mode": "off", "lqer_enabled": False, "gptq_calibration_batches": 4,
     },
 }
 
@@ -106,21 +107,20 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "VE_ENABLED": "value embeddings",
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
     "TTT_ENABLED": "test-time training", "SLIDING_WINDOW_ENABLED": "sliding-window evaluation",
-    "EVAL_STRIDE": "sliding-window evaluation", "USE_GPTQ": "GPTQ quantization",
-    "GPTQ_CALIB_BATCHES": "GPTQ quantization", "GPTQ_DAMP": "GPTQ quantization",
-    "LQER_ENABLED": "LQER error correction", "LATE_QAT_THRESHOLD": "late QAT", "QAT_ENABLED": "QAT",
+    "EVAL_STRIDE": "sliding-window evaluation", "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
     "SWA_ENABLED": "SWA", "CASEOPS_ENABLED": "CaseOps text transform", "FUSED_CE_ENABLED": "fused CE",
-    "TARGET_MB": "fit-to-size", "TARGET_BYTES": "fit-to-size", "WARMDOWN_ITERS": "iteration warmdown "
-    "(use WARMDOWN_FRAC)", "MATRIX_BITS": "int6 GPTQ", "EMBED_BITS": "GPTQ embeddings",
-    "COMPRESSOR": "other compressors", "MAX_VAL_TOKENS": "validation subsets",
+    "MAX_VAL_TOKENS": "validation subsets", "GPTQ_AR_SELFGEN": "self-generated GPTQ calibration",
+    "LQER_ASYM_ENABLED": "asymmetric LQER factors", "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
 # Values of those variables that describe exactly what this script already does.
-FEATURE_NATIVE_VALUES: dict[str, frozenset[str]] = {"COMPRESSOR": frozenset({"brotli"})}
+FEATURE_NATIVE_VALUES: dict[str, frozenset[str]] = {}
 # Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands).
-KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE"}
+KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES"}
 # Older names rewritten to today's knobs by _translate_legacy_vars.
-LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL"})
+LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "TARGET_MB", "USE_GPTQ"})
 PARALLEL_MODES = ("off", "gptj", "lanes", "lane_merge")
+QUANT_METHODS = ("gptq", "rtn")
+COMPRESSORS = ("brotli", "lzma")
 
 
 class ConfigError(ValueError):
@@ -142,6 +142,13 @@ def _non_negative(v: Any) -> bool:
 
 def _unit_interval(v: float) -> bool:
     return 0.0 <= v <= 1.0
+
+
+def _is_non_negative_number(v: str) -> bool:
+    try:
+        return math.isfinite(float(v)) and float(v) >= 0
+    except ValueError:
+        return False
 
 
 def _below_one(v: float) -> bool:  # decays, momenta, betas: at 1.0 an average never takes new values
@@ -182,6 +189,9 @@ class Hyperparameters:
                              _non_negative, ">= 0")
     warmdown_frac: float = knob(0.75, "final fraction of the run over which the LR decays", _unit_interval,
                                 "a number in [0, 1]")
+    warmdown_iters: int = knob(0, "decay the LR over the last N steps instead of WARMDOWN_FRAC (under a wallclock "
+                                  "cap N is converted to time with the average step; BASE-style; 0 = off)",
+                               _non_negative, ">= 0")
     min_lr: float = knob(0.1, "LR floor as a fraction of the peak during warmdown", _unit_interval,
                          "a number in [0, 1]")
     train_log_every: int = knob(500, "log a train line every N steps (0 = off)", _non_negative, ">= 0")
@@ -258,6 +268,39 @@ class Hyperparameters:
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0")
     ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)",
                             _below_one, "in [0, 1)")
+    late_qat_threshold: float = knob(0.0, "straight-through fake quantization of block matrices once the LR scale "
+                                          "falls below this (0 = off; PR #1290)", _unit_interval, "a number in [0, 1]")
+
+    # --- Quantization and artifact ---
+    quant_method: str = knob("gptq", "matrix quantizer: gptq (full-Hessian, PR #1019) / rtn (round to nearest); "
+                                     "legacy USE_GPTQ=0/1", lambda v: v in QUANT_METHODS, "gptq or rtn")
+    matrix_bits: int = knob(6, "bits of attention and MLP matrices", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
+    embed_bits: int = knob(7, "bits of the embedding tables (and an untied head; PR #1586)", lambda v: 2 <= v <= 8,
+                           "an integer in [2, 8]")
+    mlp_clip_sigmas: float = knob(11.5, "SDClip k of MLP matrices: clip = k * std(row) (PR #1394)", _positive, "> 0")
+    attn_clip_sigmas: float = knob(13.0, "SDClip k of attention matrices", _positive, "> 0")
+    embed_clip_sigmas: float = knob(14.0, "SDClip k of the embedding tables", _positive, "> 0")
+    matrix_clip_sigmas: float = knob(0.0, "when > 0, sets both MLP_CLIP_SIGMAS and ATTN_CLIP_SIGMAS", _non_negative,
+                                     ">= 0")
+    gptq_damp: float = knob(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal", _positive, "> 0")
+    gptq_block: int = knob(128, "GPTQ columns updated per block", _positive, "> 0")
+    gptq_calibration_batches: int = knob(16, "training batches (TRAIN_BATCH_TOKENS each) for the GPTQ Hessians; "
+                                             "alias GPTQ_CALIB_BATCHES", _positive, "> 0")
+    gptq_reserve_seconds: str = knob("auto", "training seconds kept for Hessian collection: a number, or auto = "
+                                             "measured time of one batch x batches (+margin)",
+                                     lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0")
+    lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
+    lqer_rank: int = knob(4, "LQER rank", _positive, "> 0")
+    lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", _positive, "> 0")
+    lqer_factor_bits: int = knob(4, "bits of the LQER factors", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
+    target_bytes: int = knob(ARTIFACT_LIMIT_BYTES, "fit code + compressed model under this many decimal bytes "
+                                                   "(TARGET_MB = millions of bytes)", _positive, "> 0")
+    size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter",
+                                  _non_negative, ">= 0")
+    compressor: str = knob("brotli", "artifact compressor: brotli (quality 11) / lzma (preset 9)",
+                           lambda v: v in COMPRESSORS, "brotli or lzma")
+    eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
+    artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
 
     # --- Launcher topology (read from torchrun's variables; not knobs) ---
     world_size: int = 1
@@ -323,6 +366,8 @@ class Hyperparameters:
             raise ConfigError(f"NUM_KV_HEADS={self.num_kv_heads} is not allowed: must divide NUM_HEADS={self.num_heads}")
         if int(self.model_dim * self.mlp_mult) < 1:
             raise ConfigError(f"MLP_MULT={self.mlp_mult} is not allowed: MODEL_DIM*MLP_MULT must be >= 1")
+        if self.eval_only and not self.artifact:
+            raise ConfigError("EVAL_ONLY=1 is not allowed without ARTIFACT=<path of a .ptz artifact>")
         chunk = self.world_size * self.accum_steps * self.train_seq_len
         if self.train_batch_tokens % chunk:
             raise ConfigError(
@@ -361,6 +406,19 @@ class Hyperparameters:
         name = f"sample_{self.vocab_size}_bpe.model" if self.sample_data else f"fineweb_{self.vocab_size}_bpe.model"
         return Path(self.data_dir) / "tokenizers" / name
 
+    def clip_sigmas(self, group: str) -> float:
+        """SDClip k of a quantization group (mlp / attn / embed); MATRIX_CLIP_SIGMAS sets both matrix groups."""
+        if group == "embed":
+            return self.embed_clip_sigmas
+        if self.matrix_clip_sigmas > 0:
+            return self.matrix_clip_sigmas
+        return self.attn_clip_sigmas if group == "attn" else self.mlp_clip_sigmas
+
+    @property
+    def gptq_reserve(self) -> float | None:
+        """Fixed GPTQ reserve in seconds, or None for auto (measured during warmup)."""
+        return None if self.gptq_reserve_seconds == "auto" else float(self.gptq_reserve_seconds)
+
     def knob_values(self) -> dict[str, Any]:
         return {f.name.upper(): getattr(self, f.name) for f in self.knob_fields()}
 
@@ -391,6 +449,16 @@ def _translate_legacy_vars(env: dict[str, str]) -> None:
         put("NUM_LOOPS", "0", "RECUR_LAYERS=''")
     if "RECUR_START_STEP" in env:
         put("LOOPING_START_STEP", env["RECUR_START_STEP"].strip(), f"RECUR_START_STEP={env['RECUR_START_STEP']!r}")
+    if "TARGET_MB" in env:  # decimal megabytes (PR #1019 meant MiB: 15.9 MiB is over the cap)
+        raw_mb = env["TARGET_MB"].strip()
+        if not _is_non_negative_number(raw_mb) or float(raw_mb) <= 0:
+            raise ConfigError(f"TARGET_MB={raw_mb!r} is not allowed: expected a number > 0 (millions of bytes)")
+        put("TARGET_BYTES", str(round(float(raw_mb) * 1_000_000)), f"TARGET_MB={raw_mb!r}")
+    if env.get("USE_GPTQ", "").strip():  # empty = unset
+        flag = env["USE_GPTQ"].strip()
+        if flag not in ("0", "1"):
+            raise ConfigError(f"USE_GPTQ={flag!r} is not allowed: expected 0 or 1")
+        put("QUANT_METHOD", "gptq" if flag == "1" else "rtn", f"USE_GPTQ={flag!r}")
     if "PARALLEL_RESIDUAL" in env:
         flag = env["PARALLEL_RESIDUAL"].strip()
         if flag not in ("0", "1"):
@@ -580,6 +648,12 @@ def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wallclock timings measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def barrier() -> None:
@@ -926,13 +1000,21 @@ class ModelConfig:
     loop_end: int = 0
     parallel_mode: str = "off"
     parallel_start_layer: int = 0
+    # Late QAT (0 bits = off): the fake-quantization grid of the artifact's matrix groups.
+    qat_bits: int = 0
+    qat_attn_k: float = 0.0
+    qat_mlp_k: float = 0.0
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("attn_backend", "bos_id")]
-        return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
+        derived = ("attn_backend", "bos_id", "qat_bits", "qat_attn_k", "qat_mlp_k")
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in derived]
+        qat = h.late_qat_threshold > 0
+        return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend,
+                   qat_bits=h.matrix_bits if qat else 0, qat_attn_k=h.clip_sigmas("attn") if qat else 0.0,
+                   qat_mlp_k=h.clip_sigmas("mlp") if qat else 0.0)
 
 
 def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
@@ -999,6 +1081,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+class QATLinear(nn.Linear):
+    """nn.Linear whose weight is fake-quantized on the artifact's grid while `qat_on` is 1 (late QAT,
+    straight-through). The switch is a tensor buffer, not a Python flag: torch.compile would fold a
+    Python attribute into the graph and QAT would never run (PR #1290's README, pitfalls J)."""
+
+    def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, qat_k: float = 0.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits, self.qat_k = qat_bits, qat_k
+        if qat_bits:
+            self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits:
+            w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits, self.qat_k) - w).detach()
+        return F.linear(x, w)
+
+
 class CausalSelfAttention(nn.Module):
     """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optionally XSA, a
     per-head output gate and value residual mixing."""
@@ -1008,10 +1108,11 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        qat = (cfg.qat_bits, cfg.qat_attn_k)
+        self.c_q = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
+        self.c_k = QATLinear(cfg.model_dim, kv_dim, *qat)
+        self.c_v = QATLinear(cfg.model_dim, kv_dim, *qat)
+        self.proj = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
         # q_gain is an inverse temperature: with unit-RMS q and k the logit is gain*sqrt(D)*cos(q, k).
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
@@ -1075,8 +1176,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.model_dim * cfg.mlp_mult)
-        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.fc = QATLinear(cfg.model_dim, hidden, cfg.qat_bits, cfg.qat_mlp_k)
+        self.proj = QATLinear(hidden, cfg.model_dim, cfg.qat_bits, cfg.qat_mlp_k)
         nn.init.zeros_(self.proj.weight)
         self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
 
@@ -1273,6 +1374,13 @@ class GPT(nn.Module):
                 x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
+    def set_qat(self, on: bool) -> int:
+        """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
+        mods = [m for m in self.modules() if isinstance(m, QATLinear) and m.qat_bits]
+        for m in mods:
+            m.qat_on.fill_(1.0 if on else 0.0)
+        return len(mods)
+
     def set_looping(self, on: bool) -> None:
         """Depth recurrence on/off; torch.compile keeps one graph for each state."""
         self.looping = bool(on) and self.cfg.num_loops > 0
@@ -1417,6 +1525,18 @@ def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
     return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)
 
 
+def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float,
+                   warmdown_iters: int, min_lr: float) -> float:
+    """WARMDOWN_ITERS schedule (BASE, PR #1290 commands): linear decay over the last `warmdown_iters`
+    steps. Under a wallclock cap the remaining steps are estimated from the average step so far,
+    as BASE did (warmdown_ms = iters * step_ms); whichever of steps and time ends first wins."""
+    remaining = (iterations - step) / warmdown_iters
+    if max_wallclock_seconds > 0 and step > 0:
+        step_s = elapsed_s / step
+        remaining = min(remaining, (max_wallclock_seconds - elapsed_s) / (warmdown_iters * step_s))
+    return max(min(max(remaining, 0.0), 1.0), min_lr)
+
+
 def muon_momentum_at(step: int, start: float, final: float, warmup_steps: int) -> float:
     f = 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
     return (1.0 - f) * start + f * final
@@ -1527,29 +1647,220 @@ class EMA:
 # ==== Quantization and packing ====
 
 ARTIFACT_MAGIC = b"PGOLFART"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: GPTQ/SDClip int-n rows, LQER factors, metadata, brotli or lzma body
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
-QUANT_MIN_NUMEL = 65_536  # 2-D tensors larger than this are int8 per row; the rest stay fp16 (BASE)
-INT8_MAX = 127
+ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1}  # the first byte of the compressed body says which
 BROTLI_QUALITY = 11
+LZMA_PRESET = 9  # PR #1290
+FIT_MAX_ATTEMPTS = 6  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
+FIT_OVERSHOOT = 1.15  # widen k a little more than the entropy estimate asks, so one more pack fits
+GPTQ_RESERVE_SAFETY = 1.25  # auto reserve = probe time x batches x this + GPTQ_RESERVE_PAD_S
+GPTQ_RESERVE_PAD_S = 0.5
 
 
 class ArtifactError(ValueError):
     """An artifact that cannot be read back: the message names the file and what is wrong."""
 
 
-def quantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8: scale = max|row| / 127 stored as fp16, values in [-127, 127]."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).half()
-    # An all-zero row (or one below fp16's subnormal range) gets scale 1: its values quantize to 0.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+def quant_group(name: str) -> str:
+    """SDClip/bit-width group of a quantized tensor: embed (tables and an untied head), attn, or mlp
+    (the MLP matrices and the bigram projection)."""
+    if name in ("tok_emb.weight", "lm_head.weight", "bigram.embed.weight"):
+        return "embed"
+    return "attn" if ".attn." in name else "mlp"
+
+
+def is_quantized(name: str, t: Tensor) -> bool:
+    """Block matrices, embedding tables and an untied head are quantized; control tensors (gates,
+    scales, skip weights: PARAM_GROUPS "scalar") stay fp16. At the record shape this is the records'
+    rule (every such matrix has > 65,536 elements); on small models it still quantizes the matrices."""
+    return t.is_floating_point() and t.ndim == 2 and classify_param(name) != "scalar"
+
+
+def qmax(bits: int) -> int:
+    """Largest level of a symmetric `bits`-bit code: int6 -> 31, int8 -> 127."""
+    return (1 << (bits - 1)) - 1
+
+
+def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
+    """SDClip (PR #1394): clip each row at k standard deviations; the step is clip / qmax, as fp16.
+    Larger k -> fewer distinct levels used -> lower entropy -> a smaller artifact (monotone)."""
+    std = w.float().std(dim=1, correction=0)
+    scale = (k * std / qmax(bits)).half()
+    # A constant row (std 0, or below fp16's subnormals) gets scale 1: it quantizes to 0 (or its clip).
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    r = qmax(bits)
+    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -r, r).to(torch.int8)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def fake_quantize_rows(w: Tensor, bits: int, k: float) -> Tensor:
+    """Differentiable-shape SDClip round trip for late QAT (same grid as the artifact)."""
+    r = qmax(bits)
+    scale = (k * w.detach().float().std(dim=1, keepdim=True, correction=0) / r).clamp_min(1e-8)
+    return (torch.clamp(torch.round(w.float() / scale), -r, r) * scale).to(w.dtype)
+
+
+def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
+    """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) of one matrix on a fixed SDClip grid.
+
+    Columns are quantized in act-order (largest Hessian diagonal first); each column's rounding error,
+    scaled by the inverse Hessian, is pushed onto the columns not yet quantized, in blocks of `block`
+    columns. Dead columns (zero diagonal: an input that never fired) are zeroed. Raises
+    torch.linalg.LinAlgError when the damped Hessian is not positive definite (caller falls back)."""
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    n = W.shape[1]
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diagonal(H).mean() * torch.eye(n, device=H.device)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    s = scale.float()[:, None]
+    r = qmax(bits)
+    Q = torch.zeros_like(W, dtype=torch.int8)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            col = W1[:, j: j + 1]
+            q = torch.clamp(torch.round(col / s), -r, r)
+            Q[:, i1 + j] = q[:, 0].to(torch.int8)
+            err = (col - q * s) / Hinv1[j, j]
+            W1[:, j:] -= err * Hinv1[j: j + 1, j:]
+            Err1[:, j: j + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+def quantize_symmetric_factor(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:
+    """LQER factor codes: symmetric max-abs scaling along `dim` (fp16 scales)."""
+    r = qmax(bits)
+    scale = (x.abs().amax(dim=dim, keepdim=True) / r).half()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(x / scale.float()), -r, r).to(torch.int8), scale
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Everything that decides the quantized values: bits and SDClip k per group, GPTQ and LQER."""
+    method: str = "gptq"
+    bits: tuple[tuple[str, int], ...] = (("attn", 6), ("embed", 7), ("mlp", 6))
+    clip: tuple[tuple[str, float], ...] = (("attn", 13.0), ("embed", 14.0), ("mlp", 11.5))
+    damp: float = 0.01
+    block: int = 128
+    lqer_rank: int = 0  # 0 = LQER off
+    lqer_top_k: int = 3
+    lqer_factor_bits: int = 4
+    compressor: str = "brotli"
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
+        groups = ("attn", "embed", "mlp")
+        return cls(method=h.quant_method,
+                   bits=tuple((g, h.embed_bits if g == "embed" else h.matrix_bits) for g in groups),
+                   clip=tuple((g, h.clip_sigmas(g)) for g in groups), damp=h.gptq_damp, block=h.gptq_block,
+                   lqer_rank=h.lqer_rank if h.lqer_enabled else 0, lqer_top_k=h.lqer_top_k,
+                   lqer_factor_bits=h.lqer_factor_bits, compressor=h.compressor)
+
+    def bits_of(self, group: str) -> int:
+        return dict(self.bits)[group]
+
+    def clip_of(self, group: str) -> float:
+        return dict(self.clip)[group]
+
+    def widened(self, factor: float) -> "QuantSpec":
+        """The matrix groups' k times `factor` (fit-to-size; the embedding keeps its k)."""
+        return dataclasses.replace(self, clip=tuple((g, k if g == "embed" else k * factor) for g, k in self.clip))
+
+
+@dataclass
+class QuantTensor:
+    group: str
+    bits: int
+    q: Tensor  # int8 container, values in [-qmax, qmax]
+    scale: Tensor  # fp16 per row
+    dtype: torch.dtype
+    method: str  # "gptq" | "rtn" | "rtn_fallback"
+    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A codes, A scales (per column), B codes, B scales
+
+    def dequantize(self) -> Tensor:
+        w = self.q.float() * self.scale.float()[:, None]
+        if self.lqer is not None:
+            qa, sa, qb, sb = self.lqer
+            w = w + (qa.float() * sa.float()) @ (qb.float() * sb.float())
+        return w.to(self.dtype)
+
+
+def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, QuantTensor | Tensor]:
+    """Quantize every large 2-D float tensor (GPTQ where a Hessian exists, else round to nearest);
+    other tensors pass through unchanged. LQER then corrects the `lqer_top_k` largest errors."""
+    hessians = hessians or {}
+    out: dict[str, QuantTensor | Tensor] = {}
+    for name in sorted(state):
+        t = state[name].detach()
+        if not is_quantized(name, t):
+            out[name] = t
+            continue
+        group = quant_group(name)
+        bits = spec.bits_of(group)
+        w = t.float()
+        scale = sdclip_scales(w, bits, spec.clip_of(group))
+        method = "rtn"
+        if spec.method == "gptq" and name in hessians:
+            try:
+                q = gptq_quantize(w, hessians[name].to(w.device), scale, bits, spec.damp, spec.block)
+                method = "gptq"
+            except torch.linalg.LinAlgError:
+                if log:
+                    log(format_kv(gptq_fallback=name, reason="cholesky_failed", used="round_to_nearest"))
+                method = "rtn_fallback"
+        if method != "gptq":
+            q = quantize_rtn(w, scale, bits)
+        out[name] = QuantTensor(group, bits, q.cpu(), scale.cpu(), t.dtype, method)
+    if spec.lqer_rank > 0:
+        errors = []
+        for name, qt in out.items():
+            if isinstance(qt, QuantTensor):
+                err = state[name].detach().float().cpu() - qt.dequantize().float()
+                errors.append((float(err.norm()), name, err))
+        for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
+            U, S, Vh = torch.linalg.svd(err, full_matrices=False)
+            r = min(spec.lqer_rank, S.numel())
+            qa, sa = quantize_symmetric_factor(U[:, :r] * S[:r], spec.lqer_factor_bits, dim=0)
+            qb, sb = quantize_symmetric_factor(Vh[:r], spec.lqer_factor_bits, dim=1)
+            out[name].lqer = (qa, sa, qb, sb)
+    return out
+
+
+def quant_entropy_bytes(quantized: dict[str, QuantTensor | Tensor]) -> dict[str, dict[str, float]]:
+    """Zeroth-order entropy of the quantized codes per group (what an ideal coder would need), in bytes."""
+    stats: dict[str, dict[str, float]] = {}
+    for qt in quantized.values():
+        if not isinstance(qt, QuantTensor):
+            continue
+        g = stats.setdefault(qt.group, {"params": 0, "counts": torch.zeros(256, dtype=torch.float64)})
+        g["params"] += qt.q.numel()
+        g["counts"] += torch.bincount((qt.q.flatten().to(torch.int64) + 128), minlength=256).double()
+    result = {}
+    for group, g in sorted(stats.items()):
+        p = g["counts"][g["counts"] > 0] / g["params"]
+        bits_per = float(-(p * torch.log2(p)).sum())
+        result[group] = {"params": int(g["params"]), "entropy_bits_per_param": bits_per,
+                         "entropy_bytes": bits_per * g["params"] / 8}
+    return result
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -1590,55 +1901,89 @@ def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).clone()
 
 
-def pack_artifact(state: dict[str, Tensor]) -> bytes:
-    """Quantize a state dict and pack it: prefix | brotli(header length | JSON header | payload).
+def _compress(body: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+        return brotli.compress(body, quality=BROTLI_QUALITY)
+    import lzma
+    return lzma.compress(body, format=lzma.FORMAT_XZ, preset=LZMA_PRESET)
+
+
+def _decompress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+        return brotli.decompress(data)
+    import lzma
+    return lzma.decompress(data, format=lzma.FORMAT_XZ)
+
+
+def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
+                   meta: dict[str, Any] | None = None) -> bytes:
+    """Pack quantized tensors: prefix | compressed(header length | JSON header | payload).
 
     No pickle: the header is JSON and the payload raw little-endian arrays, so loading runs no code.
-    Deterministic: the same state gives the same bytes.
+    Codes of every group come first (like bytes together), then LQER factors, then fp16 scales and
+    small tensors, byte-shuffled by element size. Deterministic: the same input gives the same bytes.
     """
-    import brotli
-
     entries, segments, offset = [], [], 0
 
-    def add(data: bytes, stride: int) -> dict[str, int]:
+    def add(t: Tensor, stride: int | None = None) -> dict[str, int]:
         nonlocal offset
-        segments.append(byte_shuffle(data, stride))
-        seg = {"offset": offset, "nbytes": len(data), "stride": stride}
+        data = _tensor_bytes(t)
+        segments.append(byte_shuffle(data, t.element_size() if stride is None else stride))
+        seg = {"offset": offset, "nbytes": len(data), "stride": t.element_size() if stride is None else stride}
         offset += len(data)
         return seg
 
-    names = sorted(state)
-    quantized = {n for n in names if state[n].is_floating_point() and state[n].ndim == 2
-                 and state[n].numel() > QUANT_MIN_NUMEL}
-    for name in names:  # int8 matrices first, then the fp16 scales and small tensors: like bytes together
-        if name in quantized:
-            q, scale = quantize_rows_int8(state[name])
-            entries.append({"name": name, "kind": "int8_row", "dtype": str(state[name].dtype).removeprefix("torch."),
-                            "shape": list(q.shape), "q": add(_tensor_bytes(q), 1), "scale_": scale})
-    for e in entries:
-        e["scale"] = add(_tensor_bytes(e.pop("scale_")), 2)
+    names = sorted(quantized)
+    qnames = [n for n in names if isinstance(quantized[n], QuantTensor)]
+    by_group = sorted(qnames, key=lambda n: (quantized[n].group, n))
+    qentries = {}
+    for name in by_group:
+        qt = quantized[name]
+        qentries[name] = {"name": name, "kind": "intq_row", "group": qt.group, "bits": qt.bits, "method": qt.method,
+                          "dtype": str(qt.dtype).removeprefix("torch."), "shape": list(qt.q.shape), "q": add(qt.q)}
+    for name in by_group:
+        qt = quantized[name]
+        if qt.lqer is not None:
+            qa, sa, qb, sb = qt.lqer
+            qentries[name]["lqer"] = {"rank": qa.shape[1], "a": add(qa), "b": add(qb)}
+    for name in by_group:
+        qt = quantized[name]
+        qentries[name]["scale"] = add(qt.scale)
+        if qt.lqer is not None:
+            qentries[name]["lqer"]["a_scale"] = add(qt.lqer[1])
+            qentries[name]["lqer"]["b_scale"] = add(qt.lqer[3])
+        entries.append(qentries[name])
     for name in names:
-        if name in quantized:
+        if name in qentries:
             continue
-        t = state[name]
+        t = quantized[name]
         if t.dtype not in _TORCH_DTYPES.values():
             raise ArtifactError(f"{name}: dtype {t.dtype} cannot be stored in an artifact")
         # Small float tensors go to fp16, unless a value would overflow it: then they stay exact.
         to_fp16 = t.is_floating_point() and (t.numel() == 0 or t.detach().abs().max().item() <= FP16_MAX)
         kind, stored = ("fp16", t.detach().half()) if to_fp16 else ("raw", t.detach())
         entries.append({"name": name, "kind": kind, "dtype": str(t.dtype).removeprefix("torch."),
-                        "shape": list(t.shape), "data": add(_tensor_bytes(stored), stored.element_size())})
-    header = json.dumps({"format": "pgolf-artifact", "version": ARTIFACT_VERSION, "tensors": entries},
+                        "shape": list(t.shape), "data": add(stored)})
+    header = json.dumps({"format": "pgolf-artifact", "version": ARTIFACT_VERSION, "compressor": compressor,
+                         "tensors": entries, "meta": meta or {}},
                         sort_keys=True, separators=(",", ":")).encode()
     body = struct.pack("<I", len(header)) + header + b"".join(segments)
-    compressed = brotli.compress(body, quality=BROTLI_QUALITY)
+    compressed = bytes([ARTIFACT_COMPRESSOR_IDS[compressor]]) + _compress(body, compressor)
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(compressed), len(compressed)) + compressed
 
 
-def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
-    """Inverse of pack_artifact (dequantized to the original dtypes); ArtifactError names `source`."""
-    import brotli
+def pack_artifact(state: dict[str, Tensor], spec: QuantSpec | None = None, hessians: dict[str, Tensor] | None = None,
+                  meta: dict[str, Any] | None = None) -> bytes:
+    """Quantize (round to nearest unless Hessians are given) and pack a state dict."""
+    spec = spec or QuantSpec()
+    return pack_quantized(quantize_state(state, spec, hessians), spec.compressor, meta)
 
+
+def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Inverse of pack_quantized: (dequantized state in the original dtypes, metadata). ArtifactError
+    names `source` for every way an artifact can be unreadable."""
     if len(blob) < ARTIFACT_PREFIX.size:
         raise ArtifactError(f"{source}: truncated artifact: {len(blob)} bytes, shorter than its {ARTIFACT_PREFIX.size}-byte prefix")
     magic, version, crc, length = ARTIFACT_PREFIX.unpack_from(blob)
@@ -1651,34 +1996,46 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
         raise ArtifactError(f"{source}: truncated or padded artifact: body is {len(compressed)} bytes, prefix says {length}")
     if zlib.crc32(compressed) != crc:
         raise ArtifactError(f"{source}: corrupted artifact: CRC32 mismatch")
+    compressors = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}
+    if not compressed or compressed[0] not in compressors:
+        raise ArtifactError(f"{source}: corrupted artifact: unknown compressor id")
     try:
-        body = brotli.decompress(compressed)
+        body = _decompress(compressed[1:], compressors[compressed[0]])
         (hlen,) = struct.unpack_from("<I", body)
         header = json.loads(body[4: 4 + hlen])
-    except (brotli.error, struct.error, ValueError) as exc:
-        raise ArtifactError(f"{source}: corrupted artifact: {exc}") from None
+    except Exception as exc:  # brotli.error / lzma.LZMAError / struct.error / ValueError: all mean corrupt
+        raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
     if 4 + hlen > len(body) or not isinstance(header, dict) or header.get("format") != "pgolf-artifact" \
             or header.get("version") != ARTIFACT_VERSION or not isinstance(header.get("tensors"), list):
         raise ArtifactError(f"{source}: corrupted artifact: header is not a version-{ARTIFACT_VERSION} pgolf-artifact header")
     payload = memoryview(body)[4 + hlen:]
 
-    def segment(seg: dict[str, int]) -> bytes:
+    def segment(seg: dict[str, int], dtype: torch.dtype, shape: list[int]) -> Tensor:
         if seg["offset"] + seg["nbytes"] > len(payload):
             raise ArtifactError(f"{source}: corrupted artifact: segment past the end of the payload")
-        return byte_unshuffle(bytes(payload[seg["offset"]: seg["offset"] + seg["nbytes"]]), seg["stride"])
+        raw = byte_unshuffle(bytes(payload[seg["offset"]: seg["offset"] + seg["nbytes"]]), seg["stride"])
+        return _bytes_tensor(raw, dtype, shape)
 
     state = {}
     for e in header["tensors"]:
         try:
             dtype = _TORCH_DTYPES[e["dtype"]]
-            if e["kind"] == "int8_row":
-                q = _bytes_tensor(segment(e["q"]), torch.int8, e["shape"])
-                scale = _bytes_tensor(segment(e["scale"]), torch.float16, [e["shape"][0]])
-                state[e["name"]] = dequantize_rows(q, scale, dtype)
+            if e["kind"] == "intq_row":
+                rows, cols = e["shape"]
+                lq = None
+                if "lqer" in e:
+                    r = e["lqer"]["rank"]
+                    lq = (segment(e["lqer"]["a"], torch.int8, [rows, r]),
+                          segment(e["lqer"]["a_scale"], torch.float16, [1, r]),
+                          segment(e["lqer"]["b"], torch.int8, [r, cols]),
+                          segment(e["lqer"]["b_scale"], torch.float16, [r, 1]))
+                qt = QuantTensor(e["group"], e["bits"], segment(e["q"], torch.int8, e["shape"]),
+                                 segment(e["scale"], torch.float16, [rows]), dtype, e["method"], lq)
+                state[e["name"]] = qt.dequantize()
             elif e["kind"] == "fp16":
-                state[e["name"]] = _bytes_tensor(segment(e["data"]), torch.float16, e["shape"]).to(dtype)
+                state[e["name"]] = segment(e["data"], torch.float16, e["shape"]).to(dtype)
             elif e["kind"] == "raw":
-                state[e["name"]] = _bytes_tensor(segment(e["data"]), dtype, e["shape"])
+                state[e["name"]] = segment(e["data"], dtype, e["shape"])
             else:
                 raise ValueError(f"unknown tensor kind {e['kind']!r}")
         except ArtifactError:
@@ -1686,14 +2043,98 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             name = e.get("name", "?") if isinstance(e, dict) else "?"
             raise ArtifactError(f"{source}: corrupted artifact: tensor {name!r}: {type(exc).__name__}: {exc}") from None
-    return state
+    return state, header.get("meta", {})
 
 
-def read_artifact(path: Path) -> dict[str, Tensor]:
+def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
+    return unpack_artifact_full(blob, source)[0]
+
+
+def read_artifact(path: Path, with_meta: bool = False):
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact file not found")
-    return unpack_artifact(path.read_bytes(), source=str(path))
+    state, meta = unpack_artifact_full(path.read_bytes(), source=str(path))
+    return (state, meta) if with_meta else state
+
+
+@dataclass
+class FitResult:
+    blob: bytes
+    spec: QuantSpec
+    attempts: list[dict[str, Any]]
+    entropy: dict[str, dict[str, float]]
+    quant_seconds: float
+    fits: bool
+
+
+def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
+                 meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
+    """Quantize and pack; while the artifact is over `budget_bytes`, widen the matrix groups' SDClip k.
+
+    The entropy of SDClip codes falls by ~log2(f) bits per parameter when k grows by f (PR #1394's
+    argument), so the first overshoot gives the factor directly: f = 2^(excess bits / matrix params),
+    times FIT_OVERSHOOT. Each attempt is a real GPTQ + compression; the k values only ever widen."""
+    t0 = time.perf_counter()
+    attempts: list[dict[str, Any]] = []
+    factor = 1.0
+    for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
+        s = spec.widened(factor)
+        quantized = quantize_state(state, s, hessians, log)
+        blob = pack_quantized(quantized, s.compressor, meta)
+        entropy = quant_entropy_bytes(quantized)
+        attempts.append({"attempt": attempt, "factor": factor, "bytes": len(blob)})
+        log(format_kv(fit_attempt=attempt, k_factor=f"{factor:.4f}", bytes_model=len(blob), budget=budget_bytes,
+                      **{f"k_{g}": f"{k:.3f}" for g, k in s.clip}))
+        if len(blob) <= budget_bytes:
+            return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, True)
+        matrix_params = sum(v["params"] for g, v in entropy.items() if g != "embed")
+        if matrix_params == 0:
+            break
+        factor *= 2.0 ** (FIT_OVERSHOOT * 8 * (len(blob) - budget_bytes) / matrix_params)
+    return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, False)
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The nn.Linear modules whose weight the artifact quantizes, by parameter name."""
+    return {f"{n}.weight": m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and is_quantized(f"{n}.weight", m.weight)}
+
+
+@torch.no_grad()
+def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str) -> dict[str, Tensor]:
+    """H = sum x^T x of every quantized matrix's input over `batches` (forward hooks; a looped layer adds
+    every pass). The tied embedding is the LM head, so its input is the final-norm output (PR #1394)."""
+    hessians: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if name not in hessians:
+            hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        hessians[name].addmm_(x.T, x)
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: add(name, inp[0]))
+             for name, m in quantized_linears(model).items()]
+    head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+    try:
+        for ids in batches:
+            with compute_autocast(device, compute_dtype):
+                add(head, model.hidden(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hessians
+
+
+def self_extracting_source(code: bytes) -> bytes:
+    """The code as a self-extracting script (LZMA + base85, PR #1394 style): what a submission can
+    ship instead of the readable file. records/pack.py writes exactly these bytes."""
+    import base64
+    import lzma
+    packed = base64.b85encode(lzma.compress(code, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2,
+                                                                                       "preset": 9}]))
+    return (b"import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode(\"" + packed +
+            b"\"),format=L.FORMAT_RAW,filters=[{\"id\":L.FILTER_LZMA2}]),__file__,\"exec\"))\n")
 
 # ==== Evaluation ====
 
@@ -1754,6 +2195,10 @@ class TrainResult:
     train_time_ms: float
     data_wait_ms: float
     stopped_by: str
+    gptq_reserve_s: float = 0.0  # training seconds kept back for Hessian collection
+    calib_ms: float = 0.0  # Hessian collection time (training data, inside the wallclock)
+    data_access_end_ms: float = 0.0  # training time + calibration: when training data was last read
+    hessians: dict[str, Tensor] | None = None
 
 
 def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizers, h: Hyperparameters,
@@ -1781,9 +2226,42 @@ def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
     return step >= h.looping_start_step if h.looping_start_step else frac >= h.enable_looping_at
 
 
+def gather_hessians(h: Hyperparameters, d: DistInfo, model: GPT, loader: TrainLoader, batches: int) -> dict[str, Tensor]:
+    """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
+    ids = (loader.next_batch()[0] for _ in range(batches * h.accum_steps))
+    hessians = collect_hessians(model, ids, d.device, h.compute_dtype)
+    for name in sorted(hessians):
+        all_reduce_(hessians[name])
+    return hessians
+
+
+def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: GPT, make_loader: Callable[[], TrainLoader]) -> float:
+    """GPTQ_RESERVE_SECONDS=auto: time one calibration batch (worst of two, with looping as it will be at
+    the end) and reserve batches x that x GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S; ranks take the max."""
+    loader = make_loader()
+    looping = model.looping
+    model.set_looping(h.num_loops > 0)
+    try:
+        times = []
+        for _ in range(2):
+            synchronize(d.device)
+            t0 = time.perf_counter()
+            gather_hessians(h, d, model, loader, 1)
+            synchronize(d.device)
+            times.append(time.perf_counter() - t0)
+    finally:
+        loader.close()
+        model.set_looping(looping)
+    reserve = torch.tensor(max(times) * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S,
+                           device=d.device)
+    all_reduce_(reserve, op="max")
+    return float(reserve)
+
+
 def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., Tensor], opt: Optimizers,
-          make_loader: Callable[[], TrainLoader], evaluate: Callable[[], EvalResult], log: Logger) -> tuple[TrainResult, EMA | None]:
-    """Warmup (restored afterwards, untimed), then steps until ITERATIONS or the wallclock cap."""
+          make_loader: Callable[[], TrainLoader], evaluate: Callable[[], EvalResult], log: Logger) -> TrainResult:
+    """Warmup (restored afterwards, untimed), then steps until ITERATIONS or the wallclock cap minus the
+    GPTQ reserve; then the EMA weights are applied and the GPTQ Hessians collected on training data."""
     if h.warmup_steps > 0:
         # Real steps to trigger compilation and allocator growth; then restore the initial state so
         # the timed run starts from step 0 exactly (BASE onward).
@@ -1806,9 +2284,21 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
         model.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
         opt.zero_grad()
+    needs_hessians = h.quant_method == "gptq"
+    reserve = 0.0
+    if needs_hessians and h.max_wallclock_seconds > 0:
+        # Hessians read training data, so they must end inside the wallclock (pitfalls D, PR #1868).
+        reserve = h.gptq_reserve if h.gptq_reserve is not None else measure_gptq_reserve(h, d, model, make_loader)
+        log(format_kv(gptq_reserve=f"{reserve:.2f}s", mode=h.gptq_reserve_seconds,
+                      calibration_batches=h.gptq_calibration_batches))
+        if reserve >= h.max_wallclock_seconds:
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds!r} is not allowed: the reserve "
+                              f"({reserve:.1f}s) leaves no training time under MAX_WALLCLOCK_SECONDS="
+                              f"{h.max_wallclock_seconds:g}; lower GPTQ_CALIBRATION_BATCHES or the reserve")
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     loader = make_loader()
-    cap = h.max_wallclock_seconds
+    cap = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
+    qat_pending = h.late_qat_threshold > 0
     train_time, step, stopped_by = 0.0, 0, "iterations"
     tokens_per_step = h.train_batch_tokens
     try:
@@ -1818,7 +2308,14 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
             if not model.looping and looping_due(h, step, frac):
                 model.set_looping(True)
                 log(format_kv(layer_loop="enabled", step=step, frac=f"{frac:.3f}") + " " + model.layout_summary())
-            scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
+            if h.warmdown_iters:
+                scale = lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr)
+            else:
+                scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
+            if qat_pending and scale < h.late_qat_threshold:
+                qat_pending = False
+                n = model.set_qat(True)
+                log(format_kv(late_qat="enabled", step=step, lr_scale=f"{scale:.4f}", matrices=n))
             opt.set_schedule(scale, step)
             loss = train_step(compiled, loader, opt, h, d.world_size, d.device)
             if ema is not None:
@@ -1851,9 +2348,32 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 log(format_kv(stopping_early="wallclock_cap", train_time=f"{train_time * 1000:.0f}ms",
                               step=f"{step}/{h.iterations}"))
                 break
+        model.set_qat(False)
+        if ema is not None:
+            ema.apply_to(model)
+            log("ema:applied EMA weights")
+        hessians, calib_s = None, 0.0
+        if needs_hessians:
+            synchronize(d.device)
+            t0 = time.perf_counter()
+            hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches)
+            synchronize(d.device)
+            calib_s = time.perf_counter() - t0
     finally:
         loader.close()
-    return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by), ema
+    access_end = train_time + calib_s
+    if needs_hessians:
+        log(format_kv(gptq_calibration="train_data", batches=h.gptq_calibration_batches,
+                      tokens=h.gptq_calibration_batches * h.train_batch_tokens, time=f"{calib_s * 1000:.0f}ms",
+                      train_data_access_end=f"{access_end * 1000:.0f}ms",
+                      cap=f"{h.max_wallclock_seconds * 1000:.0f}ms" if h.max_wallclock_seconds > 0 else "none"))
+        if h.max_wallclock_seconds > 0 and access_end > h.max_wallclock_seconds:
+            log("WARNING: " + "!" * 60)
+            log(f"WARNING: training data was read until {access_end:.2f}s, after the {h.max_wallclock_seconds:g}s "
+                f"cap: raise GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)")
+            log("WARNING: " + "!" * 60)
+    return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by, reserve, calib_s * 1000,
+                       access_end * 1000, hessians)
 
 # ==== Main ====
 
@@ -1924,10 +2444,15 @@ def run(h: Hyperparameters) -> int:
         code_path = Path(__file__).resolve()
         code = code_path.read_bytes()
         backend = select_attention_backend(d.device)
+        if h.eval_only:
+            state, meta = read_artifact(Path(h.artifact), with_meta=True)
+            h = eval_only_config(h, meta, code, h.artifact)
         data = None if h.dry_run else prepare_data(h, d, log)
         versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
         torch.manual_seed(h.seed)
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
+        if h.eval_only and not h.dry_run:
+            return evaluate_artifact(h, d, model, data, code, meta, state, versions, backend, log)
         opt = Optimizers(model, h, d.rank, d.world_size)
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         log(format_kv(layers="plain") + " " + model.layout_summary())
@@ -1954,6 +2479,42 @@ def run(h: Hyperparameters) -> int:
             dist.destroy_process_group()
 
 
+def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
+    """Log the artifact bytes against the target and the challenge cap; loud when over either."""
+    bytes_total = bytes_model + bytes_code
+    log(format_kv(bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_total, target=h.target_bytes,
+                  limit=ARTIFACT_LIMIT_BYTES))
+    for what, limit in (("TARGET_BYTES", h.target_bytes), ("challenge", ARTIFACT_LIMIT_BYTES)):
+        if bytes_total > limit:
+            log("WARNING: " + "!" * 60)
+            log(f"WARNING: bytes_total {bytes_total:,} is OVER the {what} limit of {limit:,} bytes by "
+                f"{bytes_total - limit:,} bytes" + (": this run is not a valid submission" if what == "challenge" else ""))
+            log("WARNING: " + "!" * 60)
+    return bytes_total
+
+
+def finish(h: Hyperparameters, d: DistInfo, final: EvalResult, eval_time_ms: float, bytes_model: int, bytes_code: int,
+           train_time_ms: float, steps: int, metrics: dict[str, Any], log: Logger) -> int:
+    """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
+    bytes_total = bytes_model + bytes_code
+    metrics.update({"run_id": h.run_id, "eval": "roundtrip", "val_loss": final.val_loss, "val_bpb": final.val_bpb,
+                    "val_tokens": final.tokens, "val_bytes": final.bytes, "bytes_total": bytes_total,
+                    "bytes_model": bytes_model, "bytes_code": bytes_code,
+                    "over_limit": bytes_total > ARTIFACT_LIMIT_BYTES, "train_time_ms": round(train_time_ms),
+                    "eval_time_ms": round(eval_time_ms), "steps": steps, "world_size": d.world_size,
+                    "config": h.knob_values()})
+    if d.is_main:
+        atomic_write_bytes(Path(h.log_dir) / f"{h.run_id}.json",
+                           (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode())
+    log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:roundtrip bytes_total:{bytes_total} "
+        f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
+        f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
+    # Leave together: a rank that exits right after its last all-reduce can abort in interpreter
+    # finalization while Gloo's worker thread still releases that collective's tensors (needs the GIL).
+    barrier()
+    return 0
+
+
 def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimizers, data: DataBundle, code: bytes,
                        versions: dict[str, str], backend: str, log: Logger) -> int:
     val_tokens, luts, fingerprint = data.val_tokens, data.luts, data.fingerprint
@@ -1967,60 +2528,107 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
         return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
                            h.seed, h.vocab_size, d.device)
 
-    result, ema = train(h, d, model, compiled, opt, make_loader, evaluate, log)
+    result = train(h, d, model, compiled, opt, make_loader, evaluate, log)
     wait_frac = result.data_wait_ms / max(result.train_time_ms, 1e-9)
     log(format_kv(train_done=result.stopped_by, steps=result.steps, train_time=f"{result.train_time_ms:.0f}ms",
                   data_wait=f"{result.data_wait_ms:.0f}ms", data_wait_frac=f"{wait_frac:.4f}"))
-    if ema is not None:
-        ema.apply_to(model)
-        log("ema:applied EMA weights")
     pre = evaluate()
     log(format_kv(pre_quant_val_loss=f"{pre.val_loss:.8f}", val_bpb=f"{pre.val_bpb:.8f}",
                   eval_time=f"{pre.seconds * 1000:.0f}ms"))
 
-    # Serialize first, then score the round-tripped weights (pitfalls E: the artifact exists even if
-    # a later phase dies; PG: the score always comes from what was written).
+    # Quantize to fit, serialize, then score the round-tripped weights (pitfalls E: the artifact exists
+    # even if a later phase dies; the score always comes from what was written).
     artifact_path = Path(h.log_dir) / f"{h.run_id}.ptz"
+    bytes_code = len(code)
+    log(format_kv(code_bytes=bytes_code, code_bytes_packed=len(self_extracting_source(code)),
+                  note="packed = the LZMA self-extracting script records/pack.py would ship"))
+    budget = h.target_bytes - h.size_margin_bytes - bytes_code
+    log(format_kv(target_bytes=h.target_bytes, target_note="decimal bytes (TARGET_MB=15.9 means 15,900,000; "
+                  "15.9 MiB would be over the 16,000,000 cap)", size_margin=h.size_margin_bytes, model_budget=budget))
+    spec = QuantSpec.from_hparams(h)
+    quant_report: dict[str, Any] = {}
     if d.is_main:
-        atomic_write_bytes(artifact_path, pack_artifact(model.state_dict()))
+        # Only what decides the weights and their evaluation: the same run twice writes the same bytes.
+        config = {k: v for k, v in h.knob_values().items() if k.lower() not in EVAL_ONLY_ENV_KNOBS}
+        meta = {"code_sha256": hashlib.sha256(code).hexdigest(), "config": config, "steps": result.steps,
+                "looping": model.looping}
+        fit = fit_artifact(model.state_dict(), spec, result.hessians, budget, meta, log)
+        atomic_write_bytes(artifact_path, fit.blob)
+        quant_report = {"fits": fit.fits, "attempts": fit.attempts, "quant_seconds": fit.quant_seconds,
+                        "clip_sigmas": dict(fit.spec.clip), "bits": dict(fit.spec.bits), "entropy": fit.entropy}
+        log(format_kv(quant=spec.method, fits=int(fit.fits), attempts=len(fit.attempts),
+                      quant_time=f"{fit.quant_seconds * 1000:.0f}ms",
+                      **{f"k_{g}": f"{k:.3f}" for g, k in fit.spec.clip}, **{f"bits_{g}": b for g, b in fit.spec.bits}))
+        for group, e in fit.entropy.items():
+            log(format_kv(quant_group=group, params=e["params"], entropy_bits_per_param=f"{e['entropy_bits_per_param']:.4f}",
+                          entropy_bytes=round(e["entropy_bytes"])))
+        if not fit.fits:
+            log(f"WARNING: the artifact did not fit the budget of {budget:,} model bytes after {len(fit.attempts)} "
+                f"attempts; raise MATRIX_CLIP_SIGMAS or lower MATRIX_BITS")
     barrier()
     t_eval = time.perf_counter()
     model.load_state_dict(read_artifact(artifact_path), strict=True)
     final = evaluate()
     eval_time_ms = (time.perf_counter() - t_eval) * 1000
-    bytes_model, bytes_code = artifact_path.stat().st_size, len(code)
-    bytes_total = bytes_model + bytes_code
     log(format_kv(roundtrip_val_loss=f"{final.val_loss:.8f}", val_bpb=f"{final.val_bpb:.8f}",
-                  eval_time=f"{eval_time_ms:.0f}ms", val_tokens=final.tokens, val_bytes=final.bytes))
-    log(format_kv(artifact=artifact_path, bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_total,
-                  limit=ARTIFACT_LIMIT_BYTES))
-    if bytes_total > ARTIFACT_LIMIT_BYTES:
-        log("WARNING: " + "!" * 60)
-        log(f"WARNING: bytes_total {bytes_total} is OVER the {ARTIFACT_LIMIT_BYTES:,} byte limit by "
-            f"{bytes_total - ARTIFACT_LIMIT_BYTES:,} bytes: this run is not a valid submission")
-        log("WARNING: " + "!" * 60)
+                  eval_time=f"{eval_time_ms:.0f}ms", val_tokens=final.tokens, val_bytes=final.bytes,
+                  quant_gap_bpb=f"{final.val_bpb - pre.val_bpb:.6f}"))
+    bytes_model = artifact_path.stat().st_size
+    log(format_kv(artifact=artifact_path))
+    report_size(h, bytes_model, bytes_code, log)
     if d.device.type == "cuda":
         log(format_kv(peak_memory_allocated=f"{torch.cuda.max_memory_allocated(d.device) // 2**20}MiB"))
     metrics = {
-        "run_id": h.run_id, "eval": "roundtrip", "val_loss": final.val_loss, "val_bpb": final.val_bpb,
-        "val_tokens": final.tokens, "val_bytes": final.bytes,
-        "pre_quant": {"val_loss": pre.val_loss, "val_bpb": pre.val_bpb},
-        "bytes_total": bytes_total, "bytes_model": bytes_model, "bytes_code": bytes_code,
-        "over_limit": bytes_total > ARTIFACT_LIMIT_BYTES, "train_time_ms": round(result.train_time_ms),
-        "eval_time_ms": round(eval_time_ms), "steps": result.steps, "stopped_by": result.stopped_by,
-        "data_wait_ms": round(result.data_wait_ms), "world_size": d.world_size, "attention_backend": backend,
-        "code_sha256": hashlib.sha256(code).hexdigest(), "config": h.knob_values(), "versions": versions,
-        "dataset": fingerprint, "artifact": str(artifact_path),
+        "pre_quant": {"val_loss": pre.val_loss, "val_bpb": pre.val_bpb}, "stopped_by": result.stopped_by,
+        "data_wait_ms": round(result.data_wait_ms), "attention_backend": backend,
+        "gptq_reserve_s": result.gptq_reserve_s, "calib_ms": round(result.calib_ms),
+        "train_data_access_end_ms": round(result.data_access_end_ms), "quant": quant_report,
+        "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes_packed": len(self_extracting_source(code)),
+        "versions": versions, "dataset": fingerprint, "artifact": str(artifact_path),
     }
-    if d.is_main:
-        atomic_write_bytes(Path(h.log_dir) / f"{h.run_id}.json", (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
-    log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:roundtrip bytes_total:{bytes_total} "
-        f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(result.train_time_ms)} "
-        f"eval_time_ms:{round(eval_time_ms)} steps:{result.steps}")
-    # Leave together: a rank that exits right after its last all-reduce can abort in interpreter
-    # finalization while Gloo's worker thread still releases that collective's tensors (needs the GIL).
-    barrier()
-    return 0
+    return finish(h, d, final, eval_time_ms, bytes_model, bytes_code, result.train_time_ms, result.steps, metrics, log)
+
+
+# Knobs EVAL_ONLY takes from the environment; every other knob comes from the artifact's own config.
+EVAL_ONLY_ENV_KNOBS = frozenset({
+    "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device",
+    "compute_dtype", "compile", "dry_run", "strict_env", "val_batch_tokens", "eval_only", "artifact",
+})
+
+
+def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, source: str) -> Hyperparameters:
+    """EVAL_ONLY: the model and quantization knobs of the run that wrote the artifact, checked against
+    the code that wrote it (a reviewer re-scores a submission with the script it shipped)."""
+    sha = hashlib.sha256(code).hexdigest()
+    if meta.get("code_sha256") != sha:
+        raise ArtifactError(f"{source}: written by code sha256 {meta.get('code_sha256')}, but this script is {sha}: "
+                            f"re-score an artifact with the train_gpt.py that made it")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{source}: artifact has no config metadata")
+    names = {f.name for f in Hyperparameters.knob_fields()}
+    taken = {k.lower(): v for k, v in config.items() if k.lower() in names and k.lower() not in EVAL_ONLY_ENV_KNOBS}
+    return dataclasses.replace(h, **taken)
+
+
+def evaluate_artifact(h: Hyperparameters, d: DistInfo, model: GPT, data: DataBundle, code: bytes, meta: dict[str, Any],
+                      state: dict[str, Tensor], versions: dict[str, str], backend: str, log: Logger) -> int:
+    """EVAL_ONLY=1: score an existing artifact exactly as the training run did, without training."""
+    compiled = torch.compile(model, dynamic=False, fullgraph=True) if h.compile else model
+    t_eval = time.perf_counter()
+    model.load_state_dict(state, strict=True)
+    model.set_looping(bool(meta.get("looping", False)))  # as the training run's own round-trip eval
+    final = eval_val(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.val_batch_seqs, d.rank, d.world_size,
+                     d.device, h.compute_dtype)
+    eval_time_ms = (time.perf_counter() - t_eval) * 1000
+    log(format_kv(eval_only=h.artifact, roundtrip_val_loss=f"{final.val_loss:.8f}", val_bpb=f"{final.val_bpb:.8f}",
+                  eval_time=f"{eval_time_ms:.0f}ms", val_tokens=final.tokens, val_bytes=final.bytes))
+    bytes_model = Path(h.artifact).stat().st_size
+    report_size(h, bytes_model, len(code), log)
+    metrics = {"eval_only": True, "artifact": h.artifact, "code_sha256": hashlib.sha256(code).hexdigest(),
+               "versions": versions, "dataset": data.fingerprint, "attention_backend": backend}
+    # train_time_ms:0: nothing was trained here (the training run's log has its time).
+    return finish(h, d, final, eval_time_ms, bytes_model, len(code), 0, meta.get("steps", 0), metrics, log)
 
 
 def main(env: Mapping[str, str] | None = None) -> int:

@@ -1,10 +1,10 @@
-"""Artifact format: per-row int8 quantization, byte shuffling, pack/unpack, corruption and atomic writes.
+"""Artifact format: SDClip round-to-nearest rows, byte shuffling, pack/unpack, corruption and atomic writes.
 
 Run:
     python -m pytest -q tests/test_artifact.py          # fast (< 30 s), no data files needed
 
 Everything here calls train_gpt.py in-process (importing it has no side effects): the quantizer
-and its error bound, byte_shuffle/byte_unshuffle, pack_artifact/unpack_artifact round trips of a
+(SDClip scales, range and error bound), byte_shuffle/byte_unshuffle, pack_artifact/unpack_artifact round trips of a
 real tiny GPT and of a hand-made state dict, determinism of the packed bytes, the pickle-free body
 layout, ArtifactError for every kind of damaged artifact, and atomic_write_bytes under failures.
 """
@@ -25,6 +25,7 @@ import torch
 import train_gpt as tg
 
 PREFIX = tg.ARTIFACT_PREFIX.size  # magic(8) | version(u16) | crc32(u32) | body length(u64) = 22 bytes
+SPEC = tg.QuantSpec()  # what pack_artifact uses without a spec: round to nearest, int6 matrices, int7 tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,8 +34,8 @@ PREFIX = tg.ARTIFACT_PREFIX.size  # magic(8) | version(u16) | crc32(u32) | body 
 
 
 def tiny_config(tie_embeddings: bool = True) -> tg.ModelConfig:
-    # vocab 1024 x dim 128 = 131,072 elements > QUANT_MIN_NUMEL: the embedding (and the untied head)
-    # take the int8 path, every block matrix (<= 32,768 elements) the fp16 path.
+    # Block matrices take the int6 path, the embedding (and the untied head) int7, the control
+    # tensors (scales, resid_mix, skip weights) the fp16 path.
     return tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2,
                           mlp_mult=2.0, tie_embeddings=tie_embeddings, tied_embed_init_std=0.005,
                           logit_softcap=30.0, rope_base=10000.0, qk_gain_init=1.5)
@@ -46,23 +47,23 @@ def tiny_gpt_state(tie_embeddings: bool = True, seed: int = 0) -> dict[str, torc
     with torch.no_grad():  # move away from the zero/one inits so every tensor carries information
         for name, p in model.named_parameters():
             if name == "blocks.1.mlp.proj.weight":
-                continue  # keep one all-zero matrix (as initialized) in the fp16 path
+                continue  # keep one all-zero matrix (as initialized) on the quantized path
             p.add_(torch.randn_like(p) * 0.02)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def hand_made_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
-    big = torch.randn(300, 256, generator=g)  # 76,800 > 65,536: int8 per row
+    big = torch.randn(300, 256, generator=g)  # a block matrix: int6 rows
     big[3] = 0.0  # an all-zero row must not give NaN
     big[7] *= 1e-3  # a row of tiny values
-    big[11, 5] = 40.0  # one outlier dominating its row's scale
+    big[11, 5] = 40.0  # one outlier, clipped at k standard deviations of its row
     return {
-        "big.fp32": big,
-        "big.bf16": (torch.randn(257, 300, generator=g) * 0.1).to(torch.bfloat16),  # int8, back to bf16
-        "big.fp16": (torch.randn(290, 240, generator=g) * 0.05).half(),  # 69,600: int8, back to fp16
-        "edge.fp32": torch.randn(256, 256, generator=g),  # exactly 65,536: NOT quantized (fp16 path)
-        "cube.fp32": torch.randn(2, 200, 200, generator=g),  # 80,000 but 3-D: fp16 path
+        "blocks.0.mlp.fc.weight": big,
+        "blocks.0.attn.c_q.weight": (torch.randn(257, 300, generator=g) * 0.1).to(torch.bfloat16),  # back to bf16
+        "tok_emb.weight": (torch.randn(290, 240, generator=g) * 0.05).half(),  # int7 table, back to fp16
+        "skip_weights": torch.randn(256, 256, generator=g),  # a 2-D control tensor: fp16 path
+        "cube.fp32": torch.randn(2, 200, 200, generator=g),  # 3-D: fp16 path
         "small.fp32": torch.randn(10, 7, generator=g) * 3.0,
         "vec.fp32": torch.randn(33, generator=g),
         "scalar.fp32": torch.tensor(1.2345678),
@@ -73,8 +74,22 @@ def hand_made_state() -> dict[str, torch.Tensor]:
     }
 
 
-def is_quantized(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.ndim == 2 and t.numel() > tg.QUANT_MIN_NUMEL
+def assert_sdclip_bound(name: str, orig: torch.Tensor, got: torch.Tensor, bits: int, k: float) -> None:
+    """Round to nearest on the SDClip grid: within the clip the error is at most half a step; beyond
+    it the value comes back as +-clip (plus the rounding to the original dtype)."""
+    w = orig.float()
+    scale = tg.sdclip_scales(w, bits, k).float()[:, None]
+    clip = scale * tg.qmax(bits)
+    expected = torch.maximum(torch.minimum(w, clip), -clip)
+    err = (got.float() - expected).abs()
+    tol = scale / 2 * (1 + 1e-3) + w.abs() * torch.finfo(orig.dtype).eps + 1e-12
+    worst = (err - tol).max().item()
+    assert worst <= 0, f"{name}: round trip error exceeds scale/2 by {worst}"
+    assert torch.isfinite(got).all(), name
+
+
+def is_quantized(name: str, t: torch.Tensor) -> bool:
+    return tg.is_quantized(name, t)
 
 
 def assert_close_to_original(name: str, orig: torch.Tensor, got: torch.Tensor) -> None:
@@ -82,21 +97,16 @@ def assert_close_to_original(name: str, orig: torch.Tensor, got: torch.Tensor) -
     assert tuple(got.shape) == tuple(orig.shape), name
     if not orig.is_floating_point():
         assert torch.equal(got, orig), f"{name}: non-float tensor not restored exactly"
-    elif is_quantized(orig):
-        w = orig.float()
-        q, scale = tg.quantize_rows_int8(orig)
-        err = (got.float() - w).abs()
-        # Per-row int8 bound, plus the rounding of the dequantized value to the original dtype.
-        tol = scale.float()[:, None] / 2 * (1 + 1e-3) + w.abs() * torch.finfo(orig.dtype).eps + 1e-12
-        worst = (err - tol).max().item()
-        assert worst <= 0, f"{name}: int8 round trip error exceeds scale/2 by {worst}"
-        assert torch.isfinite(got).all(), name
+    elif is_quantized(name, orig):
+        group = tg.quant_group(name)
+        assert_sdclip_bound(name, orig, got, SPEC.bits_of(group), SPEC.clip_of(group))
     else:
         assert torch.equal(got, orig.half().to(orig.dtype)), f"{name}: small tensor != its fp16 rounding"
 
 
 def body_of(blob: bytes) -> bytes:
-    return brotli.decompress(blob[PREFIX:])
+    assert blob[PREFIX] == tg.ARTIFACT_COMPRESSOR_IDS["brotli"]
+    return brotli.decompress(blob[PREFIX + 1:])
 
 
 def read_header(blob: bytes) -> tuple[dict, bytes]:
@@ -107,7 +117,7 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
 
 def reprefix(body: bytes, version: int = tg.ARTIFACT_VERSION) -> bytes:
     """A well-formed prefix (magic, version, CRC, length) around an arbitrary brotli-compressed body."""
-    compressed = brotli.compress(body, quality=1)
+    compressed = bytes([tg.ARTIFACT_COMPRESSOR_IDS["brotli"]]) + brotli.compress(body, quality=1)
     return tg.ARTIFACT_PREFIX.pack(tg.ARTIFACT_MAGIC, version, zlib.crc32(compressed), len(compressed)) + compressed
 
 
@@ -132,33 +142,45 @@ def hand_blob(hand_state) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# quantize_rows_int8 / dequantize_rows
+# SDClip scales, round to nearest, dequantize_rows
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bits, k", [(6, 12.85), (8, 20.0), (7, 14.0), (4, 3.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_quantize_rows_int8_range_scale_and_error(dtype):
+def test_sdclip_rtn_range_scale_and_error(dtype, bits, k):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 300, generator=g) * torch.logspace(-2, 1, 64)[:, None]
-    w[5, 17] = -50.0  # an outlier that sets its row's scale
+    w[5, 17] = -50.0  # an outlier beyond the clip
     w = w.to(dtype)
-    q, scale = tg.quantize_rows_int8(w)
-
+    scale = tg.sdclip_scales(w, bits, k)
+    q = tg.quantize_rtn(w, scale, bits)
+    r = tg.qmax(bits)
+    assert r == 2 ** (bits - 1) - 1
     assert q.dtype == torch.int8 and tuple(q.shape) == tuple(w.shape)
     assert scale.dtype == torch.float16 and tuple(scale.shape) == (w.shape[0],)
-    assert int(q.min()) >= -127 and int(q.max()) <= 127, "int8 values must stay in [-127, 127] (no -128)"
-    # Scale is max|row| / 127 rounded to fp16 (all these rows are far above the fp16 normal range floor).
-    expected = (w.float().abs().amax(dim=1) / 127).half()
-    assert torch.equal(scale, expected)
-    # Every row uses the full range: the element with the largest magnitude maps to +-127.
-    assert torch.equal(q.abs().amax(dim=1), torch.full((w.shape[0],), 127, dtype=torch.int8))
-
+    assert int(q.min()) >= -r and int(q.max()) <= r, f"values must stay in [-{r}, {r}]"
+    # The step is k * std(row) / qmax, rounded to fp16.
+    assert torch.equal(scale, (k * w.float().std(dim=1, correction=0) / r).half())
     deq = tg.dequantize_rows(q, scale, torch.float32)
-    assert deq.dtype == torch.float32
-    err = (deq - w.float()).abs()
-    tol = scale.float()[:, None] / 2 * (1 + 1e-3)  # + fp16 rounding of the scale (clamped maxima)
-    assert (err <= tol).all(), f"max excess {(err - tol).max().item()}"
-    assert tg.dequantize_rows(q, scale, dtype).dtype == dtype
+    assert deq.dtype == torch.float32 and tg.dequantize_rows(q, scale, dtype).dtype == dtype
+    assert_sdclip_bound("w", w, deq.to(dtype), bits, k)
+    beyond = w.float().abs() >= scale.float()[:, None] * r
+    assert torch.equal(q[beyond].abs(), torch.full_like(q[beyond], r)), "values past the clip use the grid's end"
+    if bits == 4:
+        assert beyond[5, 17], "test setup: at k=3 the outlier lies beyond the clip"
+
+
+def test_larger_k_means_fewer_levels_and_lower_entropy():
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(1))
+    ent = []
+    for k in (4.0, 8.0, 16.0):
+        q = tg.quantize_rtn(w, tg.sdclip_scales(w, 6, k), 6)
+        ent.append(tg.quant_entropy_bytes({"m": tg.QuantTensor("mlp", 6, q, torch.ones(256).half(), torch.float32,
+                                                                "rtn")})["mlp"]["entropy_bits_per_param"])
+    assert ent[0] > ent[1] > ent[2], ent
+    # Doubling k removes about one bit per parameter (PR #1394's entropy argument).
+    assert 0.8 < ent[1] - ent[2] < 1.2 and 0.8 < ent[0] - ent[1] < 1.2, ent
 
 
 def test_quantize_zero_and_tiny_rows_are_finite():
@@ -166,12 +188,12 @@ def test_quantize_zero_and_tiny_rows_are_finite():
     w[1] = 1e-30  # far below fp16's range: the scale must not underflow to 0
     w[2, 3] = -1e-7
     w[3] = torch.linspace(-1, 1, 100)
-    q, scale = tg.quantize_rows_int8(w)
+    scale = tg.sdclip_scales(w, 6, 12.0)
+    q = tg.quantize_rtn(w, scale, 6)
     assert torch.isfinite(scale.float()).all() and (scale.float() > 0).all()
     deq = tg.dequantize_rows(q, scale, torch.float32)
     assert torch.isfinite(deq).all()
     assert torch.equal(deq[0], torch.zeros(100)), "a zero row must come back exactly zero"
-    assert (deq[:3].abs() <= scale.float()[:3, None] / 2).all()
     assert ((deq[3] - w[3]).abs() <= scale.float()[3] / 2 * (1 + 1e-3)).all()
 
 
@@ -220,8 +242,8 @@ def test_byte_shuffle_roundtrip_every_length_residue(stride):
 
 
 def test_roundtrip_real_tiny_gpt(gpt_state, gpt_blob):
-    assert any(is_quantized(t) for t in gpt_state.values()), "test setup: nothing takes the int8 path"
-    assert any(not is_quantized(t) for t in gpt_state.values())
+    assert any(is_quantized(n, t) for n, t in gpt_state.items()), "test setup: nothing is quantized"
+    assert any(not is_quantized(n, t) for n, t in gpt_state.items())
     out = tg.unpack_artifact(gpt_blob, source="tiny.ptz")
     assert sorted(out) == sorted(gpt_state), "same tensor names as the input"
     for name, orig in gpt_state.items():
@@ -237,7 +259,7 @@ def test_roundtrip_real_tiny_gpt(gpt_state, gpt_blob):
 
 
 def test_roundtrip_untied_head_zero_rows():
-    # The untied head is zero-initialised: 1024 all-zero rows on the int8 path.
+    # The untied head is zero-initialised: 1024 all-zero rows on the quantized path.
     state = tiny_gpt_state(tie_embeddings=False, seed=1)
     with torch.no_grad():
         state["lm_head.weight"].zero_()
@@ -253,21 +275,23 @@ def test_roundtrip_hand_made_dict(hand_state, hand_blob):
     assert set(out) == set(hand_state)
     for name, orig in hand_state.items():
         assert_close_to_original(name, orig, out[name])
-    assert torch.equal(out["big.fp32"][3], torch.zeros(256)), "zero row"
+    assert torch.equal(out["blocks.0.mlp.fc.weight"][3], torch.zeros(256)), "zero row"
     assert out["scalar.fp32"].shape == torch.Size([])
     # The kinds actually chosen by the packer.
     header, _ = read_header(hand_blob)
     kinds = {e["name"]: e["kind"] for e in header["tensors"]}
-    assert kinds["big.fp32"] == kinds["big.bf16"] == kinds["big.fp16"] == "int8_row"
-    assert kinds["edge.fp32"] == kinds["cube.fp32"] == kinds["small.fp32"] == kinds["small.bf16"] == "fp16"
+    bits = {e["name"]: e.get("bits") for e in header["tensors"]}
+    assert kinds["blocks.0.mlp.fc.weight"] == kinds["blocks.0.attn.c_q.weight"] == kinds["tok_emb.weight"] == "intq_row"
+    assert bits["blocks.0.mlp.fc.weight"] == bits["blocks.0.attn.c_q.weight"] == 6 and bits["tok_emb.weight"] == 7
+    assert kinds["skip_weights"] == kinds["cube.fp32"] == kinds["small.fp32"] == kinds["small.bf16"] == "fp16"
     assert kinds["steps.int64"] == kinds["ids.int32"] == kinds["codes.int8"] == "raw"
 
 
 def test_unpacked_tensors_are_independent_and_writable(hand_blob):
     a = tg.unpack_artifact(hand_blob)
     b = tg.unpack_artifact(hand_blob)
-    a["big.fp32"].add_(1.0)  # must not raise (non-writable buffer) nor alias the other load
-    assert not torch.equal(a["big.fp32"], b["big.fp32"])
+    a["blocks.0.mlp.fc.weight"].add_(1.0)  # must not raise (non-writable buffer) nor alias the other load
+    assert not torch.equal(a["blocks.0.mlp.fc.weight"], b["blocks.0.mlp.fc.weight"])
 
 
 def test_pack_is_deterministic_and_order_independent(gpt_state, gpt_blob, hand_state, hand_blob):
@@ -280,7 +304,7 @@ def test_pack_is_deterministic_and_order_independent(gpt_state, gpt_blob, hand_s
     assert order != names
     other = {n: (hand_state[n].t().contiguous().t() if hand_state[n].ndim == 2 else hand_state[n].clone())
              for n in order}
-    assert not other["big.fp32"].is_contiguous()
+    assert not other["blocks.0.mlp.fc.weight"].is_contiguous()
     assert tg.pack_artifact(other) == hand_blob
 
 
@@ -364,7 +388,7 @@ def test_wrong_magic(tmp_path, gpt_blob):
     expect_artifact_error(write(tmp_path, "zeros.ptz", bytes(len(gpt_blob))), "magic")
 
 
-@pytest.mark.parametrize("version", [0, 2, 65535])
+@pytest.mark.parametrize("version", [0, 1, 3, 65535])  # 1: the int8 format of the walking skeleton
 def test_wrong_version(tmp_path, gpt_blob, version):
     blob = bytearray(gpt_blob)
     struct.pack_into("<H", blob, 8, version)

@@ -9,6 +9,7 @@ tests build a clean child environment without knobs or torchrun variables.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -86,7 +87,10 @@ def test_knob_names_are_upper_case_fields_and_unique():
 # numbers and bools derived from the default).
 STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_path": "/tok/x.model",
                  "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
-                 "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj"}
+                 "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj", "quant_method": "rtn",
+                 "gptq_reserve_seconds": "8.5", "compressor": "lzma", "artifact": "/tmp/x.ptz"}
+# Knobs that are only valid together with another one.
+OVERRIDE_COMPANIONS = {"eval_only": {"ARTIFACT": "/tmp/x.ptz"}}
 
 
 def _override_candidates(f) -> list[str]:
@@ -107,7 +111,7 @@ def test_every_knob_can_be_overridden(f):
         pytest.skip(f"no override value chosen for new str knob {f.name.upper()}")
     for raw in candidates:  # the first value that passes the cross-field checks with the other defaults
         try:
-            h = H.from_env({f.name.upper(): raw})
+            h = H.from_env({f.name.upper(): raw, **OVERRIDE_COMPANIONS.get(f.name, {})})
             break
         except tg.ConfigError as exc:
             assert f.name.upper() in str(exc) or "TRAIN_BATCH_TOKENS" in str(exc) or "VAL_BATCH" in str(exc)
@@ -119,8 +123,9 @@ def test_every_knob_can_be_overridden(f):
     expected = {bool: lambda s: s == "1", int: int, float: float, str: str}[type(f.default)](raw)
     assert got == expected
     # nothing else moved
-    others = {k: v for k, v in h.knob_values().items() if k != f.name.upper()}
-    assert others == {k: v for k, v in H().knob_values().items() if k != f.name.upper()}
+    moved = {f.name.upper(), *OVERRIDE_COMPANIONS.get(f.name, {})}
+    others = {k: v for k, v in h.knob_values().items() if k not in moved}
+    assert others == {k: v for k, v in H().knob_values().items() if k not in moved}
 
 
 @pytest.mark.parametrize("env, field_name, value", [
@@ -353,9 +358,9 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"GPTQ_DAMP": "0.01"}, {"TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
-                                 {"TRIGRAM": "1"}, {"COMPRESSOR": "lzma"}, {"MLP_ACT": "gelu"},
-                                 {"LQER_ENABLED": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
+@pytest.mark.parametrize("env", [{"GPTQ_AR_SELFGEN": "1"}, {"TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
+                                 {"TRIGRAM": "1"}, {"COMPRESSOR": "zstd"}, {"MLP_ACT": "gelu"},
+                                 {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_on_raises(env):
     (name, value), = env.items()
@@ -518,6 +523,61 @@ def test_legacy_recurrence_and_parallel_names():
                        ({"PARALLEL_RESIDUAL": "1", "PARALLEL_MODE": "off"}, ["PARALLEL_RESIDUAL", "PARALLEL_MODE"]),
                        ({"PARALLEL_RESIDUAL": "2"}, ["PARALLEL_RESIDUAL"])):
         assert_one_line_naming(config_error(env), *names)
+
+
+# The design documents' run commands (PR #1392 / PR #1290 style), as users paste them.
+SEED_COMMANDS = [
+    'VOCAB_SIZE=4096 MLP_MULT=4.0 QK_GAIN_INIT=5.0 MUON_EQ_R=1 RECUR_LAYERS="4,5" RECUR_START_STEP=3000 '
+    'PARALLEL_START_LAYER=7 MUON_WD=0.090 ADAM_WD=0.090 WARMDOWN_ITERS=4000 GPTQ_CALIB_BATCHES=128 GPTQ_DAMP=0.01 '
+    'BIGRAM_VOCAB_SIZE=0 TRIGRAM=0 TARGET_MB=15.9 SEED=42',
+    'SEED=42 BIGRAM_VOCAB_SIZE=3072 BIGRAM_DIM=112 WARMDOWN_ITERS=4000 RECUR_LAYERS=4,5 RECUR_START_STEP=3000 '
+    'TARGET_MB=15.9',
+]
+
+
+def _command_env(command: str) -> dict[str, str]:
+    import shlex
+    return dict(tok.split("=", 1) for tok in shlex.split(command))
+
+
+def test_design_document_commands_parse_with_their_meaning():
+    h = H.from_env({"STRICT_ENV": "1", **_command_env(SEED_COMMANDS[0])})
+    assert h.env_warnings == ()
+    assert (h.vocab_size, h.mlp_mult, h.qk_gain_init, h.muon_row_normalize) == (4096, 4.0, 5.0, True)
+    assert (h.num_loops, h.loop_start, h.loop_end, h.looping_start_step) == (1, 4, 5, 3000)
+    assert (h.parallel_start_layer, h.muon_wd, h.adam_wd, h.warmdown_iters) == (7, 0.09, 0.09, 4000)
+    assert (h.gptq_calibration_batches, h.gptq_damp, h.bigram_vocab_size, h.seed) == (128, 0.01, 0, 42)
+    assert h.target_bytes == 15_900_000, "TARGET_MB is decimal megabytes, not MiB"
+    h2 = H.from_env({"STRICT_ENV": "1", **_command_env(SEED_COMMANDS[1])})
+    assert h2.env_warnings == ()
+    assert (h2.bigram_vocab_size, h2.bigram_dim, h2.warmdown_iters, h2.target_bytes) == (3072, 112, 4000, 15_900_000)
+    assert (h2.num_loops, h2.loop_start, h2.loop_end, h2.looping_start_step) == (1, 4, 5, 3000)
+    # Both build (the record shape with these overrides) without error.
+    for hp in (h, h2):
+        tg.GPT(tg.ModelConfig.from_hparams(dataclasses.replace(hp, num_layers=11, model_dim=64, num_heads=2,
+                                                               num_kv_heads=1, vocab_size=256, bigram_dim=16)))
+
+
+def test_target_mb_and_use_gptq_legacy_names():
+    assert H.from_env({"TARGET_MB": "16"}).target_bytes == 16_000_000
+    assert H.from_env({"TARGET_MB": "15.95"}).target_bytes == 15_950_000
+    assert H.from_env({"USE_GPTQ": "0"}).quant_method == "rtn"
+    assert H.from_env({"USE_GPTQ": "1"}).quant_method == "gptq"
+    for env, names in (({"TARGET_MB": "abc"}, ["TARGET_MB", "abc"]), ({"TARGET_MB": "-1"}, ["TARGET_MB"]),
+                       ({"TARGET_MB": "15.9", "TARGET_BYTES": "16000000"}, ["TARGET_MB", "TARGET_BYTES"]),
+                       ({"USE_GPTQ": "yes"}, ["USE_GPTQ"]),
+                       ({"GPTQ_CALIB_BATCHES": "8", "GPTQ_CALIBRATION_BATCHES": "16"}, ["GPTQ_CALIB_BATCHES"]),
+                       ({"GPTQ_RESERVE_SECONDS": "soon"}, ["GPTQ_RESERVE_SECONDS", "soon"]),
+                       ({"EVAL_ONLY": "1"}, ["EVAL_ONLY", "ARTIFACT"])):
+        assert_one_line_naming(config_error(env), *names)
+
+
+def test_clip_sigmas_groups_and_matrix_override():
+    h = H.from_env({})
+    assert (h.clip_sigmas("mlp"), h.clip_sigmas("attn"), h.clip_sigmas("embed")) == (11.5, 13.0, 14.0)
+    h = H.from_env({"MATRIX_CLIP_SIGMAS": "12.85"})
+    assert (h.clip_sigmas("mlp"), h.clip_sigmas("attn"), h.clip_sigmas("embed")) == (12.85, 12.85, 14.0)
+    assert H.from_env({}).gptq_reserve is None and H.from_env({"GPTQ_RESERVE_SECONDS": "8"}).gptq_reserve == 8.0
 
 
 def test_loop_span_must_fit_the_model():

@@ -535,3 +535,21 @@ def test_optimizers_pass_the_muon_knobs_through():
     h = make_hparams(MUON_NS="classic", MUON_ROW_NORMALIZE="0")
     group = tg.Optimizers(build(h), h).muon.param_groups[0]
     assert group["ns_coeffs"] == "classic" and group["row_normalize"] is False
+
+
+def test_warmdown_iters_by_steps_and_by_wallclock_estimate():
+    f = tg.lr_scale_iters
+    # No wallclock cap: linear over the last N of ITERATIONS steps, floored at MIN_LR.
+    assert f(0, 0.0, 1000, 0.0, 200, 0.0) == 1.0
+    assert f(800, 0.0, 1000, 0.0, 200, 0.0) == 1.0
+    assert f(900, 0.0, 1000, 0.0, 200, 0.0) == 0.5
+    assert f(1000, 0.0, 1000, 0.0, 200, 0.0) == 0.0
+    assert f(990, 0.0, 1000, 0.0, 200, 0.1) == 0.1
+    # Under a 600 s cap at 0.1 s/step the run will end near step 6000 (BASE: warmdown_ms = iters * step_ms):
+    # 4000 warmdown iters are 400 s, so the decay starts at 200 s, long before ITERATIONS=20000.
+    assert f(1000, 100.0, 20000, 600.0, 4000, 0.0) == 1.0
+    assert abs(f(3000, 300.0, 20000, 600.0, 4000, 0.0) - 0.75) < 1e-12
+    assert abs(f(5900, 590.0, 20000, 600.0, 4000, 0.0) - 0.025) < 1e-12
+    assert f(6100, 610.0, 20000, 600.0, 4000, 0.0) == 0.0
+    # Step 0 has no step time yet: full LR.
+    assert f(0, 0.0, 20000, 600.0, 4000, 0.0) == 1.0

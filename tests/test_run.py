@@ -270,9 +270,9 @@ def test_tiny_run_log_contents(tiny_run, dataset):
         if not line.startswith("  "):
             break
         block.append(line)
-    keys = [line.strip().split(": ", 1)[0] for line in block]
+    keys = [line.strip().split(":", 1)[0] for line in block]
     assert keys == sorted(keys) and len(keys) == len(set(keys)), "config block must be sorted, no duplicates"
-    config = dict(line.strip().split(": ", 1) for line in block)
+    config = {k: v.strip() for k, _, v in (line.strip().partition(":") for line in block)}
     for key, value in TINY.items():
         assert key.lower() in config, key
     assert config["num_layers"] == "2" and config["model_dim"] == "64" and config["seed"] == "1337"
@@ -362,8 +362,16 @@ def test_wallclock_cap_stops_the_run(dataset, tmp_path):
     times = [0] + [int(s["time"]) for s in steps]
     longest_step = max(b - a for a, b in zip(times, times[1:]))
     train_ms = int(final["train_time_ms"])
+    # The GPTQ reserve (measured during warmup) comes off the training budget: Hessians read training
+    # data and must finish inside the cap too.
+    reserve = [line for line in lines if line.startswith("gptq_reserve:")]
+    assert len(reserve) == 1, reserve
+    cap_ms -= float(re.search(r"gptq_reserve:([\d.]+)s", reserve[0]).group(1)) * 1000
+    assert cap_ms > 0
     assert train_ms <= cap_ms + longest_step, f"train_time_ms {train_ms} > cap {cap_ms} + one step {longest_step}"
     assert train_ms >= cap_ms - 3 * longest_step, f"stopped at {train_ms} ms, long before the cap"
+    calib = [line for line in lines if line.startswith("gptq_calibration:")]
+    assert len(calib) == 1 and "train_data_access_end:" in calib[0] and "cap:3000ms" in calib[0], calib
     assert run.metrics["stopped_by"] == "wallclock" and run.metrics["steps"] == n
 
 
@@ -518,3 +526,33 @@ def test_smoke_preset_learns(tmp_path, record_property):
     if run.wall_s > SMOKE_CI_BUDGET_S:
         warnings.warn(f"{summary}: slower than the {SMOKE_CI_BUDGET_S}s CI budget", UserWarning)
     assert final_bpb <= 0.75 * untrained.val_bpb, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-scoring an artifact: EVAL_ONLY=1 ARTIFACT=...
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_the_training_runs_score(tiny_run, dataset, tmp_path):
+    assert tiny_run.rc == 0, tiny_run.describe()
+    # Model knobs come from the artifact: a different NUM_LAYERS in the environment does not matter.
+    env = tiny_env(dataset, tmp_path, "rescore", EVAL_ONLY=1, ARTIFACT=tiny_run.path("ptz"), NUM_LAYERS=5)
+    run = run_script(tmp_path, env)
+    assert run.rc == 0, run.describe()
+    a, b = tiny_run.final, run.final
+    assert (b["val_loss"], b["val_bpb"], b["bytes_model"], b["bytes_code"], b["steps"]) == (
+        a["val_loss"], a["val_bpb"], a["bytes_model"], a["bytes_code"], a["steps"])
+    assert b["train_time_ms"] == "0"
+    assert not any(line.startswith("step:") for line in run.log_lines), "nothing is trained"
+    assert run.metrics["eval_only"] is True and run.metrics["config"]["NUM_LAYERS"] == TINY["NUM_LAYERS"]
+
+
+def test_eval_only_refuses_an_artifact_from_other_code(tmp_path):
+    h = tg.Hyperparameters.from_env({"EVAL_ONLY": "1", "ARTIFACT": "x.ptz"})
+    meta = {"code_sha256": "0" * 64, "config": {"NUM_LAYERS": 7}}
+    with pytest.raises(tg.ArtifactError, match=r"^x\.ptz: written by code sha256 0+, but this script is"):
+        tg.eval_only_config(h, meta, b"other code", "x.ptz")
+    import hashlib
+    meta["code_sha256"] = hashlib.sha256(b"code").hexdigest()
+    assert tg.eval_only_config(h, meta, b"code", "x.ptz").num_layers == 7

@@ -131,12 +131,17 @@ def _strings_in(node: ast.AST) -> set[str]:
     return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
 
 
+# Methods of Hyperparameters that read every knob by construction: a read there proves nothing.
+PARSING_METHODS = frozenset({"from_env", "__post_init__", "knob_fields", "knob_names", "knob_values"})
+
+
 def find_dead_knobs(source: str, knob_names: Iterable[str]) -> list[str]:
     """Knob field names (lower case) that the code never reads. A knob counts as read when it is
 
     - `h.<knob>` (h: a name called `h` or annotated `Hyperparameters`, or `self.h`) outside the
       parsing/validation methods of Hyperparameters;
-    - `self.<knob>` inside a Hyperparameters property that is itself used (e.g. `h.dataset_dir`);
+    - `self.<knob>` inside a Hyperparameters property or method that is itself used (e.g. `h.dataset_dir`,
+      `h.clip_sigmas("mlp")`);
     - `getattr(h, "<knob>")`, or `getattr(h, TABLE[...])` where TABLE is a module-level constant
       whose strings name the knob (PARAM_GROUPS);
     - `values["<knob>"]` / `values.get("<knob>")` inside from_env (knobs that steer parsing: STRICT_ENV);
@@ -160,7 +165,8 @@ def find_dead_knobs(source: str, knob_names: Iterable[str]) -> list[str]:
         hp_nodes = {id(n) for n in ast.walk(hp)}
         for item in hp.body:
             if isinstance(item, ast.FunctionDef):
-                if any(_dotted(d) == "property" for d in item.decorator_list):
+                # properties and helper methods (h.clip_sigmas(...)) count through their users
+                if item.name not in PARSING_METHODS:
                     property_reads[item.name] = {n.attr for n in ast.walk(item) if isinstance(n, ast.Attribute)
                                                  and isinstance(n.value, ast.Name) and n.value.id == "self"}
                 if item.name == "from_env":
