@@ -1,0 +1,522 @@
+"""Tokenize a documents JSONL into challenge shards: validation = the first --val-docs documents,
+training = every document after them.
+
+The challenge's validation split is the first 50,000 documents of `docs_selected.jsonl`. A prep
+script whose default split point is anything else puts validation documents into the training
+shards (pitfalls.md §B: `--val-docs 10000` leaked 80% of val into train in 15 of 34 audited
+CaseOps-lineage PRs). Here the split is structural: document i goes to val when i < --val-docs and
+to train otherwise, there is no other path, the default is the challenge's 50,000, and the
+manifest states the document ranges, counts, token counts, hashes, and how many training documents
+repeat a validation document's exact text (duplicates inside the source file).
+
+Input: one JSON object per line with a string "text" (the schema of the challenge's
+`docs_selected.jsonl`); other fields are ignored, blank lines are skipped. Each document is stored
+as [BOS] + sp.encode(text), no EOS, concatenated and cut into shards of --shard-tokens tokens in
+the challenge format (train_gpt.write_shard). The tokenizer is a given SentencePiece `.model`
+(--tokenizer) or trained here with the challenge recipe from `data/tokenizer_specs.json` (--spec);
+a trained tokenizer reads only training documents unless --tokenizer-docs all.
+
+Output (--output DIR), built in a temporary folder next to DIR and moved in at the end, manifest
+last, so an interrupted run leaves DIR as it was (or without a manifest), never a half-written shard:
+
+  DIR/fineweb_val_000000.bin ...    DIR/fineweb_train_000000.bin ...
+  DIR/<spec filename>.model/.vocab  (with --spec)
+  DIR/manifest.json
+
+Usage:
+  python data/tokenize_docs.py --docs docs_selected.jsonl --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
+      --output data/datasets/fineweb10B_sp1024_local
+  python data/tokenize_docs.py --docs docs_selected.jsonl --spec sp4096 --output data/datasets/fineweb10B_sp4096_mine
+
+Exit codes: 0 done, 1 failed, 2 bad input (the message names the flag or file line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPECS = Path(__file__).resolve().parent / "tokenizer_specs.json"
+DEFAULT_VAL_DOCS = 50_000  # the challenge's validation split: the first 50,000 documents
+DEFAULT_SHARD_TOKENS = 100_000_000  # the challenge's shard size (10^8 tokens, 200 MB)
+BATCH_DOCS = 512  # documents per SentencePiece encode call: enough to keep every thread busy
+MAX_VOCAB = 2 ** 16  # shards store uint16 token ids
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "parameter-golf-tokenized"
+MANIFEST_VERSION = 1
+
+
+class UsageError(ValueError):
+    """Bad input: the message names the flag or the file line, the value and what is allowed."""
+
+
+def train_gpt():
+    """train_gpt.py owns the shard format, tokenizer checks and byte tables."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import train_gpt as tg
+
+    return tg
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading documents
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Doc:
+    index: int  # 0-based document number (blank lines are not documents)
+    line: int  # 1-based line in the file, for error messages
+    text: str
+
+
+class DocReader:
+    """Streams documents from a JSONL file, hashing the raw bytes and tracking the read offset
+    (for progress) as it goes. Never holds more than one line in memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+        self.offset = 0
+        self.sha256 = hashlib.sha256()
+        self.complete = False
+
+    def __iter__(self) -> Iterator[Doc]:
+        index = 0
+        with open(self.path, "rb") as fh:
+            for line_no, raw in enumerate(fh, 1):
+                self.offset += len(raw)
+                self.sha256.update(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError as exc:
+                    raise UsageError(f"--docs={self.path} line {line_no}: not valid JSON ({exc})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise UsageError(f"--docs={self.path} line {line_no}: expected a JSON object with a string "
+                                     '"text" field')
+                yield Doc(index, line_no, obj["text"])
+                index += 1
+        self.complete = True
+
+
+def batched(docs: Iterator[Doc], n: int) -> Iterator[list[Doc]]:
+    batch: list[Doc] = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def load_specs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return dict(raw["recipe"]), dict(raw["specs"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--specs-file={path}: not a tokenizer spec file ({exc})") from None
+
+
+def load_model(path: Path, flag: str):
+    """A SentencePiece model that train_gpt.py accepts: BOS id 1, a standalone '▁' piece (so its
+    byte tables are right), and ids that fit uint16 shards."""
+    import sentencepiece as spm
+
+    tg = train_gpt()
+    if not path.is_file():
+        raise UsageError(f"{flag}={path}: file not found")
+    try:
+        vocab = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{flag}={path}: not a SentencePiece model ({first})") from None
+    if vocab > MAX_VOCAB:
+        raise UsageError(f"{flag}={path}: vocab_size {vocab} does not fit uint16 shards (at most {MAX_VOCAB})")
+    try:
+        sp = tg.load_tokenizer(path, vocab)
+        tg.build_byte_luts(sp, path)
+    except tg.DataError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return sp
+
+
+def train_tokenizer(reader_path: Path, spec_name: str, spec: dict[str, Any], recipe: dict[str, Any],
+                    val_docs: int, docs_from: str, workers: int, model_path: Path) -> dict[str, Any]:
+    """Train the recipe's SentencePiece BPE, writing model_path and its .vocab. Returns what the
+    manifest records about the training run.
+
+    As in the challenge's exporter, each document is one SentencePiece "sentence" (NUL replaced by
+    a space, stripped), and the trainer's defaults apply otherwise, including max_sentence_length
+    (4192 bytes): SentencePiece skips longer documents while training."""
+    import sentencepiece as spm
+
+    limit = spec.get("tokenizer_train_docs")
+    used = {"documents": 0}
+    failure: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            for doc in DocReader(reader_path):
+                if docs_from == "train" and doc.index < val_docs:
+                    continue
+                if limit is not None and used["documents"] >= limit:
+                    return
+                text = doc.text.replace("\x00", " ").strip()
+                used["documents"] += 1
+                if text:
+                    yield text
+        except UsageError as exc:  # SentencePiece's C++ loop would swallow or mangle it
+            failure.append(exc)
+
+    kwargs = {**recipe, **(spec.get("trainer_overrides") or {})}
+    model = io.BytesIO()
+    t0 = time.perf_counter()
+    log(f"tokenize_docs: training {spec_name} (vocab {spec['vocab_size']}) on "
+        f"{'training documents' if docs_from == 'train' else 'all documents'}"
+        f"{f', at most {limit:,}' if limit is not None else ''} ...")
+    spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model,
+                                   vocab_size=int(spec["vocab_size"]), num_threads=workers, minloglevel=1,
+                                   **kwargs)
+    if failure:
+        raise failure[0]
+    tg = train_gpt()
+    tg.atomic_write_bytes(model_path, model.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    # The "piece<TAB>score" listing SentencePiece writes next to a model, for humans.
+    vocab_text = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+    tg.atomic_write_bytes(model_path.with_suffix(".vocab"), vocab_text.encode("utf-8"))
+    if sp.vocab_size() != int(spec["vocab_size"]):
+        log(f"warning: the trained tokenizer has {sp.vocab_size()} pieces, not {spec['vocab_size']}: the corpus is "
+            f"too small for this vocabulary; set VOCAB_SIZE={sp.vocab_size()} when training on it")
+    log(f"tokenize_docs: trained in {time.perf_counter() - t0:.1f}s on {used['documents']:,} documents")
+    return {"spec": spec_name, "documents": used["documents"], "documents_from": docs_from,
+            "trainer": {**kwargs, "vocab_size": int(spec["vocab_size"]), "num_threads": workers},
+            "sentencepiece_version": spm.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Fills fixed-size shards of one split in order; a document may continue into the next shard
+    (train_gpt.py reads each split as one stream). Records every shard it writes."""
+
+    def __init__(self, out_dir: Path, split: str, capacity: int):
+        self.out_dir, self.split, self.capacity = out_dir, split, capacity
+        self.buf: np.ndarray | None = None  # allocated on first use: a split may stay empty
+        self.fill = 0
+        self.docs_started = 0
+        self.first_doc: int | None = None
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, tokens: np.ndarray, doc_index: int) -> None:
+        if self.buf is None:
+            self.buf = np.empty(self.capacity, dtype=np.uint16)
+        if self.first_doc is None:
+            self.first_doc = doc_index
+        self.docs_started += 1
+        pos = 0
+        while pos < tokens.size:
+            n = min(self.capacity - self.fill, tokens.size - pos)
+            self.buf[self.fill:self.fill + n] = tokens[pos:pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == self.capacity:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        tg = train_gpt()
+        path = self.out_dir / f"fineweb_{self.split}_{len(self.shards):06d}.bin"
+        tg.write_shard(path, self.buf[:self.fill])
+        if tg.read_shard_header(path) != self.fill:  # the reader must accept what the writer wrote
+            raise RuntimeError(f"{path}: shard reads back with a different token count")
+        self.shards.append({"file": path.name, "tokens": self.fill, "bytes": path.stat().st_size,
+                            "sha256": tg.sha256_file(path), "first_doc": self.first_doc,
+                            "docs_started": self.docs_started})
+        self.fill, self.docs_started, self.first_doc = 0, 0, None
+
+
+@dataclasses.dataclass
+class SplitStats:
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    first_doc: int | None = None
+    last_doc: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """One stderr status line: rewritten in place on a terminal, a new line every 15 s otherwise."""
+
+    def __init__(self, total_bytes: int):
+        self.total = max(total_bytes, 1)
+        self.tty = sys.stderr.isatty()
+        self.every = 0.5 if self.tty else 15.0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, offset: int, docs: int, tokens: int, val: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        line = (f"tokenize_docs: {100 * offset / self.total:5.1f}%  {docs:,} docs (val {val:,})  {tokens:,} tokens  "
+                f"{docs / dt:,.0f} docs/s  {tokens / dt:,.0f} tokens/s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Tokenize a documents JSONL into challenge shards: val = the first "
+                                            "--val-docs documents, train = the rest, never overlapping.")
+    p.add_argument("--docs", type=Path, required=True, help='JSONL file, one {"text": ...} object per line')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokenizer", type=Path, help="an existing SentencePiece .model")
+    src.add_argument("--spec", help="train a tokenizer with this spec from --specs-file (sp1024, sp4096, sp8192)")
+    p.add_argument("--output", type=Path, required=True, help="folder for the shards, tokenizer and manifest.json")
+    p.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS,
+                   help=f"the first N documents are the validation split (default {DEFAULT_VAL_DOCS:,}, "
+                        "the challenge's)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}, the challenge's)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="SentencePiece encoding/training threads (default: all cores)")
+    p.add_argument("--tokenizer-docs", choices=("train", "all"), default="train",
+                   help="with --spec: train the tokenizer on training documents only (default) or on all "
+                        "documents from the first, as the challenge's exporter did (it read validation text)")
+    p.add_argument("--drop-val-duplicates", action="store_true",
+                   help="leave out training documents whose text is identical to a validation document's")
+    p.add_argument("--specs-file", type=Path, default=DEFAULT_SPECS, help=f"spec file (default {DEFAULT_SPECS})")
+    p.add_argument("--force", action="store_true", help="replace a dataset already in --output")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.docs.is_file():
+        raise UsageError(f"--docs={args.docs}: file not found")
+    if args.val_docs < 1:
+        raise UsageError(f"--val-docs={args.val_docs} is not allowed: expected an integer >= 1 "
+                         f"(the challenge's split is {DEFAULT_VAL_DOCS:,})")
+    if args.shard_tokens < 1:
+        raise UsageError(f"--shard-tokens={args.shard_tokens} is not allowed: expected an integer >= 1")
+    if args.workers < 1:
+        raise UsageError(f"--workers={args.workers} is not allowed: expected an integer >= 1")
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        raise UsageError(f"--tokenizer={args.tokenizer}: file not found")
+    if args.spec is not None:
+        _, specs = load_specs(args.specs_file)
+        if args.spec not in specs:
+            raise UsageError(f"--spec={args.spec} is not allowed: expected one of {', '.join(sorted(specs))} "
+                             f"({args.specs_file})")
+    out = args.output
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output={out}: exists and is not a folder")
+    if out.is_dir() and not args.force:
+        existing = sorted(p.name for p in out.iterdir() if p.name == MANIFEST_NAME or p.name.startswith("fineweb_"))
+        if existing:
+            raise UsageError(f"--output={out} already holds a dataset ({', '.join(existing[:3])}"
+                             f"{', ...' if len(existing) > 3 else ''}); pass --force to replace it")
+
+
+def install(tmp_dir: Path, out: Path) -> None:
+    """Move the finished build into out: old manifest first (so a half-installed folder never looks
+    complete), then stale shards of an older build, then the new files, the manifest last."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for stale in out.glob("fineweb_*.bin"):
+        if not (tmp_dir / stale.name).exists():
+            stale.unlink()
+    for src in sorted(tmp_dir.iterdir()):
+        if src.name != MANIFEST_NAME:
+            os.replace(src, out / src.name)
+    os.replace(tmp_dir / MANIFEST_NAME, out / MANIFEST_NAME)
+
+
+def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
+    """Everything into tmp_dir; returns the manifest (also written there, last)."""
+    import sentencepiece as spm
+
+    tg = train_gpt()
+    training = None
+    if args.spec is not None:
+        recipe, specs = load_specs(args.specs_file)
+        spec = specs[args.spec]  # check_args made sure it exists
+        model_path = tmp_dir / spec.get("filename", f"{args.spec}.model")
+        training = train_tokenizer(args.docs, args.spec, spec, recipe, args.val_docs, args.tokenizer_docs,
+                                   args.workers, model_path)
+        sp = load_model(model_path, "--spec")
+        tokenizer_path, tokenizer_out = model_path, model_path.name
+    else:
+        sp = load_model(args.tokenizer, "--tokenizer")
+        tokenizer_path, tokenizer_out = args.tokenizer, str(args.tokenizer.resolve())
+    vocab = sp.vocab_size()
+    bos = sp.bos_id()
+
+    reader = DocReader(args.docs)
+    writers = {s: ShardWriter(tmp_dir, s, args.shard_tokens) for s in ("val", "train")}
+    stats = {s: SplitStats() for s in ("val", "train")}
+    val_texts: set[bytes] = set()  # 16-byte digests of every validation text
+    repeats = dropped = 0
+    progress = Progress(reader.size)
+    t0 = time.perf_counter()
+    for batch in batched(iter(reader), BATCH_DOCS):
+        encoded = sp.encode([d.text for d in batch], num_threads=args.workers)
+        for doc, ids in zip(batch, encoded):
+            split = "val" if doc.index < args.val_docs else "train"
+            raw = doc.text.encode("utf-8")
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if split == "val":
+                val_texts.add(digest)
+            elif digest in val_texts:
+                repeats += 1
+                if args.drop_val_duplicates:
+                    dropped += 1
+                    continue
+            tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+            tokens[0] = bos
+            tokens[1:] = ids
+            writers[split].add(tokens, doc.index)
+            st = stats[split]
+            st.documents += 1
+            st.tokens += tokens.size
+            st.text_bytes += len(raw)
+            st.first_doc = doc.index if st.first_doc is None else st.first_doc
+            st.last_doc = doc.index
+        progress.update(reader.offset, stats["val"].documents + stats["train"].documents,
+                        stats["val"].tokens + stats["train"].tokens, stats["val"].documents)
+    progress.update(reader.offset, stats["val"].documents + stats["train"].documents,
+                    stats["val"].tokens + stats["train"].tokens, stats["val"].documents, force=True)
+    progress.done()
+    seconds = time.perf_counter() - t0
+    total_docs = stats["val"].documents + stats["train"].documents + dropped
+    if stats["train"].documents == 0:
+        raise UsageError(f"--val-docs={args.val_docs} leaves no training documents: --docs={args.docs} has "
+                         f"{total_docs:,} documents; pass a smaller --val-docs")
+    for w in writers.values():
+        w.flush()
+
+    # Disjointness, checked rather than assumed from the loop above.
+    val_range = range(stats["val"].first_doc, stats["val"].last_doc + 1)
+    train_range = range(stats["train"].first_doc, stats["train"].last_doc + 1)
+    shared = len(range(max(val_range.start, train_range.start), min(val_range.stop, train_range.stop)))
+    if shared or stats["val"].documents != len(val_range):
+        raise RuntimeError(f"internal error: val documents {val_range} and train documents {train_range} overlap")
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": tg.sha256_file(p)}
+             for p in sorted(tmp_dir.iterdir()) if p.is_file()}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "created_by": "data/tokenize_docs.py",
+        "docs": {"path": str(args.docs.resolve()), "bytes": reader.size, "sha256": reader.sha256.hexdigest(),
+                 "documents": total_docs},
+        "tokenizer": {"path": tokenizer_out, "sha256": tg.sha256_file(tokenizer_path), "vocab_size": vocab,
+                      "bos_id": bos, "trained": training},
+        "split": {
+            "rule": "val = documents [0, val_docs) in file order, train = documents [val_docs, end); "
+                    "blank lines are not documents",
+            "val_docs": args.val_docs,
+            "val_doc_range": [stats["val"].first_doc, stats["val"].last_doc],
+            "train_doc_range": [stats["train"].first_doc, stats["train"].last_doc],
+            "shared_documents": shared,
+            "train_docs_repeating_val_text": repeats,
+            "train_docs_dropped_as_val_repeats": dropped,
+        },
+        "document_format": "[BOS] + sp.encode(text) per document, no EOS, concatenated in file order",
+        "shard_tokens": args.shard_tokens,
+        **{s: {**dataclasses.asdict(stats[s]), "shards": writers[s].shards} for s in ("val", "train")},
+        "encode_seconds": round(seconds, 3),
+        "workers": args.workers,
+        "sentencepiece_version": spm.__version__,
+        "files": files,
+    }
+    tg.atomic_write_bytes(tmp_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    out = args.output.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as the destination, so the final moves are renames.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        manifest = build(args, tmp_dir)
+        install(tmp_dir, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    val, train, split = manifest["val"], manifest["train"], manifest["split"]
+    secs = max(manifest["encode_seconds"], 1e-9)
+    docs = val["documents"] + train["documents"]
+    tokens = val["tokens"] + train["tokens"]
+    print(f"tokenize_docs: val docs:{val['documents']} tokens:{val['tokens']} shards:{len(val['shards'])} "
+          f"doc_range:{val['first_doc']}-{val['last_doc']}")
+    print(f"tokenize_docs: train docs:{train['documents']} tokens:{train['tokens']} shards:{len(train['shards'])} "
+          f"doc_range:{train['first_doc']}-{train['last_doc']}")
+    print(f"tokenize_docs: docs:{docs} tokens:{tokens} encode_seconds:{secs:.2f} docs_per_s:{docs / secs:.0f} "
+          f"tokens_per_s:{tokens / secs:.0f} workers:{manifest['workers']}")
+    print(f"tokenize_docs: shared_documents:{split['shared_documents']} "
+          f"train_docs_repeating_val_text:{split['train_docs_repeating_val_text']} "
+          f"dropped:{split['train_docs_dropped_as_val_repeats']}")
+    if split["train_docs_repeating_val_text"] and not split["train_docs_dropped_as_val_repeats"]:
+        log(f"warning: {split['train_docs_repeating_val_text']} training document(s) have the exact text of a "
+            "validation document (duplicates in --docs); --drop-val-duplicates leaves them out")
+    tok = manifest["tokenizer"]
+    tok_path = out / Path(tok["path"]).name if tok["trained"] else Path(tok["path"])
+    print(f"tokenize_docs: wrote {out} ({MANIFEST_NAME}); train on it with: DATA_PATH={out} "
+          f"TOKENIZER_PATH={tok_path} VOCAB_SIZE={tok['vocab_size']} python train_gpt.py")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.output} was left as it was", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""data/tokenize_docs.py and data/verify_tokenizer.py on real challenge documents.
+
+    python -m pytest -q tests/test_tokenize_docs.py
+
+The real-data tests export the first 60 of the 200 challenge documents in ../shared/data with the
+canonical sp1024 tokenizer (val = the first 20, small shards so documents cross shard boundaries)
+and skip with a reason when that folder is absent. The tools run in this process through their
+`main(argv)` (fast: torch is already imported), except one real command line per tool.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import CANONICAL_TOKENIZER, read_jsonl_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+VAL_DOCS, N_DOCS, SHARD_TOKENS, SEQ_LEN = 20, 60, 20_000, 128
+
+
+def load_tool(name: str):
+    """Import data/<name>.py as a module (data/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"pg_{name}", ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+tokenize_docs = load_tool("tokenize_docs")
+verify_tokenizer = load_tool("verify_tokenizer")
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def split_documents(tokens: np.ndarray) -> list[np.ndarray]:
+    starts = np.flatnonzero(tokens == tg.BOS_ID)
+    assert starts.size and starts[0] == 0, "every split starts with a document's BOS"
+    return np.split(tokens, starts[1:])
+
+
+def read_split(folder: Path, split: str) -> np.ndarray:
+    return np.concatenate([np.asarray(tg.load_shard(f)) for f in tg.list_shards(folder, split)])
+
+
+@pytest.fixture(scope="module")
+def export(shared_data, tmp_path_factory) -> dict:
+    """The 60-document slice exported by the real command line."""
+    tmp = tmp_path_factory.mktemp("export")
+    texts = read_jsonl_texts(shared_data / "corpus" / "fineweb_challenge_docs_200.jsonl", limit=N_DOCS)
+    docs = write_jsonl(tmp / "docs.jsonl", texts)
+    out = tmp / "fineweb10B_sp1024_slice"
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_docs.py"), "--docs", str(docs),
+                        "--tokenizer", str(CANONICAL_TOKENIZER), "--output", str(out),
+                        "--val-docs", str(VAL_DOCS), "--shard-tokens", str(SHARD_TOKENS), "--workers", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return {"dir": out, "docs": docs, "texts": texts, "stdout": r.stdout}
+
+
+def test_shards_are_the_documents_and_the_splits_are_disjoint(export):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(CANONICAL_TOKENIZER))
+    out, texts = export["dir"], export["texts"]
+    val, train = split_documents(read_split(out, "val")), split_documents(read_split(out, "train"))
+    assert len(val) == VAL_DOCS and len(train) == N_DOCS - VAL_DOCS
+    # Each document is exactly [BOS] + encode(text), in file order: val = the first 20, train = the rest.
+    for doc, text in zip(val + train, texts):
+        assert doc.tolist() == [tg.BOS_ID] + sp.encode(text)
+        assert sp.decode(doc[1:].tolist()) == sp.normalize(text).replace("\u2581", " ")
+    assert not {t for t in texts[:VAL_DOCS]} & {t for t in texts[VAL_DOCS:]}  # disjoint in content too
+    assert len(tg.list_shards(out, "val")) > 1 and len(tg.list_shards(out, "train")) > 1  # documents cross shards
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["split"]["val_doc_range"] == [0, VAL_DOCS - 1] and m["split"]["train_doc_range"] == [VAL_DOCS, N_DOCS - 1]
+    assert m["split"]["shared_documents"] == 0 and m["split"]["train_docs_repeating_val_text"] == 0
+    assert m["val"]["documents"] == VAL_DOCS and m["train"]["documents"] == N_DOCS - VAL_DOCS
+    for split in ("val", "train"):
+        files = tg.list_shards(out, split)
+        assert m[split]["tokens"] == sum(tg.read_shard_header(f) for f in files)
+        assert [s["file"] for s in m[split]["shards"]] == [f.name for f in files]
+        assert sum(s["docs_started"] for s in m[split]["shards"]) == m[split]["documents"]
+    for name, info in m["files"].items():
+        assert tg.sha256_file(out / name) == info["sha256"] and (out / name).stat().st_size == info["bytes"]
+    assert m["tokenizer"]["sha256"] == tg.sha256_file(CANONICAL_TOKENIZER)
+    assert m["docs"]["documents"] == N_DOCS and m["docs"]["sha256"] == tg.sha256_file(export["docs"])
+    assert "tokens_per_s:" in export["stdout"] and "shared_documents:0" in export["stdout"]
+
+
+def test_verifier_counts_what_train_gpt_scores(export, tmp_path, capsys):
+    report_path = tmp_path / "proof.json"
+    rc = verify_tokenizer.main(["--tokenizer", str(CANONICAL_TOKENIZER), "--data", str(export["dir"]),
+                                "--docs", str(export["docs"]), "--seq-len", str(SEQ_LEN), "--report", str(report_path)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    report = json.loads(report_path.read_text())
+
+    # train_gpt.py's own numbers, computed with its own functions (what prepare_data + eval_val do).
+    sp = tg.load_tokenizer(CANONICAL_TOKENIZER, 1024)
+    luts = tg.build_byte_luts(sp, CANONICAL_TOKENIZER)
+    val_files = tg.list_shards(export["dir"], "val")
+    lut = [torch.from_numpy(a) for a in (luts.base_bytes.astype(np.int64), luts.has_leading_space, luts.is_boundary)]
+
+    def train_gpt_count(seq_len: int) -> tuple[int, int]:
+        tokens = torch.from_numpy(tg.load_validation_tokens(val_files, seq_len, 1024).astype(np.int64))
+        return tokens.numel() - 1, int(tg.count_target_bytes(tokens[:-1], tokens[1:], *lut).sum())
+
+    val_tokens, val_bytes = train_gpt_count(SEQ_LEN)
+    assert (report["scored"]["val_tokens"], report["scored"]["val_bytes"]) == (val_tokens, val_bytes)
+    assert f"val_tokens:{val_tokens} val_bytes:{val_bytes} " in printed  # the names train_gpt.py logs
+    fingerprint = tg.dataset_fingerprint(tg.list_shards(export["dir"], "train"), val_files, CANONICAL_TOKENIZER)
+    assert report["val_tokens_raw"] == fingerprint["val_tokens_raw"]
+    # The whole stream is train_gpt.py's count at EVAL_SEQ_LEN=1, and equals the decoded UTF-8 bytes.
+    assert (report["stream"]["targets"], report["stream"]["bytes"]) == train_gpt_count(1)
+    assert report["stream"]["bytes"] == report["stream"]["decoded_utf8_bytes"]
+    assert report["stream"]["bytes"] - report["scored"]["val_bytes"] == report["scored"]["dropped_bytes"] > 0
+    src = report["source"]
+    assert src["documents_compared"] == src["equal_to_normalized_source"] == VAL_DOCS
+    assert src["source_utf8_bytes"] == sum(len(t.encode()) for t in export["texts"][:VAL_DOCS])
+    assert report["ok"] and "verify_tokenizer:ok" in printed
+
+
+def test_verifier_names_a_document_that_does_not_match(export, tmp_path, capsys):
+    texts = list(export["texts"][:VAL_DOCS])
+    texts[3] = texts[3].replace(" the ", " a ", 1)
+    rc = verify_tokenizer.main(["--tokenizer", str(CANONICAL_TOKENIZER), "--data", str(export["dir"]),
+                                "--docs", str(write_jsonl(tmp_path / "edited.jsonl", texts))])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "mismatches:1" in out and "document 3: decoded text differs" in out and "verify_tokenizer:FAILED" in out
+
+
+def test_a_failed_run_leaves_the_previous_dataset_untouched(export, tmp_path, capsys):
+    out = tmp_path / "ds"
+    texts = export["texts"][:30]
+    assert tokenize_docs.main(["--docs", str(write_jsonl(tmp_path / "a.jsonl", texts)), "--tokenizer",
+                               str(CANONICAL_TOKENIZER), "--output", str(out), "--val-docs", "10"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(write_jsonl(tmp_path / "b.jsonl", texts).read_text() + "{not json\n", encoding="utf-8")
+    rc = tokenize_docs.main(["--docs", str(broken), "--tokenizer", str(CANONICAL_TOKENIZER), "--output", str(out),
+                             "--val-docs", "5", "--force"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--docs={broken} line 31: not valid JSON" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # val shards of the failed run never landed
+    assert [p.name for p in tmp_path.iterdir() if ".build-" in p.name] == []  # no temporary folder left
+
+
+def test_spec_trains_the_recipe_tokenizer_on_training_documents_only(export, tmp_path, capsys):
+    out = tmp_path / "sp1024_mine"
+    rc = tokenize_docs.main(["--docs", str(export["docs"]), "--spec", "sp1024", "--output", str(out),
+                             "--val-docs", str(VAL_DOCS), "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    trained = m["tokenizer"]["trained"]
+    assert trained["spec"] == "sp1024" and trained["documents_from"] == "train"
+    assert trained["documents"] == N_DOCS - VAL_DOCS  # never read a validation document
+    assert trained["trainer"]["normalization_rule_name"] == "nmt_nfkc" and trained["trainer"]["byte_fallback"]
+    model = out / "fineweb_1024_bpe.model"
+    assert (out / "fineweb_1024_bpe.vocab").is_file() and m["tokenizer"]["sha256"] == tg.sha256_file(model)
+    assert verify_tokenizer.main(["--tokenizer", str(model), "--data", str(out), "--docs", str(export["docs"]),
+                                  "--seq-len", "64"]) == 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--val-docs", "0"], "--val-docs=0 is not allowed: expected an integer >= 1"),
+    (["--val-docs", "3"], "--val-docs=3 leaves no training documents"),
+    (["--spec", "sp2048"], "--spec=sp2048 is not allowed: expected one of sp1024, sp4096, sp8192"),
+    (["--tokenizer", "missing.model"], "--tokenizer=missing.model: file not found"),
+    (["--shard-tokens", "0"], "--shard-tokens=0 is not allowed"),
+])
+def test_bad_input_is_one_line_with_exit_code_2(extra, needle, tmp_path, capsys):
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["one document.", "two documents.", "three."])
+    if "--spec" not in extra and "--tokenizer" not in extra:
+        extra = [*extra, "--tokenizer", str(CANONICAL_TOKENIZER)]
+        if not CANONICAL_TOKENIZER.is_file():
+            pytest.skip(f"shared data not present ({CANONICAL_TOKENIZER})")
+    rc = tokenize_docs.main(["--docs", str(docs), "--output", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_dataset_needs_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fineweb_val_000000.bin").write_bytes(b"")
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["a", "b"])
+    rc = tokenize_docs.main(["--docs", str(docs), "--tokenizer", str(docs), "--output", str(out)])
+    assert rc == 2 and "already holds a dataset (fineweb_val_000000.bin); pass --force" in capsys.readouterr().err
+
+
+def test_verifier_bad_input(tmp_path, capsys):
+    assert verify_tokenizer.main(["--tokenizer", str(tmp_path / "nope.model"), "--data", str(tmp_path)]) == 2
+    assert "--tokenizer=" in capsys.readouterr().err
+    if CANONICAL_TOKENIZER.is_file():
+        assert verify_tokenizer.main(["--tokenizer", str(CANONICAL_TOKENIZER), "--data", str(tmp_path)]) == 2
+        assert "fineweb_val_*.bin: no files match" in capsys.readouterr().err
