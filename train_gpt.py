@@ -109,7 +109,7 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "TTT_ENABLED": "test-time training", "SLIDING_WINDOW_ENABLED": "sliding-window evaluation",
     "EVAL_STRIDE": "sliding-window evaluation", "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
     "SWA_ENABLED": "SWA", "CASEOPS_ENABLED": "CaseOps text transform", "FUSED_CE_ENABLED": "fused CE",
-    "MAX_VAL_TOKENS": "validation subsets", "GPTQ_AR_SELFGEN": "self-generated GPTQ calibration",
+    "MAX_VAL_TOKENS": "validation subsets",
     "LQER_ASYM_ENABLED": "asymmetric LQER factors", "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
 # Values of those variables that describe exactly what this script already does.
@@ -289,6 +289,11 @@ class Hyperparameters:
     gptq_reserve_seconds: str = knob("auto", "training seconds kept for Hessian collection: a number, or auto = "
                                              "measured time of one batch x batches (+margin)",
                                      lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0")
+    gptq_ar_selfgen: bool = knob(False, "calibrate GPTQ on sequences the model samples itself (KV-cached), after "
+                                        "training: no training data after the cap, no reserve (PR #1019)")
+    gptq_calib_samples: int = knob(64, "self-generated calibration sequences (TRAIN_SEQ_LEN tokens each)",
+                                   _positive, "> 0")
+    gptq_temperature: float = knob(0.8, "sampling temperature of the self-generated calibration", _positive, "> 0")
     lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
     lqer_rank: int = knob(4, "LQER rank", _positive, "> 0")
     lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", _positive, "> 0")
@@ -1081,6 +1086,29 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+class KVCache:
+    """Keys and values of every virtual layer for incremental decoding (self-generated GPTQ calibration).
+    Filled by one prefill from position 0, then one token at a time; `last_ids` (the last two tokens)
+    feed the SmearGate and BigramHash their previous tokens."""
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, max_len, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.pos, self.max_len = 0, max_len
+        self.last_ids: Tensor | None = None
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        T = k.size(1)
+        if self.pos + T > self.max_len or (self.pos > 0 and T > 1):
+            raise ValueError(f"KVCache: {T} tokens at position {self.pos} (max {self.max_len}; one at a time after "
+                             f"the prefill)")
+        self.k[layer][:, self.pos: self.pos + T] = k
+        self.v[layer][:, self.pos: self.pos + T] = v
+        return self.k[layer][:, : self.pos + T], self.v[layer][:, : self.pos + T]
+
+
 class QATLinear(nn.Linear):
     """nn.Linear whose weight is fake-quantized on the artifact's grid while `qat_on` is 1 (late QAT,
     straight-through). The switch is a tensor buffer, not a Python flag: torch.compile would fold a
@@ -1130,8 +1158,10 @@ class CausalSelfAttention(nn.Module):
 
             self._fa3 = flash_attn_func
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (output, this layer's raw values) so the first layer's values can feed value residual."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
+                kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
+        With `kv` (cache, virtual layer) the new keys/values are appended and attention reads the cache."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1143,7 +1173,14 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if self._fa3 is not None:
+        if kv is not None:
+            cache, i = kv
+            k, v = cache.append(i, k, v)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=T > 1, enable_gqa=self.num_kv_heads != self.num_heads)
+            y = y.transpose(1, 2)
+            v = v[:, -T:]
+        elif self._fa3 is not None:
             y = self._fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
             y = (y[0] if isinstance(y, tuple) else y).to(x.dtype)
         else:
@@ -1210,37 +1247,39 @@ class Block(nn.Module):
         return mix[0] * x + mix[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
         x = self._mix(x, x0)
-        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first)
+        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first, kv)
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
 
     def forward_gptj(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                     v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
         """GPT-J parallel block (PR #1412): attention and MLP read the same normalized input."""
         x = self._mix(x, x0)
         n = rms_norm(x) * self.norm_scale
-        a, v = self.attn(n, cos, sin, v_first)
+        a, v = self.attn(n, cos, sin, v_first, kv)
         return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v
 
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                      v_first: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
         """Two lanes with learned routing (PR #1204 ordering: the MLP reads lane 1 after attention
         wrote to it), so r = p = 1 with equal lanes is exactly the sequential block."""
         r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
         l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv)
         a = self.attn_scale.to(l0.dtype) * a
         l0, l1 = r[0, 0] * l0 + p[0, 0] * a, r[0, 1] * l1 + p[0, 1] * a
         m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale)
         return r[1, 0] * l0 + p[1, 0] * m, r[1, 1] * l1 + p[1, 1] * m, v
 
     def forward_lane_merge(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                           v_first: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                           v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor]:
         """Separate attention and MLP lanes with no cross-writes (PR #1289); merged at the end."""
         l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv)
         l0 = l0 + self.attn_scale.to(l0.dtype) * a
         return l0, l1 + self.mlp_scale.to(l1.dtype) * self.mlp(rms_norm(l1) * self.norm_scale), v
 
@@ -1331,15 +1370,29 @@ class GPT(nn.Module):
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def hidden(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache."""
+        drop = 0
+        if cache is not None and cache.pos > 0:
+            # The SmearGate mixes in the previous token's embedding, which includes that token's own
+            # bigram, so it needs the two tokens before the new one.
+            drop = cache.last_ids.size(1)
+            ids = torch.cat((cache.last_ids, ids), dim=1)
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
         if self.smear is not None:
             x = self.smear(x, ids)
+        if cache is not None:
+            cache.last_ids = ids[:, -2:]
+        x, ids = x[:, drop:], ids[:, drop:]
         x = rms_norm(x)
         x0 = x
-        cos, sin = self.rotary(ids.size(1), ids.device)
+        if cache is None:
+            cos, sin = self.rotary(ids.size(1), ids.device)
+        else:
+            cos, sin = self.rotary(cache.max_len, ids.device)
+            cos, sin = cos[cache.pos: cache.pos + ids.size(1)], sin[cache.pos: cache.pos + ids.size(1)]
         layout, mode = self.layouts[self.looping], self.cfg.parallel_mode
         num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
         skips, v_first, lanes = [], None, None
@@ -1355,14 +1408,15 @@ class GPT(nn.Module):
                     lanes = (merge_skip(lanes[0], skip, gate), merge_skip(lanes[1], skip, gate))
                 else:  # lane_merge: only the attention lane takes skips (PR #1289)
                     lanes = (merge_skip(lanes[0], skip, gate), lanes[1])
+            kv = None if cache is None else (cache, pos)
             if pos < parallel_from:
-                x, v = block(x, x0, cos, sin, v_first)
+                x, v = block(x, x0, cos, sin, v_first, kv)
             elif mode == "gptj":
-                x, v = block.forward_gptj(x, x0, cos, sin, v_first)
+                x, v = block.forward_gptj(x, x0, cos, sin, v_first, kv)
             else:
                 lanes = lanes or (x, x)
                 step = block.forward_lanes if mode == "lanes" else block.forward_lane_merge
-                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first)
+                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, kv)
             v_first = v if v_first is None else v_first
             if pos < num_encoder:
                 skips.append(x)
@@ -1372,6 +1426,8 @@ class GPT(nn.Module):
                 x = lam * lanes[0] + (1 - lam) * lanes[1]
             else:
                 x = 0.5 * (lanes[0] + lanes[1])
+        if cache is not None:
+            cache.pos += ids.size(1)
         return rms_norm(x)
 
     def set_qat(self, on: bool) -> int:
@@ -1393,8 +1449,8 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def logits(self, ids: Tensor) -> Tensor:
-        h = self.hidden(ids)
+    def logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        h = self.hidden(ids, cache)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype)).float()
         c = self.cfg.logit_softcap
@@ -2102,6 +2158,29 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
+def generate_calibration(model: "GPT", n_seqs: int, seq_len: int, temperature: float, seed: int, batch: int,
+                         device: torch.device, compute_dtype: str) -> Tensor:
+    """Sequences the model samples itself from BOS with a KV cache (self-generated GPTQ calibration,
+    PR #1019): calibration without reading training data after the cap. Fixed seed: reproducible."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cfg = model.cfg
+    out = []
+    for start in range(0, n_seqs, batch):
+        b = min(batch, n_seqs - start)
+        cache = KVCache(len(model.layouts[model.looping]), b, seq_len, cfg.num_kv_heads,
+                        cfg.model_dim // cfg.num_heads, device, torch.float32)
+        ids = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=device)
+        seqs = [ids]
+        for _ in range(seq_len - 1):
+            with compute_autocast(device, compute_dtype):
+                z = model.logits(ids, cache)[:, -1].float()
+            ids = torch.multinomial(torch.softmax(z / temperature, dim=-1), 1, generator=gen)
+            seqs.append(ids)
+        out.append(torch.cat(seqs, dim=1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str) -> dict[str, Tensor]:
     """H = sum x^T x of every quantized matrix's input over `batches` (forward hooks; a looped layer adds
     every pass). The tied embedding is the LM head, so its input is the final-norm output (PR #1394)."""
@@ -2286,7 +2365,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
         opt.zero_grad()
     needs_hessians = h.quant_method == "gptq"
     reserve = 0.0
-    if needs_hessians and h.max_wallclock_seconds > 0:
+    if needs_hessians and not h.gptq_ar_selfgen and h.max_wallclock_seconds > 0:
         # Hessians read training data, so they must end inside the wallclock (pitfalls D, PR #1868).
         reserve = h.gptq_reserve if h.gptq_reserve is not None else measure_gptq_reserve(h, d, model, make_loader)
         log(format_kv(gptq_reserve=f"{reserve:.2f}s", mode=h.gptq_reserve_seconds,
@@ -2353,7 +2432,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
             ema.apply_to(model)
             log("ema:applied EMA weights")
         hessians, calib_s = None, 0.0
-        if needs_hessians:
+        if needs_hessians and not h.gptq_ar_selfgen:
             synchronize(d.device)
             t0 = time.perf_counter()
             hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches)
@@ -2362,7 +2441,19 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
     finally:
         loader.close()
     access_end = train_time + calib_s
-    if needs_hessians:
+    if needs_hessians and h.gptq_ar_selfgen:
+        # Training data is closed; the model writes its own calibration text (each rank a share).
+        t0 = time.perf_counter()
+        share = math.ceil(h.gptq_calib_samples / d.world_size)
+        seqs = generate_calibration(model, share, h.train_seq_len, h.gptq_temperature, h.seed * 1000 + d.rank,
+                                    h.micro_batch_seqs, d.device, h.compute_dtype)
+        hessians = collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device, h.compute_dtype)
+        for name in sorted(hessians):
+            all_reduce_(hessians[name])
+        log(format_kv(gptq_calibration="self_generated", samples=share * d.world_size, seq_len=h.train_seq_len,
+                      temperature=h.gptq_temperature, time=f"{(time.perf_counter() - t0) * 1000:.0f}ms",
+                      train_data_access_end=f"{access_end * 1000:.0f}ms"))
+    elif needs_hessians:
         log(format_kv(gptq_calibration="train_data", batches=h.gptq_calibration_batches,
                       tokens=h.gptq_calibration_batches * h.train_batch_tokens, time=f"{calib_s * 1000:.0f}ms",
                       train_data_access_end=f"{access_end * 1000:.0f}ms",

@@ -358,7 +358,7 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"GPTQ_AR_SELFGEN": "1"}, {"TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
+@pytest.mark.parametrize("env", [{"LQER_ASYM_ENABLED": "1"}, {"TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "zstd"}, {"MLP_ACT": "gelu"},
                                  {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
