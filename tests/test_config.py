@@ -88,7 +88,8 @@ def test_knob_names_are_upper_case_fields_and_unique():
 STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_path": "/tok/x.model",
                  "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
                  "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj", "quant_method": "rtn",
-                 "gptq_reserve_seconds": "8.5", "compressor": "lzma", "artifact": "/tmp/x.ptz"}
+                 "gptq_reserve_seconds": "8.5", "compressor": "lzma", "artifact": "/tmp/x.ptz",
+                 "bpb_check_docs": "all"}
 # Knobs that are only valid together with another one.
 OVERRIDE_COMPANIONS = {"eval_only": {"ARTIFACT": "/tmp/x.ptz"}}
 
@@ -358,7 +359,7 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"LQER_ASYM_ENABLED": "1"}, {"TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
+@pytest.mark.parametrize("env", [{"LQER_ASYM_ENABLED": "1"}, {"PHASED_TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "zstd"}, {"MLP_ACT": "gelu"},
                                  {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
@@ -369,7 +370,7 @@ def test_unimplemented_feature_on_raises(env):
 
 
 @pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"VE_ENABLED": "0"}, {"COMPRESSOR": "brotli"},
-                                 {"TTT_ENABLED": "false"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"}],
+                                 {"TTT_LORA_RANK": "0"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_off_is_accepted(env):
     h = H.from_env(env)

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_gpt.py"
 
 FINAL_RE = re.compile(
-    r"final val_loss:(?P<val_loss>\d+\.\d{8}) val_bpb:(?P<val_bpb>\d+\.\d{8}) eval:roundtrip "
+    r"final val_loss:(?P<val_loss>\d+\.\d{8}) val_bpb:(?P<val_bpb>\d+\.\d{8}) eval:(?P<eval>roundtrip|sliding|ttt) "
     r"bytes_total:(?P<bytes_total>\d+) bytes_model:(?P<bytes_model>\d+) bytes_code:(?P<bytes_code>\d+) "
     r"train_time_ms:(?P<train_time_ms>\d+) eval_time_ms:(?P<eval_time_ms>\d+) steps:(?P<steps>\d+)")
 STEP_RE = re.compile(
@@ -556,3 +556,33 @@ def test_eval_only_refuses_an_artifact_from_other_code(tmp_path):
     import hashlib
     meta["code_sha256"] = hashlib.sha256(b"code").hexdigest()
     assert tg.eval_only_config(h, meta, b"code", "x.ptz").num_layers == 7
+
+
+@pytest.mark.slow
+def test_tiny_run_prints_self_check_coverage_and_compliance(tiny_run):
+    lines = tiny_run.log_lines
+    check = [line for line in lines if line.startswith("bpb_self_check:ok")]
+    assert len(check) == 1, check
+    cov = [line for line in lines if line.startswith("coverage:exact")]
+    assert len(cov) == 1 and f"scored_targets:{tiny_run.metrics['val_tokens']}" in cov[0], cov
+    assert f"val_targets:{tiny_run.metrics['val_tokens']}" in check[0]
+    assert f"val_bytes:{tiny_run.metrics['val_bytes']}" in check[0]
+    names = [line.split()[0] for line in lines if line.startswith("compliance:")]
+    assert names == ["compliance:" + n for n in (
+        "train_time", "train_data_access_end", "eval_time", "artifact_bytes", "validation_data_in_training", "causal",
+        "normalized", "score_before_update", "single_pass", "reportable")]
+    assert any(line.startswith("total_eval_time:") for line in lines)
+    assert tiny_run.final["eval"] == "roundtrip" and tiny_run.metrics["reportable"] is True
+
+
+@pytest.mark.slow
+def test_sliding_ttt_and_max_val_tokens_run(dataset, tmp_path):
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "ttt", EVAL_STRIDE=32, TTT_ENABLED=1, TTT_CHUNK_TOKENS=2048,
+                                        TTT_EPOCHS=1, MAX_VAL_TOKENS=8192))
+    assert run.rc == 0, run.describe()
+    labels = [line.split(":")[0] for line in run.log_lines if re.match(r"(roundtrip|sliding|ttt)_val_loss:", line)]
+    assert labels == ["roundtrip_val_loss", "sliding_val_loss", "ttt_val_loss"]
+    assert run.final["eval"] == "ttt" and run.metrics["eval"] == "ttt"
+    assert run.metrics["val_tokens"] == 8192 and run.metrics["reportable"] is False
+    assert any("NOT reportable" in line for line in run.log_lines)
+    assert any(line.startswith("compliance:reportable value:NO") for line in run.log_lines)
