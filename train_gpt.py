@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_loops": 0, "parallel_mode": "off",
         # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
         "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-        "lqer_enabled": False, "eval_stride": 0,
+        "lqer_enabled": False, "eval_stride": 0, "ttt_enabled": False,
     },
     "smoke": {
         # Sized for a 2-core CPU: ~16k tokens/s, so many small steps beat a few large ones.
@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
         "sparse_attn_gate_enabled": False,
         "num_loops": 0, "parallel_mode": "off", "lqer_enabled": False, "gptq_calibration_batches": 4,
-        "eval_stride": 0,  # a quick look at the pipeline; sliding eval doubles the eval time here
+        "eval_stride": 0, "ttt_enabled": False,  # a quick look at the pipeline: plain eval only
     },
 }
 
@@ -213,7 +213,7 @@ class Hyperparameters:
                                   "reportable)", _non_negative, ">= 0")
     eval_time_budget_seconds: float = knob(600.0, "eval-time budget: TTT trains fewer epochs when it would pass it",
                                            _positive, "> 0")
-    ttt_enabled: bool = knob(False, "legal score-first test-time training on the validation stream (PR #1413)")
+    ttt_enabled: bool = knob(True, "legal score-first test-time training on the validation stream (PR #1413)")
     ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine over chunks)", _non_negative, ">= 0")
     ttt_epochs: int = knob(3, "TTT epochs per chunk", _non_negative, ">= 0")
     ttt_momentum: float = knob(0.9, "TTT SGD momentum", _below_one, "in [0, 1)")

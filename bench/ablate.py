@@ -48,7 +48,7 @@ BASE_ENV = {
     "GRAD_ACCUM_STEPS": "1", "VAL_BATCH_TOKENS": "65536", "ITERATIONS": "100000", "WARMUP_STEPS": "2",
     "COMPILE": "0", "TRAIN_LOG_EVERY": "100", "EMA_DECAY": "0.99", "MUON_MOMENTUM_WARMUP_STEPS": "100",
     "LOOP_START": "2", "LOOP_END": "3", "NUM_LOOPS": "1", "PARALLEL_START_LAYER": "4", "ROPE_DIMS": "16",
-    "ROPE_TRAIN_SEQ_LEN": "128",
+    "ROPE_TRAIN_SEQ_LEN": "128", "TTT_ENABLED": "0",
 }
 # name -> overrides; "full" is the record stack itself.
 VARIANTS: dict[str, dict[str, str]] = {
