@@ -45,6 +45,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="training steps of the small model")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--bits", nargs="+", default=["6,7", "4,6"],
+                    help="MATRIX_BITS,EMBED_BITS settings to compare (the first is the record's)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args()
@@ -78,32 +80,11 @@ def main() -> int:
     pre = evaluate()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(v.numel() for v in state.values())
-    base = tg.QuantSpec.from_hparams(h)
-    methods = {
-        "rtn": dataclasses.replace(base, method="rtn", lqer_rank=0),
-        "gptq": dataclasses.replace(base, method="gptq", lqer_rank=0),
-        "gptq+lqer": dataclasses.replace(base, method="gptq", lqer_rank=h.lqer_rank, lqer_top_k=h.lqer_top_k,
-                                         lqer_factor_bits=h.lqer_factor_bits),
-    }
-    budget = len(tg.pack_quantized(tg.quantize_state(state, methods["rtn"]), base.compressor))
     rows = []
-    for name, spec in methods.items():
-        fit = tg.fit_artifact(state, spec, result.hessians, budget, {}, lambda _msg: None)
-        t1 = time.perf_counter()
-        quantized = tg.quantize_state(state, fit.spec, result.hessians)
-        quant_s = time.perf_counter() - t1
-        model.load_state_dict(tg.unpack_artifact(fit.blob), strict=True)
-        rt = evaluate()
-        groups = {}
-        for group, e in tg.quant_entropy_bytes(quantized).items():
-            codes = b"".join(tg._tensor_bytes(qt.q) for qt in quantized.values()
-                             if isinstance(qt, tg.QuantTensor) and qt.group == group)
-            compressed = len(tg._compress(codes, "brotli"))
-            groups[group] = {**e, "brotli_bytes": compressed, "brotli_over_entropy": compressed / e["entropy_bytes"]}
-        rows.append({"method": name, "fits": fit.fits, "bytes_model": len(fit.blob), "budget": budget,
-                     "k": dict(fit.spec.clip), "bits": dict(fit.spec.bits), "roundtrip_bpb": rt.val_bpb,
-                     "gap_bpb": rt.val_bpb - pre.val_bpb, "quant_seconds": quant_s,
-                     "bits_per_param": 8 * len(fit.blob) / n_params, "groups": groups})
+    for bits in args.bits:
+        mb, eb = (int(b) for b in bits.split(","))
+        base = dataclasses.replace(tg.QuantSpec.from_hparams(h), bits=(("attn", mb), ("embed", eb), ("mlp", mb)))
+        rows += compare_methods(h, base, state, result.hessians, model, evaluate, pre, n_params)
     report = {
         "command": "python bench/quant.py " + " ".join(sys.argv[1:]),
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}",
@@ -117,18 +98,23 @@ def main() -> int:
     md = [f"Command: `{report['command']}`; {report['host']}; {report['params']:,} parameters, "
           f"{report['steps']} steps (seed {args.seed}), pre-quant val_bpb {pre.val_bpb:.4f}; Hessians "
           f"({h.gptq_calibration_batches} batches x {h.train_batch_tokens} tokens) {report['hessian_seconds']:.2f} s.",
-          "", "| method | model bytes (budget) | k attn / mlp / embed | round-trip BPB | gap BPB | gap vs RTN | "
-          "bits/param | quant s |", "|---|---|---|---|---|---|---|---|"]
-    rtn_gap = rows[0]["gap_bpb"]
+          "", "| bits matrix/embed | method | model bytes (budget) | k attn / mlp / embed | round-trip BPB | gap BPB | "
+          "gap vs RTN | bits/param | quant s |", "|---|---|---|---|---|---|---|---|---|"]
+    rtn_gap = {}
+    for r in rows:
+        if r["method"] == "rtn":
+            rtn_gap[tuple(r["bits"].items())] = r["gap_bpb"]
     for r in rows:
         k = r["k"]
-        md.append(f"| {r['method']} | {r['bytes_model']:,} ({r['budget']:,}){'' if r['fits'] else ' OVER'} | "
-                  f"{k['attn']:.2f} / {k['mlp']:.2f} / {k['embed']:.2f} | {r['roundtrip_bpb']:.4f} | "
-                  f"{r['gap_bpb']:+.4f} | {r['gap_bpb'] / rtn_gap:.2f}x | {r['bits_per_param']:.3f} | "
+        ratio = r["gap_bpb"] / rtn_gap[tuple(r["bits"].items())]
+        md.append(f"| {r['bits']['mlp']}/{r['bits']['embed']} | {r['method']} | {r['bytes_model']:,} ({r['budget']:,})"
+                  f"{'' if r['fits'] else ' OVER'} | {k['attn']:.2f} / {k['mlp']:.2f} / {k['embed']:.2f} | "
+                  f"{r['roundtrip_bpb']:.4f} | {r['gap_bpb']:+.4f} | {ratio:.2f}x | {r['bits_per_param']:.3f} | "
                   f"{r['quant_seconds']:.2f} |")
     md += ["", "| method | group | params | bits | entropy bits/param | entropy bytes | brotli-11 bytes | brotli / entropy |",
            "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    rows_first = [r for r in rows if r["bits"] == rows[0]["bits"]]
+    for r in rows_first:
         for group, g in r["groups"].items():
             md.append(f"| {r['method']} | {group} | {g['params']:,} | {r['bits'][group]} | "
                       f"{g['entropy_bits_per_param']:.3f} | {g['entropy_bytes']:,.0f} | {g['brotli_bytes']:,} | "
@@ -140,6 +126,36 @@ def main() -> int:
         print(text)
     return 0
 
+
+
+def compare_methods(h, base, state, hessians, model, evaluate, pre, n_params) -> list[dict]:
+    """RTN, GPTQ and GPTQ+LQER fitted to one budget: the RTN artifact's size at the configured k."""
+    methods = {
+        "rtn": dataclasses.replace(base, method="rtn", lqer_rank=0),
+        "gptq": dataclasses.replace(base, method="gptq", lqer_rank=0),
+        "gptq+lqer": dataclasses.replace(base, method="gptq", lqer_rank=h.lqer_rank, lqer_top_k=h.lqer_top_k,
+                                         lqer_factor_bits=h.lqer_factor_bits),
+    }
+    budget = len(tg.pack_quantized(tg.quantize_state(state, methods["rtn"]), base.compressor))
+    rows = []
+    for name, spec in methods.items():
+        fit = tg.fit_artifact(state, spec, hessians, budget, {}, lambda _msg: None)
+        t1 = time.perf_counter()
+        quantized = tg.quantize_state(state, fit.spec, hessians)
+        quant_s = time.perf_counter() - t1
+        model.load_state_dict(tg.unpack_artifact(fit.blob), strict=True)
+        rt = evaluate()
+        groups = {}
+        for group, e in tg.quant_entropy_bytes(quantized).items():
+            codes = b"".join(tg._tensor_bytes(qt.q) for qt in quantized.values()
+                             if isinstance(qt, tg.QuantTensor) and qt.group == group)
+            compressed = len(tg._compress(codes, "brotli"))
+            groups[group] = {**e, "brotli_bytes": compressed, "brotli_over_entropy": compressed / e["entropy_bytes"]}
+        rows.append({"method": name, "fits": fit.fits, "bytes_model": len(fit.blob), "budget": budget,
+                     "k": dict(fit.spec.clip), "bits": dict(fit.spec.bits), "roundtrip_bpb": rt.val_bpb,
+                     "gap_bpb": rt.val_bpb - pre.val_bpb, "quant_seconds": quant_s,
+                     "bits_per_param": 8 * len(fit.blob) / n_params, "groups": groups})
+    return rows
 
 if __name__ == "__main__":
     sys.exit(main())
