@@ -1825,7 +1825,7 @@ ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compre
 ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1}  # the first byte of the compressed body says which
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
-FIT_MAX_ATTEMPTS = 6  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
+FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
 FIT_OVERSHOOT = 1.15  # widen k a little more than the entropy estimate asks, so one more pack fits
 GPTQ_RESERVE_SAFETY = 1.25  # auto reserve = probe time x batches x this + GPTQ_RESERVE_PAD_S
 GPTQ_RESERVE_PAD_S = 0.5
@@ -2247,7 +2247,9 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
 
     The entropy of SDClip codes falls by ~log2(f) bits per parameter when k grows by f (PR #1394's
     argument), so the first overshoot gives the factor directly: f = 2^(excess bits / matrix params),
-    times FIT_OVERSHOOT. Each attempt is a real GPTQ + compression; the k values only ever widen."""
+    times FIT_OVERSHOOT. At low bit widths most codes are already 0 or +-1 and the bytes fall more
+    slowly than that, so later attempts use the slope measured between the last two attempts (secant
+    in log2 k). Each attempt is a real GPTQ + compression; the k values only ever widen."""
     t0 = time.perf_counter()
     attempts: list[dict[str, Any]] = []
     factor = 1.0
@@ -2264,7 +2266,13 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
         matrix_params = sum(v["params"] for g, v in entropy.items() if g != "embed")
         if matrix_params == 0:
             break
-        factor *= 2.0 ** (FIT_OVERSHOOT * 8 * (len(blob) - budget_bytes) / matrix_params)
+        step = FIT_OVERSHOOT * 8 * (len(blob) - budget_bytes) / matrix_params  # log2 k to add (entropy rule)
+        if len(attempts) >= 2:
+            (f0, b0), (f1, b1) = [(a["factor"], a["bytes"]) for a in attempts[-2:]]
+            slope = (b1 - b0) / (math.log2(f1) - math.log2(f0))  # bytes per doubling of k (negative)
+            if slope < 0:
+                step = max(step, FIT_OVERSHOOT * (len(blob) - budget_bytes) / -slope)
+        factor *= 2.0 ** step
     return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, False)
 
 
