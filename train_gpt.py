@@ -1776,14 +1776,15 @@ class Optimizers:
         self.adam.load_state_dict(state["adam"])
 
 
-def sync_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Average gradients over ranks with one flat all-reduce."""
+def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = True) -> None:
+    """Average (or sum) gradients over ranks with one flat all-reduce."""
     if world_size <= 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce_(flat)
-    flat.div_(world_size)
+    if average:
+        flat.div_(world_size)
     offset = 0
     for g in grads:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))
@@ -2476,10 +2477,7 @@ def ttt_train_chunk(model: Callable[..., Tensor], params: list[nn.Parameter], op
             with compute_autocast(device, compute_dtype):
                 loss = model(win[:, :-1], win[:, 1:], reduction="none").sum() / (seq_starts.size * seq_len)
             loss.backward()
-        sync_gradients(params, world_size)
-        if world_size > 1:  # sync_gradients averages; the loss above is already a global mean
-            for p in params:
-                p.grad.mul_(world_size)
+        sync_gradients(params, world_size, average=False)  # the loss above is already a global mean
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -2594,7 +2592,11 @@ def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
 def gather_hessians(h: Hyperparameters, d: DistInfo, model: GPT, loader: TrainLoader, batches: int) -> dict[str, Tensor]:
     """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
     ids = (loader.next_batch()[0] for _ in range(batches * h.accum_steps))
-    hessians = collect_hessians(model, ids, d.device, h.compute_dtype)
+    return all_reduce_hessians(collect_hessians(model, ids, d.device, h.compute_dtype))
+
+
+def all_reduce_hessians(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sum every rank's Hessians (same names on every rank; sorted so the collectives line up)."""
     for name in sorted(hessians):
         all_reduce_(hessians[name])
     return hessians
@@ -2733,9 +2735,8 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
         share = math.ceil(h.gptq_calib_samples / d.world_size)
         seqs = generate_calibration(model, share, h.train_seq_len, h.gptq_temperature, h.seed * 1000 + d.rank,
                                     h.micro_batch_seqs, d.device, h.compute_dtype)
-        hessians = collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device, h.compute_dtype)
-        for name in sorted(hessians):
-            all_reduce_(hessians[name])
+        hessians = all_reduce_hessians(collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device,
+                                                        h.compute_dtype))
         log(format_kv(gptq_calibration="self_generated", samples=share * d.world_size, seq_len=h.train_seq_len,
                       temperature=h.gptq_temperature, time=f"{(time.perf_counter() - t0) * 1000:.0f}ms",
                       train_data_access_end=f"{access_end * 1000:.0f}ms"))
@@ -2926,16 +2927,12 @@ def run_evaluations(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Calla
     sliding windows and score-first TTT when enabled. The last evaluation is the reported score."""
     t0 = time.perf_counter()
     model.load_state_dict(read_artifact(artifact_path), strict=True)
-    results: dict[str, EvalResult] = {}
+    # The plain round trip always runs (a labelled line, and the quantization gap); sliding is the score.
+    results = {"roundtrip": eval_val(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.val_batch_seqs,
+                                     d.rank, d.world_size, d.device, h.compute_dtype)}
     if h.sliding:
-        # Plain round trip as a labelled diagnostic line, then the sliding score.
-        results["roundtrip"] = eval_val(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.val_batch_seqs,
-                                        d.rank, d.world_size, d.device, h.compute_dtype)
         results["sliding"] = eval_sliding(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.eval_stride,
                                           h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype)
-    else:
-        results["roundtrip"] = eval_val(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.val_batch_seqs,
-                                        d.rank, d.world_size, d.device, h.compute_dtype)
     for label, r in results.items():
         log(format_kv(**{f"{label}_val_loss": f"{r.val_loss:.8f}"}, val_bpb=f"{r.val_bpb:.8f}",
                       eval_time=f"{r.seconds * 1000:.0f}ms", val_tokens=r.tokens, val_bytes=r.bytes))
@@ -3043,8 +3040,8 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
     # Quantize to fit, serialize, then score the round-tripped weights (pitfalls E: the artifact exists
     # even if a later phase dies; the score always comes from what was written).
     artifact_path = Path(h.log_dir) / f"{h.run_id}.ptz"
-    bytes_code = len(code)
-    log(format_kv(code_bytes=bytes_code, code_bytes_packed=len(self_extracting_source(code)),
+    bytes_code, bytes_code_packed = len(code), len(self_extracting_source(code))
+    log(format_kv(code_bytes=bytes_code, code_bytes_packed=bytes_code_packed,
                   note="packed = the LZMA self-extracting script records/pack.py would ship"))
     budget = h.target_bytes - h.size_margin_bytes - bytes_code
     log(format_kv(target_bytes=h.target_bytes, target_note="decimal bytes (TARGET_MB=15.9 means 15,900,000; "
@@ -3090,7 +3087,7 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
         "train_data_access_end_ms": round(result.data_access_end_ms), "quant": quant_report,
         "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
         "reportable": data.reportable, "bpb_check": dataclasses.asdict(data.check),
-        "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes_packed": len(self_extracting_source(code)),
+        "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes_packed": bytes_code_packed,
         "versions": versions, "dataset": fingerprint, "artifact": str(artifact_path),
     }
     return finish(h, d, final, eval_time_ms, bytes_model, bytes_code, result.train_time_ms, result.steps, metrics, log,
