@@ -1015,6 +1015,9 @@ class BPBCheck:
     unknown_tokens: int  # <unk> tokens in the checked documents (0 bytes each: no byte fallback)
 
 
+SELF_CHECK_CHUNK = 1 << 22  # targets per slice when totalling the validation bytes
+
+
 def decoded_bytes(sp, ids: list[int], boundary: np.ndarray) -> int:
     """UTF-8 bytes of the decoded document. Control/unknown tokens split it into pieces decoded on
     their own, since they stand for no text (an <unk> decodes to ' ⁇ ', which the text does not contain)."""
@@ -1034,10 +1037,17 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
     (pitfalls A: the leading space counted twice, byte-fallback pieces counted as 3 bytes, ...).
     Checks `max_docs` documents spread evenly over the stream (None = all); raises DataError naming the
     first bad document and token."""
-    t = torch.from_numpy(tokens.astype(np.int64))
     base, space, boundary = (torch.from_numpy(luts.base_bytes.astype(np.int64)), torch.from_numpy(luts.has_leading_space),
                              torch.from_numpy(luts.is_boundary))
-    per_target = count_target_bytes(t[:-1], t[1:], base, space, boundary)
+
+    def target_bytes(lo: int, hi: int) -> Tensor:
+        """Bytes of targets lo..hi-1 (target j is tokens[j + 1]); slices keep memory small on the full split."""
+        t = torch.from_numpy(tokens[lo: hi + 1].astype(np.int64))
+        return count_target_bytes(t[:-1], t[1:], base, space, boundary)
+
+    n_targets = tokens.size - 1
+    total_bytes = sum(int(target_bytes(lo, min(lo + SELF_CHECK_CHUNK, n_targets)).sum())
+                      for lo in range(0, n_targets, SELF_CHECK_CHUNK))
     spans = [(s, e) for s, e in document_spans(tokens) if e > s]
     pick = range(len(spans)) if max_docs is None or max_docs >= len(spans) else         sorted(set(np.linspace(0, len(spans) - 1, max_docs).round().astype(int).tolist()))
     unknown = 0
@@ -1045,16 +1055,17 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
         s, e = spans[k]
         ids = tokens[s:e].tolist()
         unknown += sum(1 for i in ids if sp.is_unknown(i))
-        lut = int(per_target[s - 1: e - 1].sum())  # target j is tokens[j + 1]
+        doc_bytes = target_bytes(s - 1, e - 1)
+        lut = int(doc_bytes.sum())
         ref = decoded_bytes(sp, ids, luts.is_boundary)
         if lut != ref:
             # The first token after which the running counts disagree.
             j = next(j for j in range(1, len(ids) + 1)
-                     if int(per_target[s - 1: s - 1 + j].sum()) != decoded_bytes(sp, ids[:j], luts.is_boundary))
+                     if int(doc_bytes[:j].sum()) != decoded_bytes(sp, ids[:j], luts.is_boundary))
             raise DataError(f"{source}: BPB self-check failed: document {k} (tokens {s}..{e}) has {lut} bytes by the "
                             f"lookup tables but {ref} decoded; first bad token at document position {j - 1}: id "
                             f"{ids[j - 1]} piece {sp.id_to_piece(ids[j - 1])!r}")
-    return BPBCheck(len(spans), len(pick), int(t.numel() - 1), int(per_target.sum()), unknown)
+    return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown)
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
