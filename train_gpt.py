@@ -278,6 +278,10 @@ class Hyperparameters:
     muon_row_normalize: bool = knob(True, "MuonEq-R: normalize update rows before Newton-Schulz (PR #1217); "
                                           "alias MUON_EQ_R")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", _non_negative, ">= 0")
+    muon_impl: str = knob("batched", "Muon update: batched (same-shape matrices stacked, sharded over ranks with "
+                                     "reduce-scatter/all-gather, one compiled graph; PR #1584) / loop (one matrix at a "
+                                     "time, all-reduce; the pre-#1584 reference)",
+                          lambda v: v in MUON_IMPLS, "batched or loop")
     embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", _non_negative, ">= 0")
     adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", _non_negative, ">= 0")
     beta1: float = knob(0.9, "AdamW beta1", _below_one, "in [0, 1)")
@@ -556,6 +560,17 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     return warnings
 
 
+# Knobs that name or place a run but do not change it: the seeds of one sweep share a config hash.
+CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR"})
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of a resolved config (`knob_values()`, or the `config` of a run's JSON) without
+    CONFIG_HASH_IGNORED: equal for every seed of one sweep, different for anything else."""
+    kept = {k: config[k] for k in sorted(config) if k not in CONFIG_HASH_IGNORED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def knob_table_markdown() -> str:
     """The README's knob table, generated from the dataclass (tests keep the README equal to it)."""
     rows = ["| Variable | record (default) | baseline | smoke | Meaning |", "|---|---|---|---|---|"]
@@ -608,6 +623,53 @@ def format_kv(**items: Any) -> str:
     return " ".join(f"{k}:{v}" for k, v in items.items())
 
 
+STEP_PHASES = ("data", "fwd_bwd", "comm", "optimizer", "ema", "other")
+
+
+class StepTimer:
+    """Where a training step's time goes: `mark(phase)` closes the interval since the previous mark.
+
+    On CUDA the marks are events recorded in the stream (no synchronization), read by `collect()` once
+    the step's closing all-reduce has synchronized anyway; so the GPU time of each phase is measured
+    without slowing the step. On CPU they are perf_counter readings."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[str, Any, Any]] = []
+        self.totals = dict.fromkeys(STEP_PHASES, 0.0)
+        self.steps = 0
+        self._last: Any = None
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._last = self._now()
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        self.pending.append((phase, self._last, now))
+        self._last = now
+
+    def collect(self) -> None:
+        """Add the finished step's intervals (call after the step's last synchronizing operation)."""
+        for phase, a, b in self.pending:
+            self.totals[phase] += a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+        self.pending.clear()
+        self.steps += 1
+
+    def summary_ms(self) -> dict[str, float]:
+        """Mean ms per step of every phase since the last call, then start a new window."""
+        out = {k: v * 1000.0 / max(self.steps, 1) for k, v in self.totals.items()}
+        self.totals = dict.fromkeys(STEP_PHASES, 0.0)
+        self.steps = 0
+        return out
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -631,6 +693,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def package_version(*names: str) -> str:
+    """The installed version of the first distribution found among `names`, else "absent"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in names:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "absent"
+
+
 def environment_versions(device: torch.device) -> dict[str, str]:
     info = {
         "python": platform.python_version(),
@@ -643,6 +717,7 @@ def environment_versions(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_count"] = str(torch.cuda.device_count())
+        info["flash_attn"] = package_version("flash_attn_3", "flash-attn-3", "flash_attn_interface", "flash_attn")
     else:
         info["cpu_threads"] = str(torch.get_num_threads())
     return info
@@ -1608,6 +1683,7 @@ NS_COEFFICIENT_SETS: dict[str, tuple[tuple[float, float, float], ...]] = {
 }
 NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.02}
 NS_EPS = 1e-7
+MUON_IMPLS = ("batched", "loop")
 
 # One table maps every parameter to exactly one group: (optimizer, LR knob, weight-decay knob).
 PARAM_GROUPS: dict[str, tuple[str, str, str]] = {
@@ -1633,45 +1709,189 @@ def classify_param(name: str) -> str:
 
 
 def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "classic") -> Tensor:
-    """Approximate the orthogonal polar factor U V^T of G with quintic Newton-Schulz iterations."""
+    """Approximate the orthogonal polar factor U V^T of G with quintic Newton-Schulz iterations.
+    G is one matrix (m, n) or a stack (k, m, n) of same-shape matrices, orthogonalized in one batched call."""
     table = NS_COEFFICIENT_SETS[coeffs]
     X = G.to(dtype)
-    X = X / (X.norm() * NS_NORM_SAFETY[coeffs] + NS_EPS)
-    transposed = X.size(0) > X.size(1)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * NS_NORM_SAFETY[coeffs] + NS_EPS)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the short side: X X^T is the smaller Gram matrix
-        X = X.T
+        X = X.mT
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 def row_normalize(U: Tensor) -> Tensor:
     """MuonEq-R (PR #1217/#1260): give every row of the update unit L2 norm before orthogonalizing."""
-    return U / U.norm(dim=1, keepdim=True).clamp_min(NS_EPS)
+    return U / U.norm(dim=-1, keepdim=True).clamp_min(NS_EPS)
+
+
+def muon_direction(G: Tensor, buf: Tensor, mu: Tensor, steps: int, coeffs: str, row_norm: bool,
+                   ns_dtype: torch.dtype, scale: float) -> Tensor:
+    """Muon's update direction for a stack of same-shape gradients G (k, m, n): momentum into `buf` (in
+    place), Nesterov, optional MuonEq-R, Newton-Schulz, times sqrt(max(1, m/n)). Returns ns_dtype."""
+    buf.mul_(mu).add_(G)
+    U = G + mu * buf  # Nesterov
+    if row_norm:
+        U = row_normalize(U)
+    return newton_schulz(U, steps, ns_dtype, coeffs) * scale
+
+
+def muon_apply(params: list[Tensor], X: Tensor, lr: Tensor, wd: Tensor) -> None:
+    """Decoupled weight decay then p -= lr * X[i] for every matrix of a stack, as foreach ops."""
+    torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_sub_(params, list((X.to(params[0].dtype) * lr).unbind(0)))
+
+
+def muon_fused_step(params: list[Tensor], G: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, wd: Tensor, steps: int,
+                    coeffs: str, row_norm: bool, ns_dtype: torch.dtype, scale: float) -> None:
+    """One process: the whole update of a stacked group (momentum .. parameter update), one compiled graph."""
+    muon_apply(params, muon_direction(G, buf, mu, steps, coeffs, row_norm, ns_dtype, scale), lr, wd)
+
+
+def _all_gather_flat(out: Tensor, x: Tensor) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
+    fn(out, x)
+
+
+def _reduce_scatter_flat(out: Tensor, x: Tensor) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, x)
 
 
 class Muon(torch.optim.Optimizer):
     """Muon: Nesterov momentum, optional MuonEq-R row normalization, Newton-Schulz orthogonalization,
-    decoupled weight decay with the scheduled LR, update scaled by sqrt(max(1, rows/cols)). Under
-    torchrun rank r orthogonalizes the matrices i % world == r and one all-reduce shares the updates
-    (the DDP-era records' scheme)."""
+    decoupled weight decay with the scheduled LR, update scaled by sqrt(max(1, rows/cols)).
+
+    impl="batched" (default, PR #1584's systems changes): matrices of one shape form a bucket that is
+    stacked and orthogonalized in one batched Newton-Schulz call. With W ranks, bucket b of K matrices is
+    split into W shares of ceil(K/W) (the last ones padded with zeros); one reduce-scatter of every
+    bucket's stacked gradients gives each rank the rank-averaged gradients of its shares, the rank keeps
+    momentum only for them, and one all-gather of the updates (bf16 on GPU) gives every rank the whole
+    update. That moves fewer bytes than an all-reduce of gradients plus one of updates. Momentum ..
+    parameter update run as one compiled graph per bucket (`compile=True`).
+    impl="loop": one matrix at a time, matrix i on rank i % W, one all-reduce of the flat updates; it
+    expects already averaged gradients (the DDP-era records' scheme, kept as the reference)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, ns_coeffs: str = "classic", row_normalize: bool = False):
+                 rank: int = 0, world_size: int = 1, ns_coeffs: str = "classic", row_normalize: bool = False,
+                 impl: str = "batched", compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, ns_coeffs=ns_coeffs, row_normalize=row_normalize))
-        self.rank, self.world_size = rank, world_size
+        if impl not in MUON_IMPLS:
+            raise ConfigError(f"MUON_IMPL={impl!r} is not allowed: use one of {', '.join(MUON_IMPLS)}")
+        self.rank, self.world_size, self.impl = rank, world_size, impl
+        buckets: dict[tuple, list[nn.Parameter]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                buckets.setdefault((id(group), tuple(p.shape), p.dtype), []).append(p)
+        self.buckets: list[tuple[dict, list[nn.Parameter]]] = [
+            (next(g for g in self.param_groups if id(g) == key[0]), ps) for key, ps in buckets.items()]
+        self.share = [math.ceil(len(ps) / world_size) for _, ps in self.buckets]  # matrices per rank and bucket
+        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        self._fused, self._direction, self._apply = wrap(muon_fused_step), wrap(muon_direction), wrap(muon_apply)
+        self._scalars: dict[str, Tensor] = {}
+
+    def _scalar(self, name: str, value: float, device: torch.device) -> Tensor:
+        # LR and momentum change every step: 0-d tensors keep them out of the compiled graphs' guards.
+        t = self._scalars.get(name)
+        if t is None or t.device != device:
+            t = self._scalars[name] = torch.zeros((), dtype=torch.float32, device=device)
+        return t.fill_(value)
+
+    def owned(self, b: int) -> list[nn.Parameter]:
+        """The matrices of bucket b whose update this rank computes (its share; may be short or empty)."""
+        ps = self.buckets[b][1]
+        return ps[self.rank * self.share[b]: (self.rank + 1) * self.share[b]]
+
+    def momentum_buffer(self, p: nn.Parameter) -> Tensor | None:
+        """p's momentum (a view into its bucket's stacked buffer), or None before the first step or when
+        another rank owns p."""
+        if self.impl == "loop":
+            return self.state[p].get("momentum_buffer")
+        for b, (_, ps) in enumerate(self.buckets):
+            owned = self.owned(b)
+            for i, q in enumerate(owned):
+                if q is p:
+                    buf = self.state[ps[0]].get("momentum_buffer")
+                    return None if buf is None else buf[i]
+        return None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def shard_grads(self) -> list[Tensor]:
+        """Per bucket, this rank's (share, m, n) slice of the rank-averaged stacked gradients: one
+        reduce-scatter for all buckets. With one process: the stacked gradients (a copy)."""
+        stacks = []
+        for b, (_, ps) in enumerate(self.buckets):
+            G = torch.stack([p.grad for p in ps])
+            pad = self.share[b] * self.world_size - len(ps)
+            if pad:
+                G = torch.cat([G, G.new_zeros((pad, *G.shape[1:]))])
+            stacks.append(G)
+        if self.world_size == 1:
+            return stacks
+        # Rank-major layout: row r of (W, total) is rank r's shares of every bucket, back to back.
+        flat = torch.cat([G.reshape(self.world_size, -1) for G in stacks], dim=1)
+        out = flat.new_empty(flat.size(1))
+        _reduce_scatter_flat(out, flat.reshape(-1))
+        out.div_(self.world_size)
+        shards, offset = [], 0
+        for G in stacks:
+            n = G.numel() // self.world_size
+            shards.append(out[offset: offset + n].view(-1, *G.shape[1:]))
+            offset += n
+        return shards
+
+    @torch.no_grad()
+    def step(self, shards: list[Tensor] | None = None, comm: Callable[[], None] | None = None) -> None:
+        """One update. `shards`: from shard_grads() (e.g. after clipping); computed here when None.
+        `comm` is called just after the update all-gather, so the caller can time it."""
+        if self.impl == "loop":
+            self._step_loop()
+            return
+        if shards is None:
+            shards = self.shard_grads()
+        gathered = []
+        for b, ((group, ps), G) in enumerate(zip(self.buckets, shards)):
+            dev = G.device
+            # bf16 Newton-Schulz on GPU as in the records; fp32 on CPU, where bf16 matmul is slow.
+            ns_dtype = torch.bfloat16 if G.is_cuda else torch.float32
+            lr, mu = self._scalar(f"lr{id(group)}", group["lr"], dev), self._scalar(f"mu{id(group)}", group["momentum"], dev)
+            wd = self._scalar(f"wd{id(group)}", group["weight_decay"], dev)
+            state = self.state[ps[0]]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(G)
+            args = (group["backend_steps"], group["ns_coeffs"], group["row_normalize"], ns_dtype,
+                    math.sqrt(max(1.0, ps[0].size(0) / ps[0].size(1))))
+            if self.world_size == 1:
+                self._fused(ps, G, state["momentum_buffer"], lr, mu, wd, *args)
+            else:
+                gathered.append(self._direction(G, state["momentum_buffer"], mu, *args))
+        if self.world_size == 1:
+            return
+        flat = torch.cat([X.reshape(-1) for X in gathered])
+        full = flat.new_empty(self.world_size, flat.numel())
+        _all_gather_flat(full.view(-1), flat)
+        if comm is not None:
+            comm()
+        offset = 0
+        for b, ((group, ps), X) in enumerate(zip(self.buckets, gathered)):
+            n = X.numel()
+            updates = full[:, offset: offset + n].reshape(-1, *X.shape[1:])[: len(ps)]
+            offset += n
+            dev = updates.device
+            self._apply(ps, updates, self._scalar(f"lr{id(group)}", group["lr"], dev),
+                        self._scalar(f"wd{id(group)}", group["weight_decay"], dev))
+
+    def _step_loop(self) -> None:
         for group in self.param_groups:
             params = group["params"]
             if not params:
                 continue
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            # bf16 Newton-Schulz on GPU as in the records; fp32 on CPU, where bf16 matmul is slow.
             ns_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
             total = sum(p.numel() for p in params)
             flat = torch.zeros(total, dtype=ns_dtype, device=params[0].device)
@@ -1735,10 +1955,12 @@ def training_progress(step: int, elapsed_s: float, iterations: int, max_wallcloc
 
 
 class Optimizers:
-    """Muon for block matrices, AdamW for the rest, built from PARAM_GROUPS."""
+    """Muon for block matrices, AdamW for the rest, built from PARAM_GROUPS. `step()` also averages the
+    gradients over ranks and clips their global norm."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters, rank: int = 0, world_size: int = 1):
         self.h = h
+        self.world_size = world_size
         self.table: list[tuple[str, str, int]] = []
         grouped: dict[str, list[nn.Parameter]] = {g: [] for g in PARAM_GROUPS}
         for name, p in model.named_parameters():
@@ -1750,9 +1972,10 @@ class Optimizers:
         self.muon = Muon(grouped["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum,
                          backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd,
                          rank=rank, world_size=world_size, ns_coeffs=h.muon_ns,
-                         row_normalize=h.muon_row_normalize)
+                         row_normalize=h.muon_row_normalize, impl=h.muon_impl, compile=h.compile)
         adam_groups = [dict(params=grouped[g], lr=self.base_lr[g], weight_decay=getattr(h, PARAM_GROUPS[g][2]),
                             name=g) for g in ("embed", "head", "scalar") if grouped[g]]
+        self.adam_params = [p for g in adam_groups for p in g["params"]]
         fused = bool(self.params) and self.params[0].is_cuda
         self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
 
@@ -1771,9 +1994,29 @@ class Optimizers:
         for group in self.adam.param_groups:
             group["lr"] = self.base_lr[group["name"]] * scale
 
-    def step(self) -> None:
-        self.muon.step()
+    @torch.no_grad()
+    def step(self, timer: StepTimer | None = None) -> None:
+        """Average gradients over ranks, clip the global norm (GRAD_CLIP_NORM), then Muon and AdamW.
+        Batched Muon: AdamW's gradients are all-reduced and the matrices' reduce-scattered (each rank
+        then holds only its share of them), so the clip norm is assembled from both parts."""
+        mark = timer.mark if timer is not None else (lambda phase: None)
+        if self.muon.impl == "loop":
+            sync_gradients(self.params, self.world_size)
+            mark("comm")
+            if self.h.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.h.grad_clip_norm)
+            self.muon.step()
+        else:
+            sync_gradients(self.adam_params, self.world_size)
+            shards = self.muon.shard_grads()
+            mark("comm")
+            if self.h.grad_clip_norm > 0:
+                adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
+                clip_global_norm_(adam_grads, shards, self.h.grad_clip_norm, self.world_size)
+            self.muon.step(shards, comm=lambda: mark("comm"))
+        mark("optimizer")
         self.adam.step()
+        mark("optimizer")
 
     def zero_grad(self) -> None:
         self.muon.zero_grad(set_to_none=True)
@@ -1785,6 +2028,23 @@ class Optimizers:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
+
+
+def clip_global_norm_(replicated: list[Tensor], sharded: list[Tensor], max_norm: float, world_size: int) -> None:
+    """clip_grad_norm_ over gradients split in two: `replicated` (equal on every rank) and `sharded`
+    (disjoint slices on each rank, zero padding allowed). Same coefficient as torch's, no host sync."""
+    device = (sharded or replicated)[0].device
+    sq = [t.float().pow(2).sum() for t in sharded]
+    local = torch.stack(sq).sum() if sq else torch.zeros((), device=device)
+    if world_size > 1:
+        all_reduce_(local)
+    if replicated:
+        local = local + torch.stack(torch._foreach_norm(replicated)).float().pow(2).sum().to(local.device)
+    coef = (max_norm / (local.sqrt() + 1e-6)).clamp(max=1.0)
+    if replicated:
+        torch._foreach_mul_(replicated, coef.to(replicated[0].device))
+    if sharded:
+        torch._foreach_mul_(sharded, coef)
 
 
 def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = True) -> None:
@@ -1803,7 +2063,8 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
 
 
 class EMA:
-    """fp32 exponential moving average of every parameter, updated with fused foreach ops.
+    """fp32 exponential moving average of every parameter: one fused foreach lerp per step (PR #1584
+    replaced a per-tensor loop over state_dict()).
 
     Bias-corrected (as Adam's moments): the average starts at zero and is divided by 1 - decay**steps,
     so it is an average of trained weights only. Without the correction the initial weights keep a
@@ -1814,11 +2075,15 @@ class EMA:
         self.steps = 0
         self.params = list(model.parameters())
         self.shadow = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        # fp32 parameters are read in place (detached views, built once); others need an fp32 copy per step.
+        self._fp32 = all(p.dtype == torch.float32 for p in self.params)
+        self._sources = [p.detach() for p in self.params] if self._fp32 else None
 
     @torch.no_grad()
     def update(self) -> None:
         # e = d*e + (1-d)*w  ==  lerp(e, w, 1-d)
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        sources = self._sources if self._fp32 else [p.detach().float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
         self.steps += 1
 
     @torch.no_grad()
@@ -2573,22 +2838,23 @@ class TrainResult:
     calib_ms: float = 0.0  # Hessian collection time (training data, inside the wallclock)
     data_access_end_ms: float = 0.0  # training time + calibration: when training data was last read
     hessians: dict[str, Tensor] | None = None
+    history: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)  # progress lines
 
 
 def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizers, h: Hyperparameters,
-               world_size: int, device: torch.device) -> Tensor:
+               device: torch.device, timer: StepTimer | None = None) -> Tensor:
     """One optimizer step over `accum_steps` micro-batches; returns this rank's mean loss (detached)."""
+    mark = timer.mark if timer is not None else (lambda phase: None)
     total = torch.zeros((), device=device)
     for _ in range(h.accum_steps):
         x, y = loader.next_batch()
+        mark("data")
         with compute_autocast(device, h.compute_dtype):
             loss = model(x, y)
         (loss / h.accum_steps).backward()
         total += loss.detach()
-    sync_gradients(opt.params, world_size)
-    if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(opt.params, h.grad_clip_norm)
-    opt.step()
+        mark("fwd_bwd")
+    opt.step(timer)
     opt.zero_grad()
     return total / h.accum_steps
 
@@ -2653,7 +2919,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 model.set_looping(looping)
                 for i in range(h.warmup_steps):
                     opt.set_schedule(1.0, 0)
-                    train_step(compiled, loader, opt, h, d.world_size, d.device)
+                    train_step(compiled, loader, opt, h, d.device)
                     extra = {"looping": int(looping)} if h.num_loops else {}
                     log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}", **extra))
         finally:
@@ -2679,9 +2945,13 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
     qat_pending = h.late_qat_threshold > 0
     train_time, step, stopped_by = 0.0, 0, "iterations"
     tokens_per_step = h.train_batch_tokens
+    timer = StepTimer(d.device)
+    history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
+    window_start = (0.0, 0)  # (train time, step) at the previous progress line
     try:
         while step < h.iterations:
             t0 = time.perf_counter()
+            timer.start()
             frac = training_progress(step, train_time, h.iterations, cap)
             if not model.looping and looping_due(h, step, frac):
                 model.set_looping(True)
@@ -2695,9 +2965,11 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 n = model.set_qat(True)
                 log(format_kv(late_qat="enabled", step=step, lr_scale=f"{scale:.4f}", matrices=n))
             opt.set_schedule(scale, step)
-            loss = train_step(compiled, loader, opt, h, d.world_size, d.device)
+            timer.mark("other")
+            loss = train_step(compiled, loader, opt, h, d.device, timer)
             if ema is not None:
                 ema.update()
+                timer.mark("ema")
             step += 1
             # One collective per step: the global loss, any non-finite loss, and the stop decision,
             # which every rank must take identically (pitfalls E: stop *before* the cap, not after).
@@ -2706,26 +2978,42 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
             local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
                                  torch.tensor(float(next_step_ends_late), device=d.device)])
             all_reduce_(local)
-            loss_sum, nonfinite, time_up = local.tolist()
+            timer.mark("comm")
+            loss_sum, nonfinite, time_up = local.tolist()  # synchronizes: every timer event has completed
+            timer.collect()
             train_time += time.perf_counter() - t0
             last_loss = loss_sum / d.world_size
             if nonfinite > 0:
                 raise TrainingDiverged(f"step:{step} train_loss:{last_loss} is not finite; the run stopped. "
                                        f"Lower MATRIX_LR/TIED_EMBED_LR/SCALAR_LR or set GRAD_CLIP_NORM")
             if h.train_log_every and (step % h.train_log_every == 0 or step <= 2):
+                # Step-time breakdown: mean ms per step of each phase since the previous line.
+                phases = timer.summary_ms()
+                window_s, window_steps = train_time - window_start[0], step - window_start[1]
+                window_start = (train_time, step)
                 log(format_kv(step=f"{step}/{h.iterations}", train_loss=f"{last_loss:.4f}",
                               train_time=f"{train_time * 1000:.0f}ms", step_avg=f"{train_time * 1000 / step:.2f}ms",
-                              tok_s=f"{tokens_per_step * step / train_time:.0f}", lr_scale=f"{scale:.4f}",
-                              data_wait=f"{loader.wait_seconds * 1000:.0f}ms"))
+                              tok_s=f"{tokens_per_step * window_steps / window_s:.0f}", lr_scale=f"{scale:.4f}",
+                              data_wait=f"{loader.wait_seconds * 1000:.0f}ms",
+                              **{f"{k}_ms": f"{v:.2f}" for k, v in phases.items()}))
+                history["train"].append({"step": step, "train_time_ms": round(train_time * 1000, 1),
+                                         "train_loss": round(last_loss, 6), "lr_scale": round(scale, 6),
+                                         **{f"{k}_ms": round(v, 3) for k, v in phases.items()}})
             if h.val_loss_every and step % h.val_loss_every == 0 and step < h.iterations:
                 r = evaluate()  # not counted in the training time
                 log(format_kv(step=f"{step}/{h.iterations}", val_loss=f"{r.val_loss:.4f}", val_bpb=f"{r.val_bpb:.4f}",
                               train_time=f"{train_time * 1000:.0f}ms"))
+                history["val"].append({"step": step, "train_time_ms": round(train_time * 1000, 1),
+                                       "val_loss": r.val_loss, "val_bpb": r.val_bpb})
             if time_up > 0:
                 stopped_by = "wallclock"
                 log(format_kv(stopping_early="wallclock_cap", train_time=f"{train_time * 1000:.0f}ms",
                               step=f"{step}/{h.iterations}"))
                 break
+        if d.device.type == "cuda":
+            log(format_kv(peak_memory_allocated=f"{torch.cuda.max_memory_allocated(d.device) // 2**20}MiB",
+                          peak_memory_reserved=f"{torch.cuda.max_memory_reserved(d.device) // 2**20}MiB",
+                          phase="training"))
         model.set_qat(False)
         if ema is not None:
             ema.apply_to(model)
@@ -2762,7 +3050,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 f"cap: raise GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)")
             log("WARNING: " + "!" * 60)
     return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by, reserve, calib_s * 1000,
-                       access_end * 1000, hessians)
+                       access_end * 1000, hessians, history)
 
 # ==== Main ====
 
@@ -2824,7 +3112,8 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
     info = {**{k.lower(): v for k, v in h.knob_values().items()}, **versions,
             **{f"dataset_{k}": v for k, v in fingerprint.items()},
             "world_size": d.world_size, "grad_accum_steps": h.accum_steps, "attention_backend": backend,
-            "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes": len(code)}
+            "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes": len(code),
+            "config_hash": config_hash(h.knob_values())}
     log("config:")
     for key in sorted(info):
         log(f"  {key}: {info[key]}")
@@ -3014,7 +3303,7 @@ def finish(h: Hyperparameters, d: DistInfo, final: EvalResult, eval_time_ms: flo
                     "bytes_model": bytes_model, "bytes_code": bytes_code,
                     "over_limit": bytes_total > ARTIFACT_LIMIT_BYTES, "train_time_ms": round(train_time_ms),
                     "eval_time_ms": round(eval_time_ms), "steps": steps, "world_size": d.world_size,
-                    "config": h.knob_values()})
+                    "config": h.knob_values(), "config_hash": config_hash(h.knob_values())})
     if d.is_main:
         atomic_write_bytes(Path(h.log_dir) / f"{h.run_id}.json",
                            (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -3099,7 +3388,7 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
         "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
         "reportable": data.reportable, "bpb_check": dataclasses.asdict(data.check),
         "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes_packed": bytes_code_packed,
-        "versions": versions, "dataset": fingerprint, "artifact": str(artifact_path),
+        "versions": versions, "dataset": fingerprint, "artifact": str(artifact_path), "history": result.history,
     }
     return finish(h, d, final, eval_time_ms, bytes_model, bytes_code, result.train_time_ms, result.steps, metrics, log,
                   ev.label)
