@@ -1717,10 +1717,12 @@ def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "clas
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the short side: X X^T is the smaller Gram matrix
         X = X.mT
+    addmm = torch.baddbmm if X.dim() == 3 else torch.addmm  # scale-and-add fused into the matmul
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
         A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
+        B = addmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = addmm(X, B, X, beta=a, alpha=1.0)  # a*X + B@X
     return X.mT if transposed else X
 
 
