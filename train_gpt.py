@@ -2609,6 +2609,10 @@ def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.devi
     return hessians
 
 
+PACKED_PREFIX = b"import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode(\""
+PACKED_SUFFIX = b"\"),format=L.FORMAT_RAW,filters=[{\"id\":L.FILTER_LZMA2}]),__file__,\"exec\"))\n"
+
+
 def self_extracting_source(code: bytes) -> bytes:
     """The code as a self-extracting script (LZMA + base85, PR #1394 style): what a submission can
     ship instead of the readable file. records/pack.py writes exactly these bytes."""
@@ -2616,8 +2620,27 @@ def self_extracting_source(code: bytes) -> bytes:
     import lzma
     packed = base64.b85encode(lzma.compress(code, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2,
                                                                                        "preset": 9}]))
-    return (b"import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode(\"" + packed +
-            b"\"),format=L.FORMAT_RAW,filters=[{\"id\":L.FILTER_LZMA2}]),__file__,\"exec\"))\n")
+    return PACKED_PREFIX + packed + PACKED_SUFFIX
+
+
+def unpack_self_extracting(code: bytes) -> bytes | None:
+    """The source inside a script written by self_extracting_source, or None for any other file."""
+    import base64
+    import lzma
+    if not (code.startswith(PACKED_PREFIX) and code.endswith(PACKED_SUFFIX)):
+        return None
+    try:
+        return lzma.decompress(base64.b85decode(code[len(PACKED_PREFIX): -len(PACKED_SUFFIX)]),
+                               format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    except (ValueError, lzma.LZMAError):
+        return None
+
+
+def code_hashes(code: bytes) -> set[str]:
+    """sha256 of the running file and, when it is a packed script, of the source inside: an artifact
+    written by either form is the same program's."""
+    inner = unpack_self_extracting(code)
+    return {hashlib.sha256(c).hexdigest() for c in (code, inner) if c is not None}
 
 # ==== Evaluation ====
 
@@ -3111,9 +3134,11 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
                log: Logger) -> dict[str, str]:
     """The resolved config, versions, code hash and dataset fingerprint: one sorted `key: value` block."""
     versions = environment_versions(d.device)
-    info = {**{k.lower(): v for k, v in h.knob_values().items()}, **versions,
+    # Knob names win: a derived value that shares a knob's name is logged as resolved_<name>.
+    knobs = {k.lower(): v for k, v in h.knob_values().items()}
+    info = {**knobs, **{(f"resolved_{k}" if k in knobs else k): v for k, v in versions.items()},
             **{f"dataset_{k}": v for k, v in fingerprint.items()},
-            "world_size": d.world_size, "grad_accum_steps": h.accum_steps, "attention_backend": backend,
+            "world_size": d.world_size, "resolved_grad_accum_steps": h.accum_steps, "attention_backend": backend,
             "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes": len(code),
             "config_hash": config_hash(h.knob_values())}
     log("config:")
@@ -3342,7 +3367,8 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
     # Quantize to fit, serialize, then score the round-tripped weights (pitfalls E: the artifact exists
     # even if a later phase dies; the score always comes from what was written).
     artifact_path = Path(h.log_dir) / f"{h.run_id}.ptz"
-    bytes_code, bytes_code_packed = len(code), len(self_extracting_source(code))
+    packed_already = unpack_self_extracting(code) is not None
+    bytes_code, bytes_code_packed = len(code), len(code if packed_already else self_extracting_source(code))
     log(format_kv(code_bytes=bytes_code, code_bytes_packed=bytes_code_packed,
                   note="packed = the LZMA self-extracting script records/pack.py would ship"))
     budget = h.target_bytes - h.size_margin_bytes - bytes_code
@@ -3408,10 +3434,11 @@ EVAL_ONLY_ENV_KNOBS = frozenset({
 def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, source: str) -> Hyperparameters:
     """EVAL_ONLY: the model and quantization knobs of the run that wrote the artifact, checked against
     the code that wrote it (a reviewer re-scores a submission with the script it shipped)."""
-    sha = hashlib.sha256(code).hexdigest()
-    if meta.get("code_sha256") != sha:
-        raise ArtifactError(f"{source}: written by code sha256 {meta.get('code_sha256')}, but this script is {sha}: "
-                            f"re-score an artifact with the train_gpt.py that made it")
+    shas = code_hashes(code)
+    if meta.get("code_sha256") not in shas:
+        raise ArtifactError(f"{source}: written by code sha256 {meta.get('code_sha256')}, but this script is "
+                            f"{' / '.join(sorted(shas))}: re-score an artifact with the train_gpt.py that made it "
+                            f"(or its packed form)")
     config = meta.get("config")
     if not isinstance(config, dict):
         raise ArtifactError(f"{source}: artifact has no config metadata")

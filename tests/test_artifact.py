@@ -11,6 +11,7 @@ layout, ArtifactError for every kind of damaged artifact, and atomic_write_bytes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -549,3 +550,20 @@ def test_atomic_write_fsync_failure_keeps_old_content(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert dest.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_packed_script_is_recognised_as_the_same_program():
+    src = Path(tg.__file__).read_bytes()
+    packed = tg.self_extracting_source(src)
+    assert tg.unpack_self_extracting(packed) == src
+    assert tg.unpack_self_extracting(src) is None
+    assert tg.unpack_self_extracting(packed[:-40] + packed[-39:]) is None  # damaged payload
+    sha = hashlib.sha256(src).hexdigest()
+    assert tg.code_hashes(packed) == {sha, hashlib.sha256(packed).hexdigest()}
+    assert tg.code_hashes(src) == {sha}
+    # EVAL_ONLY accepts an artifact written by the readable script when run from its packed form
+    h = tg.Hyperparameters.from_env({})
+    meta = {"code_sha256": sha, "config": {"NUM_LAYERS": 13}}
+    assert tg.eval_only_config(h, meta, packed, "a.ptz").num_layers == 13
+    with pytest.raises(tg.ArtifactError, match="a.ptz"):
+        tg.eval_only_config(h, meta, b"print(1)\n", "a.ptz")

@@ -449,12 +449,12 @@ def test_dry_run_subprocess(tmp_path):
     config = {line[2:].split(":", 1)[0]: line[2:].split(":", 1)[1].strip() for line in block}
     h = H.from_env(knobs)
     assert set(f.name for f in H.knob_fields()) <= set(config)
-    shadowed = {"run_id", "device", "grad_accum_steps"}  # generated / shown as the effective value
+    shadowed = {"run_id"}  # generated
     for f in H.knob_fields():
         if f.name not in shadowed:
             assert config[f.name] == str(getattr(h, f.name)).strip(), f.name
-    assert config["grad_accum_steps"] == str(h.accum_steps) and config["world_size"] == "1"
-    assert config["device"] == "cpu" and re.fullmatch(r"smoke_\d{8}_\d{6}", config["run_id"])
+    assert config["resolved_grad_accum_steps"] == str(h.accum_steps) and config["world_size"] == "1"
+    assert config["resolved_device"] == "cpu" and config["device"] == h.device and re.fullmatch(r"smoke_\d{8}_\d{6}", config["run_id"])
 
     # parameter counts
     n = _model_param_count(knobs)

@@ -276,7 +276,7 @@ def test_tiny_run_log_contents(tiny_run, dataset):
     for key, value in TINY.items():
         assert key.lower() in config, key
     assert config["num_layers"] == "2" and config["model_dim"] == "64" and config["seed"] == "1337"
-    assert config["world_size"] == "1" and config["grad_accum_steps"] == "8"
+    assert config["world_size"] == "1" and config["resolved_grad_accum_steps"] == "8" and config["grad_accum_steps"] == "0"
     assert config["code_sha256"] == hashlib.sha256(run.code).hexdigest()
     assert config["code_bytes"] == str(len(run.code))
     assert {"torch", "python", "numpy", "device"} <= set(config)
@@ -469,8 +469,8 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path, tiny_no_
     assert sum(1 for line in dist_run.stdout_lines if line.startswith("final ")) == 1, "only rank 0 prints"
     assert sorted(p.name for p in dist_run.log_dir.iterdir()) == ["dist.json", "dist.ptz", "dist.txt"]
     assert dist_run.metrics["world_size"] == 2
-    assert "  world_size: 2" in dist_run.log_lines and "  grad_accum_steps: 4" in dist_run.log_lines
-    assert "  world_size: 1" in single.log_lines and "  grad_accum_steps: 8" in single.log_lines
+    assert "  world_size: 2" in dist_run.log_lines and "  resolved_grad_accum_steps: 4" in dist_run.log_lines
+    assert "  world_size: 1" in single.log_lines and "  resolved_grad_accum_steps: 8" in single.log_lines
 
     # Same global batch by design: the step-1 loss (mean over all ranks and micro-batches) is equal.
     s_steps, d_steps = single.steps(), dist_run.steps()

@@ -1,0 +1,622 @@
+"""Build a record folder from a seed sweep's logs, in one command.
+
+Usage:
+    python records/make_submission.py --name MyRun --logs logs/myrun_s1337.json logs/myrun_s42.json \\
+        logs/myrun_s2025.json --author "Ada L" --github-id adal --blurb "what changed" \\
+        [--pack [--codec lzma|brotli]] [--baseline records/track_10min_16mb/<current record>]
+
+Creates records/track_10min_16mb/<YYYY-MM-DD>_<name>/ with
+- train_gpt.py: the exact script the logs ran (its sha256 must equal the logs' code_sha256); with
+  --pack, the self-extracting LZMA (or Brotli) + base85 version of that same source (payload sha256 =
+  the logs' code_sha256), so bytes_code is the packed size and bytes_total = bytes_model + packed size;
+  a script that is already packed (the sweep ran the packed file) is shipped as it is;
+- train_seed<S>.log: each run's log (logs/<RUN_ID>.txt), byte for byte;
+- submission.json: author, github_id, name, blurb, date, track, val_loss / val_bpb (mean, sample std),
+  seeds, per-seed results, bytes_total / bytes_code, hardware, pytorch version, compliance fields and,
+  with --baseline, the significance tests (see records/stats.py);
+- requirements.txt and a README.md skeleton: per-seed table, the run command, compliance block.
+
+It refuses, with one `error:` line per problem and nothing written, when a log is incomplete or does
+not match its JSON, the seeds' configs (config_hash: everything but SEED, RUN_ID, LOG_DIR) or datasets
+differ, a seed repeats, any seed is over 16,000,000 bytes, training (or GPTQ's training-data access)
+or evaluation took over 600 s (record track), a run is not reportable (MAX_VAL_TOKENS), or the script's
+hash does not match the logs. The folder is written to a temporary name, validated with
+records/check.py, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import check  # noqa: E402
+import pack  # noqa: E402
+import runlog  # noqa: E402
+import stats  # noqa: E402
+from runlog import RecordError  # noqa: E402
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+TRACKS = {"10min_16mb": "record track: 8xH100 SXM, 600 s training, 600 s evaluation",
+          "non_record_16mb": "non-record track: 16,000,000 bytes, no time limit"}
+SWEEP_SEEDS = "1337 42 2025"
+
+
+@dataclass
+class Shipped:
+    data: bytes  # the train_gpt.py that goes into the folder
+    how: str  # raw / packed-from-raw / packed
+    source_sha256: str  # the sha256 the logs recorded
+    codec: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validating the runs
+# ---------------------------------------------------------------------------------------------
+
+
+def load_runs(paths: list[Path], errors: list[str]) -> list[runlog.Run]:
+    """The runs, each with its JSON and its log; problems are appended to `errors`."""
+    runs = []
+    for path in paths:
+        try:
+            run = runlog.load_run(path)
+        except RecordError as exc:
+            errors.append(str(exc))
+            continue
+        where = str(run.json_path or path)
+        if run.metrics is None:
+            errors.append(f"{path}: no metrics JSON next to it ({path.with_suffix('.json').name}); give the run's "
+                          f".json (train_gpt.py writes it at the end of a finished run)")
+            continue
+        if run.log is None:
+            errors.append(f"{where}: no log next to it ({Path(where).with_suffix('.txt').name}); the folder ships the "
+                          f"log, so it must be there")
+            continue
+        m, lg = run.metrics, run.log
+        if m.get("eval_only"):
+            errors.append(f"{where}: an EVAL_ONLY re-scoring, not a training run")
+            continue
+        missing = [k for k in runlog.REQUIRED_METRICS if k not in m]
+        if missing:
+            errors.append(f"{where}: incomplete run JSON, missing {', '.join(missing)}")
+            continue
+        if not lg.complete:
+            errors.append(f"{lg.path}: incomplete log: it does not end with the `final ...` line (unfinished run or "
+                          f"truncated file)")
+            continue
+        fin = lg.final
+        diffs = [f"{k} {fin[k]} vs {m[k]}" for k in ("bytes_total", "bytes_model", "bytes_code", "train_time_ms",
+                                                      "eval_time_ms", "steps", "eval") if fin[k] != m[k]]
+        diffs += [f"{k} {fin[k]:.8f} vs {m[k]:.8f}" for k in ("val_loss", "val_bpb") if f"{m[k]:.8f}" != f"{fin[k]:.8f}"]
+        if lg.config.get("code_sha256") != m.get("code_sha256"):
+            diffs.append(f"code_sha256 {lg.config.get('code_sha256')} vs {m.get('code_sha256')}")
+        if diffs:
+            errors.append(f"{lg.path}: does not match {where} (stale log or JSON from another run): {'; '.join(diffs)}")
+            continue
+        runs.append(run)
+    return runs
+
+
+def validate_runs(runs: list[runlog.Run], errors: list[str]) -> None:
+    if not runs:
+        return
+    seeds = [r.seed for r in runs]
+    for s in sorted({s for s in seeds if seeds.count(s) > 1}):
+        errors.append(f"--logs: seed {s} appears {seeds.count(s)} times "
+                      f"({', '.join(r.label for r in runs if r.seed == s)}); one run per seed")
+    first = runs[0]
+    ignored = runlog.config_hash_ignored()
+    for run in runs:
+        stored = run.metrics.get("config_hash")
+        computed = runlog.config_hash(run.metrics["config"])
+        if stored and computed and stored != computed:
+            errors.append(f"{run.label}: config_hash {stored[:12]} does not match its config ({computed[:12]}): "
+                          f"edited JSON?")
+    for run in runs[1:]:
+        diffs = runlog.config_differences(first.metrics["config"], run.metrics["config"], ignored)
+        if diffs:
+            errors.append(f"{run.label}: config differs from {first.label}: {'; '.join(diffs[:6])}"
+                          + (f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else "")
+                          + f"; all seeds must come from one configuration (only {', '.join(sorted(ignored))} "
+                            f"may differ)")
+        data_a, data_b = first.metrics.get("dataset") or {}, run.metrics.get("dataset") or {}
+        data_diffs = [f"{k} {data_a.get(k)!r} vs {data_b.get(k)!r}" for k in sorted(set(data_a) | set(data_b))
+                      if k != "tokenizer" and data_a.get(k) != data_b.get(k)]
+        if data_diffs:
+            errors.append(f"{run.label}: dataset differs from {first.label}: {'; '.join(data_diffs[:4])}")
+        if run.metrics["world_size"] != first.metrics["world_size"]:
+            errors.append(f"{run.label}: world_size {run.metrics['world_size']} vs {first.metrics['world_size']} in "
+                          f"{first.label}")
+    for run in runs:
+        if run.metrics.get("reportable") is False:
+            errors.append(f"{run.label}: not reportable (MAX_VAL_TOKENS={run.metrics['config'].get('MAX_VAL_TOKENS')}"
+                          f" scored a subset of the validation split); rerun with MAX_VAL_TOKENS=0")
+
+
+def resolve_script(path: Path, runs: list[runlog.Run], do_pack: bool, codec: str, errors: list[str]) -> Shipped | None:
+    """The exact script to ship, verified against the logs' code_sha256."""
+    shas = sorted({r.metrics["code_sha256"] for r in runs})
+    if len(shas) > 1:
+        by = "; ".join(f"{r.label}: {r.metrics['code_sha256'][:12]}" for r in runs)
+        errors.append(f"--logs: the runs used different scripts ({by}); rerun every seed with one train_gpt.py")
+        return None
+    if not path.is_file():
+        errors.append(f"--script {path}: no such file")
+        return None
+    data = path.read_bytes()
+    want = shas[0]
+    got = pack.unpack(data)
+    payload, got_codec = got if got else (None, None)
+    sha = hashlib.sha256(data).hexdigest()
+    payload_sha = hashlib.sha256(payload).hexdigest() if payload is not None else None
+    ran_bytes = {r.metrics["bytes_code"] for r in runs}
+    if sha == want:
+        if len(data) not in ran_bytes:
+            errors.append(f"--script {path}: {len(data)} bytes but the logs ran {sorted(ran_bytes)} bytes")
+            return None
+        if payload is not None:  # the sweep ran the packed file: ship it as it is
+            return Shipped(data, "packed", want, got_codec)
+        if do_pack:
+            try:
+                packed = pack.pack(data, codec, do_minify=False, name=str(path))
+            except pack.PackError as exc:
+                errors.append(str(exc))
+                return None
+            return Shipped(packed, "packed-from-raw", want, codec)
+        return Shipped(data, "raw", want, None)
+    if payload_sha == want:  # a packed file whose payload is the script the logs ran
+        return Shipped(data, "packed-from-raw", want, got_codec)
+    errors.append(f"--script {path}: sha256 {sha[:16]}" + (f" (payload {payload_sha[:16]})" if payload_sha else "")
+                  + f" does not match the code_sha256 {want[:16]} in the logs: ship the exact script the runs used "
+                    f"(stale logs, train_gpt.py edited since the sweep, or the runs executed a packed file: pass "
+                    f"that file with --script)")
+    return None
+
+
+def check_limits(runs: list[runlog.Run], code_size: int, track: str, errors: list[str]) -> None:
+    lim = runlog.limits()
+    for run in runs:
+        m = run.metrics
+        total = m["bytes_model"] + code_size
+        if total > lim["bytes"]:
+            errors.append(f"{run.label}: bytes_total {total:,} (model {m['bytes_model']:,} + code {code_size:,}) is over "
+                          f"the {lim['bytes']:,}-byte limit by {total - lim['bytes']:,}")
+        if track != "10min_16mb":
+            continue
+        if m["train_time_ms"] > lim["train_s"] * 1000:
+            errors.append(f"{run.label}: train_time_ms {m['train_time_ms']:,} is over the {lim['train_s']:.0f} s limit")
+        access = run.train_data_access_end_ms
+        if access is not None and access > lim["train_s"] * 1000:
+            errors.append(f"{run.label}: training data was read until {access:,} ms (GPTQ calibration), over the "
+                          f"{lim['train_s']:.0f} s limit; raise GPTQ_RESERVE_SECONDS or use GPTQ_AR_SELFGEN=1")
+        if m["eval_time_ms"] > lim["eval_s"] * 1000:
+            errors.append(f"{run.label}: eval_time_ms {m['eval_time_ms']:,} is over the {lim['eval_s']:.0f} s limit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Contents
+# ---------------------------------------------------------------------------------------------
+
+
+def _round(x: float | None, digits: int = 8) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, digits)
+
+
+def hardware(runs: list[runlog.Run]) -> str:
+    v, ws = runs[0].metrics.get("versions") or {}, runs[0].metrics["world_size"]
+    if v.get("gpu"):
+        return f"{ws}x{v['gpu']}"
+    threads = v.get("cpu_threads")
+    return (f"CPU ({ws} process{'es' if ws != 1 else ''}"
+            + (f", {threads} thread{'s' if str(threads) != '1' else ''}" if threads else "") + ")")
+
+
+def seed_row(run: runlog.Run, code_size: int) -> dict[str, Any]:
+    m = run.metrics
+    row: dict[str, Any] = {"run_id": m["run_id"], "val_loss": m["val_loss"], "val_bpb": m["val_bpb"],
+                           "eval": m["eval"], "val_tokens": m["val_tokens"], "val_bytes": m["val_bytes"],
+                           "steps": m["steps"], "step_avg_ms": _round(m["train_time_ms"] / max(m["steps"], 1), 2),
+                           "train_time_ms": m["train_time_ms"], "eval_time_ms": m["eval_time_ms"]}
+    if run.train_data_access_end_ms is not None:
+        row["train_data_access_end_ms"] = run.train_data_access_end_ms
+    for label in runlog.EVAL_LABELS:
+        ev = run.evaluation(label)
+        if ev:
+            row[f"{label}_val_loss"], row[f"{label}_val_bpb"] = ev["val_loss"], ev["val_bpb"]
+    row.update(bytes_model=m["bytes_model"], bytes_code=code_size, bytes_total=m["bytes_model"] + code_size)
+    if m["bytes_code"] != code_size:
+        row["bytes_code_as_run"] = m["bytes_code"]
+    return row
+
+
+def script_module(source: bytes, name: str) -> Any:
+    """The script the runs executed, imported as a module (train_gpt.py has no import side effects), so the run
+    command is computed against its own defaults; None when it cannot be imported."""
+    modname = f"_shipped_train_gpt_{hashlib.sha256(source).hexdigest()[:16]}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    module = types.ModuleType(modname)
+    module.__file__ = name
+    sys.modules[modname] = module
+    try:
+        exec(compile(source, name, "exec", dont_inherit=True), module.__dict__)
+    except Exception:  # noqa: BLE001 - fall back to the repository's train_gpt.py
+        del sys.modules[modname]
+        return None
+    return module if hasattr(module, "Hyperparameters") else None
+
+
+def non_default_env(config: dict[str, Any], tg: Any) -> tuple[list[str], bool]:
+    """`KNOB=value` for every knob that differs from its preset's default in `tg` (the script that ran; SEED,
+    RUN_ID, LOG_DIR left out), and whether those assignments were verified to reproduce the config."""
+    ignored = runlog.config_hash_ignored()
+    preset = str(config.get("PRESET", "record"))
+    defaults: dict[str, Any] = {}
+    if tg is not None:
+        try:
+            defaults = json.loads(json.dumps(tg.Hyperparameters.from_env({"PRESET": preset}).knob_values(), default=str))
+        except Exception:  # noqa: BLE001 - an unknown preset in an older config: list every knob
+            defaults = {}
+
+    def text(v: Any) -> str:
+        return ("1" if v else "0") if isinstance(v, bool) else str(v)
+
+    env = [] if preset == "record" else [f"PRESET={preset}"]
+    for key in sorted(config):
+        if key in ignored or key == "PRESET" or (key in defaults and defaults[key] == config[key]):
+            continue
+        env.append(f"{key}={shlex.quote(text(config[key]))}")
+    verified = False
+    if tg is not None and defaults:
+        try:
+            parsed = dict(kv.split("=", 1) for kv in env)
+            parsed = {k: shlex.split(v)[0] if v else "" for k, v in parsed.items()}
+            again = json.loads(json.dumps(tg.Hyperparameters.from_env(parsed).knob_values(), default=str))
+            verified = not runlog.config_differences({k: again.get(k, "<missing>") for k in config}, config, ignored)
+        except Exception:  # noqa: BLE001 - reported as "not verified" in the README
+            verified = False
+    return env, verified
+
+
+def requirements_text(runs: list[runlog.Run]) -> str:
+    lines = ["# What train_gpt.py needs (the repository's requirements.txt; huggingface_hub is only for the "
+             "data download).", f"# The runs used torch {runs[0].metrics['versions'].get('torch', '?')}, python "
+             f"{runs[0].metrics['versions'].get('python', '?')}."]
+    repo = runlog.ROOT / "requirements.txt"
+    if repo.is_file():
+        lines += [ln for ln in repo.read_text(encoding="utf-8").splitlines()
+                  if ln.strip() and not ln.lstrip().startswith("#") and not ln.startswith("huggingface_hub")]
+    else:
+        lines += ["torch", "numpy", "sentencepiece", "brotli"]
+    if any(r.metrics.get("attention_backend") == "fa3" for r in runs):
+        lines.append("# flash_attn_interface (FlashAttention 3): a flash_attn_3 wheel for this torch/CUDA, installed "
+                     "with pip install --no-deps")
+    return "\n".join(lines) + "\n"
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, folder_rel: str,
+                env: list[str], env_verified: bool, significance_lines: list[str]) -> str:
+    n = len(runs)
+    rows = sub["seed_results"]
+    labels = [lab for lab in ("sliding", "ttt") if any(f"{lab}_val_bpb" in r for r in rows.values())]
+    head = ["seed", "steps", "ms/step", "pre-quant BPB", "round-trip BPB"] + \
+           [{"sliding": "sliding BPB", "ttt": "TTT BPB"}[lab] for lab in labels] + \
+           ["final val_loss", "final BPB", "artifact bytes"]
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for seed, r in rows.items():
+        cells = [seed, str(r["steps"]), _f(r["step_avg_ms"], 2), _f(r.get("pre_quant_val_bpb")),
+                 _f(r.get("roundtrip_val_bpb"))] + [_f(r.get(f"{lab}_val_bpb")) for lab in labels] + \
+                [_f(r["val_loss"]), _f(r["val_bpb"]), f"{r['bytes_total']:,}"]
+        table.append("| " + " | ".join(cells) + " |")
+    def mean_of(key: str, digits: int = 4) -> str:
+        vals = [r[key] for r in rows.values() if r.get(key) is not None]
+        return _f(sum(vals) / len(vals), digits) if len(vals) == len(rows) else "–"
+
+    table.append("| " + " | ".join(["**mean**", mean_of("steps", 0), mean_of("step_avg_ms", 2),
+                                    mean_of("pre_quant_val_bpb"), mean_of("roundtrip_val_bpb")]
+                                   + [mean_of(f"{lab}_val_bpb") for lab in labels]
+                                   + [_f(sub["val_loss"]), f"**{_f(sub['val_bpb'])}**",
+                                      f"{sub['bytes_total']:,} (max)"]) + " |")
+    ws = runs[0].metrics["world_size"]
+    launcher = "python train_gpt.py" if ws == 1 else f"torchrun --standalone --nproc_per_node={ws} train_gpt.py"
+    env_text = (" ".join(env) + " ") if env else ""
+    seeds = " ".join(str(s) for s in sub["seeds"])
+    if shipped.how == "packed-from-raw":
+        code_note = (f"`train_gpt.py` here is the self-extracting ({shipped.codec} + base85) form of the script the "
+                     f"logs ran: its payload's sha256 is the logs' `code_sha256` ({shipped.source_sha256[:16]}…), so "
+                     f"the program is identical. The logs counted the readable file "
+                     f"(`bytes_code:{runs[0].metrics['bytes_code']}`); this submission counts the file it ships: "
+                     f"`bytes_code` = {sub['bytes_code']:,} and each seed's `bytes_total` = its `bytes_model` + "
+                     f"{sub['bytes_code']:,}. Unpack it with `python records/pack.py --unpack train_gpt.py`.")
+    elif shipped.how == "packed":
+        code_note = (f"`train_gpt.py` is the self-extracting ({shipped.codec} + base85) script the runs executed "
+                     f"(`bytes_code` = {sub['bytes_code']:,}, as in the logs); `python records/pack.py --unpack "
+                     f"train_gpt.py` shows the source.")
+    else:
+        code_note = f"`train_gpt.py` is the readable script the runs executed (`bytes_code` = {sub['bytes_code']:,})."
+    c = sub["compliance"]
+    lim = runlog.limits()
+
+    compliance = [
+        f"- [{'x' if c['train_under_600s'] else ' '}] training ≤ {lim['train_s']:.0f} s on every seed "
+        f"(max {c['max_train_time_ms'] / 1000:.1f} s; training data last read at "
+        f"{(c.get('max_train_data_access_end_ms') or 0) / 1000:.1f} s, GPTQ calibration included)",
+        f"- [{'x' if c['eval_under_600s'] else ' '}] evaluation ≤ {lim['eval_s']:.0f} s on every seed "
+        f"(max {c['max_eval_time_ms'] / 1000:.1f} s: artifact read, every evaluation, TTT)",
+        f"- [{'x' if c['artifact_under_16mb'] else ' '}] code + model ≤ {lim['bytes']:,} bytes on every seed "
+        f"(max {sub['bytes_total']:,})",
+        f"- [{'x' if c['same_config'] else ' '}] all seeds from one configuration (config_hash "
+        f"`{sub.get('config_hash', '?')[:16]}`; only SEED, RUN_ID, LOG_DIR differ) and one dataset "
+        f"(val sha256 `{str(sub.get('dataset', {}).get('val_sha256', '?'))[:16]}`)",
+        f"- [{'x' if c['three_seeds'] else ' '}] at least 3 seeds ({n})",
+        f"- [{'x' if c['reportable'] else ' '}] scored on the full validation split, every target once "
+        f"(`coverage:exact` in the logs)",
+        f"- validation data in training, warmup or calibration: {'no' if c['no_validation_data_in_training'] else '**?**'}"
+        f"; test-time training: {'score-first (each chunk scored before it is trained on)' if c['ttt'] else 'none'}",
+        f"- the logs' `compliance:` lines state the same per seed; `python records/check.py {folder_rel}` "
+        f"re-checks this folder.",
+    ]
+    parts = [
+        f"# {sub['name']}",
+        "",
+        f"**val_bpb {sub['val_bpb']:.4f} ± {sub['val_bpb_std']:.4f}** (mean ± sample std over {n} seeds; "
+        f"val_loss {sub['val_loss']:.5f} nats) · {sub['bytes_total']:,} bytes · {sub['hardware']} · "
+        f"PyTorch {sub['pytorch_version']}",
+        "",
+        sub["blurb"],
+        "",
+        "## What changed",
+        "",
+        f"{check.PLACEHOLDER}: what this submission changes against its baseline and why, one paragraph per change, "
+        "with the pull requests the ideas came from. Remove this line when done.",
+        "",
+        "## Results",
+        "",
+        *table,
+        "",
+        f"val_bpb std {sub['val_bpb_std']:.5f}, val_loss std {sub['val_loss_std']:.5f} (sample std, n − 1). "
+        f"Score: `eval:{runs[0].metrics['eval']}`. BPB = val_loss / ln 2 × tokens / bytes with each run's own counts.",
+        "",
+    ]
+    if significance_lines:
+        parts += ["## Significance", "", "```", *significance_lines, "```", ""]
+    parts += [
+        "## Code size",
+        "",
+        code_note,
+        "",
+        "## Run command",
+        "",
+        f"From this folder (`{folder_rel}`), with the data where the knobs below point (the default `DATA_DIR=./data` "
+        f"is relative to the working directory; e.g. `DATA_DIR=../../../data` for the repository's `data/`):",
+        "",
+        "```bash",
+        f"for s in {seeds}; do",
+        f"  SEED=$s RUN_ID={sub['name']}_s$s {env_text}{launcher}",
+        "done",
+        "```",
+        "",
+        ("These are the knobs that differ from the preset's defaults; they reproduce the logged configuration."
+         if env_verified else "These are the knobs that differ from the preset's defaults (not verified against the "
+                              "logged configuration: compare with the `config:` block of a log)."),
+        "",
+        "## Compliance",
+        "",
+        *compliance,
+        "",
+        "## Files",
+        "",
+        "`train_gpt.py` (the script), `train_seed<S>.log` (one log per seed, as written by the script), "
+        "`submission.json`, `requirements.txt`. Built with `records/make_submission.py`.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def build_submission(runs: list[runlog.Run], shipped: Shipped, args: argparse.Namespace,
+                     comparison: stats.Comparison | None, baseline_desc: str | None) -> dict[str, Any]:
+    code_size = len(shipped.data)
+    ordered = sorted(runs, key=lambda r: r.seed)
+    rows = {str(r.seed): seed_row(r, code_size) for r in ordered}
+    losses = [r.metrics["val_loss"] for r in ordered]
+    bpbs = [r.metrics["val_bpb"] for r in ordered]
+    m_loss, s_loss = stats.mean_std(losses)
+    m_bpb, s_bpb = stats.mean_std(bpbs)
+    lim = runlog.limits()
+    first = ordered[0].metrics
+    versions = first.get("versions") or {}
+    torch_versions = sorted({str((r.metrics.get("versions") or {}).get("torch")) for r in ordered})
+    access = [r.train_data_access_end_ms for r in ordered if r.train_data_access_end_ms is not None]
+    max_train = max(r.metrics["train_time_ms"] for r in ordered)
+    sub: dict[str, Any] = {
+        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+        "date": args.date, "track": args.track,
+        "val_loss": _round(m_loss), "val_loss_std": _round(s_loss), "val_bpb": _round(m_bpb), "val_bpb_std": _round(s_bpb),
+        "seeds": [r.seed for r in ordered], "seed_results": rows,
+        "bytes_total": max(row["bytes_total"] for row in rows.values()), "bytes_code": code_size,
+        "bytes_model_max": max(r.metrics["bytes_model"] for r in ordered),
+        "eval": first["eval"], "step_avg_ms": _round(sum(row["step_avg_ms"] for row in rows.values()) / len(rows), 2),
+        "hardware": hardware(ordered), "world_size": first["world_size"],
+        "pytorch_version": ", ".join(torch_versions), "python_version": versions.get("python"),
+        "cuda_version": versions.get("cuda"), "attention_backend": first.get("attention_backend"),
+        "config_hash": first.get("config_hash") or runlog.config_hash(first["config"]),
+        "code_sha256": hashlib.sha256(shipped.data).hexdigest(), "code_packed": shipped.how != "raw",
+        "code_source_sha256": shipped.source_sha256,
+        "dataset": {k: v for k, v in (first.get("dataset") or {}).items() if k != "tokenizer"},
+        "compliance": {
+            "train_under_600s": max_train <= lim["train_s"] * 1000 and all(a <= lim["train_s"] * 1000 for a in access),
+            "eval_under_600s": all(r.metrics["eval_time_ms"] <= lim["eval_s"] * 1000 for r in ordered),
+            "artifact_under_16mb": all(row["bytes_total"] <= lim["bytes"] for row in rows.values()),
+            "same_config": True, "three_seeds": len(ordered) >= 3,
+            "reportable": all(r.metrics.get("reportable", True) for r in ordered),
+            "no_validation_data_in_training": all(
+                (r.log.compliance.get("validation_data_in_training") or {}).get("value") == "no" for r in ordered),
+            "ttt": bool(first["config"].get("TTT_ENABLED")), "score_first_ttt": bool(first["config"].get("TTT_ENABLED")),
+            "max_train_time_ms": max_train, "max_train_data_access_end_ms": max(access) if access else None,
+            "max_eval_time_ms": max(r.metrics["eval_time_ms"] for r in ordered),
+        },
+    }
+    if comparison is not None:
+        sub["significance"] = {"baseline": baseline_desc, **comparison.as_dict()}
+    return sub
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def _git_user() -> str:
+    try:
+        out = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="records/make_submission.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--name", required=True, help="short name: letters, digits, . _ + - (folder <date>_<name>)")
+    p.add_argument("--logs", required=True, nargs="+", type=Path, metavar="RUN.json",
+                   help="one run JSON per seed (logs/<RUN_ID>.json; the .txt log next to it is shipped)")
+    p.add_argument("--script", type=Path, default=runlog.ROOT / "train_gpt.py",
+                   help="the script the runs executed (default: the repository's train_gpt.py)")
+    p.add_argument("--pack", action="store_true", help="ship the self-extracting form of the script (fewer code bytes)")
+    p.add_argument("--codec", choices=pack.CODECS, default="lzma", help="compressor for --pack (default lzma)")
+    p.add_argument("--baseline", nargs="+", metavar="B",
+                   help="record folder(s), submission.json or run JSONs to test against (records/stats.py)")
+    p.add_argument("--author", default=None, help="your name (default: git config user.name)")
+    p.add_argument("--github-id", default=None, help="your GitHub user name")
+    p.add_argument("--blurb", default=None, help="one sentence: what this submission does")
+    p.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--track", choices=sorted(TRACKS), default="10min_16mb", help="default 10min_16mb (the record track)")
+    p.add_argument("--out", type=Path, default=runlog.HERE, help="records root (default: this repository's records/)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder of the same name")
+    args = p.parse_args(argv)
+    args.author = args.author if args.author is not None else (_git_user() or check.PLACEHOLDER)
+    args.github_id = args.github_id or check.PLACEHOLDER
+    args.blurb = args.blurb or f"{check.PLACEHOLDER}: one sentence on what this submission does."
+    args.date = args.date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    errors: list[str] = []
+    if not NAME_RE.fullmatch(args.name):
+        errors.append(f"--name {args.name!r} is not allowed: letters, digits and . _ + - (no spaces or slashes)")
+    if not DATE_RE.fullmatch(args.date):
+        errors.append(f"--date {args.date!r} is not allowed: expected YYYY-MM-DD")
+    runs = load_runs(args.logs, errors)
+    validate_runs(runs, errors)
+    shipped = resolve_script(args.script, runs, args.pack, args.codec, errors) if runs else None
+    if shipped is not None:
+        check_limits(runs, len(shipped.data), args.track, errors)
+    dest = args.out / f"track_{args.track}" / f"{args.date}_{args.name}"
+    if dest.exists() and not args.force:
+        errors.append(f"{dest}: already exists; choose another --name or pass --force to replace it")
+    comparison, baseline_desc, sig_lines = None, None, []
+    if args.baseline and runs and not errors:
+        try:
+            new = stats.Side("new", [stats.score_of_run(r) for r in runs])
+            old = stats.load_side(args.baseline, "baseline")
+            comparison = stats.compare(new, old)
+            baseline_desc = " ".join(args.baseline)
+            sig_lines = stats.describe(old) + comparison.lines()
+        except RecordError as exc:
+            errors.append(f"--baseline: {exc}")
+    if errors or not runs or shipped is None:
+        for e in errors or ["--logs: no usable runs"]:
+            print(f"error: {e}", file=sys.stderr)
+        print("make_submission: nothing written", file=sys.stderr)
+        return 2
+
+    sub = build_submission(runs, shipped, args, comparison, baseline_desc)
+    source = pack.unpack(shipped.data)[0] if shipped.how != "raw" else shipped.data
+    env, env_verified = non_default_env(runs[0].metrics["config"],
+                                        script_module(source, str(args.script)) or runlog.train_gpt())
+    try:
+        folder_rel = str(dest.resolve().relative_to(runlog.ROOT))
+    except ValueError:
+        folder_rel = str(dest)
+    created_parent = not dest.parent.exists()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        (tmp / "train_gpt.py").write_bytes(shipped.data)
+        for run in sorted(runs, key=lambda r: r.seed):
+            shutil.copyfile(run.log_path, tmp / f"train_seed{run.seed}.log")
+        (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+        (tmp / "requirements.txt").write_text(requirements_text(runs), encoding="utf-8")
+        (tmp / "README.md").write_text(readme_text(sub, runs, shipped, folder_rel, env, env_verified, sig_lines),
+                                       encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        results = check.check_folder(tmp, name=dest.name)
+        failed = [c for c in results if c.status == "FAIL"]
+        if failed:
+            for c in failed:
+                print(f"error: check {c.name}: {c.detail}", file=sys.stderr)
+            raise RecordError("the built folder does not pass records/check.py")
+        if dest.exists():  # --force: swap in the new folder, then drop the old one
+            old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dest)
+    except (OSError, RecordError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent:
+            try:
+                dest.parent.rmdir()
+            except OSError:
+                pass
+        print(f"error: {exc}", file=sys.stderr)
+        print("make_submission: nothing written", file=sys.stderr)
+        return 2
+
+    print(f"wrote {dest}/")
+    print(f"  train_gpt.py  {len(shipped.data):,} bytes ({shipped.how}"
+          + (f", {shipped.codec}" if shipped.codec else "") + f"), sha256 {sub['code_sha256'][:16]}")
+    for seed, row in sub["seed_results"].items():
+        print(f"  seed {seed:>6}: val_loss {row['val_loss']:.8f} val_bpb {row['val_bpb']:.8f} steps {row['steps']} "
+              f"bytes_total {row['bytes_total']:,}")
+    print(f"  mean val_bpb {sub['val_bpb']:.8f} ± {sub['val_bpb_std']:.8f}, val_loss {sub['val_loss']:.8f} "
+          f"± {sub['val_loss_std']:.8f} (sample std, n={len(runs)})")
+    for line in sig_lines:
+        print(f"  {line}")
+    for c in results:
+        if c.status != "PASS":
+            print(f"  {c.line()}")
+    print(f"next: fill in README.md ({check.PLACEHOLDER} markers), run python records/check.py {folder_rel}, "
+          f"then open a pull request that adds only this folder")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

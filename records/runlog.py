@@ -1,0 +1,375 @@
+"""Reading the outputs of train_gpt.py runs: the log (`logs/<RUN_ID>.txt`, shipped in a record folder
+as `train_seed<S>.log`) and the metrics JSON (`logs/<RUN_ID>.json`). Shared by the records tools.
+
+The log is self-sufficient: its sorted `config:` block holds every resolved knob (lower case), the
+versions, the dataset fingerprint and `code_sha256`/`code_bytes`; the labelled evaluation lines
+(`pre_quant_val_loss:`, `roundtrip_val_loss:`, `sliding_val_loss:`, `ttt_val_loss:`) and the
+`compliance:` lines follow; a complete log ends with exactly one `final ...` line.
+
+The challenge limits come from train_gpt.py (imported from the repository root next to this folder);
+when it cannot be imported, the same published values are used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+FINAL_RE = re.compile(
+    r"final val_loss:(?P<val_loss>\d+\.\d{8}) val_bpb:(?P<val_bpb>\d+\.\d{8}) eval:(?P<eval>roundtrip|sliding|ttt) "
+    r"bytes_total:(?P<bytes_total>\d+) bytes_model:(?P<bytes_model>\d+) bytes_code:(?P<bytes_code>\d+) "
+    r"train_time_ms:(?P<train_time_ms>\d+) eval_time_ms:(?P<eval_time_ms>\d+) steps:(?P<steps>\d+)")
+STEP_RE = re.compile(r"step:(?P<step>\d+)/(?P<of>\d+) train_loss:(?P<train_loss>\S+) train_time:(?P<train_time_ms>\d+)ms "
+                     r"step_avg:(?P<step_avg_ms>[\d.]+)ms")
+VAL_RE = re.compile(r"step:(?P<step>\d+)/(?P<of>\d+) val_loss:(?P<val_loss>\S+) val_bpb:(?P<val_bpb>\S+) "
+                    r"train_time:(?P<train_time_ms>\d+)ms")
+EVAL_LABELS = ("pre_quant", "roundtrip", "sliding", "ttt")
+EVAL_RE = re.compile(r"(?P<label>pre_quant|roundtrip|sliding|ttt)_val_loss:(?P<val_loss>\S+) val_bpb:(?P<val_bpb>\S+)")
+CONFIG_LINE_RE = re.compile(r"  (?P<key>[a-z0-9_]+): ?(?P<value>.*)")
+
+# Config-block keys that describe the machine, not the configuration: a difference is reported, not refused.
+ENVIRONMENT_KEYS = frozenset({"python", "torch", "numpy", "cuda", "platform", "gpu", "gpu_count", "flash_attn",
+                              "cpu_threads", "attention_backend", "resolved_device"})
+CODE_KEYS = frozenset({"code_sha256", "code_bytes", "config_hash"})
+# The JSON keys a finished training run has (finish() and train_and_evaluate() in train_gpt.py).
+REQUIRED_METRICS = ("run_id", "eval", "val_loss", "val_bpb", "val_tokens", "val_bytes", "bytes_total", "bytes_model",
+                    "bytes_code", "train_time_ms", "eval_time_ms", "steps", "world_size", "config", "code_sha256",
+                    "versions", "evaluations", "pre_quant")
+
+
+class RecordError(Exception):
+    """Bad input to a records tool; the message names the file or argument, the value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# train_gpt.py: limits and the config hash
+# ---------------------------------------------------------------------------------------------
+
+_TG: Any = None
+
+
+def train_gpt() -> Any:
+    """The repository's train_gpt module (already imported, or loaded from ROOT), or None."""
+    global _TG
+    if _TG is None:
+        module = sys.modules.get("train_gpt")
+        if module is None and (ROOT / "train_gpt.py").is_file():
+            try:
+                spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "train_gpt.py")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules["train_gpt"] = module
+                spec.loader.exec_module(module)
+            except Exception:  # noqa: BLE001 - no torch, or a broken checkout: fall back to the constants
+                sys.modules.pop("train_gpt", None)
+                module = False
+        _TG = module or False
+    return _TG or None
+
+
+def limits() -> dict[str, float]:
+    """The challenge limits: artifact bytes, training seconds, evaluation seconds."""
+    tg = train_gpt()
+    return {"bytes": int(getattr(tg, "ARTIFACT_LIMIT_BYTES", 16_000_000)),
+            "train_s": float(getattr(tg, "TRAIN_LIMIT_S", 600.0)),
+            "eval_s": float(getattr(tg, "EVAL_LIMIT_S", 600.0))}
+
+
+def config_hash_ignored() -> frozenset[str]:
+    """Knobs that name or place a run (SEED, RUN_ID, LOG_DIR): the seeds of one sweep differ only there."""
+    return frozenset(getattr(train_gpt(), "CONFIG_HASH_IGNORED", frozenset({"SEED", "RUN_ID", "LOG_DIR"})))
+
+
+def config_hash(config: dict[str, Any]) -> str | None:
+    tg = train_gpt()
+    return tg.config_hash(config) if tg is not None and hasattr(tg, "config_hash") else None
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], ignored: frozenset[str] = frozenset()) -> list[str]:
+    """`KEY a_value vs b_value` for every key (not in `ignored`, case-insensitive) where a and b differ."""
+    ign = {k.lower() for k in ignored}
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.lower() in ign:
+            continue
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if va != vb:
+            out.append(f"{key} {va!r} vs {vb!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_kv(line: str, stop: str = "how") -> dict[str, str]:
+    """`a:1 b:x how:free text` -> {"a": "1", "b": "x", "how": "free text"}; the `stop` key takes the rest."""
+    out: dict[str, str] = {}
+    parts = line.split(" ")
+    for i, part in enumerate(parts):
+        key, sep, value = part.partition(":")
+        if not sep:
+            continue
+        if key == stop:
+            out[key] = " ".join([value] + parts[i + 1:])
+            break
+        out[key] = value
+    return out
+
+
+def _num(value: str) -> float | int | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+@dataclass
+class LogInfo:
+    path: Path
+    config: dict[str, str] = field(default_factory=dict)  # the `config:` block, lower-case keys
+    final: dict[str, Any] | None = None  # the `final` line, numbers parsed
+    final_is_last: bool = False  # the final line is the last non-empty line (the run finished)
+    steps: list[dict[str, float]] = field(default_factory=list)  # train step lines
+    vals: list[dict[str, float]] = field(default_factory=list)  # periodic validation lines
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # pre_quant/roundtrip/sliding/ttt lines
+    compliance: dict[str, dict[str, str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.final is not None and self.final_is_last
+
+    @property
+    def seed(self) -> int | None:
+        try:
+            return int(self.config["seed"])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def data_access_end_ms(self) -> int | None:
+        c = self.compliance.get("train_data_access_end", {})
+        return int(c["ms"]) if c.get("ms", "").isdigit() else None
+
+
+def parse_log(text: str, path: Path | str = "log") -> LogInfo:
+    info = LogInfo(Path(path))
+    lines = text.splitlines()
+    in_config = False
+    for line in lines:
+        if line == "config:":
+            in_config = True
+            continue
+        if in_config:
+            m = CONFIG_LINE_RE.fullmatch(line)
+            if m:
+                info.config[m["key"]] = m["value"]
+                continue
+            in_config = False
+        if line.startswith("final "):
+            m = FINAL_RE.fullmatch(line)
+            info.final = {k: (v if k == "eval" else _num(v)) for k, v in m.groupdict().items()} if m else None
+        elif line.startswith("step:"):
+            m = STEP_RE.match(line)
+            if m:
+                info.steps.append({k: float(v) for k, v in m.groupdict().items()})
+                continue
+            m = VAL_RE.match(line)
+            if m:
+                info.vals.append({k: float(v) for k, v in m.groupdict().items()})
+        elif line.startswith("compliance:"):
+            kv = parse_kv(line)
+            info.compliance[kv.pop("compliance")] = kv
+        elif line.startswith("WARNING:"):
+            info.warnings.append(line)
+        elif line.startswith("error:"):
+            info.errors.append(line)
+        else:
+            m = EVAL_RE.match(line)
+            if m:
+                kv = parse_kv(line)
+                entry: dict[str, Any] = {"val_loss": float(m["val_loss"]), "val_bpb": float(m["val_bpb"])}
+                for key in ("val_tokens", "val_bytes"):
+                    if key in kv and kv[key].isdigit():
+                        entry[key] = int(kv[key])
+                if kv.get("eval_time", "").endswith("ms"):
+                    entry["eval_time_ms"] = float(kv["eval_time"][:-2])
+                info.evals[m["label"]] = entry
+    rest = [line for line in lines if line.strip()]
+    info.final_is_last = bool(rest) and FINAL_RE.fullmatch(rest[-1]) is not None
+    return info
+
+
+def read_log(path: Path) -> LogInfo:
+    try:
+        return parse_log(path.read_text(encoding="utf-8", errors="replace"), path)
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# A run: metrics JSON + log
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One training run, from its JSON (`metrics`) and/or its log (`log`)."""
+    label: str
+    json_path: Path | None = None
+    log_path: Path | None = None
+    metrics: dict[str, Any] | None = None
+    log: LogInfo | None = None
+
+    @property
+    def seed(self) -> int | None:
+        if self.metrics and isinstance(self.metrics.get("config"), dict) and "SEED" in self.metrics["config"]:
+            return int(self.metrics["config"]["SEED"])
+        return self.log.seed if self.log else None
+
+    @property
+    def run_id(self) -> str:
+        if self.metrics and self.metrics.get("run_id"):
+            return str(self.metrics["run_id"])
+        if self.log and self.log.config.get("run_id"):
+            return self.log.config["run_id"]
+        return self.label
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved knobs, UPPER_CASE keys (typed from the JSON, strings from a log)."""
+        if self.metrics and isinstance(self.metrics.get("config"), dict):
+            return dict(self.metrics["config"])
+        if self.log:
+            skip = ENVIRONMENT_KEYS | CODE_KEYS
+            return {k.upper(): v for k, v in self.log.config.items()
+                    if k not in skip and not k.startswith(("dataset_", "resolved_")) and k != "world_size"}
+        return {}
+
+    def value(self, key: str) -> Any:
+        """A final metric (val_loss, val_bpb, bytes_*, *_time_ms, steps, eval) from the JSON, else the log."""
+        if self.metrics and key in self.metrics:
+            return self.metrics[key]
+        if self.log and self.log.final and key in self.log.final:
+            return self.log.final[key]
+        return None
+
+    def evaluation(self, label: str) -> dict[str, Any] | None:
+        """{val_loss, val_bpb, tokens?, bytes?} of one labelled evaluation (pre_quant, roundtrip, ...)."""
+        if self.metrics:
+            if label == "pre_quant" and isinstance(self.metrics.get("pre_quant"), dict):
+                return dict(self.metrics["pre_quant"])
+            ev = (self.metrics.get("evaluations") or {}).get(label)
+            if isinstance(ev, dict):
+                return dict(ev)
+        if self.log and label in self.log.evals:
+            e = self.log.evals[label]
+            out = {"val_loss": e["val_loss"], "val_bpb": e["val_bpb"]}
+            if "val_tokens" in e:
+                out.update(tokens=e["val_tokens"], bytes=e["val_bytes"])
+            return out
+        return None
+
+    @property
+    def tokens_bytes(self) -> tuple[int, int] | None:
+        """(scored tokens, their bytes) of the reported evaluation: the run's own tokens/bytes ratio."""
+        if self.metrics and self.metrics.get("val_tokens") and self.metrics.get("val_bytes"):
+            return int(self.metrics["val_tokens"]), int(self.metrics["val_bytes"])
+        label = self.value("eval")
+        ev = self.evaluation(label) if label else None
+        if ev and ev.get("tokens") and ev.get("bytes"):
+            return int(ev["tokens"]), int(ev["bytes"])
+        return None
+
+    @property
+    def code_sha256(self) -> str | None:
+        if self.metrics and self.metrics.get("code_sha256"):
+            return str(self.metrics["code_sha256"])
+        return self.log.config.get("code_sha256") if self.log else None
+
+    @property
+    def train_data_access_end_ms(self) -> int | None:
+        if self.metrics and isinstance(self.metrics.get("train_data_access_end_ms"), (int, float)):
+            return int(self.metrics["train_data_access_end_ms"])
+        return self.log.data_access_end_ms if self.log else None
+
+    def history(self) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+        """(train points, val points), each {step, train_time_ms, train_loss | val_loss+val_bpb}: the JSON's
+        `history` when present, else the log's step lines."""
+        hist = (self.metrics or {}).get("history")
+        if isinstance(hist, dict) and (hist.get("train") or hist.get("val")):
+            return list(hist.get("train") or []), list(hist.get("val") or [])
+        if self.log:
+            return ([{k: s[k] for k in ("step", "train_time_ms", "train_loss")} for s in self.log.steps],
+                    [{k: v[k] for k in ("step", "train_time_ms", "val_loss", "val_bpb")} for v in self.log.vals])
+        return [], []
+
+
+def sibling_log(json_path: Path) -> Path | None:
+    for ext in (".txt", ".log"):
+        p = json_path.with_suffix(ext)
+        if p.is_file():
+            return p
+    return None
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def load_run(path: Path) -> Run:
+    """A run from its JSON (the log next to it is read too) or from a log (.txt/.log; a JSON next to it too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: no such file (expected a run's .json or .txt/.log)")
+    if path.suffix == ".json":
+        metrics = load_json(path)
+        if not isinstance(metrics, dict):
+            raise RecordError(f"{path}: expected a JSON object (a run's metrics), got {type(metrics).__name__}")
+        log_path = sibling_log(path)
+        return Run(str(path), path, log_path, metrics, read_log(log_path) if log_path else None)
+    log = read_log(path)
+    json_path = path.with_suffix(".json")
+    metrics = None
+    if json_path.is_file():
+        data = load_json(json_path)
+        metrics = data if isinstance(data, dict) and "val_loss" in data and "config" in data else None
+    return Run(str(path), json_path if metrics else None, path, metrics, log)
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder becomes its run JSONs, or else its logs (train_seed*.log, *.txt, *.log)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.glob("*.json") if q.name != "submission.json")
+            found = found or sorted(p.glob("train_seed*.log")) or sorted(p.glob("*.txt")) or sorted(p.glob("*.log"))
+            if not found:
+                raise RecordError(f"{p}: folder holds no run .json or .log/.txt files")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def bpb(val_loss: float, tokens: float, n_bytes: float) -> float:
+    """Bits per byte from nats per token and the run's own token and byte counts."""
+    return val_loss / math.log(2) * tokens / n_bytes

@@ -1,0 +1,714 @@
+"""Records tooling: pack.py, make_submission.py, check.py, stats.py, compare.py (records/).
+
+Run:
+    python -m pytest -q tests/test_records.py --durations=5
+    python -m pytest -q -m "not slow" tests/test_records.py      # no training runs (~15 s)
+
+The slow tests share one tiny 3-seed sweep (test_run.TINY, seeds 1337/42/2025, ~10 s a run on a
+2-core CPU) of a snapshot of train_gpt.py, so an edit to the script during the session cannot make
+the logs stale. Refusal and validator cases are copies of those outputs with one thing changed.
+Two more runs execute packed scripts (Brotli + minified, and the LZMA file a built folder ships,
+run from inside that folder). matplotlib and scipy are optional: the tests that need them skip.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import json
+import lzma
+import math
+import shutil
+import statistics
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tg
+from test_run import run_script, tiny_env
+
+RECORDS = ROOT / "records"
+if str(RECORDS) not in sys.path:
+    sys.path.insert(0, str(RECORDS))
+
+import check  # noqa: E402
+import compare  # noqa: E402
+import make_submission  # noqa: E402
+import pack  # noqa: E402
+import runlog  # noqa: E402
+import stats  # noqa: E402
+
+SEEDS = (1337, 42, 2025)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep (module scope: three tiny runs, paid for once)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep(dataset, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    script = root / "src" / "train_gpt.py"
+    script.parent.mkdir()
+    shutil.copyfile(ROOT / "train_gpt.py", script)
+    runs = {}
+    for seed in SEEDS:
+        run = run_script(root, tiny_env(dataset, root, f"tiny_s{seed}", SEED=seed), script=script)
+        assert run.rc == 0, run.describe()
+        runs[seed] = run
+    logs = root / "logs"
+    return {"root": root, "script": script, "logs": logs, "runs": runs, "dataset": dataset,
+            "jsons": [logs / f"tiny_s{s}.json" for s in SEEDS]}
+
+
+def build(sweep: dict, out: Path, *extra: str, logs: list[Path] | None = None) -> int:
+    return make_submission.main(["--name", "TinyRun", "--logs", *map(str, logs or sweep["jsons"]),
+                                 "--script", str(sweep["script"]), "--out", str(out), "--author", "Test Author",
+                                 "--github-id", "tester", "--blurb", "A tiny CPU sweep.", "--date", "2026-05-01",
+                                 *extra])
+
+
+@pytest.fixture(scope="module")
+def packed_folder(sweep, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("records")
+    assert build(sweep, out, "--pack") == 0
+    return out / "track_10min_16mb" / "2026-05-01_TinyRun"
+
+
+def copy_logs(sweep: dict, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sweep["jsons"]:
+        for ext in (".json", ".txt"):
+            shutil.copyfile(src.with_suffix(ext), dest / src.with_suffix(ext).name)
+        out.append(dest / src.name)
+    return out
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key == "config":
+            data["config"].update(value)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+def edit_final_line(path: Path, **changes) -> None:
+    lines = path.read_text().splitlines()
+    fields = lines[-1].split(" ")
+    for i, f in enumerate(fields):
+        key = f.split(":", 1)[0]
+        if key in changes:
+            fields[i] = f"{key}:{changes[key]}"
+    lines[-1] = " ".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# pack.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_round_trip_is_exact_for_train_gpt(tmp_path):
+    src = (ROOT / "train_gpt.py").read_bytes()
+    sizes = {}
+    for codec in pack.CODECS:
+        packed = pack.pack(src, codec)
+        payload, got_codec = pack.unpack(packed)
+        assert payload == src and got_codec == codec, "without --minify the payload is the source byte for byte"
+        compile(packed, "packed", "exec")
+        sizes[codec] = len(packed)
+        mini = pack.pack(src, codec, do_minify=True)
+        mini_payload = pack.unpack(mini)[0]
+        assert ast.dump(ast.parse(mini_payload)) == ast.dump(ast.parse(src))
+        assert len(mini) < len(packed) < len(src) / 2
+    # LZMA is exactly what train_gpt.py logs as code_bytes_packed.
+    assert pack.pack(src, "lzma") == tg.self_extracting_source(src)
+    # CLI: writes a verified file and says what it counts.
+    out = tmp_path / "packed.py"
+    assert pack.main([str(ROOT / "train_gpt.py"), "-o", str(out), "--codec", "brotli"]) == 0
+    assert pack.unpack(out.read_bytes()) == (src, "brotli")
+    assert pack.main(["--unpack", str(out), "-o", str(tmp_path / "back.py")]) == 0
+    assert (tmp_path / "back.py").read_bytes() == src
+    assert pack.main([str(out)]) == 2, "packing a packed file is refused"
+
+
+def test_pack_sizes_cli_prints_every_variant(capsys):
+    assert pack.main([]) == 0
+    out = capsys.readouterr().out
+    for variant in ("raw", "lzma+base85", "lzma+base85, minified", "brotli+base85", "brotli+base85, minified"):
+        assert f"  {variant} " in out, variant
+
+
+TRICKY = '''#!/usr/bin/env python
+"""Doc # not a comment
+   with trailing spaces   
+"""
+import os  # comment
+x = [1,  # one
+     2,
+     # a comment line inside brackets
+
+     3]
+s = """a
+    # kept, inside a string
+b  """
+t = 'a' \\
+    'b'
+
+
+class A:
+    """Class doc."""
+
+    def f(self, y=f"{1 + 1} # no"):
+        if y:  # branch
+            return {"k": (y,
+                          y)}
+        return None
+
+
+def g():
+    return "line \\
+continued"
+'''
+
+
+def test_minify_keeps_the_syntax_tree_and_string_values():
+    mini = pack.minify(TRICKY.encode())
+    assert ast.dump(ast.parse(mini)) == ast.dump(ast.parse(TRICKY))
+    text = mini.decode()
+    assert "# comment" not in text and "# branch" not in text and "# one" not in text
+    assert "    # kept, inside a string" in text, "multi-line strings are left alone"
+    assert "\n\n" not in text and "\n  def" not in text, "no blank lines, one space per level"
+    a, b = {}, {}
+    exec(compile(TRICKY, "t", "exec"), a)
+    exec(compile(mini, "m", "exec"), b)
+    assert (a["s"], a["t"], a["g"](), a["A"].f.__defaults__, a["__doc__"]) == \
+           (b["s"], b["t"], b["g"](), b["A"].f.__defaults__, b["__doc__"])
+
+
+def test_verify_rejects_a_payload_that_differs_and_unpack_knows_public_wrappers():
+    src = b"print('hi')\n"
+    packed = pack.pack(src)
+    with pytest.raises(pack.PackError, match="differs from the source"):
+        pack.verify(packed, b"print('bye')\n")
+    with pytest.raises(pack.PackError, match="does not compile"):
+        pack.pack(b"def (:\n")
+    # PR #1394 style: exec(L.decompress(...)) without compile(); an .xz container variant too.
+    raw = base64.b85encode(lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])).decode()
+    public = f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{raw}"),format=L.FORMAT_RAW,' \
+             f'filters=[{{"id":L.FILTER_LZMA2}}]))\n'
+    assert pack.unpack(public.encode()) == (src, "lzma")
+    xz = base64.b85encode(lzma.compress(src)).decode()
+    assert pack.unpack(f'import lzma,base64\nexec(lzma.decompress(base64.b85decode("{xz}")))\n'.encode())[0] == src
+    assert pack.unpack((ROOT / "train_gpt.py").read_bytes()) is None, "a readable script is not a wrapper"
+
+
+@pytest.mark.slow
+def test_packed_minified_brotli_script_runs_the_same_steps(sweep, tmp_path):
+    packed = tmp_path / "pk" / "train_gpt.py"
+    packed.parent.mkdir()
+    packed.write_bytes(pack.pack(sweep["script"].read_bytes(), "brotli", do_minify=True))
+    run = run_script(tmp_path, tiny_env(sweep["dataset"], tmp_path, "packed", SEED=1337), script=packed)
+    assert run.rc == 0, run.describe()
+    raw = sweep["runs"][1337]
+    assert [s["loss"] for s in run.steps()] == [s["loss"] for s in raw.steps()]
+    assert run.final["val_loss"] == raw.final["val_loss"] and run.final["val_bpb"] == raw.final["val_bpb"]
+    assert int(run.final["bytes_code"]) == packed.stat().st_size, "bytes_code counts the packed file that ran"
+    assert run.metrics["code_sha256"] == sha(packed.read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# make_submission.py: a valid folder
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_builder_writes_a_consistent_packed_folder(sweep, packed_folder, capsys):
+    folder = packed_folder
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "requirements.txt", "submission.json", "train_gpt.py",
+                     *sorted(f"train_seed{s}.log" for s in SEEDS)]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name], "no temporary folder left behind"
+    raw = sweep["script"].read_bytes()
+    shipped = (folder / "train_gpt.py").read_bytes()
+    assert pack.unpack(shipped) == (raw, "lzma")
+    sub = json.loads((folder / "submission.json").read_text())
+    metrics = {s: sweep["runs"][s].metrics for s in SEEDS}
+    assert sub["seeds"] == sorted(SEEDS) and sorted(map(int, sub["seed_results"])) == sorted(SEEDS)
+    assert sub["bytes_code"] == len(shipped) < len(raw)
+    assert sub["code_source_sha256"] == sha(raw) == metrics[1337]["code_sha256"]
+    assert sub["code_sha256"] == sha(shipped) and sub["code_packed"] is True
+    for s in SEEDS:
+        row, m = sub["seed_results"][str(s)], metrics[s]
+        assert row["val_loss"] == m["val_loss"] and row["val_bpb"] == m["val_bpb"] and row["steps"] == m["steps"]
+        assert row["bytes_total"] == m["bytes_model"] + len(shipped) and row["bytes_code_as_run"] == len(raw)
+        assert row["pre_quant_val_bpb"] == m["pre_quant"]["val_bpb"]
+        assert (folder / f"train_seed{s}.log").read_bytes() == sweep["logs"].joinpath(f"tiny_s{s}.txt").read_bytes()
+    losses = [metrics[s]["val_loss"] for s in SEEDS]
+    bpbs = [metrics[s]["val_bpb"] for s in SEEDS]
+    assert sub["val_loss"] == pytest.approx(statistics.mean(losses), abs=1e-8)
+    assert sub["val_bpb"] == pytest.approx(statistics.mean(bpbs), abs=1e-8)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-8)
+    assert sub["bytes_total"] == max(m["bytes_model"] for m in metrics.values()) + len(shipped)
+    for key in ("author", "github_id", "name", "blurb", "date", "track", "hardware", "pytorch_version"):
+        assert sub[key], key
+    assert sub["date"] == "2026-05-01" and sub["track"] == "10min_16mb" and sub["pytorch_version"] == tg.torch.__version__
+    assert sub["config_hash"] == tg.config_hash(metrics[42]["config"])
+    c = sub["compliance"]
+    assert c["train_under_600s"] and c["eval_under_600s"] and c["artifact_under_16mb"] and c["three_seeds"]
+    readme = (folder / "README.md").read_text()
+    for s in SEEDS:
+        row = sub["seed_results"][str(s)]
+        assert f"| {s} | {row['steps']} | {row['step_avg_ms']:.2f} | {row['pre_quant_val_bpb']:.4f} |" in readme
+        assert f"{row['bytes_total']:,} |" in readme
+    assert "for s in 42 1337 2025; do" in readme and "SEED=$s RUN_ID=TinyRun_s$s" in readme
+    assert "reproduce the logged configuration" in readme, "the printed knobs were verified against the config"
+    assert "## Compliance" in readme and "payload's sha256 is the logs' `code_sha256`" in readme
+    assert "torch==" in (folder / "requirements.txt").read_text()
+    # The validator agrees, in-process and as the CLI.
+    results = check.check_folder(folder)
+    assert not [c for c in results if c.status == "FAIL"], [c.line() for c in results]
+    assert {c.name for c in results if c.status == "WARN"} <= {"hardware"}
+    capsys.readouterr()
+    assert check.main([str(folder)]) == 0
+    assert "0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_built_packed_script_runs_from_its_folder_with_the_same_loss(sweep, packed_folder, tmp_path):
+    script = packed_folder / "train_gpt.py"
+    env = tiny_env(sweep["dataset"], tmp_path, "from_folder", SEED=1337)
+    run = run_script(packed_folder, env, script=script)
+    assert run.rc == 0, run.describe()
+    raw = sweep["runs"][1337]
+    assert [s["loss"] for s in run.steps()] == [s["loss"] for s in raw.steps()]
+    assert run.final["val_loss"] == raw.final["val_loss"]
+    sub = json.loads((packed_folder / "submission.json").read_text())
+    assert int(run.final["bytes_code"]) == sub["bytes_code"] == script.stat().st_size
+    assert sorted(p.name for p in packed_folder.iterdir()) == sorted(
+        ["README.md", "requirements.txt", "submission.json", "train_gpt.py"] + [f"train_seed{s}.log" for s in SEEDS]), \
+        "running from the folder writes its outputs to LOG_DIR, not into the folder"
+
+
+@pytest.mark.slow
+def test_builder_ships_the_raw_script_and_the_baseline_test(sweep, tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    # A baseline 0.1 nats worse than the sweep's mean with a small spread, same tokenizer: both rules pass.
+    m = {s: sweep["runs"][s].metrics for s in SEEDS}
+    mean = statistics.mean(m[s]["val_loss"] for s in SEEDS)
+    base_results = {}
+    for s, d in zip(SEEDS, (0.0, 0.001, 0.002)):
+        loss = mean + 0.1 + d
+        base_results[str(s)] = {"val_loss": loss, "val_bpb": runlog.bpb(loss, m[s]["val_tokens"], m[s]["val_bytes"])}
+    baseline.write_text(json.dumps({"name": "base", "seed_results": base_results}))
+    assert build(sweep, tmp_path / "out", "--baseline", str(baseline)) == 0
+    out = capsys.readouterr().out
+    assert "challenge rule" in out and "frontier rule" in out
+    folder = tmp_path / "out" / "track_10min_16mb" / "2026-05-01_TinyRun"
+    sub = json.loads((folder / "submission.json").read_text())
+    raw = sweep["script"].read_bytes()
+    assert (folder / "train_gpt.py").read_bytes() == raw and sub["bytes_code"] == len(raw)
+    assert sub["code_packed"] is False and "bytes_code_as_run" not in sub["seed_results"]["42"]
+    assert sub["seed_results"]["42"]["bytes_total"] == sweep["runs"][42].metrics["bytes_total"]
+    sig = sub["significance"]
+    assert sig["unit"] == "nats" and sig["challenge rule"]["passed"] and sig["frontier rule"]["passed"]
+    assert sig["challenge rule"]["improvement"] == pytest.approx(0.101, abs=1e-8)
+    assert "## Significance" in (folder / "README.md").read_text()
+    # Same name again: refused, unless --force replaces it.
+    assert build(sweep, tmp_path / "out") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert build(sweep, tmp_path / "out", "--force", "--pack") == 0
+    assert pack.unpack((folder / "train_gpt.py").read_bytes())[0] == raw
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# make_submission.py: refusals (nothing written)
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_differs(logs, sweep, tmp):
+    edit_json(logs[1], config={"NUM_LAYERS": 3})
+    data = json.loads(logs[1].read_text())
+    edit_json(logs[1], config_hash=tg.config_hash(data["config"]))
+    return [], "config differs from"
+
+
+def _config_hash_tampered(logs, sweep, tmp):
+    edit_json(logs[2], config={"MATRIX_LR": 0.5})
+    return [], "does not match its config"
+
+
+def _log_truncated(logs, sweep, tmp):
+    txt = logs[0].with_suffix(".txt")
+    txt.write_text("\n".join(txt.read_text().splitlines()[:-3]) + "\n")
+    return [], "incomplete log"
+
+
+def _log_missing(logs, sweep, tmp):
+    logs[0].with_suffix(".txt").unlink()
+    return [], "no log next to it"
+
+
+def _json_incomplete(logs, sweep, tmp):
+    data = json.loads(logs[1].read_text())
+    del data["evaluations"]
+    logs[1].write_text(json.dumps(data))
+    return [], "missing evaluations"
+
+
+def _stale_json(logs, sweep, tmp):
+    edit_json(logs[2], val_loss=1.0)
+    return [], "does not match"
+
+
+def _over_size(logs, sweep, tmp):
+    data = json.loads(logs[0].read_text())
+    model = tg.ARTIFACT_LIMIT_BYTES - data["bytes_code"] + 1
+    edit_json(logs[0], bytes_model=model, bytes_total=model + data["bytes_code"])
+    edit_final_line(logs[0].with_suffix(".txt"), bytes_model=model, bytes_total=model + data["bytes_code"])
+    return [], "over the 16,000,000-byte limit"
+
+
+def _train_too_long(logs, sweep, tmp):
+    edit_json(logs[1], train_time_ms=600_001)
+    edit_final_line(logs[1].with_suffix(".txt"), train_time_ms=600_001)
+    return [], "over the 600 s limit"
+
+
+def _data_access_too_late(logs, sweep, tmp):
+    edit_json(logs[1], train_data_access_end_ms=600_500)
+    return [], "training data was read until 600,500 ms"
+
+
+def _eval_too_long(logs, sweep, tmp):
+    edit_json(logs[2], eval_time_ms=600_001)
+    edit_final_line(logs[2].with_suffix(".txt"), eval_time_ms=600_001)
+    return [], "eval_time_ms 600,001 is over the 600 s limit"
+
+
+def _wrong_script(logs, sweep, tmp):
+    other = tmp / "edited" / "train_gpt.py"
+    other.parent.mkdir()
+    other.write_bytes(sweep["script"].read_bytes() + b"\n# edited after the sweep\n")
+    return ["--script", str(other)], "does not match the code_sha256"
+
+
+def _duplicate_seed(logs, sweep, tmp):
+    return ["--logs", str(logs[0]), str(logs[0]), str(logs[1])], "seed 1337 appears 2 times"
+
+
+def _not_reportable(logs, sweep, tmp):
+    edit_json(logs[0], reportable=False)
+    return [], "not reportable"
+
+
+def _bad_name(logs, sweep, tmp):
+    return ["--name", "my run/1"], "--name 'my run/1' is not allowed"
+
+
+REFUSALS = [_config_differs, _config_hash_tampered, _log_truncated, _log_missing, _json_incomplete, _stale_json,
+            _over_size, _train_too_long, _data_access_too_late, _eval_too_long, _wrong_script, _duplicate_seed,
+            _not_reportable, _bad_name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", REFUSALS, ids=[f.__name__.strip("_") for f in REFUSALS])
+def test_builder_refuses_and_writes_nothing(sweep, tmp_path, capsys, case):
+    logs = copy_logs(sweep, tmp_path / "logs")
+    extra, expected = case(logs, sweep, tmp_path)
+    args = ["--name", "TinyRun", "--logs", *map(str, logs), "--script", str(sweep["script"]),
+            "--out", str(tmp_path / "out"), "--author", "T", "--github-id", "t", "--date", "2026-05-01"]
+    for flag in ("--logs", "--script", "--name"):  # a case's own value replaces the default one
+        if flag in extra:
+            i = args.index(flag)
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                j += 1
+            del args[i:j]
+    assert make_submission.main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert all(line.startswith(("error: ", "make_submission: nothing written")) for line in err.splitlines()), err
+    assert not (tmp_path / "out").exists(), "a refusal writes nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# check.py on existing folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _wrong_bytes_code(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    sub["bytes_code"] += 1
+    (folder / "submission.json").write_text(json.dumps(sub))
+    return "bytes_code"
+
+
+def _stale_script(folder):
+    (folder / "train_gpt.py").write_bytes(pack.pack(b"print('a different script')\n"))
+    return "script_matches_logs"
+
+
+def _truncated_log(folder):
+    log = folder / "train_seed42.log"
+    log.write_text("\n".join(log.read_text().splitlines()[:-1]) + "\n")
+    return "logs_complete"
+
+
+def _seed_from_other_config(folder):
+    log = folder / "train_seed2025.log"
+    log.write_text(log.read_text().replace("\n  num_layers: 2\n", "\n  num_layers: 3\n"))
+    return "same_config"
+
+
+def _claimed_mean_wrong(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    sub["val_bpb"] -= 0.01
+    (folder / "submission.json").write_text(json.dumps(sub))
+    return "claims_match_logs"
+
+
+def _missing_readme(folder):
+    (folder / "README.md").unlink()
+    return "files"
+
+
+def _over_limit_claim(folder):
+    log = folder / "train_seed1337.log"
+    text = log.read_text().splitlines()
+    model = tg.ARTIFACT_LIMIT_BYTES
+    text[-1] = " ".join(f"bytes_model:{model}" if f.startswith("bytes_model:") else f for f in text[-1].split(" "))
+    log.write_text("\n".join(text) + "\n")
+    return "artifact_bytes"
+
+
+VALIDATOR_CASES = [_wrong_bytes_code, _stale_script, _truncated_log, _seed_from_other_config, _claimed_mean_wrong,
+                   _missing_readme, _over_limit_claim]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", VALIDATOR_CASES, ids=[f.__name__.strip("_") for f in VALIDATOR_CASES])
+def test_validator_flags_a_broken_folder(packed_folder, tmp_path, capsys, case):
+    folder = tmp_path / "track_10min_16mb" / packed_folder.name
+    shutil.copytree(packed_folder, folder)
+    failing = case(folder)
+    results = check.check_folder(folder)
+    assert failing in {c.name for c in results if c.status == "FAIL"}, [c.line() for c in results]
+    assert check.main([str(folder), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  {failing}:" in out and "PASS" not in out
+
+
+def test_validator_on_a_folder_from_another_script(tmp_path):
+    """A public-style record: packed script, its own log format. What can be checked passes; the log
+    cross-checks are warnings, not failures."""
+    folder = tmp_path / "track_10min_16mb" / "2026-04-05_Public"
+    folder.mkdir(parents=True)
+    script = pack.pack(b"print('train')\n")
+    (folder / "train_gpt.py").write_bytes(script)
+    (folder / "train_seed1337.log").write_text("Hyperparameters:\n  seed: 1337\nstep:1/20000 train_loss: 6.9\n"
+                                               "quantized val_loss:2.80407 val_bpb:1.08554\n")
+    (folder / "README.md").write_text("# Public\nseed 1337\n")
+    (folder / "submission.json").write_text(json.dumps({
+        "author": "Someone", "github_id": "someone", "name": "Public", "blurb": "x", "date": "2026-04-05",
+        "track": "10min_16mb", "val_loss": 2.80407, "val_bpb": 1.08554, "bytes_total": 15_984_924,
+        "bytes_code": len(script)}))
+    results = {c.name: c for c in check.check_folder(folder)}
+    assert not [c for c in results.values() if c.status == "FAIL"], [c.line() for c in results.values()]
+    assert results["bytes_code"].status == "PASS" and results["logs_format"].status == "WARN"
+    assert results["script_compiles"].detail.startswith("packed (lzma)")
+
+
+# ---------------------------------------------------------------------------------------------
+# stats.py
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [-7.5, -1.3, -0.2, 0.0, 0.4, 1.0, 2.7, 12.0])
+def test_student_t_matches_closed_forms(t):
+    # df = 1 (Cauchy): P(T >= t) = 1/2 - atan(t)/pi; df = 2: 1/2 - t / (2 sqrt(2 + t^2)).
+    assert stats.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
+    assert stats.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    # df = 4: 1/2 - (3/4) u (1 - u^2/3), u = t / sqrt(4 + t^2)  (integrating the density by hand).
+    u = t / math.sqrt(4 + t * t)
+    assert stats.t_sf(t, 4) == pytest.approx(0.5 - 0.75 * u * (1 - u * u / 3), abs=1e-12)
+    # Large df: the normal distribution.
+    assert stats.t_sf(t, 1e7) == pytest.approx(0.5 * math.erfc(t / math.sqrt(2)), abs=1e-6)
+    assert stats.t_cdf(t, 3.5) + stats.t_sf(t, 3.5) == pytest.approx(1.0)
+
+
+def test_welch_against_hand_computed_values():
+    new, old = [1.0, 1.2, 1.1], [1.3, 1.5, 1.4, 1.6]
+    # Means 1.1 and 1.45; sample variances 0.01 and 0.05/3; se^2 = 0.01/3 + (0.05/3)/4 = 0.0075.
+    r = stats.welch(new, old)
+    assert r.method == "welch" and r.improvement == pytest.approx(0.35)
+    assert r.se == pytest.approx(math.sqrt(0.0075))
+    assert r.t == pytest.approx(0.35 / math.sqrt(0.0075))  # 4.0415
+    v1, v2 = 0.01 / 3, (0.05 / 3) / 4
+    assert r.df == pytest.approx(0.0075 ** 2 / (v1 ** 2 / 2 + v2 ** 2 / 3))  # 4.959
+    assert r.df == pytest.approx(4.9592, abs=1e-4)
+    # With a margin: t = (improvement - margin) / se.
+    assert stats.welch(new, old, 0.05).t == pytest.approx(0.30 / math.sqrt(0.0075))
+    # One baseline value: one-sample test, df = n - 1 = 2; new = 1, 2, 3 (mean 2, sd 1) vs 4:
+    # t = 2 / (1/sqrt 3) = 3.4641, p = 1/2 - t / (2 sqrt(2 + t^2)) = 0.037090.
+    r = stats.welch([1.0, 2.0, 3.0], [4.0])
+    assert r.method == "one-sample" and r.df == 2 and r.t == pytest.approx(2 * math.sqrt(3))
+    assert r.p == pytest.approx(0.5 - 2 * math.sqrt(3) / (2 * math.sqrt(14)), abs=1e-12)
+    assert r.p == pytest.approx(0.037090, abs=1e-6)
+    # No spread: the sign decides.
+    assert stats.welch([1.0, 1.0], [2.0, 2.0], 0.005).p == 0.0
+    assert stats.welch([1.0, 1.0], [1.001, 1.001], 0.005).p == 1.0
+    with pytest.raises(runlog.RecordError, match="at least 2 new seeds"):
+        stats.welch([1.0], [2.0, 2.1])
+
+
+def test_welch_matches_scipy():
+    sp = pytest.importorskip("scipy.stats", reason="scipy is optional; the hand-computed tests cover the math")
+    import random
+    rng = random.Random(7)
+    for _ in range(40):
+        new = [2.80 + rng.gauss(0, 0.002) for _ in range(rng.randint(2, 6))]
+        old = [2.81 + rng.gauss(0, 0.003) for _ in range(rng.randint(2, 6))]
+        margin = rng.choice([0.0, 0.005])
+        ours = stats.welch(new, old, margin)
+        ref = sp.ttest_ind(new, [o - margin for o in old], equal_var=False, alternative="less")
+        assert ours.t == pytest.approx(-float(ref.statistic), rel=1e-9)
+        assert ours.p == pytest.approx(float(ref.pvalue), rel=1e-8, abs=1e-14)
+    for df in (0.7, 1, 2.5, 3.31, 9, 40, 300):
+        for t in (-30, -3, -0.5, 0.1, 1.7, 6, 25):
+            assert stats.t_sf(t, df) == pytest.approx(float(sp.t.sf(t, df)), rel=1e-9, abs=1e-300)
+
+
+def test_challenge_margin_is_in_nats_and_converted_for_other_tokenizers():
+    ln2 = math.log(2)
+
+    def side(name, losses, ratio):
+        return stats.Side(name, [stats.Score(i, x, x / ln2 * ratio, ratio, name) for i, x in enumerate(losses)])
+
+    new = side("new", [2.8000, 2.8002, 2.7998, 2.8001], 0.30)
+    # 0.004 nats better, very tight: beats the baseline (frontier) but not by 0.005 nats (challenge).
+    old = side("old", [2.8040, 2.8042, 2.8038, 2.8041], 0.30)
+    res = stats.compare(new, old)
+    assert res.unit == "nats"
+    challenge, frontier = res.rules
+    assert challenge.margin == 0.005 and not challenge.passed and frontier.passed
+    assert res.paired is not None and res.paired.method == "paired"
+    # 0.006 nats better: both rules.
+    res = stats.compare(new, side("old", [2.8060, 2.8062, 2.8058, 2.8061], 0.30))
+    assert all(r.passed for r in res.rules)
+    # Another tokenizer (different tokens per byte): BPB, with 0.005 nats converted by the new runs' ratio.
+    res = stats.compare(new, side("old", [2.0, 2.001, 2.002], 0.41))
+    assert res.unit == "bpb" and res.rules[0].margin == pytest.approx(0.005 * 0.30 / ln2)
+    assert "do not compare" in res.note
+    # sp8192's ratio (~0.269 tokens/byte in techniques.md 14) gives ~0.00194 BPB.
+    assert 0.005 * 0.2690 / ln2 == pytest.approx(0.00194, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_stats_cli_on_the_sweep(sweep, packed_folder, capsys):
+    assert stats.main([*map(str, sweep["jsons"]), "--baseline", "9.0", "9.1", "9.05"]) == 0
+    out = capsys.readouterr().out
+    for s in SEEDS:
+        m = sweep["runs"][s].metrics
+        assert f"{m['val_loss']:.8f}" in out and f"{m['val_bpb']:.8f}" in out
+        # BPB from the run's own tokens and bytes is the score it reported.
+        assert runlog.bpb(m["val_loss"], m["val_tokens"], m["val_bytes"]) == pytest.approx(m["val_bpb"], rel=1e-12)
+    bpbs = [sweep["runs"][s].metrics["val_bpb"] for s in SEEDS]
+    assert f"std {statistics.stdev(bpbs):.8f}" in out
+    assert "challenge rule" in out and "PASS" in out
+    # A record folder as the new side and as the baseline: same scores, no improvement.
+    assert stats.main([str(packed_folder), "--baseline", str(packed_folder / "submission.json")]) == 0
+    out = capsys.readouterr().out
+    assert "same tokens/byte" in out and "challenge rule: improvement " in out and "-> FAIL" in out
+    improvement = float(out.split("challenge rule: improvement ", 1)[1].split(" ", 1)[0])
+    assert abs(improvement) < 1e-6, "the logs' 8-decimal scores against the JSON's own"
+    assert stats.main(["not-a-file"]) == 2
+    assert "not a number, file or folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# compare.py
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_shows_config_differences_and_deltas(sweep, tmp_path, capsys):
+    logs = copy_logs(sweep, tmp_path / "logs")
+    edit_json(logs[1], config={"NUM_LAYERS": 3, "MATRIX_LR": 0.05})
+    assert compare.main([str(logs[0]), str(logs[1]), str(logs[2].with_suffix(".txt"))]) == 0
+    out = capsys.readouterr().out
+    section = out.split("config differences", 1)[1].split("metrics:", 1)[0]
+    assert "(2 knob(s); plus RUN_ID, SEED" in section
+    assert "MATRIX_LR" in section and "NUM_LAYERS" in section and "VOCAB_SIZE" not in section
+    a, b = sweep["runs"][1337].metrics, sweep["runs"][42].metrics
+    delta = b["val_bpb"] - a["val_bpb"]
+    assert f"{delta:+.6f}" in out and f"{b['bytes_total'] - a['bytes_total']:+,}" in out
+
+
+@pytest.mark.slow
+def test_compare_plot_writes_a_png(sweep, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (pip install matplotlib)")
+    out = tmp_path / "plots" / "curves.png"
+    assert compare.main([*map(str, sweep["jsons"]), "--plot", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 400 and height > 300 and len(data) > 10_000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r.txt"
+    run.write_text("config:\n  seed: 1\nstep:1/2 train_loss:6.9 train_time:10ms step_avg:10.00ms tok_s:1\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert compare.main([str(run), "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_history_prefers_the_json_and_falls_back_to_the_log(tmp_path):
+    log = tmp_path / "r.txt"
+    log.write_text("config:\n  seed: 7\n  run_id: r\n"
+                   "step:1/4 train_loss:6.9000 train_time:10ms step_avg:10.00ms tok_s:1 lr_scale:1.0\n"
+                   "step:2/4 val_loss:6.5000 val_bpb:3.9000 train_time:20ms\n"
+                   "step:2/4 train_loss:6.5000 train_time:20ms step_avg:10.00ms tok_s:1 lr_scale:1.0\n")
+    run = runlog.load_run(log)
+    train, val = run.history()
+    assert [p["step"] for p in train] == [1, 2] and train[1]["train_loss"] == 6.5
+    assert val == [{"step": 2, "train_time_ms": 20, "val_loss": 6.5, "val_bpb": 3.9}]
+    history = {"train": [{"step": 1, "train_time_ms": 5, "train_loss": 7.0}], "val": []}
+    (tmp_path / "r.json").write_text(json.dumps({"val_loss": 1.0, "config": {"SEED": 7}, "history": history}))
+    assert runlog.load_run(tmp_path / "r.json").history() == (history["train"], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIs and docs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tool", [pack, make_submission, check, stats, compare], ids=lambda m: m.__name__)
+def test_every_cli_has_help(tool, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: records/")
+
+
+def test_records_readme_documents_the_path():
+    text = (RECORDS / "README.md").read_text()
+    assert "for s in 1337 42 2025; do" in text and "SEED=$s RUN_ID=" in text
+    for tool in ("make_submission.py", "check.py", "stats.py", "compare.py", "pack.py"):
+        assert f"records/{tool}" in text, tool
+    assert "0.005 nats" in text and "p < 0.25" in text
