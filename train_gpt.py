@@ -278,6 +278,9 @@ class Hyperparameters:
     muon_row_normalize: bool = knob(True, "MuonEq-R: normalize update rows before Newton-Schulz (PR #1217); "
                                           "alias MUON_EQ_R")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", _non_negative, ">= 0")
+    muon_ns_dtype: str = knob("auto", "Newton-Schulz dtype: auto (bf16 on CUDA as in the records, and on CPUs with "
+                                      "AMX tiles; else fp32) / bf16 / fp32", lambda v: v in MUON_NS_DTYPES,
+                              "auto, bf16 or fp32")
     muon_impl: str = knob("batched", "Muon update: batched (same-shape matrices stacked, sharded over ranks with "
                                      "reduce-scatter/all-gather, one compiled graph; PR #1584) / loop (one matrix at a "
                                      "time, all-reduce; the pre-#1584 reference)",
@@ -1665,6 +1668,40 @@ class GPT(nn.Module):
         loss = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
+def flatten_parameters(model: nn.Module) -> Tensor | None:
+    """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp over
+    one tensor (PR #1584's batched EMA; 3.7x a per-tensor loop on CPU, bench/RESULTS.md) instead of a
+    kernel per tensor. Values, names and shapes are unchanged. None (and nothing done) when the
+    parameters do not share one dtype and device. Call after .to(device), before optimizers and compile."""
+    params = list(model.parameters())
+    if not params or len({(p.dtype, p.device) for p in params}) != 1:
+        return None
+    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            flat[offset: offset + n].copy_(p.reshape(-1))
+            p.data = flat[offset: offset + n].view_as(p)
+            offset += n
+    return flat
+
+
+def flat_buffer(params: list[Tensor]) -> Tensor | None:
+    """The flat buffer `params` are consecutive contiguous views of (flatten_parameters), else None."""
+    if not params:
+        return None
+    first = params[0]
+    storage, item, offset = first.untyped_storage(), first.element_size(), 0
+    for p in params:
+        if (p.dtype != first.dtype or not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
+                or p.data_ptr() != storage.data_ptr() + offset * item):
+            return None
+        offset += p.numel()
+    if storage.nbytes() != offset * item:
+        return None
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (offset,), (1,))
+
 # ==== Optimizers ====
 
 # Newton-Schulz quintic coefficients (a, b, c) per iteration. classic: Keller Jordan's Muon, one
@@ -1684,6 +1721,7 @@ NS_COEFFICIENT_SETS: dict[str, tuple[tuple[float, float, float], ...]] = {
 NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.02}
 NS_EPS = 1e-7
 MUON_IMPLS = ("batched", "loop")
+MUON_NS_DTYPES = ("auto", "bf16", "fp32")
 
 # One table maps every parameter to exactly one group: (optimizer, LR knob, weight-decay knob).
 PARAM_GROUPS: dict[str, tuple[str, str, str]] = {
@@ -1731,6 +1769,18 @@ def row_normalize(U: Tensor) -> Tensor:
     return U / U.norm(dim=-1, keepdim=True).clamp_min(NS_EPS)
 
 
+def resolve_ns_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """MUON_NS_DTYPE. auto: bf16 on CUDA (the records), and on CPUs with AMX tiles, where a batched bf16
+    Newton-Schulz iteration is 3-5x faster than fp32 (bench/RESULTS.md); fp32 on other CPUs, where bf16
+    matmul is emulated and slow."""
+    if setting != "auto":
+        return torch.bfloat16 if setting == "bf16" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
+    return torch.bfloat16 if amx is not None and amx() else torch.float32
+
+
 def muon_direction(G: Tensor, buf: Tensor, mu: Tensor, steps: int, coeffs: str, row_norm: bool,
                    ns_dtype: torch.dtype, scale: float) -> Tensor:
     """Muon's update direction for a stack of same-shape gradients G (k, m, n): momentum into `buf` (in
@@ -1772,7 +1822,7 @@ class Muon(torch.optim.Optimizer):
     stacked and orthogonalized in one batched Newton-Schulz call. With W ranks, bucket b of K matrices is
     split into W shares of ceil(K/W) (the last ones padded with zeros); one reduce-scatter of every
     bucket's stacked gradients gives each rank the rank-averaged gradients of its shares, the rank keeps
-    momentum only for them, and one all-gather of the updates (bf16 on GPU) gives every rank the whole
+    momentum only for them, and one all-gather of the updates (in the Newton-Schulz dtype) gives every rank the whole
     update. That moves fewer bytes than an all-reduce of gradients plus one of updates. Momentum ..
     parameter update run as one compiled graph per bucket (`compile=True`).
     impl="loop": one matrix at a time, matrix i on rank i % W, one all-reduce of the flat updates; it
@@ -1780,12 +1830,12 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, ns_coeffs: str = "classic", row_normalize: bool = False,
-                 impl: str = "batched", compile: bool = False):
+                 impl: str = "batched", compile: bool = False, ns_dtype: str = "auto"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, ns_coeffs=ns_coeffs, row_normalize=row_normalize))
         if impl not in MUON_IMPLS:
             raise ConfigError(f"MUON_IMPL={impl!r} is not allowed: use one of {', '.join(MUON_IMPLS)}")
-        self.rank, self.world_size, self.impl = rank, world_size, impl
+        self.rank, self.world_size, self.impl, self.ns_dtype = rank, world_size, impl, ns_dtype
         buckets: dict[tuple, list[nn.Parameter]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -1859,8 +1909,7 @@ class Muon(torch.optim.Optimizer):
         gathered = []
         for b, ((group, ps), G) in enumerate(zip(self.buckets, shards)):
             dev = G.device
-            # bf16 Newton-Schulz on GPU as in the records; fp32 on CPU, where bf16 matmul is slow.
-            ns_dtype = torch.bfloat16 if G.is_cuda else torch.float32
+            ns_dtype = resolve_ns_dtype(self.ns_dtype, dev)
             lr, mu = self._scalar(f"lr{id(group)}", group["lr"], dev), self._scalar(f"mu{id(group)}", group["momentum"], dev)
             wd = self._scalar(f"wd{id(group)}", group["weight_decay"], dev)
             state = self.state[ps[0]]
@@ -1894,7 +1943,7 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            ns_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+            ns_dtype = resolve_ns_dtype(self.ns_dtype, params[0].device)
             total = sum(p.numel() for p in params)
             flat = torch.zeros(total, dtype=ns_dtype, device=params[0].device)
             offset = 0
@@ -1974,7 +2023,8 @@ class Optimizers:
         self.muon = Muon(grouped["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum,
                          backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd,
                          rank=rank, world_size=world_size, ns_coeffs=h.muon_ns,
-                         row_normalize=h.muon_row_normalize, impl=h.muon_impl, compile=h.compile)
+                         row_normalize=h.muon_row_normalize, impl=h.muon_impl, compile=h.compile,
+                         ns_dtype=h.muon_ns_dtype)
         adam_groups = [dict(params=grouped[g], lr=self.base_lr[g], weight_decay=getattr(h, PARAM_GROUPS[g][2]),
                             name=g) for g in ("embed", "head", "scalar") if grouped[g]]
         self.adam_params = [p for g in adam_groups for p in g["params"]]
@@ -2076,16 +2126,29 @@ class EMA:
         self.decay = decay
         self.steps = 0
         self.params = list(model.parameters())
-        self.shadow = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         # fp32 parameters are read in place (detached views, built once); others need an fp32 copy per step.
         self._fp32 = all(p.dtype == torch.float32 for p in self.params)
         self._sources = [p.detach() for p in self.params] if self._fp32 else None
+        # Parameters re-homed by flatten_parameters: one lerp over the flat buffer, the shadow flat too.
+        self._flat = flat_buffer(self.params) if self._fp32 else None
+        if self._flat is not None:
+            self._shadow_flat = torch.zeros_like(self._flat)
+            self.shadow = [v.view_as(p) for v, p in zip(self._shadow_flat.split([p.numel() for p in self.params]),
+                                                         self.params)]
+        else:
+            self.shadow = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         # e = d*e + (1-d)*w  ==  lerp(e, w, 1-d)
-        sources = self._sources if self._fp32 else [p.detach().float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
+        if self._sources is not None and self.params[-1].data_ptr() != self._sources[-1].data_ptr():
+            # The parameters were re-bound (e.g. moved) after the EMA was built: read them afresh.
+            self._sources, self._flat = [p.detach() for p in self.params], None
+        if self._flat is not None:
+            self._shadow_flat.lerp_(self._flat, 1.0 - self.decay)
+        else:
+            sources = self._sources if self._fp32 else [p.detach().float() for p in self.params]
+            torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
         self.steps += 1
 
     @torch.no_grad()
@@ -2881,6 +2944,7 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
         mark("fwd_bwd")
     opt.step(timer)
     opt.zero_grad()
+    mark("optimizer")  # freeing the gradients is optimizer time, not the next phase's
     return total / h.accum_steps
 
 
@@ -3175,6 +3239,7 @@ def run(h: Hyperparameters) -> int:
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
         if h.eval_only and not h.dry_run:
             return evaluate_artifact(h, d, model, data, code, meta, versions, backend, log)
+        flatten_parameters(model)
         opt = Optimizers(model, h, d.rank, d.world_size)
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         log(format_kv(layers="plain") + " " + model.layout_summary())

@@ -18,7 +18,7 @@ FLOPs per token (fwd + bwd = 3 x forward), the usual PaLM-appendix convention:
 MFU = achieved FLOP/s / the device's dense bf16 peak (table below, or PEAK_TFLOPS / --peak-tflops).
 
 --optimizer-only times the whole optimizer step (Muon + AdamW + clip) with MUON_IMPL=batched against
-MUON_IMPL=loop (the per-matrix loop it replaced), and the fused EMA against a per-tensor loop over
+MUON_IMPL=loop (the per-matrix loop it replaced), both in the same Newton-Schulz dtype (MUON_NS_DTYPE), and the fused EMA against a per-tensor loop over
 state_dict() (the pre-#1584 records), side by side and interleaved so load on the machine hits both.
 """
 
@@ -91,6 +91,7 @@ class RandomBatches:
 def build(h: tg.Hyperparameters, device: torch.device) -> tuple[tg.GPT, tg.Optimizers]:
     torch.manual_seed(h.seed)
     model = tg.GPT(tg.ModelConfig.from_hparams(h, tg.select_attention_backend(device))).to(device)
+    tg.flatten_parameters(model)  # as train_gpt.run() does
     return model, tg.Optimizers(model, h)
 
 
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     info = environment(device)
     shape = dict(preset=h.preset, num_layers=h.num_layers, model_dim=h.model_dim, vocab_size=h.vocab_size,
-                 train_seq_len=h.train_seq_len, compile=h.compile, muon_impl=h.muon_impl)
+                 train_seq_len=h.train_seq_len, compile=h.compile, muon_impl=h.muon_impl,
+                 ns_dtype=str(tg.resolve_ns_dtype(h.muon_ns_dtype, device)).replace("torch.", ""))
     if args.optimizer_only:
         r = bench_optimizer(h, device, args.steps, args.warmup)
         out = {**info, **shape, **r}

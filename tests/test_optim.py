@@ -18,6 +18,7 @@ VOCAB = 64
 
 TINY = {
     "NUM_LOOPS": "0",  # the record's looped span (layers 3..5) does not fit 3 layers
+    "MUON_NS_DTYPE": "fp32",  # exact comparisons with fp32 references (auto is bf16 on AMX CPUs)
     "VOCAB_SIZE": str(VOCAB), "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "MLP_MULT": "2.0", "TRAIN_SEQ_LEN": "16", "EVAL_SEQ_LEN": "16", "QK_GAIN_INIT": "1.5",
     # distinct values for every optimizer knob, so a mixed-up mapping is caught
@@ -197,7 +198,7 @@ def test_muon_step_matches_formula(shape, impl):
     g1, g2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     lr, mu, wd, steps = 0.05, 0.9, 0.1, 5
     p = torch.nn.Parameter(p0.clone())
-    opt = tg.Muon([p], lr=lr, momentum=mu, backend_steps=steps, weight_decay=wd, impl=impl)
+    opt = tg.Muon([p], lr=lr, momentum=mu, backend_steps=steps, weight_decay=wd, impl=impl, ns_dtype="fp32")
     scale = math.sqrt(max(1.0, shape[0] / shape[1]))
 
     p.grad = g1.clone()
@@ -224,12 +225,12 @@ def test_muon_several_params_in_one_group():
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     singles = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     grads = [torch.randn(s, generator=gen) for s in shapes]
-    opt = tg.Muon(ps, lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.05)
+    opt = tg.Muon(ps, lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.05, ns_dtype="fp32")
     for p, g in zip(ps, grads):
         p.grad = g.clone()
     opt.step()
     for s, g in zip(singles, grads):
-        o = tg.Muon([s], lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.05)
+        o = tg.Muon([s], lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.05, ns_dtype="fp32")
         s.grad = g.clone()
         o.step()
     for p, s in zip(ps, singles):
@@ -240,7 +241,7 @@ def test_muon_converges_on_quadratic():
     gen = torch.Generator().manual_seed(5)
     target = torch.randn(32, 16, generator=gen) / math.sqrt(32)
     W = torch.nn.Parameter(torch.zeros(32, 16))
-    opt = tg.Muon([W], lr=0.02, momentum=0.9, backend_steps=5, weight_decay=0.0)
+    opt = tg.Muon([W], lr=0.02, momentum=0.9, backend_steps=5, weight_decay=0.0, ns_dtype="fp32")
 
     def loss_fn():
         return (W - target).pow(2).sum()
@@ -520,7 +521,7 @@ def test_row_normalize_and_muon_eq_r_step():
     p0 = p.detach().clone()
     p.grad = U.clone()
     opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0, row_normalize=True,
-                  ns_coeffs="polar_express")
+                  ns_coeffs="polar_express", ns_dtype="fp32")
     opt.step()
     update = U + 0.9 * U  # Nesterov on the first step: g + mu * buf with buf = g
     expected = p0 - 0.1 * tg.newton_schulz(tg.row_normalize(update), 5, torch.float32, "polar_express")
