@@ -294,11 +294,7 @@ class Dataset:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return train_gpt().sha256_file(path)
 
 
 def dataset_key(corpus: Path, tokenizer: Path, val_docs: int) -> str:
