@@ -1836,12 +1836,13 @@ class Muon(torch.optim.Optimizer):
         if impl not in MUON_IMPLS:
             raise ConfigError(f"MUON_IMPL={impl!r} is not allowed: use one of {', '.join(MUON_IMPLS)}")
         self.rank, self.world_size, self.impl, self.ns_dtype = rank, world_size, impl, ns_dtype
+        # A bucket names its group by index: load_state_dict replaces the group dicts, and a stored
+        # dict would keep stale LR/momentum values (the warmup-restore test caught exactly that).
         buckets: dict[tuple, list[nn.Parameter]] = {}
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                buckets.setdefault((id(group), tuple(p.shape), p.dtype), []).append(p)
-        self.buckets: list[tuple[dict, list[nn.Parameter]]] = [
-            (next(g for g in self.param_groups if id(g) == key[0]), ps) for key, ps in buckets.items()]
+                buckets.setdefault((gi, tuple(p.shape), p.dtype), []).append(p)
+        self.buckets: list[tuple[int, list[nn.Parameter]]] = [(key[0], ps) for key, ps in buckets.items()]
         self.share = [math.ceil(len(ps) / world_size) for _, ps in self.buckets]  # matrices per rank and bucket
         wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
         self._fused, self._direction, self._apply = wrap(muon_fused_step), wrap(muon_direction), wrap(muon_apply)
@@ -1907,11 +1908,12 @@ class Muon(torch.optim.Optimizer):
         if shards is None:
             shards = self.shard_grads()
         gathered = []
-        for b, ((group, ps), G) in enumerate(zip(self.buckets, shards)):
+        for b, ((gi, ps), G) in enumerate(zip(self.buckets, shards)):
+            group = self.param_groups[gi]
             dev = G.device
             ns_dtype = resolve_ns_dtype(self.ns_dtype, dev)
-            lr, mu = self._scalar(f"lr{id(group)}", group["lr"], dev), self._scalar(f"mu{id(group)}", group["momentum"], dev)
-            wd = self._scalar(f"wd{id(group)}", group["weight_decay"], dev)
+            lr, mu = self._scalar(f"lr{gi}", group["lr"], dev), self._scalar(f"mu{gi}", group["momentum"], dev)
+            wd = self._scalar(f"wd{gi}", group["weight_decay"], dev)
             state = self.state[ps[0]]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(G)
@@ -1929,13 +1931,14 @@ class Muon(torch.optim.Optimizer):
         if comm is not None:
             comm()
         offset = 0
-        for b, ((group, ps), X) in enumerate(zip(self.buckets, gathered)):
+        for b, ((gi, ps), X) in enumerate(zip(self.buckets, gathered)):
+            group = self.param_groups[gi]
             n = X.numel()
             updates = full[:, offset: offset + n].reshape(-1, *X.shape[1:])[: len(ps)]
             offset += n
             dev = updates.device
-            self._apply(ps, updates, self._scalar(f"lr{id(group)}", group["lr"], dev),
-                        self._scalar(f"wd{id(group)}", group["weight_decay"], dev))
+            self._apply(ps, updates, self._scalar(f"lr{gi}", group["lr"], dev),
+                        self._scalar(f"wd{gi}", group["weight_decay"], dev))
 
     def _step_loop(self) -> None:
         for group in self.param_groups:

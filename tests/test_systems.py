@@ -141,6 +141,29 @@ def test_batched_muon_momentum_is_stacked_per_bucket():
             torch.testing.assert_close(opt.muon.momentum_buffer(p), grads[index[id(p)]] * coef, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", tg.MUON_IMPLS)
+def test_schedule_still_applies_after_load_state_dict(impl):
+    """The warmup restores the optimizer with load_state_dict, which replaces the param-group dicts:
+    set_schedule must still reach the update (an LR of 0 leaves the matrices unchanged)."""
+    h = hparams(MUON_IMPL=impl, MUON_WD="0")
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
+    opt = tg.Optimizers(model, h)
+    opt.load_state_dict(opt.state_dict())
+    opt.set_schedule(0.0, 0)
+    before = [p.detach().clone() for _, ps in opt.muon.buckets for p in ps]
+    for p, g in zip(model.parameters(), rank_grads(model, 0, 0)):
+        p.grad = g
+    opt.step()
+    after = [p.detach() for _, ps in opt.muon.buckets for p in ps]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    opt.set_schedule(1.0, 0)
+    for p, g in zip(model.parameters(), rank_grads(model, 1, 0)):
+        p.grad = g
+    opt.step()
+    assert not any(torch.equal(a, b) for a, b in zip(after, before))
+
+
 def test_split_clip_equals_torch_clip_grad_norm():
     gen = torch.Generator().manual_seed(3)
     tensors = [torch.randn(s, generator=gen) for s in [(5, 4), (7,), (3, 3, 2), (6, 4)]]
