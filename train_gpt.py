@@ -1670,7 +1670,7 @@ class GPT(nn.Module):
 
 def flatten_parameters(model: nn.Module) -> Tensor | None:
     """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp over
-    one tensor (PR #1584's batched EMA; 3.7x a per-tensor loop on CPU, bench/RESULTS.md) instead of a
+    one tensor (PR #1584's batched EMA; 3.4-3.5x a per-tensor loop on CPU, bench/RESULTS.md) instead of a
     kernel per tensor. Values, names and shapes are unchanged. None (and nothing done) when the
     parameters do not share one dtype and device. Call after .to(device), before optimizers and compile."""
     params = list(model.parameters())
@@ -1907,13 +1907,17 @@ class Muon(torch.optim.Optimizer):
             return
         if shards is None:
             shards = self.shard_grads()
+        if not shards:
+            return
+        dev = shards[0].device
+        ns_dtype = resolve_ns_dtype(self.ns_dtype, dev)
+        # Each group's LR / momentum / weight decay, filled once per step and shared by its buckets.
+        scalars = [(self._scalar(f"lr{gi}", g["lr"], dev), self._scalar(f"mu{gi}", g["momentum"], dev),
+                    self._scalar(f"wd{gi}", g["weight_decay"], dev)) for gi, g in enumerate(self.param_groups)]
         gathered = []
-        for b, ((gi, ps), G) in enumerate(zip(self.buckets, shards)):
+        for (gi, ps), G in zip(self.buckets, shards):
             group = self.param_groups[gi]
-            dev = G.device
-            ns_dtype = resolve_ns_dtype(self.ns_dtype, dev)
-            lr, mu = self._scalar(f"lr{gi}", group["lr"], dev), self._scalar(f"mu{gi}", group["momentum"], dev)
-            wd = self._scalar(f"wd{gi}", group["weight_decay"], dev)
+            lr, mu, wd = scalars[gi]
             state = self.state[ps[0]]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(G)
@@ -1931,14 +1935,12 @@ class Muon(torch.optim.Optimizer):
         if comm is not None:
             comm()
         offset = 0
-        for b, ((gi, ps), X) in enumerate(zip(self.buckets, gathered)):
-            group = self.param_groups[gi]
+        for (gi, ps), X in zip(self.buckets, gathered):
             n = X.numel()
             updates = full[:, offset: offset + n].reshape(-1, *X.shape[1:])[: len(ps)]
             offset += n
-            dev = updates.device
-            self._apply(ps, updates, self._scalar(f"lr{gi}", group["lr"], dev),
-                        self._scalar(f"wd{gi}", group["weight_decay"], dev))
+            lr, _, wd = scalars[gi]
+            self._apply(ps, updates, lr, wd)
 
     def _step_loop(self) -> None:
         for group in self.param_groups:
@@ -2069,7 +2071,6 @@ class Optimizers:
                 adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
                 clip_global_norm_(adam_grads, shards, self.h.grad_clip_norm, self.world_size)
             self.muon.step(shards, comm=lambda: mark("comm"))
-        mark("optimizer")
         self.adam.step()
         mark("optimizer")
 
@@ -2118,8 +2119,9 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
 
 
 class EMA:
-    """fp32 exponential moving average of every parameter: one fused foreach lerp per step (PR #1584
-    replaced a per-tensor loop over state_dict()).
+    """fp32 exponential moving average of every parameter: one lerp over the flat parameter buffer
+    (flatten_parameters), else one foreach lerp over the tensors (PR #1584 replaced a per-tensor loop
+    over state_dict()).
 
     Bias-corrected (as Adam's moments): the average starts at zero and is divided by 1 - decay**steps,
     so it is an average of trained weights only. Without the correction the initial weights keep a
