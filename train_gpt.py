@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -78,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Sized for a 2-core CPU: ~16k tokens/s, so many small steps beat a few large ones.
         "vocab_size": 1024, "sample_data": True, "num_layers": 4, "model_dim": 128, "num_heads": 4,
         "num_kv_heads": 2, "mlp_mult": 2.0, "train_batch_tokens": 4096, "train_seq_len": 128,
-        "eval_seq_len": 128, "grad_accum_steps": 1, "val_batch_tokens": 32_768, "iterations": 2000,
+        "eval_seq_len": 128, "grad_accum_steps": 1, "eval_batch_seqs": 64, "iterations": 2000,
         "max_wallclock_seconds": 60.0, "warmup_steps": 2, "warmdown_frac": 0.3, "min_lr": 0.0,
         "qk_gain_init": 1.5, "matrix_lr": 0.04, "scalar_lr": 0.04, "tied_embed_lr": 0.05,
         "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85, "muon_momentum_warmup_steps": 100,
@@ -119,7 +120,13 @@ KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_B
 # Older names rewritten to today's knobs by _translate_legacy_vars.
 LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "TARGET_MB", "USE_GPTQ",
                          "SLIDING_WINDOW_ENABLED"})
+# Knobs this script no longer reads: setting one warns (with what replaced it) instead of failing old commands.
+RETIRED_VARS: dict[str, str] = {
+    "VAL_BATCH_TOKENS": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
+    "VAL_BATCH_SIZE": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
+}
 PARALLEL_MODES = ("off", "gptj", "lanes", "lane_merge")
+ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
 QUANT_METHODS = ("gptq", "rtn")
 COMPRESSORS = ("brotli", "lzma")
 
@@ -176,6 +183,9 @@ class Hyperparameters:
     compute_dtype: str = knob("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32",
                               lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
     compile: bool = knob(True, "torch.compile the model (0 = eager)")
+    attn_backend: str = knob("auto", "attention kernel: auto (CUDA: fa3, else fa4, else sdpa; CPU: sdpa) / fa3 "
+                                     "(flash_attn_interface) / fa4 (flash-attn-4, flash_attn.cute) / sdpa",
+                             lambda v: v in ATTN_BACKENDS, "auto, fa3, fa4 or sdpa")
     dry_run: bool = knob(False, "1 = build model and optimizers, print config and parameter counts, exit")
     strict_env: bool = knob(False, "1 = an unknown variable that looks like a knob is an error")
 
@@ -199,13 +209,12 @@ class Hyperparameters:
     val_loss_every: int = knob(0, "validate every N steps (0 = only at the end)", _non_negative, ">= 0")
 
     # --- Evaluation ---
-    val_batch_tokens: int = knob(524_288, "validation tokens per batch over all ranks and micro-batches",
-                                 _positive, "> 0")
     eval_seq_len: int = knob(2048, "evaluation sequence length", _positive, "> 0")
     eval_stride: int = knob(64, "sliding-window eval stride: each target scored once with >= EVAL_SEQ_LEN - stride "
                                 "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)",
                             _non_negative, ">= 0")
-    eval_batch_seqs: int = knob(32, "windows per forward (per rank) in sliding eval and TTT", _positive, "> 0")
+    eval_batch_seqs: int = knob(32, "windows per forward and rank in every evaluation (plain, sliding, TTT scoring): "
+                                    "one compiled shape", _positive, "> 0")
     bpb_check_docs: str = knob("1000", "validation documents whose byte count is checked against the decoded text "
                                        "before training (all = every one)",
                                lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0")
@@ -407,10 +416,6 @@ class Hyperparameters:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not allowed: must be a multiple of "
                 f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {self.world_size}*{self.accum_steps}*"
                 f"{self.train_seq_len} = {chunk} (whole sequences per rank and micro-batch)")
-        if self.val_batch_tokens < self.world_size * self.accum_steps * self.eval_seq_len:
-            raise ConfigError(
-                f"VAL_BATCH_TOKENS={self.val_batch_tokens} is not allowed: must be >= WORLD_SIZE*GRAD_ACCUM_STEPS"
-                f"*EVAL_SEQ_LEN = {self.world_size * self.accum_steps * self.eval_seq_len}")
 
     # Derived values are properties, never extra environment variables.
     @property
@@ -420,10 +425,6 @@ class Hyperparameters:
     @property
     def micro_batch_seqs(self) -> int:
         return self.train_batch_tokens // (self.world_size * self.accum_steps * self.train_seq_len)
-
-    @property
-    def val_batch_seqs(self) -> int:
-        return self.val_batch_tokens // (self.world_size * self.accum_steps * self.eval_seq_len)
 
     @property
     def dataset_dir(self) -> Path:
@@ -442,11 +443,6 @@ class Hyperparameters:
     @property
     def sliding(self) -> bool:
         return 0 < self.eval_stride < self.eval_seq_len
-
-    @property
-    def stride(self) -> int:
-        """The window stride of the final evaluations (= EVAL_SEQ_LEN when sliding is off)."""
-        return self.eval_stride if self.sliding else self.eval_seq_len
 
     def clip_sigmas(self, group: str) -> float:
         """SDClip k of a quantization group (mlp / attn / embed); MATRIX_CLIP_SIGMAS sets both matrix groups."""
@@ -551,6 +547,9 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
             if value.strip().lower() not in OFF_VALUES | native:
                 raise ConfigError(f"{name}={value!r} turns on {UNIMPLEMENTED_FEATURES[name]}, which this "
                                   f"train_gpt.py does not implement: unset it or set it to 0")
+            continue
+        if name in RETIRED_VARS:
+            warnings.append(f"{name}={value!r} is ignored: {RETIRED_VARS[name]}")
             continue
         if name in known or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name):
             continue
@@ -671,6 +670,29 @@ class StepTimer:
         self.totals = dict.fromkeys(STEP_PHASES, 0.0)
         self.steps = 0
         return out
+
+
+class PhaseClock:
+    """Where a run's seconds go: `record` logs one `phase:` line (seconds, tokens and tokens/s when the
+    phase processes tokens, peak CUDA memory since the previous phase) and keeps the row for the JSON."""
+
+    def __init__(self, device: torch.device, log: "Logger"):
+        self.device, self.log = device, log
+        self.start = time.perf_counter()
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def record(self, name: str, seconds: float, tokens: int = 0) -> None:
+        row: dict[str, float] = {"seconds": round(seconds, 3)}
+        if tokens:
+            row.update(tokens=tokens, tok_s=round(tokens / max(seconds, 1e-9)))
+        if self.device.type == "cuda":
+            row["peak_mib"] = torch.cuda.max_memory_allocated(self.device) // 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rows[name] = row
+        self.log(format_kv(phase=name, **row))
+
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -1076,6 +1098,12 @@ def count_target_bytes(prev_ids: Tensor, target_ids: Tensor, base_bytes: Tensor,
     return base_bytes[target_ids].to(torch.int64) + extra.to(torch.int64)
 
 
+def luts_to_device(luts: ByteLUTs, device: torch.device) -> dict[str, Tensor]:
+    return {"base_bytes": torch.from_numpy(luts.base_bytes.astype(np.int64)).to(device),
+            "has_leading_space": torch.from_numpy(luts.has_leading_space).to(device),
+            "is_boundary": torch.from_numpy(luts.is_boundary).to(device)}
+
+
 def document_spans(tokens: np.ndarray, bos_id: int = BOS_ID) -> list[tuple[int, int]]:
     """(start, end) of each document's tokens after its BOS; a leading fragment without a BOS (a
     truncated stream) is not a document."""
@@ -1170,11 +1198,80 @@ def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
 # ==== Model ====
 
 
-def select_attention_backend(device: torch.device) -> str:
-    """FlashAttention 3 when importable on CUDA, else PyTorch SDPA (same math, slower on Hopper)."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None:
-        return "fa3"
-    return "sdpa"
+def compute_autocast(device: torch.device, compute_dtype: str):
+    """bf16 autocast on CUDA by default; CPU runs fp32 unless COMPUTE_DTYPE=bf16."""
+    use_bf16 = compute_dtype == "bf16" or (compute_dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+FA4_ARCHS = (9, 10, 11)  # compute-capability majors flash-attn-4's CuTe kernels support (Hopper, Blackwell)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package of a dotted name
+        return False
+
+
+def select_attention_backend(setting: str, device: torch.device) -> str:
+    """ATTN_BACKEND resolved for this device: auto takes FlashAttention 3, else flash-attn-4 (Hopper/Blackwell),
+    else PyTorch SDPA (same math, slower on Hopper); an explicit kernel that cannot run is an error."""
+    cuda = device.type == "cuda"
+    found = {"fa3": cuda and _importable("flash_attn_interface"),
+             "fa4": cuda and _importable("flash_attn.cute")
+             and torch.cuda.get_device_capability(device)[0] in FA4_ARCHS, "sdpa": True}
+    if setting == "auto":
+        return next(b for b in ("fa3", "fa4", "sdpa") if found[b])
+    if not found[setting]:
+        package = {"fa3": "flash_attn_interface (FlashAttention 3)", "fa4": "flash_attn.cute (pip install flash-attn-4)"}
+        raise ConfigError(f"ATTN_BACKEND={setting!r} is not allowed here: needs a CUDA device "
+                          f"{'of compute capability 9-11 ' if setting == 'fa4' else ''}and {package[setting]}; "
+                          f"use auto or sdpa")
+    return setting
+
+
+_FA4_OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}  # built once per process, on first use
+
+
+def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """flash-attn-4 causal attention (B, T, H, D) as a torch.library custom op with its backward, built on
+    first use. FA4's own entry point is an autograd.Function launching CuTe kernels that dynamo cannot
+    trace, so under torch.compile(fullgraph=True) it would break the graph; as a custom op it is one
+    opaque call, and the backward reuses the forward's log-sum-exp instead of recomputing attention."""
+    if "attention" in _FA4_OPS:
+        return _FA4_OPS["attention"]
+    from flash_attn.cute import interface as fa4
+
+    @torch.library.custom_op("pgolf::fa4_fwd", mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)
+        return out, lse
+
+    @fwd.register_fake
+    def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, H, _ = q.shape
+        return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
+    def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, 0.0)
+        return dq, dk, dv
+
+    @bwd.register_fake
+    def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs, *output)
+
+    def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        return bwd(dout.contiguous(), q, k, v, out, lse)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _FA4_OPS["attention"] = lambda q, k, v: fwd(q, k, v)[0]
+    return _FA4_OPS["attention"]
 
 
 @dataclass(frozen=True)
@@ -1315,22 +1412,40 @@ class KVCache:
         return self.k[layer][:, : self.pos + T], self.v[layer][:, : self.pos + T]
 
 
+def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
+    """GPTQ calibration tap: H += x^T x over the rows of x; a no-op unless attach_hessians armed it. On CUDA
+    a bf16 GEMM with fp32 output (twice TF32's rate, and no fp32 copy of x); elsewhere in fp32."""
+    if H is None:
+        return
+    x = x.detach().reshape(-1, x.size(-1))
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        H.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+    else:
+        H.addmm_(x.T.float(), x.float())
+
+
 class QATLinear(nn.Linear):
     """nn.Linear whose weight is fake-quantized on the artifact's grid while `qat_on` is 1 (late QAT,
     straight-through). The switch is a tensor buffer, not a Python flag: torch.compile would fold a
-    Python attribute into the graph and QAT would never run (PR #1290's README, pitfalls J)."""
+    Python attribute into the graph and QAT would never run (PR #1290's README, pitfalls J).
+    `hessian` is the GPTQ calibration tap of its input (None outside calibration)."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, qat_k: float = 0.0):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits, self.qat_k = qat_bits, qat_k
+        self.hessian: Tensor | None = None
         if qat_bits:
             self.register_buffer("qat_on", torch.zeros(()), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def qweight(self) -> Tensor:
         w = self.weight
         if self.qat_bits:
             w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits, self.qat_k) - w).detach()
-        return F.linear(x, w)
+        return w
+
+    def forward(self, x: Tensor) -> Tensor:
+        accumulate_hessian(self.hessian, x)
+        return F.linear(x, self.qweight())
 
 
 class CausalSelfAttention(nn.Module):
@@ -1341,7 +1456,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
-        kv_dim = self.num_kv_heads * self.head_dim
+        kv_dim = self.kv_dim = self.num_kv_heads * self.head_dim
         qat = (cfg.qat_bits, cfg.qat_attn_k)
         self.c_q = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
         self.c_k = QATLinear(cfg.model_dim, kv_dim, *qat)
@@ -1357,22 +1472,26 @@ class CausalSelfAttention(nn.Module):
                             if cfg.sparse_attn_gate_enabled else None)
         # Value residual (ResFormer): v = l0 * v_first_layer + l1 * v; the first layer has nothing to mix.
         self.vr_lambda = (nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual and layer_idx > 0 else None)
-        self.backend = cfg.attn_backend
-        self._fa3 = None
-        if self.backend == "fa3":
+        self._flash = None  # FlashAttention (B, T, H, D) in bf16, when the backend is fa3 or fa4
+        if cfg.attn_backend == "fa3":
             from flash_attn_interface import flash_attn_func
 
-            self._fa3 = flash_attn_func
+            self._flash = functools.partial(flash_attn_func, causal=True)
+        elif cfg.attn_backend == "fa4":
+            self._flash = fa4_attention()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
                 kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
         """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
         With `kv` (cache, virtual layer) the new keys/values are appended and attention reads the cache."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v_raw = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = v_raw
+        # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
+        accumulate_hessian(self.c_q.hessian, x)
+        w = torch.cat((self.c_q.qweight(), self.c_k.qweight(), self.c_v.qweight()))
+        q, k, v_raw = F.linear(x, w).split((C, self.kv_dim, self.kv_dim), dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v_raw = v_raw.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.vr_lambda is not None and v_first is not None:
             lam = self.vr_lambda.to(v.dtype)
             v = lam[0] * v_first + lam[1] * v
@@ -1386,8 +1505,8 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=T > 1, enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2)
             v = v[:, -T:]
-        elif self._fa3 is not None:
-            y = self._fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        elif self._flash is not None:
+            y = self._flash(q.bfloat16(), k.bfloat16(), v.bfloat16())
             y = (y[0] if isinstance(y, tuple) else y).to(x.dtype)
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -1401,6 +1520,9 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.reshape(B, T, C)), v_raw
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's default
+
+
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (PR #265/#478): remove from each head's output its component along the token's own
     (normalized) value vector, so attention adds only what the token does not already carry.
@@ -1408,7 +1530,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     B, T, H, D = y.shape
     Hkv = v.size(2)
     yg = y.view(B, T, Hkv, H // Hkv, D)
-    vn = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, D)
+    # F.normalize(v) computed in fp32 but kept in v's dtype: F.normalize is on autocast's fp32 list and
+    # would make every XSA intermediate fp32 (~2 GiB per micro-step at the record shape, gpu-gap.md).
+    inv_norm = torch.rsqrt(v.float().square().sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS ** 2))
+    vn = (v * inv_norm.to(v.dtype)).unsqueeze(3)  # (B, T, Hkv, 1, D)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
@@ -1524,7 +1649,7 @@ class BigramHash(nn.Module):
         self.buckets, self.bos_id = cfg.bigram_vocab_size, cfg.bos_id
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
         nn.init.zeros_(self.embed.weight)
-        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+        self.proj = QATLinear(cfg.bigram_dim, cfg.model_dim)  # a plain linear with a calibration tap
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def bucket_ids(self, ids: Tensor) -> Tensor:
@@ -1555,6 +1680,7 @@ class GPT(nn.Module):
         self.layouts = {False: layer_layout(cfg.num_layers, 0, 0, 0),
                         True: layer_layout(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops)}
         self.looping = False
+        self.qat_enabled = False
         self.parallel_from = {k: parallel_tail_start(v, cfg.parallel_start_layer, cfg.parallel_mode)
                               for k, v in self.layouts.items()}
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_mode == "lane_merge" else None
@@ -1569,6 +1695,7 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
             nn.init.zeros_(self.lm_head.weight)
+        self.head_hessian: Tensor | None = None  # calibration tap of the head's input (attach_hessians)
         if cfg.ortho_init:
             # OrthoInit (PR #65): orthogonal block matrices >= 64x64; the zero-initialized output
             # projections stay zero so every block still starts as the identity.
@@ -1593,6 +1720,10 @@ class GPT(nn.Module):
             cache.last_ids = ids[:, -2:]
         x, ids = x[:, drop:], ids[:, drop:]
         x = rms_norm(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # The residual stream in the autocast dtype from here on, as R0405's .bfloat16() model runs it:
+            # an fp32 stream moves ~10% more bytes per step through every norm, mix and add (gpu-gap.md).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         if cache is None:
             cos, sin = self.rotary(ids.size(1), ids.device)
@@ -1634,13 +1765,16 @@ class GPT(nn.Module):
                 x = 0.5 * (lanes[0] + lanes[1])
         if cache is not None:
             cache.pos += ids.size(1)
-        return rms_norm(x)
+        x = rms_norm(x)
+        accumulate_hessian(self.head_hessian, x)  # the tied embedding is the LM head (PR #1394)
+        return x
 
     def set_qat(self, on: bool) -> int:
         """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
         mods = [m for m in self.modules() if isinstance(m, QATLinear) and m.qat_bits]
         for m in mods:
             m.qat_on.fill_(1.0 if on else 0.0)
+        self.qat_enabled = bool(on)  # read by the schedule, never by forward (no graph guard)
         return len(mods)
 
     def set_looping(self, on: bool) -> None:
@@ -1655,18 +1789,39 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def raw_logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Head output before the softcap, in the compute dtype."""
         h = self.hidden(ids, cache)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        z = F.linear(h, weight.to(h.dtype)).float()
-        c = self.cfg.logit_softcap
-        return c * torch.tanh(z / c) if c > 0 else z
+        return F.linear(h, weight.to(h.dtype))
+
+    def logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Softcapped logits in fp32 (sampling; the loss never materializes them)."""
+        return softcap(self.raw_logits(ids, cache).float(), self.cfg.logit_softcap)
 
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
-        z = self.logits(ids)
-        loss = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss.view(targets.shape) if reduction == "none" else loss
+        nll = softcapped_cross_entropy(self.raw_logits(ids), targets, self.cfg.logit_softcap)
+        return nll.mean() if reduction == "mean" else nll
+
+
+def softcap(z: Tensor, cap: float) -> Tensor:
+    """cap * tanh(z / cap): logits bounded to (-cap, cap) (0 = off)."""
+    return cap * torch.tanh(z / cap) if cap > 0 else z
+
+
+def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Per-token nats of softmax(softcap(z)) at `targets`, computed in fp32 from z in any dtype.
+
+    The same value as F.cross_entropy on fp32 softcapped logits (tested), written so inductor fuses it
+    (PR #1787 fused the same loss by hand): the softcap is applied in registers inside the reductions
+    over z (bf16 under autocast), and the backward recomputes softmax from z and the per-row
+    log-sum-exp, where F.cross_entropy keeps fp32 log-probabilities of every logit for its backward.
+    The target logit is a masked sum, not a gather, so its gradient is pointwise instead of a
+    scatter into a zero tensor of the logits' size."""
+    s = softcap(z.float(), cap)
+    hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
+    return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
 
 def flatten_parameters(model: nn.Module) -> Tensor | None:
     """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp over
@@ -2167,11 +2322,15 @@ class EMA:
 # ==== Quantization and packing ====
 
 ARTIFACT_MAGIC = b"PGOLFART"
-ARTIFACT_VERSION = 2  # 2: GPTQ/SDClip int-n rows, LQER factors, metadata, brotli or lzma body
+ARTIFACT_VERSION = 3  # 3: the body in independently compressed chunks (2: one stream; GPTQ/SDClip rows, LQER)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
 ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1}  # the first byte of the compressed body says which
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
+# The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): one 36 MB
+# brotli-11 stream takes ~45 s on one core. On int6 codes 1-4 MiB chunks cost no measurable size (RESULTS.md).
+COMPRESS_CHUNK_BYTES = 2 << 20
+CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
 FIT_OVERSHOOT = 1.15  # widen k a little more than the entropy estimate asks, so one more pack fits
 GPTQ_RESERVE_SAFETY = 1.25  # auto reserve = probe time x batches x this + GPTQ_RESERVE_PAD_S
@@ -2204,8 +2363,9 @@ def qmax(bits: int) -> int:
 
 def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
     """SDClip (PR #1394): clip each row at k standard deviations; the step is clip / qmax, as fp16.
-    Larger k -> fewer distinct levels used -> lower entropy -> a smaller artifact (monotone)."""
-    std = w.float().std(dim=1, correction=0)
+    Larger k -> fewer distinct levels used -> lower entropy -> a smaller artifact (monotone).
+    w is a matrix or a stack of them (rows along the last-but-one dimension)."""
+    std = w.float().std(dim=-1, correction=0)
     scale = (k * std / qmax(bits)).half()
     # A constant row (std 0, or below fp16's subnormals) gets scale 1: it quantizes to 0 (or its clip).
     return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -2213,7 +2373,7 @@ def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
 
 def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     r = qmax(bits)
-    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -r, r).to(torch.int8)
+    return torch.clamp(torch.round(w.float() / scale.float().unsqueeze(-1)), -r, r).to(torch.int8)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -2228,40 +2388,46 @@ def fake_quantize_rows(w: Tensor, bits: int, k: float) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
-    """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) of one matrix on a fixed SDClip grid.
+    """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) on a fixed SDClip grid, of one matrix
+    (rows, cols) or of a stack of same-shape matrices (k, rows, cols) with their Hessians (k, cols, cols)
+    and scales (k, rows) in one batched column loop: the per-column launches are paid once per shape, not
+    once per matrix (66 record matrices fall into 5 shapes).
 
     Columns are quantized in act-order (largest Hessian diagonal first); each column's rounding error,
     scaled by the inverse Hessian, is pushed onto the columns not yet quantized, in blocks of `block`
     columns. Dead columns (zero diagonal: an input that never fired) are zeroed. Raises
-    torch.linalg.LinAlgError when the damped Hessian is not positive definite (caller falls back)."""
-    W = w.detach().float().clone()
-    H = H.detach().float().clone()
-    n = W.shape[1]
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.diagonal(H).mean() * torch.eye(n, device=H.device)
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    W, H = W[:, perm], H[perm][:, perm]
+    torch.linalg.LinAlgError when a damped Hessian is not positive definite (caller falls back)."""
+    single = w.dim() == 2
+    W, H, s = (t.detach().float().clone() for t in ((w[None], H[None], scale[None]) if single else (w, H, scale)))
+    k, rows, n = W.shape
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # a view: writes go into H
+    dead = diag == 0
+    diag[dead] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+    W = W.gather(2, perm[:, None, :].expand(k, rows, n))
+    H = H.gather(1, perm[:, :, None].expand(k, n, n)).gather(2, perm[:, None, :].expand(k, n, n))
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    s = scale.float()[:, None]
+    s = s[:, :, None]
     r = qmax(bits)
     Q = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        W1 = W[:, :, i1:i2].clone()
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
-            col = W1[:, j: j + 1]
+            col = W1[:, :, j: j + 1]
             q = torch.clamp(torch.round(col / s), -r, r)
-            Q[:, i1 + j] = q[:, 0].to(torch.int8)
-            err = (col - q * s) / Hinv1[j, j]
-            W1[:, j:] -= err * Hinv1[j: j + 1, j:]
-            Err1[:, j: j + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)]
+            Q[:, :, i1 + j] = q[..., 0].to(torch.int8)
+            err = (col - q * s) / Hinv1[:, j: j + 1, j: j + 1]
+            W1[:, :, j:] -= err * Hinv1[:, j: j + 1, j:]
+            Err1[:, :, j: j + 1] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+    Q = Q.gather(2, torch.argsort(perm)[:, None, :].expand(k, rows, n))
+    return Q[0] if single else Q
 
 
 def quantize_symmetric_factor(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:
@@ -2323,38 +2489,57 @@ class QuantTensor:
         return w.to(self.dtype)
 
 
+def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: QuantSpec, names: list[str],
+                   log: Callable[[str], None] | None) -> tuple[Tensor, list[str]]:
+    """Codes of a stack of same-shape matrices and the method each got: GPTQ in one batch when Hessians
+    are given; if a Hessian is not positive definite, matrix by matrix with round to nearest for it."""
+    if H is None:
+        return quantize_rtn(W, scale, bits), ["rtn"] * len(names)
+    try:
+        return gptq_quantize(W, H, scale, bits, spec.damp, spec.block), ["gptq"] * len(names)
+    except torch.linalg.LinAlgError:
+        pass
+    codes, methods = [], []
+    for i, name in enumerate(names):
+        try:
+            codes.append(gptq_quantize(W[i], H[i], scale[i], bits, spec.damp, spec.block))
+            methods.append("gptq")
+        except torch.linalg.LinAlgError:
+            if log:
+                log(format_kv(gptq_fallback=name, reason="cholesky_failed", used="round_to_nearest"))
+            codes.append(quantize_rtn(W[i], scale[i], bits))
+            methods.append("rtn_fallback")
+    return torch.stack(codes), methods
+
+
 def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, QuantTensor | Tensor]:
-    """Quantize every large 2-D float tensor (GPTQ where a Hessian exists, else round to nearest);
-    other tensors pass through unchanged. LQER then corrects the `lqer_top_k` largest errors."""
+    """Quantize every large 2-D float tensor (GPTQ where a Hessian exists, else round to nearest), on the
+    tensors' device, same-shape matrices of a group batched; other tensors pass through unchanged. LQER
+    then corrects the `lqer_top_k` largest errors. Codes, scales and factors are returned on the CPU."""
     hessians = hessians or {}
     out: dict[str, QuantTensor | Tensor] = {}
+    stacks: dict[tuple, list[str]] = {}
     for name in sorted(state):
         t = state[name].detach()
         if not is_quantized(name, t):
             out[name] = t
             continue
-        group = quant_group(name)
+        gptq = spec.method == "gptq" and name in hessians
+        stacks.setdefault((tuple(t.shape), quant_group(name), gptq), []).append(name)
+    for (_, group, gptq), names in stacks.items():
         bits = spec.bits_of(group)
-        w = t.float()
-        scale = sdclip_scales(w, bits, spec.clip_of(group))
-        method = "rtn"
-        if spec.method == "gptq" and name in hessians:
-            try:
-                q = gptq_quantize(w, hessians[name].to(w.device), scale, bits, spec.damp, spec.block)
-                method = "gptq"
-            except torch.linalg.LinAlgError:
-                if log:
-                    log(format_kv(gptq_fallback=name, reason="cholesky_failed", used="round_to_nearest"))
-                method = "rtn_fallback"
-        if method != "gptq":
-            q = quantize_rtn(w, scale, bits)
-        out[name] = QuantTensor(group, bits, q.cpu(), scale.cpu(), t.dtype, method)
+        W = torch.stack([state[n].detach().float() for n in names])
+        H = torch.stack([hessians[n].to(W.device) for n in names]) if gptq else None
+        scale = sdclip_scales(W, bits, spec.clip_of(group))
+        codes, methods = quantize_stack(W, H, scale, bits, spec, names, log)
+        for i, name in enumerate(names):
+            out[name] = QuantTensor(group, bits, codes[i], scale[i], state[name].dtype, methods[i])
     if spec.lqer_rank > 0:
         errors = []
         for name, qt in out.items():
             if isinstance(qt, QuantTensor):
-                err = state[name].detach().float().cpu() - qt.dequantize().float()
+                err = state[name].detach().float() - qt.dequantize().float()
                 errors.append((float(err.norm()), name, err))
         for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
             U, S, Vh = torch.linalg.svd(err, full_matrices=False)
@@ -2362,6 +2547,10 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
             qa, sa = quantize_symmetric_factor(U[:, :r] * S[:r], spec.lqer_factor_bits, dim=0)
             qb, sb = quantize_symmetric_factor(Vh[:r], spec.lqer_factor_bits, dim=1)
             out[name].lqer = (qa, sa, qb, sb)
+    for qt in out.values():
+        if isinstance(qt, QuantTensor):
+            qt.q, qt.scale = qt.q.cpu(), qt.scale.cpu()
+            qt.lqer = None if qt.lqer is None else tuple(t.cpu() for t in qt.lqer)
     return out
 
 
@@ -2437,9 +2626,52 @@ def _decompress(data: bytes, compressor: str) -> bytes:
     return lzma.decompress(data, format=lzma.FORMAT_XZ)
 
 
+def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
+    """fn over items on a thread per core: brotli and lzma release the GIL while they work."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
+
+
+def compress_body(body: bytes, compressor: str) -> bytes:
+    """The artifact around a serialized body: prefix | compressor id | chunk count | chunk lengths | chunks,
+    each COMPRESS_CHUNK_BYTES of the body compressed on its own (in parallel), the same bytes every time."""
+    pieces = [body[i: i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)] or [b""]
+    chunks = _map_parallel(lambda c: _compress(c, compressor), pieces)
+    compressed = (bytes([ARTIFACT_COMPRESSOR_IDS[compressor]]) + CHUNK_COUNT.pack(len(chunks))
+                  + b"".join(CHUNK_COUNT.pack(len(c)) for c in chunks) + b"".join(chunks))
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(compressed), len(compressed)) + compressed
+
+
+def decompress_chunks(compressed: bytes, source: str) -> bytes:
+    """Inverse of compress_body's part after the prefix (checked by the caller): the serialized body."""
+    compressors = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}
+    if not compressed or compressed[0] not in compressors:
+        raise ArtifactError(f"{source}: corrupted artifact: unknown compressor id")
+    try:
+        (n,) = CHUNK_COUNT.unpack_from(compressed, 1)
+        lengths = struct.unpack_from(f"<{n}I", compressed, 1 + CHUNK_COUNT.size)
+        offset = 1 + CHUNK_COUNT.size * (n + 1)
+        if offset + sum(lengths) != len(compressed):
+            raise ValueError(f"{n} chunks of {sum(lengths)} bytes do not fill the {len(compressed) - offset}-byte body")
+        bounds = np.cumsum([offset, *lengths]).tolist()
+        chunks = [compressed[a:b] for a, b in zip(bounds, bounds[1:])]
+        return b"".join(_map_parallel(lambda c: _decompress(c, compressors[compressed[0]]), chunks))
+    except Exception as exc:  # brotli.error / lzma.LZMAError / struct.error / ValueError: all mean corrupt
+        raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
+
+
 def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                    meta: dict[str, Any] | None = None) -> bytes:
-    """Pack quantized tensors: prefix | compressed(header length | JSON header | payload).
+    """The compressed artifact of quantized tensors (compress_body of serialize_quantized)."""
+    return compress_body(serialize_quantized(quantized, compressor, meta), compressor)
+
+
+def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
+                        meta: dict[str, Any] | None = None) -> bytes:
+    """Serialize quantized tensors: header length | JSON header | payload (compress_body compresses it).
 
     No pickle: the header is JSON and the payload raw little-endian arrays, so loading runs no code.
     Codes of every group come first (like bytes together), then LQER factors, then fp16 scales and
@@ -2489,9 +2721,7 @@ def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str =
     header = json.dumps({"format": "pgolf-artifact", "version": ARTIFACT_VERSION, "compressor": compressor,
                          "tensors": entries, "meta": meta or {}},
                         sort_keys=True, separators=(",", ":")).encode()
-    body = struct.pack("<I", len(header)) + header + b"".join(segments)
-    compressed = bytes([ARTIFACT_COMPRESSOR_IDS[compressor]]) + _compress(body, compressor)
-    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(compressed), len(compressed)) + compressed
+    return struct.pack("<I", len(header)) + header + b"".join(segments)
 
 
 def pack_artifact(state: dict[str, Tensor], spec: QuantSpec | None = None, hessians: dict[str, Tensor] | None = None,
@@ -2516,14 +2746,11 @@ def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[st
         raise ArtifactError(f"{source}: truncated or padded artifact: body is {len(compressed)} bytes, prefix says {length}")
     if zlib.crc32(compressed) != crc:
         raise ArtifactError(f"{source}: corrupted artifact: CRC32 mismatch")
-    compressors = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}
-    if not compressed or compressed[0] not in compressors:
-        raise ArtifactError(f"{source}: corrupted artifact: unknown compressor id")
+    body = decompress_chunks(compressed, source)
     try:
-        body = _decompress(compressed[1:], compressors[compressed[0]])
         (hlen,) = struct.unpack_from("<I", body)
         header = json.loads(body[4: 4 + hlen])
-    except Exception as exc:  # brotli.error / lzma.LZMAError / struct.error / ValueError: all mean corrupt
+    except (struct.error, ValueError) as exc:  # JSON and UnicodeDecode errors are ValueErrors
         raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
     if 4 + hlen > len(body) or not isinstance(header, dict) or header.get("format") != "pgolf-artifact" \
             or header.get("version") != ARTIFACT_VERSION or not isinstance(header.get("tensors"), list):
@@ -2593,40 +2820,66 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
     """Quantize and pack; while the artifact is over `budget_bytes`, widen the matrix groups' SDClip k.
 
     The entropy of SDClip codes falls by ~log2(f) bits per parameter when k grows by f (PR #1394's
-    argument), so the first overshoot gives the factor directly: f = 2^(excess bits / matrix params),
-    times FIT_OVERSHOOT. At low bit widths most codes are already 0 or +-1 and the bytes fall more
-    slowly than that, so later attempts use the slope measured between the last two attempts (secant
-    in log2 k). Each attempt is a real GPTQ + compression; the k values only ever widen."""
+    argument), so an overshoot gives the factor directly: f = 2^(excess bits / matrix params), times
+    FIT_OVERSHOOT. At low bit widths most codes are already 0 or +-1 and the bytes fall more slowly than
+    that, so later attempts use the slope measured between the last two attempts (secant in log2 k).
+    Each attempt is a real GPTQ; compression, the slow part, runs only when the attempt's size predicted
+    from its code entropy (the last compressed size plus the change in entropy bytes) is within the
+    budget. The k values only ever widen."""
     t0 = time.perf_counter()
     attempts: list[dict[str, Any]] = []
-    factor = 1.0
+    factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
         s = spec.widened(factor)
         quantized = quantize_state(state, s, hessians, log)
-        blob = pack_quantized(quantized, s.compressor, meta)
         entropy = quant_entropy_bytes(quantized)
-        attempts.append({"attempt": attempt, "factor": factor, "bytes": len(blob)})
-        log(format_kv(fit_attempt=attempt, k_factor=f"{factor:.4f}", bytes_model=len(blob), budget=budget_bytes,
-                      **{f"k_{g}": f"{k:.3f}" for g, k in s.clip}))
-        if len(blob) <= budget_bytes:
+        ent = sum(g["entropy_bytes"] for g in entropy.values())
+        predicted = None if last is None else last[1] + ent - last[0]
+        blob = pack_quantized(quantized, s.compressor, meta) if predicted is None or predicted <= budget_bytes else None
+        size = round(predicted) if blob is None else len(blob)
+        if blob is not None:
+            last = (ent, size)
+        attempts.append({"attempt": attempt, "factor": factor, "bytes": size, "compressed": blob is not None})
+        log(format_kv(fit_attempt=attempt, k_factor=f"{factor:.4f}", bytes_model=size, budget=budget_bytes,
+                      size="packed" if blob is not None else "predicted", **{f"k_{g}": f"{k:.3f}" for g, k in s.clip}))
+        if blob is not None and size <= budget_bytes:
             return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, True)
         matrix_params = sum(v["params"] for g, v in entropy.items() if g != "embed")
         if matrix_params == 0:
             break
-        step = FIT_OVERSHOOT * 8 * (len(blob) - budget_bytes) / matrix_params  # log2 k to add (entropy rule)
+        step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / matrix_params  # log2 k to add (entropy rule)
         if len(attempts) >= 2:
             (f0, b0), (f1, b1) = [(a["factor"], a["bytes"]) for a in attempts[-2:]]
             slope = (b1 - b0) / (math.log2(f1) - math.log2(f0))  # bytes per doubling of k (negative)
             if slope < 0:
-                step = max(step, FIT_OVERSHOOT * (len(blob) - budget_bytes) / -slope)
+                step = max(step, FIT_OVERSHOOT * (size - budget_bytes) / -slope)
         factor *= 2.0 ** step
+    blob = blob if blob is not None else pack_quantized(quantized, s.compressor, meta)
     return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, False)
 
 
-def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The nn.Linear modules whose weight the artifact quantizes, by parameter name."""
-    return {f"{n}.weight": m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and is_quantized(f"{n}.weight", m.weight)}
+def attach_hessians(model: "GPT") -> dict[str, Tensor]:
+    """Arm the model's calibration taps with zero fp32 Hessians, returned by the name of the weight each
+    belongs to: every quantized QATLinear's input (c_k and c_v share c_q's tensor: one input, one GEMM)
+    and the head's input, the final-norm output (the tied embedding is the LM head, PR #1394)."""
+    device = model.tok_emb.weight.device
+    hessians: dict[str, Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QATLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
+            m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=device)
+    for name, m in model.named_modules():
+        if isinstance(m, CausalSelfAttention):
+            hessians[f"{name}.c_k.weight"] = hessians[f"{name}.c_v.weight"] = m.c_q.hessian
+    head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+    model.head_hessian = hessians[head] = torch.zeros(model.cfg.model_dim, model.cfg.model_dim, device=device)
+    return hessians
+
+
+def detach_hessians(model: "GPT") -> None:
+    for m in model.modules():
+        if isinstance(m, QATLinear):
+            m.hessian = None
+    model.head_hessian = None
 
 
 @torch.no_grad()
@@ -2653,28 +2906,96 @@ def generate_calibration(model: "GPT", n_seqs: int, seq_len: int, temperature: f
 
 
 @torch.no_grad()
-def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str) -> dict[str, Tensor]:
-    """H = sum x^T x of every quantized matrix's input over `batches` (forward hooks; a looped layer adds
-    every pass). The tied embedding is the LM head, so its input is the final-norm output (PR #1394)."""
-    hessians: dict[str, Tensor] = {}
-
-    def add(name: str, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if name not in hessians:
-            hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        hessians[name].addmm_(x.T, x)
-
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: add(name, inp[0]))
-             for name, m in quantized_linears(model).items()]
-    head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str,
+                     forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """H = sum x^T x of every quantized matrix's input over `batches` (the model's calibration taps; a
+    looped layer adds every pass). `forward` runs model.hidden (the compiled one, for its warmed shape)."""
+    forward = forward or model.hidden
+    hessians = attach_hessians(model)
     try:
         for ids in batches:
             with compute_autocast(device, compute_dtype):
-                add(head, model.hidden(ids))
+                forward(ids.contiguous())
     finally:
-        for hook in hooks:
-            hook.remove()
+        detach_hessians(model)
     return hessians
+
+
+def all_reduce_hessians(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sum every rank's Hessians (same names on every rank; sorted so the collectives line up; a tensor
+    shared by several names is reduced once)."""
+    seen: set[int] = set()
+    for name in sorted(hessians):
+        if id(hessians[name]) not in seen:
+            seen.add(id(hessians[name]))
+            all_reduce_(hessians[name])
+    return hessians
+
+
+def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: TrainLoader, batches: int,
+                    forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
+    ids = (loader.next_batch()[0] for _ in range(batches * h.accum_steps))
+    return all_reduce_hessians(collect_hessians(model, ids, d.device, h.compute_dtype, forward))
+
+
+def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
+                         make_loader: Callable[[], TrainLoader]) -> float:
+    """GPTQ_RESERVE_SECONDS=auto: time one calibration batch (worst of two, with looping as it will be at
+    the end) and reserve batches x that x GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S; ranks take the max."""
+    loader = make_loader()
+    looping = model.looping
+    model.set_looping(h.num_loops > 0)
+    try:
+        times = []
+        for _ in range(2):
+            synchronize(d.device)
+            t0 = time.perf_counter()
+            gather_hessians(h, d, model, loader, 1, forward)
+            synchronize(d.device)
+            times.append(time.perf_counter() - t0)
+    finally:
+        loader.close()
+        model.set_looping(looping)
+    reserve = torch.tensor(max(times) * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S,
+                           device=d.device)
+    all_reduce_(reserve, op="max")
+    return float(reserve)
+
+
+@dataclass
+class Calibration:
+    hessians: dict[str, Tensor] | None
+    source: str  # "train_data" | "self_generated" | "off"
+    seconds: float
+    tokens: int  # calibration tokens over all ranks
+
+
+def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
+                   make_loader: Callable[[], TrainLoader]) -> Calibration:
+    """GPTQ Hessians of the trained model: on GPTQ_CALIBRATION_BATCHES training batches (data access, so
+    the caller counts the seconds inside the training wallclock: pitfalls D, PR #1868) or, with
+    GPTQ_AR_SELFGEN=1, on text the model samples itself after the training data is closed (PR #1019)."""
+    if h.quant_method != "gptq":
+        return Calibration(None, "off", 0.0, 0)
+    synchronize(d.device)
+    t0 = time.perf_counter()
+    if h.gptq_ar_selfgen:
+        share = math.ceil(h.gptq_calib_samples / d.world_size)
+        seqs = generate_calibration(model, share, h.train_seq_len, h.gptq_temperature, h.seed * 1000 + d.rank,
+                                    h.micro_batch_seqs, d.device, h.compute_dtype)
+        hessians = all_reduce_hessians(collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device,
+                                                        h.compute_dtype, forward))
+        source, tokens = "self_generated", share * d.world_size * h.train_seq_len
+    else:
+        loader = make_loader()
+        try:
+            hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
+        finally:
+            loader.close()
+        source, tokens = "train_data", h.gptq_calibration_batches * h.train_batch_tokens
+    synchronize(d.device)
+    return Calibration(hessians, source, time.perf_counter() - t0, tokens)
 
 
 PACKED_PREFIX = b"import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode(\""
@@ -2713,12 +3034,6 @@ def code_hashes(code: bytes) -> set[str]:
 # ==== Evaluation ====
 
 
-def compute_autocast(device: torch.device, compute_dtype: str):
-    """bf16 autocast on CUDA by default; CPU runs fp32 unless COMPUTE_DTYPE=bf16."""
-    use_bf16 = compute_dtype == "bf16" or (compute_dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
 @dataclass(frozen=True)
 class EvalResult:
     val_loss: float  # nats per token
@@ -2728,75 +3043,85 @@ class EvalResult:
     seconds: float
 
 
-@torch.no_grad()
-def eval_val(model: Callable[..., Tensor], val_tokens: np.ndarray, luts: dict[str, Tensor], seq_len: int,
-             batch_seqs: int, rank: int, world_size: int, device: torch.device, compute_dtype: str) -> EvalResult:
-    """Score every validation target once (non-overlapping windows); sums are reduced over ranks."""
-    t0 = time.perf_counter()
-    n_seqs = (val_tokens.size - 1) // seq_len
-    lo, hi = n_seqs * rank // world_size, n_seqs * (rank + 1) // world_size
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
-    for s in range(lo, hi, batch_seqs):
-        e = min(s + batch_seqs, hi)
-        window = torch.from_numpy(val_tokens[s * seq_len: e * seq_len + 1].astype(np.int64)).to(device)
-        x, y = window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len)
-        with compute_autocast(device, compute_dtype):
-            nll = model(x, y, reduction="none")
-        sums[0] += nll.double().sum()
-        sums[1] += y.numel()
-        sums[2] += count_target_bytes(x, y, luts["base_bytes"], luts["has_leading_space"], luts["is_boundary"]).sum()
+def result_from_sums(sums: Tensor, t0: float) -> EvalResult:
+    """All-reduce this rank's (nats, targets, bytes) and turn them into a result timed from t0."""
     all_reduce_(sums)
     nats, tokens, n_bytes = sums.tolist()
     return EvalResult(nats / tokens, bpb_from_sums(nats, tokens, n_bytes), int(tokens), int(n_bytes),
                       time.perf_counter() - t0)
 
 
-def score_windows(model: Callable[..., Tensor], val_tokens: np.ndarray, luts: dict[str, Tensor], starts: np.ndarray,
-                  first: np.ndarray, seq_len: int, batch_seqs: int, device: torch.device, compute_dtype: str,
-                  trace: list | None = None) -> Tensor:
-    """Sum of (nats, targets, bytes) over the given windows, batch_seqs at a time. The last batch is
-    padded with copies of a window whose targets are masked out, so every forward has one fixed shape
-    (one compiled graph)."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    if starts.size == 0:
+@dataclass(frozen=True)
+class EvalContext:
+    """What every evaluation reads: the (compiled) model, the validation stream on the device, the byte
+    tables, the window length, EVAL_STRIDE resolved (= seq_len when sliding is off), the windows per
+    forward (one shape for every evaluation: one compiled graph) and this rank's place."""
+    model: Callable[..., Tensor]
+    tokens: Tensor  # int64 validation stream on the device; target j is tokens[j + 1]
+    luts: dict[str, Tensor]
+    seq_len: int
+    stride: int
+    batch_seqs: int
+    rank: int
+    world_size: int
+    device: torch.device
+    compute_dtype: str
+
+    @classmethod
+    def build(cls, h: Hyperparameters, d: DistInfo, model: Callable[..., Tensor], val_tokens: np.ndarray,
+              luts: dict[str, Tensor]) -> "EvalContext":
+        tokens = torch.from_numpy(np.asarray(val_tokens, dtype=np.int64)).to(d.device)
+        return cls(model, tokens, luts, h.eval_seq_len, h.eval_stride if h.sliding else h.eval_seq_len,
+                   h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype)
+
+    @property
+    def n_targets(self) -> int:
+        return self.tokens.numel() - 1
+
+    def autocast(self):
+        return compute_autocast(self.device, self.compute_dtype)
+
+    def windows(self, starts: Tensor) -> Tensor:
+        """(len(starts), seq_len + 1) windows of the stream, gathered on the device."""
+        return self.tokens[starts[:, None] + torch.arange(self.seq_len + 1, device=self.device)]
+
+
+def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray, trace: list | None = None) -> Tensor:
+    """Sum of (nats, targets, bytes) over the given windows, ctx.batch_seqs at a time. The last batch is
+    padded with copies of its last window, masked out, so every forward has one shape (one graph)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    n = starts.size
+    if n == 0:
         return sums
-    view = np.lib.stride_tricks.sliding_window_view(val_tokens, seq_len + 1)
-    offsets = torch.arange(seq_len, device=device)
-    for b in range(0, starts.size, batch_seqs):
-        idx = np.arange(b, min(b + batch_seqs, starts.size))
-        real = idx.size
-        idx = np.concatenate([idx, np.full(batch_seqs - real, idx[-1])])
-        win = torch.from_numpy(view[starts[idx]].astype(np.int64)).to(device)
+    starts_t, first_t = (torch.from_numpy(a).to(ctx.device) for a in (starts, first))
+    offsets = torch.arange(ctx.seq_len, device=ctx.device)
+    rows = torch.arange(ctx.batch_seqs, device=ctx.device)
+    for b in range(0, n, ctx.batch_seqs):
+        idx = (b + rows).clamp_max(n - 1)
+        win = ctx.windows(starts_t[idx])
         x, y = win[:, :-1], win[:, 1:]
-        mask = offsets[None, :] >= torch.from_numpy(first[idx]).to(device)[:, None]
-        mask[real:] = False
-        with compute_autocast(device, compute_dtype):
-            nll = model(x, y, reduction="none")
-        n_bytes = count_target_bytes(x, y, luts["base_bytes"], luts["has_leading_space"], luts["is_boundary"])
+        mask = (offsets[None, :] >= first_t[idx][:, None]) & (b + rows < n)[:, None]
+        with ctx.autocast():
+            nll = ctx.model(x, y, reduction="none")
+        n_bytes = count_target_bytes(x, y, ctx.luts["base_bytes"], ctx.luts["has_leading_space"],
+                                     ctx.luts["is_boundary"])
         sums[0] += (nll.double() * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (n_bytes * mask).sum()
         if trace is not None:  # the target indices this batch scored (tests of score-before-update)
-            pos = (torch.from_numpy(starts[idx]).to(device)[:, None] + offsets[None, :] + 1)[mask]
-            trace.append(pos.cpu().numpy())
+            trace.append((starts_t[idx][:, None] + offsets[None, :] + 1)[mask].cpu().numpy())
     return sums
 
 
 @torch.no_grad()
-def eval_sliding(model: Callable[..., Tensor], val_tokens: np.ndarray, luts: dict[str, Tensor], seq_len: int,
-                 stride: int, batch_seqs: int, rank: int, world_size: int, device: torch.device,
-                 compute_dtype: str) -> EvalResult:
-    """Sliding-window evaluation (PR #50 style): every target scored once, with at least
-    seq_len - stride tokens of context; windows split contiguously across ranks."""
+def eval_windows(ctx: EvalContext, stride: int) -> EvalResult:
+    """Score every validation target exactly once: windows of ctx.seq_len every `stride` tokens, each
+    target with at least seq_len - stride tokens of context (PR #50 sliding eval; stride = seq_len is the
+    plain evaluation); windows split contiguously across ranks."""
     t0 = time.perf_counter()
-    starts, first = sliding_windows(val_tokens.size - 1, seq_len, stride)
-    lo, hi = starts.size * rank // world_size, starts.size * (rank + 1) // world_size
-    sums = score_windows(model, val_tokens, luts, starts[lo:hi], first[lo:hi], seq_len, batch_seqs, device,
-                         compute_dtype)
-    all_reduce_(sums)
-    nats, tokens, n_bytes = sums.tolist()
-    return EvalResult(nats / tokens, bpb_from_sums(nats, tokens, n_bytes), int(tokens), int(n_bytes),
-                      time.perf_counter() - t0)
+    starts, first = sliding_windows(ctx.n_targets, ctx.seq_len, stride)
+    lo, hi = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
+    return result_from_sums(score_windows(ctx, starts[lo:hi], first[lo:hi]), t0)
 
 
 @dataclass(frozen=True)
@@ -2806,6 +3131,16 @@ class TTTConfig:
     momentum: float
     chunk_tokens: int
     grad_clip: float
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "TTTConfig":
+        return cls(h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
+
+
+def ttt_batch_seqs(chunk_tokens: int, seq_len: int, batch_seqs: int, world_size: int) -> int:
+    """Sequences per TTT training forward on each rank: a chunk's sequences over the ranks, at most
+    EVAL_BATCH_SEQS. One fixed shape (one compiled graph): short batches are padded with zero-weight rows."""
+    return max(1, min(batch_seqs, math.ceil(chunk_tokens // seq_len / world_size)))
 
 
 def ttt_plan(n_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
@@ -2825,55 +3160,53 @@ def ttt_plan(n_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> li
     return plan
 
 
-def ttt_train_chunk(model: Callable[..., Tensor], params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                    val_tokens: np.ndarray, lo: int, hi: int, seq_len: int, batch_seqs: int, lr: float,
-                    cfg: TTTConfig, epochs: int, rank: int, world_size: int, device: torch.device,
-                    compute_dtype: str) -> None:
+def ttt_train_chunk(ctx: EvalContext, params: list[nn.Parameter], opt: torch.optim.Optimizer, lo: int, hi: int,
+                    lr: float, cfg: TTTConfig, epochs: int) -> None:
     """SGD on the already-scored chunk tokens[lo:hi+1] (non-overlapping sequences, split across ranks;
     gradients summed over ranks and normalized by the global token count)."""
-    seq_starts = np.arange(lo, hi - seq_len + 1, seq_len)
+    seq_starts = np.arange(lo, hi - ctx.seq_len + 1, ctx.seq_len)
     if seq_starts.size == 0:
         return
-    mine = seq_starts[rank::world_size]
-    view = np.lib.stride_tricks.sliding_window_view(val_tokens, seq_len + 1)
+    mine = torch.from_numpy(seq_starts[ctx.rank::ctx.world_size]).to(ctx.device)
+    size = ttt_batch_seqs(cfg.chunk_tokens, ctx.seq_len, ctx.batch_seqs, ctx.world_size)
+    rows = torch.arange(size, device=ctx.device)
     for group in opt.param_groups:
         group["lr"] = lr
     for _ in range(epochs):
         for p in params:
             p.grad = torch.zeros_like(p)
-        for b in range(0, mine.size, batch_seqs):
-            win = torch.from_numpy(view[mine[b: b + batch_seqs]].astype(np.int64)).to(device)
-            with compute_autocast(device, compute_dtype):
-                loss = model(win[:, :-1], win[:, 1:], reduction="none").sum() / (seq_starts.size * seq_len)
-            loss.backward()
-        sync_gradients(params, world_size, average=False)  # the loss above is already a global mean
+        for b in range(0, mine.numel(), size):
+            idx = (b + rows).clamp_max(mine.numel() - 1)
+            weight = (b + rows < mine.numel()).float() / (seq_starts.size * ctx.seq_len)
+            win = ctx.windows(mine[idx])
+            with ctx.autocast():
+                nll = ctx.model(win[:, :-1], win[:, 1:], reduction="none")
+            (nll.sum(-1) * weight).sum().backward()
+        sync_gradients(params, ctx.world_size, average=False)  # the loss above is already a global mean
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
 
 
-def eval_ttt(model: Callable[..., Tensor], params: list[nn.Parameter], val_tokens: np.ndarray,
-             luts: dict[str, Tensor], seq_len: int, stride: int, batch_seqs: int, cfg: TTTConfig, rank: int,
-             world_size: int, device: torch.device, compute_dtype: str, budget_s: float, log: Callable[[str], None],
-             trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
+def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budget_s: float,
+             log: Callable[[str], None], trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
     """Legal score-first TTT (PR #1413 lineage): each chunk is scored under no_grad with the weights
     trained on earlier chunks only, then trained on; the last chunk is never trained. When the projected
     time would pass `budget_s`, later chunks train for fewer epochs (logged), down to scoring only."""
     t0 = time.perf_counter()
-    plan = ttt_plan(val_tokens.size - 1, seq_len, stride, cfg.chunk_tokens)
+    plan = ttt_plan(ctx.n_targets, ctx.seq_len, ctx.stride, cfg.chunk_tokens)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     epochs, trained_through, n_train = cfg.epochs, 0, max(len(plan) - 1, 1)
     info: dict[str, Any] = {"chunks": len(plan), "epochs_planned": cfg.epochs, "degraded_at_chunk": None}
     score_s = train_s = 0.0
     epoch_runs = 0
     for c, (starts, first, lo, hi) in enumerate(plan):
         ts = time.perf_counter()
-        a, b = starts.size * rank // world_size, starts.size * (rank + 1) // world_size
+        a, b = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
         with torch.no_grad():
             local_trace = [] if trace is not None else None
-            sums += score_windows(model, val_tokens, luts, starts[a:b], first[a:b], seq_len, batch_seqs, device,
-                                  compute_dtype, local_trace)
+            sums += score_windows(ctx, starts[a:b], first[a:b], local_trace)
             if trace is not None:
                 trace.extend((t, trained_through) for t in local_trace)
         score_s += time.perf_counter() - ts
@@ -2883,7 +3216,7 @@ def eval_ttt(model: Callable[..., Tensor], params: list[nn.Parameter], val_token
         # Every rank takes the slowest rank's numbers, so all of them degrade at the same chunk.
         if epoch_runs > 0:
             rates = torch.tensor([time.perf_counter() - t0, score_s / (c + 1), train_s / epoch_runs],
-                                 dtype=torch.float64, device=device)
+                                 dtype=torch.float64, device=ctx.device)
             all_reduce_(rates, op="max")
             elapsed, per_score, per_epoch = rates.tolist()
             remaining = len(plan) - 1 - c
@@ -2897,22 +3230,12 @@ def eval_ttt(model: Callable[..., Tensor], params: list[nn.Parameter], val_token
                 continue
         tt = time.perf_counter()
         lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * c / n_train))
-        ttt_train_chunk(model, params, opt, val_tokens, lo, hi, seq_len, batch_seqs, lr, cfg, epochs, rank,
-                        world_size, device, compute_dtype)
+        ttt_train_chunk(ctx, params, opt, lo, hi, lr, cfg, epochs)
         trained_through = hi
         epoch_runs += epochs
         train_s += time.perf_counter() - tt
-    all_reduce_(sums)
-    nats, tokens, n_bytes = sums.tolist()
     info.update(epochs_final=epochs, score_seconds=score_s, train_seconds=train_s)
-    return EvalResult(nats / tokens, bpb_from_sums(nats, tokens, n_bytes), int(tokens), int(n_bytes),
-                      time.perf_counter() - t0), info
-
-
-def luts_to_device(luts: ByteLUTs, device: torch.device) -> dict[str, Tensor]:
-    return {"base_bytes": torch.from_numpy(luts.base_bytes.astype(np.int64)).to(device),
-            "has_leading_space": torch.from_numpy(luts.has_leading_space).to(device),
-            "is_boundary": torch.from_numpy(luts.is_boundary).to(device)}
+    return result_from_sums(sums, t0), info
 
 # ==== Training ====
 
@@ -2927,10 +3250,6 @@ class TrainResult:
     train_time_ms: float
     data_wait_ms: float
     stopped_by: str
-    gptq_reserve_s: float = 0.0  # training seconds kept back for Hessian collection
-    calib_ms: float = 0.0  # Hessian collection time (training data, inside the wallclock)
-    data_access_end_ms: float = 0.0  # training time + calibration: when training data was last read
-    hessians: dict[str, Tensor] | None = None
     history: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)  # progress lines
 
 
@@ -2960,85 +3279,140 @@ def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
     return step >= h.looping_start_step if h.looping_start_step else frac >= h.enable_looping_at
 
 
-def gather_hessians(h: Hyperparameters, d: DistInfo, model: GPT, loader: TrainLoader, batches: int) -> dict[str, Tensor]:
-    """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
-    ids = (loader.next_batch()[0] for _ in range(batches * h.accum_steps))
-    return all_reduce_hessians(collect_hessians(model, ids, d.device, h.compute_dtype))
+def final_looping(h: Hyperparameters) -> bool:
+    """Depth recurrence at the end of training, so during calibration, evaluation and TTT (a run stopped
+    by the wallclock before LOOPING_START_STEP is the one case this does not foresee)."""
+    return looping_due(h, h.iterations - 1, 1.0)
 
 
-def all_reduce_hessians(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sum every rank's Hessians (same names on every rank; sorted so the collectives line up)."""
-    for name in sorted(hessians):
-        all_reduce_(hessians[name])
-    return hessians
+@dataclass(frozen=True)
+class Graphs:
+    """What runs the model: `model` trains, evaluates and runs TTT (torch.compile keeps a graph per looping
+    state, grad mode and shape), `calibrate` is GPTQ's forward (model.hidden with the Hessian taps armed;
+    compiled for the micro-batch shape, eager for any other)."""
+    model: Callable[..., Tensor]
+    calibrate: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def build(cls, h: Hyperparameters, model: GPT) -> "Graphs":
+        if not h.compile:
+            return cls(model, model.hidden)
+        compiled_hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True)
+        shape = (h.micro_batch_seqs, h.train_seq_len)
+        return cls(torch.compile(model, dynamic=False, fullgraph=True),
+                   lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids))
 
 
-def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: GPT, make_loader: Callable[[], TrainLoader]) -> float:
-    """GPTQ_RESERVE_SECONDS=auto: time one calibration batch (worst of two, with looping as it will be at
-    the end) and reserve batches x that x GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S; ranks take the max."""
+def warm_up_training(h: Hyperparameters, d: DistInfo, model: GPT, graphs: Graphs, opt: Optimizers,
+                     make_loader: Callable[[], TrainLoader], log: Logger) -> dict[str, float]:
+    """Untimed, before training: WARMUP_STEPS real steps per looping state, so the training graphs compile
+    and the allocator grows outside the timer (pitfalls J); then model and optimizer are restored, so the
+    timed run starts from step 0 exactly (BASE onward). Returns seconds per looping state."""
+    seconds: dict[str, float] = {}
+    model_state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     loader = make_loader()
-    looping = model.looping
-    model.set_looping(h.num_loops > 0)
     try:
-        times = []
-        for _ in range(2):
-            synchronize(d.device)
+        for looping in ([False, True] if h.num_loops else [False]) if h.warmup_steps else []:
+            model.set_looping(looping)
             t0 = time.perf_counter()
-            gather_hessians(h, d, model, loader, 1)
+            for i in range(h.warmup_steps):
+                opt.set_schedule(1.0, 0)
+                train_step(graphs.model, loader, opt, h, d.device)
+                log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}", **({"looping": int(looping)} if h.num_loops else {})))
             synchronize(d.device)
-            times.append(time.perf_counter() - t0)
+            seconds[f"train_{'looped' if looping else 'plain'}"] = time.perf_counter() - t0
     finally:
         loader.close()
-        model.set_looping(looping)
-    reserve = torch.tensor(max(times) * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S,
-                           device=d.device)
-    all_reduce_(reserve, op="max")
-    return float(reserve)
+        model.set_looping(False)
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    opt.zero_grad()
+    return seconds
 
 
-def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., Tensor], opt: Optimizers,
-          make_loader: Callable[[], TrainLoader], evaluate: Callable[[], EvalResult], log: Logger) -> TrainResult:
-    """Warmup (restored afterwards, untimed), then steps until ITERATIONS or the wallclock cap minus the
-    GPTQ reserve; then the EMA weights are applied and the GPTQ Hessians collected on training data."""
-    if h.warmup_steps > 0:
-        # Real steps to trigger compilation and allocator growth; then restore the initial state so
-        # the timed run starts from step 0 exactly (BASE onward).
-        model_state = copy.deepcopy(model.state_dict())
-        opt_state = copy.deepcopy(opt.state_dict())
-        loader = make_loader()
-        try:
-            # With depth recurrence, both graphs (looping off and on) are compiled here, outside the
-            # timer, so switching looping on mid-run causes no compile stall (pitfalls J).
-            for looping in ([False, True] if h.num_loops else [False]):
-                model.set_looping(looping)
-                for i in range(h.warmup_steps):
-                    opt.set_schedule(1.0, 0)
-                    train_step(compiled, loader, opt, h, d.device)
-                    extra = {"looping": int(looping)} if h.num_loops else {}
-                    log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}", **extra))
-        finally:
-            loader.close()
-            model.set_looping(False)
-        model.load_state_dict(model_state)
-        opt.load_state_dict(opt_state)
-        opt.zero_grad()
-    needs_hessians = h.quant_method == "gptq"
-    reserve = 0.0
-    if needs_hessians and not h.gptq_ar_selfgen and h.max_wallclock_seconds > 0:
-        # Hessians read training data, so they must end inside the wallclock (pitfalls D, PR #1868).
-        reserve = h.gptq_reserve if h.gptq_reserve is not None else measure_gptq_reserve(h, d, model, make_loader)
-        log(format_kv(gptq_reserve=f"{reserve:.2f}s", mode=h.gptq_reserve_seconds,
-                      calibration_batches=h.gptq_calibration_batches))
-        if reserve >= h.max_wallclock_seconds:
-            raise ConfigError(f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds!r} is not allowed: the reserve "
-                              f"({reserve:.1f}s) leaves no training time under MAX_WALLCLOCK_SECONDS="
-                              f"{h.max_wallclock_seconds:g}; lower GPTQ_CALIBRATION_BATCHES or the reserve")
+def warm_up_graphs(h: Hyperparameters, d: DistInfo, model: GPT, graphs: Graphs, looping: bool,
+                   training_run: bool) -> dict[str, float]:
+    """Untimed: with COMPILE=1, compile on random tokens (never validation tokens: PR #1530's warm-up was
+    flagged for that) the evaluation forward, TTT's training step and, in a training run, the calibration
+    forward, all in the looping state of the end of training (`looping`; a training run that evaluates
+    every VAL_LOSS_EVERY steps also gets the evaluation graph of the other state), so nothing compiles
+    inside either budget. Weights are untouched (gradients are dropped). Returns seconds per graph."""
+    seconds: dict[str, float] = {}
+    if not h.compile:
+        return seconds
+    gen = torch.Generator().manual_seed(h.seed)
+    rand = lambda rows, cols: torch.randint(0, h.vocab_size, (rows, cols + 1), generator=gen).to(d.device)  # noqa: E731
+    looping_was = model.looping
+    eval_states = {looping} | ({False, True} if training_run and h.val_loss_every and h.num_loops else set())
+
+    def timed(name: str, fn: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        with compute_autocast(d.device, h.compute_dtype):
+            fn()
+        synchronize(d.device)
+        seconds[name] = time.perf_counter() - t0
+
+    for state in sorted(eval_states):
+        model.set_looping(state)
+        win = rand(h.eval_batch_seqs, h.eval_seq_len)
+        with torch.no_grad():
+            timed(f"eval_{'looped' if state else 'plain'}", lambda: graphs.model(win[:, :-1], win[:, 1:],
+                                                                               reduction="none"))
+    model.set_looping(looping)
+    if h.ttt_enabled:
+        win = rand(ttt_batch_seqs(h.ttt_chunk_tokens, h.eval_seq_len, h.eval_batch_seqs, d.world_size), h.eval_seq_len)
+        timed("ttt_train", lambda: graphs.model(win[:, :-1], win[:, 1:], reduction="none").sum().backward())
+        model.zero_grad(set_to_none=True)
+    if training_run and h.quant_method == "gptq":
+        ids = rand(h.micro_batch_seqs, h.train_seq_len)[:, :-1]
+        timed("calibration", lambda: collect_hessians(model, [ids], d.device, h.compute_dtype, graphs.calibrate))
+    model.set_looping(looping_was)
+    return seconds
+
+
+def gptq_reserve(h: Hyperparameters, d: DistInfo, model: GPT, graphs: Graphs,
+                 make_loader: Callable[[], TrainLoader], log: Logger) -> float:
+    """Training seconds kept back so GPTQ's Hessians, which read training data, end inside the wallclock
+    (pitfalls D, PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 when nothing reads training data
+    after training or there is no cap."""
+    if h.quant_method != "gptq" or h.gptq_ar_selfgen or h.max_wallclock_seconds <= 0:
+        return 0.0
+    reserve = h.gptq_reserve if h.gptq_reserve is not None else measure_gptq_reserve(h, d, model, graphs.calibrate,
+                                                                                      make_loader)
+    log(format_kv(gptq_reserve=f"{reserve:.2f}s", mode=h.gptq_reserve_seconds,
+                  calibration_batches=h.gptq_calibration_batches))
+    if reserve >= h.max_wallclock_seconds:
+        raise ConfigError(f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds!r} is not allowed: the reserve "
+                          f"({reserve:.1f}s) leaves no training time under MAX_WALLCLOCK_SECONDS="
+                          f"{h.max_wallclock_seconds:g}; lower GPTQ_CALIBRATION_BATCHES or the reserve")
+    return reserve
+
+
+def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, train_time: float, cap: float,
+                  log: Logger) -> float:
+    """Looping, LR scale, late QAT and momentum for this step; returns the LR scale."""
+    frac = training_progress(step, train_time, h.iterations, cap)
+    if not model.looping and looping_due(h, step, frac):
+        model.set_looping(True)
+        log(format_kv(layer_loop="enabled", step=step, frac=f"{frac:.3f}") + " " + model.layout_summary())
+    if h.warmdown_iters:
+        scale = lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr)
+    else:
+        scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
+    if h.late_qat_threshold > 0 and scale < h.late_qat_threshold and not model.qat_enabled:
+        log(format_kv(late_qat="enabled", step=step, lr_scale=f"{scale:.4f}", matrices=model.set_qat(True)))
+    opt.set_schedule(scale, step)
+    return scale
+
+
+def train(h: Hyperparameters, d: DistInfo, model: GPT, graphs: Graphs, opt: Optimizers,
+          make_loader: Callable[[], TrainLoader], evaluate: Callable[[], EvalResult], reserve: float,
+          log: Logger) -> TrainResult:
+    """Steps until ITERATIONS or the wallclock cap minus the GPTQ reserve; then the EMA weights are applied."""
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     loader = make_loader()
     cap = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
-    qat_pending = h.late_qat_threshold > 0
     train_time, step, stopped_by = 0.0, 0, "iterations"
-    tokens_per_step = h.train_batch_tokens
     timer = StepTimer(d.device)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     window_start = (0.0, 0)  # (train time, step) at the previous progress line
@@ -3046,21 +3420,9 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
         while step < h.iterations:
             t0 = time.perf_counter()
             timer.start()
-            frac = training_progress(step, train_time, h.iterations, cap)
-            if not model.looping and looping_due(h, step, frac):
-                model.set_looping(True)
-                log(format_kv(layer_loop="enabled", step=step, frac=f"{frac:.3f}") + " " + model.layout_summary())
-            if h.warmdown_iters:
-                scale = lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr)
-            else:
-                scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
-            if qat_pending and scale < h.late_qat_threshold:
-                qat_pending = False
-                n = model.set_qat(True)
-                log(format_kv(late_qat="enabled", step=step, lr_scale=f"{scale:.4f}", matrices=n))
-            opt.set_schedule(scale, step)
+            scale = schedule_step(h, model, opt, step, train_time, cap, log)
             timer.mark("other")
-            loss = train_step(compiled, loader, opt, h, d.device, timer)
+            loss = train_step(graphs.model, loader, opt, h, d.device, timer)
             if ema is not None:
                 ema.update()
                 timer.mark("ema")
@@ -3087,11 +3449,13 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 window_start = (train_time, step)
                 log(format_kv(step=f"{step}/{h.iterations}", train_loss=f"{last_loss:.4f}",
                               train_time=f"{train_time * 1000:.0f}ms", step_avg=f"{train_time * 1000 / step:.2f}ms",
-                              tok_s=f"{tokens_per_step * window_steps / window_s:.0f}", lr_scale=f"{scale:.4f}",
-                              data_wait=f"{loader.wait_seconds * 1000:.0f}ms",
+                              tok_s=f"{h.train_batch_tokens * window_steps / window_s:.0f}", lr_scale=f"{scale:.4f}",
+                              looping=int(model.looping), data_wait=f"{loader.wait_seconds * 1000:.0f}ms",
                               **{f"{k}_ms": f"{v:.2f}" for k, v in phases.items()}))
                 history["train"].append({"step": step, "train_time_ms": round(train_time * 1000, 1),
                                          "train_loss": round(last_loss, 6), "lr_scale": round(scale, 6),
+                                         "looping": int(model.looping),
+                                         "tok_s": round(h.train_batch_tokens * window_steps / window_s),
                                          **{f"{k}_ms": round(v, 3) for k, v in phases.items()}})
             if h.val_loss_every and step % h.val_loss_every == 0 and step < h.iterations:
                 r = evaluate()  # not counted in the training time
@@ -3104,47 +3468,13 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., T
                 log(format_kv(stopping_early="wallclock_cap", train_time=f"{train_time * 1000:.0f}ms",
                               step=f"{step}/{h.iterations}"))
                 break
-        if d.device.type == "cuda":
-            log(format_kv(peak_memory_allocated=f"{torch.cuda.max_memory_allocated(d.device) // 2**20}MiB",
-                          peak_memory_reserved=f"{torch.cuda.max_memory_reserved(d.device) // 2**20}MiB",
-                          phase="training"))
-        model.set_qat(False)
-        if ema is not None:
-            ema.apply_to(model)
-            log("ema:applied EMA weights")
-        hessians, calib_s = None, 0.0
-        if needs_hessians and not h.gptq_ar_selfgen:
-            synchronize(d.device)
-            t0 = time.perf_counter()
-            hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches)
-            synchronize(d.device)
-            calib_s = time.perf_counter() - t0
     finally:
         loader.close()
-    access_end = train_time + calib_s
-    if needs_hessians and h.gptq_ar_selfgen:
-        # Training data is closed; the model writes its own calibration text (each rank a share).
-        t0 = time.perf_counter()
-        share = math.ceil(h.gptq_calib_samples / d.world_size)
-        seqs = generate_calibration(model, share, h.train_seq_len, h.gptq_temperature, h.seed * 1000 + d.rank,
-                                    h.micro_batch_seqs, d.device, h.compute_dtype)
-        hessians = all_reduce_hessians(collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device,
-                                                        h.compute_dtype))
-        log(format_kv(gptq_calibration="self_generated", samples=share * d.world_size, seq_len=h.train_seq_len,
-                      temperature=h.gptq_temperature, time=f"{(time.perf_counter() - t0) * 1000:.0f}ms",
-                      train_data_access_end=f"{access_end * 1000:.0f}ms"))
-    elif needs_hessians:
-        log(format_kv(gptq_calibration="train_data", batches=h.gptq_calibration_batches,
-                      tokens=h.gptq_calibration_batches * h.train_batch_tokens, time=f"{calib_s * 1000:.0f}ms",
-                      train_data_access_end=f"{access_end * 1000:.0f}ms",
-                      cap=f"{h.max_wallclock_seconds * 1000:.0f}ms" if h.max_wallclock_seconds > 0 else "none"))
-        if h.max_wallclock_seconds > 0 and access_end > h.max_wallclock_seconds:
-            log("WARNING: " + "!" * 60)
-            log(f"WARNING: training data was read until {access_end:.2f}s, after the {h.max_wallclock_seconds:g}s "
-                f"cap: raise GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)")
-            log("WARNING: " + "!" * 60)
-    return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by, reserve, calib_s * 1000,
-                       access_end * 1000, hessians, history)
+    model.set_qat(False)
+    if ema is not None:
+        ema.apply_to(model)
+        log("ema:applied EMA weights")
+    return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by, history)
 
 # ==== Main ====
 
@@ -3207,9 +3537,9 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
     knobs = {k.lower(): v for k, v in h.knob_values().items()}
     info = {**knobs, **{(f"resolved_{k}" if k in knobs else k): v for k, v in versions.items()},
             **{f"dataset_{k}": v for k, v in fingerprint.items()},
-            "world_size": d.world_size, "resolved_grad_accum_steps": h.accum_steps, "attention_backend": backend,
-            "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes": len(code),
-            "config_hash": config_hash(h.knob_values())}
+            "world_size": d.world_size, "resolved_grad_accum_steps": h.accum_steps,
+            "resolved_attn_backend": backend, "code_sha256": hashlib.sha256(code).hexdigest(),
+            "code_bytes": len(code), "config_hash": config_hash(h.knob_values())}
     log("config:")
     for key in sorted(info):
         log(f"  {key}: {info[key]}")
@@ -3217,22 +3547,49 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
         log(f"WARNING: {w}")
     if (backend == "sdpa" and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] == 9):
         log("WARNING: " + "!" * 60)
-        log("WARNING: Hopper GPU without FlashAttention 3 (flash_attn_interface): attention runs on PyTorch SDPA, "
-            "~15-20% fewer steps in 600 s. See README 'FlashAttention 3'.")
+        log("WARNING: Hopper GPU without FlashAttention 3 or 4 (flash_attn_interface / flash_attn.cute): attention "
+            "runs on PyTorch SDPA, ~15-20% fewer steps in 600 s. See README 'FlashAttention'.")
         log("WARNING: " + "!" * 60)
     return versions
+
+
+@dataclass
+class RunContext:
+    """One run's fixed parts, handed to every phase of `main`."""
+    h: Hyperparameters
+    d: DistInfo
+    data: DataBundle | None
+    code: bytes
+    versions: dict[str, str]
+    backend: str
+    log: Logger
+    clock: PhaseClock
+
+
+def log_model(h: Hyperparameters, model: GPT, opt: Optimizers, log: Logger) -> None:
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(format_kv(layers="plain") + " " + model.layout_summary())
+    if h.num_loops:
+        model.set_looping(True)
+        log(format_kv(layers="looped") + " " + model.layout_summary())
+        model.set_looping(False)
+    for group, count in opt.group_counts().items():
+        optim, lr_knob, wd_knob = PARAM_GROUPS[group]
+        log(format_kv(param_group=group, optimizer=optim, params=count, lr=getattr(h, lr_knob),
+                      lr_knob=lr_knob.upper(), wd=getattr(h, wd_knob), wd_knob=wd_knob.upper()))
+    for name, group, numel in opt.table:
+        log(format_kv(param=name, group=group, numel=numel), console=False)
 
 
 def run(h: Hyperparameters) -> int:
     d = setup_distributed(h)
     run_id = h.run_id or broadcast_object(f"{h.preset}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}")
     h = dataclasses.replace(h, run_id=run_id)
-    out_dir = Path(h.log_dir)
-    log = Logger(None if h.dry_run else out_dir / f"{run_id}.txt", enabled=d.is_main)
+    log = Logger(None if h.dry_run else Path(h.log_dir) / f"{run_id}.txt", enabled=d.is_main)
+    clock = PhaseClock(d.device, log)
     try:
-        code_path = Path(__file__).resolve()
-        code = code_path.read_bytes()
-        backend = select_attention_backend(d.device)
+        code = Path(__file__).resolve().read_bytes()
+        backend = select_attention_backend(h.attn_backend, d.device)
         if h.eval_only:
             _, meta = read_artifact(Path(h.artifact), with_meta=True)
             h = eval_only_config(h, meta, code, h.artifact)
@@ -3240,28 +3597,18 @@ def run(h: Hyperparameters) -> int:
         versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
         if data is not None:
             log_data_checks(h, data, log)
+        rc = RunContext(h, d, data, code, versions, backend, log, clock)
         torch.manual_seed(h.seed)
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
         if h.eval_only and not h.dry_run:
-            return evaluate_artifact(h, d, model, data, code, meta, versions, backend, log)
+            return evaluate_artifact(rc, model, meta)
         flatten_parameters(model)
         opt = Optimizers(model, h, d.rank, d.world_size)
-        log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        log(format_kv(layers="plain") + " " + model.layout_summary())
-        if h.num_loops:
-            model.set_looping(True)
-            log(format_kv(layers="looped") + " " + model.layout_summary())
-            model.set_looping(False)
-        for group, count in opt.group_counts().items():
-            optim, lr_knob, wd_knob = PARAM_GROUPS[group]
-            log(format_kv(param_group=group, optimizer=optim, params=count, lr=getattr(h, lr_knob),
-                          lr_knob=lr_knob.upper(), wd=getattr(h, wd_knob), wd_knob=wd_knob.upper()))
-        for name, group, numel in opt.table:
-            log(format_kv(param=name, group=group, numel=numel), console=False)
+        log_model(h, model, opt, log)
         if h.dry_run:
             log("dry_run:ok (no data read, nothing written)")
             return 0
-        return train_and_evaluate(h, d, model, opt, data, code, versions, backend, log)
+        return train_and_evaluate(rc, model, opt)
     except (ConfigError, ArtifactError, TrainingDiverged) as exc:
         log(f"error: {exc}", console=False)  # the log file keeps the reason; main() prints it to stderr
         raise
@@ -3292,7 +3639,7 @@ EVAL_LIMIT_S = 600.0
 @dataclass
 class Evaluations:
     results: dict[str, EvalResult]  # label -> result, in the order they ran; the last one is the score
-    seconds: float  # total eval time: artifact read + every evaluation + TTT (incl. its compile warmup)
+    seconds: float  # total eval time: artifact read + every evaluation + TTT
     ttt: dict[str, Any] | None
 
     @property
@@ -3304,58 +3651,44 @@ class Evaluations:
         return self.results[self.label]
 
 
-def ttt_compile_warmup(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., Tensor]) -> None:
-    """Compile TTT's scoring and training shapes on random tokens (never validation tokens), then restore
-    the weights: the warmup's SGD step must not leak into the evaluated model."""
-    state = copy.deepcopy(model.state_dict())
-    gen = torch.Generator().manual_seed(h.seed)
-    rand = torch.randint(0, h.vocab_size, (h.eval_batch_seqs, h.eval_seq_len + 1), generator=gen).to(d.device)
-    with torch.no_grad(), compute_autocast(d.device, h.compute_dtype):
-        compiled(rand[:, :-1], rand[:, 1:], reduction="none")
-    with compute_autocast(d.device, h.compute_dtype):
-        compiled(rand[:, :-1], rand[:, 1:], reduction="none").sum().backward()
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(state)
+def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
+    log(format_kv(**{f"{label}_val_loss": f"{r.val_loss:.8f}"}, val_bpb=f"{r.val_bpb:.8f}",
+                  eval_time=f"{r.seconds * 1000:.0f}ms", val_tokens=r.tokens, val_bytes=r.bytes, **extra))
 
 
-def run_evaluations(h: Hyperparameters, d: DistInfo, model: GPT, compiled: Callable[..., Tensor], data: DataBundle,
-                    artifact_path: Path, log: Logger) -> Evaluations:
+def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path: Path) -> Evaluations:
     """Everything a reviewer counts as evaluation time: read the artifact, score it (round trip), then
-    sliding windows and score-first TTT when enabled. The last evaluation is the reported score."""
+    sliding windows and score-first TTT when enabled. The last evaluation is the reported score. Every
+    graph was compiled in the warm-up, so none of this time is compilation."""
+    h, log, clock = rc.h, rc.log, rc.clock
     t0 = time.perf_counter()
     model.load_state_dict(read_artifact(artifact_path), strict=True)
+    clock.record("artifact_read", time.perf_counter() - t0)
     # The plain round trip always runs (a labelled line, and the quantization gap); sliding is the score.
-    results = {"roundtrip": eval_val(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.val_batch_seqs,
-                                     d.rank, d.world_size, d.device, h.compute_dtype)}
+    results = {"roundtrip": eval_windows(ctx, ctx.seq_len)}
     if h.sliding:
-        results["sliding"] = eval_sliding(compiled, data.val_tokens, data.luts, h.eval_seq_len, h.eval_stride,
-                                          h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype)
+        results["sliding"] = eval_windows(ctx, ctx.stride)
     for label, r in results.items():
-        log(format_kv(**{f"{label}_val_loss": f"{r.val_loss:.8f}"}, val_bpb=f"{r.val_bpb:.8f}",
-                      eval_time=f"{r.seconds * 1000:.0f}ms", val_tokens=r.tokens, val_bytes=r.bytes))
+        log_result(label, r, log)
+        clock.record(f"eval_{label}", r.seconds, r.tokens)
     ttt_info = None
     if h.ttt_enabled:
-        if h.compile:
-            ttt_compile_warmup(h, d, model, compiled)
-        cfg = TTTConfig(h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
         budget = h.eval_time_budget_seconds - (time.perf_counter() - t0)
-        r, ttt_info = eval_ttt(compiled, list(model.parameters()), data.val_tokens, data.luts, h.eval_seq_len,
-                               h.stride, h.eval_batch_seqs, cfg, d.rank, d.world_size, d.device, h.compute_dtype,
-                               budget, log)
+        r, ttt_info = eval_ttt(ctx, list(model.parameters()), TTTConfig.from_hparams(h), budget, log)
         results["ttt"] = r
-        log(format_kv(ttt_val_loss=f"{r.val_loss:.8f}", val_bpb=f"{r.val_bpb:.8f}", eval_time=f"{r.seconds * 1000:.0f}ms",
-                      val_tokens=r.tokens, val_bytes=r.bytes, chunks=ttt_info["chunks"],
-                      epochs=f"{ttt_info['epochs_final']}/{ttt_info['epochs_planned']}"))
+        log_result("ttt", r, log, chunks=ttt_info["chunks"],
+                   epochs=f"{ttt_info['epochs_final']}/{ttt_info['epochs_planned']}")
+        clock.record("eval_ttt", r.seconds, r.tokens)
     ev = Evaluations(results, time.perf_counter() - t0, ttt_info)
-    # Every target of the scored stream exactly once, with the bytes the self-check verified.
+    check = rc.data.check  # every target of the scored stream exactly once, with the verified bytes
     for label, r in results.items():
-        if (r.tokens, r.bytes) != (data.check.targets, data.check.bytes):
+        if (r.tokens, r.bytes) != (check.targets, check.bytes):
             raise RuntimeError(f"{label} evaluation scored {r.tokens} targets / {r.bytes} bytes, expected "
-                               f"{data.check.targets} / {data.check.bytes}: a target was skipped or scored twice")
-    log(format_kv(coverage="exact", evaluations=",".join(results), scored_targets=data.check.targets,
-                  bytes=data.check.bytes, note="every validation target scored exactly once in each evaluation"))
+                               f"{check.targets} / {check.bytes}: a target was skipped or scored twice")
+    log(format_kv(coverage="exact", evaluations=",".join(results), scored_targets=check.targets,
+                  bytes=check.bytes, note="every validation target scored exactly once in each evaluation"))
     log(format_kv(total_eval_time=f"{ev.seconds * 1000:.0f}ms", budget=f"{h.eval_time_budget_seconds * 1000:.0f}ms",
-                  covers="artifact read + every evaluation + TTT and its warmup"))
+                  covers="artifact read + every evaluation + TTT (compiled in the untimed warm-up)"))
     return ev
 
 
@@ -3375,7 +3708,7 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
                   status=ok(bytes_total <= ARTIFACT_LIMIT_BYTES)),
         format_kv(compliance="validation_data_in_training", value="no",
                   how="training, warmup and GPTQ calibration read only fineweb_train_* (or self-generated text); "
-                      "TTT compile warmup uses random tokens"),
+                      "the evaluation, TTT and calibration compile warm-ups use random tokens"),
         format_kv(compliance="causal", value="yes", how="causal attention; SmearGate and BigramHash read only earlier "
                                                         "tokens of the same document"),
         format_kv(compliance="normalized", value="yes", how="full softmax over the vocabulary for every scored token"),
@@ -3391,70 +3724,80 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
     return lines
 
 
-def finish(h: Hyperparameters, d: DistInfo, final: EvalResult, eval_time_ms: float, bytes_model: int, bytes_code: int,
-           train_time_ms: float, steps: int, metrics: dict[str, Any], log: Logger, label: str = "roundtrip") -> int:
+def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: float, steps: int,
+           metrics: dict[str, Any]) -> int:
     """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
-    bytes_total = bytes_model + bytes_code
+    h, final, label, bytes_code = rc.h, ev.final, ev.label, len(rc.code)
+    bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
+    wall = rc.clock.wall_seconds()
+    rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows.values()):.1f}",
+                     covers="from the start of main() to here; the phase lines above say where it went"))
     metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
                     "val_tokens": final.tokens, "val_bytes": final.bytes, "bytes_total": bytes_total,
                     "bytes_model": bytes_model, "bytes_code": bytes_code,
                     "over_limit": bytes_total > ARTIFACT_LIMIT_BYTES, "train_time_ms": round(train_time_ms),
-                    "eval_time_ms": round(eval_time_ms), "steps": steps, "world_size": d.world_size,
-                    "config": h.knob_values(), "config_hash": config_hash(h.knob_values())})
-    if d.is_main:
+                    "eval_time_ms": round(eval_time_ms), "steps": steps, "world_size": rc.d.world_size,
+                    "config": h.knob_values(), "config_hash": config_hash(h.knob_values()),
+                    "code_sha256": hashlib.sha256(rc.code).hexdigest(), "versions": rc.versions,
+                    "attention_backend": rc.backend, "dataset": rc.data.fingerprint, "reportable": rc.data.reportable,
+                    "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
+                    "phases": rc.clock.rows, "wall_seconds": round(wall, 3)})
+    if rc.d.is_main:
         atomic_write_bytes(Path(h.log_dir) / f"{h.run_id}.json",
                            (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode())
-    log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:{label} bytes_total:{bytes_total} "
-        f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
-        f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
+    rc.log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:{label} bytes_total:{bytes_total} "
+           f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
+           f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
     # Leave together: a rank that exits right after its last all-reduce can abort in interpreter
     # finalization while Gloo's worker thread still releases that collective's tensors (needs the GIL).
     barrier()
     return 0
 
 
-def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimizers, data: DataBundle, code: bytes,
-                       versions: dict[str, str], backend: str, log: Logger) -> int:
-    val_tokens, luts, fingerprint = data.val_tokens, data.luts, data.fingerprint
-    compiled = torch.compile(model, dynamic=False, fullgraph=True) if h.compile else model
+def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, reserve: float) -> float:
+    """The calibration line and, when training data was read after the cap, a loud warning. Returns when
+    training data was last read (training time + calibration on training data), in seconds."""
+    h, log = rc.h, rc.log
+    access_end = train_time_s + (calib.seconds if calib.source == "train_data" else 0.0)
+    if calib.source == "off":
+        return access_end
+    rc.clock.record("calibration", calib.seconds, calib.tokens)
+    log(format_kv(gptq_calibration=calib.source, tokens=calib.tokens, time=f"{calib.seconds * 1000:.0f}ms",
+                  train_data_access_end=f"{access_end * 1000:.0f}ms",
+                  cap=f"{h.max_wallclock_seconds * 1000:.0f}ms" if h.max_wallclock_seconds > 0 else "none"))
+    if h.max_wallclock_seconds > 0 and access_end > h.max_wallclock_seconds:
+        log("WARNING: " + "!" * 60)
+        log(f"WARNING: training data was read until {access_end:.2f}s, after the {h.max_wallclock_seconds:g}s "
+            f"cap: raise GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)")
+        log("WARNING: " + "!" * 60)
+    return access_end
 
-    def evaluate() -> EvalResult:
-        return eval_val(compiled, val_tokens, luts, h.eval_seq_len, h.val_batch_seqs, d.rank, d.world_size,
-                        d.device, h.compute_dtype)
 
-    def make_loader() -> TrainLoader:
-        return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
-                           h.seed, h.vocab_size, d.device)
-
-    result = train(h, d, model, compiled, opt, make_loader, evaluate, log)
-    wait_frac = result.data_wait_ms / max(result.train_time_ms, 1e-9)
-    log(format_kv(train_done=result.stopped_by, steps=result.steps, train_time=f"{result.train_time_ms:.0f}ms",
-                  data_wait=f"{result.data_wait_ms:.0f}ms", data_wait_frac=f"{wait_frac:.4f}"))
-    pre = evaluate()
-    log(format_kv(pre_quant_val_loss=f"{pre.val_loss:.8f}", val_bpb=f"{pre.val_bpb:.8f}",
-                  eval_time=f"{pre.seconds * 1000:.0f}ms"))
-
-    # Quantize to fit, serialize, then score the round-tripped weights (pitfalls E: the artifact exists
-    # even if a later phase dies; the score always comes from what was written).
+def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> tuple[Path, dict]:
+    """Quantize to fit the budget and write <RUN_ID>.ptz atomically (rank 0; pitfalls E: the artifact exists
+    even if a later phase dies, and the score always comes from what was written). Returns its path and
+    the quantization report for the JSON."""
+    h, log, code = rc.h, rc.log, rc.code
     artifact_path = Path(h.log_dir) / f"{h.run_id}.ptz"
     packed_already = unpack_self_extracting(code) is not None
-    bytes_code, bytes_code_packed = len(code), len(code if packed_already else self_extracting_source(code))
-    log(format_kv(code_bytes=bytes_code, code_bytes_packed=bytes_code_packed,
+    bytes_code_packed = len(code if packed_already else self_extracting_source(code))
+    log(format_kv(code_bytes=len(code), code_bytes_packed=bytes_code_packed,
                   note="packed = the LZMA self-extracting script records/pack.py would ship"))
-    budget = h.target_bytes - h.size_margin_bytes - bytes_code
+    budget = h.target_bytes - h.size_margin_bytes - len(code)
     log(format_kv(target_bytes=h.target_bytes, target_note="decimal bytes (TARGET_MB=15.9 means 15,900,000; "
                   "15.9 MiB would be over the 16,000,000 cap)", size_margin=h.size_margin_bytes, model_budget=budget))
-    spec = QuantSpec.from_hparams(h)
-    quant_report: dict[str, Any] = {}
-    if d.is_main:
+    report: dict[str, Any] = {"code_bytes_packed": bytes_code_packed}
+    if rc.d.is_main:
         # Only what decides the weights and their evaluation: the same run twice writes the same bytes.
         config = {k: v for k, v in h.knob_values().items() if k.lower() not in EVAL_ONLY_ENV_KNOBS}
-        meta = {"code_sha256": hashlib.sha256(code).hexdigest(), "config": config, "steps": result.steps,
+        meta = {"code_sha256": hashlib.sha256(code).hexdigest(), "config": config, "steps": steps,
                 "looping": model.looping}
-        fit = fit_artifact(model.state_dict(), spec, result.hessians, budget, meta, log)
+        spec = QuantSpec.from_hparams(h)
+        fit = fit_artifact(model.state_dict(), spec, hessians, budget, meta, log)
         atomic_write_bytes(artifact_path, fit.blob)
-        quant_report = {"fits": fit.fits, "attempts": fit.attempts, "quant_seconds": fit.quant_seconds,
-                        "clip_sigmas": dict(fit.spec.clip), "bits": dict(fit.spec.bits), "entropy": fit.entropy}
+        rc.clock.record("quantization", fit.quant_seconds)
+        report.update(fits=fit.fits, attempts=fit.attempts, quant_seconds=fit.quant_seconds,
+                      clip_sigmas=dict(fit.spec.clip), bits=dict(fit.spec.bits), entropy=fit.entropy)
         log(format_kv(quant=spec.method, fits=int(fit.fits), attempts=len(fit.attempts),
                       quant_time=f"{fit.quant_seconds * 1000:.0f}ms",
                       **{f"k_{g}": f"{k:.3f}" for g, k in fit.spec.clip}, **{f"bits_{g}": b for g, b in fit.spec.bits}))
@@ -3465,37 +3808,62 @@ def train_and_evaluate(h: Hyperparameters, d: DistInfo, model: GPT, opt: Optimiz
             log(f"WARNING: the artifact did not fit the budget of {budget:,} model bytes after {len(fit.attempts)} "
                 f"attempts; raise MATRIX_CLIP_SIGMAS or lower MATRIX_BITS")
     barrier()
-    ev = run_evaluations(h, d, model, compiled, data, artifact_path, log)
-    final, eval_time_ms = ev.final, ev.seconds * 1000
+    return artifact_path, report
+
+
+def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
+    h, d, data, log, clock = rc.h, rc.d, rc.data, rc.log, rc.clock
+    graphs = Graphs.build(h, model)
+    ctx = EvalContext.build(h, d, graphs.model, data.val_tokens, data.luts)
+
+    def make_loader() -> TrainLoader:
+        return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
+                           h.seed, h.vocab_size, d.device)
+
+    clock.record("startup", clock.wall_seconds())
+    warm = warm_up_training(h, d, model, graphs, opt, make_loader, log)
+    warm.update(warm_up_graphs(h, d, model, graphs, final_looping(h), training_run=True))
+    for name, seconds in warm.items():
+        clock.record(f"warmup_{name}", seconds)
+    t0 = time.perf_counter()
+    reserve = gptq_reserve(h, d, model, graphs, make_loader, log)
+    if reserve and h.gptq_reserve is None:
+        clock.record("gptq_reserve_probe", time.perf_counter() - t0)
+    result = train(h, d, model, graphs, opt, make_loader, lambda: eval_windows(ctx, ctx.seq_len), reserve, log)
+    log(format_kv(train_done=result.stopped_by, steps=result.steps, train_time=f"{result.train_time_ms:.0f}ms",
+                  data_wait=f"{result.data_wait_ms:.0f}ms",
+                  data_wait_frac=f"{result.data_wait_ms / max(result.train_time_ms, 1e-9):.4f}"))
+    clock.record("training", result.train_time_ms / 1000, result.steps * h.train_batch_tokens)
+    calib = calibrate_gptq(h, d, model, graphs.calibrate, make_loader)
+    access_end = log_calibration(rc, calib, result.train_time_ms / 1000, reserve)
+    pre = eval_windows(ctx, ctx.seq_len)
+    log(format_kv(pre_quant_val_loss=f"{pre.val_loss:.8f}", val_bpb=f"{pre.val_bpb:.8f}",
+                  eval_time=f"{pre.seconds * 1000:.0f}ms"))
+    clock.record("eval_pre_quant", pre.seconds, pre.tokens)
+    artifact_path, quant_report = write_artifact(rc, model, calib.hessians, result.steps)
+    ev = run_evaluations(rc, model, ctx, artifact_path)
     log(format_kv(quant_gap_bpb=f"{ev.results['roundtrip'].val_bpb - pre.val_bpb:.6f}", pre_quant=f"{pre.val_bpb:.8f}",
                   roundtrip=f"{ev.results['roundtrip'].val_bpb:.8f}"))
     bytes_model = artifact_path.stat().st_size
     log(format_kv(artifact=artifact_path))
-    bytes_total = report_size(h, bytes_model, bytes_code, log)
-    calibration = "off" if h.quant_method != "gptq" else ("self_generated" if h.gptq_ar_selfgen else "train_data")
-    for line in compliance_block(h, result.train_time_ms, result.data_access_end_ms, ev.seconds, bytes_total,
-                                 data.reportable, ev.label, calibration):
+    bytes_total = report_size(h, bytes_model, len(rc.code), log)
+    for line in compliance_block(h, result.train_time_ms, access_end * 1000, ev.seconds, bytes_total,
+                                 data.reportable, ev.label, calib.source):
         log(line)
-    if d.device.type == "cuda":
-        log(format_kv(peak_memory_allocated=f"{torch.cuda.max_memory_allocated(d.device) // 2**20}MiB"))
     metrics = {
         "pre_quant": {"val_loss": pre.val_loss, "val_bpb": pre.val_bpb}, "stopped_by": result.stopped_by,
-        "data_wait_ms": round(result.data_wait_ms), "attention_backend": backend,
-        "gptq_reserve_s": result.gptq_reserve_s, "calib_ms": round(result.calib_ms),
-        "train_data_access_end_ms": round(result.data_access_end_ms), "quant": quant_report,
-        "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
-        "reportable": data.reportable, "bpb_check": dataclasses.asdict(data.check),
-        "code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes_packed": bytes_code_packed,
-        "versions": versions, "dataset": fingerprint, "artifact": str(artifact_path), "history": result.history,
+        "data_wait_ms": round(result.data_wait_ms), "gptq_reserve_s": reserve, "calib_ms": round(calib.seconds * 1000),
+        "train_data_access_end_ms": round(access_end * 1000), "quant": quant_report,
+        "bpb_check": dataclasses.asdict(data.check), "code_bytes_packed": quant_report["code_bytes_packed"],
+        "artifact": str(artifact_path), "history": result.history,
     }
-    return finish(h, d, final, eval_time_ms, bytes_model, bytes_code, result.train_time_ms, result.steps, metrics, log,
-                  ev.label)
+    return finish(rc, ev, bytes_model, result.train_time_ms, result.steps, metrics)
 
 
 # Knobs EVAL_ONLY takes from the environment; every other knob comes from the artifact's own config.
 EVAL_ONLY_ENV_KNOBS = frozenset({
     "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device",
-    "compute_dtype", "compile", "dry_run", "strict_env", "val_batch_tokens", "eval_only", "artifact",
+    "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend",
     "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
     "ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip",
 })
@@ -3517,25 +3885,25 @@ def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, sour
     return dataclasses.replace(h, **taken)
 
 
-def evaluate_artifact(h: Hyperparameters, d: DistInfo, model: GPT, data: DataBundle, code: bytes, meta: dict[str, Any],
-                      versions: dict[str, str], backend: str, log: Logger) -> int:
+def evaluate_artifact(rc: RunContext, model: GPT, meta: dict[str, Any]) -> int:
     """EVAL_ONLY=1: score an existing artifact exactly as the training run did, without training."""
-    compiled = torch.compile(model, dynamic=False, fullgraph=True) if h.compile else model
-    model.set_looping(bool(meta.get("looping", False)))  # as the training run's own evaluation
+    h, log = rc.h, rc.log
+    graphs = Graphs.build(h, model)
+    looping = bool(meta.get("looping", False))  # as the training run's own evaluation
+    rc.clock.record("startup", rc.clock.wall_seconds())
+    for name, seconds in warm_up_graphs(h, rc.d, model, graphs, looping, training_run=False).items():
+        rc.clock.record(f"warmup_{name}", seconds)
+    model.set_looping(looping)
     log(format_kv(eval_only=h.artifact))
-    ev = run_evaluations(h, d, model, compiled, data, Path(h.artifact), log)
+    ctx = EvalContext.build(h, rc.d, graphs.model, rc.data.val_tokens, rc.data.luts)
+    ev = run_evaluations(rc, model, ctx, Path(h.artifact))
     bytes_model = Path(h.artifact).stat().st_size
-    bytes_total = report_size(h, bytes_model, len(code), log)
-    for line in compliance_block(h, 0.0, 0.0, ev.seconds, bytes_total, data.reportable, ev.label, "n/a (eval only)"):
+    bytes_total = report_size(h, bytes_model, len(rc.code), log)
+    for line in compliance_block(h, 0.0, 0.0, ev.seconds, bytes_total, rc.data.reportable, ev.label, "n/a (eval only)"):
         if not line.startswith(("compliance:train_time", "compliance:train_data_access_end")):
             log(line)
-    metrics = {"eval_only": True, "artifact": h.artifact, "code_sha256": hashlib.sha256(code).hexdigest(),
-               "versions": versions, "dataset": data.fingerprint, "attention_backend": backend,
-               "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
-               "reportable": data.reportable}
     # train_time_ms:0: nothing was trained here (the training run's log has its time).
-    return finish(h, d, ev.final, ev.seconds * 1000, bytes_model, len(code), 0, meta.get("steps", 0), metrics, log,
-                  ev.label)
+    return finish(rc, ev, bytes_model, 0, meta.get("steps", 0), {"eval_only": True, "artifact": h.artifact})
 
 
 def main(env: Mapping[str, str] | None = None) -> int:

@@ -90,7 +90,7 @@ class RandomBatches:
 
 def build(h: tg.Hyperparameters, device: torch.device) -> tuple[tg.GPT, tg.Optimizers]:
     torch.manual_seed(h.seed)
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, tg.select_attention_backend(device))).to(device)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h, tg.select_attention_backend(h.attn_backend, device))).to(device)
     tg.flatten_parameters(model)  # as train_gpt.run() does
     return model, tg.Optimizers(model, h)
 

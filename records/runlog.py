@@ -38,7 +38,7 @@ CONFIG_LINE_RE = re.compile(r"  (?P<key>[a-z0-9_]+): ?(?P<value>.*)")
 
 # Config-block keys that describe the machine, not the configuration: a difference is reported, not refused.
 ENVIRONMENT_KEYS = frozenset({"python", "torch", "numpy", "cuda", "platform", "gpu", "gpu_count", "flash_attn",
-                              "cpu_threads", "attention_backend", "resolved_device"})
+                              "cpu_threads", "attention_backend", "resolved_attn_backend", "resolved_device"})
 CODE_KEYS = frozenset({"code_sha256", "code_bytes", "config_hash"})
 # The JSON keys a finished training run has (finish() and train_and_evaluate() in train_gpt.py).
 REQUIRED_METRICS = ("run_id", "eval", "val_loss", "val_bpb", "val_tokens", "val_bytes", "bytes_total", "bytes_model",

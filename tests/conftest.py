@@ -70,3 +70,12 @@ def dataset(tmp_path_factory) -> dict:
     spec.loader.exec_module(module)
     dataset_dir, tokenizer = module.build_sample(root, vocab_size=1024, log=lambda *a, **k: None)
     return {"dir": Path(dataset_dir), "tokenizer": Path(tokenizer), "vocab_size": 1024, "source": "sample"}
+
+
+def eval_ctx(model, val: np.ndarray, luts: dict, seq_len: int, stride: int | None = None, batch_seqs: int = 4,
+             rank: int = 0, world_size: int = 1, compute_dtype: str = "fp32") -> "tg.EvalContext":
+    """An EvalContext on the CPU for `val` (stride defaults to seq_len: the plain evaluation)."""
+    import torch
+
+    return tg.EvalContext(model, torch.from_numpy(np.asarray(val, dtype=np.int64)), luts, seq_len,
+                          stride or seq_len, batch_seqs, rank, world_size, torch.device("cpu"), compute_dtype)

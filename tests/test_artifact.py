@@ -106,8 +106,18 @@ def assert_close_to_original(name: str, orig: torch.Tensor, got: torch.Tensor) -
 
 
 def body_of(blob: bytes) -> bytes:
+    """The serialized body, read by hand: compressor id, chunk count, chunk lengths, brotli chunks."""
     assert blob[PREFIX] == tg.ARTIFACT_COMPRESSOR_IDS["brotli"]
-    return brotli.decompress(blob[PREFIX + 1:])
+    (n,) = struct.unpack_from("<I", blob, PREFIX + 1)
+    lengths = struct.unpack_from(f"<{n}I", blob, PREFIX + 5)
+    offset = PREFIX + 5 + 4 * n
+    assert offset + sum(lengths) == len(blob)
+    chunks = []
+    for length in lengths:
+        chunks.append(brotli.decompress(blob[offset: offset + length]))
+        offset += length
+    assert all(len(c) == tg.COMPRESS_CHUNK_BYTES for c in chunks[:-1]), "every chunk but the last is full"
+    return b"".join(chunks)
 
 
 def read_header(blob: bytes) -> tuple[dict, bytes]:
@@ -118,7 +128,8 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
 
 def reprefix(body: bytes, version: int = tg.ARTIFACT_VERSION) -> bytes:
     """A well-formed prefix (magic, version, CRC, length) around an arbitrary brotli-compressed body."""
-    compressed = bytes([tg.ARTIFACT_COMPRESSOR_IDS["brotli"]]) + brotli.compress(body, quality=1)
+    chunk = brotli.compress(body, quality=1)
+    compressed = bytes([tg.ARTIFACT_COMPRESSOR_IDS["brotli"]]) + struct.pack("<II", 1, len(chunk)) + chunk
     return tg.ARTIFACT_PREFIX.pack(tg.ARTIFACT_MAGIC, version, zlib.crc32(compressed), len(compressed)) + compressed
 
 
@@ -389,7 +400,7 @@ def test_wrong_magic(tmp_path, gpt_blob):
     expect_artifact_error(write(tmp_path, "zeros.ptz", bytes(len(gpt_blob))), "magic")
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 65535])  # 1: the int8 format of the walking skeleton
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 65535])  # 1: the int8 format of the walking skeleton; 2: one stream
 def test_wrong_version(tmp_path, gpt_blob, version):
     blob = bytearray(gpt_blob)
     struct.pack_into("<H", blob, 8, version)

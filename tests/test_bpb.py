@@ -41,7 +41,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CANONICAL_TOKENIZER, CHALLENGE_DOCS, SHARED_DATA, read_jsonl_texts
+from conftest import CANONICAL_TOKENIZER, CHALLENGE_DOCS, SHARED_DATA, eval_ctx, read_jsonl_texts
 
 CPU = torch.device("cpu")
 ENWIKI = SHARED_DATA / "corpus" / "enwiki_wikiextractor_30MB.jsonl"
@@ -309,7 +309,7 @@ def test_build_byte_luts_values_on_dataset_tokenizer(dataset):
             assert luts.base_bytes[i] + luts.has_leading_space[i] == len(piece.replace(SPACE, " ").encode())
 
 
-# ---------------------------------------------------------------- eval_val
+# ---------------------------------------------------------------- eval_windows (plain)
 
 class UniformStub:
     """Per-token loss log(V) for every target, as a model with uniform logits; records its inputs."""
@@ -338,7 +338,7 @@ def val_setup(dataset):
 def test_eval_val_uniform_stub(val_setup, dataset):
     sp, luts, seq, val = val_setup
     V = dataset["vocab_size"]
-    res = tg.eval_val(UniformStub(V), val, luts, seq, 7, 0, 1, CPU, "fp32")
+    res = tg.eval_windows(eval_ctx(UniformStub(V), val, luts, seq, batch_seqs=7), seq)
     n_tokens = val.size - 1
     n_bytes = int(lut_bytes(luts, val.astype(np.int64)).sum())
     assert res.tokens == n_tokens and res.bytes == n_bytes
@@ -363,7 +363,7 @@ def test_eval_val_zero_gpt_is_uniform(val_setup, dataset):
             p.zero_()
     model.eval()
     part = val[: 6 * seq + 1]
-    res = tg.eval_val(model, part, luts, seq, 4, 0, 1, CPU, "fp32")
+    res = tg.eval_windows(eval_ctx(model, part, luts, seq), seq)
     n_bytes = int(lut_bytes(luts, part.astype(np.int64)).sum())
     assert res.tokens == 6 * seq and res.bytes == n_bytes
     assert res.val_loss == pytest.approx(math.log(V), rel=1e-6)
@@ -376,14 +376,16 @@ def test_eval_val_rank_split_covers_every_target_once(val_setup, dataset, world_
     V = dataset["vocab_size"]
     n_seqs = (val.size - 1) // seq
     assert n_seqs >= world_size
-    full = tg.eval_val(UniformStub(V), val, luts, seq, batch_seqs, 0, 1, CPU, "fp32")
+    full = tg.eval_windows(eval_ctx(UniformStub(V), val, luts, seq, batch_seqs=batch_seqs), seq)
     xs, ys, tokens, n_bytes, nats = [], [], 0, 0, 0.0
     for rank in range(world_size):  # no process group: each call returns its own rank's sums
         stub = UniformStub(V)
-        r = tg.eval_val(stub, val, luts, seq, batch_seqs, rank, world_size, CPU, "fp32")
-        assert all(x.shape[0] <= batch_seqs for x in stub.seen_x)
-        xs += stub.seen_x
-        ys += stub.seen_y
+        r = tg.eval_windows(eval_ctx(stub, val, luts, seq, batch_seqs=batch_seqs, rank=rank, world_size=world_size),
+                            seq)
+        assert all(x.shape == (batch_seqs, seq) for x in stub.seen_x), "one shape: short batches are padded"
+        # Padding repeats a batch's last window (masked out): keep each batch's distinct windows.
+        xs += [torch.unique_consecutive(x, dim=0) for x in stub.seen_x]
+        ys += [torch.unique_consecutive(y, dim=0) for y in stub.seen_y]
         tokens += r.tokens
         n_bytes += r.bytes
         nats += r.val_loss * r.tokens

@@ -89,7 +89,7 @@ STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_pa
                  "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
                  "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj", "quant_method": "rtn",
                  "gptq_reserve_seconds": "8.5", "compressor": "lzma", "artifact": "/tmp/x.ptz",
-                 "bpb_check_docs": "all", "muon_impl": "loop", "muon_ns_dtype": "fp32"}
+                 "bpb_check_docs": "all", "muon_impl": "loop", "muon_ns_dtype": "fp32", "attn_backend": "sdpa"}
 # Knobs that are only valid together with another one.
 OVERRIDE_COMPANIONS = {"eval_only": {"ARTIFACT": "/tmp/x.ptz"}}
 
@@ -115,7 +115,7 @@ def test_every_knob_can_be_overridden(f):
             h = H.from_env({f.name.upper(): raw, **OVERRIDE_COMPANIONS.get(f.name, {})})
             break
         except tg.ConfigError as exc:
-            assert f.name.upper() in str(exc) or "TRAIN_BATCH_TOKENS" in str(exc) or "VAL_BATCH" in str(exc)
+            assert f.name.upper() in str(exc) or "TRAIN_BATCH_TOKENS" in str(exc)
     else:
         pytest.fail(f"none of {candidates} is accepted for {f.name.upper()}")
     got = getattr(h, f.name)
@@ -220,7 +220,7 @@ MALFORMED = [
     ({"NUM_HEADS": "8", "NUM_KV_HEADS": "16"}, ["NUM_KV_HEADS", "16"]),
     ({"MODEL_DIM": "100"}, ["MODEL_DIM", "100"]),
     ({"MODEL_DIM": "24", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, ["MODEL_DIM", "24"]),  # odd head dim
-    ({"VAL_BATCH_TOKENS": "1000"}, ["VAL_BATCH_TOKENS", "1000"]),
+    ({"ATTN_BACKEND": "flash"}, ["ATTN_BACKEND", "flash", "auto, fa3, fa4 or sdpa"]),
     ({"RUN_ID": "a/b"}, ["RUN_ID", "a/b"]),
     ({"RUN_ID": "../escape"}, ["RUN_ID", "../escape"]),
     ({"RUN_ID": "two\nlines"}, ["RUN_ID"]),
@@ -299,11 +299,12 @@ def test_grad_accum_steps_overrides_the_default():
     assert H.from_env({"GRAD_ACCUM_STEPS": "0"}).accum_steps == 8  # 0 = automatic
 
 
-def test_val_batch_seqs_is_consistent():
-    for world in (1, 2, 8):
-        h = H.from_env({"WORLD_SIZE": str(world)})
-        assert h.val_batch_seqs >= 1
-        assert h.val_batch_seqs * world * h.accum_steps * h.eval_seq_len <= h.val_batch_tokens
+def test_retired_val_batch_knobs_warn_and_change_nothing():
+    for name in ("VAL_BATCH_TOKENS", "VAL_BATCH_SIZE"):
+        h = H.from_env({name: "524288", "STRICT_ENV": "1"})  # an old command still runs, even strict
+        assert h.knob_values() == H.from_env({"STRICT_ENV": "1"}).knob_values()
+        assert any(w.startswith(f"{name}='524288' is ignored") and "EVAL_BATCH_SEQS" in w for w in h.env_warnings)
+        assert h.eval_batch_seqs == H.from_env({}).eval_batch_seqs
 
 
 # ---------------------------------------------------------------- unknown variables

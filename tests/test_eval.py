@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tg
+from conftest import ROOT, eval_ctx, tg
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -183,13 +183,13 @@ def test_stride_equal_to_seq_len_reproduces_the_plain_eval():
     luts = fake_luts(128)
     val = val_stream(32 * 10 + 1)
     cpu = torch.device("cpu")
-    plain = tg.eval_val(model, val, luts, 32, 4, 0, 1, cpu, "fp32")
-    sliding = tg.eval_sliding(model, val, luts, 32, 32, 4, 0, 1, cpu, "fp32")
+    plain = tg.eval_windows(eval_ctx(model, val, luts, 32), 32)
+    sliding = tg.eval_windows(eval_ctx(model, val, luts, 32, stride=32), 32)
     assert (sliding.tokens, sliding.bytes) == (plain.tokens, plain.bytes) == (320, plain.bytes)
     assert sliding.val_loss == pytest.approx(plain.val_loss, rel=1e-12, abs=0)
     assert sliding.val_bpb == pytest.approx(plain.val_bpb, rel=1e-12, abs=0)
     # Overlapping windows see more context: a different (here: any) loss, the same targets and bytes.
-    s16 = tg.eval_sliding(model, val, luts, 32, 16, 4, 0, 1, cpu, "fp32")
+    s16 = tg.eval_windows(eval_ctx(model, val, luts, 32, stride=16), 16)
     assert (s16.tokens, s16.bytes) == (plain.tokens, plain.bytes)
 
 
@@ -200,8 +200,8 @@ def test_sliding_batch_padding_does_not_change_the_totals():
     usable = ((val.size - 1) // 32) * 32 + 1
     val = val[:usable]
     cpu = torch.device("cpu")
-    a = tg.eval_sliding(model, val, luts, 32, 8, 3, 0, 1, cpu, "fp32")
-    b = tg.eval_sliding(model, val, luts, 32, 8, 7, 0, 1, cpu, "fp32")
+    a = tg.eval_windows(eval_ctx(model, val, luts, 32, batch_seqs=3), 8)
+    b = tg.eval_windows(eval_ctx(model, val, luts, 32, batch_seqs=7), 8)
     assert (a.tokens, a.bytes) == (b.tokens, b.bytes) == (usable - 1, a.bytes)
     assert a.val_loss == pytest.approx(b.val_loss, rel=1e-6)
 
@@ -224,8 +224,8 @@ def test_ttt_plan_assigns_windows_by_their_first_scored_target():
 
 def run_ttt(model, val, epochs=2, chunk=96, budget=1e9, trace=None, lines=None):
     cfg = tg.TTTConfig(lr=0.05, epochs=epochs, momentum=0.9, chunk_tokens=chunk, grad_clip=1.0)
-    return tg.eval_ttt(model, list(model.parameters()), val, fake_luts(128), 32, 8, 4, cfg, 0, 1,
-                       torch.device("cpu"), "fp32", budget, (lines if lines is not None else []).append, trace)
+    ctx = eval_ctx(model, val, fake_luts(128), 32, stride=8)
+    return tg.eval_ttt(ctx, list(model.parameters()), cfg, budget, (lines if lines is not None else []).append, trace)
 
 
 def test_ttt_never_scores_a_target_with_weights_that_trained_on_it():
@@ -252,7 +252,7 @@ def test_ttt_never_scores_a_target_with_weights_that_trained_on_it():
 def test_ttt_with_zero_epochs_equals_sliding_eval():
     model = tiny_eval_model()
     val = val_stream(641)
-    sliding = tg.eval_sliding(model, val, fake_luts(128), 32, 8, 4, 0, 1, torch.device("cpu"), "fp32")
+    sliding = tg.eval_windows(eval_ctx(model, val, fake_luts(128), 32, stride=8), 8)
     ttt, _ = run_ttt(model, val, epochs=0)
     assert (ttt.tokens, ttt.bytes) == (sliding.tokens, sliding.bytes)
     assert ttt.val_loss == pytest.approx(sliding.val_loss, rel=1e-9)
@@ -277,6 +277,7 @@ import numpy as np, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import train_gpt as tg
 from test_eval import tiny_eval_model, fake_luts, val_stream
+from conftest import eval_ctx
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
     torch.distributed.init_process_group("gloo")
@@ -284,10 +285,10 @@ torch.set_num_threads(1)
 model = tiny_eval_model()
 val = val_stream(641)
 cpu = torch.device("cpu")
-s = tg.eval_sliding(model, val, fake_luts(128), 32, 8, 4, rank, world, cpu, "fp32")
+ctx = eval_ctx(model, val, fake_luts(128), 32, stride=8, rank=rank, world_size=world)
+s = tg.eval_windows(ctx, 8)
 cfg = tg.TTTConfig(lr=0.05, epochs=2, momentum=0.9, chunk_tokens=96, grad_clip=1.0)
-t, _ = tg.eval_ttt(model, list(model.parameters()), val, fake_luts(128), 32, 8, 4, cfg, rank, world, cpu, "fp32",
-                   1e9, lambda m: None)
+t, _ = tg.eval_ttt(ctx, list(model.parameters()), cfg, 1e9, lambda m: None)
 if rank == 0:
     json.dump({{"sliding": [s.val_loss, s.tokens, s.bytes], "ttt": [t.val_loss, t.tokens, t.bytes]}},
               open(sys.argv[1], "w"))

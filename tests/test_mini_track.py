@@ -359,7 +359,7 @@ def test_packed_script_is_cached_by_source_hash(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
-        "EVAL_SEQ_LEN": "128", "ROPE_TRAIN_SEQ_LEN": "64", "VAL_BATCH_TOKENS": "8192", "MAX_VAL_TOKENS": "4096",
+        "EVAL_SEQ_LEN": "128", "ROPE_TRAIN_SEQ_LEN": "64", "MAX_VAL_TOKENS": "4096",
         "GPTQ_CALIBRATION_BATCHES": "2", "OMP_NUM_THREADS": "1"}
 
 

@@ -50,7 +50,7 @@ STEP_RE = re.compile(
     r"step_avg:(?P<avg>[\d.]+)ms tok_s:(?P<tok_s>\d+)(?: |$)")
 
 TINY = dict(VOCAB_SIZE=1024, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
-            TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, VAL_BATCH_TOKENS=8192, ITERATIONS=6,
+            TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, ITERATIONS=6,
             WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0, COMPILE=0, TRAIN_LOG_EVERY=1, TTT_ENABLED=0,
             NUM_LOOPS=0)  # the record's looped span (layers 3..5) does not fit 2 layers; see the looping test
 RUN_TIMEOUT_S = 240
@@ -160,7 +160,7 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def evaluate_artifact(h: tg.Hyperparameters, artifact: Path) -> tg.EvalResult:
-    """read_artifact -> GPT.load_state_dict(strict=True) -> eval_val, on the run's val tokens and batch."""
+    """read_artifact -> GPT.load_state_dict(strict=True) -> the plain evaluation of the run's val tokens."""
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
     if artifact is not None:
         model.load_state_dict(tg.read_artifact(artifact), strict=True)
@@ -175,8 +175,8 @@ def evaluate_model(h: tg.Hyperparameters, model: tg.GPT) -> tg.EvalResult:
     torch.set_num_threads(1)
     try:
         model.eval()
-        return tg.eval_val(model, val, luts, h.eval_seq_len, h.val_batch_seqs, 0, 1, torch.device("cpu"),
-                           h.compute_dtype)
+        ctx = tg.EvalContext.build(h, tg.DistInfo(0, 1, 0, torch.device("cpu")), model, val, luts)
+        return tg.eval_windows(ctx, h.eval_seq_len)
     finally:
         torch.set_num_threads(threads)
 
