@@ -674,22 +674,23 @@ class StepTimer:
 
 class PhaseClock:
     """Where a run's seconds go: `record` logs one `phase:` line (seconds, tokens and tokens/s when the
-    phase processes tokens, peak CUDA memory since the previous phase) and keeps the row for the JSON."""
+    phase processes tokens, peak CUDA memory since the previous phase) and keeps the row, in order, for
+    the JSON's `phases` list."""
 
     def __init__(self, device: torch.device, log: "Logger"):
         self.device, self.log = device, log
         self.start = time.perf_counter()
-        self.rows: dict[str, dict[str, float]] = {}
+        self.rows: list[dict[str, Any]] = []
 
     def record(self, name: str, seconds: float, tokens: int = 0) -> None:
-        row: dict[str, float] = {"seconds": round(seconds, 3)}
+        row: dict[str, Any] = {"phase": name, "seconds": round(seconds, 3)}
         if tokens:
             row.update(tokens=tokens, tok_s=round(tokens / max(seconds, 1e-9)))
         if self.device.type == "cuda":
             row["peak_mib"] = torch.cuda.max_memory_allocated(self.device) // 2**20
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.rows[name] = row
-        self.log(format_kv(phase=name, **row))
+        self.rows.append(row)
+        self.log(format_kv(**row))
 
     def wall_seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -1207,7 +1208,7 @@ def compute_autocast(device: torch.device, compute_dtype: str):
 FA4_ARCHS = (9, 10, 11)  # compute-capability majors flash-attn-4's CuTe kernels support (Hopper, Blackwell)
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a missing parent package of a dotted name
@@ -1218,8 +1219,8 @@ def select_attention_backend(setting: str, device: torch.device) -> str:
     """ATTN_BACKEND resolved for this device: auto takes FlashAttention 3, else flash-attn-4 (Hopper/Blackwell),
     else PyTorch SDPA (same math, slower on Hopper); an explicit kernel that cannot run is an error."""
     cuda = device.type == "cuda"
-    found = {"fa3": cuda and _importable("flash_attn_interface"),
-             "fa4": cuda and _importable("flash_attn.cute")
+    found = {"fa3": cuda and importable("flash_attn_interface"),
+             "fa4": cuda and importable("flash_attn.cute")
              and torch.cuda.get_device_capability(device)[0] in FA4_ARCHS, "sdpa": True}
     if setting == "auto":
         return next(b for b in ("fa3", "fa4", "sdpa") if found[b])
@@ -3730,7 +3731,7 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
     h, final, label, bytes_code = rc.h, ev.final, ev.label, len(rc.code)
     bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
     wall = rc.clock.wall_seconds()
-    rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows.values()):.1f}",
+    rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
     metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
                     "val_tokens": final.tokens, "val_bytes": final.bytes, "bytes_total": bytes_total,

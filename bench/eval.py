@@ -1,7 +1,7 @@
 """Evaluation speed: plain vs sliding-window scoring, and score-first TTT, on CPU (or the current GPU).
 
 A sliding evaluation at stride s runs seq_len/s forward tokens per scored token in the ideal case;
-this measures how close the batched implementation (train_gpt.eval_sliding: fixed-shape batches of
+this measures how close the batched implementation (train_gpt.eval_windows: fixed-shape batches of
 EVAL_BATCH_SEQS windows) gets, as the cost ratio (sliding seconds / plain seconds) against that ideal,
 and the throughput of TTT (tokens scored + trained per second).
 
@@ -71,22 +71,26 @@ def main() -> int:
             torch.cuda.synchronize()
         return r, time.perf_counter() - t0
 
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+
+    def ctx(stride: int, batch_seqs: int, part: torch.Tensor = stream) -> tg.EvalContext:
+        return tg.EvalContext(model, part, luts, args.seq_len, stride, batch_seqs, 0, 1, device, "auto")
+
     plain_batch = max(args.batch_seqs)
-    tg.eval_val(model, tokens[: 2 * args.seq_len + 1], luts, args.seq_len, plain_batch, 0, 1, device, "auto")  # warm
-    plain, plain_s = timed(lambda: tg.eval_val(model, tokens, luts, args.seq_len, plain_batch, 0, 1, device, "auto"))
+    tg.eval_windows(ctx(args.seq_len, plain_batch, stream[: 2 * args.seq_len + 1]), args.seq_len)  # warm
+    plain, plain_s = timed(lambda: tg.eval_windows(ctx(args.seq_len, plain_batch), args.seq_len))
     rows.append({"eval": "plain", "stride": args.seq_len, "batch_seqs": plain_batch, "scored": plain.tokens,
                  "seconds": plain_s, "scored_per_s": plain.tokens / plain_s, "cost_ratio": 1.0, "ideal_ratio": 1.0})
     for stride in args.strides:
         for bs in args.batch_seqs:
-            r, sec = timed(lambda: tg.eval_sliding(model, tokens, luts, args.seq_len, stride, bs, 0, 1, device, "auto"))
+            r, sec = timed(lambda: tg.eval_windows(ctx(stride, bs), stride))
             assert r.tokens == plain.tokens
             rows.append({"eval": "sliding", "stride": stride, "batch_seqs": bs, "scored": r.tokens, "seconds": sec,
                          "scored_per_s": r.tokens / sec, "cost_ratio": sec / plain_s,
                          "ideal_ratio": args.seq_len / stride})
     cfg = tg.TTTConfig(lr=0.005, epochs=1, momentum=0.9, chunk_tokens=8192, grad_clip=1.0)
-    (r, info), sec = timed(lambda: tg.eval_ttt(model, list(model.parameters()), tokens, luts, args.seq_len,
-                                               args.strides[0], max(args.batch_seqs), cfg, 0, 1, device, "auto",
-                                               1e9, lambda m: None))
+    (r, info), sec = timed(lambda: tg.eval_ttt(ctx(args.strides[0], max(args.batch_seqs)), list(model.parameters()),
+                                               cfg, 1e9, lambda m: None))
     rows.append({"eval": "ttt (1 epoch)", "stride": args.strides[0], "batch_seqs": max(args.batch_seqs),
                  "scored": r.tokens, "seconds": sec, "scored_per_s": r.tokens / sec, "cost_ratio": sec / plain_s,
                  "ideal_ratio": None, "ttt_score_s": info["score_seconds"], "ttt_train_s": info["train_seconds"]})

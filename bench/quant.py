@@ -66,17 +66,20 @@ def main() -> int:
     model = tg.GPT(tg.ModelConfig.from_hparams(h)).to(d.device)
     opt = tg.Optimizers(model, h)
 
+    ctx = tg.EvalContext.build(h, d, model, data.val_tokens, data.luts)
+
     def evaluate() -> tg.EvalResult:
-        return tg.eval_val(model, data.val_tokens, data.luts, h.eval_seq_len, h.val_batch_seqs, 0, 1, d.device,
-                           h.compute_dtype)
+        return tg.eval_windows(ctx, ctx.seq_len)
 
     def make_loader() -> tg.TrainLoader:
         return tg.TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, 0, 1, h.seed,
                               h.vocab_size, d.device)
 
     t0 = time.perf_counter()
-    result = tg.train(h, d, model, model, opt, make_loader, evaluate, log)
+    graphs = tg.Graphs.build(h, model)
+    result = tg.train(h, d, model, graphs, opt, make_loader, evaluate, 0.0, log)
     train_s = time.perf_counter() - t0
+    calib = tg.calibrate_gptq(h, d, model, graphs.calibrate, make_loader)
     pre = evaluate()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(v.numel() for v in state.values())
@@ -84,13 +87,13 @@ def main() -> int:
     for bits in args.bits:
         mb, eb = (int(b) for b in bits.split(","))
         base = dataclasses.replace(tg.QuantSpec.from_hparams(h), bits=(("attn", mb), ("embed", eb), ("mlp", mb)))
-        rows += compare_methods(h, base, state, result.hessians, model, evaluate, pre, n_params)
+        rows += compare_methods(h, base, state, calib.hessians, model, evaluate, pre, n_params)
     report = {
         "command": "python bench/quant.py " + " ".join(sys.argv[1:]),
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}",
         "shape": {k: env[k] for k in ("NUM_LAYERS", "MODEL_DIM", "MLP_MULT", "VOCAB_SIZE", "NUM_LOOPS")},
         "steps": result.steps, "seed": args.seed, "params": n_params, "train_seconds": train_s,
-        "hessian_seconds": result.calib_ms / 1000, "calibration_batches": h.gptq_calibration_batches,
+        "hessian_seconds": calib.seconds, "calibration_batches": h.gptq_calibration_batches,
         "pre_quant_bpb": pre.val_bpb, "methods": rows,
     }
     if args.json:

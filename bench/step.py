@@ -212,12 +212,25 @@ def fmt(x, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def step_rows(r: dict) -> list[tuple[str, str]]:
+    return [("ms/step (median)", fmt(r["ms_per_step"])), ("tokens/step", f"{r['tokens_per_step']:,}"),
+            ("grad_accum", str(r["grad_accum"])), ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+            ("model FLOPs/token", f"{r['flops_per_token']:.4g}"), ("achieved TFLOP/s", fmt(r["tflops"], ".3f")),
+            ("peak TFLOP/s", f"{fmt(r['peak_tflops'], '.1f')} ({r['peak_source']})"),
+            ("MFU", "n/a" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}%"),
+            ("forward+backward ms/step", fmt(r["fwd_bwd_ms"])), ("optimizer ms/step", fmt(r["optimizer_ms"])),
+            ("EMA ms/step", fmt(r["ema_ms"], ".3f")), ("virtual layers", str(r["virtual_layers"])),
+            ("peak memory MiB", fmt(r["peak_memory_mib"], ".0f"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation (default 3)")
     ap.add_argument("--looping", action="store_true", help="time with depth recurrence on (as after "
                                                             "ENABLE_LOOPING_AT)")
+    ap.add_argument("--both", action="store_true", help="time without and then with depth recurrence, in one "
+                                                         "process (--json: {\"plain\": ..., \"looped\": ...})")
     ap.add_argument("--optimizer-only", action="store_true", help="time the optimizer step and EMA only, "
                                                                   "batched vs the per-matrix / per-tensor loops")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: PEAK_TFLOPS "
@@ -257,16 +270,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("Muon matrices / buckets", f"{r['muon_matrices']} / {len(r['buckets'])}")]
     else:
         peak, source = device_peak(device, peak_override)
+        if args.both:
+            runs = {name: bench_steps(h, device, args.steps, args.warmup, name == "looped", peak, source)
+                    for name in ("plain", "looped")}
+            print(json.dumps({**info, **shape, **runs}, indent=2, default=str) if args.json else
+                  "\n".join(f"## {name}\n{table(step_rows(r))}" for name, r in runs.items()))
+            return 0 if all(math.isfinite(r["ms_per_step"]) for r in runs.values()) else 1
         r = bench_steps(h, device, args.steps, args.warmup, args.looping, peak, source)
         out = {**info, **shape, **r}
-        rows = [("ms/step (median)", fmt(r["ms_per_step"])), ("tokens/step", f"{r['tokens_per_step']:,}"),
-                ("grad_accum", str(r["grad_accum"])), ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
-                ("model FLOPs/token", f"{r['flops_per_token']:.4g}"), ("achieved TFLOP/s", fmt(r["tflops"], ".3f")),
-                ("peak TFLOP/s", f"{fmt(r['peak_tflops'], '.1f')} ({r['peak_source']})"),
-                ("MFU", "n/a" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}%"),
-                ("forward+backward ms/step", fmt(r["fwd_bwd_ms"])), ("optimizer ms/step", fmt(r["optimizer_ms"])),
-                ("EMA ms/step", fmt(r["ema_ms"], ".3f")), ("virtual layers", str(r["virtual_layers"])),
-                ("peak memory MiB", fmt(r["peak_memory_mib"], ".0f"))]
+        rows = step_rows(r)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
