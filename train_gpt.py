@@ -1531,9 +1531,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     B, T, H, D = y.shape
     Hkv = v.size(2)
     yg = y.view(B, T, Hkv, H // Hkv, D)
-    # F.normalize(v) computed in fp32 but kept in v's dtype: F.normalize is on autocast's fp32 list and
-    # would make every XSA intermediate fp32 (~2 GiB per micro-step at the record shape, gpu-gap.md).
-    inv_norm = torch.rsqrt(v.float().square().sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS ** 2))
+    # F.normalize(v) with the sum of squares accumulated in fp32 but every tensor of v's size kept in v's
+    # dtype: F.normalize runs on autocast's fp32 list and makes each XSA intermediate fp32 (~2 GiB per
+    # micro-step at the record shape, gpu-gap.md), and a v.float() would be saved for the backward.
+    inv_norm = torch.rsqrt((v * v).sum(-1, keepdim=True, dtype=torch.float32).clamp_min(NORMALIZE_EPS ** 2))
     vn = (v * inv_norm.to(v.dtype)).unsqueeze(3)  # (B, T, Hkv, 1, D)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
@@ -2328,9 +2329,10 @@ ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compre
 ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1}  # the first byte of the compressed body says which
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
-# The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): one 36 MB
-# brotli-11 stream takes ~45 s on one core. On int6 codes 1-4 MiB chunks cost no measurable size (RESULTS.md).
-COMPRESS_CHUNK_BYTES = 2 << 20
+# The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): the record's
+# 36 MB body is 49 s of brotli-11 as one stream; 9 chunks of 4 MiB took 20 s on 2 cores for the same size
+# (-133 bytes; 1-2 MiB chunks cost ~4 KB), and a 16-core pod compresses all 9 at once (bench/compress.py).
+COMPRESS_CHUNK_BYTES = 4 << 20
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
 FIT_OVERSHOOT = 1.15  # widen k a little more than the entropy estimate asks, so one more pack fits
