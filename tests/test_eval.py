@@ -182,7 +182,6 @@ def test_stride_equal_to_seq_len_reproduces_the_plain_eval():
     model = tiny_eval_model()
     luts = fake_luts(128)
     val = val_stream(32 * 10 + 1)
-    cpu = torch.device("cpu")
     plain = tg.eval_windows(eval_ctx(model, val, luts, 32), 32)
     sliding = tg.eval_windows(eval_ctx(model, val, luts, 32, stride=32), 32)
     assert (sliding.tokens, sliding.bytes) == (plain.tokens, plain.bytes) == (320, plain.bytes)
@@ -199,7 +198,6 @@ def test_sliding_batch_padding_does_not_change_the_totals():
     val = val_stream(500)
     usable = ((val.size - 1) // 32) * 32 + 1
     val = val[:usable]
-    cpu = torch.device("cpu")
     a = tg.eval_windows(eval_ctx(model, val, luts, 32, batch_seqs=3), 8)
     b = tg.eval_windows(eval_ctx(model, val, luts, 32, batch_seqs=7), 8)
     assert (a.tokens, a.bytes) == (b.tokens, b.bytes) == (usable - 1, a.bytes)
