@@ -3837,6 +3837,9 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
                   data_wait=f"{result.data_wait_ms:.0f}ms",
                   data_wait_frac=f"{result.data_wait_ms / max(result.train_time_ms, 1e-9):.4f}"))
     clock.record("training", result.train_time_ms / 1000, result.steps * h.train_batch_tokens)
+    if h.compile and model.looping != final_looping(h):  # the wallclock stopped training before LOOPING_START_STEP
+        log(f"WARNING: training ended with looping={int(model.looping)}, not the state the evaluation, TTT and "
+            f"calibration graphs were compiled for: they compile now, and evaluation time includes it")
     calib = calibrate_gptq(h, d, model, graphs.calibrate, make_loader)
     access_end = log_calibration(rc, calib, result.train_time_ms / 1000, reserve)
     pre = eval_windows(ctx, ctx.seq_len)
