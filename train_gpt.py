@@ -27,14 +27,17 @@ import difflib
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import platform
 import queue
 import re
+import shutil
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -179,6 +182,8 @@ class Hyperparameters:
                        lambda v: re.fullmatch(r"[A-Za-z0-9._-]*", v) is not None,
                        "letters, digits, '.', '_' and '-' only")
     log_dir: str = knob("logs", "folder for <RUN_ID>.txt, <RUN_ID>.json and the artifact <RUN_ID>.ptz")
+    overwrite: bool = knob(False, "1 = a RUN_ID whose outputs exist is run again; its old files are replaced only "
+                                  "when the new run has finished")
     device: str = knob("auto", "auto | cpu | cuda", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
     compute_dtype: str = knob("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32",
                               lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
@@ -205,7 +210,9 @@ class Hyperparameters:
                                _non_negative, ">= 0")
     min_lr: float = knob(0.1, "LR floor as a fraction of the peak during warmdown", _unit_interval,
                          "a number in [0, 1]")
-    train_log_every: int = knob(500, "log a train line every N steps (0 = off)", _non_negative, ">= 0")
+    train_log_every: int = knob(500, "log a train line every N steps (0 = only the always-logged ones: steps 1-2, "
+                                     "the last step, and one every 30 s and every 1/20 of ITERATIONS)",
+                                _non_negative, ">= 0")
     val_loss_every: int = knob(0, "validate every N steps (0 = only at the end)", _non_negative, ">= 0")
 
     # --- Evaluation ---
@@ -340,6 +347,8 @@ class Hyperparameters:
                            lambda v: v in COMPRESSORS, "brotli or lzma")
     eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
     artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
+    requantize: str = knob("", "a <RUN_ID>.weights.pt kept by a run that could not write its artifact: instead of "
+                               "training, quantize, pack and score those weights (same knobs as that run)")
 
     # --- Launcher topology (read from torchrun's variables; not knobs) ---
     world_size: int = 1
@@ -535,6 +544,18 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
         raise ConfigError(f"{name}={raw!r} is not allowed: expected {allowed}") from None
 
 
+def closest_knob(name: str, candidates: list[str]) -> str | None:
+    """The knob `name` looks like a misspelling of: the same name in upper case, or one close to it with or
+    without its underscores (SEEDS, SEEED, ITERATONS, COMPRESSER, seed -> SEED, ..., COMPRESSOR)."""
+    key = name.upper()
+    if key in candidates:
+        return key
+    squashed = {c.replace("_", ""): c for c in candidates}
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8) or \
+        difflib.get_close_matches(key.replace("_", ""), list(squashed), n=1, cutoff=0.8)
+    return (squashed.get(close[0], close[0])) if close else None
+
+
 def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
     known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LEGACY_VARS | LAUNCHER_VARS
@@ -551,11 +572,11 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
         if name in RETIRED_VARS:
             warnings.append(f"{name}={value!r} is ignored: {RETIRED_VARS[name]}")
             continue
-        if name in known or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name):
+        if name in known or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
             continue
-        close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
+        close = closest_knob(name, candidates)
         if close:
-            msg = f"{name}={value!r} is not a knob of train_gpt.py (did you mean {close[0]}?)"
+            msg = f"{name}={value!r} is not a knob of train_gpt.py and is ignored (did you mean {close}?)"
             if strict:
                 raise ConfigError(msg + "; STRICT_ENV=1 makes this an error")
             warnings.append(msg)
@@ -563,7 +584,7 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
 
 
 # Knobs that name or place a run but do not change it: the seeds of one sweep share a config hash.
-CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR"})
+CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR", "OVERWRITE", "REQUANTIZE"})
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -593,6 +614,91 @@ def _format_default(value: Any) -> str:
     return f"`{value}`"
 
 # ==== Logging ====
+
+
+RUN_OUTPUTS = (".txt", ".json", ".ptz")
+OUTPUT_HEADROOM_BYTES = 64 << 20  # room a run needs in LOG_DIR beyond its artifact: log, JSON, temporary files
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run writes: LOG_DIR/<RUN_ID>.txt, .json and .ptz. With OVERWRITE=1 over existing outputs the
+    run writes <RUN_ID>.new.*, and `publish` replaces the old files only once it has finished, so a rerun
+    that dies loses nothing. LOG_DIR/<RUN_ID>.lock (created exclusively, holding the pid) keeps two
+    processes off one RUN_ID."""
+    log_dir: Path
+    run_id: str
+    staged: bool
+
+    def path(self, suffix: str) -> Path:
+        """Where this run writes that output now."""
+        return self.log_dir / f"{self.run_id}{'.new' if self.staged else ''}{suffix}"
+
+    def final(self, suffix: str) -> Path:
+        return self.log_dir / f"{self.run_id}{suffix}"
+
+    @property
+    def lock(self) -> Path:
+        return self.log_dir / f"{self.run_id}.lock"
+
+    def publish(self) -> None:
+        for suffix in RUN_OUTPUTS if self.staged else ():
+            if self.path(suffix).exists():
+                os.replace(self.path(suffix), self.final(suffix))
+
+
+def claim_run_files(log_dir: Path, run_id: str, overwrite: bool, need_bytes: int) -> RunFiles:
+    """Before any work: LOG_DIR exists, is writable and has `need_bytes` free; no other process holds this
+    RUN_ID; its outputs do not exist unless OVERWRITE=1. Raises ConfigError naming what is wrong."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        probe = log_dir / f".{run_id}.probe{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"LOG_DIR={str(log_dir)!r} is not allowed: cannot write there ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(log_dir).free
+    if free < need_bytes:
+        raise ConfigError(f"LOG_DIR={str(log_dir)!r} is not allowed: {free:,} bytes free, a run needs {need_bytes:,} "
+                          f"(an artifact of TARGET_BYTES plus logs); free space or choose another LOG_DIR")
+    files = RunFiles(log_dir, run_id, False)
+    existing = [p for p in map(files.final, RUN_OUTPUTS) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"RUN_ID={run_id!r} is not allowed: {existing[0]} exists (a finished or failed run); "
+                          f"choose another RUN_ID, or OVERWRITE=1 to replace it once this run has finished")
+    take_lock(files.lock, run_id)
+    return RunFiles(log_dir, run_id, bool(existing))
+
+
+def take_lock(lock: Path, run_id: str) -> None:
+    """Create the lock file exclusively; a lock left by a process that is gone (same host) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = lock.read_text(errors="replace").split()
+            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (0, "")
+            if host == platform.node() and not pid_alive(pid):
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"RUN_ID={run_id!r} is not allowed: another process (pid {pid} on {host or '?'}) is "
+                              f"writing it ({lock}); choose another RUN_ID, or delete the lock if that process is "
+                              f"gone") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()} {platform.node()}\n")
+        return
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class Logger:
@@ -877,12 +983,14 @@ def list_shards(dataset_dir: Path, split: str) -> list[Path]:
     return files
 
 
-def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
-    """Every id must index the embedding: a larger id means the data and VOCAB_SIZE disagree (pg#1723)."""
+def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
+    """Every id must index the embedding: a larger id means the data and VOCAB_SIZE disagree (pg#1723).
+    `offset`: the position of tokens[0] in the file, so the message gives the token's place there."""
     flat = tokens.reshape(-1)
     if flat.size and int(flat.max()) >= vocab_size:
-        bad = int(np.argmax(flat >= vocab_size))
-        raise DataError(f"{where}: token id {int(flat[bad])} at position {bad} is >= VOCAB_SIZE={vocab_size}")
+        bad = offset + int(np.argmax(flat >= vocab_size))
+        raise DataError(f"{where}: token id {int(flat[bad - offset])} at token {bad} of the file (byte "
+                        f"{SHARD_HEADER_BYTES + bad * SHARD_TOKEN_DTYPE.itemsize}) is >= VOCAB_SIZE={vocab_size}")
 
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
@@ -921,6 +1029,63 @@ def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenize
         "tokenizer": str(tokenizer),
         "tokenizer_sha256": sha256_file(tokenizer),
     }
+
+
+# The challenge's validation split (the first 50,000 documents of docs_selected.jsonl) as each published
+# tokenizer cuts it: targets after truncation to 2048-token sequences, from the records' logs (techniques.md
+# 2.1: sp1024 from willdepueoai/parameter-golf, sp4096 and sp8192 from kevclark/parameter-golf). CaseOps
+# data (47,851,520 targets) counts bytes from a sidecar this script does not read yet, so it is not listed.
+CHALLENGE_VAL_DOCUMENTS = 50_000
+CHALLENGE_SEQ_LEN = 2048
+CHALLENGE_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
+# What a dataset folder says about itself: data/tokenize_docs.py and data/make_sample.py write manifest.json,
+# data/cached_challenge_fineweb.py writes download.json.
+DATASET_MANIFESTS = ("manifest.json", "download.json")
+
+
+def manifest_tokenizer_sha256(manifest: dict[str, Any]) -> str | None:
+    """The tokenizer a dataset manifest says its shards were made with: tokenize_docs.py's
+    `tokenizer.sha256`, or the one `*.model` file listed under `files` (make_sample.py, the downloader)."""
+    tok = manifest.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("sha256"), str):
+        return tok["sha256"]
+    files = manifest.get("files")
+    hashes = [v.get("sha256") for k, v in files.items() if k.endswith(".model") and isinstance(v, dict)] \
+        if isinstance(files, dict) else []
+    return hashes[0] if len(hashes) == 1 and isinstance(hashes[0], str) else None
+
+
+def dataset_identity(dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str) -> dict[str, Any]:
+    """The manifest beside the shards and the tokenizer it records. A tokenizer other than the one the shards
+    were made with is refused: its byte tables would count the wrong bytes, and the BPB self-check, which
+    decodes with that same tokenizer, cannot notice."""
+    path = next((Path(dataset_dir) / n for n in DATASET_MANIFESTS if (Path(dataset_dir) / n).is_file()), None)
+    if path is None:
+        return {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable dataset manifest ({type(exc).__name__}: {exc})") from None
+    recorded = manifest_tokenizer_sha256(manifest) if isinstance(manifest, dict) else None
+    if recorded is not None and recorded != tokenizer_sha256:
+        raise DataError(f"{tokenizer}: sha256 {tokenizer_sha256} is not the tokenizer {recorded} that {path} records "
+                        f"for these shards: the byte counts would be wrong; set TOKENIZER_PATH to the tokenizer the "
+                        f"data was made with")
+    return {"manifest": str(path), "manifest_sha256": sha256_file(path), "manifest_tokenizer_sha256": recorded}
+
+
+def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_val_tokens: int) -> tuple[bool, str]:
+    """Whether the scored stream is the challenge's validation split: (reportable, why)."""
+    if max_val_tokens:
+        return False, f"MAX_VAL_TOKENS={max_val_tokens}: a prefix of the validation split"
+    expected = CHALLENGE_VAL_TARGETS.get(vocab_size)
+    if expected is None:
+        return False, f"no published challenge validation split for VOCAB_SIZE={vocab_size}"
+    targets = (val_tokens_raw - 1) // CHALLENGE_SEQ_LEN * CHALLENGE_SEQ_LEN
+    if (documents, targets) != (CHALLENGE_VAL_DOCUMENTS, expected):
+        return False, (f"not the challenge's validation split: {documents:,} documents and {targets:,} targets at "
+                       f"{CHALLENGE_SEQ_LEN}, the sp{vocab_size} split has {CHALLENGE_VAL_DOCUMENTS:,} and {expected:,}")
+    return True, f"the challenge's sp{vocab_size} validation split ({CHALLENGE_VAL_DOCUMENTS:,} documents, {expected:,} targets)"
 
 
 class TrainLoader:
@@ -984,7 +1149,10 @@ class TrainLoader:
         for sid in np.unique(shard_ids):
             rows = np.flatnonzero(shard_ids == sid)
             block = self._windows[sid][starts[rows]]
-            check_token_range(block, self.vocab_size, str(self.files[sid]))
+            if block.size and int(block.max()) >= self.vocab_size:  # name the token's place in the file
+                r, c = np.argwhere(block >= self.vocab_size)[0]
+                check_token_range(np.asarray(self.shards[sid][starts[rows[r]] + c:][:1]), self.vocab_size,
+                                  str(self.files[sid]), offset=int(starts[rows[r]] + c))
             out[rows] = block
 
     def _produce(self) -> None:
@@ -1056,7 +1224,10 @@ def load_tokenizer(path: Path, vocab_size: int):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file not found (set TOKENIZER_PATH or DATA_DIR)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise DataError(f"{path}: not a readable SentencePiece model ({str(exc).splitlines()[0][:120]})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab_size={sp.vocab_size()} does not match VOCAB_SIZE={vocab_size}")
     if sp.bos_id() != BOS_ID:  # document boundaries (BPB, SmearGate, BigramHash) are found by this id
@@ -1083,7 +1254,10 @@ def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
         if sp.is_byte(i):
             base[i] = 1  # <0xNN> byte-fallback piece = exactly one byte of the document
             continue
-        piece = sp.id_to_piece(i)
+        try:
+            piece = sp.id_to_piece(i)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: piece {i} is not UTF-8: a damaged tokenizer file; fetch or build it again") from None
         if piece.startswith(LEADING_SPACE):
             space[i] = True
             piece = piece[1:]
@@ -2340,6 +2514,10 @@ GPTQ_RESERVE_SAFETY = 1.25  # auto reserve = probe time x batches x this + GPTQ_
 GPTQ_RESERVE_PAD_S = 0.5
 
 
+class OutputError(RuntimeError):
+    """An output could not be written (disk full, permissions): the message says what was kept, and where."""
+
+
 class ArtifactError(ValueError):
     """An artifact that cannot be read back: the message names the file and what is wrong."""
 
@@ -3391,6 +3569,17 @@ def gptq_reserve(h: Hyperparameters, d: DistInfo, model: GPT, graphs: Graphs,
     return reserve
 
 
+PROGRESS_SECONDS = 30.0  # a progress line at least this often, whatever TRAIN_LOG_EVERY
+PROGRESS_POINTS = 20  # and at least this many over ITERATIONS: the JSON's loss curve has points for any length
+
+
+def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_time: float, last_step: bool) -> bool:
+    """Whether step `step` gets a progress line: the first two, the last, every TRAIN_LOG_EVERY, every
+    1/PROGRESS_POINTS of ITERATIONS and at least every PROGRESS_SECONDS of training time."""
+    return (step <= 2 or last_step or step == h.iterations or bool(h.train_log_every and step % h.train_log_every == 0)
+            or step % max(1, h.iterations // PROGRESS_POINTS) == 0 or train_time - last_line_time >= PROGRESS_SECONDS)
+
+
 def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, train_time: float, cap: float,
                   log: Logger) -> float:
     """Looping, LR scale, late QAT and momentum for this step; returns the LR scale."""
@@ -3445,7 +3634,7 @@ def train(h: Hyperparameters, d: DistInfo, model: GPT, graphs: Graphs, opt: Opti
             if nonfinite > 0:
                 raise TrainingDiverged(f"step:{step} train_loss:{last_loss} is not finite; the run stopped. "
                                        f"Lower MATRIX_LR/TIED_EMBED_LR/SCALAR_LR or set GRAD_CLIP_NORM")
-            if h.train_log_every and (step % h.train_log_every == 0 or step <= 2):
+            if progress_due(h, step, train_time, window_start[0], time_up > 0):
                 # Step-time breakdown: mean ms per step of each phase since the previous line.
                 phases = timer.summary_ms()
                 window_s, window_steps = train_time - window_start[0], step - window_start[1]
@@ -3500,9 +3689,10 @@ class DataBundle:
     train_files: list[Path]
     val_tokens: np.ndarray
     luts: dict[str, Tensor]
-    fingerprint: dict[str, Any]
+    fingerprint: dict[str, Any]  # shard counts, hashes, the manifest and the tokenizer it records
     check: BPBCheck
-    reportable: bool  # False when MAX_VAL_TOKENS cut the validation split
+    reportable: bool  # only the challenge's whole validation split
+    reportable_reason: str
 
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
@@ -3515,11 +3705,15 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     train_files = list_shards(h.dataset_dir, "train")
     val_files = list_shards(h.dataset_dir, "val")
     fingerprint = dataset_fingerprint(train_files, val_files, h.tokenizer_file)
+    fingerprint.update(dataset_identity(h.dataset_dir, h.tokenizer_file, fingerprint["tokenizer_sha256"]))
     val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size, h.max_val_tokens)
     fingerprint["val_tokens"] = int(val_tokens.size - 1)  # scored targets after truncation
     max_docs = None if h.bpb_check_docs == "all" else int(h.bpb_check_docs)
     check = bpb_self_check(val_tokens, sp, byte_luts, max_docs, source=str(h.dataset_dir / "fineweb_val_*.bin"))
-    return DataBundle(train_files, val_tokens, luts, fingerprint, check, h.max_val_tokens == 0)
+    fingerprint["val_documents"] = check.documents
+    reportable, reason = challenge_split(h.vocab_size, fingerprint["val_tokens_raw"], check.documents, h.max_val_tokens)
+    fingerprint["challenge_split"] = reportable
+    return DataBundle(train_files, val_tokens, luts, fingerprint, check, reportable, reason)
 
 
 def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
@@ -3527,9 +3721,15 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
     log(format_kv(bpb_self_check="ok", documents_checked=f"{c.checked}/{c.documents}", val_documents=c.documents,
                   val_targets=c.targets, val_bytes=c.bytes, unknown_tokens=c.unknown_tokens,
                   rule="lookup-table bytes == UTF-8 bytes of the decoded documents"))
+    fp = data.fingerprint
+    log(format_kv(dataset=h.dataset_dir, manifest=fp["manifest"] or "none",
+                  tokenizer_sha256=fp["tokenizer_sha256"], manifest_tokenizer_sha256=fp["manifest_tokenizer_sha256"]
+                  or "none", reportable="yes" if data.reportable else "no", reason=data.reportable_reason))
+    if fp["manifest"] is None:
+        log(f"WARNING: no {' or '.join(DATASET_MANIFESTS)} beside the shards in {h.dataset_dir}: nothing ties "
+            f"them to the tokenizer {h.tokenizer_file}, so a mismatch cannot be caught")
     if not data.reportable:
-        log(f"WARNING: MAX_VAL_TOKENS={h.max_val_tokens}: only the first {c.targets} validation targets are "
-            f"scored; this run is NOT reportable")
+        log(f"WARNING: this run is NOT reportable: {data.reportable_reason}")
 
 
 def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, fingerprint: dict[str, Any],
@@ -3543,11 +3743,11 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
             "world_size": d.world_size, "resolved_grad_accum_steps": h.accum_steps,
             "resolved_attn_backend": backend, "code_sha256": hashlib.sha256(code).hexdigest(),
             "code_bytes": len(code), "config_hash": config_hash(h.knob_values())}
+    for w in h.env_warnings:  # first: a misspelt knob changes what the config block below means
+        log(f"WARNING: {w}")
     log("config:")
     for key in sorted(info):
         log(f"  {key}: {info[key]}")
-    for w in h.env_warnings:
-        log(f"WARNING: {w}")
     if (backend == "sdpa" and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] == 9):
         log("WARNING: " + "!" * 60)
         log("WARNING: Hopper GPU without FlashAttention 3 or 4 (flash_attn_interface / flash_attn.cute): attention "
@@ -3567,6 +3767,7 @@ class RunContext:
     backend: str
     log: Logger
     clock: PhaseClock
+    files: RunFiles | None
 
 
 def log_model(h: Hyperparameters, model: GPT, opt: Optimizers, log: Logger) -> None:
@@ -3584,11 +3785,33 @@ def log_model(h: Hyperparameters, model: GPT, opt: Optimizers, log: Logger) -> N
         log(format_kv(param=name, group=group, numel=numel), console=False)
 
 
+def default_run_id(preset: str) -> str:
+    """<preset>_<UTC time to the microsecond>_<pid>: two runs started in the same second differ."""
+    return f"{preset}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S_%f}_{os.getpid()}"
+
+
+def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
+    """Rank 0 checks LOG_DIR and takes the RUN_ID (claim_run_files); every rank gets its answer."""
+    if h.dry_run:
+        return None
+    need = OUTPUT_HEADROOM_BYTES + (0 if h.eval_only else h.target_bytes)
+    staged, error = None, None
+    if d.is_main:
+        try:
+            staged = claim_run_files(Path(h.log_dir), h.run_id, h.overwrite, need).staged
+        except ConfigError as exc:
+            error = str(exc)
+    staged, error = broadcast_object((staged, error))
+    if error:
+        raise ConfigError(error)
+    return RunFiles(Path(h.log_dir), h.run_id, staged)
+
+
 def run(h: Hyperparameters) -> int:
     d = setup_distributed(h)
-    run_id = h.run_id or broadcast_object(f"{h.preset}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}")
-    h = dataclasses.replace(h, run_id=run_id)
-    log = Logger(None if h.dry_run else Path(h.log_dir) / f"{run_id}.txt", enabled=d.is_main)
+    h = dataclasses.replace(h, run_id=h.run_id or broadcast_object(default_run_id(h.preset)))
+    files = claim_outputs(h, d)
+    log = Logger(None if files is None else files.path(".txt"), enabled=d.is_main)
     clock = PhaseClock(d.device, log)
     try:
         code = Path(__file__).resolve().read_bytes()
@@ -3600,23 +3823,30 @@ def run(h: Hyperparameters) -> int:
         versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
         if data is not None:
             log_data_checks(h, data, log)
-        rc = RunContext(h, d, data, code, versions, backend, log, clock)
+        rc = RunContext(h, d, data, code, versions, backend, log, clock, files)
         torch.manual_seed(h.seed)
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
         if h.eval_only and not h.dry_run:
             return evaluate_artifact(rc, model, meta)
         flatten_parameters(model)
+        if h.requantize and not h.dry_run:
+            return requantize(rc, model)
         opt = Optimizers(model, h, d.rank, d.world_size)
         log_model(h, model, opt, log)
         if h.dry_run:
             log("dry_run:ok (no data read, nothing written)")
             return 0
         return train_and_evaluate(rc, model, opt)
-    except (ConfigError, ArtifactError, TrainingDiverged) as exc:
+    except (ConfigError, ArtifactError, TrainingDiverged, OutputError) as exc:
         log(f"error: {exc}", console=False)  # the log file keeps the reason; main() prints it to stderr
+        raise
+    except KeyboardInterrupt:
+        log("error: interrupted (SIGINT)", console=False)
         raise
     finally:
         log.close()
+        if files is not None and d.is_main:
+            files.lock.unlink(missing_ok=True)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -3696,7 +3926,7 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
 
 
 def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_ms: float, eval_s: float,
-                     bytes_total: int, reportable: bool, label: str, calibration: str) -> list[str]:
+                     bytes_total: int, data: DataBundle, label: str, calibration: str) -> list[str]:
     """The lines a reviewer checks, each with how this run satisfies it (pitfalls C-F, the public field guide)."""
     def ok(flag: bool) -> str:
         return "ok" if flag else "OVER"
@@ -3720,9 +3950,12 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
                       if h.ttt_enabled else "no test-time training: weights are fixed during evaluation"),
         format_kv(compliance="single_pass", value="yes", how="each validation target scored exactly once (coverage "
                                                              "checked)"),
-        format_kv(compliance="reportable", value="yes" if reportable else "NO",
-                  how=f"score from eval:{label} on the full validation split" if reportable
-                  else f"MAX_VAL_TOKENS={h.max_val_tokens}: a prefix only"),
+        format_kv(compliance="dataset", manifest_sha256=data.fingerprint["manifest_sha256"] or "none",
+                  val_sha256=data.fingerprint["val_sha256"], val_documents=data.fingerprint["val_documents"],
+                  tokenizer_sha256=data.fingerprint["tokenizer_sha256"]),
+        format_kv(compliance="reportable", value="yes" if data.reportable else "NO",
+                  how=f"score from eval:{label} on {data.reportable_reason}" if data.reportable
+                  else data.reportable_reason),
     ]
     return lines
 
@@ -3743,11 +3976,13 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
                     "config": h.knob_values(), "config_hash": config_hash(h.knob_values()),
                     "code_sha256": hashlib.sha256(rc.code).hexdigest(), "versions": rc.versions,
                     "attention_backend": rc.backend, "dataset": rc.data.fingerprint, "reportable": rc.data.reportable,
+                    "reportable_reason": rc.data.reportable_reason,
                     "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
                     "phases": rc.clock.rows, "wall_seconds": round(wall, 3)})
     if rc.d.is_main:
-        atomic_write_bytes(Path(h.log_dir) / f"{h.run_id}.json",
+        atomic_write_bytes(rc.files.path(".json"),
                            (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode())
+        rc.files.publish()  # OVERWRITE=1: only now do the new files replace the old ones
     rc.log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:{label} bytes_total:{bytes_total} "
            f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
            f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
@@ -3781,7 +4016,7 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
     even if a later phase dies, and the score always comes from what was written). Returns its path and
     the quantization report for the JSON."""
     h, log, code = rc.h, rc.log, rc.code
-    artifact_path = Path(h.log_dir) / f"{h.run_id}.ptz"
+    artifact_path = rc.files.path(".ptz")
     packed_already = unpack_self_extracting(code) is not None
     bytes_code_packed = len(code if packed_already else self_extracting_source(code))
     log(format_kv(code_bytes=len(code), code_bytes_packed=bytes_code_packed,
@@ -3790,6 +4025,7 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
     log(format_kv(target_bytes=h.target_bytes, target_note="decimal bytes (TARGET_MB=15.9 means 15,900,000; "
                   "15.9 MiB would be over the 16,000,000 cap)", size_margin=h.size_margin_bytes, model_budget=budget))
     report: dict[str, Any] = {"code_bytes_packed": bytes_code_packed}
+    failure = None
     if rc.d.is_main:
         # Only what decides the weights and their evaluation: the same run twice writes the same bytes.
         config = {k: v for k, v in h.knob_values().items() if k.lower() not in EVAL_ONLY_ENV_KNOBS}
@@ -3797,7 +4033,10 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
                 "looping": model.looping}
         spec = QuantSpec.from_hparams(h)
         fit = fit_artifact(model.state_dict(), spec, hessians, budget, meta, log)
-        atomic_write_bytes(artifact_path, fit.blob)
+        try:
+            atomic_write_bytes(artifact_path, fit.blob)
+        except OSError as exc:
+            failure = f"{artifact_path}: could not write the artifact ({exc.strerror or exc}); {keep_weights(rc, model, hessians, steps)}"
         rc.clock.record("quantization", fit.quant_seconds)
         report.update(fits=fit.fits, attempts=fit.attempts, quant_seconds=fit.quant_seconds,
                       clip_sigmas=dict(fit.spec.clip), bits=dict(fit.spec.bits), entropy=fit.entropy)
@@ -3810,8 +4049,29 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
         if not fit.fits:
             log(f"WARNING: the artifact did not fit the budget of {budget:,} model bytes after {len(fit.attempts)} "
                 f"attempts; raise MATRIX_CLIP_SIGMAS or lower MATRIX_BITS")
-    barrier()
+    failure = broadcast_object(failure)  # every rank stops together
+    if failure:
+        raise OutputError(failure)
     return artifact_path, report
+
+
+def keep_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> str:
+    """The artifact could not be written: save what training made (weights, GPTQ Hessians, the config) in
+    LOG_DIR or else the temporary folder, so REQUANTIZE can finish the run; returns where, as a sentence."""
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "hessians": {k: v.cpu() for k, v in (hessians or {}).items()}, "config": rc.h.knob_values(),
+               "steps": steps, "looping": model.looping}
+    for folder in (rc.files.log_dir, Path(tempfile.gettempdir())):
+        path = folder / f"{rc.h.run_id}.weights.pt"
+        try:
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError:
+            continue
+        return (f"the trained weights are kept in {path}: REQUANTIZE={path} with the same knobs (and another "
+                f"RUN_ID or LOG_DIR) quantizes, packs and scores them")
+    return "the trained weights could not be saved either (LOG_DIR and the temporary folder refused them)"
 
 
 def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
@@ -3851,17 +4111,17 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     log(format_kv(quant_gap_bpb=f"{ev.results['roundtrip'].val_bpb - pre.val_bpb:.6f}", pre_quant=f"{pre.val_bpb:.8f}",
                   roundtrip=f"{ev.results['roundtrip'].val_bpb:.8f}"))
     bytes_model = artifact_path.stat().st_size
-    log(format_kv(artifact=artifact_path))
+    log(format_kv(artifact=rc.files.final(".ptz")))
     bytes_total = report_size(h, bytes_model, len(rc.code), log)
     for line in compliance_block(h, result.train_time_ms, access_end * 1000, ev.seconds, bytes_total,
-                                 data.reportable, ev.label, calib.source):
+                                 data, ev.label, calib.source):
         log(line)
     metrics = {
         "pre_quant": {"val_loss": pre.val_loss, "val_bpb": pre.val_bpb}, "stopped_by": result.stopped_by,
         "data_wait_ms": round(result.data_wait_ms), "gptq_reserve_s": reserve, "calib_ms": round(calib.seconds * 1000),
         "train_data_access_end_ms": round(access_end * 1000), "quant": quant_report,
         "bpb_check": dataclasses.asdict(data.check), "code_bytes_packed": quant_report["code_bytes_packed"],
-        "artifact": str(artifact_path), "history": result.history,
+        "artifact": str(rc.files.final(".ptz")), "history": result.history,
     }
     return finish(rc, ev, bytes_model, result.train_time_ms, result.steps, metrics)
 
@@ -3869,7 +4129,8 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
 # Knobs EVAL_ONLY takes from the environment; every other knob comes from the artifact's own config.
 EVAL_ONLY_ENV_KNOBS = frozenset({
     "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device",
-    "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend",
+    "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite",
+    "requantize",
     "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
     "ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip",
 })
@@ -3893,27 +4154,57 @@ def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, sour
 
 def evaluate_artifact(rc: RunContext, model: GPT, meta: dict[str, Any]) -> int:
     """EVAL_ONLY=1: score an existing artifact exactly as the training run did, without training."""
+    rc.log(format_kv(eval_only=rc.h.artifact))
+    return score_untrained(rc, model, bool(meta.get("looping", False)), lambda graphs: Path(rc.h.artifact),
+                           meta.get("steps", 0), {"eval_only": True, "artifact": rc.h.artifact})
+
+
+def requantize(rc: RunContext, model: GPT) -> int:
+    """REQUANTIZE=<RUN_ID>.weights.pt: finish a run whose artifact could not be written (keep_weights), with
+    the knobs it ran with: quantize its trained weights on its Hessians, pack, and score."""
+    h, path = rc.h, Path(rc.h.requantize)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state, hessians, config = payload["state_dict"], payload["hessians"], payload["config"]
+    except Exception as exc:  # a missing file, not a torch file, or another dict: all one answer
+        raise ConfigError(f"REQUANTIZE={h.requantize!r} is not allowed: not a weights file kept by train_gpt.py "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    if config_hash(config) != config_hash(h.knob_values()):
+        raise ConfigError(f"REQUANTIZE={h.requantize!r} is not allowed: it was trained with other knobs (config hash "
+                          f"{config_hash(config)[:12]}, this run {config_hash(h.knob_values())[:12]}); use its knobs")
+    model.load_state_dict(state)
+    hessians = {k: v.to(rc.d.device) for k, v in hessians.items()} or None
+    rc.log(format_kv(requantize=path, steps=payload["steps"]))
+    return score_untrained(rc, model, bool(payload["looping"]),
+                           lambda graphs: write_artifact(rc, model, hessians, payload["steps"])[0],
+                           payload["steps"], {"requantized_from": str(path), "artifact": str(rc.files.final(".ptz"))})
+
+
+def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callable[["Graphs"], Path], steps: int,
+                    metrics: dict[str, Any]) -> int:
+    """The end of a run that trains nothing here (EVAL_ONLY, REQUANTIZE): warm-ups, the artifact, the
+    evaluations, size and compliance lines (without the training ones: the training run's log has them)."""
     h, log = rc.h, rc.log
     graphs = Graphs.build(h, model)
-    looping = bool(meta.get("looping", False))  # as the training run's own evaluation
     rc.clock.record("startup", rc.clock.wall_seconds())
     for name, seconds in warm_up_graphs(h, rc.d, model, graphs, looping, training_run=False).items():
         rc.clock.record(f"warmup_{name}", seconds)
     model.set_looping(looping)
-    log(format_kv(eval_only=h.artifact))
+    path = artifact(graphs)
     ctx = EvalContext.build(h, rc.d, graphs.model, rc.data.val_tokens, rc.data.luts)
-    ev = run_evaluations(rc, model, ctx, Path(h.artifact))
-    bytes_model = Path(h.artifact).stat().st_size
+    ev = run_evaluations(rc, model, ctx, path)
+    bytes_model = path.stat().st_size
     bytes_total = report_size(h, bytes_model, len(rc.code), log)
-    for line in compliance_block(h, 0.0, 0.0, ev.seconds, bytes_total, rc.data.reportable, ev.label, "n/a (eval only)"):
+    for line in compliance_block(h, 0.0, 0.0, ev.seconds, bytes_total, rc.data, ev.label, "n/a (nothing trained here)"):
         if not line.startswith(("compliance:train_time", "compliance:train_data_access_end")):
             log(line)
     # train_time_ms:0: nothing was trained here (the training run's log has its time).
-    return finish(rc, ev, bytes_model, 0, meta.get("steps", 0), {"eval_only": True, "artifact": h.artifact})
+    return finish(rc, ev, bytes_model, 0, steps, metrics)
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
-    """Entry point; returns the process exit code (2: bad input, 3: training diverged)."""
+    """Entry point; returns the process exit code (2: bad input, 3: training diverged, 4: an output could not
+    be written, 130: interrupted)."""
     try:
         h = Hyperparameters.from_env(env)
         return run(h)
@@ -3923,6 +4214,13 @@ def main(env: Mapping[str, str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 4
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT); outputs written so far are kept, nothing was finished", file=sys.stderr,
+              flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ different dataset repositories (pitfalls.md §M). This tool:
   * checks every file, local or freshly downloaded, against the size and hash the hub lists for
     that commit (LFS sha256, or the git blob id for small files); a wrong file is fetched again,
     and a download that does not match is never moved into place;
-  * retries 429 and 5xx answers and dropped connections with exponential backoff;
+  * retries 429 and 5xx answers and dropped connections with exponential backoff, but stops at the
+    first failure to resolve a host name (DNS): the machine is offline, and retrying cannot help;
   * sends HF_TOKEN (or the token saved by `hf auth login`) when there is one;
   * prints one line per file and a closing summary (files, bytes, shards, tokens).
 
@@ -42,11 +43,13 @@ import json
 import os
 import random
 import re
+import socket
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent
@@ -182,6 +185,35 @@ def transient_reason(exc: BaseException) -> str | None:
     return None
 
 
+# How getaddrinfo's failure reads once a library has copied its text into an exception of its own
+# without the original as cause (glibc EAI_NONAME and EAI_AGAIN, macOS, Windows).
+NAME_RESOLUTION_TEXT = ("name or service not known", "temporary failure in name resolution",
+                        "nodename nor servname provided", "getaddrinfo failed")
+
+
+def unresolved_host(exc: BaseException) -> str | None:
+    """The host name whose DNS lookup failed in exc (socket.gaierror, however huggingface_hub, httpx
+    or urllib3 wrapped it), or None when exc is something else."""
+    chain = list(error_chain(exc))
+    if not any(isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError"
+               or any(t in str(e).lower() for t in NAME_RESOLUTION_TEXT) for e in chain):
+        return None
+    for e in chain:
+        try:  # httpx errors carry the request (reading .request raises when they do not)
+            host = e.request.url.host  # type: ignore[attr-defined]
+        except Exception:
+            host = getattr(getattr(e, "conn", None), "host", None)  # urllib3's NameResolutionError
+        if isinstance(host, str) and host:
+            return host
+    return urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "the hub"
+
+
+def offline_error(what: str, host: str) -> DownloadError:
+    return DownloadError(f"{what}: cannot resolve the host name {host}: this machine appears to be offline (or its "
+                         "DNS does not work); connect it to the network, or set HF_ENDPOINT to a hub it can "
+                         "reach, and run again (files already in place are kept)")
+
+
 def retry_after_seconds(exc: BaseException) -> float | None:
     """The server's Retry-After (seconds form), if the error carries a response with one."""
     for e in error_chain(exc):
@@ -199,11 +231,15 @@ def with_retries(what: str, fn: Callable[[], T], retries: int, base_seconds: flo
                  sleep: Callable[[float], None] = time.sleep) -> T:
     """Call fn; on a transient failure wait base * 2^attempt seconds (at most MAX_RETRY_SECONDS,
     with 0-25% jitter so parallel clients spread out, and at least the server's Retry-After)
-    and try again, up to `retries` more times. Other errors propagate at once."""
+    and try again, up to `retries` more times. A host name that does not resolve raises
+    DownloadError at once (offline: every retry would fail the same way); other errors propagate."""
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as exc:
+            host = unresolved_host(exc)
+            if host is not None:
+                raise offline_error(what, host) from exc
             reason = transient_reason(exc)
             if reason is None or attempt == retries:
                 raise

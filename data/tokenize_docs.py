@@ -7,7 +7,8 @@ shards (pitfalls.md §B: `--val-docs 10000` leaked 80% of val into train in 15 o
 CaseOps-lineage PRs). Here the split is structural: document i goes to val when i < --val-docs and
 to train otherwise, there is no other path, the default is the challenge's 50,000, and the
 manifest states the document ranges, counts, token counts, hashes, and how many training documents
-repeat a validation document's exact text (duplicates inside the source file).
+repeat a validation document's exact text (duplicates inside the source file). A --val-docs that
+would leave no training document is refused before anything is trained or encoded.
 
 Input: one JSON object per line with a string "text" (the schema of the challenge's
 `docs_selected.jsonl`); other fields are ignored, blank lines are skipped. Each document is stored
@@ -114,6 +115,19 @@ class DocReader:
         self.complete = True
 
 
+def count_documents(path: Path, limit: int) -> int:
+    """Documents in path by DocReader's rule (a non-blank line is a document), counting no further
+    than `limit`: enough to check --val-docs without reading a 40 GB file to its end."""
+    n = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                n += 1
+                if n >= limit:
+                    break
+    return n
+
+
 def batched(docs: Iterator[Doc], n: int) -> Iterator[list[Doc]]:
     batch: list[Doc] = []
     for d in docs:
@@ -137,6 +151,24 @@ def load_specs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UsageError(f"--specs-file={path}: not a tokenizer spec file ({exc})") from None
 
 
+def read_model(spm, path: Path, flag: str):
+    """path loaded as a SentencePiece model with every piece read once, so a damaged file (random
+    bytes, a truncated download, a piece that is not UTF-8) is refused here in one line."""
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0].removeprefix("INTERNAL: ") if str(exc) else type(exc).__name__
+        raise UsageError(f"{flag}={path} is not a readable SentencePiece model ({first}): expected a .model "
+                         "file written by SentencePiece; fetch or build it again") from None
+    for i in range(sp.vocab_size()):
+        try:
+            sp.id_to_piece(i)
+        except UnicodeDecodeError:
+            raise UsageError(f"{flag}={path} is not a readable SentencePiece model (piece {i} is not UTF-8): the "
+                             "file is damaged; fetch or build it again") from None
+    return sp
+
+
 def load_model(path: Path, flag: str):
     """A SentencePiece model that train_gpt.py accepts: BOS id 1, a standalone '▁' piece (so its
     byte tables are right), and ids that fit uint16 shards."""
@@ -145,11 +177,7 @@ def load_model(path: Path, flag: str):
     tg = train_gpt()
     if not path.is_file():
         raise UsageError(f"{flag}={path}: file not found")
-    try:
-        vocab = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    except (OSError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"{flag}={path}: not a SentencePiece model ({first})") from None
+    vocab = read_model(spm, path, flag).vocab_size()
     if vocab > MAX_VOCAB:
         raise UsageError(f"{flag}={path}: vocab_size {vocab} does not fit uint16 shards (at most {MAX_VOCAB})")
     try:
@@ -312,7 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--tokenizer", type=Path, help="an existing SentencePiece .model")
     src.add_argument("--spec", help="train a tokenizer with this spec from --specs-file (sp1024, sp4096, sp8192)")
     p.add_argument("--output", type=Path, required=True, help="folder for the shards, tokenizer and manifest.json")
-    p.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS,
+    p.add_argument("--val-docs", type=int, default=None,
                    help=f"the first N documents are the validation split (default {DEFAULT_VAL_DOCS:,}, "
                         "the challenge's)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
@@ -330,6 +358,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    args.val_docs_is_default = args.val_docs is None
+    if args.val_docs is None:
+        args.val_docs = DEFAULT_VAL_DOCS
     if not args.docs.is_file():
         raise UsageError(f"--docs={args.docs}: file not found")
     if args.val_docs < 1:
@@ -354,6 +385,26 @@ def check_args(args: argparse.Namespace) -> None:
         if existing:
             raise UsageError(f"--output={out} already holds a dataset ({', '.join(existing[:3])}"
                              f"{', ...' if len(existing) > 3 else ''}); pass --force to replace it")
+    check_val_docs(args)  # last: it reads the file
+
+
+def check_val_docs(args: argparse.Namespace) -> None:
+    """--val-docs must leave at least one training document: checked against the file before any
+    tokenizer is trained or document encoded (reading at most --val-docs + 1 documents)."""
+    n = count_documents(args.docs, args.val_docs + 1)
+    if n > args.val_docs:
+        return
+    value = f"--val-docs={args.val_docs}"
+    if args.val_docs_is_default:
+        value += " (the default, the challenge's split)"
+    if n < 2:
+        raise UsageError(f"{value} is not allowed: --docs={args.docs} has {n} document(s) (non-blank lines); a "
+                         "split needs at least 2, one for validation and one for training")
+    if args.val_docs_is_default:
+        raise UsageError(f"{value} is not allowed: --docs={args.docs} has only {n:,} documents (non-blank lines), "
+                         f"fewer than the default; pass --val-docs with a value from 1 to {n - 1:,}")
+    raise UsageError(f"{value} is not allowed: --docs={args.docs} has {n:,} documents (non-blank lines), so it "
+                     f"leaves no training documents; expected a value from 1 to {n - 1:,}")
 
 
 def install(tmp_dir: Path, out: Path) -> None:
@@ -427,9 +478,9 @@ def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
     progress.done()
     seconds = time.perf_counter() - t0
     total_docs = stats["val"].documents + stats["train"].documents + dropped
-    if stats["train"].documents == 0:
-        raise UsageError(f"--val-docs={args.val_docs} leaves no training documents: --docs={args.docs} has "
-                         f"{total_docs:,} documents; pass a smaller --val-docs")
+    if stats["train"].documents == 0:  # check_val_docs left one: all were dropped as validation repeats
+        raise UsageError(f"--drop-val-duplicates left no training documents: all {dropped:,} documents after "
+                         f"--val-docs={args.val_docs} repeat a validation document's text in --docs={args.docs}")
     for w in writers.values():
         w.flush()
 

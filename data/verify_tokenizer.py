@@ -80,6 +80,24 @@ def read_texts(path: Path, limit: int) -> Iterator[str]:
             yield text
 
 
+def read_model(spm, path: Path, flag: str):
+    """path loaded as a SentencePiece model with every piece read once, so a damaged file (random
+    bytes, a truncated download, a piece that is not UTF-8) is refused here in one line."""
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0].removeprefix("INTERNAL: ") if str(exc) else type(exc).__name__
+        raise UsageError(f"{flag}={path} is not a readable SentencePiece model ({first}): expected a .model "
+                         "file written by SentencePiece; fetch or build it again") from None
+    for i in range(sp.vocab_size()):
+        try:
+            sp.id_to_piece(i)
+        except UnicodeDecodeError:
+            raise UsageError(f"{flag}={path} is not a readable SentencePiece model (piece {i} is not UTF-8): the "
+                             "file is damaged; fetch or build it again") from None
+    return sp
+
+
 def target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
     """bytes[p] = bytes train_gpt counts when token p is the target and p-1 the context; 0 at p=0."""
     import torch
@@ -102,11 +120,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     tg = train_gpt()
     if not args.tokenizer.is_file():
         raise UsageError(f"--tokenizer={args.tokenizer}: file not found")
-    try:
-        vocab = spm.SentencePieceProcessor(model_file=str(args.tokenizer)).vocab_size()
-    except (OSError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"--tokenizer={args.tokenizer}: not a SentencePiece model ({first})") from None
+    vocab = read_model(spm, args.tokenizer, "--tokenizer").vocab_size()
     try:
         sp = tg.load_tokenizer(args.tokenizer, vocab)
         luts = tg.build_byte_luts(sp, args.tokenizer)
@@ -114,7 +128,8 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--tokenizer: {exc}") from None
     if not args.data.is_dir():
         raise UsageError(f"--data={args.data}: not a folder")
-    try:
+    try:  # the tokenizer the shards were made with, as their manifest records it (what train_gpt.py checks)
+        tg.dataset_identity(args.data, args.tokenizer, tg.sha256_file(args.tokenizer))
         files = tg.list_shards(args.data, "val")
         tokens = np.concatenate([np.asarray(tg.load_shard(f)) for f in files])
         tg.check_token_range(tokens, vocab, f"{args.data}/fineweb_val_*.bin")

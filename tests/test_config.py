@@ -455,7 +455,7 @@ def test_dry_run_subprocess(tmp_path):
         if f.name not in shadowed:
             assert config[f.name] == str(getattr(h, f.name)).strip(), f.name
     assert config["resolved_grad_accum_steps"] == str(h.accum_steps) and config["world_size"] == "1"
-    assert config["resolved_device"] == "cpu" and config["device"] == h.device and re.fullmatch(r"smoke_\d{8}_\d{6}", config["run_id"])
+    assert config["resolved_device"] == "cpu" and config["device"] == h.device and re.fullmatch(r"smoke_\d{8}_\d{6}_\d{6}_\d+", config["run_id"])
 
     # parameter counts
     n = _model_param_count(knobs)

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -426,7 +427,8 @@ def test_unknown_repository_revision_and_variant_on_the_hub(hub, tmp_path):
     assert data_gets(hub) == 1  # the sp1024 manifest for the first call; no data file
 
 
-def test_retry_policy_backs_off_exponentially_and_stops():
+def load_tool():
+    """Import the downloader as a module (data/ is not a package)."""
     spec = importlib.util.spec_from_file_location("cached_challenge_fineweb", TOOL)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
@@ -434,6 +436,11 @@ def test_retry_policy_backs_off_exponentially_and_stops():
         spec.loader.exec_module(mod)
     finally:
         del sys.modules[spec.name]
+    return mod
+
+
+def test_retry_policy_backs_off_exponentially_and_stops():
+    mod = load_tool()
 
     class Response:
         def __init__(self, status, headers=None):
@@ -464,3 +471,48 @@ def test_retry_policy_backs_off_exponentially_and_stops():
         mod.with_retries("x", lambda: (_ for _ in ()).throw(HTTPFailure(503, {"Retry-After": "7"})), 2, 0.1,
                          sleeps.append)
     assert sleeps == [7.0, 7.0]
+
+
+def test_an_unresolvable_hub_is_reported_offline_after_one_try(tmp_path):
+    # `.invalid` never resolves (RFC 2606), so this needs no network and fails the same way offline.
+    r = run_tool(None, tmp_path, "--variant", "sp1024", env={"HF_ENDPOINT": "http://nonexistent.invalid"})
+    assert r.returncode == 1, r.stderr
+    assert "retry" not in r.stderr, r.stderr  # one try, no backoff
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: listing willdepueoai/parameter-golf@main: cannot resolve the host name "
+                          "nonexistent.invalid: this machine appears to be offline"), r.stderr
+    assert "HF_ENDPOINT" in err and "Traceback" not in r.stderr
+
+
+def test_name_resolution_failures_are_not_retried_but_other_connection_errors_are():
+    mod = load_tool()
+
+    class ConnectError(Exception):  # httpx.ConnectError and huggingface_hub's wrappers chain the gaierror
+        pass
+
+    def dns_failure():
+        try:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        except OSError as exc:
+            raise ConnectError("[Errno -2] Name or service not known") from exc
+
+    sleeps: list[float] = []
+    calls = []
+
+    def offline():
+        calls.append(1)
+        dns_failure()
+
+    with pytest.raises(mod.DownloadError, match="cannot resolve the host name .*appears to be offline"):
+        mod.with_retries("x", offline, retries=6, base_seconds=1.0, sleep=sleeps.append)
+    assert len(calls) == 1 and sleeps == []
+    # Wrapped without its cause (a library that re-raises with the text only): the text is recognised.
+    with pytest.raises(mod.DownloadError):
+        mod.with_retries("x", lambda: (_ for _ in ()).throw(ConnectError("Temporary failure in name resolution")),
+                         6, 1.0, sleeps.append)
+    assert sleeps == []
+    # A refused or reset connection is still transient: retried with backoff, then raised as is.
+    with pytest.raises(ConnectError):
+        mod.with_retries("x", lambda: (_ for _ in ()).throw(ConnectError("[Errno 111] Connection refused")),
+                         2, 1.0, sleeps.append)
+    assert len(sleeps) == 2

@@ -348,8 +348,11 @@ def test_warmup_steps_leave_no_trace(tiny_run, tiny_no_warmup):
 
 @pytest.mark.slow
 def test_wallclock_cap_stops_the_run(dataset, tmp_path):
-    cap_ms = 3000
-    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "cap", ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3))
+    """What a capped run logs; the timing bounds (stops within two steps of the cap, never after it) are
+    tested with a fake clock in test_integrity.py, since wall time on a loaded machine is not deterministic."""
+    # A fixed reserve: a measured one grows with the machine's load and could eat the whole 3 s.
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "cap", ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
+                                        GPTQ_RESERVE_SECONDS=0.5))
     assert run.rc == 0, run.describe()
     final = run.final
     lines = run.log_lines
@@ -358,18 +361,11 @@ def test_wallclock_cap_stops_the_run(dataset, tmp_path):
     assert len(stop) == 1 and "wallclock" in stop[0], stop
     steps = run.steps()
     n = int(final["steps"])
-    assert 2 <= n < 100_000 and int(steps[-1]["step"]) == n and f"step:{n}/100000" in stop[0]
-    times = [0] + [int(s["time"]) for s in steps]
-    longest_step = max(b - a for a, b in zip(times, times[1:]))
-    train_ms = int(final["train_time_ms"])
+    assert 1 <= n < 100_000 and int(steps[-1]["step"]) == n and f"step:{n}/100000" in stop[0]
     # The GPTQ reserve (measured during warmup) comes off the training budget: Hessians read training
     # data and must finish inside the cap too.
     reserve = [line for line in lines if line.startswith("gptq_reserve:")]
     assert len(reserve) == 1, reserve
-    cap_ms -= float(re.search(r"gptq_reserve:([\d.]+)s", reserve[0]).group(1)) * 1000
-    assert cap_ms > 0
-    assert train_ms <= cap_ms + longest_step, f"train_time_ms {train_ms} > cap {cap_ms} + one step {longest_step}"
-    assert train_ms >= cap_ms - 3 * longest_step, f"stopped at {train_ms} ms, long before the cap"
     calib = [line for line in lines if line.startswith("gptq_calibration:")]
     assert len(calib) == 1 and "train_data_access_end:" in calib[0] and "cap:3000ms" in calib[0], calib
     assert run.metrics["stopped_by"] == "wallclock" and run.metrics["steps"] == n

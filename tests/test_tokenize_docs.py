@@ -177,7 +177,7 @@ def test_spec_trains_the_recipe_tokenizer_on_training_documents_only(export, tmp
 
 @pytest.mark.parametrize("extra, needle", [
     (["--val-docs", "0"], "--val-docs=0 is not allowed: expected an integer >= 1"),
-    (["--val-docs", "3"], "--val-docs=3 leaves no training documents"),
+    (["--val-docs", "3"], "--val-docs=3 is not allowed: --docs="),
     (["--spec", "sp2048"], "--spec=sp2048 is not allowed: expected one of sp1024, sp4096, sp8192"),
     (["--tokenizer", "missing.model"], "--tokenizer=missing.model: file not found"),
     (["--shard-tokens", "0"], "--shard-tokens=0 is not allowed"),
@@ -209,3 +209,97 @@ def test_verifier_bad_input(tmp_path, capsys):
     if CANONICAL_TOKENIZER.is_file():
         assert verify_tokenizer.main(["--tokenizer", str(CANONICAL_TOKENIZER), "--data", str(tmp_path)]) == 2
         assert "fineweb_val_*.bin: no files match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--val-docs", "3"], "--val-docs=3 is not allowed: --docs={docs} has 3 documents (non-blank lines), so it "
+                          "leaves no training documents; expected a value from 1 to 2"),
+    (["--val-docs", "7"], "--val-docs=7 is not allowed: --docs={docs} has 3 documents"),
+    ([], "--val-docs=50000 (the default, the challenge's split) is not allowed: --docs={docs} has only 3 documents "
+         "(non-blank lines), fewer than the default; pass --val-docs with a value from 1 to 2"),
+])
+@pytest.mark.parametrize("source", ["--tokenizer", "--spec"])
+def test_val_docs_is_checked_against_the_document_count_before_tokenizing(extra, needle, source, tmp_path, capsys,
+                                                                           monkeypatch):
+    # Blank lines are not documents: 3 documents on 5 lines.
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "one document."}\n\n{"text": "two."}\n   \n{"text": "three."}\n', encoding="utf-8")
+
+    def tokenize(*args, **kwargs):
+        raise AssertionError("tokenizer training or encoding started before --val-docs was checked")
+
+    monkeypatch.setattr(tokenize_docs, "build", tokenize)
+    monkeypatch.setattr(tokenize_docs, "train_tokenizer", tokenize)
+    src = ["--tokenizer", str(docs)] if source == "--tokenizer" else ["--spec", "sp1024"]
+    rc = tokenize_docs.main(["--docs", str(docs), *src, "--output", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: " + needle.format(docs=docs)), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_without_two_documents_cannot_be_split(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('\n{"text": "only one."}\n\n', encoding="utf-8")
+    rc = tokenize_docs.main(["--docs", str(docs), "--tokenizer", str(docs), "--output", str(tmp_path / "out"),
+                             "--val-docs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: --val-docs=1 is not allowed: --docs={docs} has 1 document(s) (non-blank "
+                               "lines); a split needs at least 2, one for validation and one for training"], err
+
+
+def corrupt_models(tmp_path: Path) -> dict[str, Path]:
+    """Damaged tokenizer files: random bytes, and with the canonical model, a truncated copy and a copy
+    whose piece '▁the' has a byte that is not UTF-8 (it loads; reading the piece fails)."""
+    models = {"random": np.random.default_rng(0).integers(0, 256, 37, dtype=np.uint8).tobytes()}
+    if CANONICAL_TOKENIZER.is_file():
+        good = CANONICAL_TOKENIZER.read_bytes()
+        models["truncated"] = good[: len(good) // 2]
+        at = good.index("\u2581the".encode())
+        models["bad_piece"] = good[: at + 3] + b"\xff" + good[at + 4:]
+    paths = {}
+    for name, data in models.items():
+        paths[name] = tmp_path / f"{name}.model"
+        paths[name].write_bytes(data)
+    return paths
+
+
+def test_a_corrupt_tokenizer_is_one_line_with_exit_code_2(tmp_path, capsys):
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["one document.", "two documents.", "three."])
+    models = corrupt_models(tmp_path)
+    for name, model in models.items():
+        rc = tokenize_docs.main(["--docs", str(docs), "--tokenizer", str(model), "--output", str(tmp_path / "out"),
+                                 "--val-docs", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (name, err)
+        assert err[0].startswith(f"error: --tokenizer={model} is not a readable SentencePiece model ("), (name, err)
+        assert not (tmp_path / "out").exists()
+        rc = verify_tokenizer.main(["--tokenizer", str(model), "--data", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (name, err)
+        assert err[0].startswith(f"error: --tokenizer={model} is not a readable SentencePiece model ("), (name, err)
+    if "bad_piece" in models:
+        assert "is not UTF-8" in str(err)
+    else:
+        pytest.skip(f"shared data not present ({CANONICAL_TOKENIZER}): only the random-bytes file was checked")
+
+
+def test_a_corrupt_tokenizer_on_the_command_line_gives_no_traceback(tmp_path):
+    model = corrupt_models(tmp_path)["random"]
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["one document.", "two documents."])
+    for tool, args in (("tokenize_docs", ["--docs", str(docs), "--output", str(tmp_path / "out"), "--val-docs", "1"]),
+                       ("verify_tokenizer", ["--data", str(tmp_path)])):
+        r = subprocess.run([sys.executable, str(ROOT / "data" / f"{tool}.py"), "--tokenizer", str(model), *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (tool, r.stderr)
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "not a readable SentencePiece model" in r.stderr
+
+
+def test_verifier_refuses_a_tokenizer_that_is_not_the_one_the_manifest_records(export, tmp_path, capsys):
+    """Even without --docs: the manifest beside the shards names the tokenizer they were made with."""
+    other = CANONICAL_TOKENIZER.parent / "variants" / "CiprianFlorin-Ifrim" / "fineweb_1024_bpe.model"
+    if not other.is_file():
+        pytest.skip(f"{other} (a second 1024-piece tokenizer) is not present")
+    if not verify_tokenizer.main(["--tokenizer", str(other), "--data", str(export["dir"])]) == 2:
+        pytest.fail(capsys.readouterr().out)
+    err = capsys.readouterr().err
+    assert f"{other}: sha256 {tg.sha256_file(other)} is not the tokenizer {tg.sha256_file(CANONICAL_TOKENIZER)}" in err

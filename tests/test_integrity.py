@@ -1,0 +1,294 @@
+"""Run integrity (issue 15): a score only for the data and tokenizer it claims, runs that never overwrite
+each other, misspelt knobs caught, LOG_DIR checked before any work and nothing trained lost when the
+artifact cannot be written, progress lines for any run length, and one-line failures (SIGINT, a corrupt
+tokenizer, an out-of-range token named by its place in the file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tg
+from test_run import error_lines, run_script, tiny_env
+
+
+def copy_dataset(dataset: dict, dest) -> dict:
+    out = dest / "shards"
+    shutil.copytree(dataset["dir"], out)
+    return {**dataset, "dir": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1, 8: the data a score is for
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_tokenizer_that_is_not_the_datas_is_refused(dataset, tmp_path):
+    data = copy_dataset(dataset, tmp_path)
+    (data["dir"] / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "ab" * 32}}))
+    run = run_script(tmp_path, tiny_env(data, tmp_path, "mismatch"))
+    assert run.rc == 2, run.describe()
+    (line,) = error_lines(run)
+    real = tg.sha256_file(data["tokenizer"])
+    assert str(data["tokenizer"]) in line and real in line and "ab" * 32 in line and "manifest.json" in line, line
+    assert not (tmp_path / "logs" / "mismatch.ptz").exists()
+
+
+def test_the_manifest_of_the_sample_and_of_tokenize_docs_name_their_tokenizer(dataset, tmp_path):
+    assert tg.manifest_tokenizer_sha256({"tokenizer": {"sha256": "x"}}) == "x"
+    files = {"datasets/d/fineweb_val_000000.bin": {"sha256": "v"}, "tokenizers/t.model": {"sha256": "t"}}
+    assert tg.manifest_tokenizer_sha256({"files": files}) == "t"
+    assert tg.manifest_tokenizer_sha256({"files": {}}) is None
+    data = copy_dataset(dataset, tmp_path)  # no manifest beside the shards: said in the log and the compliance block
+    for name in tg.DATASET_MANIFESTS:
+        (data["dir"] / name).unlink(missing_ok=True)
+    run = run_script(tmp_path, tiny_env(data, tmp_path, "nomanifest"))
+    assert run.rc == 0, run.describe()
+    log = "\n".join(run.log_lines)
+    assert "WARNING: no manifest.json or download.json beside the shards" in log
+    assert "compliance:dataset manifest_sha256:none val_sha256:" in log
+    assert run.metrics["dataset"]["manifest"] is None and run.metrics["dataset"]["val_documents"] > 0
+
+
+def test_reportable_only_for_the_challenge_split():
+    raw = tg.CHALLENGE_VAL_TARGETS[8192] + 1 + 700  # the shards hold a little more than whole sequences
+    assert tg.challenge_split(8192, raw, 50_000, 0) == (
+        True, "the challenge's sp8192 validation split (50,000 documents, 40,540,160 targets)")
+    ok, why = tg.challenge_split(8192, raw, 49_999, 0)
+    assert not ok and why.startswith("not the challenge's validation split: 49,999 documents")
+    ok, why = tg.challenge_split(1024, raw, 50_000, 0)
+    assert not ok and "the sp1024 split has 50,000 and 62,021,632" in why
+    assert tg.challenge_split(8192, raw, 50_000, 4096) == (False, "MAX_VAL_TOKENS=4096: a prefix of the validation split")
+    assert not tg.challenge_split(2048, raw, 50_000, 0)[0]
+
+
+def test_a_run_on_other_data_says_not_reportable_and_why(dataset, tmp_path):
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "notchallenge"))
+    assert run.rc == 0, run.describe()
+    line = next(x for x in run.log_lines if x.startswith("compliance:reportable"))
+    assert line.startswith("compliance:reportable value:NO how:not the challenge's validation split:"), line
+    assert run.metrics["reportable"] is False and "not the challenge" in run.metrics["reportable_reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, 3: one run, one set of files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_run_ids_differ_between_processes_started_in_the_same_second():
+    rid = tg.default_run_id("smoke")
+    assert re.fullmatch(rf"smoke_\d{{8}}_\d{{6}}_\d{{6}}_{os.getpid()}", rid), rid
+
+
+def test_an_existing_run_id_is_refused_and_a_rerun_that_dies_keeps_the_old_files(dataset, tmp_path):
+    first = run_script(tmp_path, tiny_env(dataset, tmp_path, "seed1"))
+    assert first.rc == 0, first.describe()
+    before = {s: first.path(s).read_bytes() for s in ("txt", "json", "ptz")}
+    again = run_script(tmp_path, tiny_env(dataset, tmp_path, "seed1"))
+    assert again.rc == 2 and "seed1.txt exists" in error_lines(again)[0] and "OVERWRITE=1" in error_lines(again)[0]
+    # OVERWRITE=1, and the rerun dies (a bad knob found after the claim): the finished run's files are intact.
+    bad = tiny_env(dataset, tmp_path, "seed1", OVERWRITE=1, TOKENIZER_PATH=str(tmp_path / "missing.model"))
+    died = run_script(tmp_path, bad)
+    assert died.rc == 2, died.describe()
+    assert {s: first.path(s).read_bytes() for s in before} == before
+    assert "missing.model" in (tmp_path / "logs" / "seed1.new.txt").read_text()
+    # OVERWRITE=1 that finishes replaces all three, and no staging file or lock is left.
+    rerun = run_script(tmp_path, tiny_env(dataset, tmp_path, "seed1", OVERWRITE=1, SEED=7))
+    assert rerun.rc == 0, rerun.describe()
+    assert rerun.metrics["config"]["SEED"] == 7 and rerun.log_lines[-1].startswith("final ")
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["seed1.json", "seed1.ptz", "seed1.txt"]
+
+
+def test_a_run_id_another_live_process_holds_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    lock = tmp_path / "r.lock"
+    lock.write_text(f"{os.getpid()} {tg.platform.node()}\n")  # this very process: alive
+    with pytest.raises(tg.ConfigError, match=rf"^RUN_ID='r' is not allowed: another process \(pid {os.getpid()}"):
+        tg.claim_run_files(tmp_path, "r", False, 0)
+    lock.write_text(f"{2 ** 22 + 12345} {tg.platform.node()}\n")  # above Linux's pid_max: gone
+    files = tg.claim_run_files(tmp_path, "r", False, 0)
+    assert lock.read_text().split()[0] == str(os.getpid()) and not files.staged
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: misspelt knobs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, knob", [("SEEDS", "SEED"), ("SEEED", "SEED"), ("ITERATONS", "ITERATIONS"),
+                                        ("COMPRESSER", "COMPRESSOR"), ("seed", "SEED"), ("numlayers", "NUM_LAYERS"),
+                                        ("MUON_WDD", "MUON_WD")])
+def test_misspelt_knobs_warn_and_fail_under_strict_env(name, knob):
+    h = tg.Hyperparameters.from_env({name: "42"})
+    assert h.env_warnings == (f"{name}='42' is not a knob of train_gpt.py and is ignored (did you mean {knob}?)",)
+    with pytest.raises(tg.ConfigError, match="STRICT_ENV=1 makes this an error"):
+        tg.Hyperparameters.from_env({name: "42", "STRICT_ENV": "1"})
+
+
+def test_system_variables_are_not_taken_for_knobs():
+    env = {n: "x" for n in ("PATH", "HOME", "USER", "SHELL", "TERM", "LANG", "PWD", "HOSTNAME", "PYTHONPATH",
+                            "CUDA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM", "HF_TOKEN", "VIRTUAL_ENV", "LOGNAME")}
+    assert tg.Hyperparameters.from_env(env).env_warnings == ()
+
+
+def test_typo_warnings_come_before_the_config_block(dataset, tmp_path):
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "typo", SEEDS="42"))
+    assert run.rc == 0, run.describe()
+    warn = run.log_lines.index("WARNING: SEEDS='42' is not a knob of train_gpt.py and is ignored (did you mean SEED?)")
+    assert warn < run.log_lines.index("config:")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6: LOG_DIR before any work; nothing trained is lost
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_unwritable_or_full_log_dir_is_refused_before_any_work(dataset, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "x", LOG_DIR=str(blocker / "logs")))
+    assert run.rc == 2 and error_lines(run)[0].startswith(f"error: LOG_DIR='{blocker / 'logs'}' is not allowed: "
+                                                         f"cannot write there"), run.describe()
+    assert "config:" not in run.stdout
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(tg.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
+    with pytest.raises(tg.ConfigError, match=r"is not allowed: 1,000,000 bytes free, a run needs 83,108,864"):
+        tg.claim_run_files(tmp_path / "logs", "x", False, tg.OUTPUT_HEADROOM_BYTES + 16_000_000)
+
+
+def test_an_artifact_that_cannot_be_written_keeps_the_weights_and_requantize_finishes_the_run(dataset, tmp_path,
+                                                                                            monkeypatch, capsys):
+    env = tiny_env(dataset, tmp_path, "full")
+    real = tg.atomic_write_bytes
+
+    def disk_full(path, data):
+        if str(path).endswith(".ptz"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(tg, "atomic_write_bytes", disk_full)
+    threads = tg.torch.get_num_threads()
+    tg.torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1): the same sums, bit for bit
+    try:
+        assert tg.main(env) == 4
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "could not write the artifact (No space left on device)" in err[0], err
+        kept = tmp_path / "logs" / "full.weights.pt"
+        assert f"the trained weights are kept in {kept}: REQUANTIZE={kept}" in err[0] and kept.is_file()
+        monkeypatch.setattr(tg, "atomic_write_bytes", real)
+        assert tg.main({**env, "RUN_ID": "full_requantized", "REQUANTIZE": str(kept)}) == 0
+    finally:
+        tg.torch.set_num_threads(threads)
+    done = json.loads((tmp_path / "logs" / "full_requantized.json").read_text())
+    reference = run_script(tmp_path, tiny_env(dataset, tmp_path, "reference"))
+    assert reference.rc == 0, reference.describe()
+    assert done["val_bpb"] == pytest.approx(reference.metrics["val_bpb"], rel=1e-9)
+    assert done["bytes_model"] == reference.metrics["bytes_model"]
+    with pytest.raises(tg.ConfigError, match="it was trained with other knobs"):
+        tg.run(tg.Hyperparameters.from_env({**env, "RUN_ID": "wrong", "REQUANTIZE": str(kept), "MLP_MULT": "3"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: progress for any run length
+# ---------------------------------------------------------------------------------------------
+
+
+def test_short_runs_log_the_first_the_last_and_enough_steps(dataset, tmp_path):
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "short", ITERATIONS=40, TRAIN_LOG_EVERY=50))
+    assert run.rc == 0, run.describe()
+    steps = [int(s["step"]) for s in run.steps()]
+    assert steps[:2] == [1, 2] and steps[-1] == 40 and len(steps) >= tg.PROGRESS_POINTS
+    assert len(run.metrics["history"]["train"]) == len(steps)
+
+
+def test_progress_is_due_at_least_every_30_seconds():
+    h = tg.Hyperparameters.from_env({"ITERATIONS": "100000", "TRAIN_LOG_EVERY": "0"})
+    assert not tg.progress_due(h, 7, train_time=100.0, last_line_time=75.0, last_step=False)
+    assert tg.progress_due(h, 7, train_time=105.0, last_line_time=75.0, last_step=False)
+    assert tg.progress_due(h, 7, train_time=1.0, last_line_time=0.9, last_step=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9: one-line failures
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sigint_ends_with_one_line_and_exit_130(dataset, tmp_path):
+    env = tiny_env(dataset, tmp_path, "sigint", ITERATIONS=100_000)
+    proc = subprocess.Popen([sys.executable, str(tg.Path(tg.__file__))], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # wait until it trains
+        if line.startswith("step:2/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["error: interrupted (SIGINT); outputs written so far are kept, nothing was "
+                                        "finished"]
+    assert (tmp_path / "logs" / "sigint.txt").read_text().rstrip().endswith("error: interrupted (SIGINT)")
+    assert not (tmp_path / "logs" / "sigint.lock").exists()
+
+
+def test_a_corrupt_tokenizer_is_one_line(dataset, tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(os.urandom(300))
+    run = run_script(tmp_path, tiny_env(dataset, tmp_path, "badtok", TOKENIZER_PATH=str(bad)))
+    assert run.rc == 2 and len(run.stderr.strip().splitlines()) == 1, run.describe()
+    assert error_lines(run)[0].startswith(f"error: {bad}: not a readable SentencePiece model")
+
+
+def test_an_out_of_range_training_token_is_named_by_its_place_in_the_file(dataset, tmp_path):
+    data = copy_dataset(dataset, tmp_path)
+    shard = sorted(data["dir"].glob("fineweb_train_*.bin"))[0]
+    tokens = np.array(tg.load_shard(shard))
+    tokens[1234] = 4000  # overlapping windows cover every token: the first batch that reads it stops the run
+    tg.write_shard(shard, tokens)
+    for other in sorted(data["dir"].glob("fineweb_train_*.bin"))[1:]:
+        other.unlink()
+    run = run_script(tmp_path, tiny_env(data, tmp_path, "oor", ITERATIONS=500))
+    assert run.rc != 0
+    msg = run.stderr + run.stdout
+    assert f"{shard}: token id 4000 at token 1234 of the file (byte {1024 + 2 * 1234}) is >= VOCAB_SIZE=1024" in msg, \
+        run.describe()
+
+
+# ---------------------------------------------------------------------------------------------
+# The wallclock cap, deterministically: a fake clock instead of a loaded machine's
+# ---------------------------------------------------------------------------------------------
+
+
+def test_wallclock_cap_stops_before_the_cap_with_a_fake_clock(dataset, tmp_path, monkeypatch):
+    """Every perf_counter reading advances 50 ms: a step's time is fixed by the code, not the machine."""
+    clock = {"t": 0.0}
+
+    def tick() -> float:
+        clock["t"] += 0.05
+        return clock["t"]
+
+    h = tg.Hyperparameters.from_env(tiny_env(dataset, tmp_path, "fake", ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=30))
+    d = tg.DistInfo(0, 1, 0, tg.torch.device("cpu"))
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
+    opt = tg.Optimizers(model, h)
+    files = sorted(tg.Path(h.dataset_dir).glob("fineweb_train_*.bin"))
+    lines: list[str] = []
+    log = lines.append
+
+    def make_loader():
+        return tg.TrainLoader(files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, 0, 1, h.seed, h.vocab_size,
+                              d.device)
+
+    monkeypatch.setattr(tg.time, "perf_counter", tick)
+    result = tg.train(h, d, model, tg.Graphs.build(h, model), opt, make_loader, lambda: None, reserve=5.0, log=log)
+    monkeypatch.undo()
+    assert result.stopped_by == "wallclock" and 2 < result.steps < 100_000
+    step_s = result.train_time_ms / 1000 / result.steps
+    assert 25.0 - 2 * step_s <= result.train_time_ms / 1000 <= 25.0, (result.train_time_ms, step_s)
+    stop = next(i for i, x in enumerate(lines) if x.startswith("stopping_early:wallclock_cap"))
+    assert lines[stop - 1].startswith(f"step:{result.steps}/100000 ")  # the last step is logged, then the stop
