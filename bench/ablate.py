@@ -122,7 +122,7 @@ def main() -> int:
         print(f"error: needs {CORPUS} and {TOKENIZER}", file=sys.stderr)
         return 2
     data = build_dataset()
-    log_dir = ROOT / "bench" / ".cache" / "logs"
+    log_dir = ROOT / "bench" / ".cache" / "logs" / time.strftime("%Y%m%d_%H%M%S")  # train_gpt.py refuses a RUN_ID twice
     names = args.only or list(VARIANTS)
     results: dict[str, list[dict]] = {}
     for name in names:

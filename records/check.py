@@ -15,8 +15,13 @@ Checks (pitfalls.md F-H, N, P; techniques.md 12-14):
 - every log ran this script: its code_sha256 is the sha256 of train_gpt.py, or of the payload of a packed one;
 - all seeds ran one configuration: the logs' config blocks differ only in SEED, RUN_ID and LOG_DIR
   (data fingerprint included); version or GPU differences are warnings;
-- every seed: code + model <= 16,000,000 bytes, training and training-data access <= 600 s, eval <= 600 s
-  (time limits are warnings on the non-record track), the score is reportable (full validation split);
+- which data every seed scored (the logs' `compliance:dataset` lines): one validation sha256 and one
+  tokenizer sha256 across the seeds (else "mixed data"); the identity is printed in the PASS line;
+- every seed: code + model <= 16,000,000 bytes, training and training-data access <= 600 s, eval <= 600 s,
+  the score is reportable (the challenge's whole validation split: the log's `compliance:reportable`
+  line, its claim re-derived from the logged document and target counts), and the log records the data
+  identity (a log of an older train_gpt.py does not: re-run it); on the non-record track
+  (track non_record_16mb) the time limits, reportability and a missing identity are warnings;
 - per-seed results, means and sample std in submission.json agree with the logs; BPB agrees with
   val_loss / ln 2 x tokens / bytes of each log's own counts;
 - at least 3 seeds, 8xH100 hardware, the README lists every seed (warnings).
@@ -261,6 +266,8 @@ class Checker:
                 + (f" (+{len(hard) - 8} more)" if len(hard) > 8 else ""))
         if soft:
             self.add("WARN", "same_environment", "; ".join(soft[:6]))
+        record_track = sub is None or sub.get("track", "10min_16mb") == "10min_16mb"
+        self.check_data(runs, record_track)
         # Sizes, times, reportable
         code_size = len(script.data) if script is not None else None
         over, slow, slow_eval, unreportable = [], [], [], []
@@ -275,18 +282,21 @@ class Checker:
                 slow.append(f"seed {lg.seed}: {worst:,} ms")
             if fin["eval_time_ms"] > lim["eval_s"] * 1000:
                 slow_eval.append(f"seed {lg.seed}: {fin['eval_time_ms']:,} ms")
-            if lg.compliance.get("reportable", {}).get("value") != "yes":
-                unreportable.append(f"seed {lg.seed}")
+            rep = lg.compliance.get("reportable", {})
+            if rep.get("value") != "yes":
+                unreportable.append(f"{lg.path.name}: {rep.get('how') or 'no compliance:reportable line'}")
         self.ok(not over, "artifact_bytes", f"every seed's code + model <= {lim['bytes']:,} bytes "
                 f"(max {max(r.final['bytes_model'] for r in runs) + (code_size or 0):,})",
                 f"over {lim['bytes']:,} bytes: {', '.join(over)}")
-        record_track = sub is None or sub.get("track", "10min_16mb") == "10min_16mb"
         self.ok(not slow, "train_time", f"training and training-data access <= {lim['train_s']:.0f} s for every seed",
                 f"over {lim['train_s']:.0f} s (training or GPTQ data access): {', '.join(slow)}", soft=not record_track)
         self.ok(not slow_eval, "eval_time", f"evaluation <= {lim['eval_s']:.0f} s for every seed",
                 f"over {lim['eval_s']:.0f} s: {', '.join(slow_eval)}", soft=not record_track)
-        self.ok(not unreportable, "reportable", "scored on the full validation split",
-                f"not reportable (MAX_VAL_TOKENS subset or no compliance block): {', '.join(unreportable)}")
+        self.ok(not unreportable, "reportable", "every seed scored the challenge's whole validation split",
+                f"not reportable: {'; '.join(unreportable[:3])}" + (f" (+{len(unreportable) - 3} more)"
+                                                                    if len(unreportable) > 3 else "")
+                + ("; a record must score the challenge's validation split" if record_track
+                   else " (allowed on the non-record track)"), soft=not record_track)
         # BPB self-consistency
         bad_bpb = []
         for lg in runs:
@@ -311,6 +321,34 @@ class Checker:
             absent = [str(s) for s in seeds if s is not None and str(s) not in text]
             self.ok(not absent, "readme_seeds", "README lists every seed", f"README does not mention seed(s) "
                     f"{', '.join(absent)}", soft=True)
+
+    def check_data(self, runs: list[runlog.LogInfo], record_track: bool) -> None:
+        """Which data every seed scored: one identity across the logs, printed when it passes."""
+        found, missing, bad = [], [], []
+        for lg in runs:
+            ident, why = runlog.data_identity_of_log(lg)
+            if ident is None:
+                missing.append(f"{lg.path.name} ({why})")
+                continue
+            found.append((lg, ident))
+            if ident.inconsistent:
+                bad.append(f"{lg.path.name}: {ident.inconsistent} (edited log?)")
+        if missing:
+            self.add("FAIL" if record_track else "WARN", "data_identity",
+                     f"no data identity in {', '.join(missing)}: {runlog.OLDER_RUN}")
+        if not found:
+            return
+        first_lg, first = found[0]
+        mixed = [f"{lg.path.name}: val sha256 {i.val_sha256[:16]}, tokenizer sha256 {i.tokenizer_sha256[:16]}"
+                 for lg, i in found[1:] if i.key != first.key]
+        if mixed:
+            self.add("FAIL", "data_identity", f"mixed data: {'; '.join(mixed)} vs {first_lg.path.name}: val sha256 "
+                     f"{first.val_sha256[:16]}, tokenizer sha256 {first.tokenizer_sha256[:16]}; every seed must "
+                     f"score the same validation data with the same tokenizer")
+        elif bad:
+            self.add("FAIL", "data_identity", "; ".join(bad))
+        elif not missing:
+            self.add("PASS", "data_identity", f"{len(found)} log(s): {first.describe()}")
 
     def check_claims(self, runs: list[runlog.LogInfo], sub: dict[str, Any], code_size: int | None) -> None:
         """submission.json numbers against the logs."""
@@ -348,6 +386,11 @@ class Checker:
                 sd = math.sqrt(sum((x - mean) ** 2 for x in vals) / (len(vals) - 1))
                 if abs(sd_claim - sd) > _decimals_tolerance(sd_claim) + 1e-8:
                     problems.append(f"{key}_std {sd_claim} is not the sample std of the logs ({sd:.8f})")
+        claimed_data = sub.get("dataset") if isinstance(sub.get("dataset"), dict) else {}
+        for key in ("val_sha256", "tokenizer_sha256"):
+            logged = {str(lg.compliance.get("dataset", {}).get(key)) for lg in runs if lg.compliance.get("dataset")}
+            if claimed_data.get(key) and len(logged) == 1 and claimed_data[key] not in logged:
+                problems.append(f"dataset.{key} {str(claimed_data[key])[:16]} vs logs {next(iter(logged))[:16]}")
         if code_size is not None and isinstance(sub.get("bytes_total"), (int, float)):
             worst = max(lg.final["bytes_model"] for lg in runs) + code_size
             if sub["bytes_total"] != worst:

@@ -13,6 +13,10 @@ log's `config:` block); SEED, RUN_ID and LOG_DIR are shown but are not part of t
 JSON's `history` when it has one, else from the `step:` lines of the log next to it; the final score
 of each run is marked at its last step. It needs matplotlib, an optional dependency
 (pip install matplotlib).
+
+A run JSON whose log next to it belongs to another run (a re-run that died or is still running, a
+different run_id, seed, code, config or final score) is refused, naming both files; given the log
+instead, that JSON is ignored with a warning and the log is read alone.
 """
 
 from __future__ import annotations
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         runs = [runlog.load_run(path) for path in runlog.expand_inputs(args.runs)]
+        for w in (w for r in runs for w in r.warnings):
+            print(f"warning: {w}", file=sys.stderr)
         for line in report(runs):
             print(line)
         if args.plot:

@@ -17,11 +17,18 @@ Creates records/track_10min_16mb/<YYYY-MM-DD>_<name>/ with
 - requirements.txt and a README.md skeleton: per-seed table, the run command, compliance block.
 
 It refuses, with one `error:` line per problem and nothing written, when a log is incomplete or does
-not match its JSON, the seeds' configs (config_hash: everything but SEED, RUN_ID, LOG_DIR) or datasets
-differ, a seed repeats, any seed is over 16,000,000 bytes, training (or GPTQ's training-data access)
-or evaluation took over 600 s (record track), a run is not reportable (MAX_VAL_TOKENS), or the script's
-hash does not match the logs. The folder is written to a temporary name, validated with
-records/check.py, then renamed into place.
+not belong to its JSON, the seeds' configs (config_hash: everything but SEED, RUN_ID, LOG_DIR) differ,
+the seeds scored different data ("mixed data": dataset.val_sha256 or dataset.tokenizer_sha256 differ), a
+seed repeats, any seed is over 16,000,000 bytes, or the script's hash does not match the logs. On the
+record track (the default) it also refuses a run that is not reportable (its JSON's `reportable_reason`
+is quoted: not the challenge's validation split, or MAX_VAL_TOKENS), a run JSON without the dataset
+identity (an older train_gpt.py: re-run it), and training (or GPTQ's training-data access)
+or evaluation over 600 s. --non-record (= --track non_record_16mb) builds a non-record submission
+under records/track_non_record_16mb/ instead: those become warnings.
+
+One or two seeds are accepted with a warning (a record needs at least 3); what needs more seeds (the
+sample std, the t-tests) is reported as not computable. The folder is written to a temporary name,
+validated with records/check.py, then renamed into place; the temporary folder never stays behind.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 TRACKS = {"10min_16mb": "record track: 8xH100 SXM, 600 s training, 600 s evaluation",
           "non_record_16mb": "non-record track: 16,000,000 bytes, no time limit"}
 SWEEP_SEEDS = "1337 42 2025"
+DATA_KEYS = ("val_sha256", "tokenizer_sha256")  # which data: must be one across the seeds ("mixed data")
+PATH_KEYS = ("tokenizer", "manifest")  # where the data was on the machine that ran it: not compared, not shipped
 
 
 @dataclass
@@ -84,7 +93,8 @@ def load_runs(paths: list[Path], errors: list[str]) -> list[runlog.Run]:
             continue
         where = str(run.json_path or path)
         if run.metrics is None:
-            errors.append(f"{path}: no metrics JSON next to it ({path.with_suffix('.json').name}); give the run's "
+            errors.append("; ".join(run.warnings) if run.warnings else
+                          f"{path}: no metrics JSON next to it ({path.with_suffix('.json').name}); give the run's "
                           f".json (train_gpt.py writes it at the end of a finished run)")
             continue
         if run.log is None:
@@ -99,18 +109,9 @@ def load_runs(paths: list[Path], errors: list[str]) -> list[runlog.Run]:
         if missing:
             errors.append(f"{where}: incomplete run JSON, missing {', '.join(missing)}")
             continue
-        if not lg.complete:
+        if not lg.complete:  # load_run refuses a JSON whose log is incomplete; kept for a JSON-less log
             errors.append(f"{lg.path}: incomplete log: it does not end with the `final ...` line (unfinished run or "
                           f"truncated file)")
-            continue
-        fin = lg.final
-        diffs = [f"{k} {fin[k]} vs {m[k]}" for k in ("bytes_total", "bytes_model", "bytes_code", "train_time_ms",
-                                                      "eval_time_ms", "steps", "eval") if fin[k] != m[k]]
-        diffs += [f"{k} {fin[k]:.8f} vs {m[k]:.8f}" for k in ("val_loss", "val_bpb") if f"{m[k]:.8f}" != f"{fin[k]:.8f}"]
-        if lg.config.get("code_sha256") != m.get("code_sha256"):
-            diffs.append(f"code_sha256 {lg.config.get('code_sha256')} vs {m.get('code_sha256')}")
-        if diffs:
-            errors.append(f"{lg.path}: does not match {where} (stale log or JSON from another run): {'; '.join(diffs)}")
             continue
         runs.append(run)
     return runs
@@ -139,18 +140,33 @@ def validate_runs(runs: list[runlog.Run], errors: list[str]) -> None:
                           + f"; all seeds must come from one configuration (only {', '.join(sorted(ignored))} "
                             f"may differ)")
         data_a, data_b = first.metrics.get("dataset") or {}, run.metrics.get("dataset") or {}
+        mixed = [f"{k} {str(data_b[k])[:16]} vs {str(data_a[k])[:16]} in {first.label}" for k in DATA_KEYS
+                 if data_a.get(k) and data_b.get(k) and data_a[k] != data_b[k]]
         data_diffs = [f"{k} {data_a.get(k)!r} vs {data_b.get(k)!r}" for k in sorted(set(data_a) | set(data_b))
-                      if k != "tokenizer" and data_a.get(k) != data_b.get(k)]
-        if data_diffs:
+                      if k not in PATH_KEYS and data_a.get(k) != data_b.get(k)]
+        if mixed:
+            errors.append(f"{run.label}: mixed data: {'; '.join(mixed)}; every seed of a submission must score the "
+                          f"same validation data with the same tokenizer")
+        elif data_diffs:
             errors.append(f"{run.label}: dataset differs from {first.label}: {'; '.join(data_diffs[:4])}")
         if run.metrics["world_size"] != first.metrics["world_size"]:
             errors.append(f"{run.label}: world_size {run.metrics['world_size']} vs {first.metrics['world_size']} in "
                           f"{first.label}")
-    for run in runs:
-        if run.metrics.get("reportable") is False:
-            errors.append(f"{run.label}: not reportable (MAX_VAL_TOKENS={run.metrics['config'].get('MAX_VAL_TOKENS')}"
-                          f" scored a subset of the validation split); rerun with MAX_VAL_TOKENS=0")
 
+
+def check_data(runs: list[runlog.Run], record: bool, errors: list[str], warnings: list[str]) -> None:
+    """Which data each run scored (its JSON's dataset identity and `reportable`): a record needs the challenge's
+    validation split on every seed, recorded by the current train_gpt.py; a non-record submission is warned."""
+    where = errors if record else warnings
+    hint = "; a record must score the challenge's validation split (--non-record builds a non-record submission)"
+    for run in runs:
+        ident, missing = runlog.data_identity_of_metrics(run.metrics)
+        if ident is None:
+            where.append(f"{run.label}: no dataset identity ({missing}): {runlog.OLDER_RUN}")
+        elif ident.inconsistent:
+            errors.append(f"{run.label}: {ident.inconsistent} (edited JSON?)")
+        elif not ident.reportable:
+            where.append(f"{run.label}: not reportable: {ident.reason}" + (hint if record else ""))
 
 def resolve_script(path: Path, runs: list[runlog.Run], do_pack: bool, codec: str, errors: list[str]) -> Shipped | None:
     """The exact script to ship, verified against the logs' code_sha256."""
@@ -219,6 +235,11 @@ def check_limits(runs: list[runlog.Run], code_size: int, track: str, errors: lis
 
 def _round(x: float | None, digits: int = 8) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, digits)
+
+
+def _std(x: float | None, digits: int) -> str:
+    """A sample std, or why there is none (one seed: not computable)."""
+    return "n/a (1 seed)" if x is None else f"{x:.{digits}f}"
 
 
 def hardware(runs: list[runlog.Run]) -> str:
@@ -370,10 +391,11 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
         f"(max {sub['bytes_total']:,})",
         f"- [{'x' if c['same_config'] else ' '}] all seeds from one configuration (config_hash "
         f"`{sub.get('config_hash', '?')[:16]}`; only SEED, RUN_ID, LOG_DIR differ) and one dataset "
-        f"(val sha256 `{str(sub.get('dataset', {}).get('val_sha256', '?'))[:16]}`)",
+        f"(val sha256 `{str(sub.get('dataset', {}).get('val_sha256', '?'))[:16]}`, tokenizer sha256 "
+        f"`{str(sub.get('dataset', {}).get('tokenizer_sha256', '?'))[:16]}`)",
         f"- [{'x' if c['three_seeds'] else ' '}] at least 3 seeds ({n})",
-        f"- [{'x' if c['reportable'] else ' '}] scored on the full validation split, every target once "
-        f"(`coverage:exact` in the logs)",
+        f"- [{'x' if c['reportable'] else ' '}] scored on the challenge's validation split, every target once — "
+        f"{c['reportable_reason']}" + ("" if c["reportable"] else " (a non-record submission)"),
         f"- validation data in training, warmup or calibration: {'no' if c['no_validation_data_in_training'] else '**?**'}"
         f"; test-time training: {'score-first (each chunk scored before it is trained on)' if c['ttt'] else 'none'}",
         f"- the logs' `compliance:` lines state the same per seed; `python records/check.py {folder_rel}` "
@@ -382,7 +404,8 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
     parts = [
         f"# {sub['name']}",
         "",
-        f"**val_bpb {sub['val_bpb']:.4f} ± {sub['val_bpb_std']:.4f}** (mean ± sample std over {n} seeds; "
+        f"**val_bpb {sub['val_bpb']:.4f} ± {_std(sub['val_bpb_std'], 4)}** (mean ± sample std over {n} "
+        f"seed{'s' if n != 1 else ''}; "
         f"val_loss {sub['val_loss']:.5f} nats) · {sub['bytes_total']:,} bytes · {sub['hardware']} · "
         f"PyTorch {sub['pytorch_version']}",
         "",
@@ -397,7 +420,8 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
         "",
         *table,
         "",
-        f"val_bpb std {sub['val_bpb_std']:.5f}, val_loss std {sub['val_loss_std']:.5f} (sample std, n − 1). "
+        f"val_bpb std {_std(sub['val_bpb_std'], 5)}, val_loss std {_std(sub['val_loss_std'], 5)} (sample std, "
+        f"n − 1). "
         f"Score: `eval:{runs[0].metrics['eval']}`. BPB = val_loss / ln 2 × tokens / bytes with each run's own counts.",
         "",
     ]
@@ -451,6 +475,7 @@ def build_submission(runs: list[runlog.Run], shipped: Shipped, args: argparse.Na
     torch_versions = sorted({str((r.metrics.get("versions") or {}).get("torch")) for r in ordered})
     access = [r.train_data_access_end_ms for r in ordered if r.train_data_access_end_ms is not None]
     max_train = max(r.metrics["train_time_ms"] for r in ordered)
+    idents = [runlog.data_identity_of_metrics(r.metrics) for r in ordered]  # (identity or None, what is missing)
     sub: dict[str, Any] = {
         "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
         "date": args.date, "track": args.track,
@@ -465,13 +490,16 @@ def build_submission(runs: list[runlog.Run], shipped: Shipped, args: argparse.Na
         "config_hash": first.get("config_hash") or runlog.config_hash(first["config"]),
         "code_sha256": hashlib.sha256(shipped.data).hexdigest(), "code_packed": shipped.how != "raw",
         "code_source_sha256": shipped.source_sha256,
-        "dataset": {k: v for k, v in (first.get("dataset") or {}).items() if k != "tokenizer"},
+        "dataset": {k: v for k, v in (first.get("dataset") or {}).items() if k not in PATH_KEYS},
         "compliance": {
             "train_under_600s": max_train <= lim["train_s"] * 1000 and all(a <= lim["train_s"] * 1000 for a in access),
             "eval_under_600s": all(r.metrics["eval_time_ms"] <= lim["eval_s"] * 1000 for r in ordered),
             "artifact_under_16mb": all(row["bytes_total"] <= lim["bytes"] for row in rows.values()),
             "same_config": True, "three_seeds": len(ordered) >= 3,
-            "reportable": all(r.metrics.get("reportable", True) for r in ordered),
+            "reportable": all(i is not None and i.reportable and not i.inconsistent for i, _ in idents),
+            "reportable_reason": next((f"{why}: {runlog.OLDER_RUN}" if i is None else i.reason
+                                       for i, why in idents if i is None or not i.reportable), idents[0][0].reason
+                                      if idents[0][0] is not None else ""),
             "no_validation_data_in_training": all(
                 (r.log.compliance.get("validation_data_in_training") or {}).get("value") == "no" for r in ordered),
             "ttt": bool(first["config"].get("TTT_ENABLED")), "score_first_ttt": bool(first["config"].get("TTT_ENABLED")),
@@ -514,7 +542,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--github-id", default=None, help="your GitHub user name")
     p.add_argument("--blurb", default=None, help="one sentence: what this submission does")
     p.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--track", choices=sorted(TRACKS), default="10min_16mb", help="default 10min_16mb (the record track)")
+    p.add_argument("--track", choices=sorted(TRACKS), default=None, help="default 10min_16mb (the record track)")
+    p.add_argument("--non-record", action="store_true",
+                   help="build a non-record submission (= --track non_record_16mb, under track_non_record_16mb/): "
+                        "runs that are not reportable or predate the dataset identity, and the time limits, are "
+                        "warnings instead of refusals")
     p.add_argument("--out", type=Path, default=runlog.HERE, help="records root (default: this repository's records/)")
     p.add_argument("--force", action="store_true", help="replace an existing folder of the same name")
     args = p.parse_args(argv)
@@ -522,24 +554,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.github_id = args.github_id or check.PLACEHOLDER
     args.blurb = args.blurb or f"{check.PLACEHOLDER}: one sentence on what this submission does."
     args.date = args.date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    args.track_conflict = args.non_record and args.track == "10min_16mb"
+    args.track = args.track or ("non_record_16mb" if args.non_record else "10min_16mb")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     errors: list[str] = []
+    warnings: list[str] = []
+    record = args.track == "10min_16mb"
+    if args.track_conflict:
+        errors.append("--non-record with --track 10min_16mb is not allowed: a non-record submission goes under "
+                      "track_non_record_16mb (leave --track out)")
     if not NAME_RE.fullmatch(args.name):
         errors.append(f"--name {args.name!r} is not allowed: letters, digits and . _ + - (no spaces or slashes)")
     if not DATE_RE.fullmatch(args.date):
         errors.append(f"--date {args.date!r} is not allowed: expected YYYY-MM-DD")
     runs = load_runs(args.logs, errors)
     validate_runs(runs, errors)
+    check_data(runs, record, errors, warnings)
     shipped = resolve_script(args.script, runs, args.pack, args.codec, errors) if runs else None
     if shipped is not None:
         check_limits(runs, len(shipped.data), args.track, errors)
     dest = args.out / f"track_{args.track}" / f"{args.date}_{args.name}"
     if dest.exists() and not args.force:
         errors.append(f"{dest}: already exists; choose another --name or pass --force to replace it")
+    if 0 < len(runs) < check.MIN_SEEDS:
+        n = len(runs)
+        warnings.append(f"--logs: {n} seed{'s' if n > 1 else ''} ({', '.join(str(r.seed) for r in runs)}): a record "
+                        f"needs at least {check.MIN_SEEDS} seeds (p < 0.01 on the 0.005-nat margin); "
+                        + ("the sample std and the significance tests are not computable with one seed" if n == 1
+                           else "with 2 seeds the significance tests have very few degrees of freedom"))
     comparison, baseline_desc, sig_lines = None, None, []
     if args.baseline and runs and not errors:
         try:
@@ -555,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         print("make_submission: nothing written", file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
     sub = build_submission(runs, shipped, args, comparison, baseline_desc)
     source = pack.unpack(shipped.data)[0] if shipped.how != "raw" else shipped.data
@@ -564,9 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         folder_rel = str(dest.resolve().relative_to(runlog.ROOT))
     except ValueError:
         folder_rel = str(dest)
-    created_parent = not dest.parent.exists()
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # removed again on failure
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    done = False
     try:
         (tmp / "train_gpt.py").write_bytes(shipped.data)
         for run in sorted(runs, key=lambda r: r.seed):
@@ -585,20 +634,26 @@ def main(argv: list[str] | None = None) -> int:
         if dest.exists():  # --force: swap in the new folder, then drop the old one
             old = dest.with_name(f".{dest.name}.old{os.getpid()}")
             os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                os.rename(old, dest)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dest)
+        done = True
     except (OSError, RecordError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:
-            try:
-                dest.parent.rmdir()
-            except OSError:
-                pass
         print(f"error: {exc}", file=sys.stderr)
         print("make_submission: nothing written", file=sys.stderr)
         return 2
+    finally:  # success, refusal or a bug: the temporary folder never stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in made if not done else ():
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     print(f"wrote {dest}/")
     print(f"  train_gpt.py  {len(shipped.data):,} bytes ({shipped.how}"
@@ -606,8 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     for seed, row in sub["seed_results"].items():
         print(f"  seed {seed:>6}: val_loss {row['val_loss']:.8f} val_bpb {row['val_bpb']:.8f} steps {row['steps']} "
               f"bytes_total {row['bytes_total']:,}")
-    print(f"  mean val_bpb {sub['val_bpb']:.8f} ± {sub['val_bpb_std']:.8f}, val_loss {sub['val_loss']:.8f} "
-          f"± {sub['val_loss_std']:.8f} (sample std, n={len(runs)})")
+    print(f"  mean val_bpb {sub['val_bpb']:.8f} ± {_std(sub['val_bpb_std'], 8)}, val_loss {sub['val_loss']:.8f} "
+          f"± {_std(sub['val_loss_std'], 8)} (sample std, n={len(runs)})")
+    c = sub["compliance"]
+    print(f"  data: {c['reportable_reason'] if c['reportable'] else 'NOT reportable: ' + c['reportable_reason']}; "
+          f"val sha256 {sub['dataset'].get('val_sha256')}; tokenizer sha256 {sub['dataset'].get('tokenizer_sha256')}"
+          + ("" if record else f" ({TRACKS[args.track]})"))
     for line in sig_lines:
         print(f"  {line}")
     for c in results:

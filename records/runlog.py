@@ -6,6 +6,11 @@ versions, the dataset fingerprint and `code_sha256`/`code_bytes`; the labelled e
 (`pre_quant_val_loss:`, `roundtrip_val_loss:`, `sliding_val_loss:`, `ttt_val_loss:`) and the
 `compliance:` lines follow; a complete log ends with exactly one `final ...` line.
 
+A run's JSON and the log next to it must come from one run: `load_run` refuses a JSON whose log is
+incomplete or names another run (a re-run that died leaves the old JSON behind) and, given the log,
+ignores such a JSON with a warning. `data_identity_*` say which data a run scored (validation and
+tokenizer sha256, whether it is the challenge's validation split).
+
 The challenge limits come from train_gpt.py (imported from the repository root next to this folder);
 when it cannot be imported, the same published values are used.
 """
@@ -233,6 +238,7 @@ class Run:
     log_path: Path | None = None
     metrics: dict[str, Any] | None = None
     log: LogInfo | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. a JSON next to the log that was ignored
 
     @property
     def seed(self) -> int | None:
@@ -335,8 +341,43 @@ def load_json(path: Path) -> Any:
         raise RecordError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+INCOMPLETE = ("the log has no `final` line at its end (incomplete log: a re-run that died or is still running, or a "
+              "truncated file)")
+
+
+def pairing_problems(metrics: dict[str, Any], log: LogInfo) -> list[str]:
+    """Why a run JSON does not belong to the log next to it (empty when they are one run): the log is
+    incomplete (the JSON is written just before the `final` line), or they differ in run_id, seed,
+    code_sha256, config_hash, the final scores or the data identity."""
+    if not log.complete:
+        return [INCOMPLETE]
+    out = []
+    cfg, fin, data = log.config, log.final, log.compliance.get("dataset", {})
+    pairs = [("run_id", metrics.get("run_id"), cfg.get("run_id")),
+             ("seed", (metrics.get("config") or {}).get("SEED"), cfg.get("seed")),
+             ("code_sha256", metrics.get("code_sha256"), cfg.get("code_sha256")),
+             ("config_hash", metrics.get("config_hash"), cfg.get("config_hash")),
+             ("val_sha256", (metrics.get("dataset") or {}).get("val_sha256"), data.get("val_sha256")),
+             ("tokenizer_sha256", (metrics.get("dataset") or {}).get("tokenizer_sha256"), data.get("tokenizer_sha256"))]
+    pairs += [(k, metrics.get(k), fin[k]) for k in ("eval", "steps", "bytes_total", "bytes_model", "bytes_code",
+                                                    "train_time_ms", "eval_time_ms")]
+    for key, in_json, in_log in pairs:
+        if in_json is not None and in_log is not None and str(in_json) != str(in_log):
+            out.append(f"{key} {in_json} in the JSON vs {in_log} in the log")
+    for key in ("val_loss", "val_bpb"):
+        if isinstance(metrics.get(key), (int, float)) and f"{metrics[key]:.8f}" != f"{fin[key]:.8f}":
+            out.append(f"{key} {metrics[key]:.8f} in the JSON vs {fin[key]:.8f} in the log")
+    said = log.compliance.get("reportable", {}).get("value")
+    if isinstance(metrics.get("reportable"), bool) and said in ("yes", "NO") and metrics["reportable"] != (said == "yes"):
+        out.append(f"reportable {str(metrics['reportable']).lower()} in the JSON vs {said} in the log")
+    return out
+
+
 def load_run(path: Path) -> Run:
-    """A run from its JSON (the log next to it is read too) or from a log (.txt/.log; a JSON next to it too)."""
+    """A run from its JSON (the log next to it is read too) or from a log (.txt/.log; a JSON next to it too).
+
+    Given a JSON whose log does not belong to it (`pairing_problems`), it refuses, naming both files; given
+    a log, such a JSON is ignored and the run gets a warning."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such file (expected a run's .json or .txt/.log)")
@@ -345,29 +386,128 @@ def load_run(path: Path) -> Run:
         if not isinstance(metrics, dict):
             raise RecordError(f"{path}: expected a JSON object (a run's metrics), got {type(metrics).__name__}")
         log_path = sibling_log(path)
-        return Run(str(path), path, log_path, metrics, read_log(log_path) if log_path else None)
+        log = read_log(log_path) if log_path else None
+        problems = pairing_problems(metrics, log) if log is not None else []
+        if problems:
+            raise RecordError(f"{path}: does not belong to the log next to it, {log_path}: {'; '.join(problems[:4])}"
+                              f"; the two files come from different runs (a re-run that died leaves the old JSON "
+                              f"behind): re-run, or give {log_path.name} to read the log alone")
+        return Run(str(path), path, log_path, metrics, log)
     log = read_log(path)
     json_path = path.with_suffix(".json")
-    metrics = None
+    metrics, warnings = None, []
     if json_path.is_file():
         data = load_json(json_path)
         metrics = data if isinstance(data, dict) and "val_loss" in data and "config" in data else None
-    return Run(str(path), json_path if metrics else None, path, metrics, log)
+        problems = pairing_problems(metrics, log) if metrics is not None else []
+        if problems:
+            warnings.append(f"{json_path}: ignored, it does not belong to {path}: {'; '.join(problems[:4])}; "
+                            f"reading the log alone")
+            metrics = None
+    return Run(str(path), json_path if metrics else None, path, metrics, log, warnings)
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given; a folder becomes its run JSONs, or else its logs (train_seed*.log, *.txt, *.log)."""
+    """Files as given; a folder becomes its run JSONs, or else its logs (train_seed*.log, *.txt, *.log). A
+    `<RUN_ID>.new.*` file is an OVERWRITE=1 rerun still going or dead, not a run: never picked up."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.glob("*.json") if q.name != "submission.json")
-            found = found or sorted(p.glob("train_seed*.log")) or sorted(p.glob("*.txt")) or sorted(p.glob("*.log"))
+            def runs(pattern: str) -> list[Path]:
+                return sorted(q for q in p.glob(pattern) if q.name != "submission.json" and ".new." not in q.name)
+
+            found = runs("*.json") or runs("train_seed*.log") or runs("*.txt") or runs("*.log")
             if not found:
                 raise RecordError(f"{p}: folder holds no run .json or .log/.txt files")
             out.extend(found)
         else:
             out.append(p)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Which data a run scored
+# ---------------------------------------------------------------------------------------------
+
+# What train_gpt.py records about the scored data (the JSON's `dataset`, the log's `compliance:dataset` line);
+# a run without them was written by an older script, whose `reportable` did not look at the data at all.
+IDENTITY_KEYS = ("val_sha256", "tokenizer_sha256", "val_documents", "challenge_split")
+OLDER_RUN = ("written by an older train_gpt.py, so which data it scored cannot be verified; re-run it with the current "
+             "script (re-scoring its artifact with EVAL_ONLY=1 shows the data, but a submission needs training runs)")
+
+
+@dataclass
+class DataIdentity:
+    """The scored data: validation shards' and tokenizer's sha256, and whether they are the challenge's
+    validation split (`reportable`, with train_gpt.py's reason)."""
+    val_sha256: str
+    tokenizer_sha256: str
+    val_documents: int | None
+    manifest_sha256: str | None
+    reportable: bool
+    reason: str
+    inconsistent: str = ""  # a `reportable` claim its own counts contradict (an edited file)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.val_sha256, self.tokenizer_sha256
+
+    def describe(self) -> str:
+        split = self.reason if self.reportable else f"not reportable ({self.reason})"
+        return (f"{split}; val sha256 {self.val_sha256}; tokenizer sha256 {self.tokenizer_sha256}"
+                + (f"; manifest sha256 {self.manifest_sha256}" if self.manifest_sha256 else "; no manifest"))
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(str(value).replace(",", ""))
+    except (TypeError, ValueError):
+        return None
+
+
+def _recheck(ident: DataIdentity, vocab_size: Any, val_tokens_raw: Any, max_val_tokens: Any) -> DataIdentity:
+    """A `reportable` claim, re-derived from the run's own counts with train_gpt.py's `challenge_split` (only
+    for vocabularies whose split it knows, so a newer script's tokenizer is not refused)."""
+    tg = train_gpt()
+    vocab, raw, docs = _int(vocab_size), _int(val_tokens_raw), ident.val_documents
+    known = getattr(tg, "CHALLENGE_VAL_TARGETS", {}) if tg is not None else {}
+    if ident.reportable and hasattr(tg, "challenge_split") and vocab in known and None not in (raw, docs):
+        ok, why = tg.challenge_split(vocab, raw, docs, _int(max_val_tokens) or 0)
+        if not ok:
+            ident.inconsistent = f"claims reportable, but its own counts say {why}"
+    return ident
+
+
+def data_identity_of_metrics(m: dict[str, Any]) -> tuple[DataIdentity | None, str]:
+    """(identity, "") from a run JSON, or (None, what is missing) for a JSON of an older script."""
+    ds = m.get("dataset") if isinstance(m.get("dataset"), dict) else {}
+    missing = [f"dataset.{k}" for k in IDENTITY_KEYS if ds.get(k) is None]
+    missing += [k for k in ("reportable", "reportable_reason") if k not in m]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    ident = DataIdentity(str(ds["val_sha256"]), str(ds["tokenizer_sha256"]), _int(ds["val_documents"]),
+                         ds.get("manifest_sha256"), bool(m["reportable"]), str(m["reportable_reason"]))
+    if bool(ds["challenge_split"]) != ident.reportable:
+        ident.inconsistent = f"reportable {ident.reportable} but dataset.challenge_split {ds['challenge_split']}"
+        return ident, ""
+    config = m.get("config") if isinstance(m.get("config"), dict) else {}
+    return _recheck(ident, config.get("VOCAB_SIZE"), ds.get("val_tokens_raw"), config.get("MAX_VAL_TOKENS")), ""
+
+
+def data_identity_of_log(lg: LogInfo) -> tuple[DataIdentity | None, str]:
+    """(identity, "") from a log's `compliance:dataset` and `compliance:reportable` lines, or (None, what is
+    missing) for a log of an older script."""
+    data, rep = lg.compliance.get("dataset"), lg.compliance.get("reportable")
+    missing = [] if data and data.get("val_sha256") and data.get("tokenizer_sha256") else ["compliance:dataset"]
+    missing += [] if rep and rep.get("value") in ("yes", "NO") else ["compliance:reportable"]
+    if missing:
+        return None, f"no {' or '.join(missing)} line"
+    manifest = data.get("manifest_sha256")
+    reason = re.sub(r"^score from eval:\S+ on ", "", rep.get("how", ""))
+    ident = DataIdentity(data["val_sha256"], data["tokenizer_sha256"], _int(data.get("val_documents")),
+                         None if manifest in (None, "none") else manifest, rep["value"] == "yes", reason)
+    return _recheck(ident, lg.config.get("vocab_size"), lg.config.get("dataset_val_tokens_raw"),
+                    lg.config.get("max_val_tokens")), ""
 
 
 def bpb(val_loss: float, tokens: float, n_bytes: float) -> float:

@@ -23,7 +23,11 @@ runs with the same tokens per byte (same tokenizer and validation text); when th
 differ, the test runs in BPB with the margin converted with the new runs' ratio
 (0.005 x tokens/bytes / ln 2, e.g. 0.00194 BPB for sp8192) and says so. A baseline with one seed is
 taken as a fixed value (one-sample t-test, df = n_new - 1). When both sides share seeds, a paired
-t-test over the common seeds is printed as well (information, not the rule).
+t-test over the common seeds is printed as well (information, not the rule). With one new seed there is
+no sample std, so the tests are reported as not computable (a record needs at least 3 seeds).
+
+A run JSON whose log next to it belongs to another run (a re-run that died) is refused, naming both
+files; given the log instead, that JSON is ignored with a warning (records/runlog.py).
 
 The Student-t distribution is computed here (regularized incomplete beta), so scipy is not needed.
 """
@@ -198,6 +202,7 @@ class Side:
     scores: list[Score] = field(default_factory=list)
     summary: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # unit -> (mean, sd, n)
     summary_ratio: float | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. a stale JSON ignored next to a log
 
     def values(self, unit: str) -> list[float] | None:
         key = "val_loss" if unit == "nats" else "val_bpb"
@@ -287,7 +292,9 @@ def load_side(items: list[str], name: str) -> Side:
             try:
                 runs = [r for r in map(runlog.load_run, runlog.expand_inputs([path])) if _complete(r)]
             except RecordError:
-                runs = []
+                if not (path / "submission.json").is_file():
+                    raise  # e.g. a stale JSON in a logs folder: say so, not "no complete run logs"
+            side.warnings += [w for r in runs for w in r.warnings]
             if runs:
                 side.scores.extend(score_of_run(r) for r in runs)
             elif (path / "submission.json").is_file():
@@ -308,6 +315,7 @@ def load_side(items: list[str], name: str) -> Side:
                 raise RecordError(f"{path}: expected a run JSON or a submission.json object")
         elif path.is_file():
             run = runlog.load_run(path)
+            side.warnings += run.warnings
             if not _complete(run):
                 raise RecordError(f"{path}: incomplete log (no final line)")
             side.scores.append(score_of_run(run))
@@ -355,8 +363,11 @@ class Comparison:
     note: str
     rules: list[Rule]
     paired: TestResult | None
+    not_computable: str = ""  # why there are no tests (one new seed)
 
     def lines(self) -> list[str]:
+        if self.not_computable:
+            return [f"significance: not computable: {self.not_computable}"]
         out = [f"significance unit: {self.unit} ({self.note})"]
         out += ["  " + r.line() for r in self.rules]
         if self.paired is not None:
@@ -366,6 +377,8 @@ class Comparison:
         return out
 
     def as_dict(self) -> dict[str, Any]:
+        if self.not_computable:
+            return {"unit": self.unit, "note": self.note, "computable": False, "reason": self.not_computable}
         return {"unit": self.unit, "note": self.note,
                 **{r.name: {"improvement": round(r.test.improvement, 8), "margin": round(r.margin, 8),
                             "t": _finite(r.test.t), "df": _finite(r.test.df), "p": _finite(r.test.p),
@@ -400,6 +413,9 @@ def compare(new: Side, old: Side, margins: tuple[tuple[str, float, float], ...] 
                           "with the new runs' tokens/bytes)")
     m_new, s_new, n_new = new.stats(unit)
     m_old, s_old, n_old = old.stats(unit)
+    if n_new < 2:
+        return Comparison(unit, note, [], None, f"{n_new} new seed: a t-test needs at least 2 (one seed has no sample "
+                                                f"std); a record needs at least 3")
     rules = []
     for name, margin_nats, alpha in margins:
         margin = margin_nats * scale
@@ -453,10 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         new = load_side(args.new, "new")
+        for w in new.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         for line in describe(new):
             print(line)
         if args.baseline:
             old = load_side(args.baseline, "baseline")
+            for w in old.warnings:
+                print(f"warning: {w}", file=sys.stderr)
             for line in describe(old):
                 print(line)
             result = compare(new, old, (("challenge rule", args.margin, args.alpha),

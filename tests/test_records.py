@@ -6,7 +6,10 @@ Run:
 
 The slow tests share one tiny 3-seed sweep (test_run.TINY, seeds 1337/42/2025, ~10 s a run on a
 2-core CPU) of a snapshot of train_gpt.py, so an edit to the script during the session cannot make
-the logs stale. Refusal and validator cases are copies of those outputs with one thing changed.
+the logs stale. Those runs score a few test documents, not the challenge's validation split, so they
+are not reportable: the folders are built with --non-record (under track_non_record_16mb/), and the
+record track's refusals are tested on their own. Refusal and validator cases are copies of those
+outputs with one thing changed.
 Two more runs execute packed scripts (Brotli + minified, and the LZMA file a built folder ships,
 run from inside that folder). matplotlib and scipy are optional: the tests that need them skip.
 """
@@ -42,6 +45,7 @@ import runlog  # noqa: E402
 import stats  # noqa: E402
 
 SEEDS = (1337, 42, 2025)
+NON_RECORD = "track_non_record_16mb"  # where the builder puts the sweep's (not reportable) folders
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -70,18 +74,19 @@ def sweep(dataset, tmp_path_factory) -> dict:
             "jsons": [logs / f"tiny_s{s}.json" for s in SEEDS]}
 
 
-def build(sweep: dict, out: Path, *extra: str, logs: list[Path] | None = None) -> int:
-    return make_submission.main(["--name", "TinyRun", "--logs", *map(str, logs or sweep["jsons"]),
+def build(sweep: dict, out: Path, *extra: str, logs: list[Path] | None = None, name: str = "TinyRun") -> int:
+    """make_submission on the sweep, as a non-record submission (the sweep is not reportable)."""
+    return make_submission.main(["--name", name, "--logs", *map(str, logs or sweep["jsons"]),
                                  "--script", str(sweep["script"]), "--out", str(out), "--author", "Test Author",
                                  "--github-id", "tester", "--blurb", "A tiny CPU sweep.", "--date", "2026-05-01",
-                                 *extra])
+                                 "--non-record", *extra])
 
 
 @pytest.fixture(scope="module")
 def packed_folder(sweep, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("records")
     assert build(sweep, out, "--pack") == 0
-    return out / "track_10min_16mb" / "2026-05-01_TinyRun"
+    return out / NON_RECORD / "2026-05-01_TinyRun"
 
 
 def copy_logs(sweep: dict, dest: Path) -> list[Path]:
@@ -102,6 +107,12 @@ def edit_json(path: Path, **changes) -> None:
         else:
             data[key] = value
     path.write_text(json.dumps(data, indent=2))
+
+
+def edit_log(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new))
 
 
 def edit_final_line(path: Path, **changes) -> None:
@@ -264,10 +275,15 @@ def test_builder_writes_a_consistent_packed_folder(sweep, packed_folder, capsys)
     assert sub["bytes_total"] == max(m["bytes_model"] for m in metrics.values()) + len(shipped)
     for key in ("author", "github_id", "name", "blurb", "date", "track", "hardware", "pytorch_version"):
         assert sub[key], key
-    assert sub["date"] == "2026-05-01" and sub["track"] == "10min_16mb" and sub["pytorch_version"] == tg.torch.__version__
+    assert sub["date"] == "2026-05-01" and sub["track"] == "non_record_16mb" and sub["pytorch_version"] == tg.torch.__version__
     assert sub["config_hash"] == tg.config_hash(metrics[42]["config"])
     c = sub["compliance"]
     assert c["train_under_600s"] and c["eval_under_600s"] and c["artifact_under_16mb"] and c["three_seeds"]
+    assert c["reportable"] is False and c["reportable_reason"] == metrics[1337]["reportable_reason"]
+    assert c["reportable_reason"].startswith("not the challenge's validation split")
+    data = metrics[1337]["dataset"]
+    assert sub["dataset"]["val_sha256"] == data["val_sha256"] and sub["dataset"]["tokenizer_sha256"] == data["tokenizer_sha256"]
+    assert "tokenizer" not in sub["dataset"] and "manifest" not in sub["dataset"], "local paths are not shipped"
     readme = (folder / "README.md").read_text()
     for s in SEEDS:
         row = sub["seed_results"][str(s)]
@@ -280,10 +296,14 @@ def test_builder_writes_a_consistent_packed_folder(sweep, packed_folder, capsys)
     # The validator agrees, in-process and as the CLI.
     results = check.check_folder(folder)
     assert not [c for c in results if c.status == "FAIL"], [c.line() for c in results]
-    assert {c.name for c in results if c.status == "WARN"} <= {"hardware"}
+    assert {c.name for c in results if c.status == "WARN"} == {"reportable"}, "a non-record folder: only that"
     capsys.readouterr()
     assert check.main([str(folder)]) == 0
-    assert "0 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 failed" in out
+    identity = next(line for line in out.splitlines() if line.startswith("PASS  data_identity:"))
+    assert f"val sha256 {data['val_sha256']}" in identity and f"tokenizer sha256 {data['tokenizer_sha256']}" in identity
+    assert "3 log(s): not reportable (not the challenge's validation split" in identity
 
 
 @pytest.mark.slow
@@ -319,7 +339,7 @@ def test_builder_ships_the_raw_script_and_the_baseline_test(sweep, tmp_path, cap
     assert build(sweep, tmp_path / "out", "--baseline", str(baseline)) == 0
     out = capsys.readouterr().out
     assert "challenge rule" in out and "frontier rule" in out
-    folder = tmp_path / "out" / "track_10min_16mb" / "2026-05-01_TinyRun"
+    folder = tmp_path / "out" / NON_RECORD / "2026-05-01_TinyRun"
     sub = json.loads((folder / "submission.json").read_text())
     raw = sweep["script"].read_bytes()
     assert (folder / "train_gpt.py").read_bytes() == raw and sub["bytes_code"] == len(raw)
@@ -337,15 +357,108 @@ def test_builder_ships_the_raw_script_and_the_baseline_test(sweep, tmp_path, cap
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
 
 
+def hidden(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*")]
+
+
+@pytest.mark.slow
+def test_builder_accepts_one_or_two_seeds_with_a_warning(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    # One seed: built, with a warning; the std and the significance tests are "not computable", not a crash.
+    assert build(sweep, out, "--baseline", "9.0", "9.1", logs=sweep["jsons"][:1], name="One") == 0
+    captured = capsys.readouterr()
+    assert ("warning: --logs: 1 seed (1337): a record needs at least 3 seeds (p < 0.01 on the 0.005-nat margin); the "
+            "sample std and the significance tests are not computable with one seed") in captured.err
+    assert "± n/a (1 seed)" in captured.out and "significance: not computable: 1 new seed" in captured.out
+    folder = out / NON_RECORD / "2026-05-01_One"
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["seeds"] == [1337] and sub["val_bpb_std"] is None and sub["val_loss_std"] is None
+    assert sub["val_bpb"] == pytest.approx(sweep["runs"][1337].metrics["val_bpb"], abs=1e-8)
+    assert sub["compliance"]["three_seeds"] is False
+    assert sub["significance"]["computable"] is False and "a t-test needs at least 2" in sub["significance"]["reason"]
+    readme = (folder / "README.md").read_text()
+    assert "± n/a (1 seed)** (mean ± sample std over 1 seed;" in readme and "- [ ] at least 3 seeds (1)" in readme
+    results = {c.name: c for c in check.check_folder(folder)}
+    assert not [c.line() for c in results.values() if c.status == "FAIL"]
+    assert results["seed_count"].status == "WARN"
+    # Two seeds: the std and the tests are computed; still the 3-seed warning.
+    assert build(sweep, out, "--baseline", "9.0", "9.1", logs=sweep["jsons"][:2], name="Two") == 0
+    captured = capsys.readouterr()
+    assert "warning: --logs: 2 seeds (1337, 42): a record needs at least 3 seeds" in captured.err
+    sub = json.loads((out / NON_RECORD / "2026-05-01_Two" / "submission.json").read_text())
+    bpbs = [sweep["runs"][s].metrics["val_bpb"] for s in (1337, 42)]
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-8)
+    assert sub["significance"]["challenge rule"]["method"] == "welch"
+    assert sorted(p.name for p in (out / NON_RECORD).iterdir()) == ["2026-05-01_One", "2026-05-01_Two"]
+    assert not hidden(out), "no temporary folder left behind"
+
+
+@pytest.mark.slow
+def test_builder_never_leaves_a_temporary_folder(sweep, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    made = []
+
+    def fail(exc):
+        def step(folder, *args, **kwargs):
+            made.append(Path(folder))
+            assert Path(folder).is_dir() and Path(folder).name.startswith(".2026-05-01_TinyRun.")
+            raise exc
+        return step
+
+    # A refusal after the temporary folder was written (the validator step fails): nothing stays, not even out/.
+    monkeypatch.setattr(check, "check_folder", fail(OSError("disk full")))
+    assert build(sweep, out) == 2
+    err = capsys.readouterr().err
+    assert "error: disk full" in err and "make_submission: nothing written" in err
+    assert made and not made[-1].exists() and not out.exists()
+    # A bug in a late step (an unexpected exception): it propagates, and the temporary folder still goes.
+    monkeypatch.setattr(check, "check_folder", fail(TypeError("unsupported format string passed to NoneType")))
+    with pytest.raises(TypeError):
+        build(sweep, out)
+    assert len(made) == 2 and not made[-1].exists() and not out.exists()
+    # With --force over an existing folder: a failure keeps the existing folder as it was.
+    monkeypatch.undo()
+    assert build(sweep, out) == 0
+    folder = out / NON_RECORD / "2026-05-01_TinyRun"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(make_submission, "readme_text", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        build(sweep, out, "--force", "--pack")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name] and not hidden(out)
+
+
+@pytest.mark.slow
+def test_builder_makes_a_non_record_folder_from_older_runs(sweep, tmp_path, capsys):
+    logs = copy_logs(sweep, tmp_path / "logs")
+    for log in logs:
+        make_older_run(log)
+    # The record track refuses every run (tested above); --non-record builds it, warning about each one.
+    assert build(sweep, tmp_path / "out", logs=logs) == 0
+    err = capsys.readouterr().err
+    for log in logs:
+        assert f"warning: {log}: no dataset identity (no dataset.val_documents" in err
+    folder = tmp_path / "out" / NON_RECORD / "2026-05-01_TinyRun"
+    results = {c.name: c for c in check.check_folder(folder)}
+    assert results["data_identity"].status == "WARN" and not [c for c in results.values() if c.status == "FAIL"]
+    c = json.loads((folder / "submission.json").read_text())["compliance"]
+    assert c["reportable"] is False, "an older run's `reportable: true` is not taken on trust"
+    assert c["reportable_reason"].startswith("no dataset.val_documents") and "older train_gpt.py" in c["reportable_reason"]
+
+
 # ---------------------------------------------------------------------------------------------
 # make_submission.py: refusals (nothing written)
 # ---------------------------------------------------------------------------------------------
 
 
 def _config_differs(logs, sweep, tmp):
+    old = json.loads(logs[1].read_text())["config_hash"]
     edit_json(logs[1], config={"NUM_LAYERS": 3})
     data = json.loads(logs[1].read_text())
     edit_json(logs[1], config_hash=tg.config_hash(data["config"]))
+    txt = logs[1].with_suffix(".txt")  # the log says the same, so the pair is one run
+    edit_log(txt, "\n  num_layers: 2\n", "\n  num_layers: 3\n")
+    edit_log(txt, f"\n  config_hash: {old}\n", f"\n  config_hash: {tg.config_hash(data['config'])}\n")
     return [], "config differs from"
 
 
@@ -374,7 +487,7 @@ def _json_incomplete(logs, sweep, tmp):
 
 def _stale_json(logs, sweep, tmp):
     edit_json(logs[2], val_loss=1.0)
-    return [], "does not match"
+    return [], f"{logs[2]}: does not belong to the log next to it, {logs[2].with_suffix('.txt')}: val_loss 1.00000000"
 
 
 def _over_size(logs, sweep, tmp):
@@ -385,21 +498,22 @@ def _over_size(logs, sweep, tmp):
     return [], "over the 16,000,000-byte limit"
 
 
+# The time limits hold on the record track only (which also refuses the sweep as not reportable).
 def _train_too_long(logs, sweep, tmp):
     edit_json(logs[1], train_time_ms=600_001)
     edit_final_line(logs[1].with_suffix(".txt"), train_time_ms=600_001)
-    return [], "over the 600 s limit"
+    return ["--track", "10min_16mb"], "over the 600 s limit"
 
 
 def _data_access_too_late(logs, sweep, tmp):
     edit_json(logs[1], train_data_access_end_ms=600_500)
-    return [], "training data was read until 600,500 ms"
+    return ["--track", "10min_16mb"], "training data was read until 600,500 ms"
 
 
 def _eval_too_long(logs, sweep, tmp):
     edit_json(logs[2], eval_time_ms=600_001)
     edit_final_line(logs[2].with_suffix(".txt"), eval_time_ms=600_001)
-    return [], "eval_time_ms 600,001 is over the 600 s limit"
+    return ["--track", "10min_16mb"], "eval_time_ms 600,001 is over the 600 s limit"
 
 
 def _wrong_script(logs, sweep, tmp):
@@ -414,8 +528,71 @@ def _duplicate_seed(logs, sweep, tmp):
 
 
 def _not_reportable(logs, sweep, tmp):
-    edit_json(logs[0], reportable=False)
-    return [], "not reportable"
+    # The sweep as it is, for the record track: each run is refused with its own reason.
+    reason = json.loads(logs[0].read_text())["reportable_reason"]
+    assert reason.startswith("not the challenge's validation split: ")
+    return ["--track", "10min_16mb"], f"error: {logs[0]}: not reportable: {reason}; a record must score"
+
+
+def _max_val_tokens(logs, sweep, tmp):
+    reason = "MAX_VAL_TOKENS=4096: a prefix of the validation split"
+    edit_json(logs[1], reportable_reason=reason)
+    return ["--track", "10min_16mb"], f"error: {logs[1]}: not reportable: {reason}"
+
+
+def _set_dataset_hash(log: Path, key: str, value: str) -> None:
+    """One run of the sweep as if it had scored other data: its JSON and its log say so alike."""
+    data = json.loads(log.read_text())
+    old = data["dataset"][key]
+    data["dataset"][key] = value
+    log.write_text(json.dumps(data))
+    edit_log(log.with_suffix(".txt"), f" {key}:{old}", f" {key}:{value}")
+
+
+def _mixed_val_data(logs, sweep, tmp):
+    _set_dataset_hash(logs[1], "val_sha256", "ab" * 32)
+    return [], f"error: {logs[1]}: mixed data: val_sha256 abababababababab vs"
+
+
+def _mixed_tokenizer(logs, sweep, tmp):
+    _set_dataset_hash(logs[2], "tokenizer_sha256", "cd" * 32)
+    return [], f"error: {logs[2]}: mixed data: tokenizer_sha256 cdcdcdcdcdcdcdcd vs"
+
+
+def make_older_run(json_path: Path) -> None:
+    """A run as an older train_gpt.py wrote it: `reportable` true with MAX_VAL_TOKENS=0 whatever the data, no
+    dataset identity in the JSON, no compliance:dataset line in the log."""
+    data = json.loads(json_path.read_text())
+    for key in ("val_documents", "challenge_split", "manifest", "manifest_sha256", "manifest_tokenizer_sha256"):
+        del data["dataset"][key]
+    del data["reportable_reason"]
+    data["reportable"] = True
+    json_path.write_text(json.dumps(data))
+    txt = json_path.with_suffix(".txt")
+    lines = [ln for ln in txt.read_text().splitlines() if not ln.startswith("compliance:dataset ")]
+    lines = ["compliance:reportable value:yes how:score from eval:roundtrip on the full validation split"
+             if ln.startswith("compliance:reportable ") else ln for ln in lines]
+    txt.write_text("\n".join(lines) + "\n")
+
+
+def _older_run(logs, sweep, tmp):
+    make_older_run(logs[2])
+    return ["--track", "10min_16mb"], (f"error: {logs[2]}: no dataset identity (no dataset.val_documents, "
+                                       f"dataset.challenge_split, reportable_reason): written by an older "
+                                       f"train_gpt.py, so which data it scored cannot be verified; re-run it")
+
+
+def _reportable_claim_edited(logs, sweep, tmp):
+    data = json.loads(logs[0].read_text())
+    data["dataset"]["challenge_split"] = data["reportable"] = True
+    data["reportable_reason"] = "the challenge's sp1024 validation split (50,000 documents, 62,021,632 targets)"
+    logs[0].write_text(json.dumps(data))
+    edit_log(logs[0].with_suffix(".txt"), "compliance:reportable value:NO", "compliance:reportable value:yes")
+    return [], f"error: {logs[0]}: claims reportable, but its own counts say not the challenge's validation split"
+
+
+def _non_record_on_the_record_track(logs, sweep, tmp):
+    return ["--track", "10min_16mb", "--non-record"], "--non-record with --track 10min_16mb is not allowed"
 
 
 def _bad_name(logs, sweep, tmp):
@@ -424,7 +601,8 @@ def _bad_name(logs, sweep, tmp):
 
 REFUSALS = [_config_differs, _config_hash_tampered, _log_truncated, _log_missing, _json_incomplete, _stale_json,
             _over_size, _train_too_long, _data_access_too_late, _eval_too_long, _wrong_script, _duplicate_seed,
-            _not_reportable, _bad_name]
+            _not_reportable, _max_val_tokens, _mixed_val_data, _mixed_tokenizer, _older_run, _reportable_claim_edited,
+            _non_record_on_the_record_track, _bad_name]
 
 
 @pytest.mark.slow
@@ -434,6 +612,8 @@ def test_builder_refuses_and_writes_nothing(sweep, tmp_path, capsys, case):
     extra, expected = case(logs, sweep, tmp_path)
     args = ["--name", "TinyRun", "--logs", *map(str, logs), "--script", str(sweep["script"]),
             "--out", str(tmp_path / "out"), "--author", "T", "--github-id", "t", "--date", "2026-05-01"]
+    if "--track" not in extra:  # the sweep is not reportable: only the record track's own cases name it
+        args.append("--non-record")
     for flag in ("--logs", "--script", "--name"):  # a case's own value replaces the default one
         if flag in extra:
             i = args.index(flag)
@@ -498,14 +678,28 @@ def _over_limit_claim(folder):
     return "artifact_bytes"
 
 
+def _seed_on_other_data(folder):
+    log = folder / "train_seed42.log"
+    val = runlog.read_log(log).compliance["dataset"]["val_sha256"]
+    edit_log(log, f"val_sha256:{val}", f"val_sha256:{'ef' * 32}")
+    return "data_identity"
+
+
+def _dataset_claim_wrong(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    sub["dataset"]["tokenizer_sha256"] = "0" * 64
+    (folder / "submission.json").write_text(json.dumps(sub))
+    return "claims_match_logs"
+
+
 VALIDATOR_CASES = [_wrong_bytes_code, _stale_script, _truncated_log, _seed_from_other_config, _claimed_mean_wrong,
-                   _missing_readme, _over_limit_claim]
+                   _missing_readme, _over_limit_claim, _seed_on_other_data, _dataset_claim_wrong]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", VALIDATOR_CASES, ids=[f.__name__.strip("_") for f in VALIDATOR_CASES])
 def test_validator_flags_a_broken_folder(packed_folder, tmp_path, capsys, case):
-    folder = tmp_path / "track_10min_16mb" / packed_folder.name
+    folder = tmp_path / NON_RECORD / packed_folder.name
     shutil.copytree(packed_folder, folder)
     failing = case(folder)
     results = check.check_folder(folder)
@@ -513,6 +707,50 @@ def test_validator_flags_a_broken_folder(packed_folder, tmp_path, capsys, case):
     assert check.main([str(folder), "--quiet"]) == 1
     out = capsys.readouterr().out
     assert f"FAIL  {failing}:" in out and "PASS" not in out
+
+
+def as_record(packed_folder: Path, tmp_path: Path) -> Path:
+    """The sweep's folder claimed for the record track (under track_10min_16mb/, track 10min_16mb)."""
+    folder = tmp_path / "track_10min_16mb" / packed_folder.name
+    shutil.copytree(packed_folder, folder)
+    sub = json.loads((folder / "submission.json").read_text())
+    sub["track"] = "10min_16mb"
+    (folder / "submission.json").write_text(json.dumps(sub))
+    return folder
+
+
+@pytest.mark.slow
+def test_validator_checks_which_data_was_scored(sweep, packed_folder, tmp_path, capsys):
+    reason = sweep["runs"][1337].metrics["reportable_reason"]
+    # Claimed as a record: not reportable is a failure, each log named with its reason; the identity still passes.
+    folder = as_record(packed_folder, tmp_path / "a")
+    results = {c.name: c for c in check.check_folder(folder)}
+    assert results["reportable"].status == "FAIL", results["reportable"].line()
+    assert f"train_seed1337.log: {reason}" in results["reportable"].detail
+    assert results["data_identity"].status == "PASS"
+    assert check.main([str(folder), "--quiet"]) == 1
+    assert f"FAIL  reportable: not reportable: train_seed1337.log: {reason}" in capsys.readouterr().out
+    # Logs of an older train_gpt.py (no compliance:dataset line, `reportable: yes` whatever the data): a record
+    # fails, naming the logs and what to do; the non-record track warns.
+    for root, track in ((tmp_path / "b", "record"), (tmp_path / "c", "non-record")):
+        folder = as_record(packed_folder, root) if track == "record" else root / NON_RECORD / packed_folder.name
+        if track == "non-record":
+            shutil.copytree(packed_folder, folder)
+        for s in SEEDS:
+            log = folder / f"train_seed{s}.log"
+            log.write_text("".join(ln for ln in log.read_text().splitlines(keepends=True)
+                                   if not ln.startswith("compliance:dataset ")))
+        c = {c.name: c for c in check.check_folder(folder)}["data_identity"]
+        assert c.status == ("FAIL" if track == "record" else "WARN"), c.line()
+        assert c.detail.startswith("no data identity in train_seed1337.log (no compliance:dataset line)"), c.detail
+        assert "written by an older train_gpt.py" in c.detail and "re-run it with the current script" in c.detail
+    # A log that claims the challenge's split against its own counts (57 documents): an edited log.
+    folder = tmp_path / "d" / NON_RECORD / packed_folder.name
+    shutil.copytree(packed_folder, folder)
+    edit_log(folder / "train_seed2025.log", "compliance:reportable value:NO", "compliance:reportable value:yes")
+    c = {c.name: c for c in check.check_folder(folder)}["data_identity"]
+    assert c.status == "FAIL" and c.detail.startswith("train_seed2025.log: claims reportable, but its own counts say "
+                                                      "not the challenge's validation split"), c.line()
 
 
 def test_validator_on_a_folder_from_another_script(tmp_path):
@@ -620,6 +858,22 @@ def test_challenge_margin_is_in_nats_and_converted_for_other_tokenizers():
     assert 0.005 * 0.2690 / ln2 == pytest.approx(0.00194, abs=1e-5)
 
 
+def test_one_new_seed_makes_the_tests_not_computable(capsys):
+    ln2 = math.log(2)
+    new = stats.Side("new", [stats.Score(1, 2.80, 2.80 / ln2 * 0.3, 0.3, "a")])
+    old = stats.Side("old", [stats.Score(i, x, x / ln2 * 0.3, 0.3, "b") for i, x in enumerate([2.9, 2.91, 2.92])])
+    res = stats.compare(new, old)
+    assert res.rules == [] and res.paired is None and "1 new seed: a t-test needs at least 2" in res.not_computable
+    assert res.lines() == [f"significance: not computable: {res.not_computable}"]
+    assert res.as_dict()["computable"] is False
+    assert stats.main(["2.80", "--baseline", "2.9", "2.91"]) == 0
+    out = capsys.readouterr().out
+    assert "std -  (n=1)" in out and "significance: not computable" in out
+    # Two new seeds: computable (one degree of freedom against a single baseline value).
+    res = stats.compare(stats.Side("new", new.scores * 2), stats.Side("old", old.scores[:1]))
+    assert [r.test.method for r in res.rules] == ["one-sample", "one-sample"] and res.rules[0].test.df == 1
+
+
 @pytest.mark.slow
 def test_stats_cli_on_the_sweep(sweep, packed_folder, capsys):
     assert stats.main([*map(str, sweep["jsons"]), "--baseline", "9.0", "9.1", "9.05"]) == 0
@@ -681,12 +935,16 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "x.png").exists()
 
 
+FINAL_LINE = ("final val_loss:1.00000000 val_bpb:0.60000000 eval:roundtrip bytes_total:10 bytes_model:4 bytes_code:6 "
+              "train_time_ms:20 eval_time_ms:5 steps:2\n")
+
+
 def test_history_prefers_the_json_and_falls_back_to_the_log(tmp_path):
     log = tmp_path / "r.txt"
     log.write_text("config:\n  seed: 7\n  run_id: r\n"
                    "step:1/4 train_loss:6.9000 train_time:10ms step_avg:10.00ms tok_s:1 lr_scale:1.0\n"
                    "step:2/4 val_loss:6.5000 val_bpb:3.9000 train_time:20ms\n"
-                   "step:2/4 train_loss:6.5000 train_time:20ms step_avg:10.00ms tok_s:1 lr_scale:1.0\n")
+                   "step:2/4 train_loss:6.5000 train_time:20ms step_avg:10.00ms tok_s:1 lr_scale:1.0\n" + FINAL_LINE)
     run = runlog.load_run(log)
     train, val = run.history()
     assert [p["step"] for p in train] == [1, 2] and train[1]["train_loss"] == 6.5
@@ -694,6 +952,90 @@ def test_history_prefers_the_json_and_falls_back_to_the_log(tmp_path):
     history = {"train": [{"step": 1, "train_time_ms": 5, "train_loss": 7.0}], "val": []}
     (tmp_path / "r.json").write_text(json.dumps({"val_loss": 1.0, "config": {"SEED": 7}, "history": history}))
     assert runlog.load_run(tmp_path / "r.json").history() == (history["train"], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# runlog.py: a JSON and the log next to it must be one run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_json_is_read_only_with_its_own_log(tmp_path, capsys):
+    log, js = tmp_path / "r.txt", tmp_path / "r.json"
+    head = "config:\n  code_sha256: abc\n  config_hash: h1\n  run_id: r\n  seed: 7\n"
+    metrics = {"run_id": "r", "val_loss": 1.0, "val_bpb": 0.6, "steps": 2, "code_sha256": "abc", "config_hash": "h1",
+               "config": {"SEED": 7}}
+    js.write_text(json.dumps(metrics))
+    log.write_text(head + FINAL_LINE)
+    assert runlog.load_run(js).metrics == metrics and runlog.load_run(log).warnings == []
+    # The same RUN_ID re-run (another seed) and died: the log is new and unfinished, the JSON is the old run's.
+    log.write_text(head.replace("seed: 7", "seed: 8") + "step:1/4 train_loss:6.9000 train_time:10ms step_avg:10.00ms\n")
+    with pytest.raises(runlog.RecordError) as exc:
+        runlog.load_run(js)
+    msg = str(exc.value)
+    assert msg.startswith(f"{js}: does not belong to the log next to it, {log}: the log has no `final` line")
+    assert "give r.txt to read the log alone" in msg
+    for tool in (stats, compare):
+        assert tool.main([str(js)]) == 2
+        assert capsys.readouterr().err == f"error: {msg}\n"
+    assert stats.main([str(tmp_path)]) == 2, "a folder of runs too"
+    assert "does not belong to the log next to it" in capsys.readouterr().err
+    # Given the log, the JSON is ignored with a warning naming both files.
+    run = runlog.load_run(log)
+    assert run.metrics is None and run.json_path is None and run.seed == 8
+    assert run.warnings == [f"{js}: ignored, it does not belong to {log}: {runlog.INCOMPLETE}; reading the log alone"]
+    assert compare.main([str(log)]) == 0
+    assert f"warning: {js}: ignored, it does not belong to {log}" in capsys.readouterr().err
+    # A finished log of another run (seed, scores, code): every difference is named.
+    log.write_text(head.replace("seed: 7", "seed: 8").replace("abc", "def") + FINAL_LINE.replace("1.00000000", "1.50000000"))
+    with pytest.raises(runlog.RecordError, match=r"seed 7 in the JSON vs 8 in the log; code_sha256 abc in the JSON vs "
+                                                 r"def in the log; val_loss 1.00000000 in the JSON vs 1.50000000 in "
+                                                 r"the log"):
+        runlog.load_run(js)
+
+
+def test_data_identity_of_a_reportable_run_and_of_a_false_claim():
+    val, tok = "a" * 64, "b" * 64
+    reason = "the challenge's sp1024 validation split (50,000 documents, 62,021,632 targets)"
+    raw = 62_021_632 + 1 + 100  # the split's tokens before truncation to 2048-token sequences
+    log = runlog.parse_log(f"config:\n  dataset_val_tokens_raw: {raw}\n  max_val_tokens: 0\n  vocab_size: 1024\n"
+                           f"compliance:dataset manifest_sha256:none val_sha256:{val} val_documents:50000 "
+                           f"tokenizer_sha256:{tok}\ncompliance:reportable value:yes how:score from eval:sliding on "
+                           f"{reason}\n")
+    ident, missing = runlog.data_identity_of_log(log)
+    assert missing == "" and ident.reportable and not ident.inconsistent and ident.key == (val, tok)
+    assert ident.describe() == f"{reason}; val sha256 {val}; tokenizer sha256 {tok}; no manifest"
+    metrics = {"reportable": True, "reportable_reason": reason, "config": {"VOCAB_SIZE": 1024, "MAX_VAL_TOKENS": 0},
+               "dataset": {"val_sha256": val, "tokenizer_sha256": tok, "val_documents": 50_000, "challenge_split": True,
+                           "val_tokens_raw": raw, "manifest_sha256": None}}
+    ident, _ = runlog.data_identity_of_metrics(metrics)
+    assert ident.reportable and not ident.inconsistent and ident.reason == reason
+    # The same claim with one document short is contradicted by its own counts; without the identity: an older run.
+    metrics["dataset"]["val_documents"] = 49_999
+    ident, _ = runlog.data_identity_of_metrics(metrics)
+    assert ident.inconsistent.startswith("claims reportable, but its own counts say not the challenge's validation "
+                                         "split: 49,999 documents")
+    del metrics["reportable_reason"], metrics["dataset"]["challenge_split"]
+    assert runlog.data_identity_of_metrics(metrics) == (None, "no dataset.challenge_split, reportable_reason")
+    assert runlog.data_identity_of_log(runlog.parse_log("config:\n  seed: 1\n")) == \
+        (None, "no compliance:dataset or compliance:reportable line")
+
+
+@pytest.mark.slow
+def test_stats_and_compare_refuse_a_json_left_by_a_rerun_that_died(sweep, tmp_path, capsys):
+    logs = copy_logs(sweep, tmp_path / "logs")
+    txt = logs[0].with_suffix(".txt")
+    txt.write_text("".join(txt.read_text().splitlines(keepends=True)[:60]))  # the re-run's log, cut short
+    assert stats.main([str(logs[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {logs[0]}: does not belong to the log next to it, {txt}: the log has no `final`")
+    assert compare.main([str(p) for p in logs]) == 2
+    assert f"error: {logs[0]}: does not belong" in capsys.readouterr().err
+    # Another finished run's log next to it: named by what differs.
+    shutil.copyfile(logs[1].with_suffix(".txt"), txt)
+    assert stats.main([str(logs[0]), str(logs[2])]) == 2
+    assert "run_id tiny_s1337 in the JSON vs tiny_s42 in the log; seed 1337 in the JSON vs 42 in the log" in \
+        capsys.readouterr().err
+    assert stats.main([str(logs[1]), str(logs[2])]) == 0, "the runs that are whole still read"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,3 +1057,11 @@ def test_records_readme_documents_the_path():
     for tool in ("make_submission.py", "check.py", "stats.py", "compare.py", "pack.py"):
         assert f"records/{tool}" in text, tool
     assert "0.005 nats" in text and "p < 0.25" in text
+
+
+def test_a_folder_never_yields_the_staging_files_of_an_overwrite_rerun(tmp_path):
+    for name in ("seed1.txt", "seed1.new.txt", "seed2.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in runlog.expand_inputs([tmp_path])] == ["seed1.txt", "seed2.txt"]
+    (tmp_path / "seed1.new.json").write_text("{}")
+    assert [p.name for p in runlog.expand_inputs([tmp_path])] == ["seed1.txt", "seed2.txt"]
