@@ -566,9 +566,11 @@ def test_tiny_run_prints_self_check_coverage_and_compliance(tiny_run):
     names = [line.split()[0] for line in lines if line.startswith("compliance:")]
     assert names == ["compliance:" + n for n in (
         "train_time", "train_data_access_end", "eval_time", "artifact_bytes", "validation_data_in_training", "causal",
-        "normalized", "score_before_update", "single_pass", "reportable")]
+        "normalized", "score_before_update", "single_pass", "dataset", "reportable")]
     assert any(line.startswith("total_eval_time:") for line in lines)
-    assert tiny_run.final["eval"] == "roundtrip" and tiny_run.metrics["reportable"] is True
+    # The whole validation split of the test data, but not the challenge's: scored, and not reportable.
+    assert tiny_run.final["eval"] == "roundtrip" and tiny_run.metrics["reportable"] is False
+    assert tiny_run.metrics["reportable_reason"].startswith("not the challenge's validation split")
 
 
 @pytest.mark.slow
