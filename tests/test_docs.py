@@ -107,9 +107,9 @@ def test_readme_scan_is_not_vacuous():
 
 
 def test_checker_flags_made_up_names():
-    text = ("Run `SEEDS=42 NUM_LAYRES=9 python train_gpt.py`.\n\n```bash\nEVAL_STRIDES=64 SEED=1 python x.py\n```\n"
+    text = ("Run `SEEDZ=42 NUM_LAYRES=9 python train_gpt.py`.\n\n```bash\nEVAL_STRIDES=64 SEED=1 python x.py\n```\n"
             "Prose is not scanned: NOT_A_CODE_NAME=1.\n")
-    assert unknown_names(text) == ["EVAL_STRIDES", "NUM_LAYRES", "SEEDS"]
+    assert unknown_names(text) == ["EVAL_STRIDES", "NUM_LAYRES", "SEEDZ"]
 
 
 def test_extraction_rules():

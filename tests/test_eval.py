@@ -291,6 +291,9 @@ if rank == 0:
     json.dump({{"sliding": [s.val_loss, s.tokens, s.bytes], "ttt": [t.val_loss, t.tokens, t.bytes]}},
               open(sys.argv[1], "w"))
 if world > 1:
+    # Leave together, as train_gpt.finish() does: a rank that exits right after its last collective can abort
+    # ("terminate called without an active exception") while Gloo's threads still hold that collective.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 """
 
