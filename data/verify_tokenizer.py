@@ -44,8 +44,8 @@ DECODE_BATCH = 256  # documents per decode call
 SPACE = "\u2581"
 
 
-class UsageError(ValueError):
-    pass
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool data/tokenize_docs.py
+from tokenize_docs import UsageError, read_model  # noqa: E402  (one reader of tokenizer files for both)
 
 
 def train_gpt():
@@ -78,24 +78,6 @@ def read_texts(path: Path, limit: int) -> Iterator[str]:
                 raise UsageError(f"--docs={path} line {line_no}: \"text\" is not a string")
             n += 1
             yield text
-
-
-def read_model(spm, path: Path, flag: str):
-    """path loaded as a SentencePiece model with every piece read once, so a damaged file (random
-    bytes, a truncated download, a piece that is not UTF-8) is refused here in one line."""
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).splitlines()[0].removeprefix("INTERNAL: ") if str(exc) else type(exc).__name__
-        raise UsageError(f"{flag}={path} is not a readable SentencePiece model ({first}): expected a .model "
-                         "file written by SentencePiece; fetch or build it again") from None
-    for i in range(sp.vocab_size()):
-        try:
-            sp.id_to_piece(i)
-        except UnicodeDecodeError:
-            raise UsageError(f"{flag}={path} is not a readable SentencePiece model (piece {i} is not UTF-8): the "
-                             "file is damaged; fetch or build it again") from None
-    return sp
 
 
 def target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
