@@ -373,3 +373,24 @@ def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatc
     assert metrics["wall_seconds"] >= sum(r["seconds"] for r in metrics["phases"]) * 0.99
     log = (tmp_path / "warm.txt").read_text()
     assert all(f"phase:{name} seconds:" in log for name in order) and "wall_time:" in log
+
+
+def test_pergroup_bench_round_trips_every_candidate_and_totals_the_best(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pergroup", tg.Path(tg.__file__).parent / "bench" / "pergroup.py")
+    pergroup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pergroup)
+    g = torch.Generator().manual_seed(14)
+    state = {"blocks.0.mlp.fc.weight": torch.randn(64, 32, generator=g), "blocks.0.attn.c_q.weight":
+             torch.randn(32, 32, generator=g), "tok_emb.weight": torch.randn(100, 32, generator=g),
+             "blocks.0.attn_scale": torch.ones(32)}
+    path = tmp_path / "a.ptz"
+    path.write_bytes(tg.pack_artifact(state))
+    assert pergroup.main([str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    groups = {r["group"] for r in report["rows"]}
+    assert groups == {"codes:attn", "codes:mlp", "codes:embed", "other"}
+    assert all(r["round_trip"] for r in report["rows"])
+    assert {r["order"] for r in report["rows"] if r["group"] == "codes:mlp"} == {"rows", "transposed", "simsort"}
+    assert report["best_total"] == sum(b["bytes"] for b in report["best"].values()) + report["header_bytes"]
