@@ -51,6 +51,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # Triton (CUDA builds of torch ship it): the fused softcapped cross-entropy's kernels (FUSED_CE_ENABLED)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
 # ==== Config ====
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes, not MiB: code + compressed model (challenge rule)
@@ -113,7 +119,7 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
     "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)", "PHASED_TTT_ENABLED": "phased LoRA test-time training",
     "TTT_LORA_RANK": "LoRA test-time training",
-    "SWA_ENABLED": "SWA", "CASEOPS_ENABLED": "CaseOps text transform", "FUSED_CE_ENABLED": "fused CE",
+    "SWA_ENABLED": "SWA", "CASEOPS_ENABLED": "CaseOps text transform",
     "LQER_ASYM_ENABLED": "asymmetric LQER factors", "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
 # Values of those variables that describe exactly what this script already does.
@@ -245,6 +251,8 @@ class Hyperparameters:
     tie_embeddings: bool = knob(True, "1 = the output head reuses the token embedding")
     tied_embed_init_std: float = knob(0.005, "std of the embedding init", _positive, "> 0")
     logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", _non_negative, ">= 0")
+    fused_ce_enabled: bool = knob(False, "softcapped cross-entropy as one custom op (Triton kernels on CUDA, the "
+                                         "PyTorch formula elsewhere; PR #1787) instead of the formula inductor fuses")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
     qk_gain_init: float = knob(5.25, "initial per-head query gain after QK RMS-norm", _positive, "> 0")
     rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
@@ -1489,6 +1497,7 @@ class ModelConfig:
     qat_mlp_k: float = 0.0
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
+    fused_ce_enabled: bool = False
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
@@ -1977,7 +1986,12 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
-        nll = softcapped_cross_entropy(self.raw_logits(ids), targets, self.cfg.logit_softcap)
+        z = self.raw_logits(ids)
+        if self.cfg.fused_ce_enabled:
+            nll = fused_softcap_ce()(z.reshape(-1, z.size(-1)), targets.reshape(-1), self.cfg.logit_softcap)
+            nll = nll.view(targets.shape)
+        else:
+            nll = softcapped_cross_entropy(z, targets, self.cfg.logit_softcap)
         return nll.mean() if reduction == "mean" else nll
 
 
@@ -1998,6 +2012,137 @@ def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     s = softcap(z.float(), cap)
     hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
+
+def softcap_ce_reference(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """(per-row nats, log-sum-exp) of softmax(softcap(z)) for z (N, V): the fused op off CUDA, and the
+    reference its kernels are tested against."""
+    s = softcap(z.float(), cap)
+    lse = torch.logsumexp(s, dim=-1)
+    return lse - s.gather(-1, targets[:, None])[:, 0], lse
+
+
+def softcap_ce_reference_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
+    """dLoss/dz of softcap_ce_reference: (softmax - onehot) * grad * (1 - tanh^2), in z's dtype."""
+    s = softcap(z.float(), cap)
+    d = torch.exp(s - lse[:, None])
+    d[torch.arange(z.size(0), device=z.device), targets] -= 1.0
+    d *= grad[:, None]
+    if cap > 0:
+        d *= 1.0 - (s / cap).square()
+    return d.to(z.dtype)
+
+
+CE_BLOCK = 1024  # logits per program step of the fused kernels (8 steps over an 8192 vocabulary)
+
+
+def softcap_ce_kernels() -> tuple[Any, Any]:
+    """The fused softcapped cross-entropy's Triton kernels, one program per row, built on first use: the
+    forward reads z once (online log-sum-exp, target logit) and writes two floats per row; the backward
+    reads z once more and writes dz. No fp32 copy of the logits exists (PR #1787's fused CE)."""
+    if "kernels" in _FUSED_CE:
+        return _FUSED_CE["kernels"]
+
+    @triton.jit
+    def forward(z, targets, loss, lse_out, V, stride, CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        target = tl.load(targets + row)
+        m = tl.zeros([], dtype=tl.float32) - float("inf")
+        total = tl.zeros([], dtype=tl.float32)
+        picked = tl.zeros([], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(z + row.to(tl.int64) * stride + cols, mask=cols < V, other=0.0).to(tl.float32)
+            if CAP > 0:  # CAP * tanh(x / CAP), with tanh from exp (inlined: a helper would not trace everywhere)
+                u = CAP * (2.0 / (1.0 + tl.exp(-2.0 * x / CAP)) - 1.0)
+            else:
+                u = x
+            u = tl.where(cols < V, u, float("-inf"))
+            m_new = tl.maximum(m, tl.max(u, 0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), 0)
+            m = m_new
+            picked += tl.sum(tl.where(cols == target, u, 0.0), 0)
+        lse = m + tl.log(total)
+        tl.store(loss + row, lse - picked)
+        tl.store(lse_out + row, lse)
+
+    @triton.jit
+    def backward(z, targets, lse_in, grad, dz, V, stride, CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        target = tl.load(targets + row)
+        lse = tl.load(lse_in + row)
+        g = tl.load(grad + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            offs = row.to(tl.int64) * stride + cols
+            x = tl.load(z + offs, mask=cols < V, other=0.0).to(tl.float32)
+            if CAP > 0:
+                th = 2.0 / (1.0 + tl.exp(-2.0 * x / CAP)) - 1.0
+                u, slope = CAP * th, 1.0 - th * th
+            else:
+                u, slope = x, x * 0.0 + 1.0
+            d = g * (tl.exp(u - lse) - tl.where(cols == target, 1.0, 0.0)) * slope
+            tl.store(dz + offs, d.to(dz.dtype.element_ty), mask=cols < V)
+
+    _FUSED_CE["kernels"] = (forward, backward)
+    return _FUSED_CE["kernels"]
+
+
+def softcap_ce_triton(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    loss = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
+    lse = torch.empty_like(loss)
+    softcap_ce_kernels()[0][(z.size(0),)](z, targets, loss, lse, z.size(1), z.stride(0), CAP=cap, BLOCK=CE_BLOCK)
+    return loss, lse
+
+
+def softcap_ce_triton_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
+    dz = torch.empty_like(z)
+    softcap_ce_kernels()[1][(z.size(0),)](z, targets, lse, grad.contiguous(), dz, z.size(1), z.stride(0), CAP=cap,
+                                         BLOCK=CE_BLOCK)
+    return dz
+
+
+_FUSED_CE: dict[str, Any] = {}  # the custom op and its kernels, built once per process on first use
+
+
+def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
+    """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for contiguous z (N, V) as the torch.library
+    custom op pgolf::softcap_ce with its backward: Triton kernels on CUDA (softcap_ce_kernels), the PyTorch
+    formula elsewhere. An opaque op under torch.compile, so the loss is exactly these kernels."""
+    if "op" in _FUSED_CE:
+        return _FUSED_CE["op"]
+
+    def on_gpu(z: Tensor) -> bool:
+        return z.is_cuda and triton is not None
+
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+    def fwd(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        return (softcap_ce_triton if on_gpu(z) else softcap_ce_reference)(z.contiguous(), targets, cap)
+
+    @fwd.register_fake
+    def _(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
+    def bwd(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
+        return (softcap_ce_triton_grad if on_gpu(z) else softcap_ce_reference_grad)(grad, z.contiguous(), targets,
+                                                                                    lse, cap)
+
+    @bwd.register_fake
+    def _(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
+        return torch.empty_like(z)
+
+    def setup_context(ctx, inputs, output) -> None:
+        z, targets, ctx.cap = inputs
+        ctx.save_for_backward(z, targets, output[1])
+
+    def backward(ctx, grad: Tensor, _grad_lse: Tensor) -> tuple[Tensor, None, None]:
+        z, targets, lse = ctx.saved_tensors
+        return bwd(grad, z, targets, lse, ctx.cap), None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _FUSED_CE["op"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
+    return _FUSED_CE["op"]
+
 
 def flatten_parameters(model: nn.Module) -> Tensor | None:
     """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp over

@@ -206,10 +206,15 @@ def run_json(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path | No
 
 def step_bench(args: argparse.Namespace, knobs: dict[str, str], deadline: Deadline) -> dict:
     """bench/step.py --both: our step without and with depth recurrence, in one process."""
-    log("step: ours with the anchor's architecture (bench/step.py --both)")
+    log(f"step: ours with the anchor's architecture (bench/step.py --both) {knobs_label(knobs)}")
     cmd = [sys.executable, str(ROOT / "bench" / "step.py"), "--both", "--json", "--steps", str(args.bench_steps),
            "--warmup", "2"]
     return run_json(cmd, clean_env({**ANCHOR_ARCH, **knobs}), deadline.left())
+
+
+def knobs_label(knobs: dict[str, str]) -> str:
+    extra = {k: v for k, v in knobs.items() if k not in CPU_KNOBS and k != "VOCAB_SIZE"}
+    return " ".join(f"{k}={v}" for k, v in extra.items())
 
 
 def parse_anchor_lines(lines: list[str], tokens_per_step: int) -> dict:
@@ -361,15 +366,18 @@ def fmt(x, spec: str = ",.0f") -> str:
 def step_table(report: dict) -> list[str]:
     ours, anchor = report.get("step", {}), report.get("anchor", {})
     lines = ["| model | state | ms/step | tokens/s | MFU | peak GiB | ours / anchor |", "|---|---|---|---|---|---|---|"]
+    runs = {"ours, anchor architecture": ours, **{f"ours + {label}": part
+                                                  for label, part in report.get("step_variants", {}).items()}}
     for state in ("plain", "looped"):
-        r = ours.get(state)
-        if r:
-            a = anchor.get(f"{state}_tok_s")
-            ratio = f"{r['tokens_per_s'] / a:.3f}x" if a else "–"
-            mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "–"
-            peak = fmt(r["peak_memory_mib"] / 1024 if r.get("peak_memory_mib") else None, ".1f")
-            lines.append(f"| ours, anchor architecture | {state} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
-                         f"{mfu} | {peak} | {ratio} |")
+        for name, part in runs.items():
+            r = part.get(state)
+            if r:
+                a = anchor.get(f"{state}_tok_s")
+                ratio = f"{r['tokens_per_s'] / a:.3f}x" if a else "–"
+                mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "–"
+                peak = fmt(r["peak_memory_mib"] / 1024 if r.get("peak_memory_mib") else None, ".1f")
+                lines.append(f"| {name} | {state} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                             f"{peak} | {ratio} |")
         a = anchor.get(f"{state}_tok_s")
         if a:
             ms = report["tokens_per_step"] / a * 1000
@@ -436,10 +444,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--val-tokens-full", type=int, default=FULL_VAL_TOKENS)
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole preflight")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: step, anchor, pipeline")
+    ap.add_argument("--step-variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
+                    help="also time our step with these knobs (e.g. FUSED_CE_ENABLED=1); repeatable")
     args = ap.parse_args(argv)
     for name in ("n_val_docs", "train_docs", "steps", "bench_steps", "calibration_batches"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    args.step_variants = {}
+    for spec in args.step_variant:
+        pairs = [p.split("=", 1) for p in spec.split(",")]
+        if not all(len(p) == 2 and re.fullmatch(r"[A-Z][A-Z0-9_]*", p[0]) for p in pairs):
+            ap.error(f"--step-variant={spec}: expected KEY=VAL[,KEY=VAL] with upper-case knob names")
+        args.step_variants[spec] = dict(pairs)
     unknown = set(filter(None, args.skip.split(","))) - {"step", "anchor", "pipeline"}
     if unknown:
         ap.error(f"--skip={args.skip}: unknown part(s) {sorted(unknown)}; allowed: step, anchor, pipeline")
@@ -469,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                     "environment": {**environment(args), "brotli": brotli}, "data": str(data_dir),
                     "tokens_per_step": args.tokens_per_step}
     report["step"] = {"skipped": "--skip"} if "step" in skip else step_bench(args, knobs, deadline)
+    report["step_variants"] = {label: step_bench(args, {**knobs, **extra}, deadline)
+                               for label, extra in args.step_variants.items() if "step" not in skip}
     if args.anchor and "anchor" not in skip:
         report["anchor"] = anchor_run(args, data_dir, deadline)
     report["pipeline"] = {"skipped": "--skip"} if "pipeline" in skip else pipeline_run(args, data_dir, vocab, knobs,
@@ -484,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['preflight_seconds']:.0f} s; JSON: {out}")
     print("\n".join(["", *step_table(report), "", *pipeline_table(report)]))
     failed = [name for name in ("step", "anchor", "pipeline") if "error" in report.get(name, {})]
+    failed += [f"step variant {label}" for label, part in report.get("step_variants", {}).items() if "error" in part]
     if failed:
         print(f"\nFAILED parts: {', '.join(failed)} (their rows say why)")
         return 2

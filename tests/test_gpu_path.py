@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 
@@ -394,3 +395,84 @@ def test_pergroup_bench_round_trips_every_candidate_and_totals_the_best(tmp_path
     assert all(r["round_trip"] for r in report["rows"])
     assert {r["order"] for r in report["rows"] if r["group"] == "codes:mlp"} == {"rows", "transposed", "simsort"}
     assert report["best_total"] == sum(b["bytes"] for b in report["best"].values()) + report["header_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# FUSED_CE_ENABLED: the custom op, its CPU formula and its Triton kernels (run by Triton's interpreter)
+# ---------------------------------------------------------------------------------------------
+
+
+def logits_and_targets(n: int, v: int, dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g) * 40).to(dtype), torch.randint(0, v, (n,), generator=g)
+
+
+@pytest.mark.parametrize("cap", [30.0, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ce_op_equals_the_unfused_loss_and_gradient(cap, dtype):
+    z, t = logits_and_targets(9, 301, dtype, 15)
+    zf, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    loss = tg.fused_softcap_ce()(zf, t, cap)
+    ref = F.cross_entropy(tg.softcap(zr.float(), cap), t, reduction="none")
+    assert loss.shape == (9,) and torch.allclose(loss, ref, atol=1e-5, rtol=1e-5)
+    w = torch.rand(9, generator=torch.Generator().manual_seed(16))
+    (loss * w).sum().backward()
+    (ref * w).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert zf.grad.dtype == dtype and torch.allclose(zf.grad.float(), zr.grad.float(), atol=tol, rtol=tol)
+    compiled = torch.compile(lambda a: tg.fused_softcap_ce()(a, t, cap).sum(), backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(z), ref.sum(), atol=1e-3)
+
+
+def test_the_model_with_the_fused_op_equals_the_model_without():
+    torch.manual_seed(0)
+    plain = trained_like(tg.GPT(tiny_cfg()))
+    fused = tg.GPT(tiny_cfg(fused_ce_enabled=True))
+    fused.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(17))
+    a, b = plain(ids[:, :-1], ids[:, 1:]), fused(ids[:, :-1], ids[:, 1:])
+    assert torch.allclose(a, b, atol=1e-6)
+    a.backward()
+    b.backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    assert torch.equal(fused(ids[:, :-1], ids[:, 1:], reduction="none"),
+                       tg.fused_softcap_ce()(fused.raw_logits(ids[:, :-1]).reshape(-1, 128), ids[:, 1:].reshape(-1),
+                                             30.0).view(2, 16))
+
+
+TRITON_CHECK = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+for dtype in (torch.float32, torch.bfloat16):
+    for cap in (30.0, 0.0):
+        g = torch.Generator().manual_seed(18)
+        z = (torch.randn(5, 2 * tg.CE_BLOCK + 37, generator=g) * 40).to(dtype)  # a partial last block
+        t = torch.randint(0, z.size(1), (5,), generator=g)
+        loss, lse = tg.softcap_ce_triton(z, t, cap)
+        ref_loss, ref_lse = tg.softcap_ce_reference(z, t, cap)
+        assert torch.allclose(loss, ref_loss, atol=1e-4, rtol=1e-5), (dtype, cap, loss, ref_loss)
+        assert torch.allclose(lse, ref_lse, atol=1e-4, rtol=1e-5), (dtype, cap)
+        w = torch.rand(5, generator=g)
+        dz = tg.softcap_ce_triton_grad(w, z, t, lse, cap)
+        ref = tg.softcap_ce_reference_grad(w, z, t, ref_lse, cap)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert dz.dtype == dtype and torch.allclose(dz.float(), ref.float(), atol=tol, rtol=tol), (dtype, cap)
+print("kernels ok")
+"""
+
+
+@pytest.mark.skipif(tg.triton is None, reason="triton is not installed (CUDA builds of torch ship it; the kernels "
+                                              "are checked here with Triton's CPU interpreter when it is)")
+def test_fused_ce_triton_kernels_equal_the_formula(tmp_path):
+    """Triton's interpreter runs the kernels on CPU tensors; it must be on before triton is imported, hence
+    a fresh process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(TRITON_CHECK.format(root=str(tg.Path(tg.__file__).parent)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and "kernels ok" in proc.stdout, proc.stderr[-3000:]

@@ -67,7 +67,8 @@ def test_projection_arithmetic():
 def test_cpu_preflight_runs_every_part_and_reuses_its_data(tmp_path):
     if not (gpu.DEFAULT_TOKENIZER.is_file() and gpu.DEFAULT_VAL_DOCS.is_file() and gpu.DEFAULT_DOCS.is_file()):
         pytest.skip(f"shared data not present at {SHARED_DATA} (sp8192 tokenizer, challenge and FineWeb docs)")
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--cpu", "--cache", str(tmp_path), "--steps", "4"]
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--cpu", "--cache", str(tmp_path), "--steps", "4",
+           "--step-variant", "FUSED_CE_ENABLED=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "preflight.json").read_text())
@@ -82,6 +83,8 @@ def test_cpu_preflight_runs_every_part_and_reuses_its_data(tmp_path):
     assert all(math.isfinite(v) for v in proj["phases"].values())
     table = proc.stdout
     assert "| ours, anchor architecture | looped |" in table and "| eval_ttt |" in table
+    assert "| ours + FUSED_CE_ENABLED=1 | plain |" in table
+    assert report["step_variants"]["FUSED_CE_ENABLED=1"]["looped"]["tokens_per_s"] > 0
     assert "training budget:" in table and "eval budget:" in table and "**PASS**" in table
     # Run again: the data is reused, not rebuilt.
     again = subprocess.run(cmd + ["--skip", "step,pipeline"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -91,6 +94,7 @@ def test_cpu_preflight_runs_every_part_and_reuses_its_data(tmp_path):
 def test_bad_arguments_are_one_clear_line(tmp_path):
     for args, fragment in ((["--steps", "0"], "--steps=0: must be >= 1"),
                            (["--skip", "steps"], "--skip=steps: unknown part(s) ['steps']"),
+                           (["--step-variant", "fused=1"], "--step-variant=fused=1: expected KEY=VAL"),
                            (["--tokenizer", str(tmp_path / "none.model")], "--tokenizer=")):
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--cpu", "--cache", str(tmp_path),
                                *args], capture_output=True, text=True, timeout=120)
