@@ -463,7 +463,7 @@ print("kernels ok")
 """
 
 
-@pytest.mark.skipif(tg.triton is None, reason="triton is not installed (CUDA builds of torch ship it; the kernels "
+@pytest.mark.skipif(not tg.importable("triton"), reason="triton is not installed (CUDA builds of torch ship it; the kernels "
                                               "are checked here with Triton's CPU interpreter when it is)")
 def test_fused_ce_triton_kernels_equal_the_formula(tmp_path):
     """Triton's interpreter runs the kernels on CPU tensors; it must be on before triton is imported, hence
