@@ -2713,7 +2713,7 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
     """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) on a fixed SDClip grid, of one matrix
     (rows, cols) or of a stack of same-shape matrices (k, rows, cols) with their Hessians (k, cols, cols)
     and scales (k, rows) in one batched column loop: the per-column launches are paid once per shape, not
-    once per matrix (66 record matrices fall into 5 shapes).
+    once per matrix (the 66 record block matrices form 4 stacks; the embedding is a fifth).
 
     Columns are quantized in act-order (largest Hessian diagonal first); each column's rounding error,
     scaled by the inverse Hessian, is pushed onto the columns not yet quantized, in blocks of `block`

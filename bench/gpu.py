@@ -325,10 +325,8 @@ def project(run: dict, full_val_tokens: int, calibration_batches: int = 16) -> d
     phases, config = {r["phase"]: r for r in run["phases"]}, run["config"]
     rows = {}
     for name, row in phases.items():
-        if name.startswith("warmup_") or name in ("startup", "quantization"):
-            rows[name] = row["seconds"]  # compiles and rank-0 work do not shrink with more GPUs
-        elif name == "artifact_read":
-            rows[name] = row["seconds"]
+        if name.startswith("warmup_") or name in ("startup", "quantization", "artifact_read"):
+            rows[name] = row["seconds"]  # compiles, rank-0 work and each rank's artifact read do not shrink
         elif name.startswith("eval_") and row.get("tok_s"):
             rows[name] = full_val_tokens / (RECORD_GPUS * row["tok_s"])
         elif name == "calibration" and row.get("tok_s"):

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHOR_ARCH = {"PRESET": "record", "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0", "PARALLEL_MODE": "off",
-               "LOOP_START": "4", "LOOP_END": "5", "ENABLE_LOOPING_AT": "0.5", "QK_GAIN_INIT": "4.0"}
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu import ANCHOR_ARCH  # noqa: E402  (our knobs for R0405's architecture: one definition)
+
 SHIM = '''import torch.nn.functional as F
 def flash_attn_func(q, k, v, causal=True):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
