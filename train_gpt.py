@@ -4296,7 +4296,7 @@ def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, sour
 def evaluate_artifact(rc: RunContext, model: GPT, meta: dict[str, Any]) -> int:
     """EVAL_ONLY=1: score an existing artifact exactly as the training run did, without training."""
     rc.log(format_kv(eval_only=rc.h.artifact))
-    return score_untrained(rc, model, bool(meta.get("looping", False)), lambda graphs: Path(rc.h.artifact),
+    return score_untrained(rc, model, bool(meta.get("looping", False)), lambda: Path(rc.h.artifact),
                            meta.get("steps", 0), {"eval_only": True, "artifact": rc.h.artifact})
 
 
@@ -4317,11 +4317,11 @@ def requantize(rc: RunContext, model: GPT) -> int:
     hessians = {k: v.to(rc.d.device) for k, v in hessians.items()} or None
     rc.log(format_kv(requantize=path, steps=payload["steps"]))
     return score_untrained(rc, model, bool(payload["looping"]),
-                           lambda graphs: write_artifact(rc, model, hessians, payload["steps"])[0],
+                           lambda: write_artifact(rc, model, hessians, payload["steps"])[0],
                            payload["steps"], {"requantized_from": str(path), "artifact": str(rc.files.final(".ptz"))})
 
 
-def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callable[["Graphs"], Path], steps: int,
+def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callable[[], Path], steps: int,
                     metrics: dict[str, Any]) -> int:
     """The end of a run that trains nothing here (EVAL_ONLY, REQUANTIZE): warm-ups, the artifact, the
     evaluations, size and compliance lines (without the training ones: the training run's log has them)."""
@@ -4331,7 +4331,7 @@ def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callabl
     for name, seconds in warm_up_graphs(h, rc.d, model, graphs, looping, training_run=False).items():
         rc.clock.record(f"warmup_{name}", seconds)
     model.set_looping(looping)
-    path = artifact(graphs)
+    path = artifact()
     ctx = EvalContext.build(h, rc.d, graphs.model, rc.data.val_tokens, rc.data.luts)
     ev = run_evaluations(rc, model, ctx, path)
     bytes_model = path.stat().st_size
