@@ -247,6 +247,9 @@ class Hyperparameters:
     logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", _non_negative, ">= 0")
     fused_ce_enabled: bool = knob(False, "softcapped cross-entropy as one custom op (Triton kernels on CUDA, the "
                                          "PyTorch formula elsewhere; PR #1787) instead of the formula inductor fuses")
+    doc_isolation: bool = knob(False, "attention stays inside each document, a BOS token starting one (PR #1530): "
+                                      "FA3's varlen call, else SDPA with a document mask; training then reads "
+                                      "documents in order, one contiguous stream from each shard's first BOS")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
     qk_gain_init: float = knob(5.25, "initial per-head query gain after QK RMS-norm", _positive, "> 0")
     rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
@@ -1098,12 +1101,19 @@ class TrainLoader:
     `global_seqs` slots; rank r, micro-batch m takes chunk r*accum + m of them. So one process with
     8 micro-batches sees exactly the tokens that 8 ranks see (pitfalls K: data order independent of
     the world size), and each rank only reads the sequences of its own chunks. Exhausted: next epoch.
+
+    `packed` (DOC_ISOLATION) is the record's document-packed order (R0410): no shuffle, each shard read as
+    one contiguous stream from its first BOS, so consecutive sequences continue each other and a step's
+    rows are one run of whole documents (attention is then cut at every BOS and row start).
     """
 
     def __init__(self, files: list[Path], seq_len: int, micro_seqs: int, accum: int, rank: int,
-                 world_size: int, seed: int, vocab_size: int, device: torch.device, prefetch: int = 4):
+                 world_size: int, seed: int, vocab_size: int, device: torch.device, prefetch: int = 4,
+                 packed: bool = False):
         self.files = list(files)
         self.shards = [load_shard(f) for f in self.files]
+        self.packed = packed
+        self._first_bos = [int(np.argmax(s == BOS_ID)) if packed else 0 for s in self.shards]
         self.seq_len, self.micro_seqs, self.accum = seq_len, micro_seqs, accum
         self.rank, self.world_size, self.seed, self.vocab_size = rank, world_size, seed, vocab_size
         self.global_seqs = micro_seqs * accum * world_size
@@ -1121,7 +1131,8 @@ class TrainLoader:
         self._copied = [None] * len(self._buffers)  # CUDA events: host buffer free for reuse
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        total = sum(self._slot_count(s.size, self._max_phase(s.size)) for s in self.shards)  # worst-case phases
+        total = sum(self._slot_count(s.size, b if packed else self._max_phase(s.size))  # worst-case phases
+                    for s, b in zip(self.shards, self._first_bos))
         if total < self.global_seqs:
             raise DataError(f"{self.files[0].parent}/fineweb_train_*.bin: only {total} training sequences of "
                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens, need at least {self.global_seqs} per step")
@@ -1139,12 +1150,13 @@ class TrainLoader:
         rng = np.random.default_rng([self.seed, epoch])
         shard_ids, starts = [], []
         for i, tokens in enumerate(self.shards):
-            phase = int(rng.integers(self._max_phase(tokens.size) + 1))
+            phase = self._first_bos[i] if self.packed else int(rng.integers(self._max_phase(tokens.size) + 1))
             count = self._slot_count(tokens.size, phase)
             shard_ids.append(np.full(count, i, dtype=np.int32))
             starts.append(phase + np.arange(count, dtype=np.int64) * self.seq_len)
-        perm = rng.permutation(sum(len(s) for s in starts))
-        return np.concatenate(shard_ids)[perm], np.concatenate(starts)[perm]
+        n = sum(len(s) for s in starts)
+        order = np.arange(n) if self.packed else rng.permutation(n)
+        return np.concatenate(shard_ids)[order], np.concatenate(starts)[order]
 
     def _fill(self, out: np.ndarray, shard_ids: np.ndarray, starts: np.ndarray) -> None:
         # Vectorised gather, one fancy-index per shard present in the chunk (no per-sequence loop).
@@ -1451,6 +1463,44 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return _FA4_OPS["attention"]
 
 
+def document_mask(ids: Tensor, bos_id: int) -> Tensor:
+    """(B, 1, T, T) bool: query t attends to key s <= t of its own document, where a row start or a BOS
+    token starts a document (the SDPA form of FA3's varlen attention; bench/docattn.py measured it as the
+    only CPU fallback with a backward: flex attention has none on CPU)."""
+    segment = (ids == bos_id).cumsum(1)
+    causal = torch.ones(ids.size(1), ids.size(1), dtype=torch.bool, device=ids.device).tril()
+    return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
+
+
+def document_starts(ids: Tensor, bos_id: int) -> Tensor:
+    """cu_seqlens (int32) of the flattened batch: every row start and every BOS starts a sequence."""
+    starts = ids == bos_id
+    starts[:, 0] = True
+    flat = starts.flatten().nonzero().flatten()
+    return torch.cat((flat, flat.new_tensor([ids.numel()]))).int()
+
+
+_DOC_OPS: dict[str, Callable[[Tensor, int], Tensor]] = {}  # built once per process, on first use
+
+
+def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
+    """document_starts as a torch.library custom op whose output length is data-dependent, so one compiled
+    graph (fullgraph=True) serves every document layout without a recompile or a graph break."""
+    if "cu" in _DOC_OPS:
+        return _DOC_OPS["cu"]
+
+    @torch.library.custom_op("pgolf::doc_cu_seqlens", mutates_args=())
+    def cu(ids: Tensor, bos_id: int) -> Tensor:
+        return document_starts(ids, bos_id)
+
+    @cu.register_fake
+    def _(ids: Tensor, bos_id: int) -> Tensor:
+        return ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
+
+    _DOC_OPS["cu"] = cu
+    return cu
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -1492,6 +1542,7 @@ class ModelConfig:
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
     fused_ce_enabled: bool = False
+    doc_isolation: bool = False
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
@@ -1651,17 +1702,21 @@ class CausalSelfAttention(nn.Module):
         # Value residual (ResFormer): v = l0 * v_first_layer + l1 * v; the first layer has nothing to mix.
         self.vr_lambda = (nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual and layer_idx > 0 else None)
         self._flash = None  # FlashAttention (B, T, H, D) in bf16, when the backend is fa3 or fa4
+        self._varlen = None  # FA3's varlen call (total, H, D) over cu_seqlens, with DOC_ISOLATION
         if cfg.attn_backend == "fa3":
-            from flash_attn_interface import flash_attn_func
+            from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 
             self._flash = functools.partial(flash_attn_func, causal=True)
+            if cfg.doc_isolation:
+                self._varlen = functools.partial(flash_attn_varlen_func, causal=True)
         elif cfg.attn_backend == "fa4":
             self._flash = fa4_attention()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
-                kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
+                kv: tuple[KVCache, int] | None = None, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
-        With `kv` (cache, virtual layer) the new keys/values are appended and attention reads the cache."""
+        With `kv` (cache, virtual layer) the new keys/values are appended and attention reads the cache;
+        with `docs` (GPT.documents) attention stays inside each document."""
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
         accumulate_hessian(self.c_q.hessian, x)
@@ -1683,12 +1738,17 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=T > 1, enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2)
             v = v[:, -T:]
-        elif self._flash is not None:
+        elif self._varlen is not None and docs is not None:
+            y = self._varlen(q.flatten(0, 1).bfloat16(), k.flatten(0, 1).bfloat16(), v.flatten(0, 1).bfloat16(),
+                             docs, docs, T, T)
+            y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.num_heads, self.head_dim).to(x.dtype)
+        elif self._flash is not None and docs is None:
             y = self._flash(q.bfloat16(), k.bfloat16(), v.bfloat16())
             y = (y[0] if isinstance(y, tuple) else y).to(x.dtype)
-        else:
+        else:  # SDPA: causal, or under a document mask
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+                                               attn_mask=docs, is_causal=docs is None,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
@@ -1757,39 +1817,41 @@ class Block(nn.Module):
         return mix[0] * x + mix[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
+                v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
+                docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = self._mix(x, x0)
-        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first, kv)
+        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first, kv, docs)
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
 
     def forward_gptj(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                     v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
+                     v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
+                     docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """GPT-J parallel block (PR #1412): attention and MLP read the same normalized input."""
         x = self._mix(x, x0)
         n = rms_norm(x) * self.norm_scale
-        a, v = self.attn(n, cos, sin, v_first, kv)
+        a, v = self.attn(n, cos, sin, v_first, kv, docs)
         return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v
 
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                      v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+                      v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
+                      docs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Two lanes with learned routing (PR #1204 ordering: the MLP reads lane 1 after attention
         wrote to it), so r = p = 1 with equal lanes is exactly the sequential block."""
         r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
         l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv, docs)
         a = self.attn_scale.to(l0.dtype) * a
         l0, l1 = r[0, 0] * l0 + p[0, 0] * a, r[0, 1] * l1 + p[0, 1] * a
         m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale)
         return r[1, 0] * l0 + p[1, 0] * m, r[1, 1] * l1 + p[1, 1] * m, v
 
     def forward_lane_merge(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                           v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None
-                           ) -> tuple[Tensor, Tensor, Tensor]:
+                           v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
+                           docs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Separate attention and MLP lanes with no cross-writes (PR #1289); merged at the end."""
         l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv, docs)
         l0 = l0 + self.attn_scale.to(l0.dtype) * a
         return l0, l1 + self.mlp_scale.to(l1.dtype) * self.mlp(rms_norm(l1) * self.norm_scale), v
 
@@ -1898,6 +1960,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.last_ids = ids[:, -2:]
         x, ids = x[:, drop:], ids[:, drop:]
+        docs = self.documents(ids) if self.cfg.doc_isolation and cache is None else None
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             # The residual stream in the autocast dtype from here on, as R0405's .bfloat16() model runs it:
@@ -1926,13 +1989,13 @@ class GPT(nn.Module):
                     lanes = (merge_skip(lanes[0], skip, gate), lanes[1])
             kv = None if cache is None else (cache, pos)
             if pos < parallel_from:
-                x, v = block(x, x0, cos, sin, v_first, kv)
+                x, v = block(x, x0, cos, sin, v_first, kv, docs)
             elif mode == "gptj":
-                x, v = block.forward_gptj(x, x0, cos, sin, v_first, kv)
+                x, v = block.forward_gptj(x, x0, cos, sin, v_first, kv, docs)
             else:
                 lanes = lanes or (x, x)
                 step = block.forward_lanes if mode == "lanes" else block.forward_lane_merge
-                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, kv)
+                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, kv, docs)
             v_first = v if v_first is None else v_first
             if pos < num_encoder:
                 skips.append(x)
@@ -1947,6 +2010,14 @@ class GPT(nn.Module):
         x = rms_norm(x)
         accumulate_hessian(self.head_hessian, x)  # the tied embedding is the LM head (PR #1394)
         return x
+
+    def documents(self, ids: Tensor) -> Tensor:
+        """DOC_ISOLATION: what attention needs to stay inside documents. FA3 gets cu_seqlens over the
+        flattened batch (R0410's varlen call: a batch of rows is one row whose sequences start at every row
+        start and BOS); every other backend the equivalent (B, 1, T, T) mask for SDPA."""
+        if self.cfg.attn_backend == "fa3":
+            return doc_cu_seqlens()(ids, self.cfg.bos_id)
+        return document_mask(ids, self.cfg.bos_id)
 
     def set_qat(self, on: bool) -> int:
         """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
@@ -3883,6 +3954,8 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
             **{f"dataset_{k}": v for k, v in fingerprint.items()},
             "world_size": d.world_size, "resolved_grad_accum_steps": h.accum_steps,
             "resolved_attn_backend": backend, "code_sha256": hashlib.sha256(code).hexdigest(),
+            "resolved_doc_attention": ("off" if not h.doc_isolation else "fa3_varlen" if backend == "fa3"
+                                       else "sdpa_document_mask"),
             "code_bytes": len(code), "config_hash": config_hash(h.knob_values())}
     for w in h.env_warnings:  # first: a misspelt knob changes what the config block below means
         log(f"WARNING: {w}")
@@ -4222,7 +4295,7 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
 
     def make_loader() -> TrainLoader:
         return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
-                           h.seed, h.vocab_size, d.device)
+                           h.seed, h.vocab_size, d.device, packed=h.doc_isolation)
 
     clock.record("startup", clock.wall_seconds())
     warm = warm_up_training(h, d, model, graphs, opt, make_loader, log)

@@ -330,7 +330,8 @@ def test_ttt_padding_rows_carry_no_gradient():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatch, dataset):
+@pytest.mark.parametrize("doc_isolation", ["0", "1"])
+def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatch, dataset, doc_isolation):
     """A run with depth recurrence, sliding eval, TTT, GPTQ and mid-training evaluation: every graph the
     run uses (training plain/looped, evaluation in both states, TTT training, calibration, Muon's steps)
     is compiled before the first timed step, and none afterwards."""
@@ -360,7 +361,7 @@ def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatc
                LOOP_START="1", LOOP_END="1", LOOPING_START_STEP="2", VAL_LOSS_EVERY="1", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", EVAL_BATCH_SEQS="8", EVAL_STRIDE="32", TTT_ENABLED="1",
                TTT_EPOCHS="1", TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
-               BPB_CHECK_DOCS="5")
+               BPB_CHECK_DOCS="5", DOC_ISOLATION=doc_isolation)
     try:
         assert tg.main(env) == 0
     finally:
