@@ -43,7 +43,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -111,8 +111,7 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "TRIGRAM": "trigram hash embeddings", "PARALLEL_RESIDUAL_START": "parallel residuals",
     "VE_ENABLED": "value embeddings",
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
-    "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)", "PHASED_TTT_ENABLED": "phased LoRA test-time training",
-    "TTT_LORA_RANK": "LoRA test-time training",
+    "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
     "SWA_ENABLED": "SWA", "CASEOPS_ENABLED": "CaseOps text transform",
     "LQER_ASYM_ENABLED": "asymmetric LQER factors", "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
@@ -235,6 +234,22 @@ class Hyperparameters:
     ttt_momentum: float = knob(0.9, "TTT SGD momentum", _below_one, "in [0, 1)")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored, then trained on", _positive, "> 0")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", _non_negative, ">= 0")
+    phased_ttt_enabled: bool = knob(False, "TTT as per-document LoRA (PR #1530) with phases of global SGD over "
+                                           "already-scored documents (PR #1610/#1626) instead of chunked SGD")
+    ttt_lora_rank: int = knob(80, "rank of TTT's per-document LoRA adapters", _positive, "> 0")
+    ttt_lora_alpha: float = knob(144.0, "LoRA output scale alpha/rank (PR #1767)", _positive, "> 0")
+    ttt_lora_lr: float = knob(1e-4, "LoRA AdamW learning rate", _non_negative, ">= 0")
+    ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay", _non_negative, ">= 0")
+    ttt_batch_size: int = knob(64, "documents per LoRA batch (one row and one set of adapters each)", _positive, "> 0")
+    ttt_chunk_size: int = knob(48, "LoRA TTT: tokens scored, then trained on, per step of a document", _positive,
+                               "> 0")
+    ttt_warm_start_a: bool = knob(True, "keep LoRA A from one document batch to the next, zero only B (PR #1767)")
+    phased_ttt_prefix_docs: int = knob(2500, "documents (in stream order) whose scoring is split into phases",
+                                       _non_negative, ">= 0")
+    phased_ttt_num_phases: int = knob(3, "global SGD pauses over the prefix (0 = LoRA only)", _non_negative, ">= 0")
+    global_ttt_lr: float = knob(0.001, "phase SGD learning rate (cosine over TTT_CHUNK_TOKENS chunks)", _non_negative,
+                                ">= 0")
+    global_ttt_epochs: int = knob(1, "phase SGD epochs over a phase's documents", _non_negative, ">= 0")
 
     # --- Model ---
     num_layers: int = knob(11, "transformer blocks", _positive, "> 0")
@@ -422,6 +437,9 @@ class Hyperparameters:
         if self.ttt_enabled and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} is not allowed: must be >= EVAL_SEQ_LEN="
                               f"{self.eval_seq_len} (TTT trains on whole sequences of a scored chunk)")
+        if self.phased_ttt_enabled and not self.ttt_enabled:
+            raise ConfigError("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0: it is a form of TTT "
+                              "(set TTT_ENABLED=1, or PHASED_TTT_ENABLED=0)")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 is not allowed without ARTIFACT=<path of a .ptz artifact>")
         chunk = self.world_size * self.accum_steps * self.train_seq_len
@@ -1618,6 +1636,32 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+Adapter = tuple[Tensor, Tensor, float]  # TTT LoRA: A (D, r, in), B (D, out, r), output scale; a row per document
+
+
+class LoRASlot(NamedTuple):
+    """One virtual layer's TTT adapters."""
+    q: Adapter
+    k: Adapter
+    v: Adapter
+    o: Adapter
+    mlp: Adapter
+
+
+def lora_delta(x: Tensor, adapter: Adapter) -> Tensor:
+    """x (D, T, in) through each row's own low-rank adapter: scale * (x A^T) B^T."""
+    a, b, scale = adapter
+    return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
+
+
+class LayerAux(NamedTuple):
+    """What a block needs beyond its input at one virtual layer: a KV cache and the layer's index in it
+    (calibration sampling), the document structure (DOC_ISOLATION) and TTT's adapters."""
+    kv: "tuple[KVCache, int] | None" = None
+    docs: Tensor | None = None
+    lora: LoRASlot | None = None
+
+
 class KVCache:
     """Keys and values of every virtual layer for incremental decoding (self-generated GPTQ calibration).
     Filled by one prefill from position 0, then one token at a time; `last_ids` (the last two tokens)
@@ -1713,15 +1757,18 @@ class CausalSelfAttention(nn.Module):
             self._flash = fa4_attention()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
-                kv: tuple[KVCache, int] | None = None, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
         """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
-        With `kv` (cache, virtual layer) the new keys/values are appended and attention reads the cache;
-        with `docs` (GPT.documents) attention stays inside each document."""
+        `aux` (LayerAux): with a KV cache the new keys/values are appended and attention reads the cache;
+        with documents attention stays inside each one; with LoRA adapters (TTT) their deltas are added."""
+        kv, docs, lora = aux if aux is not None else (None, None, None)
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
         accumulate_hessian(self.c_q.hessian, x)
         w = torch.cat((self.c_q.qweight(), self.c_k.qweight(), self.c_v.qweight()))
         q, k, v_raw = F.linear(x, w).split((C, self.kv_dim, self.kv_dim), dim=-1)
+        if lora is not None:
+            q, k, v_raw = q + lora_delta(x, lora.q), k + lora_delta(x, lora.k), v_raw + lora_delta(x, lora.v)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v_raw = v_raw.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -1755,7 +1802,9 @@ class CausalSelfAttention(nn.Module):
         if self.attn_gate_w is not None:
             gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_window], self.attn_gate_w.to(x.dtype)))
             y = y * gate[..., None]  # (B, T, H, 1)
-        return self.proj(y.reshape(B, T, C)), v_raw
+        y = y.reshape(B, T, C)
+        out = self.proj(y)
+        return (out if lora is None else out + lora_delta(y, lora.o)), v_raw
 
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default
@@ -1788,10 +1837,12 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, aux: "LayerAux" = None) -> Tensor:
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        return self.proj(h.square())
+        out = self.proj(h.square())
+        # TTT's MLP adapter runs beside the MLP, from its input (the hidden width would make A 4x larger).
+        return out if aux is None or aux.lora is None else out + lora_delta(x, aux.lora.mlp)
 
 
 class Block(nn.Module):
@@ -1817,43 +1868,39 @@ class Block(nn.Module):
         return mix[0] * x + mix[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
-                docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
         x = self._mix(x, x0)
-        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first, kv, docs)
+        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first, aux)
         x = x + self.attn_scale.to(x.dtype) * a
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, aux), v
 
     def forward_gptj(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                     v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
-                     docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
         """GPT-J parallel block (PR #1412): attention and MLP read the same normalized input."""
         x = self._mix(x, x0)
         n = rms_norm(x) * self.norm_scale
-        a, v = self.attn(n, cos, sin, v_first, kv, docs)
-        return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v
+        a, v = self.attn(n, cos, sin, v_first, aux)
+        return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n, aux), v
 
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                      v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
-                      docs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
         """Two lanes with learned routing (PR #1204 ordering: the MLP reads lane 1 after attention
         wrote to it), so r = p = 1 with equal lanes is exactly the sequential block."""
         r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
         l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv, docs)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, aux)
         a = self.attn_scale.to(l0.dtype) * a
         l0, l1 = r[0, 0] * l0 + p[0, 0] * a, r[0, 1] * l1 + p[0, 1] * a
-        m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale)
+        m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
         return r[1, 0] * l0 + p[1, 0] * m, r[1, 1] * l1 + p[1, 1] * m, v
 
     def forward_lane_merge(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                           v_first: Tensor | None = None, kv: tuple[KVCache, int] | None = None,
-                           docs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                           v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
         """Separate attention and MLP lanes with no cross-writes (PR #1289); merged at the end."""
         l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, kv, docs)
+        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, aux)
         l0 = l0 + self.attn_scale.to(l0.dtype) * a
-        return l0, l1 + self.mlp_scale.to(l1.dtype) * self.mlp(rms_norm(l1) * self.norm_scale), v
+        return l0, l1 + self.mlp_scale.to(l1.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux), v
 
 
 def merge_skip(stream: Tensor, skip: Tensor, gate: Tensor | None) -> Tensor:
@@ -1944,8 +1991,9 @@ class GPT(nn.Module):
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
-    def hidden(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache."""
+    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: "DocLoRA | None" = None) -> Tensor:
+        """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache;
+        with `lora` (TTT), one batch row per document, each with its own adapters."""
         drop = 0
         if cache is not None and cache.pos > 0:
             # The SmearGate mixes in the previous token's embedding, which includes that token's own
@@ -1987,15 +2035,15 @@ class GPT(nn.Module):
                     lanes = (merge_skip(lanes[0], skip, gate), merge_skip(lanes[1], skip, gate))
                 else:  # lane_merge: only the attention lane takes skips (PR #1289)
                     lanes = (merge_skip(lanes[0], skip, gate), lanes[1])
-            kv = None if cache is None else (cache, pos)
+            aux = LayerAux(None if cache is None else (cache, pos), docs, None if lora is None else lora.slots[pos])
             if pos < parallel_from:
-                x, v = block(x, x0, cos, sin, v_first, kv, docs)
+                x, v = block(x, x0, cos, sin, v_first, aux)
             elif mode == "gptj":
-                x, v = block.forward_gptj(x, x0, cos, sin, v_first, kv, docs)
+                x, v = block.forward_gptj(x, x0, cos, sin, v_first, aux)
             else:
                 lanes = lanes or (x, x)
                 step = block.forward_lanes if mode == "lanes" else block.forward_lane_merge
-                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, kv, docs)
+                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, aux)
             v_first = v if v_first is None else v_first
             if pos < num_encoder:
                 skips.append(x)
@@ -2039,11 +2087,12 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def raw_logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Head output before the softcap, in the compute dtype."""
-        h = self.hidden(ids, cache)
+    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: "DocLoRA | None" = None) -> Tensor:
+        """Head output before the softcap, in the compute dtype (with `lora`, plus each document's head adapter)."""
+        h = self.hidden(ids, cache, lora)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight.to(h.dtype))
+        z = F.linear(h, weight.to(h.dtype))
+        return z if lora is None else z + lora_delta(h, lora.head)
 
     def logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Softcapped logits in fp32 (sampling; the loss never materializes them)."""
@@ -3529,6 +3578,11 @@ class TTTConfig:
     def from_hparams(cls, h: Hyperparameters) -> "TTTConfig":
         return cls(h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
 
+    @classmethod
+    def global_phase(cls, h: Hyperparameters) -> "TTTConfig":
+        """Phased TTT's SGD on the base weights (GLOBAL_TTT_*; momentum, chunk and clip shared with TTT_*)."""
+        return cls(h.global_ttt_lr, h.global_ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
+
 
 def ttt_batch_seqs(chunk_tokens: int, seq_len: int, batch_seqs: int, world_size: int) -> int:
     """Sequences per TTT training forward on each rank: a chunk's sequences over the ranks, at most
@@ -3629,6 +3683,213 @@ def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budge
         train_s += time.perf_counter() - tt
     info.update(epochs_final=epochs, score_seconds=score_s, train_seconds=train_s)
     return result_from_sums(sums, t0), info
+
+TTT_LORA_BETAS = (0.0, 0.99)  # AdamW betas of the LoRA adapters: no momentum (PR #1530; beta2 0.99 as the top's)
+TTT_LORA_EPS = 1e-10
+
+
+class DocLoRA:
+    """TTT's per-document LoRA adapters (PR #1530): for every virtual layer Q, K, V, O and an MLP adapter,
+    plus the head; one row per document of a batch. B starts at zero, so every document is first scored by
+    the base model; with TTT_WARM_START_A the A matrices carry over to the next batch (PR #1767)."""
+
+    def __init__(self, model: GPT, docs: int, rank: int, alpha: float, seed: int):
+        cfg, device = model.cfg, model.tok_emb.weight.device
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.scale = alpha / rank
+        C, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.params: list[Tensor] = []
+
+        def adapter(n_in: int, n_out: int) -> Adapter:
+            a = torch.zeros(docs, rank, n_in, device=device, requires_grad=True)
+            b = torch.zeros(docs, n_out, rank, device=device, requires_grad=True)
+            self.params += [a, b]
+            return a, b, self.scale
+
+        self.slots = [LoRASlot(adapter(C, C), adapter(C, kv), adapter(C, kv), adapter(C, C), adapter(C, C))
+                      for _ in model.layouts[model.looping]]
+        self.head = adapter(C, cfg.vocab_size)
+        self.reset(warm_a=False)
+
+    @torch.no_grad()
+    def reset(self, warm_a: bool) -> None:
+        """A new batch of documents: B = 0 (the base model again); A re-drawn unless kept (warm start)."""
+        for a, b in zip(self.params[0::2], self.params[1::2]):
+            b.zero_()
+            if not warm_a:  # nn.Linear's init range for A, drawn on the CPU so every device gets the same A
+                bound = 1.0 / math.sqrt(a.size(-1))
+                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=self.gen))
+
+
+@dataclass(frozen=True)
+class LoRATTTConfig:
+    rank: int
+    alpha: float
+    lr: float
+    weight_decay: float
+    batch_docs: int
+    chunk: int
+    warm_start_a: bool
+    prefix_docs: int
+    phases: int
+    seed: int
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "LoRATTTConfig":
+        return cls(h.ttt_lora_rank, h.ttt_lora_alpha, h.ttt_lora_lr, h.ttt_weight_decay, h.ttt_batch_size,
+                   h.ttt_chunk_size, h.ttt_warm_start_a, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases, h.seed)
+
+
+def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
+    """[lo, hi) input positions of each document in stream order, covering 0..n_targets exactly: a document
+    starts at its BOS (or at 0) and its last input predicts the next document's BOS."""
+    starts = np.flatnonzero(tokens[:n_targets] == BOS_ID)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    ends = np.append(starts[1:], n_targets)
+    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+
+
+def phase_segments(n_docs: int, prefix_docs: int, phases: int) -> list[tuple[int, int]]:
+    """Document ranges scored between global SGD pauses: the prefix in `phases` parts, then the rest."""
+    prefix = min(prefix_docs, n_docs) if phases else 0
+    cuts = [prefix * i // phases for i in range(phases + 1)] if phases else [0]
+    segments = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return segments + ([(prefix, n_docs)] if n_docs > prefix else [])
+
+
+def lora_batch(ctx: EvalContext, docs: list[tuple[int, int]], rows: int) -> tuple[Tensor, Tensor]:
+    """(rows, L + 1) tokens of each document from its first input, zero-padded, and each one's length."""
+    lengths = torch.tensor([hi - lo for lo, hi in docs] + [0] * (rows - len(docs)))
+    batch = torch.zeros(rows, int(lengths.max()) + 1, dtype=torch.long, device=ctx.device)
+    for r, (lo, hi) in enumerate(docs):
+        batch[r, : hi - lo + 1] = ctx.tokens[lo: hi + 1]
+    return batch, lengths.to(ctx.device)
+
+
+def lora_nll(model: GPT, lora: DocLoRA, x: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
+    with ctx.autocast():
+        z = model.raw_logits(x, lora=lora)
+    return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
+
+
+def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tuple[int, int]],
+                     cfg: LoRATTTConfig, train: bool, trace: list | None) -> Tensor:
+    """One batch of documents walked in chunks of cfg.chunk targets: each chunk is scored under no_grad
+    with in-document context of up to EVAL_SEQ_LEN tokens, then (if `train` and it is not the document's
+    last chunk) one AdamW step of every document's adapters on its own chunk loss."""
+    batch, lengths = lora_batch(ctx, docs, cfg.batch_docs)
+    opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
+                            weight_decay=cfg.weight_decay)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    last_chunk = (lengths - 1).clamp_min(0) // cfg.chunk
+    for c in range(int(last_chunk.max()) + 1):
+        lo, hi = c * cfg.chunk, min((c + 1) * cfg.chunk, batch.size(1) - 1)
+        ws = max(0, hi - ctx.seq_len)
+        x, y = batch[:, ws:hi], batch[:, ws + 1: hi + 1]
+        pos = torch.arange(lo, hi, device=ctx.device)
+        mask = pos[None, :] < lengths[:, None]  # (rows, hi - lo): real targets of this chunk
+        with torch.no_grad():
+            nll = lora_nll(model, lora, x, y, ctx)[:, lo - ws:]
+            n_bytes = count_target_bytes(x[:, lo - ws:], y[:, lo - ws:], ctx.luts["base_bytes"],
+                                         ctx.luts["has_leading_space"], ctx.luts["is_boundary"])
+            sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
+        learn = mask & (c < last_chunk)[:, None]
+        if trace is not None:
+            trace.append((c, [(d, (nll[r] * mask[r]).sum().item()) for r, d in enumerate(docs)], learn.any(1)))
+        if train and bool(learn.any()):
+            per_doc = (lora_nll(model, lora, x, y, ctx)[:, lo - ws:] * learn).sum(1) / learn.sum(1).clamp_min(1)
+            per_doc.sum().backward()  # each document's adapters get the gradient of its own mean loss
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return sums
+
+
+def set_requires_grad(params: list[nn.Parameter], on: bool) -> None:
+    for p in params:
+        p.requires_grad_(on)
+
+
+@dataclass
+class PhasedTTT:
+    """One phased LoRA TTT evaluation: the eager model (the adapters change shapes the compiled graphs never
+    saw), the documents, the adapters and the phase optimizer over the base weights."""
+    ctx: EvalContext
+    model: GPT
+    cfg: LoRATTTConfig
+    sgd: TTTConfig
+    docs: list[tuple[int, int]]
+    trace: list | None
+    train: bool = True
+
+    def __post_init__(self) -> None:
+        self.lora = DocLoRA(self.model, self.cfg.batch_docs, self.cfg.rank, self.cfg.alpha, self.cfg.seed)
+        self.base = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.base, lr=self.sgd.lr, momentum=self.sgd.momentum)
+
+    def score_segment(self, a: int, b: int) -> tuple[Tensor, int]:
+        """Documents a..b-1 in length-sorted batches, batch n on rank n % world_size; (sums, batches)."""
+        ctx, cfg = self.ctx, self.cfg
+        order = sorted(range(a, b), key=lambda d: self.docs[d][0] - self.docs[d][1])  # longest first
+        batches = [order[j: j + cfg.batch_docs] for j in range(0, len(order), cfg.batch_docs)]
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+        set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
+        try:
+            for n in range(ctx.rank, len(batches), ctx.world_size):
+                self.lora.reset(warm_a=cfg.warm_start_a)
+                sums += score_lora_batch(self.model, self.lora, ctx, [self.docs[d] for d in batches[n]], cfg,
+                                         self.train, self.trace)
+        finally:
+            set_requires_grad(self.base, True)
+        return sums, len(batches)
+
+    def global_sgd(self, a: int, b: int) -> None:
+        """All ranks: SGD on the base weights over documents a..b-1 (all scored), cosine over chunks."""
+        lo, hi = self.docs[a][0], self.docs[b - 1][1]
+        starts = list(range(lo, hi, self.sgd.chunk_tokens))
+        for c, s in enumerate(starts):
+            lr = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(len(starts) - 1, 1)))
+            ttt_train_chunk(self.ctx, self.base, self.opt, s, min(s + self.sgd.chunk_tokens, hi), lr, self.sgd,
+                            self.sgd.epochs)
+
+
+def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
+                  log: Callable[[str], None], trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
+    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases). Documents are
+    scored in stream order, segment by segment (phase_segments); after each of the first `phases` segments,
+    which every rank has then scored, the base model takes SGD over exactly that segment's tokens, all
+    ranks together. No token is trained on before it is scored; the last segment is never trained on. When
+    the projected time passes the budget, adapters stop training and no phase runs, on every rank alike."""
+    t0 = time.perf_counter()
+    docs = ttt_documents(ctx.tokens.cpu().numpy(), ctx.n_targets)
+    segments = phase_segments(len(docs), cfg.prefix_docs, cfg.phases)
+    run = PhasedTTT(ctx, model, cfg, sgd, docs, trace)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    info: dict[str, Any] = {"documents": len(docs), "segments": len(segments), "phases_run": 0,
+                            "lora_stopped_at_segment": None}
+    for i, (a, b) in enumerate(segments):
+        ts = time.perf_counter()
+        seg_sums, n_batches = run.score_segment(a, b)
+        sums += seg_sums
+        score_s, elapsed = time.perf_counter() - ts, time.perf_counter() - t0
+        # Every rank takes the slowest rank's projection, so all stop training at the same segment.
+        projected = torch.tensor([elapsed / max(docs[b - 1][1], 1) * ctx.n_targets], dtype=torch.float64,
+                                 device=ctx.device)
+        all_reduce_(projected, op="max")
+        if run.train and projected.item() > budget_s:
+            run.train, info["lora_stopped_at_segment"] = False, i
+            log(format_kv(ttt_degrade="lora_and_phases_off", segment=f"{i + 1}/{len(segments)}",
+                          reason=f"projected TTT time {projected.item():.0f}s would pass the {budget_s:.0f}s budget"))
+        t_sgd = time.perf_counter()
+        phase = run.train and i < min(cfg.phases, len(segments) - 1) and sgd.epochs > 0
+        if phase:
+            run.global_sgd(a, b)
+            info["phases_run"] += 1
+        log(format_kv(ttt_phased=f"{i + 1}/{len(segments)}", documents=b - a, lora_batches=n_batches,
+                      score_s=f"{score_s:.1f}", global_sgd_s=f"{time.perf_counter() - t_sgd:.1f}" if phase else "none",
+                      elapsed_s=f"{time.perf_counter() - t0:.1f}"))
+    return result_from_sums(sums, t0), info
+
 
 # ==== Training ====
 
@@ -4121,10 +4382,16 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
     ttt_info = None
     if h.ttt_enabled:
         budget = h.eval_time_budget_seconds - (time.perf_counter() - t0)
-        r, ttt_info = eval_ttt(ctx, list(model.parameters()), TTTConfig.from_hparams(h), budget, log)
+        if h.phased_ttt_enabled:
+            r, ttt_info = eval_ttt_lora(ctx, model, LoRATTTConfig.from_hparams(h), TTTConfig.global_phase(h), budget,
+                                        log)
+            log_result("ttt", r, log, mode="phased_lora", documents=ttt_info["documents"],
+                       phases=ttt_info["phases_run"])
+        else:
+            r, ttt_info = eval_ttt(ctx, list(model.parameters()), TTTConfig.from_hparams(h), budget, log)
+            log_result("ttt", r, log, mode="chunked", chunks=ttt_info["chunks"],
+                       epochs=f"{ttt_info['epochs_final']}/{ttt_info['epochs_planned']}")
         results["ttt"] = r
-        log_result("ttt", r, log, chunks=ttt_info["chunks"],
-                   epochs=f"{ttt_info['epochs_final']}/{ttt_info['epochs_planned']}")
         clock.record("eval_ttt", r.seconds, r.tokens)
     ev = Evaluations(results, time.perf_counter() - t0, ttt_info)
     check = rc.data.check  # every target of the scored stream exactly once, with the verified bytes

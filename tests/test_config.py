@@ -361,7 +361,7 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"LQER_ASYM_ENABLED": "1"}, {"PHASED_TTT_ENABLED": "1"}, {"VE_ENABLED": "1"},
+@pytest.mark.parametrize("env", [{"LQER_ASYM_ENABLED": "1"}, {"GATED_ATTN": "1"}, {"VE_ENABLED": "1"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "zstd"}, {"MLP_ACT": "gelu"},
                                  {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
@@ -372,7 +372,7 @@ def test_unimplemented_feature_on_raises(env):
 
 
 @pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"VE_ENABLED": "0"}, {"COMPRESSOR": "brotli"},
-                                 {"TTT_LORA_RANK": "0"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"}],
+                                 {"GATED_ATTN": "0"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_off_is_accepted(env):
     h = H.from_env(env)

@@ -330,8 +330,8 @@ def test_ttt_padding_rows_carry_no_gradient():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("doc_isolation", ["0", "1"])
-def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatch, dataset, doc_isolation):
+@pytest.mark.parametrize("leaderboard_top", ["0", "1"])  # DOC_ISOLATION and PHASED_TTT_ENABLED
+def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatch, dataset, leaderboard_top):
     """A run with depth recurrence, sliding eval, TTT, GPTQ and mid-training evaluation: every graph the
     run uses (training plain/looped, evaluation in both states, TTT training, calibration, Muon's steps)
     is compiled before the first timed step, and none afterwards."""
@@ -361,7 +361,9 @@ def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatc
                LOOP_START="1", LOOP_END="1", LOOPING_START_STEP="2", VAL_LOSS_EVERY="1", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", EVAL_BATCH_SEQS="8", EVAL_STRIDE="32", TTT_ENABLED="1",
                TTT_EPOCHS="1", TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
-               BPB_CHECK_DOCS="5", DOC_ISOLATION=doc_isolation)
+               BPB_CHECK_DOCS="5", DOC_ISOLATION=leaderboard_top,
+               PHASED_TTT_ENABLED=leaderboard_top, PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2",
+               TTT_BATCH_SIZE="4", TTT_LORA_RANK="4")
     try:
         assert tg.main(env) == 0
     finally:
@@ -375,6 +377,9 @@ def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatc
     assert metrics["wall_seconds"] >= sum(r["seconds"] for r in metrics["phases"]) * 0.99
     log = (tmp_path / "warm.txt").read_text()
     assert all(f"phase:{name} seconds:" in log for name in order) and "wall_time:" in log
+    if leaderboard_top == "1":
+        assert "resolved_doc_attention: sdpa_document_mask" in log and "ttt_phased:1/" in log
+        assert "mode:phased_lora" in log and metrics["ttt"]["documents"] >= 1
 
 
 def test_pergroup_bench_round_trips_every_candidate_and_totals_the_best(tmp_path, capsys):
