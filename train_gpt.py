@@ -999,7 +999,9 @@ def load_shard(path: Path) -> np.ndarray:
 
 def list_shards(dataset_dir: Path, split: str) -> list[Path]:
     pattern = f"fineweb_{split}_*.bin"
-    files = sorted(Path(dataset_dir).glob(pattern))
+    # CaseOps datasets keep per-token byte counts beside the shards as fineweb_val_bytes_*.bin (PR #1729):
+    # the same glob matches them, and their small values would pass every token check.
+    files = sorted(f for f in Path(dataset_dir).glob(pattern) if not f.name.startswith(f"fineweb_{split}_bytes_"))
     if not files:
         raise DataError(f"{Path(dataset_dir) / pattern}: no files match (set DATA_PATH or DATA_DIR; "
                         f"see data/README.md to download or build a dataset)")
@@ -1654,6 +1656,12 @@ def lora_delta(x: Tensor, adapter: Adapter) -> Tensor:
     return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
 
 
+class LoRAView(NamedTuple):
+    """TTT adapters for a batch of documents: one LoRASlot per virtual layer, and the head's."""
+    slots: list[LoRASlot]
+    head: Adapter
+
+
 class LayerAux(NamedTuple):
     """What a block needs beyond its input at one virtual layer: a KV cache and the layer's index in it
     (calibration sampling), the document structure (DOC_ISOLATION) and TTT's adapters."""
@@ -1991,7 +1999,7 @@ class GPT(nn.Module):
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
-    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: "DocLoRA | None" = None) -> Tensor:
+    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None) -> Tensor:
         """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache;
         with `lora` (TTT), one batch row per document, each with its own adapters."""
         drop = 0
@@ -2087,7 +2095,7 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: "DocLoRA | None" = None) -> Tensor:
+    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None) -> Tensor:
         """Head output before the softcap, in the compute dtype (with `lora`, plus each document's head adapter)."""
         h = self.hidden(ids, cache, lora)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -3711,6 +3719,11 @@ class DocLoRA:
         self.head = adapter(C, cfg.vocab_size)
         self.reset(warm_a=False)
 
+    def rows(self, k: int) -> "LoRAView":
+        """The adapters of the first k documents (views: gradients reach the full tensors)."""
+        cut = lambda ad: (ad[0][:k], ad[1][:k], ad[2])  # noqa: E731
+        return LoRAView([LoRASlot(*map(cut, slot)) for slot in self.slots], cut(self.head))
+
     @torch.no_grad()
     def reset(self, warm_a: bool) -> None:
         """A new batch of documents: B = 0 (the base model again); A re-drawn unless kept (warm start)."""
@@ -3767,7 +3780,7 @@ def lora_batch(ctx: EvalContext, docs: list[tuple[int, int]], rows: int) -> tupl
     return batch, lengths.to(ctx.device)
 
 
-def lora_nll(model: GPT, lora: DocLoRA, x: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
+def lora_nll(model: GPT, lora: LoRAView, x: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
     with ctx.autocast():
         z = model.raw_logits(x, lora=lora)
     return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
@@ -3777,7 +3790,9 @@ def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tup
                      cfg: LoRATTTConfig, train: bool, trace: list | None) -> Tensor:
     """One batch of documents walked in chunks of cfg.chunk targets: each chunk is scored under no_grad
     with in-document context of up to EVAL_SEQ_LEN tokens, then (if `train` and it is not the document's
-    last chunk) one AdamW step of every document's adapters on its own chunk loss."""
+    last chunk) one AdamW step of every document's adapters on its own chunk loss. Documents run longest
+    first, so the ones still going are the first rows: finished ones leave the batch."""
+    docs = sorted(docs, key=lambda span: span[0] - span[1])
     batch, lengths = lora_batch(ctx, docs, cfg.batch_docs)
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
@@ -3786,19 +3801,20 @@ def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tup
     for c in range(int(last_chunk.max()) + 1):
         lo, hi = c * cfg.chunk, min((c + 1) * cfg.chunk, batch.size(1) - 1)
         ws = max(0, hi - ctx.seq_len)
-        x, y = batch[:, ws:hi], batch[:, ws + 1: hi + 1]
+        k = max(1, int((last_chunk >= c).sum()))  # documents with targets in this chunk
+        x, y, view = batch[:k, ws:hi], batch[:k, ws + 1: hi + 1], lora.rows(k)
         pos = torch.arange(lo, hi, device=ctx.device)
-        mask = pos[None, :] < lengths[:, None]  # (rows, hi - lo): real targets of this chunk
+        mask = pos[None, :] < lengths[:k, None]  # (k, hi - lo): real targets of this chunk
         with torch.no_grad():
-            nll = lora_nll(model, lora, x, y, ctx)[:, lo - ws:]
+            nll = lora_nll(model, view, x, y, ctx)[:, lo - ws:]
             n_bytes = count_target_bytes(x[:, lo - ws:], y[:, lo - ws:], ctx.luts["base_bytes"],
                                          ctx.luts["has_leading_space"], ctx.luts["is_boundary"])
             sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
-        learn = mask & (c < last_chunk)[:, None]
+        learn = mask & (c < last_chunk[:k])[:, None]
         if trace is not None:
-            trace.append((c, [(d, (nll[r] * mask[r]).sum().item()) for r, d in enumerate(docs)], learn.any(1)))
+            trace.append((c, [(d, (nll[r] * mask[r]).sum().item()) for r, d in enumerate(docs[:k])], learn.any(1)))
         if train and bool(learn.any()):
-            per_doc = (lora_nll(model, lora, x, y, ctx)[:, lo - ws:] * learn).sum(1) / learn.sum(1).clamp_min(1)
+            per_doc = (lora_nll(model, view, x, y, ctx)[:, lo - ws:] * learn).sum(1) / learn.sum(1).clamp_min(1)
             per_doc.sum().backward()  # each document's adapters get the gradient of its own mean loss
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -4614,6 +4630,9 @@ EVAL_ONLY_ENV_KNOBS = frozenset({
     "requantize",
     "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
     "ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip",
+    "phased_ttt_enabled", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size",
+    "ttt_chunk_size", "ttt_warm_start_a", "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr",
+    "global_ttt_epochs",
 })
 
 

@@ -35,6 +35,7 @@ Exit codes: 0 done, 1 a run failed or an artifact is over the cap, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -122,15 +123,16 @@ def log(msg: str) -> None:
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
-def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+def parse_variant(spec: str, flag: str = "--variant") -> tuple[str, dict[str, str]]:
     """`NAME=KEY=VAL,KEY=VAL` -> (NAME, {KEY: VAL}). Checks the shape and that every KEY is a knob the
-    track lets a variant change; values are checked later against train_gpt's own parser."""
+    track lets a variant change (for --eval-variant: an evaluation knob, see EVAL_VARIANT_KEYS); values
+    are checked later against train_gpt's own parser."""
     name, sep, rest = spec.partition("=")
     if not sep or not rest.strip():
-        raise UsageError(f"--variant {spec!r} is not allowed: expected NAME=KEY=VAL[,KEY=VAL...]")
+        raise UsageError(f"{flag} {spec!r} is not allowed: expected NAME=KEY=VAL[,KEY=VAL...]")
     name = name.strip()
     if not NAME_RE.fullmatch(name):
-        raise UsageError(f"--variant {spec!r} is not allowed: NAME {name!r} must start with a letter and use only "
+        raise UsageError(f"{flag} {spec!r} is not allowed: NAME {name!r} must start with a letter and use only "
                          "letters, digits, '_', '.', '-' (at most 40 characters)")
     tg = train_gpt()
     knobs = set(tg.Hyperparameters.knob_names()) | set(tg.KNOB_ALIASES)
@@ -139,20 +141,31 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise UsageError(f"--variant {name}: {item.strip()!r} is not allowed: expected KEY=VAL")
+            raise UsageError(f"{flag} {name}: {item.strip()!r} is not allowed: expected KEY=VAL")
         if key not in knobs:
             import difflib
 
             close = difflib.get_close_matches(key.upper(), sorted(knobs), n=1, cutoff=0.7)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"--variant {name}: {key!r} is not a knob of train_gpt.py{hint}")
-        if key in TRACK_KEYS:
-            raise UsageError(f"--variant {name}: {key} is fixed by the track (data, budget, seeds and eval are the "
+            raise UsageError(f"{flag} {name}: {key!r} is not a knob of train_gpt.py{hint}")
+        if flag == "--eval-variant" and key not in eval_variant_keys():
+            raise UsageError(f"{flag} {name}: {key} is not allowed: an evaluation variant re-scores the trained "
+                             "artifact, so only test-time training knobs (TTT_*, PHASED_TTT_*, GLOBAL_TTT_*) and "
+                             "EVAL_TIME_BUDGET_SECONDS may change")
+        if flag == "--variant" and key in TRACK_KEYS:
+            raise UsageError(f"{flag} {name}: {key} is fixed by the track (data, budget, seeds and eval are the "
                              "same for every configuration)")
         if key in overrides:
-            raise UsageError(f"--variant {name}: {key} is set twice")
+            raise UsageError(f"{flag} {name}: {key} is set twice")
         overrides[key] = value.strip()
     return name, overrides
+
+
+def eval_variant_keys() -> set[str]:
+    """Knobs an --eval-variant may set: test-time training and the evaluation budget."""
+    tg = train_gpt()
+    return {k for k in tg.Hyperparameters.knob_names() if k.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_"))
+            } | {"EVAL_TIME_BUDGET_SECONDS"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -188,6 +201,7 @@ class Plan:
     as_json: bool
     append: bool
     command: str
+    evals: dict[str, dict[str, str]] = field(default_factory=dict)  # --eval-variant name -> evaluation knobs
 
 
 def build_plan(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Plan:
@@ -202,6 +216,9 @@ def build_plan(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VAL,...",
                     help="an extra configuration: the record configuration plus these train_gpt.py knobs "
                          "(PRESET=baseline starts from the baseline); repeatable")
+    ap.add_argument("--eval-variant", action="append", default=[], metavar="NAME=KEY=VAL,...",
+                    help="re-score every run's artifact with EVAL_ONLY=1, TTT_ENABLED=1 and these test-time "
+                         "training knobs (one row <config>+<NAME> per run); repeatable")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     ap.add_argument("--no-append", action="store_true", help="do not append the results to bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -235,19 +252,26 @@ def build_plan(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         raise UsageError(f"--configs={args.configs!r} is not allowed: a configuration is listed twice")
     ordered = names + [n for n in variants if n not in names]
     configs = {n: known[n] for n in ordered}
+    evals: dict[str, dict[str, str]] = {}
+    for spec in args.eval_variant:
+        name, overrides = parse_variant(spec, "--eval-variant")
+        if name in evals:
+            raise UsageError(f"--eval-variant {name}: the name is already taken")
+        evals[name] = {"TTT_ENABLED": "1", **overrides}
 
     # Every configuration through train_gpt's own parser now, before any work (bad value: one line).
     tg = train_gpt()
     for name, overrides in configs.items():
         env = track_env(overrides, seconds, seeds[0], Path("data"), Path("tok.model"), Path("logs"), name)
-        try:
-            tg.Hyperparameters.from_env(env)
-        except tg.ConfigError as exc:
-            raise UsageError(f"configuration {name}: {exc}") from None
+        for label, knobs in [(name, env)] + [(f"{name}+{e}", {**env, **k}) for e, k in evals.items()]:
+            try:
+                tg.Hyperparameters.from_env(knobs)
+            except tg.ConfigError as exc:
+                raise UsageError(f"configuration {label}: {exc}") from None
 
     command = "python bench/mini_track.py" + "".join(f" {a}" if " " not in a else f" '{a}'"
                                                      for a in (sys.argv[1:] if argv is None else argv))
-    return Plan(configs, seeds, seconds, args.json, not args.no_append, command)
+    return Plan(configs, seeds, seconds, args.json, not args.no_append, command, evals)
 
 
 def track_env(overrides: Mapping[str, str], seconds: float, seed: int, data: Path, tokenizer: Path, log_dir: Path,
@@ -461,6 +485,54 @@ def run_one(config: str, overrides: Mapping[str, str], seed: int, seconds: float
     return run_from_metrics(config, seed, metrics, wall, str(json_path))
 
 
+@dataclass
+class EvalRun:
+    """One --eval-variant re-scoring of a trained run's artifact (EVAL_ONLY=1, same packed script)."""
+    config: str  # <configuration>+<eval variant>
+    seed: int
+    ttt_bpb: float
+    sliding_bpb: float  # the same artifact's sliding score in the same re-scoring run
+    ttt_s: float
+    wall_s: float
+
+
+def run_eval_variant(run: Run, name: str, knobs: Mapping[str, str], overrides: Mapping[str, str], plan: Plan,
+                     data: Dataset, script: Path, run_dir: Path) -> EvalRun:
+    run_id = f"{run.config}_s{run.seed}"
+    env = track_env(overrides, plan.seconds, run.seed, data.path, data.tokenizer, run_dir, f"{run_id}_{name}")
+    env.update({**knobs, "EVAL_ONLY": "1", "ARTIFACT": str(run_dir / f"{run_id}.ptz")})
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(ROOT), env=child_environ(env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_path = run_dir / f"{run_id}_{name}.out"
+    out_path.write_text(proc.stdout, encoding="utf-8")
+    json_path = run_dir / f"{run_id}_{name}.json"
+    if proc.returncode != 0 or not json_path.is_file():
+        tail = (proc.stdout.strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"{run.config}+{name} seed {run.seed} failed (exit {proc.returncode}): {tail[:300]}; "
+                           f"full output: {out_path}")
+    evals = json.loads(json_path.read_text())["evaluations"]
+    return EvalRun(f"{run.config}+{name}", run.seed, float(evals["ttt"]["val_bpb"]), float(evals["sliding"]["val_bpb"]),
+                   float(evals["ttt"]["seconds"]), time.perf_counter() - t0)
+
+
+def format_eval_runs(rows: Sequence[EvalRun]) -> str:
+    """Per re-scoring, then per eval variant: the TTT score and its gain over the same artifact's sliding."""
+    out = ["| config | seed | TTT BPB | sliding BPB | Δ TTT − sliding | TTT s | wall s |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {r.config} | {r.seed} | {r.ttt_bpb:.4f} | {r.sliding_bpb:.4f} | {r.ttt_bpb - r.sliding_bpb:+.4f} | "
+            f"{r.ttt_s:.0f} | {r.wall_s:.0f} |" for r in rows]
+    by: dict[str, list[EvalRun]] = {}
+    for r in rows:
+        by.setdefault(r.config, []).append(r)
+    out += ["", "| config | runs | TTT BPB (mean) | Δ TTT − sliding (mean) | Δ seed std |", "|---|---|---|---|---|"]
+    for name, rs in by.items():
+        deltas = [r.ttt_bpb - r.sliding_bpb for r in rs]
+        std = f"{statistics.stdev(deltas):.4f}" if len(deltas) > 1 else "–"
+        out.append(f"| {name} | {len(rs)} | {statistics.mean(r.ttt_bpb for r in rs):.4f} | "
+                   f"{statistics.mean(deltas):+.4f} | {std} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +619,8 @@ def config_lines(configs: Mapping[str, Mapping[str, str]]) -> list[str]:
     return lines
 
 
-def report(plan: Plan, runs: Sequence[Run], data: Dataset, meta: Mapping[str, Any]) -> str:
+def report(plan: Plan, runs: Sequence[Run], data: Dataset, meta: Mapping[str, Any],
+           eval_runs: Sequence[EvalRun] = ()) -> str:
     """The markdown block printed and appended to bench/RESULTS.md."""
     ms = means(runs)
     budget = (f"{plan.seconds:g} s training wallclock (GPTQ Hessians included), artifact cap {ARTIFACT_CAP:,} bytes "
@@ -569,6 +642,10 @@ def report(plan: Plan, runs: Sequence[Run], data: Dataset, meta: Mapping[str, An
         "eval s: train_gpt's evaluation time (artifact read, round trip, sliding); wall s: the whole run, start-up "
         f"and the pre-quant evaluation included (budget {RUN_LIMIT_S:.0f} s). tokens = steps x TRAIN_BATCH_TOKENS.",
     ]
+    if eval_runs:
+        parts += ["", "Evaluation variants (each run's artifact re-scored by the same packed script with EVAL_ONLY=1):",
+                  *[f"- `{n}`: {' '.join(f'{k}={v}' for k, v in kn.items())}" for n, kn in plan.evals.items()], "",
+                  format_eval_runs(eval_runs)]
     flags = [f"{r.config} seed {r.seed}: bytes_total {r.bytes_total:,} is OVER the {ARTIFACT_CAP:,}-byte cap"
              for r in runs if r.over_cap]
     flags += [f"{r.config} seed {r.seed}: the run took {r.wall_s:.0f} s, over the {RUN_LIMIT_S / 60:g}-minute budget"
@@ -625,6 +702,7 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
     log(f"{total} run(s): {', '.join(plan.configs)} x seeds {', '.join(map(str, plan.seeds))}, {plan.seconds:g} s "
         f"training each; data: {data.source}; logs: {run_dir}")
     runs: list[Run] = []
+    eval_runs: list[EvalRun] = []
     i = 0
     try:
         # Seeds outermost: an interrupted sweep still has every configuration at the first seed.
@@ -639,6 +717,12 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
                     f"quant {r.quant_s:.1f} s, eval {r.eval_s:.0f} s, wall {r.wall_s:.0f} s")
                 if r.over_cap:
                     log(f"WARNING: {name} seed {seed}: bytes_total {r.bytes_total:,} is OVER the {ARTIFACT_CAP:,} cap")
+                for ename, eknobs in plan.evals.items():
+                    log(f"[{i}/{total}] {name} seed {seed}: re-scoring with eval variant {ename}")
+                    er = run_eval_variant(r, ename, eknobs, overrides, plan, data, script, run_dir)
+                    eval_runs.append(er)
+                    log(f"[{i}/{total}] {er.config} seed {seed}: TTT BPB {er.ttt_bpb:.4f} (sliding {er.sliding_bpb:.4f}), "
+                        f"TTT {er.ttt_s:.0f} s, wall {er.wall_s:.0f} s")
     except (RuntimeError, KeyboardInterrupt) as exc:
         msg = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         print(f"error: {msg}", file=sys.stderr)
@@ -651,9 +735,10 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
         failed = False
     meta = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "hardware": hardware(),
             "code_sha256": code_sha, "bytes_code": runs[0].bytes_code, "run_dir": str(run_dir)}
-    text = report(plan, runs, data, meta)
+    text = report(plan, runs, data, meta, eval_runs)
     if plan.as_json:
-        print(json.dumps(to_json(plan, runs, data, meta), indent=2, default=str))
+        print(json.dumps({**to_json(plan, runs, data, meta), "eval_runs": [dataclasses.asdict(e) for e in eval_runs]},
+                         indent=2, default=str))
     else:
         print(text, end="")
     if plan.append:

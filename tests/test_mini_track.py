@@ -94,6 +94,31 @@ def test_variant_errors(spec, message):
         mt.parse_variant(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("ttt=NUM_LAYERS=3", "only test-time training knobs"),
+    ("ttt=EVAL_STRIDE=32", "only test-time training knobs"),
+    ("ttt=TTT_LORA_RANKK=4", "did you mean TTT_LORA_RANK"),
+    ("ttt", "expected NAME=KEY=VAL"),
+])
+def test_eval_variant_errors(spec, message):
+    with pytest.raises(mt.UsageError, match=message):
+        mt.parse_variant(spec, "--eval-variant")
+
+
+def test_eval_variants_turn_ttt_on_and_are_checked_by_train_gpt():
+    plan = mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=8"], {})
+    assert plan.evals == {"lora": {"TTT_ENABLED": "1", "PHASED_TTT_ENABLED": "1", "TTT_LORA_RANK": "8"}}
+    with pytest.raises(mt.UsageError, match=r"configuration baseline\+lora: TTT_LORA_RANK=0 is not allowed"):
+        mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=0"], {})
+
+
+def test_eval_variant_table_reports_the_gain_over_the_same_artifacts_sliding_score():
+    rows = [mt.EvalRun("record+lora", 1, 2.0, 2.1, 50.0, 90.0), mt.EvalRun("record+lora", 2, 2.02, 2.1, 51.0, 91.0)]
+    text = mt.format_eval_runs(rows)
+    assert "| record+lora | 1 | 2.0000 | 2.1000 | -0.1000 | 50 | 90 |" in text
+    assert "| record+lora | 2 | 2.0100 | -0.0900 | 0.0141 |" in text
+
+
 def test_variants_join_the_plan():
     plan = mt.build_plan(["--variant", "no_xsa=XSA_LAST_N=0", "--variant", "base_wide=PRESET=baseline,MLP_MULT=4"], {})
     assert list(plan.configs) == ["baseline", "record", "no_xsa", "base_wide"]
@@ -372,7 +397,9 @@ def test_tiny_sweep_end_to_end(isolated, monkeypatch, dataset, capsys):
                                         "record": {**mt.CONFIGS["record"], "LOOP_START": "0", "LOOP_END": "1",
                                                    "PARALLEL_START_LAYER": "1"}})
     data = mt.Dataset(Path(dataset["dir"]), Path(dataset["tokenizer"]), dataset["source"], "test data")
-    rc = mt.main(["--seconds", "3", "--seeds", "1337", "--json"], prepare=lambda: data)
+    rc = mt.main(["--seconds", "3", "--seeds", "1337", "--json", "--eval-variant",
+                  "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=4,TTT_BATCH_SIZE=8,PHASED_TTT_PREFIX_DOCS=2"],
+                 prepare=lambda: data)
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     out = json.loads(captured.out)
@@ -389,7 +416,12 @@ def test_tiny_sweep_end_to_end(isolated, monkeypatch, dataset, capsys):
         assert r["steps"] > 0 and r["tokens"] == r["steps"] * 4096
         assert 0 < r["sliding_bpb"] < 20 and r["train_s"] <= 3.5
     assert set(out["means"]) == {"baseline", "record"}
+    assert [(e["config"], e["seed"]) for e in out["eval_runs"]] == [("baseline+lora", 1337), ("record+lora", 1337)]
+    assert all(0 < e["ttt_bpb"] < 20 and e["sliding_bpb"] == r["sliding_bpb"]
+               for e, r in zip(out["eval_runs"], runs)), "re-scored the runs' own artifacts"
     assert "[1/2] baseline seed 1337" in captured.err and "[2/2] record seed 1337" in captured.err
     results = (isolated / "RESULTS.md").read_text()
-    assert results.startswith("## CPU mini-track (`python bench/mini_track.py --seconds 3 --seeds 1337 --json`")
+    assert results.startswith("## CPU mini-track (`python bench/mini_track.py --seconds 3 --seeds 1337 --json "
+                              "--eval-variant lora=PHASED_TTT_ENABLED=1,")
     assert "| record | 1337 |" in results and "| baseline | 1 |" in results
+    assert "| record+lora | 1337 |" in results and "PHASED_TTT_ENABLED=1" in results

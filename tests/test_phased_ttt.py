@@ -160,3 +160,10 @@ def test_past_the_budget_adapters_stop_training_and_every_target_is_still_scored
 def test_phased_ttt_needs_ttt_enabled():
     with pytest.raises(tg.ConfigError, match="PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0"):
         tg.Hyperparameters.from_env({"PRESET": "smoke", "PHASED_TTT_ENABLED": "1", "TTT_ENABLED": "0"})
+
+
+def test_every_ttt_knob_is_read_from_the_environment_when_rescoring_an_artifact():
+    """EVAL_ONLY takes model knobs from the artifact, evaluation knobs from the environment: a TTT knob
+    taken from the artifact would silently re-score with the training run's (usually off) TTT."""
+    ttt = {n for n in tg.Hyperparameters.knob_names() if n.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_"))}
+    assert len(ttt) >= 17 and {n.lower() for n in ttt} <= tg.EVAL_ONLY_ENV_KNOBS
