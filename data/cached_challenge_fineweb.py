@@ -7,7 +7,11 @@ reports sp4096/sp8192 as missing; it does not retry rate limits; and the variant
 different dataset repositories (pitfalls.md §M). This tool:
 
   * picks the repository per variant (sp1024: willdepueoai/parameter-golf, sp4096/sp8192:
-    kevclark/parameter-golf), overridable with --repo-id or MATCHED_FINEWEB_REPO_ID;
+    kevclark/parameter-golf, the CaseOps sp8192_lossless_caps_caseops_v1_reserved of PR #1729:
+    romeerp/parameter-golf-caseops-v1), overridable with --repo-id or MATCHED_FINEWEB_REPO_ID;
+  * fetches a dataset's validation byte sidecars (`fineweb_val_bytes_*.bin`, CaseOps: each
+    validation token's original UTF-8 bytes, which BPB must count) with the same checks, and
+    checks that each has its validation shard's token count and 0 at every BOS;
   * resolves --revision to one commit first and downloads every file from that commit, so a
     repository updated mid-download cannot give a mixed dataset;
   * takes the file list from the repository's `datasets/manifest.json` when it has one, else from
@@ -55,10 +59,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent
 
 # Where each published variant lives (pitfalls.md §M; data/README.md).
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"  # PR #1729's export (records 2026-04-18 on)
 VARIANT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
     "sp8192": "kevclark/parameter-golf",
+    CASEOPS_VARIANT: "romeerp/parameter-golf-caseops-v1",
 }
 # The reference exports are rooted under this folder of the dataset repository:
 # <root>/manifest.json, <root>/datasets/fineweb10B_<variant>/*.bin, <root>/tokenizers/*.model.
@@ -66,6 +72,10 @@ DEFAULT_REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80  # the reference's default: 8B training tokens at 1e8 tokens per shard
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHARD_NAME = re.compile(r"^fineweb_(train|val)_(\d{6})\.bin$")
+# The validation byte sidecar of a CaseOps export: one per validation shard, same index and token count.
+SIDECAR_NAME = re.compile(r"^fineweb_val_bytes_(\d{6})\.bin$")
+SIDECAR_KIND = "val_bytes"
+IDENTITY_TRANSFORM = "identity"
 
 DEFAULT_RETRIES = 6
 DEFAULT_RETRY_BASE_SECONDS = 2.0  # 2, 4, 8, 16, 32, 60 s: about two minutes before giving up
@@ -111,7 +121,7 @@ class RemoteFile:
 class PlannedFile:
     remote: RemoteFile
     local: Path
-    kind: str  # "val", "train" or "tokenizer"
+    kind: str  # "val", "train", "val_bytes" (SIDECAR_KIND) or "tokenizer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +362,18 @@ def local_path_for(rel: str, data_dir: Path, what: str) -> Path:
     return data_dir.joinpath(*parts)
 
 
+def has_sidecars(entry: dict[str, Any], tokenizer: dict[str, Any]) -> bool:
+    """The reference exporter of PR #1729 lists `val_bytes_glob` for a dataset whose validation split has
+    byte sidecars, and `text_transform` for a tokenizer that needs them (the record's downloader fetches
+    the sidecars when val_bytes_glob is set)."""
+    transform = str(tokenizer.get("text_transform") or IDENTITY_TRANSFORM)
+    return bool(entry.get("val_bytes_glob")) or transform != IDENTITY_TRANSFORM
+
+
+def is_caseops_variant(variant: str) -> bool:
+    return "caseops" in variant.lower()
+
+
 def plan_from_manifest(manifest: dict[str, Any], manifest_name: str, variant: str, train_shards: int,
                        listing: dict[str, RemoteFile], root: str, data_dir: Path, repo_desc: str) -> list[PlannedFile]:
     """The reference manifest: {"datasets": [{"name": "fineweb10B_<v>", "tokenizer_name": ...,
@@ -376,13 +398,15 @@ def plan_from_manifest(manifest: dict[str, Any], manifest_name: str, variant: st
     if train_shards > n_train:
         raise UsageError(f"--train-shards={train_shards} is not allowed: {variant} has {n_train} train shards "
                          f"in {repo_desc}")
-    prefix = str(entry.get("path") or f"datasets/{dataset_name}").strip("/")
-    rels = [(f"{prefix}/fineweb_val_{i:06d}.bin", "val") for i in range(n_val)]
-    rels += [(f"{prefix}/fineweb_train_{i:06d}.bin", "train") for i in range(train_shards)]
     tok_name = entry.get("tokenizer_name")
     tok = next((t for t in manifest.get("tokenizers") or [] if isinstance(t, dict) and t.get("name") == tok_name), None)
     if tok is None:
         raise DownloadError(f"{manifest_name} in {repo_desc}: tokenizer {tok_name!r} of {dataset_name} is not listed")
+    prefix = str(entry.get("path") or f"datasets/{dataset_name}").strip("/")
+    rels = [(f"{prefix}/fineweb_val_{i:06d}.bin", "val") for i in range(n_val)]
+    if has_sidecars(entry, tok):
+        rels += [(f"{prefix}/fineweb_val_bytes_{i:06d}.bin", SIDECAR_KIND) for i in range(n_val)]
+    rels += [(f"{prefix}/fineweb_train_{i:06d}.bin", "train") for i in range(train_shards)]
     tok_paths = [str(tok[k]) for k in ("model_path", "vocab_path", "path") if tok.get(k)]
     if not tok_paths:
         raise DownloadError(f"{manifest_name} in {repo_desc}: tokenizer {tok_name!r} names no files")
@@ -392,11 +416,12 @@ def plan_from_manifest(manifest: dict[str, Any], manifest_name: str, variant: st
 
 def plan_from_listing(variant: str, train_shards: int, listing: dict[str, RemoteFile], root: str,
                       data_dir: Path, repo_desc: str) -> list[PlannedFile]:
-    """No manifest: every fineweb_val_* shard and the first train shards found under
-    <root>/datasets/fineweb10B_<variant>/, and the tokenizer <root>/tokenizers/fineweb_<V>_bpe.model
-    (+ .vocab) for sp<V>, or <root>/tokenizers/<variant>.model."""
+    """No manifest: every fineweb_val_* shard (and fineweb_val_bytes_* sidecar) and the first train
+    shards found under <root>/datasets/fineweb10B_<variant>/, and the tokenizer
+    <root>/tokenizers/fineweb_<V>_bpe<suffix>.model (+ .vocab) for sp<V><suffix>, or
+    <root>/tokenizers/<variant>.model."""
     dataset_rel = f"datasets/fineweb10B_{variant}"
-    shards: dict[str, list[tuple[int, str]]] = {"val": [], "train": []}
+    shards: dict[str, list[tuple[int, str]]] = {"val": [], "train": [], SIDECAR_KIND: []}
     dataset_dirs: set[str] = set()
     root_prefix = f"{root}/" if root else ""
     for path in listing:
@@ -409,6 +434,9 @@ def plan_from_listing(variant: str, train_shards: int, listing: dict[str, Remote
             dataset_dirs.add(folder.removeprefix("datasets/"))
             if folder == dataset_rel:
                 shards[m.group(1)].append((int(m.group(2)), rel))
+        m = SIDECAR_NAME.match(name)
+        if m and folder == dataset_rel:
+            shards[SIDECAR_KIND].append((int(m.group(1)), rel))
     if not shards["val"]:
         available = ", ".join(sorted(d.removeprefix("fineweb10B_") for d in dataset_dirs)) or "none"
         raise UsageError(f"--variant={variant} is not published in {repo_desc}: no "
@@ -417,8 +445,13 @@ def plan_from_listing(variant: str, train_shards: int, listing: dict[str, Remote
     if train_shards > len(train):
         raise UsageError(f"--train-shards={train_shards} is not allowed: {variant} has {len(train)} train shards "
                          f"in {repo_desc}")
-    rels = [(rel, "val") for _, rel in sorted(shards["val"])] + [(rel, "train") for _, rel in train[:train_shards]]
-    stems = ([f"fineweb_{variant[2:]}_bpe"] if re.fullmatch(r"sp\d+", variant) else []) + [variant]
+    rels = [(rel, "val") for _, rel in sorted(shards["val"])]
+    rels += [(rel, SIDECAR_KIND) for _, rel in sorted(shards[SIDECAR_KIND])]
+    rels += [(rel, "train") for _, rel in train[:train_shards]]
+    # The exporter names the tokenizer of variant sp<V><suffix> fineweb_<V>_bpe<suffix> (the CaseOps
+    # sp8192_lossless_caps_caseops_v1_reserved: fineweb_8192_bpe_lossless_caps_caseops_v1_reserved).
+    m = re.fullmatch(r"sp(\d+)(_.+)?", variant)
+    stems = ([f"fineweb_{m.group(1)}_bpe{m.group(2) or ''}"] if m else []) + [variant]
     for stem in stems:
         model = f"tokenizers/{stem}.model"
         if remote_join(root, model) in listing:
@@ -430,6 +463,21 @@ def plan_from_listing(variant: str, train_shards: int, listing: dict[str, Remote
         looked = ", ".join(remote_join(root, f"tokenizers/{s}.model") for s in stems)
         raise DownloadError(f"{repo_desc}: no tokenizer for {variant} (looked for {looked}; no manifest.json)")
     return _resolve_plan(rels, listing, root, data_dir, f"listing of {repo_desc}", repo_desc)
+
+
+def check_sidecar_plan(plan: list[PlannedFile], variant: str, repo_desc: str) -> None:
+    """A CaseOps dataset (or any dataset with sidecars) needs exactly one sidecar per validation shard:
+    without it BPB would be counted on the transformed text, with a stray one on misaligned bytes."""
+    names = {kind: sorted(p.remote.path.rsplit("/", 1)[-1] for p in plan if p.kind == kind) for kind in ("val", SIDECAR_KIND)}
+    if not names[SIDECAR_KIND] and not is_caseops_variant(variant):
+        return
+    expected = [n.replace("fineweb_val_", "fineweb_val_bytes_", 1) for n in names["val"]]
+    if names[SIDECAR_KIND] != expected:
+        missing = sorted(set(expected) - set(names[SIDECAR_KIND])) or ["(none)"]
+        extra = sorted(set(names[SIDECAR_KIND]) - set(expected)) or ["(none)"]
+        raise DownloadError(f"{repo_desc}: the byte sidecars of {variant} do not match its validation shards "
+                            f"(missing: {', '.join(missing[:3])}; without a shard: {', '.join(extra[:3])}); BPB "
+                            "of a CaseOps dataset is counted from fineweb_val_bytes_*.bin, one per fineweb_val_*.bin")
 
 
 def _resolve_plan(rels: list[tuple[str, str]], listing: dict[str, RemoteFile], root: str, data_dir: Path,
@@ -595,6 +643,34 @@ def shard_tokens(paths: list[Path]) -> int:
     return sum(tg.read_shard_header(p) for p in paths)
 
 
+def check_sidecars(val: list[Path], sidecars: list[Path]) -> int:
+    """Each sidecar must have its validation shard's token count and 0 at every BOS (a document's
+    BOS stands for no original byte); returns the validation split's original UTF-8 bytes."""
+    tg = train_gpt()
+    total = 0
+    for shard, sidecar in zip(val, sidecars, strict=True):  # check_sidecar_plan paired them by index
+        tokens, counts = tg.load_shard(shard), tg.load_shard(sidecar)
+        if tokens.size != counts.size:
+            raise DownloadError(f"{sidecar}: {counts.size} byte counts for the {tokens.size} tokens of {shard.name} "
+                                "(the repository holds mismatched files)")
+        bos_bytes = counts[tokens == tg.BOS_ID]
+        if bos_bytes.any():
+            raise DownloadError(f"{sidecar}: a BOS token of {shard.name} is given {int(bos_bytes.max())} bytes, expected 0 "
+                                "(the sidecar is not aligned with its shard)")
+        total += int(counts.sum(dtype="int64"))
+    return total
+
+
+def warn_sidecar_glob(dataset_dir: Path) -> None:
+    """train_gpt.py reads every file matching fineweb_val_*.bin; that pattern also matches the sidecars."""
+    tg = train_gpt()
+    read_as_val = [p.name for p in tg.list_shards(dataset_dir, "val") if SIDECAR_NAME.match(p.name)]
+    if read_as_val:
+        log(f"note: train_gpt.py would read {', '.join(read_as_val[:2])}{', ...' if len(read_as_val) > 2 else ''} "
+            f"as validation tokens (its fineweb_val_*.bin pattern matches the byte sidecars); CaseOps data needs a "
+            "train_gpt.py that leaves them out and counts BPB bytes from them")
+
+
 def run(args: argparse.Namespace) -> int:
     repo_id, repo_source, base = resolve_inputs(args, dict(os.environ))
     data_dir = args.data_dir.resolve()
@@ -631,10 +707,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             log(f"download: no {manifest_path} in {repo_desc}; using the repository listing")
             plan = plan_from_listing(args.variant, args.train_shards, listing, root, data_dir, repo_desc)
+        check_sidecar_plan(plan, args.variant, repo_desc)
 
         total_bytes = sum(p.remote.size or 0 for p in plan)
+        sidecars_planned = sum(p.kind == SIDECAR_KIND for p in plan)
         log(f"download: {len(plan)} files, {human_bytes(total_bytes)} (val shards: "
             f"{sum(p.kind == 'val' for p in plan)}, train shards: {sum(p.kind == 'train' for p in plan)}, "
+            f"{f'val byte sidecars: {sidecars_planned}, ' if sidecars_planned else ''}"
             f"tokenizer files: {sum(p.kind == 'tokenizer' for p in plan)})")
         fetched_files = fetched_bytes = 0
         width = len(str(len(plan)))
@@ -659,8 +738,10 @@ def run(args: argparse.Namespace) -> int:
         dataset_dir = data_dir / "datasets" / f"fineweb10B_{args.variant}"
         val = [p.local for p in plan if p.kind == "val"]
         train = [p.local for p in plan if p.kind == "train"]
+        sidecars = [p.local for p in plan if p.kind == SIDECAR_KIND]
         try:  # also checks every shard's header against its size
             val_tokens, train_tokens = shard_tokens(val), shard_tokens(train)
+            original_bytes = check_sidecars(val, sidecars) if sidecars else None
         except train_gpt().DataError as exc:
             raise DownloadError(f"{exc} (the file matches the hub's listing: the repository holds a bad "
                                 "shard)") from None
@@ -668,6 +749,7 @@ def run(args: argparse.Namespace) -> int:
             "repo_id": repo_id, "revision": args.revision, "commit": commit, "remote_root": root,
             "variant": args.variant, "train_shards": len(train), "val_shards": len(val),
             "val_tokens": val_tokens, "train_tokens": train_tokens,
+            **({"val_byte_sidecars": len(sidecars), "val_original_bytes": original_bytes} if sidecars else {}),
             "files": {str(p.local.relative_to(data_dir)): {"bytes": p.remote.size, "repo_path": p.remote.path,
                                                            **({p.remote.check[0]: p.remote.check[1]}
                                                               if p.remote.check else {})}
@@ -681,11 +763,14 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         log(f"note: {len(extra)} other shard(s) in {dataset_dir} ({shown})"
             " were not part of this download; train_gpt.py reads every fineweb_train_*/fineweb_val_* file there")
+    if sidecars:
+        warn_sidecar_glob(dataset_dir)
     tokenizer = next((p.local for p in plan if p.kind == "tokenizer" and p.local.suffix == ".model"), None)
     dt = time.perf_counter() - t0
     print(f"download: files:{len(plan)} fetched:{fetched_files} present:{len(plan) - fetched_files} "
           f"bytes_total:{total_bytes} bytes_fetched:{fetched_bytes} seconds:{dt:.1f}")
-    print(f"download: val_shards:{len(val)} val_tokens:{val_tokens} train_shards:{len(train)} "
+    sidecar_summary = f"val_byte_sidecars:{len(sidecars)} val_original_bytes:{original_bytes} " if sidecars else ""
+    print(f"download: val_shards:{len(val)} val_tokens:{val_tokens} {sidecar_summary}train_shards:{len(train)} "
           f"train_tokens:{train_tokens} commit:{commit}")
     print(f"download: dataset {dataset_dir}")
     if tokenizer is not None:

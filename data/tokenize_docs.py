@@ -17,10 +17,17 @@ the challenge format (train_gpt.write_shard). The tokenizer is a given SentenceP
 (--tokenizer) or trained here with the challenge recipe from `data/tokenizer_specs.json` (--spec);
 a trained tokenizer reads only training documents unless --tokenizer-docs all.
 
+With --caseops (or a --spec whose text_transform is lossless_caps_caseops_v1) every document is
+first rewritten with the CaseOps transform (data/caseops.py, PR #1729), and each validation token
+gets its number of ORIGINAL UTF-8 bytes in a parallel sidecar shard `fineweb_val_bytes_NNNNNN.bin`
+(same format, BOS = 0), the record's file names and layout, so that BPB is charged on the original
+text. Every validation document's counts must add up to its UTF-8 length (checked per document).
+
 Output (--output DIR), built in a temporary folder next to DIR and moved in at the end, manifest
 last, so an interrupted run leaves DIR as it was (or without a manifest), never a half-written shard:
 
   DIR/fineweb_val_000000.bin ...    DIR/fineweb_train_000000.bin ...
+  DIR/fineweb_val_bytes_000000.bin ...  (with --caseops: one per val shard, same token counts)
   DIR/<spec filename>.model/.vocab  (with --spec)
   DIR/manifest.json
 
@@ -28,6 +35,9 @@ Usage:
   python data/tokenize_docs.py --docs docs_selected.jsonl --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
       --output data/datasets/fineweb10B_sp1024_local
   python data/tokenize_docs.py --docs docs_selected.jsonl --spec sp4096 --output data/datasets/fineweb10B_sp4096_mine
+  python data/tokenize_docs.py --docs docs_selected.jsonl --caseops \\
+      --tokenizer data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model \\
+      --output data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
 
 Exit codes: 0 done, 1 failed, 2 bad input (the message names the flag or file line).
 """
@@ -58,6 +68,8 @@ MAX_VOCAB = 2 ** 16  # shards store uint16 token ids
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "parameter-golf-tokenized"
 MANIFEST_VERSION = 1
+# The CaseOps validation byte sidecar: fineweb_val_bytes_NNNNNN.bin, the record's name (PR #1729).
+SIDECAR_SPLIT = "val_bytes"
 
 
 class UsageError(ValueError):
@@ -71,6 +83,16 @@ def train_gpt():
     import train_gpt as tg
 
     return tg
+
+
+def caseops():
+    """data/caseops.py: the CaseOps transform and byte sidecar (data/ is not a package)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import caseops as co
+
+    return co
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +210,31 @@ def load_model(path: Path, flag: str):
     return sp
 
 
+def spec_transform(spec: dict[str, Any]) -> str:
+    """The text transform a spec's tokenizer expects: "identity" or caseops.TRANSFORM_NAME."""
+    return str(spec.get("text_transform") or caseops().IDENTITY)
+
+
+def check_spec(spec_name: str, spec: dict[str, Any], specs_file: Path) -> None:
+    co = caseops()
+    if spec_transform(spec) not in (co.IDENTITY, co.TRANSFORM_NAME):
+        raise UsageError(f"--specs-file={specs_file}: spec {spec_name} has text_transform="
+                         f"{spec_transform(spec)!r}; expected {co.TRANSFORM_NAME!r} or none")
+
+
+def trainer_kwargs(spec: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with the spec's overrides. A CaseOps tokenizer also gets the four operators as
+    user_defined_symbols, first, so that each is one piece at ids 4-7 (right after pad/bos/eos/unk),
+    as in the record's tokenizer (PR #1729, reserve_text_transform_controls)."""
+    kwargs = {**recipe, **(spec.get("trainer_overrides") or {})}
+    co = caseops()
+    if spec_transform(spec) == co.TRANSFORM_NAME:
+        symbols = kwargs.get("user_defined_symbols") or []
+        symbols = symbols.split(",") if isinstance(symbols, str) else list(symbols)
+        kwargs["user_defined_symbols"] = list(co.OPERATORS) + [x for x in symbols if x and x not in co.OPERATORS]
+    return kwargs
+
+
 def train_tokenizer(reader_path: Path, spec_name: str, spec: dict[str, Any], recipe: dict[str, Any],
                     val_docs: int, docs_from: str, workers: int, model_path: Path) -> dict[str, Any]:
     """Train the recipe's SentencePiece BPE, writing model_path and its .vocab. Returns what the
@@ -195,9 +242,12 @@ def train_tokenizer(reader_path: Path, spec_name: str, spec: dict[str, Any], rec
 
     As in the challenge's exporter, each document is one SentencePiece "sentence" (NUL replaced by
     a space, stripped), and the trainer's defaults apply otherwise, including max_sentence_length
-    (4192 bytes): SentencePiece skips longer documents while training."""
+    (4192 bytes): SentencePiece skips longer documents while training. A CaseOps spec trains on the
+    transformed text (after the stripping, as the record's exporter does)."""
     import sentencepiece as spm
 
+    co = caseops()
+    transform = co.encode if spec_transform(spec) == co.TRANSFORM_NAME else (lambda text: text)
     limit = spec.get("tokenizer_train_docs")
     used = {"documents": 0}
     failure: list[BaseException] = []
@@ -212,11 +262,11 @@ def train_tokenizer(reader_path: Path, spec_name: str, spec: dict[str, Any], rec
                 text = doc.text.replace("\x00", " ").strip()
                 used["documents"] += 1
                 if text:
-                    yield text
+                    yield transform(text)
         except UsageError as exc:  # SentencePiece's C++ loop would swallow or mangle it
             failure.append(exc)
 
-    kwargs = {**recipe, **(spec.get("trainer_overrides") or {})}
+    kwargs = trainer_kwargs(spec, recipe)
     model = io.BytesIO()
     t0 = time.perf_counter()
     log(f"tokenize_docs: training {spec_name} (vocab {spec['vocab_size']}) on "
@@ -236,8 +286,12 @@ def train_tokenizer(reader_path: Path, spec_name: str, spec: dict[str, Any], rec
     if sp.vocab_size() != int(spec["vocab_size"]):
         log(f"warning: the trained tokenizer has {sp.vocab_size()} pieces, not {spec['vocab_size']}: the corpus is "
             f"too small for this vocabulary; set VOCAB_SIZE={sp.vocab_size()} when training on it")
+    problems = co.reserved_piece_problems(sp) if spec_transform(spec) == co.TRANSFORM_NAME else []
+    if problems:  # trainer_kwargs reserved them: SentencePiece did not honour user_defined_symbols
+        raise RuntimeError(f"{model_path}: the CaseOps operators did not get their pieces: {'; '.join(problems)}")
     log(f"tokenize_docs: trained in {time.perf_counter() - t0:.1f}s on {used['documents']:,} documents")
-    return {"spec": spec_name, "documents": used["documents"], "documents_from": docs_from,
+    return {"spec": spec_name, "text_transform": spec_transform(spec), "documents": used["documents"],
+            "documents_from": docs_from,
             "trainer": {**kwargs, "vocab_size": int(spec["vocab_size"]), "num_threads": workers},
             "sentencepiece_version": spm.__version__}
 
@@ -338,7 +392,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, required=True, help='JSONL file, one {"text": ...} object per line')
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokenizer", type=Path, help="an existing SentencePiece .model")
-    src.add_argument("--spec", help="train a tokenizer with this spec from --specs-file (sp1024, sp4096, sp8192)")
+    src.add_argument("--spec", help="train a tokenizer with this spec from --specs-file (sp1024, sp4096, sp8192, "
+                                    "sp8192_caseops)")
+    p.add_argument("--caseops", action="store_true",
+                   help="rewrite every document with the lossless_caps_caseops_v1 transform (PR #1729) before "
+                        "tokenizing, and write the validation byte sidecar fineweb_val_bytes_*.bin; the tokenizer "
+                        "must reserve the four operators (implied by a CaseOps --spec)")
     p.add_argument("--output", type=Path, required=True, help="folder for the shards, tokenizer and manifest.json")
     p.add_argument("--val-docs", type=int, default=None,
                    help=f"the first N documents are the validation split (default {DEFAULT_VAL_DOCS:,}, "
@@ -373,10 +432,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tokenizer is not None and not args.tokenizer.is_file():
         raise UsageError(f"--tokenizer={args.tokenizer}: file not found")
     if args.spec is not None:
-        _, specs = load_specs(args.specs_file)
-        if args.spec not in specs:
-            raise UsageError(f"--spec={args.spec} is not allowed: expected one of {', '.join(sorted(specs))} "
-                             f"({args.specs_file})")
+        check_spec_arg(args)
     out = args.output
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output={out}: exists and is not a folder")
@@ -386,6 +442,22 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--output={out} already holds a dataset ({', '.join(existing[:3])}"
                              f"{', ...' if len(existing) > 3 else ''}); pass --force to replace it")
     check_val_docs(args)  # last: it reads the file
+
+
+def check_spec_arg(args: argparse.Namespace) -> None:
+    """--spec must name a spec; a CaseOps spec turns --caseops on, and --caseops needs one."""
+    _, specs = load_specs(args.specs_file)
+    if args.spec not in specs:
+        raise UsageError(f"--spec={args.spec} is not allowed: expected one of {', '.join(sorted(specs))} "
+                         f"({args.specs_file})")
+    spec = specs[args.spec]
+    check_spec(args.spec, spec, args.specs_file)
+    transformed = spec_transform(spec) == caseops().TRANSFORM_NAME
+    if args.caseops and not transformed:
+        allowed = sorted(n for n, other in specs.items() if spec_transform(other) == caseops().TRANSFORM_NAME)
+        raise UsageError(f"--spec={args.spec} is not allowed with --caseops: its tokenizer does not reserve the CaseOps "
+                         f"operators; expected one of {', '.join(allowed) or 'none'} ({args.specs_file})")
+    args.caseops = args.caseops or transformed
 
 
 def check_val_docs(args: argparse.Namespace) -> None:
@@ -421,6 +493,63 @@ def install(tmp_dir: Path, out: Path) -> None:
     os.replace(tmp_dir / MANIFEST_NAME, out / MANIFEST_NAME)
 
 
+def check_caseops_tokenizer(sp, args: argparse.Namespace) -> None:
+    """With --caseops the tokenizer must hold each operator as one piece at the record's id; without
+    it, a tokenizer that does is probably meant for CaseOps text (say so, do not refuse)."""
+    co = caseops()
+    flag, path = ("--spec", args.spec) if args.spec is not None else ("--tokenizer", args.tokenizer)
+    problems = co.reserved_piece_problems(sp)
+    if args.caseops and problems:
+        raise UsageError(f"{flag}={path} is not allowed with --caseops: it is not a CaseOps tokenizer "
+                         f"({'; '.join(problems)}); expected one trained with the operators reserved "
+                         "(data/train_tokenizer.py --spec sp8192_caseops, or the record's "
+                         "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model)")
+    if not args.caseops and not problems:
+        log(f"warning: {flag}={path} reserves the CaseOps operator pieces (ids 4-7) but --caseops is off: the "
+            "text is tokenized as is, without the case transform or a byte sidecar")
+
+
+def encode_batch(sp, batch: list[Doc], args: argparse.Namespace) -> list[tuple[list[int], np.ndarray | None]]:
+    """Token ids of each document (no BOS), and with --caseops, for each validation document, the
+    original UTF-8 bytes of each token (its sidecar, checked to add up to the document's length)."""
+    if not args.caseops:
+        return [(ids, None) for ids in sp.encode([d.text for d in batch], num_threads=args.workers)]
+    co = caseops()
+    texts = [co.encode(d.text) for d in batch]
+    n_val = sum(d.index < args.val_docs for d in batch)  # validation documents come first in file order
+    val_pieces = co.encode_with_surfaces(sp, texts[:n_val], args.workers) if n_val else []
+    train_ids = sp.encode(texts[n_val:], num_threads=args.workers) if n_val < len(batch) else []
+    encoded = []
+    for doc, pieces in zip(batch, val_pieces):
+        try:
+            counts = co.sidecar_for_pieces(pieces, doc.text, f"--docs={args.docs} line {doc.line} (document {doc.index})")
+        except co.CaseOpsError as exc:
+            raise UsageError(str(exc)) from None
+        encoded.append(([piece_id for piece_id, _ in pieces], counts))
+    return encoded + [(ids, None) for ids in train_ids]
+
+
+def check_sidecar(writers: dict[str, ShardWriter], val: SplitStats, sidecar_bytes: int) -> None:
+    """One sidecar shard per validation shard with the same token count, and the sidecar adds up to
+    the validation documents' UTF-8 bytes: checked rather than assumed from the loop."""
+    tokens = [s["tokens"] for s in writers["val"].shards]
+    sidecar = [s["tokens"] for s in writers[SIDECAR_SPLIT].shards]
+    if tokens != sidecar or sidecar_bytes != val.text_bytes:
+        raise RuntimeError(f"internal error: sidecar shards hold {sidecar} tokens and {sidecar_bytes:,} bytes, the "
+                           f"validation shards {tokens} tokens and {val.text_bytes:,} bytes")
+
+
+def sidecar_manifest(writers: dict[str, ShardWriter], sidecar_bytes: int) -> dict[str, Any]:
+    return {
+        "files": f"fineweb_{SIDECAR_SPLIT}_*.bin",
+        "format": "the shard format of fineweb_val_*.bin (uint16 per token), one sidecar shard per validation shard",
+        "rule": "original UTF-8 bytes of each token's SentencePiece surface: operators and ESC 0, an escaped "
+                "character its size, letters 1, BOS 0 (PR #1729's surface_piece_original_byte_counts)",
+        "original_bytes": sidecar_bytes,
+        "shards": writers[SIDECAR_SPLIT].shards,
+    }
+
+
 def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
     """Everything into tmp_dir; returns the manifest (also written there, last)."""
     import sentencepiece as spm
@@ -438,19 +567,20 @@ def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
     else:
         sp = load_model(args.tokenizer, "--tokenizer")
         tokenizer_path, tokenizer_out = args.tokenizer, str(args.tokenizer.resolve())
+    check_caseops_tokenizer(sp, args)
     vocab = sp.vocab_size()
     bos = sp.bos_id()
 
     reader = DocReader(args.docs)
-    writers = {s: ShardWriter(tmp_dir, s, args.shard_tokens) for s in ("val", "train")}
+    splits = ("val", "train", SIDECAR_SPLIT) if args.caseops else ("val", "train")
+    writers = {s: ShardWriter(tmp_dir, s, args.shard_tokens) for s in splits}
     stats = {s: SplitStats() for s in ("val", "train")}
     val_texts: set[bytes] = set()  # 16-byte digests of every validation text
-    repeats = dropped = 0
+    repeats = dropped = sidecar_bytes = 0
     progress = Progress(reader.size)
     t0 = time.perf_counter()
     for batch in batched(iter(reader), BATCH_DOCS):
-        encoded = sp.encode([d.text for d in batch], num_threads=args.workers)
-        for doc, ids in zip(batch, encoded):
+        for doc, (ids, counts) in zip(batch, encode_batch(sp, batch, args)):
             split = "val" if doc.index < args.val_docs else "train"
             raw = doc.text.encode("utf-8")
             digest = hashlib.blake2b(raw, digest_size=16).digest()
@@ -465,6 +595,9 @@ def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
             tokens[0] = bos
             tokens[1:] = ids
             writers[split].add(tokens, doc.index)
+            if counts is not None:  # a CaseOps validation document: its sidecar, BOS first (0 bytes)
+                writers[SIDECAR_SPLIT].add(np.concatenate([np.zeros(1, dtype=np.uint16), counts]), doc.index)
+                sidecar_bytes += int(counts.sum(dtype=np.int64))
             st = stats[split]
             st.documents += 1
             st.tokens += tokens.size
@@ -483,6 +616,8 @@ def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
                          f"--val-docs={args.val_docs} repeat a validation document's text in --docs={args.docs}")
     for w in writers.values():
         w.flush()
+    if args.caseops:
+        check_sidecar(writers, stats["val"], sidecar_bytes)
 
     # Disjointness, checked rather than assumed from the loop above.
     val_range = range(stats["val"].first_doc, stats["val"].last_doc + 1)
@@ -510,7 +645,10 @@ def build(args: argparse.Namespace, tmp_dir: Path) -> dict[str, Any]:
             "train_docs_repeating_val_text": repeats,
             "train_docs_dropped_as_val_repeats": dropped,
         },
-        "document_format": "[BOS] + sp.encode(text) per document, no EOS, concatenated in file order",
+        "text_transform": caseops().TRANSFORM_NAME if args.caseops else caseops().IDENTITY,
+        "document_format": f"[BOS] + sp.encode({'caseops.encode(text)' if args.caseops else 'text'}) per document, "
+                           "no EOS, concatenated in file order",
+        "byte_sidecar": sidecar_manifest(writers, sidecar_bytes) if args.caseops else None,
         "shard_tokens": args.shard_tokens,
         **{s: {**dataclasses.asdict(stats[s]), "shards": writers[s].shards} for s in ("val", "train")},
         "encode_seconds": round(seconds, 3),
@@ -552,7 +690,13 @@ def run(args: argparse.Namespace) -> int:
             "validation document (duplicates in --docs); --drop-val-duplicates leaves them out")
     tok = manifest["tokenizer"]
     tok_path = out / Path(tok["path"]).name if tok["trained"] else Path(tok["path"])
-    print(f"tokenize_docs: wrote {out} ({MANIFEST_NAME}); train on it with: DATA_PATH={out} "
+    how = "train on it with"
+    sidecar = manifest["byte_sidecar"]
+    if sidecar is not None:
+        print(f"tokenize_docs: byte_sidecar shards:{len(sidecar['shards'])} original_bytes:{sidecar['original_bytes']} "
+              f"(= the validation documents' UTF-8 bytes) transform:{manifest['text_transform']}")
+        how = "CaseOps data: BPB must count the bytes in fineweb_val_bytes_*.bin; train on it with a train_gpt.py that does"
+    print(f"tokenize_docs: wrote {out} ({MANIFEST_NAME}); {how}: DATA_PATH={out} "
           f"TOKENIZER_PATH={tok_path} VOCAB_SIZE={tok['vocab_size']} python train_gpt.py")
     return 0
 

@@ -45,6 +45,7 @@ ALLOWLIST: dict[str, tuple[str, str, str]] = {
     "MATCHED_FINEWEB_REPO_ID": ("script", "data/cached_challenge_fineweb.py", "dataset repository override"),
     "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX": ("script", "data/cached_challenge_fineweb.py", "default of --remote-root"),
     "PG_RETRY_BASE_SECONDS": ("script", "data/cached_challenge_fineweb.py", "default of --retry-base-seconds"),
+    "CASEOPS_REFERENCE": ("script", "tests/test_caseops.py", "the record's lossless_caps.py for the byte-identity test"),
     "MINI_TRAIN_SECONDS": ("script", "bench/mini_track.py", "training seconds of the mini track"),
     "PEAK_TFLOPS": ("script", "bench/step.py", "peak TFLOP/s for MFU on an unlisted GPU"),
     "PARAM_GROUPS": ("constant", "train_gpt.py", "the table mapping parameters to optimizer groups"),

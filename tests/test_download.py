@@ -516,3 +516,119 @@ def test_name_resolution_failures_are_not_retried_but_other_connection_errors_ar
         mod.with_retries("x", lambda: (_ for _ in ()).throw(ConnectError("[Errno 111] Connection refused")),
                          2, 1.0, sleeps.append)
     assert len(sleeps) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# CaseOps (PR #1729): the published export with its validation byte sidecars
+# ---------------------------------------------------------------------------------------------
+
+CASEOPS_REPO = "romeerp/parameter-golf-caseops-v1"  # the tool's default repository for the CaseOps variant
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_DS = f"datasets/datasets/fineweb10B_{CASEOPS_VARIANT}"
+CASEOPS_TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"
+
+
+def caseops_manifest(files_train: int) -> bytes:
+    """The shape of the reference exporter's manifest (2026-04-18 record's download_hf_docs_and_tokenize.py):
+    the dataset lists val_bytes_glob, the tokenizer its text_transform; paths relative to datasets/."""
+    ds = f"datasets/fineweb10B_{CASEOPS_VARIANT}"
+    return json.dumps({
+        "datasets": [{"name": f"fineweb10B_{CASEOPS_VARIANT}",
+                      "tokenizer_name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved", "path": ds,
+                      "train_glob": f"{ds}/fineweb_train_*.bin", "val_glob": f"{ds}/fineweb_val_*.bin",
+                      "val_bytes_glob": f"{ds}/fineweb_val_bytes_*.bin", "vocab_size": 8192,
+                      "stats": {"files_train": files_train, "files_val": 1}}],
+        "tokenizers": [{"name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved", "kind": "sentencepiece_bpe",
+                        "vocab_size": 8192, "text_transform": "lossless_caps_caseops_v1",
+                        "model_path": f"{CASEOPS_TOKENIZER}.model", "vocab_path": f"{CASEOPS_TOKENIZER}.vocab"}],
+    }, indent=2).encode()
+
+
+@pytest.fixture(scope="module")
+def caseops_payload(tmp_path_factory) -> dict[str, bytes]:
+    """A validation shard and its sidecar: 0 at every BOS, 1-6 original bytes per other token."""
+    tmp = tmp_path_factory.mktemp("caseops")
+    rng = np.random.default_rng(11)
+    tokens = rng.integers(8, 8192, 3000)
+    tokens[::97] = tg.BOS_ID
+    counts = np.where(tokens == tg.BOS_ID, 0, rng.integers(1, 7, tokens.size))
+    tg.write_shard(tmp / "val.bin", tokens)
+    tg.write_shard(tmp / "val_bytes.bin", counts)
+    return {"val0": (tmp / "val.bin").read_bytes(), "bytes0": (tmp / "val_bytes.bin").read_bytes(),
+            "original_bytes": str(int(counts.sum()))}
+
+
+def caseops_files(payload, caseops_payload, manifest: bool = True, sidecar: bytes | None = None) -> dict[str, bytes]:
+    files = {
+        f"{CASEOPS_DS}/fineweb_val_000000.bin": caseops_payload["val0"],
+        f"{CASEOPS_DS}/fineweb_val_bytes_000000.bin": caseops_payload["bytes0"] if sidecar is None else sidecar,
+        f"{CASEOPS_DS}/fineweb_train_000000.bin": payload["train0"],
+        f"{CASEOPS_DS}/fineweb_train_000001.bin": payload["train1"],
+        f"datasets/{CASEOPS_TOKENIZER}.model": payload["model"],
+        f"datasets/{CASEOPS_TOKENIZER}.vocab": payload["vocab"],
+    }
+    if manifest:
+        files["datasets/manifest.json"] = caseops_manifest(2)
+    return files
+
+
+def test_caseops_dataset_comes_with_its_byte_sidecars(hub, payload, caseops_payload, tmp_path):
+    hub.publish(CASEOPS_REPO, caseops_files(payload, caseops_payload))
+    r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "1")
+    assert r.returncode == 0, r.stderr
+    assert f"from {CASEOPS_REPO} (default for {CASEOPS_VARIANT})" in r.stderr
+    data = tmp_path / "data"
+    ds = data / "datasets" / f"fineweb10B_{CASEOPS_VARIANT}"
+    assert (ds / "fineweb_val_bytes_000000.bin").read_bytes() == caseops_payload["bytes0"]
+    assert (ds / "fineweb_val_000000.bin").read_bytes() == caseops_payload["val0"]
+    assert (data / f"{CASEOPS_TOKENIZER}.model").read_bytes() == payload["model"]
+    assert (data / f"{CASEOPS_TOKENIZER}.vocab").read_bytes() == payload["vocab"]
+    assert not (ds / "fineweb_train_000001.bin").exists()
+    s = summary(r.stdout)
+    assert s["files"] == "5" and s["val_byte_sidecars"] == "1" and s["val_original_bytes"] == caseops_payload["original_bytes"]
+    record = json.loads((ds / "download.json").read_text())
+    assert record["repo_id"] == CASEOPS_REPO and record["val_original_bytes"] == int(caseops_payload["original_bytes"])
+    sidecar_entry = record["files"][f"datasets/fineweb10B_{CASEOPS_VARIANT}/fineweb_val_bytes_000000.bin"]
+    assert sidecar_entry["sha256"] == hashlib.sha256(caseops_payload["bytes0"]).hexdigest()
+    if any(p.name.startswith("fineweb_val_bytes_") for p in tg.list_shards(ds, "val")):
+        assert "would read fineweb_val_bytes_000000.bin as validation tokens" in r.stderr
+
+    # Checked like every other file: a second run fetches nothing, a truncated sidecar is fetched again.
+    before = data_gets(hub)
+    assert run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "1").returncode == 0
+    assert data_gets(hub) == before
+    (ds / "fineweb_val_bytes_000000.bin").write_bytes(caseops_payload["bytes0"][:2000])
+    r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "1")
+    assert r.returncode == 0, r.stderr
+    assert hub.file_gets[(CASEOPS_REPO, f"{CASEOPS_DS}/fineweb_val_bytes_000000.bin")] == 2
+    assert (ds / "fineweb_val_bytes_000000.bin").read_bytes() == caseops_payload["bytes0"]
+
+
+def test_caseops_sidecar_missing_from_the_repository_is_named(hub, payload, caseops_payload, tmp_path):
+    files = caseops_files(payload, caseops_payload)
+    del files[f"{CASEOPS_DS}/fineweb_val_bytes_000000.bin"]
+    hub.publish(CASEOPS_REPO, files)
+    r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "1")
+    assert r.returncode == 1
+    assert f"{CASEOPS_DS}/fineweb_val_bytes_000000.bin: listed by datasets/manifest.json" in r.stderr
+    # Without a manifest (the listing is read), a CaseOps variant without sidecars is refused too.
+    hub.publish(CASEOPS_REPO, {k: v for k, v in caseops_files(payload, caseops_payload, manifest=False).items()
+                               if "val_bytes" not in k})
+    r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "1")
+    assert r.returncode == 1 and "the byte sidecars of" in r.stderr and "missing: fineweb_val_bytes_000000.bin" in r.stderr
+    assert data_gets(hub) == 1  # the manifest of the first call: no shard fetched before the plan checks out
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("short", "byte counts for the 3000 tokens of fineweb_val_000000.bin"),
+    ("bos", "a BOS token of fineweb_val_000000.bin is given"),
+])
+def test_a_sidecar_that_does_not_fit_its_shard_is_refused(hub, payload, caseops_payload, tmp_path, damage, needle):
+    counts = np.frombuffer(caseops_payload["bytes0"][tg.SHARD_HEADER_BYTES:], dtype="<u2").copy()
+    counts = counts[:-5] if damage == "short" else np.concatenate([[3], counts[1:]])
+    tg.write_shard(tmp_path / "bad.bin", counts)
+    hub.publish(CASEOPS_REPO, caseops_files(payload, caseops_payload, manifest=False,
+                                            sidecar=(tmp_path / "bad.bin").read_bytes()))
+    r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "0")
+    assert r.returncode == 1 and needle in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr

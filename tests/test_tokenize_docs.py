@@ -303,3 +303,184 @@ def test_verifier_refuses_a_tokenizer_that_is_not_the_one_the_manifest_records(e
         pytest.fail(capsys.readouterr().out)
     err = capsys.readouterr().err
     assert f"{other}: sha256 {tg.sha256_file(other)} is not the tokenizer {tg.sha256_file(CANONICAL_TOKENIZER)}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# CaseOps (PR #1729): --caseops writes the transformed text and the validation byte sidecar;
+# data/train_tokenizer.py rebuilds a CaseOps tokenizer. These run without ../shared/data: the
+# documents are paragraphs of CPython's pydoc topics (whitespace folded and NFKC-stable, so
+# SentencePiece's normalizer leaves them alone), the tokenizer a tiny one trained here.
+# ---------------------------------------------------------------------------------------------
+
+train_tokenizer_tool = load_tool("train_tokenizer")
+caseops = tokenize_docs.caseops()
+TINY_VOCAB, CASEOPS_DOCS, CASEOPS_VAL = 400, 80, 10
+
+
+def caseops_texts(n: int) -> list[str]:
+    """Paragraphs with capitals that SentencePiece's nmt_nfkc leaves as they are (single spaces, NFKC-stable)."""
+    import unicodedata
+    from pydoc_data.topics import topics
+
+    paragraphs = (" ".join(p.split()) for key in sorted(topics) for p in topics[key].split("\n\n"))
+    texts = [p for p in paragraphs if len(p) > 200 and any(c.isupper() for c in p)
+             and unicodedata.normalize("NFKC", p) == p][:n]
+    assert len(texts) == n
+    return texts
+
+
+def sidecar_shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("fineweb_val_bytes_*.bin"))
+
+
+def token_shards(folder: Path, split: str) -> list[Path]:
+    """fineweb_<split>_*.bin without the byte sidecars (whose names match fineweb_val_*.bin too)."""
+    return [p for p in sorted(folder.glob(f"fineweb_{split}_*.bin")) if not p.name.startswith("fineweb_val_bytes_")]
+
+
+@pytest.fixture(scope="module")
+def tiny_caseops(tmp_path_factory) -> dict:
+    """A 400-piece CaseOps tokenizer trained by data/train_tokenizer.py (the real command line)."""
+    tmp = tmp_path_factory.mktemp("caseops")
+    texts = caseops_texts(CASEOPS_DOCS)
+    docs = write_jsonl(tmp / "docs.jsonl", texts)
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "train_tokenizer.py"), "--docs", str(docs), "--output",
+                        str(tmp / "tok"), "--vocab-size", str(TINY_VOCAB), "--val-docs", str(CASEOPS_VAL),
+                        "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model = tmp / "tok" / f"fineweb_{TINY_VOCAB}_bpe_lossless_caps_caseops_v1_reserved.model"
+    return {"tmp": tmp, "docs": docs, "texts": texts, "model": model, "stdout": r.stdout}
+
+
+def test_train_tokenizer_reserves_the_operators_and_round_trips(tiny_caseops):
+    import sentencepiece as spm
+
+    model = tiny_caseops["model"]
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sp.vocab_size() == TINY_VOCAB and (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert [sp.id_to_piece(i) for i in range(4, 8)] == list(caseops.OPERATORS)  # the record's ids
+    assert caseops.reserved_piece_problems(sp) == []
+    report = json.loads(model.with_suffix(".json").read_text())
+    assert report["text_transform"] == caseops.TRANSFORM_NAME and report["documents_from"] == "train"
+    assert report["documents"] == CASEOPS_DOCS - CASEOPS_VAL  # never read a validation document
+    assert report["trainer"]["user_defined_symbols"] == list(caseops.OPERATORS)
+    assert report["trainer"]["byte_fallback"] and report["trainer"]["normalization_rule_name"] == "nmt_nfkc"
+    assert report["model_sha256"] == tg.sha256_file(model) and model.with_suffix(".vocab").is_file()
+    assert "transform:lossless_caps_caseops_v1" in tiny_caseops["stdout"]
+    operators = 0
+    for text in tiny_caseops["texts"]:
+        ids = sp.encode(caseops.encode(text))
+        operators += sum(i in caseops.RESERVED_PIECE_IDS.values() for i in ids)
+        assert caseops.decode(sp.decode(ids)) == text  # transform -> tokenize -> detokenize -> inverse
+    assert operators > 100
+
+
+def test_train_tokenizer_bad_input_is_one_line(tiny_caseops, capsys):
+    out = tiny_caseops["tmp"] / "tok"
+    rc = train_tokenizer_tool.main(["--docs", str(tiny_caseops["docs"]), "--output", str(out),
+                                    "--vocab-size", str(TINY_VOCAB), "--val-docs", str(CASEOPS_VAL)])
+    assert rc == 2 and "already holds fineweb_400_bpe_lossless_caps_caseops_v1_reserved.model; pass --force" in \
+        capsys.readouterr().err
+    rc = train_tokenizer_tool.main(["--docs", str(tiny_caseops["docs"]), "--output", str(out / "x"),
+                                    "--vocab-size", "100", "--val-docs", str(CASEOPS_VAL)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: --vocab-size=100 with --docs=") and "Vocabulary size" in err[-1]
+    rc = train_tokenizer_tool.main(["--docs", str(tiny_caseops["docs"]), "--output", str(out / "y")])
+    assert rc == 2 and "--val-docs=50000 is not allowed" in capsys.readouterr().err
+
+
+def check_caseops_export(out: Path, texts: list[str], val_docs: int, model: Path) -> dict:
+    """The shards hold [BOS] + sp.encode(caseops.encode(text)); each sidecar shard has its val shard's token
+    count, 0 at BOS, and every validation document's counts add up to its UTF-8 length."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    val = np.concatenate([np.asarray(tg.load_shard(f)) for f in token_shards(out, "val")])
+    train = np.concatenate([np.asarray(tg.load_shard(f)) for f in token_shards(out, "train")])
+    sidecars = sidecar_shards(out)
+    assert [tg.read_shard_header(f) for f in sidecars] == [tg.read_shard_header(f) for f in token_shards(out, "val")]
+    counts = np.concatenate([np.asarray(tg.load_shard(f)) for f in sidecars])
+    docs = split_documents(val) + split_documents(train)
+    assert len(docs) == len(texts)
+    for doc, text in zip(docs, texts):
+        assert doc.tolist() == [tg.BOS_ID] + sp.encode(caseops.encode(text))
+    starts = np.flatnonzero(val == tg.BOS_ID)
+    for i, (a, b) in enumerate(zip(starts, list(starts[1:]) + [val.size])):
+        assert counts[a] == 0 and int(counts[a:b].sum()) == len(texts[i].encode("utf-8"))
+        assert counts[a:b].tolist() == caseops.token_original_bytes(sp, val[a:b], texts[i]).tolist()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["text_transform"] == caseops.TRANSFORM_NAME and m["tokenizer"]["sha256"] == tg.sha256_file(model)
+    side = m["byte_sidecar"]
+    assert side["original_bytes"] == m["val"]["text_bytes"] == sum(len(t.encode()) for t in texts[:val_docs])
+    assert [s["file"] for s in side["shards"]] == [f.name for f in sidecars]
+    for f in sidecars:  # the sidecars' hashes, like every other file's
+        assert m["files"][f.name]["sha256"] == tg.sha256_file(f)
+    return m
+
+
+def test_caseops_export_writes_the_transformed_shards_and_the_byte_sidecar(tiny_caseops, tmp_path, capsys):
+    out = tmp_path / "caseops"
+    rc = tokenize_docs.main(["--docs", str(tiny_caseops["docs"]), "--caseops", "--tokenizer", str(tiny_caseops["model"]),
+                             "--output", str(out), "--val-docs", str(CASEOPS_VAL), "--shard-tokens", "1000",
+                             "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert len(sidecar_shards(out)) > 1  # documents cross shard boundaries, sidecars follow
+    m = check_caseops_export(out, tiny_caseops["texts"], CASEOPS_VAL, tiny_caseops["model"])
+    assert f"byte_sidecar shards:{len(sidecar_shards(out))} original_bytes:{m['val']['text_bytes']} " in printed
+
+    # A spec with text_transform trains the CaseOps tokenizer and exports with it (--caseops implied).
+    specs = json.loads(tokenize_docs.DEFAULT_SPECS.read_text())
+    specs["specs"]["tiny_caseops"] = {**specs["specs"]["sp8192_caseops"], "vocab_size": TINY_VOCAB,
+                                      "filename": "tiny_caseops.model"}
+    specs_file = tmp_path / "specs.json"
+    specs_file.write_text(json.dumps(specs))
+    out2 = tmp_path / "caseops_spec"
+    rc = tokenize_docs.main(["--docs", str(tiny_caseops["docs"]), "--spec", "tiny_caseops", "--specs-file",
+                             str(specs_file), "--output", str(out2), "--val-docs", str(CASEOPS_VAL), "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    m2 = check_caseops_export(out2, tiny_caseops["texts"], CASEOPS_VAL, out2 / "tiny_caseops.model")
+    assert m2["tokenizer"]["trained"]["text_transform"] == caseops.TRANSFORM_NAME
+
+
+def test_caseops_export_with_the_record_tokenizer(shared_data, tmp_path):
+    """The record's own tokenizer on the first 60 challenge documents (val = 20), by the real command line."""
+    model = shared_data / "tokenizers" / "variants" / "openai-parameter-golf-caseops" / \
+        "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    if not model.is_file():
+        pytest.skip(f"{model} is not present")
+    texts = read_jsonl_texts(shared_data / "corpus" / "fineweb_challenge_docs_200.jsonl", limit=N_DOCS)
+    docs = write_jsonl(tmp_path / "docs.jsonl", texts)
+    out = tmp_path / "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_docs.py"), "--docs", str(docs), "--caseops",
+                        "--tokenizer", str(model), "--output", str(out), "--val-docs", str(VAL_DOCS),
+                        "--shard-tokens", str(SHARD_TOKENS), "--workers", "2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    check_caseops_export(out, texts, VAL_DOCS, model)
+    assert "BPB must count the bytes in fineweb_val_bytes_*.bin" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["plain_tokenizer", "plain_spec", "unattributable"])
+def test_caseops_bad_input_is_one_line_with_exit_code_2(case, tiny_caseops, tmp_path, capsys):
+    texts = caseops_texts(4)
+    if case == "unattributable":  # leading spaces: no piece's surface covers them (the record's rule cannot count them)
+        texts[1] = "   " + texts[1]
+    docs = write_jsonl(tmp_path / "docs.jsonl", texts)
+    if case == "plain_tokenizer":
+        if not CANONICAL_TOKENIZER.is_file():
+            pytest.skip(f"shared data not present ({CANONICAL_TOKENIZER})")
+        src = ["--tokenizer", str(CANONICAL_TOKENIZER)]
+        needle = f"--tokenizer={CANONICAL_TOKENIZER} is not allowed with --caseops: it is not a CaseOps tokenizer"
+    elif case == "plain_spec":
+        src = ["--spec", "sp1024"]
+        needle = ("--spec=sp1024 is not allowed with --caseops: its tokenizer does not reserve the CaseOps operators; "
+                  "expected one of sp8192_caseops")
+    else:
+        src = ["--tokenizer", str(tiny_caseops["model"])]
+        needle = f"--docs={docs} line 2 (document 1): the per-token original byte counts add up to"
+    rc = tokenize_docs.main(["--docs", str(docs), "--caseops", *src, "--output", str(tmp_path / "out"),
+                             "--val-docs", "2", "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
+    assert not (tmp_path / "out").exists()
