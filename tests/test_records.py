@@ -148,7 +148,7 @@ def test_pack_round_trip_is_exact_for_train_gpt(tmp_path):
     assert pack.pack(src, "lzma") == tg.self_extracting_source(src)
     # CLI: writes a verified file and says what it counts.
     out = tmp_path / "packed.py"
-    assert pack.main([str(ROOT / "train_gpt.py"), "-o", str(out), "--codec", "brotli"]) == 0
+    assert pack.main([str(ROOT / "train_gpt.py"), "-o", str(out), "--codec", "brotli", "--mode", "plain"]) == 0
     assert pack.unpack(out.read_bytes()) == (src, "brotli")
     assert pack.main(["--unpack", str(out), "-o", str(tmp_path / "back.py")]) == 0
     assert (tmp_path / "back.py").read_bytes() == src
