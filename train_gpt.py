@@ -112,7 +112,7 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "VE_ENABLED": "value embeddings",
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
     "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
-    "SWA_ENABLED": "SWA", "CASEOPS_ENABLED": "CaseOps text transform",
+    "SWA_ENABLED": "SWA",
     "LQER_ASYM_ENABLED": "asymmetric LQER factors", "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
 # Values of those variables that describe exactly what this script already does.
@@ -262,9 +262,12 @@ class Hyperparameters:
     logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", _non_negative, ">= 0")
     fused_ce_enabled: bool = knob(False, "softcapped cross-entropy as one custom op (Triton kernels on CUDA, the "
                                          "PyTorch formula elsewhere; PR #1787) instead of the formula inductor fuses")
+    caseops_enabled: bool = knob(False, "CaseOps data (PR #1729): count validation bytes from the byte sidecar "
+                                        "fineweb_val_bytes_*.bin of the original text, not the tokenizer's tables")
     doc_isolation: bool = knob(False, "attention stays inside each document, a BOS token starting one (PR #1530): "
-                                      "FA3's varlen call, else SDPA with a document mask; training then reads "
-                                      "documents in order, one contiguous stream from each shard's first BOS")
+                                      "FA3's varlen call, else SDPA with a document mask")
+    doc_packed_loader: bool = knob(False, "training reads documents in order, one contiguous stream from each shard's "
+                                          "first BOS (R0410's loader; with DOC_ISOLATION as the records run it)")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
     qk_gain_init: float = knob(5.25, "initial per-head query gain after QK RMS-norm", _positive, "> 0")
     rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
@@ -1063,6 +1066,8 @@ def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenize
 CHALLENGE_VAL_DOCUMENTS = 50_000
 CHALLENGE_SEQ_LEN = 2048
 CHALLENGE_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
+CHALLENGE_CASEOPS_VAL_TARGETS = {8192: 47_851_520}  # romeerp/parameter-golf-caseops-v1 (PR #1729)
+CASEOPS_TRANSFORM = "lossless_caps_caseops_v1"
 # What a dataset folder says about itself: data/tokenize_docs.py and data/make_sample.py write manifest.json,
 # data/cached_challenge_fineweb.py writes download.json.
 DATASET_MANIFESTS = ("manifest.json", "download.json")
@@ -1086,24 +1091,29 @@ def dataset_identity(dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str) 
     decodes with that same tokenizer, cannot notice."""
     path = next((Path(dataset_dir) / n for n in DATASET_MANIFESTS if (Path(dataset_dir) / n).is_file()), None)
     if path is None:
-        return {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None}
+        return {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None, "text_transform": None}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable dataset manifest ({type(exc).__name__}: {exc})") from None
     recorded = manifest_tokenizer_sha256(manifest) if isinstance(manifest, dict) else None
+    tok = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+    transform = (manifest.get("text_transform") or (tok.get("text_transform") if isinstance(tok, dict) else None)
+                 if isinstance(manifest, dict) else None)
     if recorded is not None and recorded != tokenizer_sha256:
         raise DataError(f"{tokenizer}: sha256 {tokenizer_sha256} is not the tokenizer {recorded} that {path} records "
                         f"for these shards: the byte counts would be wrong; set TOKENIZER_PATH to the tokenizer the "
                         f"data was made with")
-    return {"manifest": str(path), "manifest_sha256": sha256_file(path), "manifest_tokenizer_sha256": recorded}
+    return {"manifest": str(path), "manifest_sha256": sha256_file(path), "manifest_tokenizer_sha256": recorded,
+            "text_transform": transform}
 
 
-def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_val_tokens: int) -> tuple[bool, str]:
+def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_val_tokens: int,
+                    caseops: bool = False) -> tuple[bool, str]:
     """Whether the scored stream is the challenge's validation split: (reportable, why)."""
     if max_val_tokens:
         return False, f"MAX_VAL_TOKENS={max_val_tokens}: a prefix of the validation split"
-    expected = CHALLENGE_VAL_TARGETS.get(vocab_size)
+    expected = (CHALLENGE_CASEOPS_VAL_TARGETS if caseops else CHALLENGE_VAL_TARGETS).get(vocab_size)
     if expected is None:
         return False, f"no published challenge validation split for VOCAB_SIZE={vocab_size}"
     targets = (val_tokens_raw - 1) // CHALLENGE_SEQ_LEN * CHALLENGE_SEQ_LEN
@@ -1122,7 +1132,7 @@ class TrainLoader:
     8 micro-batches sees exactly the tokens that 8 ranks see (pitfalls K: data order independent of
     the world size), and each rank only reads the sequences of its own chunks. Exhausted: next epoch.
 
-    `packed` (DOC_ISOLATION) is the record's document-packed order (R0410): no shuffle, each shard read as
+    `packed` (DOC_PACKED_LOADER) is the record's document-packed order (R0410): no shuffle, each shard read as
     one contiguous stream from its first BOS, so consecutive sequences continue each other and a step's
     rows are one run of whole documents (attention is then cut at every BOS and row start).
     """
@@ -1326,11 +1336,19 @@ class BPBCheck:
     documents: int  # documents (BOS-delimited) in the scored stream
     checked: int  # documents whose byte count was checked against the decoded text
     targets: int  # targets the evaluation must score, each exactly once
-    bytes: int  # their bytes by the lookup tables
+    bytes: int  # their bytes by the lookup tables (CaseOps: by the sidecar)
     unknown_tokens: int  # <unk> tokens in the checked documents (0 bytes each: no byte fallback)
+    normalized: int = 0  # CaseOps: checked documents whose decoded text the tokenizer's normalization changed
 
 
 SELF_CHECK_CHUNK = 1 << 22  # targets per slice when totalling the validation bytes
+
+
+def checked_documents(n_docs: int, max_docs: int | None) -> list[int]:
+    """Which documents the BPB self-check decodes: all, or `max_docs` spread evenly over the stream."""
+    if max_docs is None or max_docs >= n_docs:
+        return list(range(n_docs))
+    return sorted(set(np.linspace(0, n_docs - 1, max_docs).round().astype(int).tolist()))
 
 
 def decoded_bytes(sp, ids: list[int], boundary: np.ndarray) -> int:
@@ -1364,7 +1382,7 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
     total_bytes = sum(int(target_bytes(lo, min(lo + SELF_CHECK_CHUNK, n_targets)).sum())
                       for lo in range(0, n_targets, SELF_CHECK_CHUNK))
     spans = [(s, e) for s, e in document_spans(tokens) if e > s]
-    pick = range(len(spans)) if max_docs is None or max_docs >= len(spans) else         sorted(set(np.linspace(0, len(spans) - 1, max_docs).round().astype(int).tolist()))
+    pick = checked_documents(len(spans), max_docs)
     unknown = 0
     for k in pick:
         s, e = spans[k]
@@ -1381,6 +1399,72 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
                             f"lookup tables but {ref} decoded; first bad token at document position {j - 1}: id "
                             f"{ids[j - 1]} piece {sp.id_to_piece(ids[j - 1])!r}")
     return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown)
+
+
+def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
+    """CASEOPS_ENABLED: each validation token's bytes of the original text, from the sidecar beside each
+    shard (PR #1729's fineweb_val_bytes_*.bin), cut like the tokens; checked to align with them."""
+    parts = []
+    for f in val_files:
+        side = f.with_name(f.name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
+        if not side.is_file():
+            raise DataError(f"{side}: missing: CASEOPS_ENABLED=1 counts bytes from the sidecar beside each "
+                            f"validation shard (data/README.md, CaseOps)")
+        part, n = load_shard(side), read_shard_header(f)
+        if part.size != n:
+            raise DataError(f"{side}: {part.size} byte counts for the {n} tokens of {f.name}: not its sidecar")
+        parts.append(part)
+    sidecar = np.concatenate(parts)[: tokens.size].astype(np.int64)
+    bad = np.flatnonzero((tokens == BOS_ID) & (sidecar != 0))
+    if bad.size:
+        raise DataError(f"{val_files[0].parent}/fineweb_val_bytes_*.bin: {int(sidecar[bad[0]])} bytes at BOS token "
+                        f"{int(bad[0])} (a BOS stands for no text): the sidecars do not match the shards")
+    return sidecar
+
+
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+
+
+def caseops_decode(text: str) -> str:
+    """The original text of a lossless_caps_caseops_v1 string (PR #1729; data/caseops.py has the transform):
+    ESC escapes one character; TITLE / ALLCAPS / CAPNEXT mark a capital first letter / word / next letter."""
+    def word(m: re.Match) -> str:
+        escaped, mode, body = m.groups()
+        if escaped is not None:
+            return escaped
+        if mode == CASEOPS_ALLCAPS:
+            return body.replace(CASEOPS_CAPNEXT, "").upper()
+        body = re.sub(f"{CASEOPS_CAPNEXT}([A-Za-z])", lambda c: c.group(1).upper(), body)
+        return body[0].upper() + body[1:] if mode == CASEOPS_TITLE else body
+
+    pattern = f"{CASEOPS_ESC}(.)|([{CASEOPS_TITLE}{CASEOPS_ALLCAPS}]?)((?:{CASEOPS_CAPNEXT}?[A-Za-z])+)"
+    return re.sub(pattern, word, text, flags=re.DOTALL)
+
+
+# SentencePiece decodes normalized text (NFKC, runs of spaces as one), so a document's decoded original can
+# differ from the original the sidecar counts: by at most 1.35% of a document's bytes on the shared FineWeb
+# documents (33 of 200 differ). A sidecar of other text, tokenization or alignment is off by far more.
+CASEOPS_CHECK_TOLERANCE = 0.02
+
+
+def caseops_self_check(tokens: np.ndarray, sidecar: np.ndarray, sp, max_docs: int | None, source: str) -> BPBCheck:
+    """CASEOPS_ENABLED's BPB self-check: the sidecar's bytes of a document must equal the UTF-8 bytes of its
+    decoded tokens with the transform inverted, i.e. of the original text, up to the tokenizer's
+    normalization (CASEOPS_CHECK_TOLERANCE; such documents are counted), for `max_docs` documents."""
+    spans = [(s, e) for s, e in document_spans(tokens) if e > s]
+    pick = checked_documents(len(spans), max_docs)
+    unknown = normalized = 0
+    for k in pick:
+        s, e = spans[k]
+        ids = tokens[s:e].tolist()
+        unknown += sum(1 for i in ids if sp.is_unknown(i))
+        counted, ref = int(sidecar[s:e].sum()), len(caseops_decode(sp.decode(ids)).encode("utf-8"))
+        normalized += counted != ref
+        if abs(counted - ref) > CASEOPS_CHECK_TOLERANCE * max(counted, ref, 1):
+            raise DataError(f"{source}: BPB self-check failed: document {k} (tokens {s}..{e}) has {counted} bytes by "
+                            f"the byte sidecar but its decoded original text has {ref} (more than the tokenizer's "
+                            f"normalization explains: {CASEOPS_CHECK_TOLERANCE:.0%})")
+    return BPBCheck(len(spans), len(pick), tokens.size - 1, int(sidecar[1:].sum()), unknown, normalized)
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -3516,13 +3600,22 @@ class EvalContext:
     world_size: int
     device: torch.device
     compute_dtype: str
+    sidecar: Tensor | None = None  # CASEOPS_ENABLED: each token's original bytes (replaces the byte tables)
 
     @classmethod
-    def build(cls, h: Hyperparameters, d: DistInfo, model: Callable[..., Tensor], val_tokens: np.ndarray,
-              luts: dict[str, Tensor]) -> "EvalContext":
-        tokens = torch.from_numpy(np.asarray(val_tokens, dtype=np.int64)).to(d.device)
-        return cls(model, tokens, luts, h.eval_seq_len, h.eval_stride if h.sliding else h.eval_seq_len,
-                   h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype)
+    def build(cls, h: Hyperparameters, d: DistInfo, model: Callable[..., Tensor], data: "DataBundle") -> "EvalContext":
+        tokens = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64)).to(d.device)
+        sidecar = None if data.sidecar is None else torch.from_numpy(data.sidecar).to(d.device)
+        return cls(model, tokens, data.luts, h.eval_seq_len, h.eval_stride if h.sliding else h.eval_seq_len,
+                   h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype, sidecar)
+
+    def target_bytes(self, x: Tensor, y: Tensor, pos: Tensor) -> Tensor:
+        """Bytes of the targets y (stream positions pos, after inputs x): the CaseOps sidecar's count of
+        the original text, else the tokenizer's byte-table rule."""
+        if self.sidecar is not None:
+            return self.sidecar[pos]
+        return count_target_bytes(x, y, self.luts["base_bytes"], self.luts["has_leading_space"],
+                                  self.luts["is_boundary"])
 
     @property
     def n_targets(self) -> int:
@@ -3553,8 +3646,7 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray, trace
         mask = (offsets[None, :] >= first_t[idx][:, None]) & (b + rows < n)[:, None]
         with ctx.autocast():
             nll = ctx.model(x, y, reduction="none")
-        n_bytes = count_target_bytes(x, y, ctx.luts["base_bytes"], ctx.luts["has_leading_space"],
-                                     ctx.luts["is_boundary"])
+        n_bytes = ctx.target_bytes(x, y, starts_t[idx][:, None] + offsets[None, :] + 1)
         sums[0] += (nll.double() * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (n_bytes * mask).sum()
@@ -3794,6 +3886,7 @@ def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tup
     first, so the ones still going are the first rows: finished ones leave the batch."""
     docs = sorted(docs, key=lambda span: span[0] - span[1])
     batch, lengths = lora_batch(ctx, docs, cfg.batch_docs)
+    first = torch.tensor([lo for lo, _ in docs] + [0] * (cfg.batch_docs - len(docs)), device=ctx.device)
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
@@ -3807,8 +3900,7 @@ def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tup
         mask = pos[None, :] < lengths[:k, None]  # (k, hi - lo): real targets of this chunk
         with torch.no_grad():
             nll = lora_nll(model, view, x, y, ctx)[:, lo - ws:]
-            n_bytes = count_target_bytes(x[:, lo - ws:], y[:, lo - ws:], ctx.luts["base_bytes"],
-                                         ctx.luts["has_leading_space"], ctx.luts["is_boundary"])
+            n_bytes = ctx.target_bytes(x[:, lo - ws:], y[:, lo - ws:], first[:k, None] + pos[None, :] + 1)
             sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
         learn = mask & (c < last_chunk[:k])[:, None]
         if trace is not None:
@@ -4177,6 +4269,7 @@ def ensure_sample_data(h: Hyperparameters, d: DistInfo, log: Logger) -> None:
 class DataBundle:
     train_files: list[Path]
     val_tokens: np.ndarray
+    sidecar: np.ndarray | None  # CASEOPS_ENABLED: the validation tokens' original bytes
     luts: dict[str, Tensor]
     fingerprint: dict[str, Any]  # shard counts, hashes, the manifest and the tokenizer it records
     check: BPBCheck
@@ -4195,21 +4288,43 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     val_files = list_shards(h.dataset_dir, "val")
     fingerprint = dataset_fingerprint(train_files, val_files, h.tokenizer_file)
     fingerprint.update(dataset_identity(h.dataset_dir, h.tokenizer_file, fingerprint["tokenizer_sha256"]))
+    check_transform(h, fingerprint["text_transform"], fingerprint["manifest"])
     val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size, h.max_val_tokens)
     fingerprint["val_tokens"] = int(val_tokens.size - 1)  # scored targets after truncation
     max_docs = None if h.bpb_check_docs == "all" else int(h.bpb_check_docs)
-    check = bpb_self_check(val_tokens, sp, byte_luts, max_docs, source=str(h.dataset_dir / "fineweb_val_*.bin"))
+    source = str(h.dataset_dir / "fineweb_val_*.bin")
+    sidecar = load_byte_sidecar(val_files, val_tokens) if h.caseops_enabled else None
+    check = (caseops_self_check(val_tokens, sidecar, sp, max_docs, source) if sidecar is not None
+             else bpb_self_check(val_tokens, sp, byte_luts, max_docs, source=source))
     fingerprint["val_documents"] = check.documents
-    reportable, reason = challenge_split(h.vocab_size, fingerprint["val_tokens_raw"], check.documents, h.max_val_tokens)
+    fingerprint["byte_accounting"] = "caseops_sidecar" if h.caseops_enabled else "tokenizer_luts"
+    reportable, reason = challenge_split(h.vocab_size, fingerprint["val_tokens_raw"], check.documents, h.max_val_tokens,
+                                         h.caseops_enabled)
     fingerprint["challenge_split"] = reportable
-    return DataBundle(train_files, val_tokens, luts, fingerprint, check, reportable, reason)
+    return DataBundle(train_files, val_tokens, sidecar, luts, fingerprint, check, reportable, reason)
+
+
+def check_transform(h: Hyperparameters, transform: str | None, manifest: str | None) -> None:
+    """The manifest's text transform (or byte sidecars beside the shards) and CASEOPS_ENABLED must agree:
+    CaseOps shards scored with the byte tables would count the transformed text's bytes, not the original's."""
+    sidecars = sorted(h.dataset_dir.glob("fineweb_val_bytes_*.bin"))
+    if (transform == CASEOPS_TRANSFORM or sidecars) and not h.caseops_enabled:
+        what = f"{manifest}: text_transform {transform}" if transform == CASEOPS_TRANSFORM else f"{sidecars[0]}: a byte sidecar"
+        raise DataError(f"{what}: CASEOPS_ENABLED=0 is not allowed for these shards (CaseOps data: set "
+                        f"CASEOPS_ENABLED=1 to count bytes from the sidecar)")
+    if h.caseops_enabled and transform not in (None, CASEOPS_TRANSFORM):
+        raise DataError(f"{manifest}: text_transform {transform}: CASEOPS_ENABLED=1 is not allowed for these "
+                        f"shards (they are not CaseOps)")
 
 
 def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
     c = data.check
+    rule = (f"sidecar bytes == UTF-8 bytes of the decoded documents with CaseOps inverted (within "
+            f"{CASEOPS_CHECK_TOLERANCE:.0%} where the tokenizer normalized the text: {c.normalized} documents)"
+            if h.caseops_enabled else "lookup-table bytes == UTF-8 bytes of the decoded documents")
     log(format_kv(bpb_self_check="ok", documents_checked=f"{c.checked}/{c.documents}", val_documents=c.documents,
                   val_targets=c.targets, val_bytes=c.bytes, unknown_tokens=c.unknown_tokens,
-                  rule="lookup-table bytes == UTF-8 bytes of the decoded documents"))
+                  byte_accounting=data.fingerprint["byte_accounting"], rule=rule))
     fp = data.fingerprint
     log(format_kv(dataset=h.dataset_dir, manifest=fp["manifest"] or "none",
                   tokenizer_sha256=fp["tokenizer_sha256"], manifest_tokenizer_sha256=fp["manifest_tokenizer_sha256"]
@@ -4449,7 +4564,8 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
                                                              "checked)"),
         format_kv(compliance="dataset", manifest_sha256=data.fingerprint["manifest_sha256"] or "none",
                   val_sha256=data.fingerprint["val_sha256"], val_documents=data.fingerprint["val_documents"],
-                  tokenizer_sha256=data.fingerprint["tokenizer_sha256"]),
+                  tokenizer_sha256=data.fingerprint["tokenizer_sha256"],
+                  byte_accounting=data.fingerprint["byte_accounting"]),
         format_kv(compliance="reportable", value="yes" if data.reportable else "NO",
                   how=f"score from eval:{label} on {data.reportable_reason}" if data.reportable
                   else data.reportable_reason),
@@ -4574,11 +4690,11 @@ def keep_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None,
 def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     h, d, data, log, clock = rc.h, rc.d, rc.data, rc.log, rc.clock
     graphs = Graphs.build(h, model)
-    ctx = EvalContext.build(h, d, graphs.model, data.val_tokens, data.luts)
+    ctx = EvalContext.build(h, d, graphs.model, data)
 
     def make_loader() -> TrainLoader:
         return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, d.rank, d.world_size,
-                           h.seed, h.vocab_size, d.device, packed=h.doc_isolation)
+                           h.seed, h.vocab_size, d.device, packed=h.doc_packed_loader)
 
     clock.record("startup", clock.wall_seconds())
     warm = warm_up_training(h, d, model, graphs, opt, make_loader, log)
@@ -4691,7 +4807,7 @@ def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callabl
         rc.clock.record(f"warmup_{name}", seconds)
     model.set_looping(looping)
     path = artifact()
-    ctx = EvalContext.build(h, rc.d, graphs.model, rc.data.val_tokens, rc.data.luts)
+    ctx = EvalContext.build(h, rc.d, graphs.model, rc.data)
     ev = run_evaluations(rc, model, ctx, path)
     bytes_model = path.stat().st_size
     bytes_total = report_size(h, bytes_model, len(rc.code), log)

@@ -67,6 +67,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no_muon_eq_r": {"MUON_ROW_NORMALIZE": "0"},
     "plus_bigram": {"BIGRAM_VOCAB_SIZE": "2048", "BIGRAM_DIM": "64"},
     "plus_value_residual": {"VALUE_RESIDUAL": "1"},
+    "plus_doc_isolation": {"DOC_ISOLATION": "1"},  # R0410: attention inside documents, document-packed order
+    "plus_fused_ce": {"FUSED_CE_ENABLED": "1"},  # the same loss as one custom op (Triton on CUDA only)
 }
 
 

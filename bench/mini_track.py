@@ -56,6 +56,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 CORPUS = SHARED / "corpus" / "fineweb_legal_pilot_2800.jsonl"
 TOKENIZER = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+# --tokenizer NAME -> (shared tokenizer, VOCAB_SIZE, CaseOps transform). sp8192 is the file in
+# openai/parameter-golf main (SOURCES.md); caseops8192 the leaderboard top's CaseOps tokenizer (PR #1729).
+TOKENIZERS: dict[str, tuple[Path, int, bool]] = {
+    "sp1024": (TOKENIZER, 1024, False),
+    "sp8192": (SHARED / "tokenizers" / "variants" / "CiprianFlorin-Ifrim" / "fineweb_8192_bpe.model", 8192, False),
+    "caseops8192": (SHARED / "tokenizers" / "variants" / "openai-parameter-golf-caseops" /
+                    "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", 8192, True),
+}
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
@@ -96,6 +104,7 @@ CONFIGS: dict[str, dict[str, str]] = {
 TRACK_KEYS = frozenset({
     "SEED", "RUN_ID", "LOG_DIR", "DATA_DIR", "DATA_PATH", "TOKENIZER_PATH", "SAMPLE_DATA", "VOCAB_SIZE",
     "MAX_WALLCLOCK_SECONDS", "TARGET_BYTES", "TARGET_MB", "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED", "TTT_ENABLED",
+    "CASEOPS_ENABLED",
     "MAX_VAL_TOKENS", "EVAL_ONLY", "ARTIFACT", "DRY_RUN", "DEVICE",
 })
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
@@ -202,6 +211,8 @@ class Plan:
     append: bool
     command: str
     evals: dict[str, dict[str, str]] = field(default_factory=dict)  # --eval-variant name -> evaluation knobs
+    tokenizer: str = "sp1024"  # a TOKENIZERS name
+    eval_configs: list[str] = field(default_factory=list)  # configurations the eval variants re-score
 
 
 def build_plan(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Plan:
@@ -219,6 +230,11 @@ def build_plan(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     ap.add_argument("--eval-variant", action="append", default=[], metavar="NAME=KEY=VAL,...",
                     help="re-score every run's artifact with EVAL_ONLY=1, TTT_ENABLED=1 and these test-time "
                          "training knobs (one row <config>+<NAME> per run); repeatable")
+    ap.add_argument("--eval-configs", default="", metavar="NAMES",
+                    help="comma-separated configurations whose runs the --eval-variant(s) re-score (default: all)")
+    ap.add_argument("--tokenizer", default="sp1024", choices=sorted(TOKENIZERS),
+                    help="the track's tokenizer (default sp1024, the canonical one); sp8192 and caseops8192 compare "
+                         "plain and CaseOps text at one vocabulary size (CaseOps bytes counted on the original text)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     ap.add_argument("--no-append", action="store_true", help="do not append the results to bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -271,7 +287,11 @@ def build_plan(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 
     command = "python bench/mini_track.py" + "".join(f" {a}" if " " not in a else f" '{a}'"
                                                      for a in (sys.argv[1:] if argv is None else argv))
-    return Plan(configs, seeds, seconds, args.json, not args.no_append, command, evals)
+    eval_configs = [n.strip() for n in args.eval_configs.split(",") if n.strip()] or list(configs)
+    if evals and not set(eval_configs) <= set(configs):
+        raise UsageError(f"--eval-configs={args.eval_configs!r} is not allowed: name configurations of this sweep "
+                         f"({', '.join(configs)})")
+    return Plan(configs, seeds, seconds, args.json, not args.no_append, command, evals, args.tokenizer, eval_configs)
 
 
 def track_env(overrides: Mapping[str, str], seconds: float, seed: int, data: Path, tokenizer: Path, log_dir: Path,
@@ -315,15 +335,16 @@ class Dataset:
     tokenizer: Path
     source: str  # "shared" or "sample"
     label: str  # one line for the output
+    knobs: dict[str, str] = field(default_factory=dict)  # what the data needs: VOCAB_SIZE, CASEOPS_ENABLED
 
 
 def sha256_of(path: Path) -> str:
     return train_gpt().sha256_file(path)
 
 
-def dataset_key(corpus: Path, tokenizer: Path, val_docs: int) -> str:
+def dataset_key(corpus: Path, tokenizer: Path, val_docs: int, caseops: bool = False) -> str:
     """Names the cached dataset: the corpus and tokenizer contents, the split and the layout version."""
-    text = f"{sha256_of(corpus)}:{sha256_of(tokenizer)}:{val_docs}:{DATA_FORMAT}"
+    text = f"{sha256_of(corpus)}:{sha256_of(tokenizer)}:{val_docs}:{DATA_FORMAT}" + (":caseops" if caseops else "")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -340,23 +361,25 @@ def reorder_last_first(src: Path, dst: Path, last: int) -> int:
     return len(lines)
 
 
-def prepare_shared(cache: Path, corpus: Path, tokenizer: Path) -> Dataset:
+def prepare_shared(cache: Path, corpus: Path, tokenizer: Path, vocab: int = 1024, caseops: bool = False) -> Dataset:
     val_docs = VAL_DOCS
-    key = dataset_key(corpus, tokenizer, val_docs)
+    key = dataset_key(corpus, tokenizer, val_docs, caseops)
     out = cache / f"{corpus.stem}_{tokenizer.stem}_{key}"
     marker = out / "mini_track.json"
     label = (f"shared FineWeb sample {corpus.name} (last {val_docs} documents = validation), "
-             f"tokenizer {tokenizer.name}")
+             f"tokenizer {tokenizer.name}" + (" on CaseOps text, bytes of the original text" if caseops else ""))
+    knobs = {"VOCAB_SIZE": str(vocab), **({"CASEOPS_ENABLED": "1"} if caseops else {})}
     if marker.is_file() and (out / "manifest.json").is_file():
         log(f"data: reusing {out}")
-        return Dataset(out, tokenizer, "shared", label)
+        return Dataset(out, tokenizer, "shared", label, knobs)
     log(f"data: tokenizing {corpus} with {tokenizer.name} through data/tokenize_docs.py -> {out}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mini_track_") as tmp:
         reordered = Path(tmp) / "docs_val_first.jsonl"  # outside the repository, deleted afterwards
         n_docs = reorder_last_first(corpus, reordered, val_docs)
         cmd = [sys.executable, str(ROOT / "data" / "tokenize_docs.py"), "--docs", str(reordered), "--tokenizer",
-               str(tokenizer), "--output", str(out), "--val-docs", str(val_docs), "--force"]
+               str(tokenizer), "--output", str(out), "--val-docs", str(val_docs), "--force"] + (["--caseops"] if caseops
+                                                                                                 else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"data/tokenize_docs.py failed (exit {proc.returncode}): "
@@ -369,7 +392,7 @@ def prepare_shared(cache: Path, corpus: Path, tokenizer: Path) -> Dataset:
     (out / "mini_track.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"data: {n_docs} documents, val {info['val_tokens']:,} tokens, train {info['train_tokens']:,} tokens "
         f"({time.perf_counter() - t0:.1f}s)")
-    return Dataset(out, tokenizer, "shared", label)
+    return Dataset(out, tokenizer, "shared", label, knobs)
 
 
 def prepare_sample(cache: Path) -> Dataset:
@@ -384,11 +407,17 @@ def prepare_sample(cache: Path) -> Dataset:
                    "shared-data results")
 
 
-def prepare_data(cache: Path | None = None, corpus: Path | None = None, tokenizer: Path | None = None) -> Dataset:
-    """The track's dataset: the shared corpus tokenized (cached), or the embedded sample without ../shared."""
-    cache, corpus, tokenizer = cache or CACHE, corpus or CORPUS, tokenizer or TOKENIZER
+def prepare_data(cache: Path | None = None, corpus: Path | None = None, tokenizer: Path | None = None,
+                 name: str = "sp1024") -> Dataset:
+    """The track's dataset: the shared corpus tokenized (cached), or the embedded sample without ../shared
+    (only for the default tokenizer: another one without ../shared is an error)."""
+    default, vocab, caseops = TOKENIZERS[name]
+    cache, corpus, tokenizer = cache or CACHE, corpus or CORPUS, tokenizer or default
     if corpus.is_file() and tokenizer.is_file():
-        return prepare_shared(cache, corpus, tokenizer)
+        return prepare_shared(cache, corpus, tokenizer, vocab, caseops)
+    if name != "sp1024":
+        raise UsageError(f"--tokenizer={name} is not allowed here: {tokenizer if corpus.is_file() else corpus} not found "
+                         "(it needs ../shared/data; only sp1024 falls back to the embedded sample)")
     missing = corpus if not corpus.is_file() else tokenizer
     log(f"data: {missing} not found (no ../shared/data beside this clone): falling back to the embedded sample "
         "(data/make_sample.py); results are labelled data=sample and are not comparable with shared-data results")
@@ -460,7 +489,7 @@ def run_from_metrics(config: str, seed: int, metrics: Mapping[str, Any], wall_s:
 def run_one(config: str, overrides: Mapping[str, str], seed: int, seconds: float, data: Dataset, script: Path,
             run_dir: Path) -> Run:
     run_id = f"{config}_s{seed}"
-    knobs = track_env(overrides, seconds, seed, data.path, data.tokenizer, run_dir, run_id)
+    knobs = {**track_env(overrides, seconds, seed, data.path, data.tokenizer, run_dir, run_id), **data.knobs}
     out_path = run_dir / f"{run_id}.out"
     tag = f"[{config} s{seed}]"
     t0 = time.perf_counter()
@@ -500,7 +529,7 @@ def run_eval_variant(run: Run, name: str, knobs: Mapping[str, str], overrides: M
                      data: Dataset, script: Path, run_dir: Path) -> EvalRun:
     run_id = f"{run.config}_s{run.seed}"
     env = track_env(overrides, plan.seconds, run.seed, data.path, data.tokenizer, run_dir, f"{run_id}_{name}")
-    env.update({**knobs, "EVAL_ONLY": "1", "ARTIFACT": str(run_dir / f"{run_id}.ptz")})
+    env.update({**data.knobs, **knobs, "EVAL_ONLY": "1", "ARTIFACT": str(run_dir / f"{run_id}.ptz")})
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(script)], cwd=str(ROOT), env=child_environ(env),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -690,7 +719,7 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        data = (prepare or prepare_data)()
+        data = prepare() if prepare else prepare_data(name=plan.tokenizer)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -717,7 +746,7 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
                     f"quant {r.quant_s:.1f} s, eval {r.eval_s:.0f} s, wall {r.wall_s:.0f} s")
                 if r.over_cap:
                     log(f"WARNING: {name} seed {seed}: bytes_total {r.bytes_total:,} is OVER the {ARTIFACT_CAP:,} cap")
-                for ename, eknobs in plan.evals.items():
+                for ename, eknobs in (plan.evals.items() if name in plan.eval_configs else ()):
                     log(f"[{i}/{total}] {name} seed {seed}: re-scoring with eval variant {ename}")
                     er = run_eval_variant(r, ename, eknobs, overrides, plan, data, script, run_dir)
                     eval_runs.append(er)

@@ -66,7 +66,7 @@ def main() -> int:
     model = tg.GPT(tg.ModelConfig.from_hparams(h)).to(d.device)
     opt = tg.Optimizers(model, h)
 
-    ctx = tg.EvalContext.build(h, d, model, data.val_tokens, data.luts)
+    ctx = tg.EvalContext.build(h, d, model, data)
 
     def evaluate() -> tg.EvalResult:
         return tg.eval_windows(ctx, ctx.seq_len)

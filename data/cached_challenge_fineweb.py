@@ -661,16 +661,6 @@ def check_sidecars(val: list[Path], sidecars: list[Path]) -> int:
     return total
 
 
-def warn_sidecar_glob(dataset_dir: Path) -> None:
-    """train_gpt.py reads every file matching fineweb_val_*.bin; that pattern also matches the sidecars."""
-    tg = train_gpt()
-    read_as_val = [p.name for p in tg.list_shards(dataset_dir, "val") if SIDECAR_NAME.match(p.name)]
-    if read_as_val:
-        log(f"note: train_gpt.py would read {', '.join(read_as_val[:2])}{', ...' if len(read_as_val) > 2 else ''} "
-            f"as validation tokens (its fineweb_val_*.bin pattern matches the byte sidecars); CaseOps data needs a "
-            "train_gpt.py that leaves them out and counts BPB bytes from them")
-
-
 def run(args: argparse.Namespace) -> int:
     repo_id, repo_source, base = resolve_inputs(args, dict(os.environ))
     data_dir = args.data_dir.resolve()
@@ -763,8 +753,6 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         log(f"note: {len(extra)} other shard(s) in {dataset_dir} ({shown})"
             " were not part of this download; train_gpt.py reads every fineweb_train_*/fineweb_val_* file there")
-    if sidecars:
-        warn_sidecar_glob(dataset_dir)
     tokenizer = next((p.local for p in plan if p.kind == "tokenizer" and p.local.suffix == ".model"), None)
     dt = time.perf_counter() - t0
     print(f"download: files:{len(plan)} fetched:{fetched_files} present:{len(plan) - fetched_files} "

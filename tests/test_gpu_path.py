@@ -361,7 +361,7 @@ def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatc
                LOOP_START="1", LOOP_END="1", LOOPING_START_STEP="2", VAL_LOSS_EVERY="1", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", EVAL_BATCH_SEQS="8", EVAL_STRIDE="32", TTT_ENABLED="1",
                TTT_EPOCHS="1", TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
-               BPB_CHECK_DOCS="5", DOC_ISOLATION=leaderboard_top,
+               BPB_CHECK_DOCS="5", DOC_ISOLATION=leaderboard_top, DOC_PACKED_LOADER=leaderboard_top,
                PHASED_TTT_ENABLED=leaderboard_top, PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2",
                TTT_BATCH_SIZE="4", TTT_LORA_RANK="4")
     try:

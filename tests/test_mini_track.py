@@ -112,6 +112,14 @@ def test_eval_variants_turn_ttt_on_and_are_checked_by_train_gpt():
         mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=0"], {})
 
 
+def test_eval_configs_choose_which_runs_are_re_scored():
+    plan = mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1", "--eval-configs", "record"], {})
+    assert plan.eval_configs == ["record"]
+    assert mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1"], {}).eval_configs == ["baseline", "record"]
+    with pytest.raises(mt.UsageError, match="--eval-configs='nope' is not allowed"):
+        mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1", "--eval-configs", "nope"], {})
+
+
 def test_eval_variant_table_reports_the_gain_over_the_same_artifacts_sliding_score():
     rows = [mt.EvalRun("record+lora", 1, 2.0, 2.1, 50.0, 90.0), mt.EvalRun("record+lora", 2, 2.02, 2.1, 51.0, 91.0)]
     text = mt.format_eval_runs(rows)
@@ -425,3 +433,16 @@ def test_tiny_sweep_end_to_end(isolated, monkeypatch, dataset, capsys):
                               "--eval-variant lora=PHASED_TTT_ENABLED=1,")
     assert "| record | 1337 |" in results and "| baseline | 1 |" in results
     assert "| record+lora | 1337 |" in results and "PHASED_TTT_ENABLED=1" in results
+
+
+def test_tokenizer_choice_keys_the_data_and_sets_what_train_gpt_needs(tmp_path):
+    assert mt.build_plan(["--tokenizer", "caseops8192"], {}).tokenizer == "caseops8192"
+    assert mt.build_plan([], {}).tokenizer == "sp1024"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    tok = tmp_path / "t.model"
+    tok.write_bytes(b"x")
+    assert mt.dataset_key(corpus, tok, 5) != mt.dataset_key(corpus, tok, 5, caseops=True)
+    with pytest.raises(mt.UsageError, match="--tokenizer=caseops8192 is not allowed here"):
+        mt.prepare_data(tmp_path / "cache", tmp_path / "missing.jsonl", name="caseops8192")
+    assert "CASEOPS_ENABLED" in mt.TRACK_KEYS and mt.TOKENIZERS["caseops8192"][1:] == (8192, True)

@@ -175,7 +175,8 @@ def evaluate_model(h: tg.Hyperparameters, model: tg.GPT) -> tg.EvalResult:
     torch.set_num_threads(1)
     try:
         model.eval()
-        ctx = tg.EvalContext.build(h, tg.DistInfo(0, 1, 0, torch.device("cpu")), model, val, luts)
+        ctx = tg.EvalContext(model, torch.from_numpy(val.astype(np.int64)), luts, h.eval_seq_len, h.eval_seq_len,
+                             h.eval_batch_seqs, 0, 1, torch.device("cpu"), h.compute_dtype)
         return tg.eval_windows(ctx, h.eval_seq_len)
     finally:
         torch.set_num_threads(threads)
