@@ -76,7 +76,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_loops": 0, "parallel_mode": "off",
         # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
         "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-        "lqer_enabled": False, "eval_stride": 0, "ttt_enabled": False,
+        "bigram_vocab_size": 0, "value_residual": False, "late_qat_threshold": 0.0, "fused_ce_enabled": False,
+        "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
+        # BASE's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
+        # tensors, zlib-9 (records/.../NaiveBaseline).
+        "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
+        "embed_clip_sigmas": 0.0, "lqer_enabled": False, "compressor": "zlib", "gptq_ar_selfgen": False,
+        "eval_stride": 0, "ttt_enabled": False, "phased_ttt_enabled": False,
     },
     "smoke": {
         # Sized for a 2-core CPU: ~16k tokens/s, so many small steps beat a few large ones.
@@ -130,7 +136,7 @@ RETIRED_VARS: dict[str, str] = {
 PARALLEL_MODES = ("off", "gptj", "lanes", "lane_merge")
 ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
 QUANT_METHODS = ("gptq", "rtn")
-COMPRESSORS = ("brotli", "lzma")
+COMPRESSORS = ("brotli", "lzma", "zlib")
 
 
 class ConfigError(ValueError):
@@ -226,7 +232,8 @@ class Hyperparameters:
                                lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0")
     max_val_tokens: int = knob(0, "evaluate only the first N validation targets (0 = all; the score is then NOT "
                                   "reportable)", _non_negative, ">= 0")
-    eval_time_budget_seconds: float = knob(600.0, "eval-time budget: TTT trains fewer epochs when it would pass it",
+    eval_time_budget_seconds: float = knob(600.0, "eval-time budget: TTT trains less (fewer epochs; LoRA adapters "
+                                                  "stop) when it would pass it",
                                            _positive, "> 0")
     ttt_enabled: bool = knob(True, "legal score-first test-time training on the validation stream (PR #1413)")
     ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine over chunks)", _non_negative, ">= 0")
@@ -234,8 +241,8 @@ class Hyperparameters:
     ttt_momentum: float = knob(0.9, "TTT SGD momentum", _below_one, "in [0, 1)")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored, then trained on", _positive, "> 0")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", _non_negative, ">= 0")
-    phased_ttt_enabled: bool = knob(False, "TTT as per-document LoRA (PR #1530) with phases of global SGD over "
-                                           "already-scored documents (PR #1610/#1626) instead of chunked SGD")
+    phased_ttt_enabled: bool = knob(True, "TTT as per-document LoRA (PR #1530) with phases of global SGD over "
+                                          "already-scored documents (PR #1610/#1626) instead of chunked SGD")
     ttt_lora_rank: int = knob(80, "rank of TTT's per-document LoRA adapters", _positive, "> 0")
     ttt_lora_alpha: float = knob(144.0, "LoRA output scale alpha/rank (PR #1767)", _positive, "> 0")
     ttt_lora_lr: float = knob(1e-4, "LoRA AdamW learning rate", _non_negative, ">= 0")
@@ -341,9 +348,12 @@ class Hyperparameters:
     matrix_bits: int = knob(6, "bits of attention and MLP matrices", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
     embed_bits: int = knob(7, "bits of the embedding tables (and an untied head; PR #1586)", lambda v: 2 <= v <= 8,
                            "an integer in [2, 8]")
-    mlp_clip_sigmas: float = knob(11.5, "SDClip k of MLP matrices: clip = k * std(row) (PR #1394)", _positive, "> 0")
-    attn_clip_sigmas: float = knob(13.0, "SDClip k of attention matrices", _positive, "> 0")
-    embed_clip_sigmas: float = knob(14.0, "SDClip k of the embedding tables", _positive, "> 0")
+    mlp_clip_sigmas: float = knob(11.5, "SDClip k of MLP matrices: clip = k * std(row) (PR #1394); 0 = no clip, "
+                                        "the row's largest magnitude (the naive baseline)", _non_negative, ">= 0")
+    attn_clip_sigmas: float = knob(13.0, "SDClip k of attention matrices (0 = the row's largest magnitude)",
+                                   _non_negative, ">= 0")
+    embed_clip_sigmas: float = knob(14.0, "SDClip k of the embedding tables (0 = the row's largest magnitude)",
+                                    _non_negative, ">= 0")
     matrix_clip_sigmas: float = knob(0.0, "when > 0, sets both MLP_CLIP_SIGMAS and ATTN_CLIP_SIGMAS", _non_negative,
                                      ">= 0")
     gptq_damp: float = knob(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal", _positive, "> 0")
@@ -366,7 +376,8 @@ class Hyperparameters:
                                                    "(TARGET_MB = millions of bytes)", _positive, "> 0")
     size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter",
                                   _non_negative, ">= 0")
-    compressor: str = knob("brotli", "artifact compressor: brotli (quality 11) / lzma (preset 9)",
+    compressor: str = knob("brotli", "artifact compressor: brotli (quality 11) / lzma (preset 9) / zlib (level 9, the "
+                                     "naive baseline's)",
                            lambda v: v in COMPRESSORS, "brotli or lzma")
     eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
     artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
@@ -407,6 +418,9 @@ class Hyperparameters:
             if name in env and name != "PRESET":
                 values[f.name] = _parse_value(name, env[name], type(f.default))
         values["preset"] = preset
+        if "PHASED_TTT_ENABLED" in env and values.get("phased_ttt_enabled") and not values.get("ttt_enabled", True):
+            raise ConfigError("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0: it is a form of TTT "
+                              "(set TTT_ENABLED=1, or leave PHASED_TTT_ENABLED unset)")
         warnings = _check_unknown_vars(env, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
                 for k, d in (("world_size", 1), ("rank", 0), ("local_rank", 0))}
@@ -440,9 +454,6 @@ class Hyperparameters:
         if self.ttt_enabled and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} is not allowed: must be >= EVAL_SEQ_LEN="
                               f"{self.eval_seq_len} (TTT trains on whole sequences of a scored chunk)")
-        if self.phased_ttt_enabled and not self.ttt_enabled:
-            raise ConfigError("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0: it is a form of TTT "
-                              "(set TTT_ENABLED=1, or PHASED_TTT_ENABLED=0)")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 is not allowed without ARTIFACT=<path of a .ptz artifact>")
         chunk = self.world_size * self.accum_steps * self.train_seq_len
@@ -2179,9 +2190,11 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None) -> Tensor:
-        """Head output before the softcap, in the compute dtype (with `lora`, plus each document's head adapter)."""
-        h = self.hidden(ids, cache, lora)
+    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
+                   first: int = 0) -> Tensor:
+        """Head output before the softcap for positions first.., in the compute dtype (with `lora`, plus each
+        document's head adapter)."""
+        h = self.hidden(ids, cache, lora)[:, first:]
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
@@ -2853,7 +2866,8 @@ class EMA:
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 3  # 3: the body in independently compressed chunks (2: one stream; GPTQ/SDClip rows, LQER)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
-ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1}  # the first byte of the compressed body says which
+ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2}
+ZLIB_LEVEL = 9  # the naive baseline's zlib-9  # the first byte of the compressed body says which
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
 # The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): the record's
@@ -2896,11 +2910,14 @@ def qmax(bits: int) -> int:
 
 
 def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
-    """SDClip (PR #1394): clip each row at k standard deviations; the step is clip / qmax, as fp16.
+    """SDClip (PR #1394): clip each row at k standard deviations (k = 0: at its largest magnitude); the step
+    is clip / qmax, as fp16.
     Larger k -> fewer distinct levels used -> lower entropy -> a smaller artifact (monotone).
     w is a matrix or a stack of them (rows along the last-but-one dimension)."""
-    std = w.float().std(dim=-1, correction=0)
-    scale = (k * std / qmax(bits)).half()
+    if k > 0:
+        scale = (k * w.float().std(dim=-1, correction=0) / qmax(bits)).half()
+    else:  # no clip: the row's largest magnitude (the naive baseline's per-row int8)
+        scale = (w.float().abs().amax(dim=-1) / qmax(bits)).half()
     # A constant row (std 0, or below fp16's subnormals) gets scale 1: it quantizes to 0 (or its clip).
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -3148,6 +3165,8 @@ def _compress(body: bytes, compressor: str) -> bytes:
     if compressor == "brotli":
         import brotli
         return brotli.compress(body, quality=BROTLI_QUALITY)
+    if compressor == "zlib":
+        return zlib.compress(body, ZLIB_LEVEL)
     import lzma
     return lzma.compress(body, format=lzma.FORMAT_XZ, preset=LZMA_PRESET)
 
@@ -3156,6 +3175,8 @@ def _decompress(data: bytes, compressor: str) -> bytes:
     if compressor == "brotli":
         import brotli
         return brotli.decompress(data)
+    if compressor == "zlib":
+        return zlib.decompress(data)
     import lzma
     return lzma.decompress(data, format=lzma.FORMAT_XZ)
 
@@ -3863,18 +3884,18 @@ def phase_segments(n_docs: int, prefix_docs: int, phases: int) -> list[tuple[int
     return segments + ([(prefix, n_docs)] if n_docs > prefix else [])
 
 
-def lora_batch(ctx: EvalContext, docs: list[tuple[int, int]], rows: int) -> tuple[Tensor, Tensor]:
-    """(rows, L + 1) tokens of each document from its first input, zero-padded, and each one's length."""
-    lengths = torch.tensor([hi - lo for lo, hi in docs] + [0] * (rows - len(docs)))
-    batch = torch.zeros(rows, int(lengths.max()) + 1, dtype=torch.long, device=ctx.device)
+def lora_batch(ctx: EvalContext, docs: list[tuple[int, int]]) -> Tensor:
+    """(documents, L + 1) tokens of each document from its first input, zero-padded."""
+    batch = torch.zeros(len(docs), max(hi - lo for lo, hi in docs) + 1, dtype=torch.long, device=ctx.device)
     for r, (lo, hi) in enumerate(docs):
         batch[r, : hi - lo + 1] = ctx.tokens[lo: hi + 1]
-    return batch, lengths.to(ctx.device)
+    return batch
 
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
+    """Nats of the targets y, which are the last y.size(1) of x's window: only they reach the head."""
     with ctx.autocast():
-        z = model.raw_logits(x, lora=lora)
+        z = model.raw_logits(x, lora=lora, first=x.size(1) - y.size(1))
     return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
 
 
@@ -3885,28 +3906,29 @@ def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tup
     last chunk) one AdamW step of every document's adapters on its own chunk loss. Documents run longest
     first, so the ones still going are the first rows: finished ones leave the batch."""
     docs = sorted(docs, key=lambda span: span[0] - span[1])
-    batch, lengths = lora_batch(ctx, docs, cfg.batch_docs)
-    first = torch.tensor([lo for lo, _ in docs] + [0] * (cfg.batch_docs - len(docs)), device=ctx.device)
+    batch = lora_batch(ctx, docs)
+    lengths = torch.tensor([hi - lo for lo, hi in docs], device=ctx.device)
+    first = torch.tensor([lo for lo, _ in docs], device=ctx.device)
+    last = [(hi - lo - 1) // cfg.chunk for lo, hi in docs]  # each document's last chunk (host: no device sync)
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    last_chunk = (lengths - 1).clamp_min(0) // cfg.chunk
-    for c in range(int(last_chunk.max()) + 1):
+    for c in range(last[0] + 1):
         lo, hi = c * cfg.chunk, min((c + 1) * cfg.chunk, batch.size(1) - 1)
         ws = max(0, hi - ctx.seq_len)
-        k = max(1, int((last_chunk >= c).sum()))  # documents with targets in this chunk
-        x, y, view = batch[:k, ws:hi], batch[:k, ws + 1: hi + 1], lora.rows(k)
+        k = sum(1 for n in last if n >= c)  # documents with targets in this chunk
+        x, y, view = batch[:k, ws:hi], batch[:k, lo + 1: hi + 1], lora.rows(k)
         pos = torch.arange(lo, hi, device=ctx.device)
         mask = pos[None, :] < lengths[:k, None]  # (k, hi - lo): real targets of this chunk
         with torch.no_grad():
-            nll = lora_nll(model, view, x, y, ctx)[:, lo - ws:]
-            n_bytes = ctx.target_bytes(x[:, lo - ws:], y[:, lo - ws:], first[:k, None] + pos[None, :] + 1)
+            nll = lora_nll(model, view, x, y, ctx)
+            n_bytes = ctx.target_bytes(x[:, lo - ws:], y, first[:k, None] + pos[None, :] + 1)
             sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
-        learn = mask & (c < last_chunk[:k])[:, None]
+        learn = mask & torch.tensor([n > c for n in last[:k]], device=ctx.device)[:, None]
         if trace is not None:
             trace.append((c, [(d, (nll[r] * mask[r]).sum().item()) for r, d in enumerate(docs[:k])], learn.any(1)))
-        if train and bool(learn.any()):
-            per_doc = (lora_nll(model, view, x, y, ctx)[:, lo - ws:] * learn).sum(1) / learn.sum(1).clamp_min(1)
+        if train and last[0] > c:  # the longest document has a later chunk, so this one is trained on
+            per_doc = (lora_nll(model, view, x, y, ctx) * learn).sum(1) / learn.sum(1).clamp_min(1)
             per_doc.sum().backward()  # each document's adapters get the gradient of its own mean loss
             opt.step()
             opt.zero_grad(set_to_none=True)

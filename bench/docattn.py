@@ -1,6 +1,6 @@
 """Document-isolated attention on this machine: which fallback for FA3's varlen call is fastest.
 
-    python bench/docattn.py [--shapes mini,record] [--reps 5] [--mean-doc 600]
+    python bench/docattn.py [--shapes mini,record] [--reps 5] [--mean-doc 600] [--device cuda]
 
 Every variant computes causal attention restricted to each document (a row start or a BOS token starts
 one), forward + backward, on the same random q/k/v and document layout; each is checked against the
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 SHAPES = {  # (rows, seq_len, heads, kv_heads, head_dim)
     "mini": (32, 128, 4, 2, 32),      # bench/mini_track.py's shape
     "record": (2, 2048, 8, 4, 64),    # the record's attention, 2 rows (a CPU-sized slice of 48)
+    "record_gpu": (48, 2048, 8, 4, 64),  # one H100's micro-batch at the record's 786,432 tokens/step on 8 GPUs
 }
 
 
@@ -40,14 +41,14 @@ def doc_starts(rows: int, seq_len: int, mean_doc: float, gen: torch.Generator) -
 def segment_mask(starts: torch.Tensor) -> torch.Tensor:
     seg = starts.cumsum(1)
     T = starts.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=starts.device).tril()
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
 def by_segments(q, k, v, starts):
     out = torch.empty_like(q)
     for b in range(q.size(0)):
-        bounds = starts[b].nonzero().flatten().tolist() + [q.size(2)]
+        bounds = starts[b].nonzero().flatten().tolist() + [q.size(2)]  # host sync per row: a reference, not a path
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             out[b:b + 1, :, lo:hi] = F.scaled_dot_product_attention(
                 q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], is_causal=True, enable_gqa=True)
@@ -63,7 +64,7 @@ def variants(starts: torch.Tensor):
         return (qi >= ki) & (seg[b, qi] == seg[b, ki])
 
     B, T = starts.shape
-    block = create_block_mask(doc_causal, B, None, T, T, device="cpu")
+    block = create_block_mask(doc_causal, B, None, T, T, device=starts.device)
     flex = torch.compile(flex_attention, dynamic=False)
     masked = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
     return {
@@ -83,6 +84,8 @@ def time_one(fn, q, k, v, reps: int, backward: bool) -> float:
         out = fn(qq, kk, vv)
         if backward:
             out.square().sum().backward()
+        if q.device.type == "cuda":
+            torch.cuda.synchronize()
         if i:  # the first call compiles
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
@@ -93,14 +96,18 @@ def main() -> None:
     ap.add_argument("--shapes", default="mini,record")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mean-doc", type=float, default=600.0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda, as training runs)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, mean document {args.mean_doc:g} tokens")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, mean document {args.mean_doc:g} tokens")
     print(f"{'shape':8} {'variant':12} {'ms fwd+bwd':>11} {'vs causal':>9} {'max err':>9}")
     for name in args.shapes.split(","):
         B, T, H, Hkv, D = SHAPES[name]
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(B, h, T, D, generator=gen) for h in (H, Hkv, Hkv))
-        starts = doc_starts(B, T, args.mean_doc, gen)
+        q, k, v = (torch.randn(B, h, T, D, generator=gen).to(device, dtype) for h in (H, Hkv, Hkv))
+        starts = doc_starts(B, T, args.mean_doc, gen).to(device)
         ref = by_segments(q, k, v, starts)
         base = None
         for vname, fn in variants(starts).items():

@@ -724,6 +724,7 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
         print(f"error: {exc}", file=sys.stderr)
         return 2
     script, code_sha = packed_script()
+    commit = git_commit()  # now: the script is packed now, and the tree may change while the runs go
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     run_dir = CACHE / "runs" / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -762,7 +763,7 @@ def main(argv: Sequence[str] | None = None, prepare: Callable[[], Dataset] | Non
         failed = True
     else:
         failed = False
-    meta = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "hardware": hardware(),
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hardware(),
             "code_sha256": code_sha, "bytes_code": runs[0].bytes_code, "run_dir": str(run_dir)}
     text = report(plan, runs, data, meta, eval_runs)
     if plan.as_json:

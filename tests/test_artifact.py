@@ -578,3 +578,26 @@ def test_packed_script_is_recognised_as_the_same_program():
     assert tg.eval_only_config(h, meta, packed, "a.ptz").num_layers == 13
     with pytest.raises(tg.ArtifactError, match="a.ptz"):
         tg.eval_only_config(h, meta, b"print(1)\n", "a.ptz")
+
+
+def test_the_naive_baselines_artifact_int8_at_each_rows_max_and_zlib_round_trips(hand_state):
+    """PRESET=baseline's quantization: per-row int8 at each row's largest magnitude (clip sigmas 0), zlib-9."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    scale = tg.sdclip_scales(w, 8, 0.0)
+    assert torch.allclose(scale.float(), (w.abs().amax(-1) / 127).half().float())
+    q = tg.quantize_rtn(w, scale, 8)
+    assert int(q.abs().max()) == 127 and (w - q.float() * scale.float()[:, None]).abs().max() <= scale.float().max()
+    h = tg.Hyperparameters.from_env({"PRESET": "baseline"})
+    spec = tg.QuantSpec.from_hparams(h)
+    blob = tg.pack_artifact(hand_state, spec)
+    assert blob[PREFIX] == tg.ARTIFACT_COMPRESSOR_IDS["zlib"]
+    (n,) = struct.unpack_from("<I", blob, PREFIX + 1)
+    first = PREFIX + 5 + 4 * n
+    zlib.decompressobj().decompress(blob[first: first + 64])  # the chunks are zlib streams (raises otherwise)
+    out = tg.unpack_artifact(blob)
+    assert set(out) == set(hand_state)
+    body = tg.decompress_chunks(blob[PREFIX:], "test")
+    (hlen,) = struct.unpack_from("<I", body)
+    header = json.loads(body[4: 4 + hlen].decode("utf-8"))
+    assert header["compressor"] == "zlib"
+    assert {e.get("bits") for e in header["tensors"] if e["kind"] == "intq_row"} == {8}

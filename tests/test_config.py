@@ -160,6 +160,29 @@ def test_baseline_preset():
             assert getattr(h, f.name) == f.default, f.name
 
 
+# Knobs that run the same model differently (devices, logs, files, checks): not features a preset chooses.
+OPERATIONAL = {"compile", "sample_data", "strict_env", "dry_run", "eval_only", "overwrite", "tie_embeddings",
+               "ttt_warm_start_a"}
+
+
+def test_every_feature_the_record_turns_on_is_explicitly_off_in_the_baseline():
+    """The baseline is the naive baseline (1.2244 BPB: int8 + zlib, no EMA, no sliding eval), written out:
+    a feature added to the record later must be switched off in it explicitly, never inherited."""
+    numeric = {"xsa_last_n", "num_loops", "bigram_vocab_size", "eval_stride", "ema_decay", "late_qat_threshold",
+               "rope_dims", "min_lr", "muon_wd", "embed_wd", "adam_wd", "grad_clip_norm"}
+    base = tg.PRESETS["baseline"]
+    on_in_record = [f.name for f in H.knob_fields()
+                    if f.name not in OPERATIONAL and ((f.type in (bool, "bool") and f.default is True)
+                                                      or (f.name in numeric and f.default))]
+    assert len(on_in_record) > 15
+    missing = [n for n in on_in_record if n not in base]
+    assert not missing, f"PRESET=baseline inherits these record features: {missing}"
+    assert all(not base[n] for n in on_in_record if n not in ("ema_decay",)) and base["ema_decay"] == 0.0
+    h = H.from_env({"PRESET": "baseline"})
+    assert (h.quant_method, h.matrix_bits, h.embed_bits, h.compressor, h.lqer_enabled) == ("rtn", 8, 8, "zlib", False)
+    assert (h.mlp_clip_sigmas, h.attn_clip_sigmas, h.embed_clip_sigmas) == (0.0, 0.0, 0.0)  # the row's max
+
+
 def test_explicit_env_var_beats_preset():
     h = H.from_env({"PRESET": "baseline", "NUM_LAYERS": "5", "MATRIX_LR": "0.01", "TRAIN_SEQ_LEN": "2048"})
     assert (h.num_layers, h.matrix_lr, h.train_seq_len) == (5, 0.01, 2048)
