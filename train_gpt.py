@@ -588,8 +588,8 @@ def closest_knob(name: str, candidates: list[str]) -> str | None:
     if key in candidates:
         return key
     squashed = {c.replace("_", ""): c for c in candidates}
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8) or \
-        difflib.get_close_matches(key.replace("_", ""), list(squashed), n=1, cutoff=0.8)
+    close = (difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
+             or difflib.get_close_matches(key.replace("_", ""), list(squashed), n=1, cutoff=0.8))
     return (squashed.get(close[0], close[0])) if close else None
 
 
@@ -1091,8 +1091,8 @@ def manifest_tokenizer_sha256(manifest: dict[str, Any]) -> str | None:
     if isinstance(tok, dict) and isinstance(tok.get("sha256"), str):
         return tok["sha256"]
     files = manifest.get("files")
-    hashes = [v.get("sha256") for k, v in files.items() if k.endswith(".model") and isinstance(v, dict)] \
-        if isinstance(files, dict) else []
+    hashes = ([v.get("sha256") for k, v in files.items() if k.endswith(".model") and isinstance(v, dict)]
+              if isinstance(files, dict) else [])
     return hashes[0] if len(hashes) == 1 and isinstance(hashes[0], str) else None
 
 
@@ -3307,8 +3307,8 @@ def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[st
         header = json.loads(body[4: 4 + hlen])
     except (struct.error, ValueError) as exc:  # JSON and UnicodeDecode errors are ValueErrors
         raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
-    if 4 + hlen > len(body) or not isinstance(header, dict) or header.get("format") != "pgolf-artifact" \
-            or header.get("version") != ARTIFACT_VERSION or not isinstance(header.get("tensors"), list):
+    if (4 + hlen > len(body) or not isinstance(header, dict) or header.get("format") != "pgolf-artifact"
+            or header.get("version") != ARTIFACT_VERSION or not isinstance(header.get("tensors"), list)):
         raise ArtifactError(f"{source}: corrupted artifact: header is not a version-{ARTIFACT_VERSION} pgolf-artifact header")
     payload = memoryview(body)[4 + hlen:]
 

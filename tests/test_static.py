@@ -453,3 +453,18 @@ def test_readme_knob_table_is_current():
     assert text[start:end].strip() == current, (
         "README.md knob table is stale: replace the text between the markers with "
         "`python -c 'import train_gpt; print(train_gpt.knob_table_markdown())'`")
+
+
+def backslash_continuations(text: str) -> list[int]:
+    """Lines ending in a backslash outside strings: they hide what follows from line-based tools."""
+    import io
+    import tokenize
+
+    rows = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+            if tok.type == tokenize.STRING and "\n" in tok.string}
+    return [i for i, line in enumerate(text.splitlines(), 1) if line.rstrip().endswith("\\") and i not in rows]
+
+
+def test_no_backslash_continuations(source):
+    assert backslash_continuations(source) == []
+    assert backslash_continuations("x = 1 + \\\n    2\n") == [1]  # the checker finds one
