@@ -222,8 +222,12 @@ def test_progress_is_due_at_least_every_30_seconds():
 
 def test_sigint_ends_with_one_line_and_exit_130(dataset, tmp_path):
     env = tiny_env(dataset, tmp_path, "sigint", ITERATIONS=100_000)
+    # As a shell starts a foreground job: SIGINT at its default. A non-interactive shell that starts pytest
+    # in the background (`cmd &`) leaves SIGINT ignored, which children inherit, and Python then installs
+    # no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, str(tg.Path(tg.__file__))], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until it trains
         if line.startswith("step:2/"):
             break
