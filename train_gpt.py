@@ -1425,7 +1425,7 @@ def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
         if part.size != n:
             raise DataError(f"{side}: {part.size} byte counts for the {n} tokens of {f.name}: not its sidecar")
         parts.append(part)
-    sidecar = np.concatenate(parts)[: tokens.size].astype(np.int64)
+    sidecar = np.concatenate(parts)[: tokens.size].astype(np.int32)  # on the device: 4 bytes a token, not 8
     bad = np.flatnonzero((tokens == BOS_ID) & (sidecar != 0))
     if bad.size:
         raise DataError(f"{val_files[0].parent}/fineweb_val_bytes_*.bin: {int(sidecar[bad[0]])} bytes at BOS token "
