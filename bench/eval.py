@@ -57,9 +57,8 @@ def main() -> int:
     usable = ((tokens.size - 1) // args.seq_len) * args.seq_len
     tokens = np.ascontiguousarray(tokens[: usable + 1]).astype(np.uint16)
     g = torch.Generator().manual_seed(0)
-    luts = {"base_bytes": torch.randint(1, 5, (h.vocab_size,), generator=g).to(device),
-            "has_leading_space": torch.zeros(h.vocab_size, dtype=torch.bool, device=device),
-            "is_boundary": torch.zeros(h.vocab_size, dtype=torch.bool, device=device)}
+    luts = tg.ByteLUTs(torch.randint(1, 5, (h.vocab_size,), generator=g),
+                       torch.zeros(h.vocab_size, dtype=torch.bool), torch.zeros(h.vocab_size, dtype=torch.bool)).to(device)
     rows = []
 
     def timed(fn):

@@ -15,8 +15,8 @@ The track:
   sample (data/make_sample.py) stands in, and every result says so: such numbers are not
   comparable with shared-data ones.
 - Budget: MINI_TRAIN_SECONDS (or --seconds; default 240) of training wallclock, GPTQ Hessians
-  included; artifact cap 2,000,000 bytes with the code counted at its packed size (train_gpt.py is
-  run as its LZMA self-extracting script, so bytes_code is the packed size); score = sliding
+  included; artifact cap 2,000,000 bytes with the code counted at its shipped size (train_gpt.py is
+  run as the file records/pack.py generates, so bytes_code is the shipped size); score = sliding
   val_bpb at stride 64 over all validation documents; no test-time training (one TTT epoch costs
   about 7x a plain pass on this CPU, over three minutes on the 558k validation tokens: it does not
   fit a six-minute run).
@@ -425,16 +425,23 @@ def prepare_data(cache: Path | None = None, corpus: Path | None = None, tokenize
 
 
 def packed_script(cache: Path | None = None, source: Path | None = None) -> tuple[Path, str]:
-    """train_gpt.py as its self-extracting script (what a submission ships), cached by the source's sha256:
-    run as is, its own size is the bytes_code the artifact cap counts. Returns (path, source sha256)."""
+    """train_gpt.py as the file a submission ships (`records/pack.py SOURCE -o FILE`: stripped, compressed,
+    verified), cached by the sha256 of the source and of pack.py: run as is, its own size is the
+    bytes_code the artifact cap counts. Returns (path, source sha256)."""
     code = (source or ROOT / "train_gpt.py").read_bytes()
+    packer = ROOT / "records" / "pack.py"
     sha = hashlib.sha256(code).hexdigest()
-    path = (cache or CACHE) / "packed" / f"train_gpt_{sha[:16]}.py"
+    key = hashlib.sha256(code + packer.read_bytes()).hexdigest()
+    path = (cache or CACHE) / "packed" / f"train_gpt_{key[:16]}.py"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(train_gpt().self_extracting_source(code))
-        os.replace(tmp, path)
+        src = path.with_name(f"{path.stem}_source.py")  # pack.py names the payload after the source
+        src.write_bytes(code)
+        try:
+            subprocess.run([sys.executable, str(packer), str(src), "-o", str(path)], check=True,
+                           stdout=subprocess.DEVNULL)
+        finally:
+            src.unlink()
     return path, sha
 
 

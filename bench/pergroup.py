@@ -114,7 +114,8 @@ def record_blob(seed: int) -> bytes:
     import compress
 
     state = compress.record_state(seed)
-    return tg.pack_artifact(state, tg.QuantSpec(method="rtn", lqer_rank=0))
+    spec = tg.QuantSpec(method="rtn", lqer_rank=0)
+    return tg.pack_quantized(tg.quantize_state(state, spec, None), spec.compressor, None)
 
 
 def main(argv: list[str] | None = None) -> int:

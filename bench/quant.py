@@ -72,12 +72,12 @@ def main() -> int:
         return tg.eval_windows(ctx, ctx.seq_len)
 
     def make_loader() -> tg.TrainLoader:
-        return tg.TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, 0, 1, h.seed,
-                              h.vocab_size, d.device)
+        return tg.TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, h.seed,
+                              h.vocab_size, d)
 
     t0 = time.perf_counter()
     graphs = tg.Graphs.build(h, model)
-    result = tg.train(h, d, model, graphs, opt, make_loader, evaluate, 0.0, log)
+    result = tg.train(h, d, graphs, opt, make_loader, evaluate, 0.0, log)
     train_s = time.perf_counter() - t0
     calib = tg.calibrate_gptq(h, d, model, graphs.calibrate, make_loader)
     pre = evaluate()

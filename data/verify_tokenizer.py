@@ -85,14 +85,11 @@ def target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
     import torch
 
     tg = train_gpt()
-    base = torch.from_numpy(luts.base_bytes.astype(np.int64))
-    space = torch.from_numpy(luts.has_leading_space)
-    boundary = torch.from_numpy(luts.is_boundary)
     out = np.zeros(tokens.size, dtype=np.int32)  # a few bytes per token: int32 halves the memory of 62M tokens
     for s in range(0, tokens.size - 1, CHUNK_TOKENS):
         e = min(s + CHUNK_TOKENS, tokens.size - 1)
         window = torch.from_numpy(tokens[s:e + 1].astype(np.int64))
-        out[s + 1:e + 1] = tg.count_target_bytes(window[:-1], window[1:], base, space, boundary).numpy()
+        out[s + 1:e + 1] = tg.count_target_bytes(window[:-1], window[1:], luts).numpy()
     return out
 
 

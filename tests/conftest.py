@@ -72,7 +72,7 @@ def dataset(tmp_path_factory) -> dict:
     return {"dir": Path(dataset_dir), "tokenizer": Path(tokenizer), "vocab_size": 1024, "source": "sample"}
 
 
-def eval_ctx(model, val: np.ndarray, luts: dict, seq_len: int, stride: int | None = None, batch_seqs: int = 4,
+def eval_ctx(model, val: np.ndarray, luts: tg.ByteLUTs, seq_len: int, stride: int | None = None, batch_seqs: int = 4,
              rank: int = 0, world_size: int = 1, compute_dtype: str = "fp32") -> "tg.EvalContext":
     """An EvalContext on the CPU for `val` (stride defaults to seq_len: the plain evaluation)."""
     import torch

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from artifact_helpers import dequantize_rows, pack_artifact  # noqa: E402
 
 PREFIX = tg.ARTIFACT_PREFIX.size  # magic(8) | version(u16) | crc32(u32) | body length(u64) = 22 bytes
 SPEC = tg.QuantSpec()  # what pack_artifact uses without a spec: round to nearest, int6 matrices, int7 tables
@@ -140,7 +141,7 @@ def gpt_state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def gpt_blob(gpt_state) -> bytes:
-    return tg.pack_artifact(gpt_state)
+    return pack_artifact(gpt_state)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def hand_state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def hand_blob(hand_state) -> bytes:
-    return tg.pack_artifact(hand_state)
+    return pack_artifact(hand_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +175,8 @@ def test_sdclip_rtn_range_scale_and_error(dtype, bits, k):
     assert int(q.min()) >= -r and int(q.max()) <= r, f"values must stay in [-{r}, {r}]"
     # The step is k * std(row) / qmax, rounded to fp16.
     assert torch.equal(scale, (k * w.float().std(dim=1, correction=0) / r).half())
-    deq = tg.dequantize_rows(q, scale, torch.float32)
-    assert deq.dtype == torch.float32 and tg.dequantize_rows(q, scale, dtype).dtype == dtype
+    deq = dequantize_rows(q, scale, torch.float32)
+    assert deq.dtype == torch.float32 and dequantize_rows(q, scale, dtype).dtype == dtype
     assert_sdclip_bound("w", w, deq.to(dtype), bits, k)
     beyond = w.float().abs() >= scale.float()[:, None] * r
     assert torch.equal(q[beyond].abs(), torch.full_like(q[beyond], r)), "values past the clip use the grid's end"
@@ -203,7 +204,7 @@ def test_quantize_zero_and_tiny_rows_are_finite():
     scale = tg.sdclip_scales(w, 6, 12.0)
     q = tg.quantize_rtn(w, scale, 6)
     assert torch.isfinite(scale.float()).all() and (scale.float() > 0).all()
-    deq = tg.dequantize_rows(q, scale, torch.float32)
+    deq = dequantize_rows(q, scale, torch.float32)
     assert torch.isfinite(deq).all()
     assert torch.equal(deq[0], torch.zeros(100)), "a zero row must come back exactly zero"
     assert ((deq[3] - w[3]).abs() <= scale.float()[3] / 2 * (1 + 1e-3)).all()
@@ -275,7 +276,7 @@ def test_roundtrip_untied_head_zero_rows():
     state = tiny_gpt_state(tie_embeddings=False, seed=1)
     with torch.no_grad():
         state["lm_head.weight"].zero_()
-    out = tg.unpack_artifact(tg.pack_artifact(state))
+    out = tg.unpack_artifact(pack_artifact(state))
     assert torch.equal(out["lm_head.weight"], torch.zeros_like(state["lm_head.weight"]))
     for name, orig in state.items():
         assert_close_to_original(name, orig, out[name])
@@ -307,8 +308,8 @@ def test_unpacked_tensors_are_independent_and_writable(hand_blob):
 
 
 def test_pack_is_deterministic_and_order_independent(gpt_state, gpt_blob, hand_state, hand_blob):
-    assert tg.pack_artifact(gpt_state) == gpt_blob, "packing the same state twice must give the same bytes"
-    assert tg.pack_artifact(dict(reversed(list(gpt_state.items())))) == gpt_blob
+    assert pack_artifact(gpt_state) == gpt_blob, "packing the same state twice must give the same bytes"
+    assert pack_artifact(dict(reversed(list(gpt_state.items())))) == gpt_blob
     # Another insertion order, fresh tensor objects, and non-contiguous views with the same values.
     rng = np.random.default_rng(7)
     names = list(hand_state)
@@ -317,7 +318,7 @@ def test_pack_is_deterministic_and_order_independent(gpt_state, gpt_blob, hand_s
     other = {n: (hand_state[n].t().contiguous().t() if hand_state[n].ndim == 2 else hand_state[n].clone())
              for n in order}
     assert not other["blocks.0.mlp.fc.weight"].is_contiguous()
-    assert tg.pack_artifact(other) == hand_blob
+    assert pack_artifact(other) == hand_blob
 
 
 def test_blob_layout_is_prefix_plus_pickle_free_body(gpt_state, gpt_blob):
@@ -563,20 +564,12 @@ def test_atomic_write_fsync_failure_keeps_old_content(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
-def test_packed_script_is_recognised_as_the_same_program():
+def test_eval_only_accepts_only_the_script_file_that_wrote_the_artifact():
     src = Path(tg.__file__).read_bytes()
-    packed = tg.self_extracting_source(src)
-    assert tg.unpack_self_extracting(packed) == src
-    assert tg.unpack_self_extracting(src) is None
-    assert tg.unpack_self_extracting(packed[:-40] + packed[-39:]) is None  # damaged payload
-    sha = hashlib.sha256(src).hexdigest()
-    assert tg.code_hashes(packed) == {sha, hashlib.sha256(packed).hexdigest()}
-    assert tg.code_hashes(src) == {sha}
-    # EVAL_ONLY accepts an artifact written by the readable script when run from its packed form
     h = tg.Hyperparameters.from_env({})
-    meta = {"code_sha256": sha, "config": {"NUM_LAYERS": 13}}
-    assert tg.eval_only_config(h, meta, packed, "a.ptz").num_layers == 13
-    with pytest.raises(tg.ArtifactError, match="a.ptz"):
+    meta = {"code_sha256": hashlib.sha256(src).hexdigest(), "config": {"NUM_LAYERS": 13}}
+    assert tg.eval_only_config(h, meta, src, "a.ptz").num_layers == 13
+    with pytest.raises(tg.ArtifactError, match="a.ptz: written by code sha256"):
         tg.eval_only_config(h, meta, b"print(1)\n", "a.ptz")
 
 
@@ -589,7 +582,7 @@ def test_the_naive_baselines_artifact_int8_at_each_rows_max_and_zlib_round_trips
     assert int(q.abs().max()) == 127 and (w - q.float() * scale.float()[:, None]).abs().max() <= scale.float().max()
     h = tg.Hyperparameters.from_env({"PRESET": "baseline"})
     spec = tg.QuantSpec.from_hparams(h)
-    blob = tg.pack_artifact(hand_state, spec)
+    blob = pack_artifact(hand_state, spec)
     assert blob[PREFIX] == tg.ARTIFACT_COMPRESSOR_IDS["zlib"]
     (n,) = struct.unpack_from("<I", blob, PREFIX + 1)
     first = PREFIX + 5 + 4 * n

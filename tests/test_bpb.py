@@ -52,14 +52,14 @@ SPACE = "\u2581"
 
 # ---------------------------------------------------------------- helpers
 
-def lut_tensors(luts: tg.ByteLUTs) -> dict[str, torch.Tensor]:
-    return tg.luts_to_device(luts, CPU)
+def lut_tensors(luts: tg.ByteLUTs) -> tg.ByteLUTs:
+    return luts.to(CPU)
 
 
-def lut_bytes(luts: dict[str, torch.Tensor], ids: list[int] | np.ndarray) -> torch.Tensor:
+def lut_bytes(luts: tg.ByteLUTs, ids: list[int] | np.ndarray) -> torch.Tensor:
     """Per-target byte counts for targets ids[1:] with prev ids[:-1] (what eval_val sums)."""
     t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    return tg.count_target_bytes(t[:-1], t[1:], luts["base_bytes"], luts["has_leading_space"], luts["is_boundary"])
+    return tg.count_target_bytes(t[:-1], t[1:], luts)
 
 
 def decoded_bytes(sp, ids: list[int]) -> int:
@@ -110,9 +110,9 @@ def check_docs_against_decode(sp, luts, encoded: list[list[int]]) -> tuple[int, 
 #                              5:  "▁"            0     yes    -
 #                              6:  <unk>          0     -      yes
 FAKE = tg.ByteLUTs(
-    base_bytes=np.array([0, 2, 2, 2, 1, 0, 0], dtype=np.int16),
-    has_leading_space=np.array([0, 0, 1, 0, 0, 1, 0], dtype=bool),
-    is_boundary=np.array([1, 0, 0, 0, 0, 0, 1], dtype=bool),
+    base_bytes=torch.tensor([0, 2, 2, 2, 1, 0, 0]),
+    has_leading_space=torch.tensor([0, 0, 1, 0, 0, 1, 0], dtype=torch.bool),
+    is_boundary=torch.tensor([1, 0, 0, 0, 0, 0, 1], dtype=torch.bool),
 )
 
 
@@ -132,8 +132,7 @@ FAKE = tg.ByteLUTs(
 ])
 def test_count_target_bytes_hand_built(prev, target, expected):
     luts = lut_tensors(FAKE)
-    got = tg.count_target_bytes(torch.tensor([prev]), torch.tensor([target]), luts["base_bytes"],
-                                luts["has_leading_space"], luts["is_boundary"])
+    got = tg.count_target_bytes(torch.tensor([prev]), torch.tensor([target]), luts)
     assert got.dtype == torch.int64
     assert got.tolist() == [expected]
 
@@ -147,11 +146,11 @@ def test_count_target_bytes_batch_shape_and_sum():
     # 2-D (batch, seq) inputs, as eval_val passes them
     x = torch.as_tensor(ids[:-1]).view(2, 4)
     y = torch.as_tensor(ids[1:]).view(2, 4)
-    got = tg.count_target_bytes(x, y, luts["base_bytes"], luts["has_leading_space"], luts["is_boundary"])
+    got = tg.count_target_bytes(x, y, luts)
     assert got.shape == (2, 4) and got.flatten().tolist() == per.tolist()
-    # luts_to_device keeps the values and uses index-friendly dtypes
-    assert luts["base_bytes"].dtype == torch.int64 and luts["is_boundary"].dtype == torch.bool
-    assert luts["base_bytes"].tolist() == FAKE.base_bytes.tolist()
+    # ByteLUTs.to keeps the values and the index-friendly dtypes
+    assert luts.base_bytes.dtype == torch.int64 and luts.is_boundary.dtype == torch.bool
+    assert luts.base_bytes.tolist() == FAKE.base_bytes.tolist()
 
 
 @pytest.mark.parametrize("nats, tokens, n_bytes", [(1000.0, 400.0, 1700.0), (6.931471805599453, 1.0, 1.0),
@@ -193,7 +192,7 @@ def test_double_counted_space_lut_is_detected(dataset):
     decode comparison, so the checks above can fail."""
     sp = tg.load_tokenizer(dataset["tokenizer"], dataset["vocab_size"])
     good = tg.build_byte_luts(sp, dataset["tokenizer"])
-    wrong = tg.ByteLUTs(good.base_bytes + good.has_leading_space.astype(np.int16), good.has_leading_space,
+    wrong = tg.ByteLUTs(good.base_bytes + good.has_leading_space.long(), good.has_leading_space,
                         good.is_boundary)
     stream = np.asarray(tg.load_shard(tg.list_shards(dataset["dir"], "val")[0]), dtype=np.int64)
     doc = split_at_bos(stream, sp.bos_id())[0]
@@ -238,7 +237,7 @@ def test_variant_tokenizer_luts(shared_data, real_texts, model):
         assert not with_unk, f"{model.name}: byte-fallback tokenizer emitted <unk>"
         return
     assert with_unk, "the no-byte-fallback variants are known to emit <unk> on this text"
-    space = luts["has_leading_space"]
+    space = luts.has_leading_space
     for ids in with_unk:
         full = [sp.bos_id()] + ids
         n_lut, n_dec = int(lut_bytes(luts, full).sum()), decoded_bytes(sp, ids)

@@ -47,8 +47,7 @@ def test_the_scripts_decoder_inverts_the_data_transform():
 def stream_bytes(ctx) -> np.ndarray:
     """The byte-table count of every target position of a stream (index 0 unused)."""
     t = ctx.tokens
-    counted = tg.count_target_bytes(t[:-1], t[1:], ctx.luts["base_bytes"], ctx.luts["has_leading_space"],
-                                    ctx.luts["is_boundary"])
+    counted = tg.count_target_bytes(t[:-1], t[1:], ctx.luts)
     return torch.cat((torch.zeros(1, dtype=counted.dtype), counted))
 
 

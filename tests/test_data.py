@@ -24,6 +24,7 @@ import torch
 import train_gpt as tg
 
 CPU = torch.device("cpu")
+ONE_CPU = tg.DistInfo(0, 1, 0, CPU)  # rank 0 of 1
 
 
 # ---------------------------------------------------------------- helpers
@@ -54,8 +55,8 @@ def assert_names(exc: BaseException, *needles: object) -> str:
 @contextlib.contextmanager
 def open_loader(files, seq_len, micro_seqs, accum, rank=0, world_size=1, seed=1337, vocab_size=1 << 16,
                 cls=None):
-    loader = (cls or tg.TrainLoader)(list(files), seq_len, micro_seqs, accum, rank, world_size, seed,
-                                     vocab_size, CPU)
+    loader = (cls or tg.TrainLoader)(list(files), seq_len, micro_seqs, accum, seed, vocab_size,
+                                     tg.DistInfo(rank, world_size, 0, CPU))
     try:
         yield loader
     finally:
@@ -376,7 +377,7 @@ def test_loader_never_returns_unfilled_rows_when_an_epoch_is_short(tmp_path, siz
     seq = 8
     files, arrays = synthetic_shards(tmp_path, sizes)
     try:
-        loader = tg.TrainLoader(files, seq, micro_seqs, accum, 0, 1, 0, 1 << 16, CPU)
+        loader = tg.TrainLoader(files, seq, micro_seqs, accum, 0, 1 << 16, ONE_CPU)
     except tg.DataError as exc:
         assert_names(exc, "fineweb_train_*.bin")
         return
@@ -432,10 +433,10 @@ def test_loader_wait_seconds_accumulates(tmp_path):
 def test_loader_too_little_data(tmp_path):
     files, _ = synthetic_shards(tmp_path, [17])  # 2*seq+1 tokens: exactly 2 windows, no random phase
     with pytest.raises(tg.DataError) as ei:
-        tg.TrainLoader(files, 8, 3, 1, 0, 1, 0, 1 << 16, CPU)
+        tg.TrainLoader(files, 8, 3, 1, 0, 1 << 16, ONE_CPU)
     assert_names(ei.value, tmp_path / "fineweb_train_*.bin", 2, 3)
     with pytest.raises(tg.DataError):  # 2 ranks x 1 micro-batch of 2 sequences
-        tg.TrainLoader(files, 8, 2, 1, 0, 2, 0, 1 << 16, CPU)
+        tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(0, 2, 0, CPU))
     with open_loader(files, 8, 2, 1) as loader:  # exactly enough
         check_batch(*loader.next_batch(), 2, 8)
 

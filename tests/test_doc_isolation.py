@@ -202,7 +202,7 @@ def test_packed_loader_reads_one_contiguous_stream_from_the_first_bos(tmp_path):
     tokens[5] = BOS  # the stream starts at the first BOS, not at the file start
     tokens[100::50] = BOS
     files = write_stream(tmp_path, tokens)
-    loader = tg.TrainLoader(files, 16, 3, 1, 0, 1, 0, 1 << 16, torch.device("cpu"), packed=True)
+    loader = tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, 0, torch.device("cpu")), packed=True)
     got = batches(loader, 4)
     x = torch.cat([b[:, :16] for b in got])  # (12, 16) inputs, in order
     y = torch.cat([b[:, 16:] for b in got])
@@ -215,8 +215,8 @@ def test_packed_order_is_the_same_for_any_world_size(tmp_path):
     tokens[::40] = BOS
     files = write_stream(tmp_path, tokens)
     cpu = torch.device("cpu")
-    one = batches(tg.TrainLoader(files, 8, 2, 2, 0, 1, 0, 1 << 16, cpu, packed=True), 4)
-    ranks = [batches(tg.TrainLoader(files, 8, 2, 1, r, 2, 0, 1 << 16, cpu, packed=True), 2) for r in range(2)]
+    one = batches(tg.TrainLoader(files, 8, 2, 2, 0, 1 << 16, tg.DistInfo(0, 1, 0, cpu), packed=True), 4)
+    ranks = [batches(tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(r, 2, 0, cpu), packed=True), 2) for r in range(2)]
     # one process, 2 micro-batches per step == 2 ranks, 1 micro-batch each (pitfalls K)
     assert torch.equal(one[0], ranks[0][0]) and torch.equal(one[1], ranks[1][0])
     assert torch.equal(one[2], ranks[0][1]) and torch.equal(one[3], ranks[1][1])

@@ -88,7 +88,7 @@ def test_self_check_matches_the_source_text_bytes(canonical):
 
 def test_self_check_catches_a_leading_space_counted_twice(canonical):
     sp, luts, tokens, _ = canonical
-    bad = tg.ByteLUTs(luts.base_bytes + luts.has_leading_space.astype(np.int16), luts.has_leading_space,
+    bad = tg.ByteLUTs(luts.base_bytes + luts.has_leading_space.long(), luts.has_leading_space,
                       luts.is_boundary)  # len(piece[1:]) + 1 in the table AND +1 again in the count
     with pytest.raises(tg.DataError) as info:
         tg.bpb_self_check(tokens, sp, bad, 5, source="val.bin")
@@ -106,7 +106,7 @@ def test_self_check_catches_byte_fallback_counted_as_three_bytes(canonical):
     sp, luts, _, _ = canonical
     tokens = stream(sp, ["naïve café — ünïcödé 日本語 text"])
     assert any(sp.is_byte(int(i)) for i in tokens), "test setup: the text needs byte-fallback pieces"
-    base = luts.base_bytes.copy()
+    base = luts.base_bytes.clone()
     for i in range(sp.vocab_size()):
         if sp.is_byte(i):
             base[i] = 3  # the U+FFFD mistake (pitfalls A)
@@ -163,12 +163,12 @@ def tiny_eval_model(**kw) -> tg.GPT:
     return model
 
 
-def fake_luts(vocab: int) -> dict[str, torch.Tensor]:
+def fake_luts(vocab: int) -> tg.ByteLUTs:
     g = torch.Generator().manual_seed(1)
     boundary = torch.zeros(vocab, dtype=torch.bool)
     boundary[tg.BOS_ID] = True
-    return {"base_bytes": torch.randint(1, 5, (vocab,), generator=g), "is_boundary": boundary,
-            "has_leading_space": torch.rand(vocab, generator=g) < 0.3}
+    base = torch.randint(1, 5, (vocab,), generator=g)
+    return tg.ByteLUTs(base, torch.rand(vocab, generator=g) < 0.3, boundary)
 
 
 def val_stream(n: int, vocab: int = 128) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import eval_ctx, tg
+from artifact_helpers import pack_artifact
 
 CPU = torch.device("cpu")
 
@@ -242,10 +243,10 @@ def test_chunked_parallel_compression_round_trips_and_is_deterministic(monkeypat
     g = torch.Generator().manual_seed(10)
     state = {"blocks.0.mlp.fc.weight": torch.randn(128, 256, generator=g), "blocks.0.attn_scale": torch.ones(8)}
     for compressor in ("brotli", "lzma"):
-        blob = tg.pack_artifact(state, tg.QuantSpec(compressor=compressor))
+        blob = pack_artifact(state, tg.QuantSpec(compressor=compressor))
         (n,) = tg.CHUNK_COUNT.unpack_from(blob, tg.ARTIFACT_PREFIX.size + 1)
         assert n >= 8, "a 32 KB body is cut into 4 KB chunks"
-        assert tg.pack_artifact(state, tg.QuantSpec(compressor=compressor)) == blob
+        assert pack_artifact(state, tg.QuantSpec(compressor=compressor)) == blob
         out = tg.unpack_artifact(blob)
         assert torch.equal(out["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
         # A chunk-length table that does not add up is a corrupted artifact, named as such.
@@ -259,7 +260,7 @@ def test_fit_compresses_only_attempts_predicted_to_fit(monkeypatch):
     g = torch.Generator().manual_seed(11)
     state = {f"blocks.{i}.mlp.fc.weight": torch.randn(256, 128, generator=g) for i in range(4)}
     spec = tg.QuantSpec(method="rtn", lqer_rank=0)
-    full = len(tg.pack_artifact(state, spec))
+    full = len(pack_artifact(state, spec))
     packs = []
     real = tg.pack_quantized
     monkeypatch.setattr(tg, "pack_quantized", lambda *a, **k: packs.append(1) or real(*a, **k))
@@ -294,8 +295,8 @@ def test_every_evaluation_and_ttt_forward_has_one_shape(world_size):
     spy = ShapeSpy(model)
     rng = np.random.default_rng(12)
     val = rng.integers(2, 128, 32 * 20 + 1).astype(np.uint16)
-    luts = {"base_bytes": torch.ones(128, dtype=torch.int64), "has_leading_space": torch.zeros(128, dtype=torch.bool),
-            "is_boundary": torch.zeros(128, dtype=torch.bool)}
+    luts = tg.ByteLUTs(torch.ones(128, dtype=torch.int64), torch.zeros(128, dtype=torch.bool),
+                       torch.zeros(128, dtype=torch.bool))
     cfg = tg.TTTConfig(lr=0.01, epochs=1, momentum=0.9, chunk_tokens=160, grad_clip=1.0)
     for rank in range(world_size):  # no process group: each rank's own calls
         ctx = eval_ctx(spy, val, luts, 32, stride=8, batch_seqs=4, rank=rank, world_size=world_size)
@@ -313,8 +314,8 @@ def test_ttt_padding_rows_carry_no_gradient():
     model = trained_like(tg.GPT(tiny_cfg()))
     rng = np.random.default_rng(13)
     val = rng.integers(2, 128, 32 * 12 + 1).astype(np.uint16)
-    luts = {"base_bytes": torch.ones(128, dtype=torch.int64), "has_leading_space": torch.zeros(128, dtype=torch.bool),
-            "is_boundary": torch.zeros(128, dtype=torch.bool)}
+    luts = tg.ByteLUTs(torch.ones(128, dtype=torch.int64), torch.zeros(128, dtype=torch.bool),
+                       torch.zeros(128, dtype=torch.bool))
     params = list(model.parameters())
     grads = []
     for batch in (3, 2):  # 3 sequences: one batch of 3, or batches of 2 + 1 padded row
@@ -361,6 +362,7 @@ def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatc
                LOOP_START="1", LOOP_END="1", LOOPING_START_STEP="2", VAL_LOSS_EVERY="1", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", EVAL_BATCH_SEQS="8", EVAL_STRIDE="32", TTT_ENABLED="1",
                TTT_EPOCHS="1", TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
+               QUANT_METHOD="gptq",
                BPB_CHECK_DOCS="5", DOC_ISOLATION=leaderboard_top, DOC_PACKED_LOADER=leaderboard_top,
                PHASED_TTT_ENABLED=leaderboard_top, PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2",
                TTT_BATCH_SIZE="4", TTT_LORA_RANK="4")
@@ -393,7 +395,7 @@ def test_pergroup_bench_round_trips_every_candidate_and_totals_the_best(tmp_path
              torch.randn(32, 32, generator=g), "tok_emb.weight": torch.randn(100, 32, generator=g),
              "blocks.0.attn_scale": torch.ones(32)}
     path = tmp_path / "a.ptz"
-    path.write_bytes(tg.pack_artifact(state))
+    path.write_bytes(pack_artifact(state))
     assert pergroup.main([str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     groups = {r["group"] for r in report["rows"]}

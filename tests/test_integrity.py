@@ -285,11 +285,10 @@ def test_wallclock_cap_stops_before_the_cap_with_a_fake_clock(dataset, tmp_path,
     log = lines.append
 
     def make_loader():
-        return tg.TrainLoader(files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, 0, 1, h.seed, h.vocab_size,
-                              d.device)
+        return tg.TrainLoader(files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, h.seed, h.vocab_size, d)
 
     monkeypatch.setattr(tg.time, "perf_counter", tick)
-    result = tg.train(h, d, model, tg.Graphs.build(h, model), opt, make_loader, lambda: None, reserve=5.0, log=log)
+    result = tg.train(h, d, tg.Graphs.build(h, model), opt, make_loader, lambda: None, reserve=5.0, log=log)
     monkeypatch.undo()
     assert result.stopped_by == "wallclock" and 2 < result.steps < 100_000
     step_s = result.train_time_ms / 1000 / result.steps

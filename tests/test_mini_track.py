@@ -7,8 +7,10 @@ Run: python -m pytest -q tests/test_mini_track.py       (the end-to-end test is 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -379,8 +381,10 @@ def test_packed_script_is_cached_by_source_hash(tmp_path):
     src = tmp_path / "train_gpt.py"
     src.write_text("print('hello')\n")
     path, sha = mt.packed_script(tmp_path / "cache", src)
-    assert path.read_bytes() == tg.self_extracting_source(src.read_bytes())
-    assert path.name == f"train_gpt_{sha[:16]}.py"
+    assert sha == hashlib.sha256(src.read_bytes()).hexdigest()
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "hello\n" and path.read_bytes() != src.read_bytes(), "the shipped (packed) form runs"
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "nothing else is left in the cache"
     mtime = path.stat().st_mtime_ns
     assert mt.packed_script(tmp_path / "cache", src) == (path, sha) and path.stat().st_mtime_ns == mtime
     src.write_text("print('changed')\n")

@@ -14,6 +14,8 @@ import torch
 
 import train_gpt as tg
 
+FP32_NS = tg.NewtonSchulz(5, dtype="fp32")
+
 VOCAB = 64
 
 TINY = {
@@ -198,7 +200,7 @@ def test_muon_step_matches_formula(shape, impl):
     g1, g2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     lr, mu, wd, steps = 0.05, 0.9, 0.1, 5
     p = torch.nn.Parameter(p0.clone())
-    opt = tg.Muon([p], lr=lr, momentum=mu, backend_steps=steps, weight_decay=wd, impl=impl, ns_dtype="fp32")
+    opt = tg.Muon([p], lr=lr, momentum=mu, weight_decay=wd, ns=tg.NewtonSchulz(steps, dtype="fp32"), impl=impl)
     scale = math.sqrt(max(1.0, shape[0] / shape[1]))
 
     p.grad = g1.clone()
@@ -225,12 +227,12 @@ def test_muon_several_params_in_one_group():
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     singles = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     grads = [torch.randn(s, generator=gen) for s in shapes]
-    opt = tg.Muon(ps, lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.05, ns_dtype="fp32")
+    opt = tg.Muon(ps, lr=0.02, momentum=0.95, weight_decay=0.05, ns=FP32_NS)
     for p, g in zip(ps, grads):
         p.grad = g.clone()
     opt.step()
     for s, g in zip(singles, grads):
-        o = tg.Muon([s], lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.05, ns_dtype="fp32")
+        o = tg.Muon([s], lr=0.02, momentum=0.95, weight_decay=0.05, ns=FP32_NS)
         s.grad = g.clone()
         o.step()
     for p, s in zip(ps, singles):
@@ -241,7 +243,7 @@ def test_muon_converges_on_quadratic():
     gen = torch.Generator().manual_seed(5)
     target = torch.randn(32, 16, generator=gen) / math.sqrt(32)
     W = torch.nn.Parameter(torch.zeros(32, 16))
-    opt = tg.Muon([W], lr=0.02, momentum=0.9, backend_steps=5, weight_decay=0.0, ns_dtype="fp32")
+    opt = tg.Muon([W], lr=0.02, momentum=0.9, weight_decay=0.0, ns=FP32_NS)
 
     def loss_fn():
         return (W - target).pow(2).sum()
@@ -520,8 +522,8 @@ def test_row_normalize_and_muon_eq_r_step():
     p = torch.nn.Parameter(torch.randn(6, 10))
     p0 = p.detach().clone()
     p.grad = U.clone()
-    opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0, row_normalize=True,
-                  ns_coeffs="polar_express", ns_dtype="fp32")
+    opt = tg.Muon([p], lr=0.1, momentum=0.9, weight_decay=0.0,
+                  ns=tg.NewtonSchulz(5, "polar_express", row_norm=True, dtype="fp32"))
     opt.step()
     update = U + 0.9 * U  # Nesterov on the first step: g + mu * buf with buf = g
     expected = p0 - 0.1 * tg.newton_schulz(tg.row_normalize(update), 5, torch.float32, "polar_express")

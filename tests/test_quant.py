@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from conftest import tg
+from artifact_helpers import dequantize_rows, pack_artifact
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -45,9 +46,9 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     H = x.T @ x
     for bits, k in ((6, 12.0), (4, 4.0)):
         scale = tg.sdclip_scales(w, bits, k)
-        rtn = tg.dequantize_rows(tg.quantize_rtn(w, scale, bits), scale, torch.float32)
+        rtn = dequantize_rows(tg.quantize_rtn(w, scale, bits), scale, torch.float32)
         q = tg.gptq_quantize(w, H, scale, bits, damp=0.01, block=32)
-        gptq = tg.dequantize_rows(q, scale, torch.float32)
+        gptq = dequantize_rows(q, scale, torch.float32)
         r = tg.qmax(bits)
         assert int(q.abs().max()) <= r and q.dtype == torch.int8
         e_rtn, e_gptq = h_weighted_error(w, rtn, x), h_weighted_error(w, gptq, x)
@@ -60,8 +61,8 @@ def test_gptq_block_size_and_act_order_do_not_change_the_grid():
     scale = tg.sdclip_scales(w, 6, 10.0)
     results = [tg.gptq_quantize(w, x.T @ x, scale, 6, 0.01, block) for block in (1, 7, 40, 128)]
     for q in results:  # blocking is an exact reorganisation of the same column updates
-        deq = tg.dequantize_rows(q, scale, torch.float32)
-        assert abs(h_weighted_error(w, deq, x) - h_weighted_error(w, tg.dequantize_rows(results[0], scale, torch.float32), x)) \
+        deq = dequantize_rows(q, scale, torch.float32)
+        assert abs(h_weighted_error(w, deq, x) - h_weighted_error(w, dequantize_rows(results[0], scale, torch.float32), x)) \
             <= 1e-3 * h_weighted_error(w, deq, x) + 1e-9
 
 
@@ -138,7 +139,7 @@ def test_gptq_state_lowers_the_model_output_error():
         ref = model.logits(ids)
         errs = {}
         for name, hess in (("rtn", None), ("gptq", H)):
-            model.load_state_dict(tg.unpack_artifact(tg.pack_artifact(state, spec, hess)))
+            model.load_state_dict(tg.unpack_artifact(pack_artifact(state, spec, hess)))
             errs[name] = float((model.logits(ids) - ref).square().mean())
     assert errs["gptq"] < errs["rtn"], errs
 
@@ -168,7 +169,7 @@ def test_lqer_lowers_the_error_of_the_tensors_it_corrects_and_is_packed():
 def test_fit_artifact_widens_matrix_k_until_it_fits():
     state = state_of(tiny_model())
     spec = tg.QuantSpec(method="rtn")
-    full = len(tg.pack_artifact(state, spec))
+    full = len(pack_artifact(state, spec))
     budget = int(full * 0.85)
     lines: list[str] = []
     fit = tg.fit_artifact(state, spec, None, budget, {}, lines.append)
@@ -188,8 +189,8 @@ def test_lzma_compressor_round_trip_and_deterministic_gptq_pack():
     H = tg.collect_hessians(model, [ids], torch.device("cpu"), "fp32")
     state = state_of(model)
     spec = tg.QuantSpec(compressor="lzma", lqer_rank=2, lqer_top_k=1)
-    a = tg.pack_artifact(state, spec, H, meta={"note": "x"})
-    assert a == tg.pack_artifact(state, spec, H, meta={"note": "x"}), "same input, same bytes"
+    a = pack_artifact(state, spec, H, meta={"note": "x"})
+    assert a == pack_artifact(state, spec, H, meta={"note": "x"}), "same input, same bytes"
     assert a[tg.ARTIFACT_PREFIX.size] == tg.ARTIFACT_COMPRESSOR_IDS["lzma"]
     out, meta = tg.unpack_artifact_full(a)
     assert meta == {"note": "x"}
@@ -229,20 +230,6 @@ def test_late_qat_switch_changes_the_compiled_output():
     model(ids[:, :-1], ids[:, 1:]).backward()
     assert model.blocks[0].mlp.fc.weight.grad is not None and model.blocks[0].mlp.fc.weight.grad.abs().sum() > 0
     assert not any("qat_on" in k for k in model.state_dict()), "the switch is not saved in the artifact"
-
-
-def test_self_extracting_source_runs_the_same_code(tmp_path):
-    code = b"import sys\nprint('hello', __name__, len(open(__file__,'rb').read()))\n"
-    packed = tg.self_extracting_source(code)
-    path = tmp_path / "packed.py"
-    path.write_bytes(packed)
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["hello", "__main__", str(len(packed))], "runs as __main__, sees its own size"
-    real = (tg.Path(tg.__file__)).read_bytes()
-    assert len(tg.self_extracting_source(real)) < len(real) / 2
 
 
 def all_features_model(parallel_mode: str) -> tg.GPT:

@@ -169,7 +169,7 @@ def evaluate_artifact(h: tg.Hyperparameters, artifact: Path) -> tg.EvalResult:
 
 def evaluate_model(h: tg.Hyperparameters, model: tg.GPT) -> tg.EvalResult:
     sp = tg.load_tokenizer(h.tokenizer_file, h.vocab_size)
-    luts = tg.luts_to_device(tg.build_byte_luts(sp, h.tokenizer_file), torch.device("cpu"))
+    luts = tg.build_byte_luts(sp, h.tokenizer_file)
     val = tg.load_validation_tokens(tg.list_shards(h.dataset_dir, "val"), h.eval_seq_len, h.vocab_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -6,13 +6,14 @@ Run: python -m pytest -q tests/test_static.py
 - every knob is read by the code (a new, unused knob fails `test_no_dead_knobs`);
 - the section banners appear once each, in order;
 - module level holds only imports, constants, defs/classes, the docstring and the __main__ guard;
-- README.md's table between <!-- knobs:start --> and <!-- knobs:end --> equals knob_table_markdown().
+- README.md's table between <!-- knobs:start --> and <!-- knobs:end --> equals records/knob_table.py's table.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 from collections.abc import Iterable
 
 import pytest
@@ -431,11 +432,17 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------- README knob table
 
-START, END = "<!-- knobs:start -->", "<!-- knobs:end -->"
+def knob_table():
+    sys.path.insert(0, str(ROOT / "records"))
+    try:
+        import knob_table
+    finally:
+        sys.path.pop(0)
+    return knob_table
 
 
 def test_knob_table_markdown_covers_every_knob():
-    table = tg.knob_table_markdown().splitlines()
+    table = knob_table().knob_table_markdown().splitlines()
     assert table[0].startswith("| Variable |") and set(table[1]) <= set("|-: ")
     names = [re.match(r"\| `([A-Z0-9_]+)` \|", row).group(1) for row in table[2:]]
     assert names == tg.Hyperparameters.knob_names()
@@ -444,15 +451,23 @@ def test_knob_table_markdown_covers_every_knob():
 
 
 def test_readme_knob_table_is_current():
-    assert README.is_file(), f"{README} is missing: it must contain the knob table between {START} and {END}"
+    kt = knob_table()
+    assert README.is_file(), f"{README} is missing: it must contain the knob table between {kt.START} and {kt.END}"
     text = README.read_text(encoding="utf-8")
-    assert text.count(START) == 1 and text.count(END) == 1, f"README.md must contain {START} and {END} once each"
-    start, end = text.index(START) + len(START), text.index(END)
-    assert start <= end, f"{END} comes before {START} in README.md"
-    current = tg.knob_table_markdown().strip()
-    assert text[start:end].strip() == current, (
-        "README.md knob table is stale: replace the text between the markers with "
-        "`python -c 'import train_gpt; print(train_gpt.knob_table_markdown())'`")
+    assert text == kt.replace_table(text, kt.knob_table_markdown()), (
+        "README.md knob table is stale: run `python records/knob_table.py --write README.md`")
+
+
+def test_knob_table_write_replaces_only_the_table(tmp_path):
+    kt = knob_table()
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n{kt.START}\nold\n{kt.END}\noutro\n", encoding="utf-8")
+    assert kt.main(["--write", str(doc)]) == 0
+    assert doc.read_text(encoding="utf-8") == f"intro\n{kt.START}\n{kt.knob_table_markdown()}\n{kt.END}\noutro\n"
+    doc.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="needs exactly one"):
+        kt.main(["--write", str(doc)])
+    assert doc.read_text(encoding="utf-8") == "no markers\n"
 
 
 def backslash_continuations(text: str) -> list[int]:
@@ -468,3 +483,41 @@ def backslash_continuations(text: str) -> list[int]:
 def test_no_backslash_continuations(source):
     assert backslash_continuations(source) == []
     assert backslash_continuations("x = 1 + \\\n    2\n") == [1]  # the checker finds one
+
+
+# ---------------------------------------------------------------- function size (issue 18)
+
+MAX_PARAMS = 8  # per function, not counting self/cls
+MAX_FUNCTION_LINES = 80  # train() was 149 lines; every function now fits one screen
+
+
+def functions(tree: ast.AST) -> list[ast.FunctionDef]:
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def param_count(fn: ast.FunctionDef) -> int:
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return len(names) - (names[:1] in (["self"], ["cls"])) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def oversized(tree: ast.AST) -> list[str]:
+    out = []
+    for fn in functions(tree):
+        if param_count(fn) > MAX_PARAMS:
+            out.append(f"{fn.name} (line {fn.lineno}): {param_count(fn)} parameters > {MAX_PARAMS}")
+        if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES:
+            out.append(f"{fn.name} (line {fn.lineno}): {fn.end_lineno - fn.lineno + 1} lines > {MAX_FUNCTION_LINES}")
+    return out
+
+
+def test_no_function_takes_more_than_8_parameters_or_runs_over_80_lines(tree):
+    assert oversized(tree) == []
+    assert "train" in {fn.name for fn in functions(tree)}
+
+
+def test_the_size_check_can_fail():
+    nine = "def f(self, a, b, c, d, e, g, h, i, j):\n    pass\n"
+    assert param_count(ast.parse(nine).body[0]) == 9 and len(oversized(ast.parse(nine))) == 1
+    assert oversized(ast.parse("def f(self, a, b, c, d, e, g, h, i):\n    pass\n")) == []
+    assert oversized(ast.parse("def f(*a, **k):\n" + "    x = 1\n" * 80)) == ["f (line 1): 81 lines > 80"]

@@ -112,11 +112,10 @@ def test_verifier_counts_what_train_gpt_scores(export, tmp_path, capsys):
     sp = tg.load_tokenizer(CANONICAL_TOKENIZER, 1024)
     luts = tg.build_byte_luts(sp, CANONICAL_TOKENIZER)
     val_files = tg.list_shards(export["dir"], "val")
-    lut = [torch.from_numpy(a) for a in (luts.base_bytes.astype(np.int64), luts.has_leading_space, luts.is_boundary)]
 
     def train_gpt_count(seq_len: int) -> tuple[int, int]:
         tokens = torch.from_numpy(tg.load_validation_tokens(val_files, seq_len, 1024).astype(np.int64))
-        return tokens.numel() - 1, int(tg.count_target_bytes(tokens[:-1], tokens[1:], *lut).sum())
+        return tokens.numel() - 1, int(tg.count_target_bytes(tokens[:-1], tokens[1:], luts).sum())
 
     val_tokens, val_bytes = train_gpt_count(SEQ_LEN)
     assert (report["scored"]["val_tokens"], report["scored"]["val_bytes"]) == (val_tokens, val_bytes)
