@@ -512,6 +512,12 @@ def _translate_legacy_vars(env: dict[str, str]) -> None:
             raise ConfigError(f"{source} is not allowed together with {name}={env[name]!r}: set one of them")
         env[name] = value
 
+    def flag(name: str) -> str:  # a 0/1 switch
+        value = env[name].strip()
+        if value not in ("0", "1"):
+            raise ConfigError(f"{name}={value!r} is not allowed: expected 0 or 1")
+        return value
+
     raw = env.get("RECUR_LAYERS")
     if raw is not None and raw.strip():
         try:
@@ -534,26 +540,17 @@ def _translate_legacy_vars(env: dict[str, str]) -> None:
             raise ConfigError(f"TARGET_MB={raw_mb!r} is not allowed: expected a number > 0 (millions of bytes)")
         put("TARGET_BYTES", str(round(float(raw_mb) * 1_000_000)), f"TARGET_MB={raw_mb!r}")
     if env.get("USE_GPTQ", "").strip():  # empty = unset
-        flag = env["USE_GPTQ"].strip()
-        if flag not in ("0", "1"):
-            raise ConfigError(f"USE_GPTQ={flag!r} is not allowed: expected 0 or 1")
-        put("QUANT_METHOD", "gptq" if flag == "1" else "rtn", f"USE_GPTQ={flag!r}")
-    if "SLIDING_WINDOW_ENABLED" in env:  # PR #1392 style on/off switch for EVAL_STRIDE
-        flag = env["SLIDING_WINDOW_ENABLED"].strip()
-        if flag not in ("0", "1"):
-            raise ConfigError(f"SLIDING_WINDOW_ENABLED={flag!r} is not allowed: expected 0 or 1")
-        if flag == "0":
-            put("EVAL_STRIDE", "0", "SLIDING_WINDOW_ENABLED='0'")
-        elif env.get("EVAL_STRIDE", "").strip() == "0":
-            raise ConfigError("SLIDING_WINDOW_ENABLED='1' is not allowed together with EVAL_STRIDE='0'")
-    if "PARALLEL_RESIDUAL" in env:
-        flag = env["PARALLEL_RESIDUAL"].strip()
-        if flag not in ("0", "1"):
-            raise ConfigError(f"PARALLEL_RESIDUAL={flag!r} is not allowed: expected 0 or 1")
-        if flag == "0":
-            put("PARALLEL_MODE", "off", "PARALLEL_RESIDUAL='0'")
-        elif env.get("PARALLEL_MODE", "").strip() == "off":
-            raise ConfigError("PARALLEL_RESIDUAL='1' is not allowed together with PARALLEL_MODE='off'")
+        gptq = flag("USE_GPTQ")
+        put("QUANT_METHOD", "gptq" if gptq == "1" else "rtn", f"USE_GPTQ={gptq!r}")
+    # On/off switches of newer knobs (PR #1392 style): off sets the knob, on must not contradict it.
+    switches = (("SLIDING_WINDOW_ENABLED", "EVAL_STRIDE", "0"), ("PARALLEL_RESIDUAL", "PARALLEL_MODE", "off"))
+    for name, knob_name, off in switches:
+        if name not in env:
+            continue
+        if flag(name) == "0":
+            put(knob_name, off, f"{name}='0'")
+        elif env.get(knob_name, "").strip() == off:
+            raise ConfigError(f"{name}='1' is not allowed together with {knob_name}={off!r}")
 
 
 def _parse_value(name: str, raw: str, kind: type) -> Any:
