@@ -7,9 +7,10 @@ Usage:
 
 Creates records/track_10min_16mb/<YYYY-MM-DD>_<name>/ with
 - train_gpt.py: the exact script the logs ran (its sha256 must equal the logs' code_sha256); with
-  --pack, the self-extracting LZMA (or Brotli) + base85 version of that same source (payload sha256 =
-  the logs' code_sha256), so bytes_code is the packed size and bytes_total = bytes_model + packed size;
-  a script that is already packed (the sweep ran the packed file) is shipped as it is;
+  --pack, the self-extracting LZMA (or Brotli) version of that same source, its compressed bytes held
+  in a Latin-1 string literal (`#coding:l1`, the dense wrapper `records/pack.py -o` writes; payload
+  sha256 = the logs' code_sha256), so bytes_code is the packed size and bytes_total = bytes_model +
+  packed size; a script that is already packed (the sweep ran the packed file) is shipped as it is;
 - train_seed<S>.log: each run's log (logs/<RUN_ID>.txt), byte for byte;
 - submission.json: author, github_id, name, blurb, date, track, val_loss / val_bpb (mean, sample std),
   seeds, per-seed results, bytes_total / bytes_code, hardware, pytorch version, compliance fields and,
@@ -75,6 +76,7 @@ class Shipped:
     how: str  # raw / packed-from-raw / packed
     source_sha256: str  # the sha256 the logs recorded
     codec: str | None
+    wrapper: str | None = None  # how a packed file holds its compressed bytes: latin1 or base85
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,17 +192,17 @@ def resolve_script(path: Path, runs: list[runlog.Run], do_pack: bool, codec: str
             errors.append(f"--script {path}: {len(data)} bytes but the logs ran {sorted(ran_bytes)} bytes")
             return None
         if payload is not None:  # the sweep ran the packed file: ship it as it is
-            return Shipped(data, "packed", want, got_codec)
+            return Shipped(data, "packed", want, got_codec, pack.unpack_wrapper(data)[3])
         if do_pack:
             try:
-                packed = pack.pack(data, codec, do_minify=False, name=str(path))
+                packed = pack.pack(data, codec, do_minify=False, name=str(path), wrapper=pack.DEFAULT_WRAPPER)
             except pack.PackError as exc:
                 errors.append(str(exc))
                 return None
-            return Shipped(packed, "packed-from-raw", want, codec)
+            return Shipped(packed, "packed-from-raw", want, codec, pack.DEFAULT_WRAPPER)
         return Shipped(data, "raw", want, None)
     if payload_sha == want:  # a packed file whose payload is the script the logs ran
-        return Shipped(data, "packed-from-raw", want, got_codec)
+        return Shipped(data, "packed-from-raw", want, got_codec, pack.unpack_wrapper(data)[3])
     errors.append(f"--script {path}: sha256 {sha[:16]}" + (f" (payload {payload_sha[:16]})" if payload_sha else "")
                   + f" does not match the code_sha256 {want[:16]} in the logs: ship the exact script the runs used "
                     f"(stale logs, train_gpt.py edited since the sweep, or the runs executed a packed file: pass "
@@ -366,16 +368,16 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
     env_text = (" ".join(env) + " ") if env else ""
     seeds = " ".join(str(s) for s in sub["seeds"])
     if shipped.how == "packed-from-raw":
-        code_note = (f"`train_gpt.py` here is the self-extracting ({shipped.codec} + base85) form of the script the "
-                     f"logs ran: its payload's sha256 is the logs' `code_sha256` ({shipped.source_sha256[:16]}…), so "
-                     f"the program is identical. The logs counted the readable file "
+        code_note = (f"`train_gpt.py` here is the self-extracting ({shipped.codec} + {shipped.wrapper}) form of the "
+                     f"script the logs ran: its payload's sha256 is the logs' `code_sha256` "
+                     f"({shipped.source_sha256[:16]}…), so the program is identical. The logs counted the readable file "
                      f"(`bytes_code:{runs[0].metrics['bytes_code']}`); this submission counts the file it ships: "
                      f"`bytes_code` = {sub['bytes_code']:,} and each seed's `bytes_total` = its `bytes_model` + "
                      f"{sub['bytes_code']:,}. Unpack it with `python records/pack.py --unpack train_gpt.py`.")
     elif shipped.how == "packed":
-        code_note = (f"`train_gpt.py` is the self-extracting ({shipped.codec} + base85) script the runs executed "
-                     f"(`bytes_code` = {sub['bytes_code']:,}, as in the logs); `python records/pack.py --unpack "
-                     f"train_gpt.py` shows the source.")
+        code_note = (f"`train_gpt.py` is the self-extracting ({shipped.codec} + {shipped.wrapper}) script the runs "
+                     f"executed (`bytes_code` = {sub['bytes_code']:,}, as in the logs); `python records/pack.py "
+                     f"--unpack train_gpt.py` shows the source.")
     else:
         code_note = f"`train_gpt.py` is the readable script the runs executed (`bytes_code` = {sub['bytes_code']:,})."
     c = sub["compliance"]
@@ -534,7 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one run JSON per seed (logs/<RUN_ID>.json; the .txt log next to it is shipped)")
     p.add_argument("--script", type=Path, default=runlog.ROOT / "train_gpt.py",
                    help="the script the runs executed (default: the repository's train_gpt.py)")
-    p.add_argument("--pack", action="store_true", help="ship the self-extracting form of the script (fewer code bytes)")
+    p.add_argument("--pack", action="store_true", help="ship the self-extracting form of the script: its compressed "
+                   "bytes in a Latin-1 string literal, as records/pack.py -o writes (fewer code bytes)")
     p.add_argument("--codec", choices=pack.CODECS, default="lzma", help="compressor for --pack (default lzma)")
     p.add_argument("--baseline", nargs="+", metavar="B",
                    help="record folder(s), submission.json or run JSONs to test against (records/stats.py)")
