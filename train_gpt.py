@@ -373,7 +373,7 @@ class Hyperparameters:
                                   _non_negative, ">= 0")
     compressor: str = knob("brotli", "artifact compressor: brotli (quality 11) / lzma (preset 9) / zlib (level 9, the "
                                      "naive baseline's)",
-                           lambda v: v in COMPRESSORS, "brotli or lzma")
+                           lambda v: v in COMPRESSORS, "brotli, lzma or zlib")
     eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
     artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
     requantize: str = knob("", "a <RUN_ID>.weights.pt kept by a run that could not write its artifact: instead of "
@@ -439,7 +439,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
         if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
             raise ConfigError(f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} is not allowed: need "
-                              f"LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}", hint="NUM_LOOPS=0 for no looping")
+                              f"LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}",
+                              hint="NUM_LOOPS=0 for no looping")
         if self.gate_window > self.model_dim:
             raise ConfigError(f"GATE_WINDOW={self.gate_window} is not allowed: must be <= MODEL_DIM={self.model_dim}")
         if self.num_heads % self.num_kv_heads:
@@ -2852,8 +2853,8 @@ class EMA:
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 3  # 3: the body in independently compressed chunks (2: one stream; GPTQ/SDClip rows, LQER)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
-ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2}
-ZLIB_LEVEL = 9  # the naive baseline's zlib-9  # the first byte of the compressed body says which
+ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2}  # the first byte of the compressed body says which
+ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
 # The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): the record's
@@ -4276,7 +4277,8 @@ def check_transform(h: Hyperparameters, transform: str | None, manifest: str | N
     CaseOps shards scored with the byte tables would count the transformed text's bytes, not the original's."""
     sidecars = sorted(h.dataset_dir.glob("fineweb_val_bytes_*.bin"))
     if (transform == CASEOPS_TRANSFORM or sidecars) and not h.caseops_enabled:
-        what = f"{manifest}: text_transform {transform}" if transform == CASEOPS_TRANSFORM else f"{sidecars[0]}: a byte sidecar"
+        what = (f"{manifest}: text_transform {transform}" if transform == CASEOPS_TRANSFORM
+                else f"{sidecars[0]}: a byte sidecar")
         raise DataError(f"{what}: CASEOPS_ENABLED=0 is not allowed for these shards",
                         hint="CaseOps data: set CASEOPS_ENABLED=1 to count bytes from the sidecar")
     if h.caseops_enabled and transform not in (None, CASEOPS_TRANSFORM):
