@@ -195,7 +195,7 @@ def resolve_script(path: Path, runs: list[runlog.Run], do_pack: bool, codec: str
             return Shipped(data, "packed", want, got_codec, pack.unpack_wrapper(data)[3])
         if do_pack:
             try:
-                packed = pack.pack(data, codec, do_minify=False, name=str(path), wrapper=pack.DEFAULT_WRAPPER)
+                packed = pack.pack(data, codec, do_minify=False, name=str(path))
             except pack.PackError as exc:
                 errors.append(str(exc))
                 return None

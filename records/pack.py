@@ -25,9 +25,8 @@ Wrappers (`--wrapper`, default latin1):
   quote, and a run's last quote at the end; `"` or `'`, whichever needs fewer) are escaped: about 1%
   over the compressed size. The file is not UTF-8 text. unpack() also reads the one-line literal of
   files written before (latin1_line_literal).
-- `base85`: the compressed bytes in base85 (ASCII, 25% over the compressed size). `pack()`,
-  `pack_payload()` and `wrap()` keep it as their default; pass `wrapper="latin1"` for the dense form
-  (make_submission.py --pack does).
+- `base85`: the compressed bytes in base85 (ASCII, 25% over the compressed size), for whoever needs an
+  ASCII file (`--wrapper base85`, or `wrapper="base85"` to pack(), pack_payload() and wrap()).
 
 Modes (`--mode`; `-o` writes `strip`, latin1, with the smaller codec unless told otherwise):
 
@@ -93,7 +92,7 @@ from pathlib import Path
 CODECS = ("lzma", "brotli")
 CODEC_CHOICES = ("auto", *CODECS)  # auto: whichever ships fewer bytes
 WRAPPERS = ("latin1", "base85")
-DEFAULT_WRAPPER = "latin1"  # what -o and make_submission.py --pack write; pack() keeps base85 unless told
+DEFAULT_WRAPPER = "latin1"  # what -o, pack(), pack_payload() and wrap() write unless told otherwise
 MODES = ("plain", "minify", "strip")  # the order of the sizes table
 DEFAULT_MODE = "strip"
 MODE_SUFFIX = {"plain": "", "minify": ", minified", "strip": ", stripped"}  # labels of the sizes table
@@ -180,12 +179,12 @@ def _check_wrapper(wrapper: str) -> None:
         raise PackError(f"--wrapper {wrapper!r} is not allowed: expected one of {', '.join(WRAPPERS)}")
 
 
-def wrap(payload: bytes, codec: str, wrapper: str = "base85") -> bytes:
+def wrap(payload: bytes, codec: str, wrapper: str = DEFAULT_WRAPPER) -> bytes:
     """The self-extracting file for `payload`."""
     return wrap_compressed(compress(payload, codec), codec, wrapper)
 
 
-def wrap_compressed(compressed: bytes, codec: str, wrapper: str = "base85") -> bytes:
+def wrap_compressed(compressed: bytes, codec: str, wrapper: str = DEFAULT_WRAPPER) -> bytes:
     """The self-extracting file for an already compressed payload: `decompress(<literal>)` compiled
     under the file's own name and executed (WRAPPERS_BY_FORM)."""
     _check_wrapper(wrapper)
@@ -1238,7 +1237,7 @@ def make_payload(source: bytes, mode: str, name: str = "source", rename: bool = 
 
 
 def pack(source: bytes, codec: str = "lzma", do_minify: bool = False, name: str = "source",
-         do_strip: bool = False, wrapper: str = "base85") -> bytes:
+         do_strip: bool = False, wrapper: str = DEFAULT_WRAPPER) -> bytes:
     """The verified self-extracting file for `source`: its payload is the source itself, or with
     do_minify the syntax-tree-identical minified source, or with do_strip the stripped source."""
     if codec not in CODECS:
@@ -1249,7 +1248,7 @@ def pack(source: bytes, codec: str = "lzma", do_minify: bool = False, name: str 
     return pack_payload(make_payload(source, mode, name), codec, name, wrapper)
 
 
-def pack_payload(payload: bytes, codec: str, name: str = "source", wrapper: str = "base85") -> bytes:
+def pack_payload(payload: bytes, codec: str, name: str = "source", wrapper: str = DEFAULT_WRAPPER) -> bytes:
     """The self-extracting file for `payload`, verified (verify_generated)."""
     compressed = compress(payload, codec)
     packed = wrap_compressed(compressed, codec, wrapper)
