@@ -1134,7 +1134,8 @@ class TrainLoader:
 
     `packed` (DOC_PACKED_LOADER) is the record's document-packed order (R0410): no shuffle, each shard read as
     one contiguous stream from its first BOS, so consecutive sequences continue each other and a step's
-    rows are one run of whole documents (attention is then cut at every BOS and row start).
+    rows are one run of whole documents (attention is then cut at every BOS and row start). Each batch carries
+    its host_cu_seqlens, computed on the loader thread (DOC_ISOLATION with FA3 reads them).
     """
 
     PREFETCH = 4  # batches the producer thread keeps ready
@@ -1160,6 +1161,7 @@ class TrainLoader:
         self._buffers = [torch.empty((micro_seqs, seq_len + 1), dtype=torch.int64, pin_memory=pin)
                          for _ in range(self.PREFETCH + 3)]
         self._copied = [None] * len(self._buffers)  # CUDA events: host buffer free for reuse
+        self._cu: list[Tensor | None] = [None] * len(self._buffers)  # each buffer's cu_seqlens
         self._queue: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
         self._stop = threading.Event()
         total = sum(self._slot_count(s.size, b if packed else self._max_phase(s.size))  # worst-case phases
@@ -1216,6 +1218,8 @@ class TrainLoader:
                         self._copied[ring].synchronize()
                     self._fill(self._buffers[ring].numpy(), shard_ids[lo: lo + self.micro_seqs],
                                starts[lo: lo + self.micro_seqs])
+                    cu = torch.from_numpy(host_cu_seqlens(self._buffers[ring].numpy()[:, :-1], BOS_ID))
+                    self._cu[ring] = cu.pin_memory() if self.device.type == "cuda" else cu
                     while not self._stop.is_set():
                         try:
                             self._queue.put(ring, timeout=0.1)
@@ -1227,8 +1231,9 @@ class TrainLoader:
         except BaseException as exc:  # surfaced to the training loop by next_batch()
             self._queue.put(exc)
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """(inputs, targets) of shape (micro_seqs, seq_len) on the device; time blocked is accumulated."""
+    def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs, targets) of shape (micro_seqs, seq_len) and their cu_seqlens, on the device; time blocked
+        is accumulated."""
         if self._error is not None:
             raise self._error
         t0 = time.perf_counter()
@@ -1237,9 +1242,10 @@ class TrainLoader:
         if isinstance(item, BaseException):
             self._error = item  # the producer has stopped: every later call raises too, never blocks
             raise item
-        buf = self._buffers[item]
+        buf, cu = self._buffers[item], self._cu[item]
         if self.device.type == "cuda":
             batch = buf.to(self.device, non_blocking=True)
+            cu = cu.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._copied[item] = event
@@ -1247,7 +1253,7 @@ class TrainLoader:
             # The ring slot is refilled later and the step may still hold its tensors. numpy's copy is
             # single-threaded: torch's clone splits across both cores and stalls when one is busy.
             batch = torch.from_numpy(buf.numpy().copy())
-        return batch[:, :-1], batch[:, 1:]
+        return batch[:, :-1], batch[:, 1:], cu
 
     def close(self) -> None:
         self._stop.set()
@@ -1488,6 +1494,7 @@ def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
 
 
 FA4_ARCHS = (9, 10, 11)  # compute-capability majors flash-attn-4's CuTe kernels support (Hopper, Blackwell)
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # FlashAttention 3, flash-attn-4
 
 
 def importable(module: str) -> bool:
@@ -1497,39 +1504,58 @@ def importable(module: str) -> bool:
         return False
 
 
-def select_attention_backend(setting: str, device: torch.device) -> str:
-    """ATTN_BACKEND resolved for this device: auto takes FlashAttention 3, else flash-attn-4 (Hopper/Blackwell),
-    else PyTorch SDPA (same math, slower on Hopper); an explicit kernel that cannot run is an error."""
+def flash_import_error(backend: str) -> str | None:
+    """None when the backend's module imports, else why not. Being found is not enough: a wheel built for
+    another torch is found, then fails to load its extension (undefined symbol)."""
+    try:
+        importlib.import_module(FLASH_MODULES[backend])
+        return None
+    except Exception as exc:  # ImportError, OSError of a missing library, or whatever the module raises
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def select_attention_backend(setting: str, device: torch.device) -> tuple[str, list[str]]:
+    """ATTN_BACKEND resolved for this device, with a note for each installed kernel auto passed over.
+    auto takes FlashAttention 3, else flash-attn-4 (Hopper/Blackwell), else PyTorch SDPA (same math, slower
+    on Hopper), and SDPA on a CPU; an explicit kernel that does not import is an error (on a CPU only the
+    tests' stand-ins import)."""
     cuda = device.type == "cuda"
-    found = {"fa3": cuda and importable("flash_attn_interface"),
-             "fa4": cuda and importable("flash_attn.cute")
-             and torch.cuda.get_device_capability(device)[0] in FA4_ARCHS, "sdpa": True}
-    if setting == "auto":
-        return next(b for b in ("fa3", "fa4", "sdpa") if found[b])
-    if not found[setting]:
-        package = {"fa3": "flash_attn_interface (FlashAttention 3)", "fa4": "flash_attn.cute (pip install flash-attn-4)"}
-        raise ConfigError(f"ATTN_BACKEND={setting!r} is not allowed here: needs a CUDA device "
-                          f"{'of compute capability 9-11 ' if setting == 'fa4' else ''}and {package[setting]}",
-                          hint="use auto or sdpa")
-    return setting
+    if setting == "sdpa" or (setting == "auto" and not cuda):
+        return "sdpa", []
+    notes = []
+    for backend in (setting,) if setting != "auto" else ("fa3", "fa4"):
+        if setting == "auto" and not importable(FLASH_MODULES[backend]):
+            continue  # not installed: nothing to report
+        why = flash_import_error(backend)
+        if why is None and backend == "fa4" and cuda and torch.cuda.get_device_capability(device)[0] not in FA4_ARCHS:
+            why = "needs a GPU of compute capability 9-11"
+        if why is None:
+            return backend, notes
+        if setting != "auto":
+            raise ConfigError(f"ATTN_BACKEND={setting!r} is not allowed here: {FLASH_MODULES[backend]} {why}",
+                              hint="use auto or sdpa")
+        notes.append(f"{backend} ({FLASH_MODULES[backend]}) is installed but not used: {why}")
+    return "sdpa", notes
 
 
 _FA4_OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}  # built once per process, on first use
 
 
 def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """flash-attn-4 causal attention (B, T, H, D) as a torch.library custom op with its backward, built on
-    first use. FA4's own entry point is an autograd.Function launching CuTe kernels that dynamo cannot
-    trace, so under torch.compile(fullgraph=True) it would break the graph; as a custom op it is one
-    opaque call, and the backward reuses the forward's log-sum-exp instead of recomputing attention."""
+    """flash-attn-4 causal attention (B, T, H, D) as a torch.library custom op with its backward, built when
+    the model is (never inside a compiled region: dynamo cannot trace an op's definition). FA4's own entry
+    point is an autograd.Function launching CuTe kernels that dynamo cannot trace, so under
+    torch.compile(fullgraph=True) it would break the graph; as a custom op it is one opaque call, and the
+    backward reuses the forward's log-sum-exp instead of recomputing attention."""
     if "attention" in _FA4_OPS:
         return _FA4_OPS["attention"]
     from flash_attn.cute import interface as fa4
 
     @torch.library.custom_op("pgolf::fa4_fwd", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)
-        return out, lse
+        # flash-attn-4 >= 4.0.0b19 returns (out, lse, p, row_max); earlier betas (out, lse).
+        res = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)
+        return res[0], res[1]
 
     @fwd.register_fake
     def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -1538,7 +1564,7 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
     @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
     def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, 0.0)
+        dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, 0.0)[:3]
         return dq, dk, dv
 
     @bwd.register_fake
@@ -1557,13 +1583,56 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return _FA4_OPS["attention"]
 
 
+DOC_ATTENTION_KINDS = ("fa3_varlen", "flex_block_mask", "sdpa_document_mask")
+
+
+def doc_attention_kind(backend: str, device: torch.device, compiled: bool) -> str:
+    """How DOC_ISOLATION's attention runs: FA3's varlen call over cu_seqlens; else on CUDA, compiled,
+    FlexAttention with a document block mask (only the blocks a document touches are computed); else SDPA
+    under a dense (B, 1, T, T) mask, which rules out SDPA's fused kernels with GQA (the math path: fine on a
+    CPU, ~6 GB of fp32 scores per layer at the record's CUDA shape). Eager FlexAttention would materialize
+    the scores too, and has no backward on a CPU."""
+    if backend == "fa3":
+        return "fa3_varlen"
+    return "flex_block_mask" if device.type == "cuda" and compiled else "sdpa_document_mask"
+
+
+class Documents(NamedTuple):
+    """DOC_ISOLATION for one forward, in the form its attention kernel takes (doc_attention_kind)."""
+    kind: str
+    cu_q: Tensor | None = None  # fa3_varlen: int32 cu_seqlens over the flattened batch
+    # The same values as a distinct tensor: dynamo refuses one tensor passed twice to an autograd.Function.
+    cu_k: Tensor | None = None
+    mask: Any = None  # flex_block_mask: a BlockMask; sdpa_document_mask: (B, 1, T, T) bool
+
+
+def document_ids(ids: Tensor, bos_id: int) -> Tensor:
+    """(B, T) index of each token's document within its row: a row start or a BOS token starts one."""
+    return (ids == bos_id).cumsum(1)
+
+
 def document_mask(ids: Tensor, bos_id: int) -> Tensor:
-    """(B, 1, T, T) bool: query t attends to key s <= t of its own document, where a row start or a BOS
-    token starts a document (the SDPA form of FA3's varlen attention; bench/docattn.py measured it as the
-    only CPU fallback with a backward: flex attention has none on CPU)."""
-    segment = (ids == bos_id).cumsum(1)
+    """(B, 1, T, T) bool: query t attends to key s <= t of its own document (the SDPA form of FA3's varlen
+    attention)."""
+    segment = document_ids(ids, bos_id)
     causal = torch.ones(ids.size(1), ids.size(1), dtype=torch.bool, device=ids.device).tril()
     return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
+
+
+def document_block_mask(ids: Tensor, bos_id: int) -> Any:
+    """The FlexAttention BlockMask of document_mask: causal within each document."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = document_ids(ids, bos_id)
+
+    def same_document(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q >= kv) & (segment[b, q] == segment[b, kv])
+
+    B, T = ids.shape
+    return create_block_mask(same_document, B, None, T, T, device=ids.device)
+
+
+CU_BUCKET = 64  # cu_seqlens are padded to a multiple of this (zero-length sequences at the end; PR #1855)
 
 
 def document_starts(ids: Tensor, bos_id: int) -> Tensor:
@@ -1574,12 +1643,27 @@ def document_starts(ids: Tensor, bos_id: int) -> Tensor:
     return torch.cat((flat, flat.new_tensor([ids.numel()]))).int()
 
 
+def host_cu_seqlens(inputs: np.ndarray, bos_id: int) -> np.ndarray:
+    """document_starts on the host (the training loader's thread, so the compiled step never waits for a
+    device-to-host copy): int32, padded with the total to a multiple of CU_BUCKET."""
+    starts = inputs == bos_id
+    starts[:, 0] = True
+    flat = np.flatnonzero(starts)
+    n = flat.size + 1
+    cu = np.full(-(-n // CU_BUCKET) * CU_BUCKET, inputs.size, dtype=np.int32)
+    cu[: flat.size] = flat
+    return cu
+
+
 _DOC_OPS: dict[str, Callable[[Tensor, int], Tensor]] = {}  # built once per process, on first use
 
 
 def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
     """document_starts as a torch.library custom op whose output length is data-dependent, so one compiled
-    graph (fullgraph=True) serves every document layout without a recompile or a graph break."""
+    graph (fullgraph=True) serves every document layout without a recompile or a graph break. Its nonzero
+    waits for the device: evaluation forwards use it (as PR #1855's evaluation computes cu_seqlens from the
+    device), training steps take host_cu_seqlens from the loader. Built with the model, never inside a
+    compiled region."""
     if "cu" in _DOC_OPS:
         return _DOC_OPS["cu"]
 
@@ -1674,8 +1758,11 @@ ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    # Parameter-free RMSNorm everywhere (BASE onward): nothing to learn, nothing to quantize.
-    return F.rms_norm(x, (x.size(-1),))
+    # Parameter-free RMSNorm everywhere (BASE onward): nothing to learn, nothing to quantize. In x's dtype:
+    # since torch 2.12 CUDA autocast runs rms_norm in fp32 (the records' torch 2.9 did not), which made
+    # every normalized activation fp32 and the GPTQ Hessian taps take the fp32 path.
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
 
 
 def rope_base_for(seq_len: int, base: float, rope_dims: int, train_seq_len: int) -> float:
@@ -1867,16 +1954,21 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=T > 1, enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2)
             v = v[:, -T:]
-        elif self._varlen is not None and docs is not None:
+        elif docs is not None and docs.kind == "fa3_varlen":
             y = self._varlen(q.flatten(0, 1).bfloat16(), k.flatten(0, 1).bfloat16(), v.flatten(0, 1).bfloat16(),
-                             docs, docs, T, T)
+                             docs.cu_q, docs.cu_k, T, T)
             y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.num_heads, self.head_dim).to(x.dtype)
+        elif docs is not None and docs.kind == "flex_block_mask":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=docs.mask,
+                               enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
         elif self._flash is not None and docs is None:
             y = self._flash(q.bfloat16(), k.bfloat16(), v.bfloat16())
             y = (y[0] if isinstance(y, tuple) else y).to(x.dtype)
         else:  # SDPA: causal, or under a document mask
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=docs, is_causal=docs is None,
+                                               attn_mask=None if docs is None else docs.mask, is_causal=docs is None,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2)
         if self.use_xsa:
@@ -1922,7 +2014,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, aux: "LayerAux" = None) -> Tensor:
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        out = self.proj(h.square())
+        out = self.proj(h * h)  # not h.square(): CUDA autocast runs pow in fp32; h * h stays bf16 (same bits)
         # TTT's MLP adapter runs beside the MLP, from its input (the hidden width would make A 4x larger).
         return out if aux is None or aux.lora is None else out + lora_delta(x, aux.lora.mlp)
 
@@ -2040,6 +2132,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # Custom ops are defined here, never on a first call inside a compiled forward (dynamo refuses that).
+        self._ce = fused_softcap_ce() if cfg.fused_ce_enabled else None
+        self._doc_cu = doc_cu_seqlens() if cfg.doc_isolation and cfg.attn_backend == "fa3" else None
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
@@ -2073,9 +2168,11 @@ class GPT(nn.Module):
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
-    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None) -> Tensor:
+    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
+               cu_seqlens: Tensor | None = None) -> Tensor:
         """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache;
-        with `lora` (TTT), one batch row per document, each with its own adapters."""
+        with `lora` (TTT), one batch row per document, each with its own adapters; `cu_seqlens`: the
+        training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
         drop = 0
         if cache is not None and cache.pos > 0:
             # The SmearGate mixes in the previous token's embedding, which includes that token's own
@@ -2090,7 +2187,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.last_ids = ids[:, -2:]
         x, ids = x[:, drop:], ids[:, drop:]
-        docs = self.documents(ids) if self.cfg.doc_isolation and cache is None else None
+        # A LoRA TTT row is one document from its start (or a window inside it): isolation changes nothing there.
+        docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and cache is None and lora is None else None
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             # The residual stream in the autocast dtype from here on, as R0405's .bfloat16() model runs it:
@@ -2141,13 +2239,17 @@ class GPT(nn.Module):
         accumulate_hessian(self.head_hessian, x)  # the tied embedding is the LM head (PR #1394)
         return x
 
-    def documents(self, ids: Tensor) -> Tensor:
-        """DOC_ISOLATION: what attention needs to stay inside documents. FA3 gets cu_seqlens over the
-        flattened batch (R0410's varlen call: a batch of rows is one row whose sequences start at every row
-        start and BOS); every other backend the equivalent (B, 1, T, T) mask for SDPA."""
-        if self.cfg.attn_backend == "fa3":
-            return doc_cu_seqlens()(ids, self.cfg.bos_id)
-        return document_mask(ids, self.cfg.bos_id)
+    def documents(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Documents:
+        """DOC_ISOLATION: what attention needs to stay inside documents (doc_attention_kind). FA3 gets
+        cu_seqlens over the flattened batch (R0410's varlen call: a batch of rows is one row whose sequences
+        start at every row start and BOS): the loader's, else computed here."""
+        kind = doc_attention_kind(self.cfg.attn_backend, ids.device, torch.compiler.is_compiling())
+        if kind == "fa3_varlen":
+            cu = self._doc_cu(ids, self.cfg.bos_id) if cu_seqlens is None else cu_seqlens
+            return Documents(kind, cu, cu.clone())
+        if kind == "flex_block_mask":
+            return Documents(kind, mask=document_block_mask(ids, self.cfg.bos_id))
+        return Documents(kind, mask=document_mask(ids, self.cfg.bos_id))
 
     def set_qat(self, on: bool) -> int:
         """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
@@ -2170,10 +2272,10 @@ class GPT(nn.Module):
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
     def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
-                   first: int = 0) -> Tensor:
+                   first: int = 0, cu_seqlens: Tensor | None = None) -> Tensor:
         """Head output before the softcap for positions first.., in the compute dtype (with `lora`, plus each
         document's head adapter)."""
-        h = self.hidden(ids, cache, lora)[:, first:]
+        h = self.hidden(ids, cache, lora, cu_seqlens)[:, first:]
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
@@ -2182,12 +2284,11 @@ class GPT(nn.Module):
         """Softcapped logits in fp32 (sampling; the loss never materializes them)."""
         return softcap(self.raw_logits(ids, cache).float(), self.cfg.logit_softcap)
 
-    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
-        z = self.raw_logits(ids)
-        if self.cfg.fused_ce_enabled:
-            nll = fused_softcap_ce()(z.reshape(-1, z.size(-1)), targets.reshape(-1), self.cfg.logit_softcap)
-            nll = nll.view(targets.shape)
+        z = self.raw_logits(ids, cu_seqlens=cu_seqlens)
+        if self._ce is not None:
+            nll = self._ce(z.reshape(-1, z.size(-1)), targets.reshape(-1), self.cfg.logit_softcap).view(targets.shape)
         else:
             nll = softcapped_cross_entropy(z, targets, self.cfg.logit_softcap)
         return nll.mean() if reduction == "mean" else nll
@@ -2289,7 +2390,7 @@ def softcap_ce_kernels() -> tuple[Any, Any]:
 
 
 def softcap_ce_triton(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-    z = z.contiguous()
+    z, targets = z.contiguous(), targets.contiguous()  # the kernels index row r at r * V and targets + r
     loss = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
     lse = torch.empty_like(loss)
     softcap_ce_kernels()[0][(z.size(0),)](z, targets, loss, lse, z.size(1), CAP=cap, BLOCK=CE_BLOCK)
@@ -2297,7 +2398,7 @@ def softcap_ce_triton(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, T
 
 
 def softcap_ce_triton_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
-    z = z.contiguous()
+    z, targets, lse = z.contiguous(), targets.contiguous(), lse.contiguous()
     dz = torch.empty_like(z)
     softcap_ce_kernels()[1][(z.size(0),)](z, targets, lse, grad.contiguous(), dz, z.size(1), CAP=cap, BLOCK=CE_BLOCK)
     return dz
@@ -3985,10 +4086,12 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
     mark = timer.mark if timer is not None else (lambda phase: None)
     total = torch.zeros((), device=device)
     for _ in range(h.accum_steps):
-        x, y = loader.next_batch()
+        x, y, cu = loader.next_batch()
         mark("data")
+        if h.doc_isolation:  # one compiled graph for every document count (no recompile per count)
+            torch._dynamo.mark_dynamic(cu, 0)
         with compute_autocast(device, h.compute_dtype):
-            loss = model(x, y)
+            loss = model(x, y, cu_seqlens=cu) if h.doc_isolation else model(x, y)
         (loss / h.accum_steps).backward()
         total += loss.detach()
         mark("fwd_bwd")
@@ -4154,6 +4257,7 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
     loader = make_loader()
     cap = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
     train_time, step, stopped_by = 0.0, 0, "iterations"
+    last_step_s = 0.0  # the previous step's duration up to its synchronizing collective
     timer = StepTimer(d.device)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     window_start = (0.0, 0)  # (train time, step) at the previous progress line
@@ -4169,8 +4273,9 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 timer.mark("ema")
             step += 1
             # One collective per step: the global loss, any non-finite loss, and the stop decision,
-            # which every rank must take identically (pitfalls E: stop *before* the cap, not after).
-            step_s = time.perf_counter() - t0
+            # which every rank must take identically (pitfalls E: stop *before* the cap, not after). The
+            # host only enqueues work ahead of the GPU, so a step lasts at least the last synchronized one.
+            step_s = max(time.perf_counter() - t0, last_step_s)
             next_step_ends_late = cap > 0 and train_time + 2 * step_s > cap
             local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
                                  torch.tensor(float(next_step_ends_late), device=d.device)])
@@ -4178,7 +4283,8 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
             timer.mark("comm")
             loss_sum, nonfinite, time_up = local.tolist()  # synchronizes: every timer event has completed
             timer.collect()
-            train_time += time.perf_counter() - t0
+            last_step_s = time.perf_counter() - t0
+            train_time += last_step_s
             last_loss = loss_sum / d.world_size
             if nonfinite > 0:
                 raise TrainingDiverged(f"step:{step} train_loss:{last_loss} is not finite; the run stopped",
@@ -4315,8 +4421,7 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
             **{f"dataset_{k}": v for k, v in fingerprint.items()},
             "world_size": d.world_size, "resolved_grad_accum_steps": h.accum_steps,
             "resolved_attn_backend": backend, "code_sha256": hashlib.sha256(code).hexdigest(),
-            "resolved_doc_attention": ("off" if not h.doc_isolation else "fa3_varlen" if backend == "fa3"
-                                       else "sdpa_document_mask"),
+            "resolved_doc_attention": doc_attention_kind(backend, d.device, h.compile) if h.doc_isolation else "off",
             "code_bytes": len(code), "config_hash": config_hash(h.knob_values())}
     for w in h.env_warnings:  # first: a misspelt knob changes what the config block below means
         warn(log, w)
@@ -4388,12 +4493,14 @@ def run(h: Hyperparameters) -> int:
     clock = PhaseClock(d.device, log)
     try:
         code = Path(__file__).resolve().read_bytes()
-        backend = select_attention_backend(h.attn_backend, d.device)
+        backend, backend_notes = select_attention_backend(h.attn_backend, d.device)
         if h.eval_only:
             _, meta = read_artifact(Path(h.artifact), with_meta=True)
             h = eval_only_config(h, meta, code, h.artifact)
         data = None if h.dry_run else prepare_data(h, d, log)
         versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
+        for note in backend_notes:
+            warn(log, f"ATTN_BACKEND=auto: {note}; attention runs on {backend}")
         if data is not None:
             log_data_checks(h, data, log)
         rc = RunContext(h, d, data, code, versions, backend, log, clock, files)

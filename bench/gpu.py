@@ -186,7 +186,7 @@ def environment(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda),
             "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-            "attn_backend_auto": tg.select_attention_backend("auto", device),
+            "attn_backend_auto": tg.select_attention_backend("auto", device)[0],
             "fa3": tg.importable("flash_attn_interface"), "fa4": tg.importable("flash_attn.cute")}
     if cuda:
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

@@ -60,7 +60,7 @@ def measure(next_batch: Callable[[], tuple], shape: tuple, warmup: int, steps: i
         next_batch()
     wait0, t0 = wait(), time.perf_counter()
     for _ in range(steps):
-        x, y = next_batch()
+        x, y = next_batch()[:2]
     elapsed = time.perf_counter() - t0
     assert x.shape == shape and torch.equal(y[:, :-1], x[:, 1:])
     return {"seconds": elapsed, "wait_seconds": wait() - wait0}
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         # The loader's first-epoch starts, wrapped if --steps exceeds it; its first batch must match.
         probe = make()
         _, starts = probe._epoch_slots(0)
-        x, y = probe.next_batch()
+        x, y, _ = probe.next_batch()
         probe.close()
         rx, ry = reference_batch(mm, starts[:B], T)
         assert torch.equal(x, rx) and torch.equal(y, ry), "loader and reference disagree"

@@ -74,23 +74,25 @@ def flops_per_token(model: tg.GPT, h: tg.Hyperparameters, looping: bool) -> dict
 
 
 class RandomBatches:
-    """A stand-in for TrainLoader: pre-generated random tokens already on the device."""
+    """A stand-in for TrainLoader: pre-generated random tokens and their cu_seqlens, already on the device."""
 
     def __init__(self, h: tg.Hyperparameters, device: torch.device, count: int = 4):
         gen = torch.Generator().manual_seed(h.seed)
-        self.batches = [torch.randint(0, h.vocab_size, (h.micro_batch_seqs, h.train_seq_len + 1), generator=gen)
-                        .to(device) for _ in range(count)]
+        tokens = [torch.randint(0, h.vocab_size, (h.micro_batch_seqs, h.train_seq_len + 1), generator=gen)
+                  for _ in range(count)]
+        self.batches = [(b.to(device), torch.from_numpy(tg.host_cu_seqlens(b[:, :-1].numpy(), tg.BOS_ID)).to(device))
+                        for b in tokens]
         self.i, self.wait_seconds = 0, 0.0
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.batches[self.i % len(self.batches)]
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, cu = self.batches[self.i % len(self.batches)]
         self.i += 1
-        return b[:, :-1], b[:, 1:]
+        return b[:, :-1], b[:, 1:], cu
 
 
 def build(h: tg.Hyperparameters, device: torch.device) -> tuple[tg.GPT, tg.Optimizers]:
     torch.manual_seed(h.seed)
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, tg.select_attention_backend(h.attn_backend, device))).to(device)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h, tg.select_attention_backend(h.attn_backend, device)[0])).to(device)
     tg.flatten_parameters(model)  # as train_gpt.run() does
     return model, tg.Optimizers(model, h)
 

@@ -8,6 +8,7 @@ and a tokenizer runs on any machine.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -79,3 +80,51 @@ def eval_ctx(model, val: np.ndarray, luts: tg.ByteLUTs, seq_len: int, stride: in
 
     return tg.EvalContext(model, torch.from_numpy(np.asarray(val, dtype=np.int64)), luts, seq_len,
                           stride or seq_len, batch_seqs, rank, world_size, torch.device("cpu"), compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashAttention stand-ins (tests/stubs): mirror upstream's structure, computed on the CPU
+# ---------------------------------------------------------------------------------------------
+
+STUBS = ROOT / "tests" / "stubs"
+SHARED_FA3 = ROOT.parent / "shared" / "anchors" / "fa3_cpu"
+_STUB_MODULES: dict[Path, dict] = {}  # imported once per process: their custom ops register on import
+
+
+def use_stub(monkeypatch, folder: Path, module: str) -> dict:
+    """Make the stand-in in `folder` importable (`module` and its package) for one test; returns its modules by
+    name. A model built on a stand-in's op keeps that module, so each folder is imported once per process."""
+    package = module.split(".")[0]
+    monkeypatch.syspath_prepend(str(folder))
+    if folder not in _STUB_MODULES:
+        saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == package}
+        importlib.import_module(module)
+        _STUB_MODULES[folder] = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == package}
+        sys.modules.update(saved)
+    for name in [m for m in sys.modules if m.split(".")[0] == package]:
+        monkeypatch.delitem(sys.modules, name)
+    for name, module in _STUB_MODULES[folder].items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return _STUB_MODULES[folder]
+
+
+@pytest.fixture
+def fa3_stub(monkeypatch):
+    """tests/stubs/fa3: FlashAttention 3's interface (dense and varlen) as `flash_attn_interface`."""
+    return use_stub(monkeypatch, STUBS / "fa3", "flash_attn_interface")["flash_attn_interface"]
+
+
+@pytest.fixture
+def fa4_stub(monkeypatch):
+    """tests/stubs/fa4: flash-attn-4's interface as upstream has it today; yields its calls, counted."""
+    interface = use_stub(monkeypatch, STUBS / "fa4", "flash_attn.cute.interface")["flash_attn.cute.interface"]
+    calls = {"fwd": 0, "bwd": 0}
+    for name in ("fwd", "bwd"):
+        real = getattr(interface, f"_flash_attn_{name}")
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(interface, f"_flash_attn_{name}", counted)
+    yield calls

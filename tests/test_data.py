@@ -111,7 +111,7 @@ def step_slots(files, arrays, seq_len, micro_seqs, accum, world_size, steps, see
         with open_loader(files, seq_len, micro_seqs, accum, rank, world_size, seed) as loader:
             for k in range(steps):
                 for _ in range(accum):
-                    x, y = loader.next_batch()
+                    x, y, _ = loader.next_batch()
                     check_batch(x, y, micro_seqs, seq_len)
                     out[k][rank].extend(slot_of(w, arrays) for w in windows_of(x, y))
     return out
@@ -292,7 +292,7 @@ def test_loader_batches_are_real_shifted_windows(dataset):
     offs = np.arange(seq + 1)
     with open_loader(files, seq, micro, accum, vocab_size=dataset["vocab_size"]) as loader:
         for _ in range(12):
-            x, y = loader.next_batch()
+            x, y, _ = loader.next_batch()
             check_batch(x, y, micro, seq)
             assert int(x.max()) < dataset["vocab_size"] and int(x.min()) >= 0
             for w in windows_of(x, y):
@@ -310,7 +310,7 @@ def test_loader_deterministic_and_seed_dependent(dataset):
 
     def first_batches(seed, n=6):
         with open_loader(files, 16, 3, 2, seed=seed, vocab_size=dataset["vocab_size"]) as loader:
-            return [torch.cat(loader.next_batch(), dim=1) for _ in range(n)]
+            return [torch.cat(loader.next_batch()[:2], dim=1) for _ in range(n)]
 
     a, b, c = first_batches(1), first_batches(1), first_batches(2)
     assert all(torch.equal(p, q) for p, q in zip(a, b)), "same seed must give identical batches"
@@ -342,7 +342,7 @@ def test_loader_refills_epochs_with_new_order(tmp_path):
         for e in range(4):
             order = []
             for _ in range(6):
-                x, y = loader.next_batch()
+                x, y, _ = loader.next_batch()
                 check_batch(x, y, 2, seq)
                 order.extend(slot_of(w, arrays) for w in windows_of(x, y))
             epochs.append(order)
@@ -359,7 +359,7 @@ def test_loader_tiny_single_shard_many_epochs(tmp_path):
     seen, phases = [], set()
     with open_loader(files, seq, 2, 1, seed=11) as loader:
         for _ in range(60):  # >= 12 epochs
-            x, y = loader.next_batch()
+            x, y, _ = loader.next_batch()
             check_batch(x, y, 2, seq)
             for w in windows_of(x, y):
                 _, start = slot_of(w, arrays)
@@ -384,7 +384,7 @@ def test_loader_never_returns_unfilled_rows_when_an_epoch_is_short(tmp_path, siz
     try:
         for _ in range(12):
             for _ in range(accum):
-                x, y = loader.next_batch()
+                x, y, _ = loader.next_batch()
                 check_batch(x, y, micro_seqs, seq)
                 for w in windows_of(x, y):
                     slot_of(w, arrays)  # fails on uninitialised / stale rows
@@ -403,7 +403,7 @@ def test_loader_raises_data_error_for_bad_token_naming_the_shard(tmp_path):
     with open_loader([good, bad], seq, 2, 1, seed=5, vocab_size=vocab) as loader:
         with pytest.raises(tg.DataError) as ei:
             for _ in range(30):  # one epoch is < 25 steps
-                x, y = loader.next_batch()
+                x, y, _ = loader.next_batch()
                 assert int(torch.cat([x, y], 1).max()) < vocab, "a bad id reached the model"
                 returned += 1
     msg = assert_names(ei.value, bad, vocab + 5, vocab)
@@ -438,7 +438,7 @@ def test_loader_too_little_data(tmp_path):
     with pytest.raises(tg.DataError):  # 2 ranks x 1 micro-batch of 2 sequences
         tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(0, 2, 0, CPU))
     with open_loader(files, 8, 2, 1) as loader:  # exactly enough
-        check_batch(*loader.next_batch(), 2, 8)
+        check_batch(*loader.next_batch()[:2], 2, 8)
 
 
 # ---------------------------------------------------------------- fingerprint and tokenizer

@@ -1,19 +1,16 @@
 """DOC_ISOLATION: attention that never crosses a BOS (PR #1530, R0410), its FA3 varlen and SDPA-mask
 forms, the document-packed training order, and evaluation under isolation.
 
-The FA3 path runs against a stand-in `flash_attn_interface` whose varlen call attends one sequence of
-cu_seqlens at a time (the varlen semantics, written independently of document_mask), so "the fallback
-equals the varlen path" compares two different constructions of the same attention."""
+The FA3 path runs against the stand-in `flash_attn_interface` in tests/stubs/fa3, whose varlen call attends one
+sequence of cu_seqlens at a time (the varlen semantics, written independently of document_mask), so "the
+fallback equals the varlen path" compares two different constructions of the same attention."""
 
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import eval_ctx, tg
 from test_eval import fake_luts, val_stream
@@ -89,35 +86,19 @@ def test_document_mask_is_causal_and_cut_at_row_starts_and_bos():
     assert tg.document_starts(ids, BOS).tolist() == [0, 2, 5, 8, 10]
 
 
-def segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
-    """FA3's varlen semantics: (total, H, D) inputs, one causal attention per cu_seqlens sequence."""
-    assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-    assert max_q >= int((cu_q[1:] - cu_q[:-1]).max())
-    out = torch.zeros_like(q)
-    bounds = cu_q.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi > lo:
-            seg = [t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
-            out[lo:hi] = F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
-    return out
-
-
 @pytest.fixture
-def fake_fa3(monkeypatch):
+def fake_fa3(fa3_stub, monkeypatch):
+    """The FA3 stand-in (tests/stubs/fa3: upstream's custom ops and autograd.Functions, computed one cu_seqlens
+    sequence at a time, written independently of document_mask); its entry points' calls counted."""
     calls = {"varlen": 0, "dense": 0}
+    for name, key in (("flash_attn_varlen_func", "varlen"), ("flash_attn_func", "dense")):
+        real = getattr(fa3_stub, name)
 
-    def varlen(*args, **kw):
-        calls["varlen"] += 1
-        return segment_attention(*args, **kw)
+        def counted(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
 
-    def dense(q, k, v, causal=False):
-        calls["dense"] += 1
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=causal, enable_gqa=True).transpose(1, 2)
-
-    mod = types.ModuleType("flash_attn_interface")
-    mod.flash_attn_func, mod.flash_attn_varlen_func = dense, varlen
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", mod)
+        monkeypatch.setattr(fa3_stub, name, counted)
     yield calls
 
 
@@ -191,7 +172,7 @@ def write_stream(tmp_path, tokens):
 
 def batches(loader, n):
     try:
-        return [torch.cat(loader.next_batch(), dim=1) for _ in range(n)]
+        return [torch.cat(loader.next_batch()[:2], dim=1) for _ in range(n)]
     finally:
         loader.close()
 

@@ -1,16 +1,13 @@
 """The GPU path, checked on the CPU (issue 14): the fused softcapped loss, the bf16 residual stream and
-XSA, the fused q/k/v GEMM and its calibration tap, attention backends (flash-attn-4 as a custom op),
-batched GPTQ, parallel chunked compression, size-predicting fit, fixed-shape evaluation and TTT batches,
-and the rule that every graph compiles in the untimed warm-up (dynamo's compiles counted on a real run).
+XSA, the fused q/k/v GEMM and its calibration tap, batched GPTQ, parallel chunked compression,
+size-predicting fit, fixed-shape evaluation and TTT batches. Attention backends, and the rule that every graph
+compiles in the untimed warm-up, are in test_compiled_flow.py (whole runs, compiled, in fresh processes).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -112,99 +109,6 @@ def test_fused_qkv_gemm_equals_three_linears_and_taps_one_hessian():
         tg.detach_hessians(model)
     assert H["blocks.0.attn.c_q.weight"] is H["blocks.0.attn.c_k.weight"] is H["blocks.0.attn.c_v.weight"]
     assert float(H["blocks.0.attn.c_q.weight"].trace()) > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention backends
-# ---------------------------------------------------------------------------------------------
-
-
-def test_attention_backend_resolution_on_cpu():
-    assert tg.select_attention_backend("auto", CPU) == "sdpa"
-    assert tg.select_attention_backend("sdpa", CPU) == "sdpa"
-    for name in ("fa3", "fa4"):
-        with pytest.raises(tg.ConfigError, match=rf"^ATTN_BACKEND='{name}' is not allowed here: needs a CUDA device"):
-            tg.select_attention_backend(name, CPU)
-
-
-def _sdpa_reference(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                          enable_gqa=True).transpose(1, 2)
-
-
-@pytest.fixture
-def fake_fa4(monkeypatch):
-    """A stand-in `flash_attn.cute.interface` with FA4's private forward/backward signatures, computed with
-    SDPA math on the CPU: it checks our custom-op wrapper (shapes, saved tensors, gradients, compile)."""
-    calls = {"fwd": 0, "bwd": 0}
-
-    def fwd(q, k, v, causal=False, return_lse=False):
-        assert causal and return_lse
-        calls["fwd"] += 1
-        B, T, H, D = q.shape
-        kr, vr = (t.repeat_interleave(H // t.size(2), dim=2) for t in (k, v))
-        s = torch.einsum("bthd,bshd->bhts", q.float(), kr.float()) / math.sqrt(D)
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        lse = torch.logsumexp(s, -1)  # (B, H, T) as FA4 returns it
-        out = torch.einsum("bhts,bshd->bthd", torch.softmax(s, -1), vr.float()).to(q.dtype)
-        return out, lse
-
-    def bwd(q, k, v, out, dout, lse, softmax_scale, causal, softcap):
-        # Attention's backward by hand from the saved lse (a custom op's body runs below autograd).
-        calls["bwd"] += 1
-        B, T, H, D = q.shape
-        g = H // k.size(2)
-        kr, vr = (t.float().repeat_interleave(g, dim=2) for t in (k, v))
-        scale = 1 / math.sqrt(D)
-        s = torch.einsum("bthd,bshd->bhts", q.float(), kr) * scale
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        p = torch.exp(s - lse[..., None])
-        do = dout.float()
-        dv = torch.einsum("bhts,bthd->bshd", p, do)
-        dp = torch.einsum("bthd,bshd->bhts", do, vr)
-        ds = p * (dp - (do * out.float()).sum(-1).transpose(1, 2)[..., None])
-        dq = torch.einsum("bhts,bshd->bthd", ds, kr) * scale
-        dk = torch.einsum("bhts,bthd->bshd", ds, q.float()) * scale
-        fold = lambda t: t.unflatten(2, (H // g, g)).sum(3)  # noqa: E731  (GQA: sum a kv head's query heads)
-        return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
-
-    interface = types.SimpleNamespace(_flash_attn_fwd=fwd, _flash_attn_bwd=bwd)
-    cute = types.ModuleType("flash_attn.cute")
-    cute.interface = interface
-    pkg = types.ModuleType("flash_attn")
-    pkg.cute = cute
-    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
-    monkeypatch.setattr(tg, "_FA4_OPS", {})
-    yield calls
-
-
-def test_fa4_custom_op_matches_sdpa_forward_and_backward_and_compiles_without_breaks(fake_fa4):
-    attn = tg.fa4_attention()
-    g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(2, 9, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
-    out = attn(q, k, v)
-    ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref = _sdpa_reference(*ref_in)
-    assert torch.allclose(out, ref, atol=1e-5)
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    for a, b in zip((q, k, v), ref_in):
-        assert torch.allclose(a.grad, b.grad, atol=1e-4)
-    assert fake_fa4 == {"fwd": 1, "bwd": 1}, "the backward reuses the forward's output and lse"
-    compiled = torch.compile(lambda a, b, c: attn(a, b, c).sum(), backend="aot_eager", fullgraph=True)
-    assert torch.allclose(compiled(q, k, v), ref.sum(), atol=1e-4)
-
-
-def test_fa4_backend_model_equals_the_sdpa_model(fake_fa4):
-    torch.manual_seed(0)
-    sdpa = trained_like(tg.GPT(tiny_cfg()))
-    fa4 = tg.GPT(tiny_cfg(attn_backend="fa4"))
-    fa4.load_state_dict(sdpa.state_dict())
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
-    # The flash path runs attention in bf16 (as FA3 and FA4 do), so compare at bf16 precision.
-    assert abs(fa4(ids[:, :-1], ids[:, 1:]).item() - sdpa(ids[:, :-1], ids[:, 1:]).item()) < 2e-2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,61 +231,8 @@ def test_ttt_padding_rows_carry_no_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# Nothing compiles after the warm-up (a real run, dynamo's compiles counted)
+# Per-group compression bench
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("leaderboard_top", ["0", "1"])  # DOC_ISOLATION and PHASED_TTT_ENABLED
-def test_every_graph_compiles_in_the_warm_up_and_none_later(tmp_path, monkeypatch, dataset, leaderboard_top):
-    """A run with depth recurrence, sliding eval, TTT, GPTQ and mid-training evaluation: every graph the
-    run uses (training plain/looped, evaluation in both states, TTT training, calibration, Muon's steps)
-    is compiled before the first timed step, and none afterwards."""
-    compiles: list[str] = []
-    phase = {"now": "setup"}
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(phase["now"])
-        from torch._dynamo.backends.common import aot_autograd
-        from functorch.compile import make_boxed_func
-        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
-
-    real_compile = torch.compile
-    monkeypatch.setattr(tg.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting_backend,
-                                                                          dynamic=False, fullgraph=True))
-    real_train = tg.train
-
-    def train(*args, **kwargs):
-        phase["now"] = "training"
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(tg, "train", train)
-    torch._dynamo.reset()
-    env = dict(PRESET="smoke", DATA_PATH=str(dataset["dir"]), TOKENIZER_PATH=str(dataset["tokenizer"]),
-               LOG_DIR=str(tmp_path), RUN_ID="warm", COMPILE="1", ITERATIONS="6", MAX_WALLCLOCK_SECONDS="0",
-               WARMUP_STEPS="1", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LOOPS="1",
-               LOOP_START="1", LOOP_END="1", LOOPING_START_STEP="2", VAL_LOSS_EVERY="1", TRAIN_SEQ_LEN="64",
-               EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", EVAL_BATCH_SEQS="8", EVAL_STRIDE="32", TTT_ENABLED="1",
-               TTT_EPOCHS="1", TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
-               QUANT_METHOD="gptq",
-               BPB_CHECK_DOCS="5", DOC_ISOLATION=leaderboard_top, DOC_PACKED_LOADER=leaderboard_top,
-               PHASED_TTT_ENABLED=leaderboard_top, PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2",
-               TTT_BATCH_SIZE="4", TTT_LORA_RANK="4")
-    try:
-        assert tg.main(env) == 0
-    finally:
-        torch._dynamo.reset()
-    assert compiles and compiles.count("training") == 0, compiles
-    metrics = json.loads((tmp_path / "warm.json").read_text())
-    order = [r["phase"] for r in metrics["phases"]]
-    assert order == ["startup", "warmup_train_plain", "warmup_train_looped", "warmup_eval_plain", "warmup_eval_looped",
-                     "warmup_ttt_train", "warmup_calibration", "training", "calibration", "eval_pre_quant",
-                     "quantization", "artifact_read", "eval_roundtrip", "eval_sliding", "eval_ttt"], order
-    assert metrics["wall_seconds"] >= sum(r["seconds"] for r in metrics["phases"]) * 0.99
-    log = (tmp_path / "warm.txt").read_text()
-    assert all(f"phase:{name} seconds:" in log for name in order) and "wall_time:" in log
-    if leaderboard_top == "1":
-        assert "resolved_doc_attention: sdpa_document_mask" in log and "ttt_phased:1/" in log
-        assert "mode:phased_lora" in log and metrics["ttt"]["documents"] >= 1
 
 
 def test_pergroup_bench_round_trips_every_candidate_and_totals_the_best(tmp_path, capsys):
@@ -453,20 +304,25 @@ TRITON_CHECK = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
 import train_gpt as tg
+cases = []
 for dtype in (torch.float32, torch.bfloat16):
     for cap in (30.0, 0.0):
         g = torch.Generator().manual_seed(18)
         z = (torch.randn(5, 2 * tg.CE_BLOCK + 37, generator=g) * 40).to(dtype)  # a partial last block
-        t = torch.randint(0, z.size(1), (5,), generator=g)
-        loss, lse = tg.softcap_ce_triton(z, t, cap)
-        ref_loss, ref_lse = tg.softcap_ce_reference(z, t, cap)
-        assert torch.allclose(loss, ref_loss, atol=1e-4, rtol=1e-5), (dtype, cap, loss, ref_loss)
-        assert torch.allclose(lse, ref_lse, atol=1e-4, rtol=1e-5), (dtype, cap)
+        t = torch.randint(0, z.size(1), (5, 2), generator=g)[:, 1]  # strided targets (a column of a batch)
         w = torch.rand(5, generator=g)
-        dz = tg.softcap_ce_triton_grad(w, z, t, lse, cap)
-        ref = tg.softcap_ce_reference_grad(w, z, t, ref_lse, cap)
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert dz.dtype == dtype and torch.allclose(dz.float(), ref.float(), atol=tol, rtol=tol), (dtype, cap)
+        ref_loss, ref_lse = tg.softcap_ce_reference(z, t, cap)
+        cases.append((dtype, cap, z, t, w, ref_loss, ref_lse, tg.softcap_ce_reference_grad(w, z, t, ref_lse, cap)))
+# Every reference first: right after the interpreter has run, torch's first CPU reduction came out wrong in
+# about 1 run in 20 (rows off by ~2e-3; the same call repeated is right), which made this test flaky.
+for dtype, cap, z, t, w, ref_loss, ref_lse, ref in cases:
+    assert not t.is_contiguous()
+    loss, lse = tg.softcap_ce_triton(z, t, cap)
+    assert torch.allclose(loss, ref_loss, atol=1e-4, rtol=1e-5), (dtype, cap, loss, ref_loss)
+    assert torch.allclose(lse, ref_lse, atol=1e-4, rtol=1e-5), (dtype, cap)
+    dz = tg.softcap_ce_triton_grad(w, z, t, lse, cap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert dz.dtype == dtype and torch.allclose(dz.float(), ref.float(), atol=tol, rtol=tol), (dtype, cap)
 print("kernels ok")
 """
 

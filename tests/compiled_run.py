@@ -1,0 +1,65 @@
+"""Run train_gpt.main() compiled, in a fresh process, counting every graph dynamo compiles and when.
+
+    python tests/compiled_run.py RESULT.json [STUB_DIR ...]   (the run's environment comes from os.environ)
+
+A fresh process matters: torch.library custom ops are registered once per process, so a test process that
+already called an op eagerly would hide an op first defined inside a compiled region (issue 23, rows 1-2).
+STUB_DIRs go first on sys.path (the FlashAttention stand-ins in tests/stubs). torch.compile keeps every
+argument train_gpt passes (fullgraph=True, dynamic=False) and gets a counting backend: dynamo, AOTAutograd
+and fake-tensor propagation as inductor sees them, with the graphs run eagerly (`aot_eager`); inductor's CPU
+code generation is too slow on two cores for whole runs (tests/test_compiled_flow.py checks it on a model).
+RESULT.json: {"rc": exit code, "compiles": [phase of each compile], "graphs": [ops of each graph]}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str]) -> int:
+    out, stubs = Path(argv[0]), argv[1:]
+    sys.path[:0] = [str(ROOT), *stubs]
+    import torch
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    import train_gpt as tg
+
+    phase = {"now": "setup"}
+    compiles: list[str] = []
+    graphs: list[list[str]] = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(phase["now"])
+
+        def keep(g, _):
+            graphs.append(sorted({str(n.target) for n in g.graph.nodes if n.op == "call_function"}))
+            return make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    real_compile = torch.compile
+
+    def compile_(fn, **kwargs):
+        assert kwargs == {"dynamic": False, "fullgraph": True}, kwargs
+        return real_compile(fn, backend=counting_backend, **kwargs)
+
+    torch.compile = compile_
+    real_train = tg.train
+
+    def train(*args, **kwargs):  # from here on nothing may compile
+        phase["now"] = "training"
+        return real_train(*args, **kwargs)
+
+    tg.train = train
+    rc = tg.main(dict(os.environ))
+    out.write_text(json.dumps({"rc": rc, "compiles": compiles, "graphs": graphs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

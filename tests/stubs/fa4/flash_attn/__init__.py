@@ -1,0 +1,1 @@
+"""Test stand-in package for flash-attn-4 (see cute/interface.py)."""
