@@ -188,8 +188,9 @@ class Hyperparameters:
     compute_dtype: str = knob("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32",
                               lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
     compile: bool = knob(True, "torch.compile the model (0 = eager)")
-    attn_backend: str = knob("auto", "attention kernel: auto (CUDA: fa3, else fa4, else sdpa; CPU: sdpa) / fa3 "
-                                     "(flash_attn_interface) / fa4 (flash-attn-4, flash_attn.cute) / sdpa",
+    attn_backend: str = knob("auto", "attention kernel: auto (CUDA: fa3, else fa4, else sdpa, passing over one that "
+                                     "fails to import; CPU: sdpa) / fa3 (flash_attn_interface) / fa4 (flash-attn-4, "
+                                     "flash_attn.cute) / sdpa",
                              lambda v: v in ATTN_BACKENDS, "auto, fa3, fa4 or sdpa")
     dry_run: bool = knob(False, "1 = build model and optimizers, print config and parameter counts, exit")
     strict_env: bool = knob(False, "1 = an unknown variable that looks like a knob is an error")
@@ -267,7 +268,8 @@ class Hyperparameters:
     caseops_enabled: bool = knob(False, "CaseOps data (PR #1729): count validation bytes from the byte sidecar "
                                         "fineweb_val_bytes_*.bin of the original text, not the tokenizer's tables")
     doc_isolation: bool = knob(False, "attention stays inside each document, a BOS token starting one (PR #1530): "
-                                      "FA3's varlen call, else SDPA with a document mask")
+                                      "FA3's varlen call, else FlexAttention (CUDA, compiled), else SDPA with a "
+                                      "document mask")
     doc_packed_loader: bool = knob(False, "training reads documents in order, one contiguous stream from each shard's "
                                           "first BOS (R0410's loader; with DOC_ISOLATION as the records run it)")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
@@ -1500,7 +1502,7 @@ FLASH_MODULES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # Fla
 def importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a missing parent package of a dotted name
+    except Exception:  # a dotted name's parent package is missing, or fails to import (flash_attn of FA2)
         return False
 
 
@@ -1827,7 +1829,7 @@ class LayerAux(NamedTuple):
     """What a block needs beyond its input at one virtual layer: a KV cache and the layer's index in it
     (calibration sampling), the document structure (DOC_ISOLATION) and TTT's adapters."""
     kv: "tuple[KVCache, int] | None" = None
-    docs: Tensor | None = None
+    docs: Documents | None = None
     lora: LoRASlot | None = None
 
 

@@ -1,33 +1,44 @@
 """GPU preflight: one command that proves a pod before a paid run (users on a rented pod, us on a lent one).
 
-    python bench/gpu.py                                # one H100/H200, about 8 minutes
-    python bench/gpu.py --anchor bench/.cache/anchor   # also R0405's own script, side by side
-    python bench/gpu.py --cpu                          # tiny, on a CPU: the harness itself (CI runs this)
+    python bench/gpu.py --prepare        # here, beside ../shared: build the pod kit (bench/.cache/kit) and print
+                                         #   its size and the exact command to run on the pod
+    python bench/gpu.py                  # on the pod, the kit carried: one H100/H200, about 9 minutes
+    python bench/gpu.py --cpu --prepare && python bench/gpu.py --cpu   # the harness itself on a CPU (CI)
 
-1. Data: builds (or reuses) a small dataset in the challenge layout under --cache (git-ignored,
-   bench/.cache/gpu by default): val = the --val-docs JSONL (200 challenge documents), train = the first
-   --train-docs documents of --docs (1,200 FineWeb documents), tokenized with --tokenizer (the sp8192 one
-   in parameter-golf main). The folder travels to a machine without ../shared.
-2. Step time of the anchor's architecture in this script (bench/step.py with the knobs in
-   ../shared/anchors/README.md), without and with depth recurrence: ms/step, tokens/s, MFU, peak memory;
-   with --anchor DIR, the anchor script (a copy of ../shared/anchors/r0405) trained on the same data, its
-   tokens/s read from its log, and the ratio ours/anchor.
-3. PRESET=record end to end for --steps steps on that data: one row per phase from the run's own JSON
-   (each compile warm-up, training before and after looping, calibration, quantization with compression,
-   every evaluation) with tokens/s and peak memory.
-4. Projection of each phase to the real run on 8xH100 (600 s of training; the full validation set,
-   --val-tokens-full, 40,540,160 sp8192 tokens per techniques.md 2.1) and PASS/FAIL against both 600 s
-   budgets. Per-token phases scale as 1/8 of this GPU's time (linear: no communication cost; TTT's
-   8-GPU batches are smaller, so its projection is a lower bound). Compile warm-ups and quantization do
-   not shrink with more GPUs.
+The kit (--kit, git-ignored) holds everything a bare pod needs: the dataset (val = the --val-docs JSONL, the
+200 challenge documents; train = the first --train-docs documents of --docs, 1,200 FineWeb documents;
+tokenized with --tokenizer, the sp8192 one in parameter-golf main), copies of the R0405 and leaderboard-top
+anchors (../shared/anchors), a Brotli wheel for the pod's Python (the device image has none) and kit.json:
+the sha256 of every kit file and of the sources it was built from. On the pod the sources are absent and the
+kit is used as it is (its files checked against kit.json); beside changed sources its data is rebuilt.
+--cpu keeps its own kit and outputs (kit-cpu, gpu-cpu): a tiny CPU dataset never replaces a pod's.
 
-Everything goes to one JSON (--out, default <cache>/preflight.json); a short table is printed last.
-A part that fails or runs out of --budget-s is marked in its row and the others still run.
+Parts, in this order, each with its own time budget (--budget PART=SECONDS), so a slow one cannot starve the
+verdict:
+1. pipeline: PRESET=record end to end for --steps steps on the kit's data: one row per phase from the run's
+   own JSON (each compile warm-up, training before and after looping, calibration, quantization with
+   compression, every evaluation) with tokens/s and peak memory, projected to the real run on 8xH100 (600 s
+   of training; the full validation set, --val-tokens-full, 40,540,160 sp8192 tokens) with PASS/FAIL against
+   both 600 s budgets. Per-token phases scale as 1/8 of this GPU's time. Phased TTT is projected from the real
+   split's document lengths (the per-batch ranges in the leaderboard top's logs, PR #1855, rescaled to our
+   token count): its cost per chunk step and per window token is fitted on this run's TTT segments (the phase
+   prefix scaled to this dataset, so most documents fall after it as in the real split), then summed over the
+   busiest rank's batches of the real split. Compile warm-ups and quantization do not shrink.
+2. step: our step with R0405's architecture (bench/step.py --both, the knobs in ANCHOR_ARCH), without and
+   with depth recurrence: ms/step, tokens/s, MFU, peak memory.
+3. variant: the step again with each --step-variant's knobs (e.g. FUSED_CE_ENABLED=1).
+4. anchor: R0405's own script (the kit's copy, or --anchor) trained on the same data, its tokens/s read
+   from its log, and the ratio ours/anchor.
+
+Everything goes to one JSON (--out, default <cache>/preflight.json); a short table is printed last. A part
+that fails or runs out of its budget is marked in its row and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -40,17 +51,29 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_TOKENIZER = SHARED / "tokenizers" / "variants" / "CiprianFlorin-Ifrim" / "fineweb_8192_bpe.model"
-DEFAULT_VAL_DOCS = SHARED / "corpus" / "fineweb_challenge_docs_200.jsonl"
-DEFAULT_DOCS = SHARED / "corpus" / "fineweb_legal_pilot_2800.jsonl"
+SHARED = ROOT.parent / "shared"
+DEFAULT_TOKENIZER = SHARED / "data" / "tokenizers" / "variants" / "CiprianFlorin-Ifrim" / "fineweb_8192_bpe.model"
+DEFAULT_VAL_DOCS = SHARED / "data" / "corpus" / "fineweb_challenge_docs_200.jsonl"
+DEFAULT_DOCS = SHARED / "data" / "corpus" / "fineweb_legal_pilot_2800.jsonl"
+ANCHORS = ("r0405", "top1855")  # folders of ../shared/anchors copied into the kit
+TOP = "top1855"  # the leaderboard top's folder: its seed logs give the real split's document lengths
+CACHE = ROOT / "bench" / ".cache"
 FULL_VAL_TOKENS = 40_540_160  # sp8192 validation targets after truncation (techniques.md 2.1)
+FULL_VAL_DOCS = 50_000
 TRAIN_BUDGET_S = EVAL_BUDGET_S = 600.0
 RECORD_GPUS = 8
 MAX_RESERVE_FRACTION = 0.1
+PARTS = ("pipeline", "step", "variant", "anchor")
+# Seconds per part on a pod: the pipeline first and largest (its compiles alone take about two minutes).
+BUDGETS = {"pipeline": 330.0, "step": 90.0, "variant": 60.0, "anchor": 120.0}
+CPU_BUDGETS = {"pipeline": 900.0, "step": 300.0, "variant": 300.0, "anchor": 60.0}
 # Our knobs for R0405's architecture (../shared/anchors/README.md): same model, forward equal to 5e-6.
 ANCHOR_ARCH = {"PRESET": "record", "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0", "PARALLEL_MODE": "off",
                "LOOP_START": "4", "LOOP_END": "5", "ENABLE_LOOPING_AT": "0.5", "QK_GAIN_INIT": "4.0"}
@@ -59,8 +82,9 @@ CPU_KNOBS = {"DEVICE": "cpu", "COMPILE": "0", "NUM_LAYERS": "6", "MODEL_DIM": "6
              "NUM_KV_HEADS": "1", "MLP_MULT": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
              "ROPE_TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "XSA_LAST_N": "6", "LOOP_START": "2",
              "LOOP_END": "3", "PARALLEL_START_LAYER": "4", "EVAL_BATCH_SEQS": "8", "EVAL_STRIDE": "32",
-             "TTT_CHUNK_TOKENS": "1024", "TTT_EPOCHS": "1", "BPB_CHECK_DOCS": "5"}
+             "TTT_CHUNK_TOKENS": "1024", "TTT_EPOCHS": "1", "BPB_CHECK_DOCS": "5", "TTT_BATCH_SIZE": "4"}
 ANCHOR_LINE = re.compile(r"^(?P<step>\d+)/(?P<of>\d+) train_loss: \S+ train_time: \S+ tok/s: (?P<tok_s>[\d.]+)")
+TOP_BATCH_LINE = re.compile(r"^ttp: b(?P<b>\d+)/(?P<n>\d+) .* dl:(?P<lo>\d+)-(?P<hi>\d+)")
 EVAL_PHASES = ("artifact_read", "eval_roundtrip", "eval_sliding", "eval_ttt")
 
 
@@ -69,7 +93,7 @@ class UsageError(Exception):
 
 
 class Deadline:
-    """Seconds left of --budget-s, handed to each part as its subprocess timeout."""
+    """Seconds left of one part's budget, handed to its subprocess as the timeout."""
 
     def __init__(self, seconds: float):
         self.end = time.monotonic() + seconds
@@ -82,12 +106,17 @@ def log(msg: str) -> None:
     print(f"[gpu.py {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    """The caller's environment without any knob of train_gpt.py (a PRESET or SEED left in the shell would
-    change what is measured), plus `extra`."""
+def train_gpt():
     sys.path.insert(0, str(ROOT))
     import train_gpt as tg
 
+    return tg
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """The caller's environment without any knob of train_gpt.py (a PRESET or SEED left in the shell would
+    change what is measured), plus `extra`."""
+    tg = train_gpt()
     knobs = (set(tg.Hyperparameters.knob_names()) | set(tg.KNOB_ALIASES) | tg.LEGACY_VARS | set(tg.RETIRED_VARS)
              | set(tg.UNIMPLEMENTED_FEATURES) | {"DATA_DIR", "PEAK_TFLOPS"})
     env = {k: v for k, v in os.environ.items() if k not in knobs}
@@ -95,74 +124,171 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def sha256(path: Path) -> str:
+    return train_gpt().sha256_file(path)
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. Data
+# The kit: data, anchors, wheel, stamps
 # ---------------------------------------------------------------------------------------------
 
 
-def build_dataset(args: argparse.Namespace) -> tuple[Path, int]:
-    """DATA_DIR with datasets/fineweb10B_sp<V>/ and tokenizers/fineweb_<V>_bpe.model; reused when complete."""
+def kit_files(kit: Path) -> dict[str, str]:
+    """sha256 of every file under the kit but kit.json itself, by relative path."""
+    return {str(p.relative_to(kit)): sha256(p) for p in sorted(kit.rglob("*"))
+            if p.is_file() and p.name != "kit.json"}
+
+
+def source_stamp(args: argparse.Namespace) -> dict:
+    """What the kit's data is built from: the sources' sha256 and the document counts (never their paths)."""
+    stamp = {"val_docs": args.n_val_docs, "train_docs": args.train_docs}
+    for name in ("tokenizer", "val_docs_file", "docs_file"):
+        stamp[name] = sha256(getattr(args, name))
+    return stamp
+
+
+def sources_present(args: argparse.Namespace) -> bool:
+    return all(getattr(args, n).is_file() for n in ("tokenizer", "val_docs_file", "docs_file"))
+
+
+def build_data(args: argparse.Namespace) -> None:
+    """kit/data with datasets/fineweb10B_sp<V>/ and tokenizers/fineweb_<V>_bpe.model, built aside and moved in."""
     import sentencepiece as spm
 
-    for flag, path in (("--tokenizer", args.tokenizer), ("--val-docs", args.val_docs), ("--docs", args.docs)):
-        if not Path(path).is_file():
-            raise UsageError(f"{flag}={path}: file not found (../shared/data is the default source; give the "
-                             f"path, or copy a built {args.cache}/data here)")
     vocab = spm.SentencePieceProcessor(model_file=str(args.tokenizer)).vocab_size()
-    root = args.cache / "data"
-    shards = root / "datasets" / f"fineweb10B_sp{vocab}"
-    tokenizer = root / "tokenizers" / f"fineweb_{vocab}_bpe.model"
-    wanted = {"val_docs": args.n_val_docs, "train_docs": args.train_docs, "tokenizer": str(args.tokenizer)}
-    stamp = root / "preflight_source.json"
-    if (shards / "manifest.json").is_file() and tokenizer.is_file() and stamp.is_file() \
-            and json.loads(stamp.read_text()) == wanted:
-        log(f"data: reusing {root}")
-        return root, vocab
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        docs = Path(tmp) / "docs.jsonl"
+    args.kit.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.kit) as tmp:
+        docs, root = Path(tmp) / "docs.jsonl", Path(tmp) / "data"
         with open(docs, "w", encoding="utf-8") as out:
-            for path, limit in ((args.val_docs, args.n_val_docs), (args.docs, args.train_docs)):
+            for path, limit in ((args.val_docs_file, args.n_val_docs), (args.docs_file, args.train_docs)):
                 with open(path, encoding="utf-8") as fh:
-                    for i, line in zip(range(limit), fh):
+                    for _, line in zip(range(limit), fh):
                         out.write(line if line.endswith("\n") else line + "\n")
         sys.path.insert(0, str(ROOT / "data"))
         import tokenize_docs
 
-        rc = tokenize_docs.main(["--docs", str(docs), "--tokenizer", str(args.tokenizer), "--output", str(shards),
-                                 "--val-docs", str(args.n_val_docs), "--force"])
+        shards = root / "datasets" / f"fineweb10B_sp{vocab}"
+        with contextlib.redirect_stdout(io.StringIO()):  # its "train on it with DATA_PATH=<this temp dir>" line
+            rc = tokenize_docs.main(["--docs", str(docs), "--tokenizer", str(args.tokenizer), "--output",
+                                     str(shards), "--val-docs", str(args.n_val_docs), "--force"])
         if rc != 0:
             raise UsageError(f"data/tokenize_docs.py failed (exit {rc}) building {shards} from --docs/--val-docs")
-    tokenizer.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.tokenizer, tokenizer)
-    stamp.write_text(json.dumps(wanted))
-    log(f"data: built {root} in {time.perf_counter() - t0:.1f}s")
-    return root, vocab
+        (root / "tokenizers").mkdir(parents=True)
+        shutil.copyfile(args.tokenizer, root / "tokenizers" / f"fineweb_{vocab}_bpe.model")
+        shutil.rmtree(args.kit / "data", ignore_errors=True)
+        os.replace(root, args.kit / "data")
+    log(f"data: built {args.kit / 'data'} in {time.perf_counter() - t0:.1f}s")
+
+
+def copy_anchors(args: argparse.Namespace) -> list[str]:
+    copied = []
+    for name in ANCHORS:
+        src = args.anchors_from / name
+        if src.is_dir():
+            shutil.rmtree(args.kit / "anchors" / name, ignore_errors=True)
+            shutil.copytree(src, args.kit / "anchors" / name, ignore=shutil.ignore_patterns("__pycache__"))
+            copied.append(name)
+        else:
+            log(f"anchors: {src} not found; the kit has no {name} (its part of the preflight is skipped)")
+    return copied
+
+
+def fetch_wheel(args: argparse.Namespace) -> str:
+    """A Brotli wheel for the pod's Python (--pod-python; none = skip), from PyPI with pip download."""
+    if args.pod_python == "none":
+        return "skipped (--pod-python none): the pod packs with brotli if installed, else lzma"
+    wheels = args.kit / "wheels"
+    if sorted(wheels.glob("[Bb]rotli-*.whl")):
+        return f"kept {sorted(wheels.glob('[Bb]rotli-*.whl'))[-1].name}"
+    tag = args.pod_python.replace(".", "")
+    cmd = [sys.executable, "-m", "pip", "download", "brotli", "--only-binary=:all:", "--no-deps", "--python-version",
+           args.pod_python, "--implementation", "cp", "--abi", f"cp{tag}", "--platform", "manylinux2014_x86_64",
+           "-d", str(wheels), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    found = sorted(wheels.glob("[Bb]rotli-*.whl"))
+    if proc.returncode != 0 or not found:
+        return f"FAILED ({(proc.stderr.strip().splitlines() or ['no wheel'])[-1][:160]}): the pod packs with lzma"
+    return f"downloaded {found[-1].name}"
+
+
+def pod_command(args: argparse.Namespace) -> str:
+    kit = args.kit.resolve()
+    default = (CACHE / ("kit-cpu" if args.cpu else "kit")).resolve()
+    flags = (" --cpu" if args.cpu else "") + ("" if kit == default else f" --kit {os.path.relpath(kit, ROOT)}")
+    return f"python bench/gpu.py{flags}"
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """--prepare: build the kit, print its size and the command that runs the preflight on the pod."""
+    if not sources_present(args):
+        missing = [str(getattr(args, n)) for n in ("tokenizer", "val_docs_file", "docs_file")
+                   if not getattr(args, n).is_file()]
+        raise UsageError(f"--prepare needs the data sources: not found: {', '.join(missing)} (../shared/data is the "
+                         f"default source; give --tokenizer/--val-docs/--docs)")
+    build_data(args)
+    anchors = copy_anchors(args)
+    wheel = fetch_wheel(args)
+    files = kit_files(args.kit)
+    manifest = {"sources": source_stamp(args), "files": files, "anchors": anchors, "wheel": wheel,
+                "pod_python": args.pod_python, "command": pod_command(args),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (args.kit / "kit.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    size = sum((args.kit / f).stat().st_size for f in files) + (args.kit / "kit.json").stat().st_size
+    rel = os.path.relpath(args.kit.resolve(), ROOT)
+    print(f"kit: {rel} ({size / 2**20:.1f} MiB in {len(files) + 1} files; anchors: {', '.join(anchors) or 'none'}; "
+          f"wheel: {wheel})")
+    print(f"run on the pod, from the repository root, with {rel} carried:")
+    print(f"    {pod_command(args)}")
+    return 0
+
+
+def load_kit(args: argparse.Namespace) -> tuple[Path, int]:
+    """The kit's data folder and vocabulary: checked against kit.json, rebuilt when the sources beside it changed."""
+    manifest_path = args.kit / "kit.json"
+    if not manifest_path.is_file():
+        if not sources_present(args):
+            raise UsageError(f"--kit={args.kit}: no kit.json there; build the kit with `python bench/gpu.py --prepare"
+                             f"{' --cpu' if args.cpu else ''}` where ../shared/data exists and carry that folder")
+        log(f"data: no kit at {args.kit}; preparing one")
+        prepare(args)
+    manifest = json.loads(manifest_path.read_text())
+    if sources_present(args) and manifest["sources"] != source_stamp(args):
+        log("data: the sources changed since the kit was built; rebuilding it")
+        prepare(args)
+        manifest = json.loads(manifest_path.read_text())
+    else:
+        log(f"data: reusing the kit at {args.kit}")
+    changed = sorted(f for f, digest in manifest["files"].items()
+                     if not (args.kit / f).is_file() or sha256(args.kit / f) != digest)
+    if changed:
+        raise UsageError(f"--kit={args.kit}: {changed[0]} is missing or differs from kit.json ({len(changed)} file(s)); "
+                         f"rebuild it with --prepare")
+    tokenizers = sorted((args.kit / "data" / "tokenizers").glob("fineweb_*_bpe.model"))
+    vocab = int(re.search(r"fineweb_(\d+)_bpe", tokenizers[0].name).group(1))
+    return args.kit / "data", vocab
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Environment and step timing
+# Environment and step timing
 # ---------------------------------------------------------------------------------------------
 
 
 def ensure_brotli(args: argparse.Namespace) -> str:
-    """brotli for the pipeline's artifact: installed, else unpacked from a wheel in --wheels onto
-    PYTHONPATH (the device image has none; a wheel travels with the carried folder), else COMPRESSOR=lzma
-    with the reason in the report."""
+    """brotli for the pipeline's artifact: installed, else unpacked from the kit's wheel onto PYTHONPATH (the
+    device image has none), else COMPRESSOR=lzma with the reason in the report."""
     if gpu_importable("brotli"):
         return "installed"
-    wheels = sorted(Path(args.wheels).glob("[Bb]rotli-*.whl")) if args.wheels.is_dir() else []
-    for wheel in wheels:
+    wheels = args.kit / "wheels"
+    for wheel in sorted(wheels.glob("[Bb]rotli-*.whl")) if wheels.is_dir() else []:
         site = args.cache / "site"
-        import zipfile
-
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(site)
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
         sys.path.insert(0, str(site))
         if gpu_importable("brotli"):
             return f"from {wheel.name}"
-    return "absent: the pipeline packs with COMPRESSOR=lzma (put a Brotli wheel in --wheels to time brotli)"
+    return "absent: the pipeline packs with COMPRESSOR=lzma (a Brotli wheel in the kit would time brotli)"
 
 
 def gpu_importable(module: str) -> bool:
@@ -179,14 +305,13 @@ def gpu_importable(module: str) -> bool:
 def environment(args: argparse.Namespace) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    import train_gpt as tg
-
+    tg = train_gpt()
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
+    backend, notes = tg.select_attention_backend("auto", device)
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda),
             "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-            "attn_backend_auto": tg.select_attention_backend("auto", device)[0],
+            "attn_backend_auto": backend, "attn_backend_notes": notes,
             "fa3": tg.importable("flash_attn_interface"), "fa4": tg.importable("flash_attn.cute")}
     if cuda:
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
@@ -198,7 +323,7 @@ def run_json(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path | No
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f}s"}
+        return {"error": f"timeout after {timeout:.0f}s (its budget)"}
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"}
     return json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -241,11 +366,9 @@ def parse_anchor_lines(lines: list[str], tokens_per_step: int) -> dict:
 def anchor_run(args: argparse.Namespace, data_dir: Path, deadline: Deadline) -> dict:
     """The anchor script, unchanged but for its SDPA pinning (run_anchor.py), on our data; stopped once its
     last training line is printed (what follows is its own GPTQ and evaluation)."""
-    if args.cpu:
-        return {"skipped": "the anchor script needs CUDA"}
     src = Path(args.anchor)
     if not (src / "run_anchor.py").is_file():
-        return {"error": f"--anchor={src}: no run_anchor.py there (copy ../shared/anchors/r0405)"}
+        return {"error": f"--anchor={src}: no run_anchor.py there (a copy of ../shared/anchors/r0405)"}
     log(f"anchor: {src} for {args.steps} steps")
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,7 +392,7 @@ def anchor_run(args: argparse.Namespace, data_dir: Path, deadline: Deadline) -> 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
         if not finished:
-            lines.append("(stopped at the --budget-s deadline)")
+            lines.append("(stopped at its budget)")
     out = parse_anchor_lines(lines, args.tokens_per_step)
     if "error" in out:
         out["error"] += "; last lines: " + " | ".join(x.strip() for x in lines[-3:])
@@ -277,31 +400,51 @@ def anchor_run(args: argparse.Namespace, data_dir: Path, deadline: Deadline) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. The record pipeline
+# The record pipeline
 # ---------------------------------------------------------------------------------------------
+
+
+def prefix_docs_for(n_docs: int, phases: int) -> int:
+    """The phase prefix scaled to this dataset (the record's 2,500 of 50,000 documents), at least one document
+    per phase, so most documents fall after it as in the real split."""
+    return max(phases, round(n_docs * 2500 / FULL_VAL_DOCS))
 
 
 def pipeline_run(args: argparse.Namespace, data_dir: Path, vocab: int, knobs: dict[str, str],
                  deadline: Deadline) -> dict:
-    """PRESET=record, end to end, --steps steps: the run's JSON (phases, history, evaluations)."""
+    """PRESET=record, end to end, --steps steps: the run's JSON (phases, history, evaluations) and its log."""
     log(f"pipeline: PRESET=record for {args.steps} steps")
     run_id = f"preflight_{time.strftime('%Y%m%d_%H%M%S')}"
+    record = train_gpt().Hyperparameters.from_env({"PRESET": "record"})
     env = clean_env({"PRESET": "record", "DATA_DIR": str(data_dir), "VOCAB_SIZE": str(vocab),
                      "ITERATIONS": str(args.steps), "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "3",
                      "TRAIN_LOG_EVERY": "1", "GPTQ_CALIBRATION_BATCHES": str(args.calibration_batches),
+                     "PHASED_TTT_PREFIX_DOCS": str(prefix_docs_for(args.n_val_docs, record.phased_ttt_num_phases)),
                      "LOG_DIR": str(args.cache / "runs"), "RUN_ID": run_id, **knobs})
     t0 = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
                               timeout=deadline.left())
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {time.monotonic() - t0:.0f}s (see {args.cache / 'runs' / run_id}.txt)"}
+        return {"error": f"timeout after {time.monotonic() - t0:.0f}s, its budget (see {args.cache / 'runs' / run_id}.txt)"}
     result_file = args.cache / "runs" / f"{run_id}.json"
     if proc.returncode != 0 or not result_file.is_file():
         return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"}
     metrics = json.loads(result_file.read_text())
     metrics["process_seconds"] = time.monotonic() - t0
+    metrics["ttt_segments"] = parse_ttt_segments((args.cache / "runs" / f"{run_id}.txt").read_text().splitlines())
     return metrics
+
+
+def parse_ttt_segments(lines: list[str]) -> list[dict]:
+    """The run's `ttt_phased:i/n documents:.. score_s:.. global_sgd_s:..` lines, one dict per segment."""
+    rows = []
+    for line in lines:
+        if line.startswith("ttt_phased:"):
+            kv = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+            rows.append({"documents": int(kv["documents"]), "score_s": float(kv["score_s"]),
+                         "global_sgd_s": None if kv["global_sgd_s"] == "none" else float(kv["global_sgd_s"])})
+    return rows
 
 
 def training_rates(history: list[dict]) -> dict[str, float]:
@@ -315,18 +458,132 @@ def training_rates(history: list[dict]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Projection to 8xH100
+# Phased TTT's cost on the real split
 # ---------------------------------------------------------------------------------------------
 
 
-def project(run: dict, full_val_tokens: int, calibration_batches: int = 16) -> dict:
+def lora_batch_work(lengths: np.ndarray, chunk: int, seq_len: int) -> tuple[int, int]:
+    """(chunk steps, window tokens) of one LoRA TTT batch, as score_lora_batch walks it: documents longest
+    first, chunk c scores k documents (those with targets in it) over windows of min(hi, seq_len) tokens."""
+    lengths = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
+    last = (lengths - 1) // chunk
+    steps = int(last[0]) + 1
+    c = np.arange(steps)
+    hi = np.minimum((c + 1) * chunk, int(lengths[0]))
+    window = hi - np.maximum(0, hi - seq_len)
+    k = np.searchsorted(-last, -c, side="right")  # documents whose last chunk is >= c
+    return steps, int((k * window).sum())
+
+
+def segment_work(lengths: np.ndarray, batch_docs: int, chunk: int, seq_len: int, world: int) -> np.ndarray:
+    """(world, 2) chunk steps and window tokens per rank for one segment: documents sorted longest first, in
+    batches of batch_docs, batch n on rank n % world (PhasedTTT.score_segment)."""
+    order = np.sort(lengths)[::-1]
+    work = np.zeros((world, 2), dtype=np.int64)
+    for n, j in enumerate(range(0, order.size, batch_docs)):
+        work[n % world] += lora_batch_work(order[j: j + batch_docs], chunk, seq_len)
+    return work
+
+
+def split_doc_lengths(top: Path, total_tokens: int) -> tuple[np.ndarray | None, str]:
+    """The real split's document lengths, in a fixed shuffled (stream) order. PR #1855's seed logs (top/
+    train_seed*.log) print the length range of a sample of its TTT batches (`ttp: bN/782 ... dl:lo-hi`: 64
+    documents each, in length order; 213 distinct batches over the three logs). Ranges are interpolated
+    geometrically over every batch (lengths grow exponentially in the tail), spread geometrically inside
+    each (the last holds the remainder of 50,000), and rescaled from CaseOps tokens to `total_tokens`."""
+    points = {}
+    for path in sorted(top.glob("train_seed*.log")) if top.is_dir() else []:
+        for line in path.read_text().splitlines():
+            m = TOP_BATCH_LINE.match(line)
+            if m:
+                points[int(m["b"])] = (int(m["lo"]), int(m["hi"]), int(m["n"]))
+    if len(points) < 2:
+        return None, f"{top}: no train_seed*.log with two or more `ttp: bN/M ... dl:lo-hi` lines"
+    n_batches = next(iter(points.values()))[2]
+    idx, grid = np.array(sorted(points)), np.arange(1, n_batches + 1)
+    lo = np.exp(np.interp(grid, idx, [np.log(points[i][0]) for i in idx]))
+    hi = np.exp(np.interp(grid, idx, [np.log(points[i][1]) for i in idx]))
+    per = -(-FULL_VAL_DOCS // n_batches)
+    sizes = [per] * (n_batches - 1) + [FULL_VAL_DOCS - per * (n_batches - 1)]
+    lengths = np.concatenate([np.geomspace(a, b, k) for a, b, k in zip(lo, hi, sizes)])
+    lengths = np.maximum(1, np.round(lengths * total_tokens / lengths.sum())).astype(np.int64)
+    np.random.default_rng(0).shuffle(lengths)
+    return lengths, (f"PR #1855's logs: {len(points)} of {n_batches} batch ranges, rescaled to {total_tokens:,} "
+                     f"tokens")
+
+
+def fit_ttt_cost(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Seconds = a * chunk_steps + b * window_tokens, least squares over the run's segments, both >= 0."""
+    X = np.array([[s, t] for s, t, _ in rows], dtype=np.float64)
+    y = np.array([sec for _, _, sec in rows], dtype=np.float64)
+    if len(rows) >= 2 and np.linalg.matrix_rank(X) == 2:
+        a, b = np.linalg.lstsq(X, y, rcond=None)[0]
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    # One term only: whichever explains the seconds better.
+    fits = [(float(X[:, i] @ y / max(X[:, i] @ X[:, i], 1e-12)), i) for i in (0, 1)]
+    errs = [((X[:, i] * c - y) ** 2).sum() for c, i in fits]
+    c, i = fits[int(np.argmin(errs))]
+    return (c, 0.0) if i == 0 else (0.0, c)
+
+
+def val_doc_lengths(data_dir: Path, config: dict) -> np.ndarray:
+    """Document lengths of the pipeline's validation stream, in stream order, as its TTT sees them."""
+    tg = train_gpt()
+    folder = data_dir / "datasets" / f"fineweb10B_sp{config['VOCAB_SIZE']}"
+    tokens = tg.load_validation_tokens(tg.list_shards(folder, "val"), config["EVAL_SEQ_LEN"], config["VOCAB_SIZE"],
+                                       config["MAX_VAL_TOKENS"])
+    return np.array([hi - lo for lo, hi in tg.ttt_documents(tokens, tokens.size - 1)], dtype=np.int64)
+
+
+def project_ttt(run: dict, own_lengths: np.ndarray, split: np.ndarray, world: int = RECORD_GPUS) -> dict:
+    """Phased TTT on the real split, per the cost this run measured (fit_ttt_cost over its segments; global SGD
+    per token), summed over segments of the busiest rank."""
+    tg = train_gpt()
+    cfg, segs = run["config"], run.get("ttt_segments") or []
+    shape = (cfg["TTT_BATCH_SIZE"], cfg["TTT_CHUNK_SIZE"], cfg["EVAL_SEQ_LEN"])
+    spans = tg.phase_segments(own_lengths.size, cfg["PHASED_TTT_PREFIX_DOCS"], cfg["PHASED_TTT_NUM_PHASES"])
+    if len(spans) != len(segs):
+        return {"error": f"{len(segs)} ttt_phased lines for {len(spans)} segments"}
+    rows, sgd_s, sgd_tokens = [], 0.0, 0
+    for (a, b), seg in zip(spans, segs):
+        steps, tokens = segment_work(own_lengths[a:b], *shape, 1)[0]
+        rows.append((steps, tokens, seg["score_s"]))
+        if seg["global_sgd_s"] is not None:
+            sgd_s += seg["global_sgd_s"]
+            sgd_tokens += int(own_lengths[a:b].sum()) * cfg["GLOBAL_TTT_EPOCHS"]
+    a_s, b_s = fit_ttt_cost(rows)
+    record = tg.Hyperparameters.from_env({"PRESET": "record"})
+    real = tg.phase_segments(split.size, record.phased_ttt_prefix_docs, record.phased_ttt_num_phases)
+    seconds, busiest = 0.0, []
+    for i, (a, b) in enumerate(real):
+        work = segment_work(split[a:b], record.ttt_batch_size, record.ttt_chunk_size, record.eval_seq_len, world)
+        per_rank = work[:, 0] * a_s + work[:, 1] * b_s
+        busiest.append(float(per_rank.max()))
+        seconds += per_rank.max()
+        if i < record.phased_ttt_num_phases and sgd_tokens:
+            seconds += int(split[a:b].sum()) * record.global_ttt_epochs * sgd_s / sgd_tokens / world
+    return {"seconds": float(seconds), "per_chunk_step_s": a_s, "per_window_token_s": b_s,
+            "segment_busiest_rank_s": busiest, "fit_points": rows,
+            "sgd_s_per_token": sgd_s / sgd_tokens if sgd_tokens else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection to 8xH100
+# ---------------------------------------------------------------------------------------------
+
+
+def project(run: dict, full_val_tokens: int, calibration_batches: int = 16, ttt: dict | None = None) -> dict:
     """Each phase on the real run: per-token phases at 8x this GPU's rate over the real token counts
-    (the validation set, `calibration_batches` GPTQ batches: the record's 16)."""
+    (the validation set, `calibration_batches` GPTQ batches: the record's 16); eval_ttt from `ttt`
+    (project_ttt) when given."""
     phases, config = {r["phase"]: r for r in run["phases"]}, run["config"]
     rows = {}
     for name, row in phases.items():
         if name.startswith("warmup_") or name in ("startup", "quantization", "artifact_read"):
             rows[name] = row["seconds"]  # compiles, rank-0 work and each rank's artifact read do not shrink
+        elif name == "eval_ttt" and ttt and "seconds" in ttt:
+            rows[name] = ttt["seconds"]
         elif name.startswith("eval_") and row.get("tok_s"):
             rows[name] = full_val_tokens / (RECORD_GPUS * row["tok_s"])
         elif name == "calibration" and row.get("tok_s"):
@@ -381,7 +638,7 @@ def step_table(report: dict) -> list[str]:
             ms = report["tokens_per_step"] / a * 1000
             lines.append(f"| anchor R0405 script | {state} | {ms:.1f} | {a:,.0f} | – | – | 1.000x |")
     for key in ("error", "skipped"):
-        for name, part in (("step", ours), ("anchor", anchor)):
+        for name, part in (("step", ours), ("anchor", anchor), *report.get("step_variants", {}).items()):
             if key in part:
                 lines.append(f"| {name} | {key} | {part[key]} | | | | |")
     return lines
@@ -398,7 +655,7 @@ def budget_of(phase: str) -> str:
 def pipeline_table(report: dict) -> list[str]:
     run, proj = report.get("pipeline", {}), report.get("projection") or {}
     if "phases" not in run:
-        return [f"pipeline: {run.get('error', 'not run')}"]
+        return [f"pipeline: {run.get('error', run.get('skipped', 'not run'))}"]
     lines = ["| phase | seconds | tokens/s | peak GiB | 8xH100 projection (s) | counts in |", "|---|---|---|---|---|---|"]
     for row in run["phases"]:
         name = row["phase"]
@@ -419,20 +676,33 @@ def pipeline_table(report: dict) -> list[str]:
                   f"{', '.join(p for p in EVAL_PHASES[1:] if p in proj['phases'])}): "
                   f"**{'PASS' if proj['eval_pass'] else 'FAIL'}**",
                   f"- untimed (compile warm-ups, start-up, quantization): {proj['untimed_seconds']:.1f} s"]
+    ttt = report.get("ttt_projection") or {}
+    if "seconds" in ttt:
+        lines.append(f"- eval_ttt on the real split ({ttt['split']}): {ttt['per_chunk_step_s'] * 1000:.2f} ms per chunk "
+                     f"step + {ttt['per_window_token_s'] * 1e6:.3f} us per window token (fitted on "
+                     f"{len(ttt['fit_points'])} segments of this run), busiest of {RECORD_GPUS} ranks per segment: "
+                     f"{', '.join(f'{s:.1f}' for s in ttt['segment_busiest_rank_s'])} s")
+    elif ttt:
+        lines.append(f"- eval_ttt projected per token instead (no real-split model: {ttt.get('error')})")
     return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU: checks the harness (CI)")
-    ap.add_argument("--anchor", type=Path, help="a copy of ../shared/anchors/r0405 to time side by side")
-    ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache" / "gpu", help="data, runs and JSON")
+    ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU, own kit and outputs (CI)")
+    ap.add_argument("--prepare", action="store_true", help="build the kit and print the pod command, then exit")
+    ap.add_argument("--kit", type=Path, help="the kit folder (default bench/.cache/kit, --cpu: kit-cpu)")
+    ap.add_argument("--cache", type=Path, help="runs and JSON (default bench/.cache/gpu, --cpu: gpu-cpu)")
     ap.add_argument("--out", type=Path, help="the JSON report (default <cache>/preflight.json)")
-    ap.add_argument("--wheels", type=Path, default=ROOT / "bench" / ".cache" / "wheels",
-                    help="where a Brotli wheel is looked for when brotli is not installed")
+    ap.add_argument("--anchor", type=Path, help="a copy of ../shared/anchors/r0405 to time side by side (default: the "
+                                                "kit's; none on --cpu)")
+    ap.add_argument("--anchors-from", type=Path, default=SHARED / "anchors", help="--prepare: where the anchors are")
+    ap.add_argument("--pod-python", help="--prepare: Python of the pod for the Brotli wheel (default 3.12, the device "
+                                         "image's; --cpu: none = no wheel)")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    ap.add_argument("--val-docs", type=Path, default=DEFAULT_VAL_DOCS, help="JSONL of the validation documents")
-    ap.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="JSONL of the training documents")
+    ap.add_argument("--val-docs", dest="val_docs_file", type=Path, default=DEFAULT_VAL_DOCS,
+                    help="JSONL of the validation documents")
+    ap.add_argument("--docs", dest="docs_file", type=Path, default=DEFAULT_DOCS, help="JSONL of the training documents")
     ap.add_argument("--n-val-docs", type=int, default=200)
     ap.add_argument("--train-docs", type=int, default=1200)
     ap.add_argument("--steps", type=int, default=30, help="training steps of the pipeline and the anchor")
@@ -440,8 +710,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration-batches", type=int, default=4, help="GPTQ batches in the pipeline (the "
                     "projection scales to the record's 16)")
     ap.add_argument("--val-tokens-full", type=int, default=FULL_VAL_TOKENS)
-    ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole preflight")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: step, anchor, pipeline")
+    ap.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
+                    help=f"a part's time budget (parts: {', '.join(PARTS)}; 'variant' is per variant); repeatable")
+    ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
     ap.add_argument("--step-variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
                     help="also time our step with these knobs (e.g. FUSED_CE_ENABLED=1); repeatable")
     args = ap.parse_args(argv)
@@ -454,52 +725,101 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not all(len(p) == 2 and re.fullmatch(r"[A-Z][A-Z0-9_]*", p[0]) for p in pairs):
             ap.error(f"--step-variant={spec}: expected KEY=VAL[,KEY=VAL] with upper-case knob names")
         args.step_variants[spec] = dict(pairs)
-    unknown = set(filter(None, args.skip.split(","))) - {"step", "anchor", "pipeline"}
+    args.budgets = dict(CPU_BUDGETS if args.cpu else BUDGETS)
+    for spec in args.budget:
+        part, _, value = spec.partition("=")
+        if part not in PARTS or not re.fullmatch(r"\d+(\.\d+)?", value):
+            ap.error(f"--budget={spec}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
+        args.budgets[part] = float(value)
+    unknown = set(filter(None, args.skip.split(","))) - set(PARTS)
     if unknown:
-        ap.error(f"--skip={args.skip}: unknown part(s) {sorted(unknown)}; allowed: step, anchor, pipeline")
+        ap.error(f"--skip={args.skip}: unknown part(s) {sorted(unknown)}; allowed: {', '.join(PARTS)}")
+    args.pod_python = args.pod_python or ("none" if args.cpu else "3.12")
+    args.kit = args.kit or CACHE / ("kit-cpu" if args.cpu else "kit")
+    args.cache = args.cache or CACHE / ("gpu-cpu" if args.cpu else "gpu")
     if args.cpu:
         args.steps, args.bench_steps = min(args.steps, 6), min(args.bench_steps, 2)
         args.n_val_docs, args.train_docs = min(args.n_val_docs, 8), min(args.train_docs, 60)
+    if args.anchor is None and not args.cpu and (args.kit / "anchors" / "r0405").is_dir():
+        args.anchor = args.kit / "anchors" / "r0405"
     args.tokens_per_step = int(CPU_KNOBS["TRAIN_BATCH_TOKENS"]) if args.cpu else 786_432
     return args
 
 
+def run_parts(args: argparse.Namespace, data_dir: Path, vocab: int, knobs: dict[str, str], report: dict,
+              save: Callable[[], None]) -> None:
+    """Each part against its own budget, the pipeline (the verdict) first; the report is saved after each, so
+    a preflight stopped from outside keeps the parts it finished."""
+    skip = set(filter(None, args.skip.split(",")))
+    budget = lambda part: Deadline(args.budgets[part])  # noqa: E731  (started when the part starts)
+    report["pipeline"] = ({"skipped": "--skip"} if "pipeline" in skip else
+                          pipeline_run(args, data_dir, vocab, knobs, budget("pipeline")))
+    add_projection(args, data_dir, report)
+    save()
+    report["step"] = {"skipped": "--skip"} if "step" in skip else step_bench(args, knobs, budget("step"))
+    save()
+    report["step_variants"] = {}
+    for label, extra in args.step_variants.items() if "variant" not in skip else ():
+        report["step_variants"][label] = step_bench(args, {**knobs, **extra}, budget("variant"))
+        save()
+    if "anchor" in skip:
+        report["anchor"] = {"skipped": "--skip"}
+    elif args.cpu or args.anchor is None:
+        report["anchor"] = {"skipped": "the anchor script needs CUDA" if args.cpu else "no anchor in the kit"}
+    else:
+        report["anchor"] = anchor_run(args, data_dir, budget("anchor"))
+
+
+def add_projection(args: argparse.Namespace, data_dir: Path, report: dict) -> None:
+    run = report["pipeline"]
+    if "phases" not in run:
+        return
+    ttt = None
+    if run.get("ttt_segments"):
+        split, source = split_doc_lengths(args.kit / "anchors" / TOP, args.val_tokens_full)
+        if split is None:
+            ttt = {"error": source}
+        else:
+            ttt = project_ttt(run, val_doc_lengths(data_dir, run["config"]), split)
+            ttt["split"] = source
+        report["ttt_projection"] = ttt
+    report["projection"] = project(run, args.val_tokens_full, ttt=ttt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    deadline = Deadline(args.budget_s)
-    skip = set(filter(None, args.skip.split(",")))
-    args.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        data_dir, vocab = build_dataset(args)
+        if args.prepare:
+            return prepare(args)
+        data_dir, vocab = load_kit(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    args.cache.mkdir(parents=True, exist_ok=True)
     knobs = dict(CPU_KNOBS, VOCAB_SIZE=str(vocab)) if args.cpu else {"VOCAB_SIZE": str(vocab)}
     brotli = ensure_brotli(args)
     if brotli.startswith("absent"):
         knobs["COMPRESSOR"] = "lzma"
     report: dict = {"command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "environment": {**environment(args), "brotli": brotli}, "data": str(data_dir),
-                    "tokens_per_step": args.tokens_per_step}
-    report["step"] = {"skipped": "--skip"} if "step" in skip else step_bench(args, knobs, deadline)
-    report["step_variants"] = {label: step_bench(args, {**knobs, **extra}, deadline)
-                               for label, extra in args.step_variants.items() if "step" not in skip}
-    if args.anchor and "anchor" not in skip:
-        report["anchor"] = anchor_run(args, data_dir, deadline)
-    report["pipeline"] = {"skipped": "--skip"} if "pipeline" in skip else pipeline_run(args, data_dir, vocab, knobs,
-                                                                                      deadline)
-    if "phases" in report["pipeline"]:
-        report["projection"] = project(report["pipeline"], args.val_tokens_full)
-    report["preflight_seconds"] = time.perf_counter() - t0
+                    "environment": {**environment(args), "brotli": brotli}, "kit": str(args.kit),
+                    "data": str(data_dir), "tokens_per_step": args.tokens_per_step, "budgets": args.budgets}
     out = args.out or args.cache / "preflight.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    def save() -> None:
+        report["preflight_seconds"] = time.perf_counter() - t0
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(tmp, out)
+
+    run_parts(args, data_dir, vocab, knobs, report, save)
+    save()
     env = report["environment"]
     print(f"# GPU preflight: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, attention "
           f"{env['attn_backend_auto']} (fa3 {env['fa3']}, fa4 {env['fa4']}), brotli {env['brotli']}; "
           f"{report['preflight_seconds']:.0f} s; JSON: {out}")
-    print("\n".join(["", *step_table(report), "", *pipeline_table(report)]))
-    failed = [name for name in ("step", "anchor", "pipeline") if "error" in report.get(name, {})]
+    print("\n".join(["", *pipeline_table(report), "", *step_table(report)]))
+    failed = [name for name in ("pipeline", "step", "anchor") if "error" in report.get(name, {})]
     failed += [f"step variant {label}" for label, part in report.get("step_variants", {}).items() if "error" in part]
     if failed:
         print(f"\nFAILED parts: {', '.join(failed)} (their rows say why)")

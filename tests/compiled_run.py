@@ -1,6 +1,6 @@
 """Run train_gpt.main() compiled, in a fresh process, counting every graph dynamo compiles and when.
 
-    python tests/compiled_run.py RESULT.json [STUB_DIR ...]   (the run's environment comes from os.environ)
+    python tests/compiled_run.py RESULT.json [--inductor] [STUB_DIR ...]   (the run's environment: os.environ)
 
 A fresh process matters: torch.library custom ops are registered once per process, so a test process that
 already called an op eagerly would hide an op first defined inside a compiled region (issue 23, rows 1-2).
@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str]) -> int:
-    out, stubs = Path(argv[0]), argv[1:]
+    inductor = "--inductor" in argv
+    out, *stubs = [a for a in argv if a != "--inductor"]
+    out = Path(out)
     sys.path[:0] = [str(ROOT), *stubs]
     import torch
     from functorch.compile import make_boxed_func
@@ -35,6 +37,11 @@ def main(argv: list[str]) -> int:
 
     def counting_backend(gm, example_inputs):
         compiles.append(phase["now"])
+        if inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            graphs.append(sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"}))
+            return compile_fx(gm, example_inputs)
 
         def keep(g, _):
             graphs.append(sorted({str(n.target) for n in g.graph.nodes if n.op == "call_function"}))
