@@ -495,9 +495,10 @@ def test_smoke_preset_learns(tmp_path, record_property):
     shutil.copy2(ROOT / "data" / "make_sample.py", tmp_path / "data" / "make_sample.py")
     env = base_env()
     # A fixed step count (about what the 60 s cap gives a quiet 2-core CPU): on a loaded machine the cap gave
-    # 9 steps and a model that had not learned yet, so the outcome depended on the machine's load.
+    # 9 steps and a model that had not learned yet, so the outcome depended on the machine's load. One
+    # intra-op thread: with a busy core, two OpenMP threads waited on each other (6.2 s a step, not 0.2 s).
     env.update(PRESET="smoke", LOG_DIR=str(tmp_path / "logs"), RUN_ID="smoke", ITERATIONS="150",
-               MAX_WALLCLOCK_SECONDS="0")
+               MAX_WALLCLOCK_SECONDS="0", OMP_NUM_THREADS="1")
     run = run_script(tmp_path, env, timeout=SMOKE_TIMEOUT_S, script=script)
     record_property("smoke_wall_s", round(run.wall_s, 1))
     assert run.rc == 0, run.describe()
