@@ -189,6 +189,7 @@ def test_row2_one_tensor_twice_into_fa3s_autograd_function_is_what_dynamo_refuse
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_inductor_compiles_the_record_knobs():
     """Inductor's own lowering (not only aot_eager) of a model with the fused CE op and FA3 varlen attention."""
     proc = compile_model_fresh("fused_ce_enabled=True, doc_isolation=True, attn_backend='fa3'", [str(STUBS / "fa3")],
