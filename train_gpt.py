@@ -120,7 +120,7 @@ RETIRED_VARS: dict[str, str] = {
     "VAL_BATCH_TOKENS": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
     "VAL_BATCH_SIZE": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
 }
-PARALLEL_MODES = ("off", "gptj", "lanes", "lane_merge")
+PARALLEL_MODES = ("off", "gptj", "lanes", "lanes_seq", "lane_merge")
 ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
 QUANT_METHODS = ("gptq", "rtn")
 COMPRESSORS = ("brotli", "lzma", "zlib")
@@ -302,8 +302,10 @@ class Hyperparameters:
                                     _unit_interval, "a number in [0, 1]")
     looping_start_step: int = knob(0, "turn looping on at this step instead (0 = use ENABLE_LOOPING_AT)",
                                    _non_negative, ">= 0")
-    parallel_mode: str = knob("lanes", "parallel residuals: off / gptj / lanes / lane_merge (PR #1530, #1289)",
-                              lambda v: v in PARALLEL_MODES, "off, gptj, lanes or lane_merge")
+    parallel_mode: str = knob("lanes", "parallel residuals: off / gptj (PR #1412) / lanes (two lanes as PR #1855 runs "
+                                       "PR #1530's) / lanes_seq (PR #1204's order: sequential at init) / lane_merge "
+                                       "(PR #1289)", lambda v: v in PARALLEL_MODES,
+                              "off, gptj, lanes, lanes_seq or lane_merge")
     parallel_start_layer: int = knob(8, "first physical layer of the parallel-residual tail (two-lane modes: "
                                         "decoder half only)", _non_negative, ">= 0")
 
@@ -1752,7 +1754,7 @@ def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
     i = len(layout)
     while i > 0 and layout[i - 1] >= start_layer:
         i -= 1
-    return max(i, len(layout) // 2) if mode in ("lanes", "lane_merge") else i
+    return max(i, len(layout) // 2) if mode != "gptj" else i
 
 
 # Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
@@ -2032,11 +2034,12 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix mixes the running stream with the embedding stream x0 (BASE); init = (1, 0).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-        # Two-lane routing (rows: attention, MLP sub-layer; columns: lane 0, lane 1): lane <- r*lane + p*out.
-        # Starts at the sequential values r = p = 1 (the records started r at 1.1; not measured here).
+        # Two-lane routing: lane <- r * lane + p[sub-layer, lane] * sub-layer output (rows: attention, MLP;
+        # columns: lane 0, lane 1). lanes: one r per lane, starting at 1.1 as PR #1855's; lanes_seq: an r per
+        # sub-layer and lane, starting at the sequential 1.
         self.lane_r = self.lane_p = None
-        if cfg.parallel_mode == "lanes" and layer_idx >= cfg.parallel_start_layer:
-            self.lane_r = nn.Parameter(torch.ones(2, 2))
+        if cfg.parallel_mode in ("lanes", "lanes_seq") and layer_idx >= cfg.parallel_start_layer:
+            self.lane_r = nn.Parameter(torch.full((2,), 1.1) if cfg.parallel_mode == "lanes" else torch.ones(2, 2))
             self.lane_p = nn.Parameter(torch.ones(2, 2))
 
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
@@ -2060,6 +2063,17 @@ class Block(nn.Module):
 
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                       v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Two lanes as PR #1855 runs PR #1530's: attention reads lane 0 mixed with x0 (resid_mix feeds only
+        its input), the MLP reads lane 1 as it came in; each lane keeps r times itself plus what both
+        sub-layers write to it."""
+        r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
+        a, v = self.attn(rms_norm(self._mix(l0, x0)) * self.norm_scale, cos, sin, v_first, aux)
+        a = self.attn_scale.to(l0.dtype) * a
+        m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
+        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m, v
+
+    def forward_lanes_seq(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                          v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
         """Two lanes with learned routing (PR #1204 ordering: the MLP reads lane 1 after attention
         wrote to it), so r = p = 1 with equal lanes is exactly the sequential block."""
         r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
@@ -2207,16 +2221,10 @@ class GPT(nn.Module):
         skips, v_first, lanes = [], None, None
         for pos, layer in enumerate(layout):
             block = self.blocks[layer]
+            if pos == parallel_from and mode == "lanes":
+                lanes = (x, x)  # PR #1855 splits before this layer's skip: lane 1 never receives one
             if pos >= num_encoder and skips:  # U-Net: decoder position i adds the i-th last encoder output
-                i = pos - num_encoder
-                skip = self.skip_weights[i].to(x.dtype) * skips.pop()
-                gate = torch.sigmoid(self.skip_gates[i].to(x.dtype)) if self.skip_gates is not None else None
-                if lanes is None:
-                    x = merge_skip(x, skip, gate)
-                elif mode == "lanes":  # into both lanes (PR #1204), so equal lanes stay equal
-                    lanes = (merge_skip(lanes[0], skip, gate), merge_skip(lanes[1], skip, gate))
-                else:  # lane_merge: only the attention lane takes skips (PR #1289)
-                    lanes = (merge_skip(lanes[0], skip, gate), lanes[1])
+                x, lanes = self.merge_skip(pos - num_encoder, skips.pop(), x, lanes)
             aux = LayerAux(None if cache is None else (cache, pos), docs, None if lora is None else lora.slots[pos])
             if pos < parallel_from:
                 x, v = block(x, x0, cos, sin, v_first, aux)
@@ -2224,7 +2232,8 @@ class GPT(nn.Module):
                 x, v = block.forward_gptj(x, x0, cos, sin, v_first, aux)
             else:
                 lanes = lanes or (x, x)
-                step = block.forward_lanes if mode == "lanes" else block.forward_lane_merge
+                step = {"lanes": block.forward_lanes, "lanes_seq": block.forward_lanes_seq}.get(mode,
+                                                                                              block.forward_lane_merge)
                 *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, aux)
             v_first = v if v_first is None else v_first
             if pos < num_encoder:
@@ -2240,6 +2249,19 @@ class GPT(nn.Module):
         x = rms_norm(x)
         accumulate_hessian(self.head_hessian, x)  # the tied embedding is the LM head (PR #1394)
         return x
+
+    def merge_skip(self, i: int, skip: Tensor, x: Tensor,
+                   lanes: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The i-th skip (weighted, optionally gated) into the stream; once the lanes have split, into lane 0
+        only (lanes as PR #1855, lane_merge as PR #1289), or into both (lanes_seq, PR #1204: equal lanes stay
+        equal)."""
+        skip = self.skip_weights[i].to(x.dtype) * skip
+        gate = torch.sigmoid(self.skip_gates[i].to(x.dtype)) if self.skip_gates is not None else None
+        if lanes is None:
+            return merge_skip(x, skip, gate), None
+        if self.cfg.parallel_mode == "lanes_seq":
+            return x, (merge_skip(lanes[0], skip, gate), merge_skip(lanes[1], skip, gate))
+        return x, (merge_skip(lanes[0], skip, gate), lanes[1])
 
     def documents(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Documents:
         """DOC_ISOLATION: what attention needs to stay inside documents (doc_attention_kind). FA3 gets

@@ -743,8 +743,8 @@ def _parallel_pair(mode: str, **extra: str) -> tuple[tg.GPT, tg.GPT]:
     return par, seq
 
 
-def test_lanes_mode_is_sequential_at_its_initial_routing_and_differs_when_routed():
-    par, seq = _parallel_pair("lanes")
+def test_lanes_seq_mode_is_sequential_at_its_initial_routing_and_differs_when_routed():
+    par, seq = _parallel_pair("lanes_seq")
     assert par.parallel_from[False] == 2 and par.blocks[1].lane_r is None and par.blocks[2].lane_r is not None
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():

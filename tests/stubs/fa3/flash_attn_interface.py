@@ -177,12 +177,14 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_attn_probs=False):
+    assert tuple(window_size) == (-1, -1), "the stand-in has no local (windowed) attention"
     return FlashAttnFunc.apply(q, k, v, softmax_scale, causal, return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                           causal=False, return_attn_probs=False):
+                           causal=False, window_size=(-1, -1), return_attn_probs=False):
+    assert tuple(window_size) == (-1, -1), "the stand-in has no local (windowed) attention"
     return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                      causal, return_attn_probs)
 
