@@ -204,7 +204,7 @@ class Hyperparameters:
                                  _non_negative, ">= 0")
     warmup_steps: int = knob(20, "compile warmup steps, then model and optimizer are restored (untimed)",
                              _non_negative, ">= 0")
-    warmdown_frac: float = knob(0.75, "final fraction of the run over which the LR decays", _unit_interval,
+    warmdown_frac: float = knob(0.85, "final fraction of the run over which the LR decays (PR #1855)", _unit_interval,
                                 "a number in [0, 1]")
     warmdown_iters: int = knob(0, "decay the LR over the last N steps instead of WARMDOWN_FRAC (under a wallclock "
                                   "cap N is converted to time with the average step; BASE-style; 0 = off)",
@@ -273,7 +273,7 @@ class Hyperparameters:
     doc_packed_loader: bool = knob(False, "training reads documents in order, one contiguous stream from each shard's "
                                           "first BOS (R0410's loader; with DOC_ISOLATION as the records run it)")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
-    qk_gain_init: float = knob(5.25, "initial per-head query gain after QK RMS-norm", _positive, "> 0")
+    qk_gain_init: float = knob(5.0, "initial per-head query gain after QK RMS-norm (PR #1276)", _positive, "> 0")
     rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
                           _non_negative, ">= 0")
     rope_train_seq_len: int = knob(2048, "NTK-scale the RoPE base for sequences longer than this", _positive, "> 0")
@@ -333,7 +333,7 @@ class Hyperparameters:
     embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", _non_negative, ">= 0")
     adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", _non_negative, ">= 0")
     beta1: float = knob(0.9, "AdamW beta1", _below_one, "in [0, 1)")
-    beta2: float = knob(0.95, "AdamW beta2", _below_one, "in [0, 1)")
+    beta2: float = knob(0.99, "AdamW beta2 (PR #1855)", _below_one, "in [0, 1)")
     adam_eps: float = knob(1e-8, "AdamW epsilon", _positive, "> 0")
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0")
     ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)",

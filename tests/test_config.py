@@ -64,7 +64,7 @@ def test_empty_env_is_the_dataclass_default_record_preset():
 @pytest.mark.parametrize("name, value", [
     ("VOCAB_SIZE", 8192), ("NUM_LAYERS", 11), ("MODEL_DIM", 512), ("NUM_HEADS", 8), ("NUM_KV_HEADS", 4),
     ("MLP_MULT", 4.0), ("TRAIN_SEQ_LEN", 2048), ("TRAIN_BATCH_TOKENS", 786_432), ("MATRIX_LR", 0.026),
-    ("EMA_DECAY", 0.9965), ("WARMDOWN_FRAC", 0.75), ("MIN_LR", 0.1), ("TIE_EMBEDDINGS", True),
+    ("EMA_DECAY", 0.9965), ("WARMDOWN_FRAC", 0.85), ("MIN_LR", 0.1), ("BETA2", 0.99), ("QK_GAIN_INIT", 5.0), ("TIE_EMBEDDINGS", True),
     ("MAX_WALLCLOCK_SECONDS", 600.0), ("SEED", 1337), ("COMPILE", True), ("DRY_RUN", False),
 ])
 def test_documented_record_defaults(name, value):
