@@ -74,11 +74,13 @@ BASELINE: dict[str, Any] = {
     # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
     "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
     "bigram_vocab_size": 0, "value_residual": False, "late_qat_threshold": 0.0, "fused_ce_enabled": False,
+    "fused_mlp_enabled": False,
     "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
     # BASE's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
     # tensors, zlib-9 (records/.../NaiveBaseline).
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
-    "embed_clip_sigmas": 0.0, "lqer_enabled": False, "compressor": "zlib", "gptq_ar_selfgen": False,
+    "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
+    "compressor": "zlib", "gptq_ar_selfgen": False,
     "eval_stride": 0, "ttt_enabled": False, "phased_ttt_enabled": False,
 }
 SMOKE_SIZES: dict[str, Any] = {
@@ -108,10 +110,16 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
     "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
     "SWA_ENABLED": "SWA",
-    "LQER_ASYM_ENABLED": "asymmetric LQER factors", "MIXED_QUANT": "mixed int5/int6 GPTQ",
+    "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
 # Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands).
-KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES"}
+KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
+                                "GLOBAL_TTT_MOMENTUM": "TTT_MOMENTUM", "GLOBAL_TTT_CHUNK_TOKENS": "TTT_CHUNK_TOKENS",
+                                "GLOBAL_TTT_GRAD_CLIP": "TTT_GRAD_CLIP"}  # and PR #1855's
+# PR #1855's knobs whose value this script fixes (its README sets some): accepted at that value, refused otherwise.
+FIXED_KNOBS: dict[str, str] = {"TTT_BETA1": "0", "TTT_BETA2": "0.99", "TTT_OPTIMIZER": "adam", "TTT_GRAD_STEPS": "1",
+                               "TTT_K_LORA": "1", "TTT_MLP_LORA": "1", "TTT_O_LORA": "1", "PARALLEL_FINAL_LANE": "mean",
+                               "ROPE_YARN": "0", "GLOBAL_TTT_WARMUP_CHUNKS": "0", "VAL_DOC_FRACTION": "1"}
 # Older names rewritten to today's knobs by _translate_legacy_vars.
 LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "TARGET_MB", "USE_GPTQ",
                          "SLIDING_WINDOW_ENABLED"})
@@ -172,8 +180,10 @@ class Hyperparameters:
     preset: str = knob("record", "named defaults: record | baseline | smoke", lambda v: v in PRESETS,
                        "one of record, baseline, smoke")
     data_dir: str = knob("./data", "root of datasets/ and tokenizers/ (relative to the working directory)")
-    data_path: str = knob("", "shard folder; empty = DATA_DIR/datasets/fineweb10B_sp<VOCAB_SIZE>")
-    tokenizer_path: str = knob("", "SentencePiece model; empty = DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model")
+    data_path: str = knob("", "shard folder; empty = DATA_DIR/datasets/fineweb10B_sp<VOCAB_SIZE>, with "
+                              "_lossless_caps_caseops_v1_reserved under CASEOPS_ENABLED")
+    tokenizer_path: str = knob("", "SentencePiece model; empty = DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model, "
+                                   "fineweb_<VOCAB_SIZE>_bpe_lossless_caps_caseops_v1_reserved.model under CASEOPS")
     sample_data: bool = knob(False, "1 = use (and build on first use) the embedded sample dataset in DATA_DIR")
     vocab_size: int = knob(8192, "tokenizer and embedding vocabulary size", lambda v: 2 <= v <= 65536,
                            "an integer in [2, 65536] (shards store uint16 tokens)")
@@ -263,15 +273,19 @@ class Hyperparameters:
     tie_embeddings: bool = knob(True, "1 = the output head reuses the token embedding")
     tied_embed_init_std: float = knob(0.005, "std of the embedding init", _positive, "> 0")
     logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", _non_negative, ">= 0")
-    fused_ce_enabled: bool = knob(False, "softcapped cross-entropy as one custom op (Triton kernels on CUDA, the "
+    fused_ce_enabled: bool = knob(True, "softcapped cross-entropy as one custom op (Triton kernels on CUDA, the "
                                          "PyTorch formula elsewhere; PR #1787) instead of the formula inductor fuses")
-    caseops_enabled: bool = knob(False, "CaseOps data (PR #1729): count validation bytes from the byte sidecar "
+    fused_mlp_enabled: bool = knob(True, "the MLP (up projection, MLP_ACT, down projection) as one custom op whose "
+                                         "up projection and activation are one Triton kernel each way on CUDA (PR "
+                                         "#1530, #1855); relu2 is its slope 0")
+    caseops_enabled: bool = knob(True, "CaseOps data (PR #1729): count validation bytes from the byte sidecar "
                                         "fineweb_val_bytes_*.bin of the original text, not the tokenizer's tables")
-    doc_isolation: bool = knob(False, "attention stays inside each document, a BOS token starting one (PR #1530): "
+    doc_isolation: bool = knob(True, "attention stays inside each document, a BOS token starting one (PR #1530): "
                                       "FA3's varlen call, else FlexAttention (CUDA, compiled), else SDPA with a "
                                       "document mask")
-    doc_packed_loader: bool = knob(False, "training reads documents in order, one contiguous stream from each shard's "
-                                          "first BOS (R0410's loader; with DOC_ISOLATION as the records run it)")
+    doc_packed_loader: bool = knob(True, "training reads documents in order from each shard's first BOS, a "
+                                         "micro-batch one row of its tokens, sequences cut at every BOS and every "
+                                         "TRAIN_SEQ_LEN tokens of a document (PR #1855's loader, with DOC_ISOLATION)")
     rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
     qk_gain_init: float = knob(5.0, "initial per-head query gain after QK RMS-norm (PR #1276)", _positive, "> 0")
     rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
@@ -318,8 +332,9 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", _below_one, "in [0, 1)")
     muon_momentum_warmup_steps: int = knob(1500, "steps of linear momentum warmup", _non_negative, ">= 0")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", _positive, "> 0")
-    muon_ns: str = knob("polar_express", "Newton-Schulz coefficients: classic / polar_express (PR #1344)",
-                        lambda v: v in NS_COEFFICIENT_SETS, "classic or polar_express")
+    muon_ns: str = knob("polar_express", "Newton-Schulz coefficients: classic / polar_express (PR #1344) / "
+                                         "polar_express_safe (the same, input norm x 1.02, PR #1514)",
+                        lambda v: v in NS_COEFFICIENT_SETS, "classic, polar_express or polar_express_safe")
     muon_row_normalize: bool = knob(True, "MuonEq-R: normalize update rows before Newton-Schulz (PR #1217); "
                                           "alias MUON_EQ_R")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", _non_negative, ">= 0")
@@ -370,7 +385,13 @@ class Hyperparameters:
     lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
     lqer_rank: int = knob(4, "LQER rank", _positive, "> 0")
     lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", _positive, "> 0")
-    lqer_factor_bits: int = knob(4, "bits of the LQER factors", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
+    lqer_factor_bits: int = knob(4, "bits of the symmetric LQER factors", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
+    lqer_asym_enabled: bool = knob(True, "asymmetric LQER factors (PR #1797): A int2 with one scale, B int4 in groups "
+                                         "of LQER_ASYM_GROUP (a tensor whose B does not divide into groups stays "
+                                         "symmetric)")
+    lqer_asym_group: int = knob(64, "values of B per fp16 scale in asymmetric LQER", _positive, "> 0")
+    gated_attn_quant_gate: bool = knob(True, "the attention output gates' rows as int8 with a scale each (PR #1736), "
+                                             "not fp16")
     target_bytes: int = knob(ARTIFACT_LIMIT_BYTES, "fit code + compressed model under this many decimal bytes "
                                                    "(TARGET_MB = millions of bytes)", _positive, "> 0")
     size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter",
@@ -476,15 +497,19 @@ class Hyperparameters:
     def dataset_dir(self) -> Path:
         if self.data_path:
             return Path(self.data_path)
-        name = f"sample_sp{self.vocab_size}" if self.sample_data else f"fineweb10B_sp{self.vocab_size}"
+        name = f"sample_sp{self.vocab_size}" if self.sample_data else f"fineweb10B_sp{self.vocab_size}{self._caseops}"
         return Path(self.data_dir) / "datasets" / name
 
     @property
     def tokenizer_file(self) -> Path:
         if self.tokenizer_path:
             return Path(self.tokenizer_path)
-        name = f"sample_{self.vocab_size}_bpe.model" if self.sample_data else f"fineweb_{self.vocab_size}_bpe.model"
-        return Path(self.data_dir) / "tokenizers" / name
+        name = "sample_{}_bpe.model" if self.sample_data else "fineweb_{}_bpe" + self._caseops + ".model"
+        return Path(self.data_dir) / "tokenizers" / name.format(self.vocab_size)
+
+    @property
+    def _caseops(self) -> str:  # PR #1729's published CaseOps export (the downloader's --variant)
+        return "_lossless_caps_caseops_v1_reserved" if self.caseops_enabled else ""
 
     @property
     def sliding(self) -> bool:
@@ -590,6 +615,13 @@ def closest_knob(name: str, candidates: list[str]) -> str | None:
     return (squashed.get(close[0], close[0])) if close else None
 
 
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a.strip().lower() == b
+
+
 def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
     known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LEGACY_VARS | LAUNCHER_VARS
@@ -601,6 +633,10 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
             if value.strip().lower() not in OFF_VALUES:
                 raise ConfigError(f"{name}={value!r} is not allowed: it turns on {UNIMPLEMENTED_FEATURES[name]}",
                                   hint="this train_gpt.py does not implement it: unset it or set it to 0")
+            continue
+        if name in FIXED_KNOBS:
+            if not _same_value(value, FIXED_KNOBS[name]):
+                raise ConfigError(f"{name}={value!r} is not allowed: this script fixes it at {FIXED_KNOBS[name]}")
             continue
         if name in RETIRED_VARS:
             warnings.append(f"{name}={value!r} is ignored: {RETIRED_VARS[name]}")
@@ -1136,10 +1172,12 @@ class TrainLoader:
     8 micro-batches sees exactly the tokens that 8 ranks see (pitfalls K: data order independent of
     the world size), and each rank only reads the sequences of its own chunks. Exhausted: next epoch.
 
-    `packed` (DOC_PACKED_LOADER) is the record's document-packed order (R0410): no shuffle, each shard read as
-    one contiguous stream from its first BOS, so consecutive sequences continue each other and a step's
-    rows are one run of whole documents (attention is then cut at every BOS and row start). Each batch carries
-    its host_cu_seqlens, computed on the loader thread (DOC_ISOLATION with FA3 reads them).
+    `packed` (DOC_PACKED_LOADER) is PR #1855's document-packed order: no shuffle; shards in order, each read
+    from its first BOS; a micro-batch is one row of micro_seqs * seq_len tokens (and the target after them),
+    rank r's micro-step reading span r of the world's next world_size spans; a shard whose rest cannot hold
+    them all is left for the next one's first BOS (so here the tokens depend on the world size). Its
+    cu_seqlens (packed_cu_seqlens) cut sequences at every BOS and every seq_len tokens of a document.
+    Each batch carries its cu_seqlens, computed on the loader thread (DOC_ISOLATION reads them).
     """
 
     PREFETCH = 4  # batches the producer thread keeps ready
@@ -1155,6 +1193,7 @@ class TrainLoader:
         self.global_seqs = micro_seqs * accum * d.world_size
         self.device = device = d.device
         self.wait_seconds = 0.0
+        self.span = micro_seqs * seq_len + 1  # packed: one micro-batch's tokens and the target after them
         # (n_windows, seq_len+1) strided views: indexing the first axis copies each window as one
         # contiguous row, with no (rows, seq_len+1) index array to build and gather through.
         self._windows = [np.lib.stride_tricks.sliding_window_view(s, seq_len + 1) if s.size > seq_len else None
@@ -1162,14 +1201,16 @@ class TrainLoader:
         self._error: BaseException | None = None
         pin = device.type == "cuda"
         # Ring of preallocated (pinned on CUDA) buffers: queue depth + one being filled + one in use + spare.
-        self._buffers = [torch.empty((micro_seqs, seq_len + 1), dtype=torch.int64, pin_memory=pin)
-                         for _ in range(self.PREFETCH + 3)]
+        shape = (self.span,) if packed else (micro_seqs, seq_len + 1)
+        self._buffers = [torch.empty(shape, dtype=torch.int64, pin_memory=pin) for _ in range(self.PREFETCH + 3)]
         self._copied = [None] * len(self._buffers)  # CUDA events: host buffer free for reuse
         self._cu: list[Tensor | None] = [None] * len(self._buffers)  # each buffer's cu_seqlens
         self._queue: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
         self._stop = threading.Event()
         total = sum(self._slot_count(s.size, b if packed else self._max_phase(s.size))  # worst-case phases
                     for s, b in zip(self.shards, self._first_bos))
+        if packed and all(s.size - b < self.span * d.world_size for s, b in zip(self.shards, self._first_bos)):
+            total = 0  # no shard holds one micro-step of the world from its first BOS
         if total < self.global_seqs:
             raise DataError(f"{self.files[0].parent}/fineweb_train_*.bin: only {total} training sequences of "
                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens, need at least {self.global_seqs} per step")
@@ -1206,8 +1247,37 @@ class TrainLoader:
                                   str(self.files[sid]), offset=int(starts[rows[r]] + c))
             out[rows] = block
 
+    def _put(self, ring: int, cu: np.ndarray) -> None:
+        cu = torch.from_numpy(cu)
+        self._cu[ring] = cu.pin_memory() if self.device.type == "cuda" else cu
+        while not self._stop.is_set():
+            try:
+                self._queue.put(ring, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _produce_packed(self) -> None:
+        shard, cursor, ring = 0, self._first_bos[0], 0
+        while not self._stop.is_set():
+            while cursor + self.span * self.world_size > self.shards[shard].size:
+                shard = (shard + 1) % len(self.shards)
+                cursor = self._first_bos[shard]
+            lo = cursor + self.rank * self.span
+            block = self.shards[shard][lo: lo + self.span]
+            if int(block.max()) >= self.vocab_size:
+                check_token_range(block, self.vocab_size, str(self.files[shard]), offset=lo)
+            if self._copied[ring] is not None:
+                self._copied[ring].synchronize()
+            self._buffers[ring].numpy()[:] = block
+            self._put(ring, packed_cu_seqlens(block[:-1], BOS_ID, self.seq_len))
+            ring = (ring + 1) % len(self._buffers)
+            cursor += self.span * self.world_size
+
     def _produce(self) -> None:
         try:
+            if self.packed:
+                return self._produce_packed()
             epoch, pos, ring = 0, 0, 0
             shard_ids, starts = self._epoch_slots(epoch)
             while not self._stop.is_set():
@@ -1222,22 +1292,15 @@ class TrainLoader:
                         self._copied[ring].synchronize()
                     self._fill(self._buffers[ring].numpy(), shard_ids[lo: lo + self.micro_seqs],
                                starts[lo: lo + self.micro_seqs])
-                    cu = torch.from_numpy(host_cu_seqlens(self._buffers[ring].numpy()[:, :-1], BOS_ID))
-                    self._cu[ring] = cu.pin_memory() if self.device.type == "cuda" else cu
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(ring, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    self._put(ring, host_cu_seqlens(self._buffers[ring].numpy()[:, :-1], BOS_ID))
                     ring = (ring + 1) % len(self._buffers)
                 pos += self.global_seqs
         except BaseException as exc:  # surfaced to the training loop by next_batch()
             self._queue.put(exc)
 
     def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(inputs, targets) of shape (micro_seqs, seq_len) and their cu_seqlens, on the device; time blocked
-        is accumulated."""
+        """(inputs, targets) of shape (micro_seqs, seq_len), packed (1, micro_seqs * seq_len), and their
+        cu_seqlens, on the device; time blocked is accumulated."""
         if self._error is not None:
             raise self._error
         t0 = time.perf_counter()
@@ -1257,6 +1320,8 @@ class TrainLoader:
             # The ring slot is refilled later and the step may still hold its tensors. numpy's copy is
             # single-threaded: torch's clone splits across both cores and stalls when one is busy.
             batch = torch.from_numpy(buf.numpy().copy())
+        if self.packed:
+            batch = batch[None]
         return batch[:, :-1], batch[:, 1:], cu
 
     def close(self) -> None:
@@ -1414,8 +1479,9 @@ def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
     for f in val_files:
         side = f.with_name(f.name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
         if not side.is_file():
-            raise DataError(f"{side}: missing", hint="CASEOPS_ENABLED=1 counts bytes from the sidecar beside each "
-                            "validation shard (data/README.md, CaseOps)")
+            raise DataError(f"{side}: missing", hint="CASEOPS_ENABLED=1 (the record's default) counts bytes from "
+                            "the sidecar beside each validation shard (data/README.md, CaseOps); CASEOPS_ENABLED=0 "
+                            "for plain shards")
         part, n = load_shard(side), read_shard_header(f)
         if part.size != n:
             raise DataError(f"{side}: {part.size} byte counts for the {n} tokens of {f.name}: not its sidecar")
@@ -1604,36 +1670,38 @@ def doc_attention_kind(backend: str, device: torch.device, compiled: bool) -> st
 class Documents(NamedTuple):
     """DOC_ISOLATION for one forward, in the form its attention kernel takes (doc_attention_kind)."""
     kind: str
+    max_len: int  # no sequence is longer (FA3's max_seqlen; the RoPE span)
     cu_q: Tensor | None = None  # fa3_varlen: int32 cu_seqlens over the flattened batch
     # The same values as a distinct tensor: dynamo refuses one tensor passed twice to an autograd.Function.
     cu_k: Tensor | None = None
     mask: Any = None  # flex_block_mask: a BlockMask; sdpa_document_mask: (B, 1, T, T) bool
 
 
-def document_ids(ids: Tensor, bos_id: int) -> Tensor:
-    """(B, T) index of each token's document within its row: a row start or a BOS token starts one."""
-    return (ids == bos_id).cumsum(1)
+def document_ids(ids: Tensor, bos_id: int, cu_seqlens: Tensor | None = None) -> Tensor:
+    """(B, T) index of each token's sequence: from cu_seqlens over the flattened batch where given, else
+    within its row, a row start or a BOS token starting one."""
+    if cu_seqlens is None:
+        return (ids == bos_id).cumsum(1)
+    flat = torch.arange(ids.numel(), device=ids.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, flat, right=True).view(ids.shape)
 
 
-def document_mask(ids: Tensor, bos_id: int) -> Tensor:
-    """(B, 1, T, T) bool: query t attends to key s <= t of its own document (the SDPA form of FA3's varlen
-    attention)."""
-    segment = document_ids(ids, bos_id)
-    causal = torch.ones(ids.size(1), ids.size(1), dtype=torch.bool, device=ids.device).tril()
+def document_mask(segment: Tensor) -> Tensor:
+    """(B, 1, T, T) bool from document_ids: query t attends to key s <= t of its own sequence (the SDPA form
+    of FA3's varlen attention)."""
+    causal = torch.ones(segment.size(1), segment.size(1), dtype=torch.bool, device=segment.device).tril()
     return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
 
 
-def document_block_mask(ids: Tensor, bos_id: int) -> Any:
-    """The FlexAttention BlockMask of document_mask: causal within each document."""
+def document_block_mask(segment: Tensor) -> Any:
+    """The FlexAttention BlockMask of document_mask: causal within each sequence."""
     from torch.nn.attention.flex_attention import create_block_mask
-
-    segment = document_ids(ids, bos_id)
 
     def same_document(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         return (q >= kv) & (segment[b, q] == segment[b, kv])
 
-    B, T = ids.shape
-    return create_block_mask(same_document, B, None, T, T, device=ids.device)
+    B, T = segment.shape
+    return create_block_mask(same_document, B, None, T, T, device=segment.device)
 
 
 CU_BUCKET = 64  # cu_seqlens are padded to a multiple of this (zero-length sequences at the end; PR #1855)
@@ -1656,6 +1724,20 @@ def host_cu_seqlens(inputs: np.ndarray, bos_id: int) -> np.ndarray:
     n = flat.size + 1
     cu = np.full(-(-n // CU_BUCKET) * CU_BUCKET, inputs.size, dtype=np.int32)
     cu[: flat.size] = flat
+    return cu
+
+
+def packed_cu_seqlens(inputs: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
+    """cu_seqlens of one packed stream as PR #1855's loader cuts it: a sequence starts at 0, at every BOS and
+    every `max_len` tokens from its document's start (a document is never cut where a row would end); int32,
+    padded with the total to a multiple of CU_BUCKET."""
+    n = inputs.size
+    docs = np.union1d([0], np.flatnonzero(inputs == bos_id))
+    counts = -(-np.diff(np.append(docs, n)) // max_len)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    starts = np.repeat(docs, counts) + (np.arange(first.size) - first) * max_len
+    cu = np.full(-(-(starts.size + 1) // CU_BUCKET) * CU_BUCKET, n, dtype=np.int32)
+    cu[: starts.size] = starts
     return cu
 
 
@@ -1699,6 +1781,7 @@ class ModelConfig:
     # Defaults reproduce the baseline model, so a ModelConfig built by hand stays the BASE shape.
     rope_dims: int = 0
     rope_train_seq_len: int = 1 << 30
+    train_seq_len: int = 1 << 30  # the longest sequence of a packed training row (DOC_ISOLATION)
     mlp_act: str = "relu2"
     leaky_slope: float = 0.5
     ln_scale: bool = False
@@ -1724,6 +1807,7 @@ class ModelConfig:
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
     fused_ce_enabled: bool = False
+    fused_mlp_enabled: bool = False
     doc_isolation: bool = False
 
     @classmethod
@@ -1787,8 +1871,9 @@ class Rotary(nn.Module):
         self.register_buffer("exponents", torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims,
                              persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        base = rope_base_for(seq_len, self.base, self.rope_dims, self.train_seq_len)
+    def forward(self, seq_len: int, device: torch.device, span: int | None = None) -> tuple[Tensor, Tensor]:
+        """Angles of positions 0..seq_len-1, at the base for attention spans of up to `span` (seq_len) tokens."""
+        base = rope_base_for(span or seq_len, self.base, self.rope_dims, self.train_seq_len)
         inv_freq = base ** -self.exponents
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos(), freqs.sin()
@@ -1960,7 +2045,7 @@ class CausalSelfAttention(nn.Module):
             v = v[:, -T:]
         elif docs is not None and docs.kind == "fa3_varlen":
             y = self._varlen(q.flatten(0, 1).bfloat16(), k.flatten(0, 1).bfloat16(), v.flatten(0, 1).bfloat16(),
-                             docs.cu_q, docs.cu_k, T, T)
+                             docs.cu_q, docs.cu_k, docs.max_len, docs.max_len)
             y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.num_heads, self.head_dim).to(x.dtype)
         elif docs is not None and docs.kind == "flex_block_mask":
             from torch.nn.attention.flex_attention import flex_attention
@@ -1982,7 +2067,8 @@ class CausalSelfAttention(nn.Module):
             y = y * gate[..., None]  # (B, T, H, 1)
         y = y.reshape(B, T, C)
         out = self.proj(y)
-        return (out if lora is None else out + lora_delta(y, lora.o)), v_raw
+        # TTT's O adapter reads the attention's input, as Q, K and V's do (PR #1855), not its output.
+        return (out if lora is None else out + lora_delta(x, lora.o)), v_raw
 
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default
@@ -2014,11 +2100,16 @@ class MLP(nn.Module):
         self.proj = QATLinear(hidden, cfg.model_dim, cfg.qat_bits, cfg.qat_mlp_k)
         nn.init.zeros_(self.proj.weight)
         self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
+        self._fused = fused_leaky_relu2_mlp() if cfg.fused_mlp_enabled else None  # made here: see GPT.__init__
 
     def forward(self, x: Tensor, aux: "LayerAux" = None) -> Tensor:
-        h = self.fc(x)
-        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        out = self.proj(h * h)  # not h.square(): CUDA autocast runs pow in fp32; h * h stays bf16 (same bits)
+        if self._fused is not None and self.fc.hessian is None:  # GPTQ calibration taps the unfused path
+            # Late QAT as unfused: qweight() is the straight-through fake-quantized weight (the weight when off).
+            out = self._fused(x, self.fc.qweight().to(x.dtype), self.proj.qweight().to(x.dtype), self.slope)
+        else:
+            h = self.fc(x)
+            h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+            out = self.proj(h * h)  # not h.square(): CUDA autocast runs pow in fp32; h * h stays bf16 (same bits)
         # TTT's MLP adapter runs beside the MLP, from its input (the hidden width would make A 4x larger).
         return out if aux is None or aux.lora is None else out + lora_delta(x, aux.lora.mlp)
 
@@ -2211,8 +2302,8 @@ class GPT(nn.Module):
             # an fp32 stream moves ~10% more bytes per step through every norm, mix and add (gpu-gap.md).
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
-        if cache is None:
-            cos, sin = self.rotary(ids.size(1), ids.device)
+        if cache is None:  # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length
+            cos, sin = self.rotary(ids.size(1), ids.device, ids.size(1) if docs is None else docs.max_len)
         else:
             cos, sin = self.rotary(cache.max_len, ids.device)
             cos, sin = cos[cache.pos: cache.pos + ids.size(1)], sin[cache.pos: cache.pos + ids.size(1)]
@@ -2264,16 +2355,18 @@ class GPT(nn.Module):
         return x, (merge_skip(lanes[0], skip, gate), lanes[1])
 
     def documents(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Documents:
-        """DOC_ISOLATION: what attention needs to stay inside documents (doc_attention_kind). FA3 gets
-        cu_seqlens over the flattened batch (R0410's varlen call: a batch of rows is one row whose sequences
-        start at every row start and BOS): the loader's, else computed here."""
+        """DOC_ISOLATION: what attention needs to stay inside documents (doc_attention_kind), from the
+        training loader's cu_seqlens over the flattened batch (no sequence longer than TRAIN_SEQ_LEN), else
+        computed here (every row start and BOS starts one). FA3 takes them as they are (R0410's varlen call);
+        FlexAttention and SDPA as a mask of the same sequences."""
         kind = doc_attention_kind(self.cfg.attn_backend, ids.device, torch.compiler.is_compiling())
+        max_len = ids.size(1) if cu_seqlens is None else min(ids.size(1), self.cfg.train_seq_len)
         if kind == "fa3_varlen":
             cu = self._doc_cu(ids, self.cfg.bos_id) if cu_seqlens is None else cu_seqlens
-            return Documents(kind, cu, cu.clone())
-        if kind == "flex_block_mask":
-            return Documents(kind, mask=document_block_mask(ids, self.cfg.bos_id))
-        return Documents(kind, mask=document_mask(ids, self.cfg.bos_id))
+            return Documents(kind, max_len, cu, cu.clone())
+        segment = document_ids(ids, self.cfg.bos_id, cu_seqlens)
+        mask = document_block_mask(segment) if kind == "flex_block_mask" else document_mask(segment)
+        return Documents(kind, max_len, mask=mask)
 
     def set_qat(self, on: bool) -> int:
         """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
@@ -2470,6 +2563,124 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     _FUSED_CE["op"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
     return _FUSED_CE["op"]
 
+
+def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
+    """z = a b^T for a (M, K), b (N, K): (z, leaky_relu(z, slope)^2) without `pre`, else z * d leaky_relu(pre)^2
+    / d pre, the MLP's pre-activation gradient when a is the output's and b = W2^T. The fused op off CUDA, and
+    the reference its kernel is tested against."""
+    z = a @ b.T
+    if pre is None:
+        h = F.leaky_relu(z, slope)
+        return z, h * h
+    return z * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
+
+
+MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
+
+
+def leaky_relu2_linear_kernel() -> Any:
+    """leaky_relu2_linear_reference as one Triton kernel, built on first use: a BM x BN tile of a b^T per program
+    (a and b of any strides), the activation (FORWARD: stores z and leaky_relu(z)^2) or its derivative (times the
+    stored z) applied to the tile in registers, so neither pass writes and reads back a hidden-width tensor in
+    between (PR #1530's kernel, as PR #1855 trains with it; slope 0.5 there)."""
+    if "kernel" in _FUSED_MLP:
+        return _FUSED_MLP["kernel"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a, b, pre, out, M, N, K, sam, sak, sbn, sbk, SLOPE: tl.constexpr, FORWARD: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid, tiles_n = tl.program_id(0), tl.cdiv(N, BN)
+        rm = (pid // tiles_n) * BM + tl.arange(0, BM)  # a row's tiles run side by side: its rows of a come from L2
+        rn = (pid % tiles_n) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        pa = a + rm[:, None].to(tl.int64) * sam + rk[None, :] * sak
+        pb = b + rn[:, None].to(tl.int64) * sbn + rk[None, :] * sbk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            x = tl.load(pa, mask=(rm[:, None] < M) & (rk[None, :] < K - k), other=0.0)
+            w = tl.load(pb, mask=(rn[:, None] < N) & (rk[None, :] < K - k), other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            pa += BK * sak
+            pb += BK * sbk
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if FORWARD:
+            z = acc.to(pre.dtype.element_ty)
+            tl.store(pre + offs, z, mask=mask)
+            h = z.to(tl.float32)
+            h = tl.where(h > 0, h, SLOPE * h)
+            tl.store(out + offs, (h * h).to(out.dtype.element_ty), mask=mask)  # = bf16 h * h: exact in fp32
+        else:
+            z = tl.load(pre + offs, mask=mask, other=0.0).to(tl.float32)
+            d = acc * tl.where(z > 0, 2.0 * z, 2.0 * SLOPE * SLOPE * z)
+            tl.store(out + offs, d.to(out.dtype.element_ty), mask=mask)
+
+    _FUSED_MLP["kernel"] = kernel
+    return kernel
+
+
+def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
+    (M, K), N = a.shape, b.size(0)
+    BM, BN, BK = MLP_BLOCKS
+    out = a.new_empty(M, N, dtype=a.dtype if pre is None else pre.dtype)
+    z = torch.empty_like(out) if pre is None else pre.contiguous()
+    leaky_relu2_linear_kernel()[(-(-M // BM) * -(-N // BN),)](a, b, z, out, M, N, K, *a.stride(), *b.stride(),
+                                                             SLOPE=slope, FORWARD=pre is None, BM=BM, BN=BN, BK=BK,
+                                                             num_warps=8, num_stages=3)
+    return (z, out) if pre is None else out
+
+
+_FUSED_MLP: dict[str, Any] = {}  # the custom op and its kernel, built once per process on first use
+
+
+def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]:
+    """FUSED_MLP_ENABLED: leaky_relu(x W1^T, slope)^2 W2^T for x (..., D) as the torch.library custom op
+    pgolf::leaky_relu2_mlp with its backward, the up projection and activation fused both ways (PR #1855's
+    FusedLinearLeakyReLUSquareFunction): Triton kernels on CUDA (leaky_relu2_linear_kernel), PyTorch elsewhere.
+    Saves x, W1, W2, the pre-activation and the activation, as PR #1855 does. Weight gradients only where the
+    weights require them (TTT trains only its adapters)."""
+    if "op" in _FUSED_MLP:
+        return _FUSED_MLP["op"]
+
+    def linear(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
+        fn = leaky_relu2_linear_triton if a.is_cuda and importable("triton") else leaky_relu2_linear_reference
+        return fn(a, b, slope, pre)
+
+    @torch.library.custom_op("pgolf::leaky_relu2_mlp", mutates_args=())
+    def fwd(x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        pre, post = linear(x, w1, slope)
+        return F.linear(post, w2), pre, post
+
+    @fwd.register_fake
+    def _(x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        pre = x.new_empty(x.size(0), w1.size(0))
+        return x.new_empty(x.size(0), w2.size(0)), pre, torch.empty_like(pre)
+
+    @torch.library.custom_op("pgolf::leaky_relu2_mlp_bwd", mutates_args=())
+    def bwd(grad: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return linear(grad, w2.T, slope, pre)
+
+    @bwd.register_fake
+    def _(grad: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return torch.empty_like(pre)
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, w1, w2, ctx.slope = inputs
+        ctx.save_for_backward(x, w1, w2, *output[1:])
+
+    def backward(ctx, grad: Tensor, _pre: Tensor, _post: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, w2, pre, post = ctx.saved_tensors
+        d = bwd(grad, w2, pre, ctx.slope)
+        nx, n1, n2 = ctx.needs_input_grad[:3]
+        return d @ w1 if nx else None, d.T @ x if n1 else None, grad.T @ post if n2 else None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _FUSED_MLP["op"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
+                                                     float(slope))[0].view(*x.shape[:-1], -1)
+    return _FUSED_MLP["op"]
+
 # ==== Optimizers ====
 
 
@@ -2510,19 +2721,16 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
 
 # Newton-Schulz quintic coefficients (a, b, c) per iteration. classic: Keller Jordan's Muon, one
 # tuple for every step (BASE -> PR #1769). polar_express: a tuned tuple per step (PR #1344, used from
-# PR #1787); steps beyond the list reuse its last tuple, and the input is normalized with a 1.02 safety
-# factor because the first tuple is aggressive.
+# PR #1787 to #1855); steps beyond the list reuse its last tuple. PR #1787/#1855 normalize the input by its
+# norm alone; polar_express_safe is PR #1514's form, the norm times a 1.02 safety factor.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 NS_COEFFICIENT_SETS: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "classic": ((3.4445, -4.7750, 2.0315),),
-    "polar_express": (
-        (8.156554524902461, -22.48329292557795, 15.878769915207462),
-        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-    ),
-}
-NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.02}
+    "classic": ((3.4445, -4.7750, 2.0315),), "polar_express": POLAR_EXPRESS, "polar_express_safe": POLAR_EXPRESS}
+NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.0, "polar_express_safe": 1.02}
 NS_EPS = 1e-7
 MUON_IMPLS = ("batched", "loop")
 MUON_NS_DTYPES = ("auto", "bf16", "fp32")
@@ -2976,7 +3184,7 @@ class EMA:
 # ==== Quantization and packing ====
 
 ARTIFACT_MAGIC = b"PGOLFART"
-ARTIFACT_VERSION = 3  # 3: the body in independently compressed chunks (2: one stream; GPTQ/SDClip rows, LQER)
+ARTIFACT_VERSION = 4  # 4: asymmetric LQER and int8 gate rows (3: the body in independently compressed chunks)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
 ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2}  # the first byte of the compressed body says which
 ZLIB_LEVEL = 9  # the naive baseline's zlib-9
@@ -3002,10 +3210,12 @@ class ArtifactError(Hinted, ValueError):
 
 
 def quant_group(name: str) -> str:
-    """SDClip/bit-width group of a quantized tensor: embed (tables and an untied head), attn, or mlp
-    (the MLP matrices and the bigram projection)."""
+    """SDClip/bit-width group of a quantized tensor: embed (tables and an untied head), gate (the attention
+    output gates, GATED_ATTN_QUANT_GATE), attn, or mlp (the MLP matrices and the bigram projection)."""
     if name in ("tok_emb.weight", "lm_head.weight", "bigram.embed.weight"):
         return "embed"
+    if name.endswith(".attn_gate_w"):
+        return "gate"
     return "attn" if ".attn." in name else "mlp"
 
 
@@ -3027,7 +3237,7 @@ def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
     Larger k -> fewer distinct levels used -> lower entropy -> a smaller artifact (monotone).
     w is a matrix or a stack of them (rows along the last-but-one dimension)."""
     if k > 0:
-        scale = (k * w.float().std(dim=-1, correction=0) / qmax(bits)).half()
+        scale = (k * w.float().std(dim=-1) / qmax(bits)).half()  # unbiased, as the records compute it
     else:  # no clip: the row's largest magnitude (the naive baseline's per-row int8)
         scale = (w.float().abs().amax(dim=-1) / qmax(bits)).half()
     # A constant row (std 0, or below fp16's subnormals) gets scale 1: it quantizes to 0 (or its clip).
@@ -3042,7 +3252,7 @@ def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
 def fake_quantize_rows(w: Tensor, bits: int, k: float) -> Tensor:
     """Differentiable-shape SDClip round trip for late QAT (same grid as the artifact)."""
     r = qmax(bits)
-    scale = (k * w.detach().float().std(dim=1, keepdim=True, correction=0) / r).clamp_min(1e-8)
+    scale = (k * w.detach().float().std(dim=1, keepdim=True) / r).clamp_min(1e-8)
     return (torch.clamp(torch.round(w.float() / scale), -r, r) * scale).to(w.dtype)
 
 
@@ -3097,6 +3307,23 @@ def quantize_symmetric_factor(x: Tensor, bits: int, dim: int) -> tuple[Tensor, T
     return torch.clamp(torch.round(x / scale.float()), -r, r).to(torch.int8), scale
 
 
+def lqer_factors(A: Tensor, B: Tensor, spec: "QuantSpec") -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
+    """LQER codes of E ~ A @ B and their B group size (0: symmetric, `lqer_factor_bits` with a scale per row of
+    A and per row of B, as PR #1855's _lqer_pack). Asymmetric (PR #1797): A in [-2, 1] at one scale |A|max / 1.5,
+    B in [-8, 7] at a scale per `lqer_asym_group` values of B (row-major), |group|max / 7.5."""
+    g = spec.lqer_asym_group
+    if not g or B.numel() % g:
+        qa, sa = quantize_symmetric_factor(A, spec.lqer_factor_bits, dim=1)
+        qb, sb = quantize_symmetric_factor(B, spec.lqer_factor_bits, dim=1)
+        return (qa, sa, qb, sb), 0
+    sa = (A.abs().amax().clamp_min(1e-10) / 1.5).half().reshape(1, 1)
+    groups = B.reshape(-1, g)
+    sb = (groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 7.5).half()
+    qa = torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8)
+    qb = torch.clamp(torch.round(groups / sb.float()), -8, 7).to(torch.int8).reshape(B.shape)
+    return (qa, sa, qb, sb), g
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Everything that decides the quantized values: bits and SDClip k per group, GPTQ and LQER."""
@@ -3108,16 +3335,20 @@ class QuantSpec:
     lqer_rank: int = 0  # 0 = LQER off
     lqer_top_k: int = 3
     lqer_factor_bits: int = 4
+    lqer_asym_group: int = 0  # 0 = symmetric LQER factors
     compressor: str = "brotli"
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
-        groups = ("attn", "embed", "mlp")
-        return cls(method=h.quant_method,
-                   bits=tuple((g, h.embed_bits if g == "embed" else h.matrix_bits) for g in groups),
-                   clip=tuple((g, h.clip_sigmas(g)) for g in groups), damp=h.gptq_damp, block=h.gptq_block,
-                   lqer_rank=h.lqer_rank if h.lqer_enabled else 0, lqer_top_k=h.lqer_top_k,
-                   lqer_factor_bits=h.lqer_factor_bits, compressor=h.compressor)
+        # The gates as int8 at each row's largest magnitude (SDClip k = 0), without a Hessian (PR #1736).
+        gate = (("gate", 8),) if h.gated_attn_quant_gate else ()
+        return cls(method=h.quant_method, bits=(("attn", h.matrix_bits), ("embed", h.embed_bits), *gate,
+                                                ("mlp", h.matrix_bits)),
+                   clip=tuple((g, 0.0 if g == "gate" else h.clip_sigmas(g)) for g in ("attn", "embed", "gate", "mlp")
+                              if g != "gate" or gate),
+                   damp=h.gptq_damp, block=h.gptq_block, lqer_rank=h.lqer_rank if h.lqer_enabled else 0,
+                   lqer_top_k=h.lqer_top_k, lqer_factor_bits=h.lqer_factor_bits,
+                   lqer_asym_group=h.lqer_asym_group if h.lqer_asym_enabled else 0, compressor=h.compressor)
 
     def bits_of(self, group: str) -> int:
         return dict(self.bits)[group]
@@ -3138,13 +3369,16 @@ class QuantTensor:
     scale: Tensor  # fp16 per row
     dtype: torch.dtype
     method: str  # "gptq" | "rtn" | "rtn_fallback"
-    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A codes, A scales (per column), B codes, B scales
+    lqer: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A codes, A scales, B codes, B scales
+    lqer_group: int = 0  # B values per scale (asymmetric LQER), 0 = a scale per row of B
 
     def dequantize(self) -> Tensor:
         w = self.q.float() * self.scale.float()[:, None]
         if self.lqer is not None:
             qa, sa, qb, sb = self.lqer
-            w = w + (qa.float() * sa.float()) @ (qb.float() * sb.float())
+            b = qb.float()
+            b = (b.reshape(-1, self.lqer_group) * sb.float()).reshape(b.shape) if self.lqer_group else b * sb.float()
+            w = w + (qa.float() * sa.float()) @ b
         return w.to(self.dtype)
 
 
@@ -3181,7 +3415,8 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
     stacks: dict[tuple, list[str]] = {}
     for name in sorted(state):
         t = state[name].detach()
-        if not is_quantized(name, t):
+        gate = t.ndim == 2 and quant_group(name) == "gate" and "gate" in dict(spec.bits)
+        if not (is_quantized(name, t) or gate):
             out[name] = t
             continue
         gptq = spec.method == "gptq" and name in hessians
@@ -3197,15 +3432,15 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
     if spec.lqer_rank > 0:
         errors = []
         for name, qt in out.items():
-            if isinstance(qt, QuantTensor):
-                err = state[name].detach().float() - qt.dequantize().float()
+            if isinstance(qt, QuantTensor) and qt.group != "gate":
+                # In fp32 before any cast to the tensor's dtype (a bf16 tensor's residual is not rounded), as
+                # PR #1855 computes it: dequantization adds the factors in fp32 and casts the sum once.
+                err = state[name].detach().float() - qt.q.float() * qt.scale.float()[:, None]
                 errors.append((float(err.norm()), name, err))
         for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
             U, S, Vh = torch.linalg.svd(err, full_matrices=False)
             r = min(spec.lqer_rank, S.numel())
-            qa, sa = quantize_symmetric_factor(U[:, :r] * S[:r], spec.lqer_factor_bits, dim=0)
-            qb, sb = quantize_symmetric_factor(Vh[:r], spec.lqer_factor_bits, dim=1)
-            out[name].lqer = (qa, sa, qb, sb)
+            out[name].lqer, out[name].lqer_group = lqer_factors(U[:, :r] * S[:r], Vh[:r], spec)
     for qt in out.values():
         if isinstance(qt, QuantTensor):
             qt.q, qt.scale = qt.q.cpu(), qt.scale.cpu()
@@ -3362,7 +3597,7 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
         qt = quantized[name]
         if qt.lqer is not None:
             qa, sa, qb, sb = qt.lqer
-            qentries[name]["lqer"] = {"rank": qa.shape[1], "a": add(qa), "b": add(qb)}
+            qentries[name]["lqer"] = {"rank": qa.shape[1], "group": qt.lqer_group, "a": add(qa), "b": add(qb)}
     for name in by_group:
         qt = quantized[name]
         qentries[name]["scale"] = add(qt.scale)
@@ -3427,13 +3662,14 @@ def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[st
                 rows, cols = e["shape"]
                 lq = None
                 if "lqer" in e:
-                    r = e["lqer"]["rank"]
+                    r, g = e["lqer"]["rank"], e["lqer"].get("group", 0)
                     lq = (segment(e["lqer"]["a"], torch.int8, [rows, r]),
-                          segment(e["lqer"]["a_scale"], torch.float16, [1, r]),
+                          segment(e["lqer"]["a_scale"], torch.float16, [1, 1] if g else [rows, 1]),
                           segment(e["lqer"]["b"], torch.int8, [r, cols]),
-                          segment(e["lqer"]["b_scale"], torch.float16, [r, 1]))
+                          segment(e["lqer"]["b_scale"], torch.float16, [r * cols // g, 1] if g else [r, 1]))
                 qt = QuantTensor(e["group"], e["bits"], segment(e["q"], torch.int8, e["shape"]),
-                                 segment(e["scale"], torch.float16, [rows]), dtype, e["method"], lq)
+                                 segment(e["scale"], torch.float16, [rows]), dtype, e["method"], lq,
+                                 e.get("lqer", {}).get("group", 0))
                 state[e["name"]] = qt.dequantize()
             elif e["kind"] == "fp16":
                 state[e["name"]] = segment(e["data"], torch.float16, e["shape"]).to(dtype)
@@ -3500,7 +3736,7 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
                       size="packed" if blob is not None else "predicted", **{f"k_{g}": f"{k:.3f}" for g, k in s.clip}))
         if blob is not None and size <= budget_bytes:
             return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, True)
-        matrix_params = sum(v["params"] for g, v in entropy.items() if g != "embed")
+        matrix_params = sum(v["params"] for g, v in entropy.items() if g not in ("embed", "gate"))
         if matrix_params == 0:
             break
         step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / matrix_params  # log2 k to add (entropy rule)
@@ -3591,7 +3827,8 @@ def all_reduce_hessians(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
 def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: TrainLoader, batches: int,
                     forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
-    ids = (loader.next_batch()[0] for _ in range(batches * h.accum_steps))
+    # Rows of TRAIN_SEQ_LEN (a packed batch is one long row), attending across documents as PR #1855's.
+    ids = (loader.next_batch()[0].reshape(-1, h.train_seq_len) for _ in range(batches * h.accum_steps))
     return all_reduce_hessians(collect_hessians(model, ids, d.device, h.compute_dtype, forward))
 
 
@@ -4022,7 +4259,6 @@ class PhasedTTT:
     def __post_init__(self) -> None:
         self.lora = DocLoRA(self.model, self.cfg.batch_docs, self.cfg.rank, self.cfg.alpha, self.cfg.seed)
         self.base = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(self.base, lr=self.sgd.lr, momentum=self.sgd.momentum)
 
     def score_segment(self, a: int, b: int) -> tuple[Tensor, int]:
         """Documents a..b-1 in length-sorted batches, batch n on rank n % world_size; (sums, batches)."""
@@ -4044,9 +4280,10 @@ class PhasedTTT:
         """All ranks: SGD on the base weights over documents a..b-1 (all scored), cosine over chunks."""
         lo, hi = self.docs[a][0], self.docs[b - 1][1]
         starts = list(range(lo, hi, self.sgd.chunk_tokens))
+        opt = torch.optim.SGD(self.base, lr=self.sgd.lr, momentum=self.sgd.momentum)  # momentum anew (PR #1855)
         for c, s in enumerate(starts):
             lr = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(len(starts) - 1, 1)))
-            ttt_train_chunk(self.ctx, self.base, self.opt, s, min(s + self.sgd.chunk_tokens, hi), lr, self.sgd,
+            ttt_train_chunk(self.ctx, self.base, opt, s, min(s + self.sgd.chunk_tokens, hi), lr, self.sgd,
                             self.sgd.epochs)
 
 
@@ -4115,7 +4352,9 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
         if h.doc_isolation:  # one compiled graph for every document count (no recompile per count)
             torch._dynamo.mark_dynamic(cu, 0)
         with compute_autocast(device, h.compute_dtype):
-            loss = model(x, y, cu_seqlens=cu) if h.doc_isolation else model(x, y)
+            # Without isolation a packed row attends in rows of TRAIN_SEQ_LEN (not across its whole length).
+            loss = (model(x, y, cu_seqlens=cu) if h.doc_isolation
+                    else model(x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)))
         (loss / h.accum_steps).backward()
         total += loss.detach()
         mark("fwd_bwd")

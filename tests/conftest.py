@@ -128,3 +128,10 @@ def fa4_stub(monkeypatch):
 
         monkeypatch.setattr(interface, f"_flash_attn_{name}", counted)
     yield calls
+
+
+@pytest.fixture(scope="session")
+def top():
+    """The leaderboard top's script (PR #1855) as a module: tests/top_harness.py."""
+    import top_harness
+    return top_harness.load_top()

@@ -173,8 +173,8 @@ def test_sdclip_rtn_range_scale_and_error(dtype, bits, k):
     assert q.dtype == torch.int8 and tuple(q.shape) == tuple(w.shape)
     assert scale.dtype == torch.float16 and tuple(scale.shape) == (w.shape[0],)
     assert int(q.min()) >= -r and int(q.max()) <= r, f"values must stay in [-{r}, {r}]"
-    # The step is k * std(row) / qmax, rounded to fp16.
-    assert torch.equal(scale, (k * w.float().std(dim=1, correction=0) / r).half())
+    # The step is k * std(row) / qmax, rounded to fp16, with the unbiased std the records use (R0405, PR #1855).
+    assert torch.equal(scale, (k * w.float().std(dim=1) / r).half())
     deq = dequantize_rows(q, scale, torch.float32)
     assert deq.dtype == torch.float32 and dequantize_rows(q, scale, dtype).dtype == dtype
     assert_sdclip_bound("w", w, deq.to(dtype), bits, k)
@@ -401,7 +401,7 @@ def test_wrong_magic(tmp_path, gpt_blob):
     expect_artifact_error(write(tmp_path, "zeros.ptz", bytes(len(gpt_blob))), "magic")
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 65535])  # 1: the int8 format of the walking skeleton; 2: one stream
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, 65535])  # 1: the walking skeleton's int8; 2: one stream; 3: symmetric LQER only
 def test_wrong_version(tmp_path, gpt_blob, version):
     blob = bytearray(gpt_blob)
     struct.pack_into("<H", blob, 8, version)

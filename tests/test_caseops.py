@@ -11,8 +11,9 @@
   tokenizer from ../shared/data (skipped, saying why, when it is absent): every document's counts
   add up to its UTF-8 length, BOS and operators count 0;
 - byte identity with the record's own lossless_caps.py (encode, decode, sidecar) and, when the
-  record's prepare_caseops_data.py sits next to it, identical shard files: only when the environment
-  variable CASEOPS_REFERENCE names that lossless_caps.py (from a CaseOps records folder of
+  record's prepare_caseops_data.py sits next to it, identical shard files (tokens and byte sidecar): against
+  the leaderboard top's folder (PR #1855, ../shared/anchors/top1855) when it is present, or the
+  lossless_caps.py the environment variable CASEOPS_REFERENCE names (from a CaseOps records folder of
   openai/parameter-golf; the file is the same in all of them; for the shard check use the
   2026-04-27 or 2026-04-29 record, whose prepare script uses the surface rule; the 2026-04-19 to
   04-23 ones approximated the sidecar and differ); nothing of it is kept in this repository.
@@ -49,6 +50,9 @@ T, A, C, E = co.TITLE, co.ALLCAPS, co.CAPNEXT, co.ESC
 RECORD_TOKENIZER = (SHARED_DATA / "tokenizers" / "variants" / "openai-parameter-golf-caseops"
                     / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
 REFERENCE_ENV = "CASEOPS_REFERENCE"
+# The leaderboard top's record folder (PR #1855): its lossless_caps.py and prepare_caseops_data.py are the
+# reference when CASEOPS_REFERENCE is not set.
+TOP_CASEOPS = ROOT.parent / "shared" / "anchors" / "top1855" / "lossless_caps.py"
 # Characters the random strings draw from: every class the transform treats differently.
 ALPHABET = (list("abcxyzABCXYZ") * 3 + list("0123456789 \t\n\r.,;'\"-_()") + list(co.OPERATORS) * 2
             + ["\ue000", "\ue005", "é", "É", "ß", "ǅ", "İ", "ﬁ", "Ａ", "中", "\u0301", "\U0001F600", "\x00",
@@ -249,15 +253,16 @@ def test_token_original_bytes_refuses_other_ids_and_unattributable_bytes(record_
 
 
 # ---------------------------------------------------------------------------------------------
-# Byte identity with the record's own code (opt-in: CASEOPS_REFERENCE=/path/to/lossless_caps.py)
+# Byte identity with the record's own code (CASEOPS_REFERENCE=/path/to/lossless_caps.py, else PR #1855's)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def reference():
-    path = os.environ.get(REFERENCE_ENV)
+    path = os.environ.get(REFERENCE_ENV) or (str(TOP_CASEOPS) if TOP_CASEOPS.is_file() else "")
     if not path:
-        pytest.skip(f"{REFERENCE_ENV} is not set: point it at the record's lossless_caps.py (openai/parameter-golf "
-                    "records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper/) to check byte identity")
+        pytest.skip(f"{REFERENCE_ENV} is not set and {TOP_CASEOPS} is absent: point it at a record's "
+                    "lossless_caps.py (PR #1855's folder, or openai/parameter-golf records/track_10min_16mb/"
+                    "2026-04-18_PR1626_CaseOps_Taper/) to check byte identity")
     if not Path(path).is_file():
         pytest.fail(f"{REFERENCE_ENV}={path}: file not found")
     spec = importlib.util.spec_from_file_location("caseops_reference", path)

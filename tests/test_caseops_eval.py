@@ -132,7 +132,7 @@ def test_caseops_shards_without_caseops_enabled_are_refused(caseops_data, tmp_pa
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "missing; CASEOPS_ENABLED=1 counts bytes from the sidecar"),
+    ("missing", "missing; CASEOPS_ENABLED=1 (the record's default) counts bytes from the sidecar"),
     ("short", "byte counts for the"),
     ("wrong", "BPB self-check failed"),
 ])

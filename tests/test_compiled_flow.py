@@ -52,10 +52,11 @@ def run_compiled(tmp_path: Path, dataset: dict, knobs: dict[str, str], stubs: li
 
 
 TOP_KNOBS = {"ATTN_BACKEND": "fa3", "DOC_ISOLATION": "1", "DOC_PACKED_LOADER": "1", "FUSED_CE_ENABLED": "1",
-             "PHASED_TTT_ENABLED": "1"}
+             "PHASED_TTT_ENABLED": "1", "FUSED_MLP_ENABLED": "1", "MLP_ACT": "leaky_relu2"}
 FLOWS = {
     "fused_ce": ({"FUSED_CE_ENABLED": "1"}, []),
-    # The leaderboard top's attention and loss: FA3 varlen over documents, the packed loader, fused CE, phased TTT;
+    # The leaderboard top's attention, MLP and loss: FA3 varlen over documents, the packed loader, fused CE, the
+    # fused leaky_relu2 MLP, phased TTT;
     # once more with inductor's own code generation (96 s here), the rest with aot_eager (15-17 s each).
     "fa3_doc_isolation": (TOP_KNOBS, [STUBS / "fa3"]),
     "fa3_doc_isolation_inductor": (TOP_KNOBS, [STUBS / "fa3"]),
@@ -93,6 +94,8 @@ def test_main_runs_compiled_and_compiles_nothing_after_the_warm_up(tmp_path, dat
     ops = set().union(*result["graphs"])
     if knobs.get("FUSED_CE_ENABLED") == "1":
         assert "pgolf.softcap_ce.default" in ops and (inductor or "pgolf.softcap_ce_bwd.default" in ops)
+    if knobs.get("FUSED_MLP_ENABLED") == "1":
+        assert "pgolf.leaky_relu2_mlp.default" in ops and (inductor or "pgolf.leaky_relu2_mlp_bwd.default" in ops)
     if knobs.get("DOC_ISOLATION") == "1":
         kind = "fa3_varlen" if backend == "fa3" else "sdpa_document_mask"
         assert f"resolved_doc_attention: {kind}" in log
@@ -191,8 +194,9 @@ def test_row2_one_tensor_twice_into_fa3s_autograd_function_is_what_dynamo_refuse
 
 @pytest.mark.slow
 def test_inductor_compiles_the_record_knobs():
-    """Inductor's own lowering (not only aot_eager) of a model with the fused CE op and FA3 varlen attention."""
-    proc = compile_model_fresh("fused_ce_enabled=True, doc_isolation=True, attn_backend='fa3'", [str(STUBS / "fa3")],
+    """Inductor's own lowering (not only aot_eager) of a model with the fused CE and MLP ops and FA3 varlen attention."""
+    proc = compile_model_fresh("fused_ce_enabled=True, fused_mlp_enabled=True, mlp_act='leaky_relu2', "
+                               "doc_isolation=True, attn_backend='fa3'", [str(STUBS / "fa3")],
                                backend="inductor", timeout=900)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 

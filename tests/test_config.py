@@ -384,7 +384,7 @@ def test_common_thread_count_variables_are_not_flagged(name):
     H.from_env({name: "1", "STRICT_ENV": "1"})
 
 
-@pytest.mark.parametrize("env", [{"LQER_ASYM_ENABLED": "1"}, {"GATED_ATTN": "1"}, {"VE_ENABLED": "1"},
+@pytest.mark.parametrize("env", [{"GATED_ATTN": "1"}, {"VE_ENABLED": "1"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "zstd"}, {"MLP_ACT": "gelu"},
                                  {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
                          ids=lambda e: next(iter(e)))
@@ -412,10 +412,13 @@ def test_every_unimplemented_feature_is_refused_when_on_and_accepted_when_off():
 
 
 def test_default_paths_follow_data_dir_and_vocab_size():
-    h = H.from_env({})
+    h = H.from_env({})  # the record's CaseOps export (PR #1729), as the downloader's --variant names it
+    assert h.dataset_dir == Path("./data") / "datasets" / "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    assert h.tokenizer_file == Path("./data") / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    h = H.from_env({"CASEOPS_ENABLED": "0"})
     assert h.dataset_dir == Path("./data") / "datasets" / "fineweb10B_sp8192"
     assert h.tokenizer_file == Path("./data") / "tokenizers" / "fineweb_8192_bpe.model"
-    h = H.from_env({"DATA_DIR": "/mnt/pg", "VOCAB_SIZE": "1024"})
+    h = H.from_env({"DATA_DIR": "/mnt/pg", "VOCAB_SIZE": "1024", "CASEOPS_ENABLED": "0"})
     assert h.dataset_dir == Path("/mnt/pg/datasets/fineweb10B_sp1024")
     assert h.tokenizer_file == Path("/mnt/pg/tokenizers/fineweb_1024_bpe.model")
     assert H.from_env({"PRESET": "baseline"}).dataset_dir.name == "fineweb10B_sp1024"

@@ -80,10 +80,25 @@ def test_without_isolation_the_same_rewrite_leaks_across_documents():
 
 def test_document_mask_is_causal_and_cut_at_row_starts_and_bos():
     ids = torch.tensor([[5, 6, BOS, 7, 8], [BOS, 9, 9, BOS, 4]])
-    m = tg.document_mask(ids, BOS)[:, 0].int()
+    m = tg.document_mask(tg.document_ids(ids, BOS))[:, 0].int()
     assert m[0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert m[1].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
     assert tg.document_starts(ids, BOS).tolist() == [0, 2, 5, 8, 10]
+    # The same sequences from their cu_seqlens (padded as the loader pads them) give the same mask.
+    cu = torch.tensor([0, 2, 5, 8, 10, 10, 10], dtype=torch.int32)
+    assert torch.equal(tg.document_mask(tg.document_ids(ids, BOS, cu))[:, 0].int(), m)
+
+
+def test_packed_cu_seqlens_cut_at_bos_and_every_max_len_from_a_document_start():
+    """PR #1855's rule: a document longer than max_len is cut every max_len tokens from its own start, not
+    where a row of max_len would end; padded with the total to a multiple of CU_BUCKET."""
+    tokens = np.full(40, 9)
+    tokens[[3, 30]] = BOS
+    cu = tg.packed_cu_seqlens(tokens, BOS, 8)
+    assert cu.dtype == np.int32 and cu.size == tg.CU_BUCKET and set(cu[7:].tolist()) == {40}
+    assert cu[:7].tolist() == [0, 3, 11, 19, 27, 30, 38]  # 0..3; 3 + 8k up to the BOS at 30; 30..40 as 8 + 2
+    # The row rule (host_cu_seqlens) on the same tokens as rows of 8 cuts at 8, 16, 24, 32 instead.
+    assert tg.host_cu_seqlens(tokens.reshape(5, 8), BOS)[:8].tolist() == [0, 3, 8, 16, 24, 30, 32, 40]
 
 
 @pytest.fixture
@@ -178,6 +193,8 @@ def batches(loader, n):
 
 
 def test_packed_loader_reads_one_contiguous_stream_from_the_first_bos(tmp_path):
+    """PR #1855's packing: a micro-batch is one row of 3 x 16 inputs and their targets; the next starts after
+    its last target (49 tokens a micro-batch), from the shard's first BOS."""
     tokens = np.arange(3, 3 + 700) % 60000
     tokens[:5] = 7
     tokens[5] = BOS  # the stream starts at the first BOS, not at the file start
@@ -185,19 +202,25 @@ def test_packed_loader_reads_one_contiguous_stream_from_the_first_bos(tmp_path):
     files = write_stream(tmp_path, tokens)
     loader = tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, 0, torch.device("cpu")), packed=True)
     got = batches(loader, 4)
-    x = torch.cat([b[:, :16] for b in got])  # (12, 16) inputs, in order
-    y = torch.cat([b[:, 16:] for b in got])
-    assert x.reshape(-1).tolist() == tokens[5:5 + x.numel()].tolist()
-    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:-1, -1], x[1:, 0])  # rows continue each other
+    assert all(b.shape == (1, 96) for b in got)
+    for i, b in enumerate(got):
+        start = 5 + 49 * i
+        assert b[0, :48].tolist() == tokens[start: start + 48].tolist()  # inputs
+        assert b[0, 48:].tolist() == tokens[start + 1: start + 49].tolist()  # targets
 
 
-def test_packed_order_is_the_same_for_any_world_size(tmp_path):
-    tokens = np.arange(2, 2 + 1000) % 60000
+def test_packed_order_is_the_same_for_any_world_size_until_a_shard_ends(tmp_path):
+    """One process with 2 micro-batches a step reads what 2 ranks with one each read (spans in order, rank r
+    the r-th), until a shard's rest cannot hold a micro-step of the world: 2 ranks then move to the next
+    shard's first BOS, where one process still fits one span (PR #1855's DocumentPackingLoader)."""
+    tokens = np.arange(2, 2 + 1010) % 60000
     tokens[::40] = BOS
     files = write_stream(tmp_path, tokens)
     cpu = torch.device("cpu")
-    one = batches(tg.TrainLoader(files, 8, 2, 2, 0, 1 << 16, tg.DistInfo(0, 1, 0, cpu), packed=True), 4)
-    ranks = [batches(tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(r, 2, 0, cpu), packed=True), 2) for r in range(2)]
-    # one process, 2 micro-batches per step == 2 ranks, 1 micro-batch each (pitfalls K)
-    assert torch.equal(one[0], ranks[0][0]) and torch.equal(one[1], ranks[1][0])
-    assert torch.equal(one[2], ranks[0][1]) and torch.equal(one[3], ranks[1][1])
+    one = batches(tg.TrainLoader(files, 8, 2, 2, 0, 1 << 16, tg.DistInfo(0, 1, 0, cpu), packed=True), 60)
+    ranks = [batches(tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(r, 2, 0, cpu), packed=True), 30)
+             for r in range(2)]
+    # 17 tokens a span: 1010 tokens hold 59 spans, 2 ranks 29 micro-steps of 34 (58 spans): one process reads
+    # the 59th where the ranks go back to the (only) shard's first BOS
+    assert all(torch.equal(one[2 * s + r], ranks[r][s]) for s in range(29) for r in range(2))
+    assert torch.equal(ranks[0][29], ranks[0][0]) and not torch.equal(one[58], ranks[0][29])

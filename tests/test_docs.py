@@ -16,7 +16,7 @@ A name is not taken when it is part of a longer identifier or a dotted name (`L.
 call (`PARAM_GROUPS(`), and a single word is not taken in `A == B` or `H = …` (spaces around `=`).
 
 Each such name must be known to train_gpt.py (a knob, an alias, a legacy, retired or unimplemented-
-feature name, or a launcher variable; read from the module, never copied here) or be in ALLOWLIST with
+feature name, a launcher variable or a fixed knob of PR #1855; read from the module, never copied here) or be in ALLOWLIST with
 its reason. Allowlist entries are checked too: one said to be read by a script must appear there as a
 string literal of exactly that name, one said to be a constant of train_gpt.py must be an attribute of
 the module, a deliberate misspelling must make train_gpt.py suggest a knob, and a placeholder must be
@@ -83,7 +83,7 @@ def env_names(text: str) -> set[str]:
 
 def known_names() -> set[str]:
     return (set(tg.Hyperparameters.knob_names()) | set(tg.KNOB_ALIASES) | set(tg.LEGACY_VARS)
-            | set(tg.RETIRED_VARS) | set(tg.UNIMPLEMENTED_FEATURES) | set(tg.LAUNCHER_VARS))
+            | set(tg.RETIRED_VARS) | set(tg.UNIMPLEMENTED_FEATURES) | set(tg.LAUNCHER_VARS) | set(tg.FIXED_KNOBS))
 
 
 def unknown_names(text: str) -> list[str]:

@@ -52,7 +52,8 @@ STEP_RE = re.compile(
 TINY = dict(VOCAB_SIZE=1024, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
             TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, ITERATIONS=6,
             WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0, COMPILE=0, TRAIN_LOG_EVERY=1, TTT_ENABLED=0,
-            NUM_LOOPS=0)  # the record's looped span (layers 3..5) does not fit 2 layers; see the looping test
+            NUM_LOOPS=0,  # the record's looped span (layers 3..5) does not fit 2 layers; see the looping test
+            CASEOPS_ENABLED=0)  # the test shards are plain sp1024, without byte sidecars
 RUN_TIMEOUT_S = 240
 SMOKE_TIMEOUT_S = 1800  # a hang guard only: the run is a fixed number of steps, however loaded the machine
 SMOKE_CI_BUDGET_S = 180
