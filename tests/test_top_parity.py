@@ -1,13 +1,8 @@
-"""PRESET=record against the leaderboard top (PR #1855, val_bpb 1.06108 on 8xH100), proven on the CPU: its own
-script (../shared/anchors/top1855/train_gpt.py, imported with the FlashAttention 3 stand-in of tests/stubs on
-sys.path), the same weights copied into both models, float32.
-
-Patches to the top's script, so its classes run on a CPU (each one is set in `top` below): its global BOS_ID set
-to 1, as its data loader does when it opens the first shard (its forward reads it; without a loader it is None).
-Its fused cross-entropy (Triton, CUDA only) off in its model: its own unfused branch computes the same loss
-(softcap, then F.cross_entropy in fp32), as ours does off CUDA. Its FA3 import resolves to the stand-in, whose
-dense and varlen calls compute exact attention in the input's dtype; its Triton imports load. Every check here also runs a mutant to show it can fail. Skipped, with the reason, where the anchor
-folder is absent."""
+"""PRESET=record against the leaderboard top (PR #1855, val_bpb 1.06108 on 8xH100), proven on the CPU with its own
+script beside ours (tests/top_harness.py: how it is imported and each patch to it): its configuration (its
+defaults and its README command) knob by knob with one table of deliberate deviations, the forward pass on the
+same weights (dense, varlen, a packed row), and the README command's DRY_RUN. Every check here also runs a
+mutant to show it can fail. Skipped, with the reason, where the anchor folder is absent."""
 
 from __future__ import annotations
 
