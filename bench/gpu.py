@@ -797,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.cache.mkdir(parents=True, exist_ok=True)
-    knobs = dict(CPU_KNOBS, VOCAB_SIZE=str(vocab)) if args.cpu else {"VOCAB_SIZE": str(vocab)}
+    # The kit's shards are plain sp8192 (no CaseOps byte sidecars): the record's CaseOps byte counting is off.
+    knobs = {**(CPU_KNOBS if args.cpu else {}), "VOCAB_SIZE": str(vocab), "CASEOPS_ENABLED": "0"}
     brotli = ensure_brotli(args)
     if brotli.startswith("absent"):
         knobs["COMPRESSOR"] = "lzma"
