@@ -49,6 +49,7 @@ BASE_ENV = {
     "COMPILE": "0", "TRAIN_LOG_EVERY": "100", "EMA_DECAY": "0.99", "MUON_MOMENTUM_WARMUP_STEPS": "100",
     "LOOP_START": "2", "LOOP_END": "3", "NUM_LOOPS": "1", "PARALLEL_START_LAYER": "4", "ROPE_DIMS": "16",
     "ROPE_TRAIN_SEQ_LEN": "128", "TTT_ENABLED": "0",
+    "CASEOPS_ENABLED": "0",  # the dataset below is plain sp1024 text (no byte sidecars)
 }
 # name -> overrides; "full" is the record stack itself.
 VARIANTS: dict[str, dict[str, str]] = {
@@ -67,8 +68,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no_muon_eq_r": {"MUON_ROW_NORMALIZE": "0"},
     "plus_bigram": {"BIGRAM_VOCAB_SIZE": "2048", "BIGRAM_DIM": "64"},
     "plus_value_residual": {"VALUE_RESIDUAL": "1"},
-    "plus_doc_isolation": {"DOC_ISOLATION": "1"},  # R0410: attention inside documents, document-packed order
-    "plus_fused_ce": {"FUSED_CE_ENABLED": "1"},  # the same loss as one custom op (Triton on CUDA only)
+    # PR #1855's attention inside documents and its document packing (both on in the record)
+    "no_doc_isolation": {"DOC_ISOLATION": "0", "DOC_PACKED_LOADER": "0"},
+    "no_fused_ce": {"FUSED_CE_ENABLED": "0"},  # the same loss without the custom op (Triton on CUDA only)
 }
 
 

@@ -335,7 +335,8 @@ class Dataset:
     tokenizer: Path
     source: str  # "shared" or "sample"
     label: str  # one line for the output
-    knobs: dict[str, str] = field(default_factory=dict)  # what the data needs: VOCAB_SIZE, CASEOPS_ENABLED
+    # What the data needs: VOCAB_SIZE, CASEOPS_ENABLED (plain shards unless it says so: the record's default is 1).
+    knobs: dict[str, str] = field(default_factory=lambda: {"CASEOPS_ENABLED": "0"})
 
 
 def sha256_of(path: Path) -> str:
@@ -368,7 +369,7 @@ def prepare_shared(cache: Path, corpus: Path, tokenizer: Path, vocab: int = 1024
     marker = out / "mini_track.json"
     label = (f"shared FineWeb sample {corpus.name} (last {val_docs} documents = validation), "
              f"tokenizer {tokenizer.name}" + (" on CaseOps text, bytes of the original text" if caseops else ""))
-    knobs = {"VOCAB_SIZE": str(vocab), **({"CASEOPS_ENABLED": "1"} if caseops else {})}
+    knobs = {"VOCAB_SIZE": str(vocab), "CASEOPS_ENABLED": "1" if caseops else "0"}  # the record's default is 1
     if marker.is_file() and (out / "manifest.json").is_file():
         log(f"data: reusing {out}")
         return Dataset(out, tokenizer, "shared", label, knobs)
