@@ -4748,6 +4748,17 @@ def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
     return RunFiles(Path(h.log_dir), h.run_id, staged)
 
 
+def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) -> None:
+    """A packed row (one micro-batch) under SDPA's document mask, on CUDA without FA3 or compile, would hold a
+    (row, row) bool mask: refused before any work where it passes 4 GB."""
+    n = h.micro_batch_seqs * h.train_seq_len
+    if (h.doc_isolation and h.doc_packed_loader and device.type == "cuda" and n * n > 1 << 32
+            and doc_attention_kind(backend, device, h.compile) == "sdpa_document_mask"):
+        raise ConfigError(f"COMPILE={int(h.compile)} is not allowed with DOC_ISOLATION=1, DOC_PACKED_LOADER=1 and "
+                          f"attention on {backend}: the document mask of a {n}-token row takes {n * n / 1e9:.0f} GB",
+                          hint="COMPILE=1 (FlexAttention), FA3, or DOC_PACKED_LOADER=0")
+
+
 def run(h: Hyperparameters) -> int:
     d = setup_distributed(h)
     h = dataclasses.replace(h, run_id=h.run_id or broadcast_object(default_run_id(h.preset)))
@@ -4757,6 +4768,7 @@ def run(h: Hyperparameters) -> int:
     try:
         code = Path(__file__).resolve().read_bytes()
         backend, backend_notes = select_attention_backend(h.attn_backend, d.device)
+        check_packed_mask(h, backend, d.device)
         if h.eval_only:
             _, meta = read_artifact(Path(h.artifact), with_meta=True)
             h = eval_only_config(h, meta, code, h.artifact)

@@ -224,3 +224,17 @@ def test_packed_order_is_the_same_for_any_world_size_until_a_shard_ends(tmp_path
     # the 59th where the ranks go back to the (only) shard's first BOS
     assert all(torch.equal(one[2 * s + r], ranks[r][s]) for s in range(29) for r in range(2))
     assert torch.equal(ranks[0][29], ranks[0][0]) and not torch.equal(one[58], ranks[0][29])
+
+
+def test_a_packed_row_under_sdpas_document_mask_on_cuda_is_refused_before_any_work():
+    """The record's 98,304-token packed row would need a 10 GB SDPA mask (CUDA, COMPILE=0, no FA3): one line
+    naming the knobs, before any work. FlexAttention (compiled), FA3, a CPU run or rows are allowed."""
+    cuda = torch.device("cuda")
+    h = tg.Hyperparameters.from_env({"COMPILE": "0"})
+    with pytest.raises(tg.ConfigError, match=r"COMPILE=0 is not allowed with DOC_ISOLATION=1, DOC_PACKED_LOADER=1 "
+                                             r"and attention on sdpa: .* 98304-token row takes 10 GB"):
+        tg.check_packed_mask(h, "sdpa", cuda)
+    tg.check_packed_mask(tg.Hyperparameters.from_env({}), "sdpa", cuda)
+    tg.check_packed_mask(h, "fa3", cuda)
+    tg.check_packed_mask(h, "sdpa", torch.device("cpu"))
+    tg.check_packed_mask(tg.Hyperparameters.from_env({"COMPILE": "0", "DOC_PACKED_LOADER": "0"}), "sdpa", cuda)
