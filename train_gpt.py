@@ -1207,10 +1207,11 @@ class TrainLoader:
         self._cu: list[Tensor | None] = [None] * len(self._buffers)  # each buffer's cu_seqlens
         self._queue: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
         self._stop = threading.Event()
+        if packed and all(s.size - b < self.span * d.world_size for s, b in zip(self.shards, self._first_bos)):
+            raise DataError(f"{self.files[0].parent}/fineweb_train_*.bin: no shard holds one micro-step of every rank "
+                            f"from its first BOS ({d.world_size} x {self.span} tokens) for DOC_PACKED_LOADER=1")
         total = sum(self._slot_count(s.size, b if packed else self._max_phase(s.size))  # worst-case phases
                     for s, b in zip(self.shards, self._first_bos))
-        if packed and all(s.size - b < self.span * d.world_size for s, b in zip(self.shards, self._first_bos)):
-            total = 0  # no shard holds one micro-step of the world from its first BOS
         if total < self.global_seqs:
             raise DataError(f"{self.files[0].parent}/fineweb_train_*.bin: only {total} training sequences of "
                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens, need at least {self.global_seqs} per step")
@@ -2524,6 +2525,11 @@ def softcap_ce_triton_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor
 _FUSED_CE: dict[str, Any] = {}  # the custom op and its kernels, built once per process on first use
 
 
+def on_triton(t: Tensor) -> bool:
+    """The fused ops' Triton kernels run on CUDA tensors where Triton is installed; elsewhere their PyTorch form."""
+    return t.is_cuda and importable("triton")
+
+
 def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for contiguous z (N, V) as the torch.library
     custom op pgolf::softcap_ce with its backward: Triton kernels on CUDA (softcap_ce_kernels), the PyTorch
@@ -2531,12 +2537,9 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     if "op" in _FUSED_CE:
         return _FUSED_CE["op"]
 
-    def on_gpu(z: Tensor) -> bool:
-        return z.is_cuda and importable("triton")
-
     @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
     def fwd(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-        return (softcap_ce_triton if on_gpu(z) else softcap_ce_reference)(z.contiguous(), targets, cap)
+        return (softcap_ce_triton if on_triton(z) else softcap_ce_reference)(z.contiguous(), targets, cap)
 
     @fwd.register_fake
     def _(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -2544,7 +2547,7 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
 
     @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
     def bwd(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
-        return (softcap_ce_triton_grad if on_gpu(z) else softcap_ce_reference_grad)(grad, z.contiguous(), targets,
+        return (softcap_ce_triton_grad if on_triton(z) else softcap_ce_reference_grad)(grad, z.contiguous(), targets,
                                                                                     lse, cap)
 
     @bwd.register_fake
@@ -2645,7 +2648,7 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
         return _FUSED_MLP["op"]
 
     def linear(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
-        fn = leaky_relu2_linear_triton if a.is_cuda and importable("triton") else leaky_relu2_linear_reference
+        fn = leaky_relu2_linear_triton if on_triton(a) else leaky_relu2_linear_reference
         return fn(a, b, slope, pre)
 
     @torch.library.custom_op("pgolf::leaky_relu2_mlp", mutates_args=())
@@ -3341,12 +3344,10 @@ class QuantSpec:
     @classmethod
     def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
         # The gates as int8 at each row's largest magnitude (SDClip k = 0), without a Hessian (PR #1736).
-        gate = (("gate", 8),) if h.gated_attn_quant_gate else ()
-        return cls(method=h.quant_method, bits=(("attn", h.matrix_bits), ("embed", h.embed_bits), *gate,
-                                                ("mlp", h.matrix_bits)),
-                   clip=tuple((g, 0.0 if g == "gate" else h.clip_sigmas(g)) for g in ("attn", "embed", "gate", "mlp")
-                              if g != "gate" or gate),
-                   damp=h.gptq_damp, block=h.gptq_block, lqer_rank=h.lqer_rank if h.lqer_enabled else 0,
+        groups = ("attn", "embed", "gate", "mlp") if h.gated_attn_quant_gate else ("attn", "embed", "mlp")
+        bits = {"attn": h.matrix_bits, "embed": h.embed_bits, "gate": 8, "mlp": h.matrix_bits}
+        return cls(method=h.quant_method, bits=tuple((g, bits[g]) for g in groups),
+                   clip=tuple((g, 0.0 if g == "gate" else h.clip_sigmas(g)) for g in groups), damp=h.gptq_damp, block=h.gptq_block, lqer_rank=h.lqer_rank if h.lqer_enabled else 0,
                    lqer_top_k=h.lqer_top_k, lqer_factor_bits=h.lqer_factor_bits,
                    lqer_asym_group=h.lqer_asym_group if h.lqer_asym_enabled else 0, compressor=h.compressor)
 
@@ -3413,10 +3414,10 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
     hessians = hessians or {}
     out: dict[str, QuantTensor | Tensor] = {}
     stacks: dict[tuple, list[str]] = {}
+    gates = "gate" in dict(spec.bits)  # GATED_ATTN_QUANT_GATE: the gates too, though they are control tensors
     for name in sorted(state):
         t = state[name].detach()
-        gate = t.ndim == 2 and quant_group(name) == "gate" and "gate" in dict(spec.bits)
-        if not (is_quantized(name, t) or gate):
+        if not (is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate")):
             out[name] = t
             continue
         gptq = spec.method == "gptq" and name in hessians

@@ -238,3 +238,15 @@ def test_a_packed_row_under_sdpas_document_mask_on_cuda_is_refused_before_any_wo
     tg.check_packed_mask(h, "fa3", cuda)
     tg.check_packed_mask(h, "sdpa", torch.device("cpu"))
     tg.check_packed_mask(tg.Hyperparameters.from_env({"COMPILE": "0", "DOC_PACKED_LOADER": "0"}), "sdpa", cuda)
+
+
+def test_a_packed_loader_whose_shards_cannot_hold_one_micro_step_says_so(tmp_path):
+    """DOC_PACKED_LOADER=1 needs world_size x (micro_seqs x seq_len + 1) tokens after some shard's first BOS."""
+    tokens = np.full(200, 9)
+    tokens[50] = BOS  # 150 tokens from the first BOS: one rank's span of 3 x 16 + 1 fits, four ranks' do not
+    files = write_stream(tmp_path, tokens)
+    cpu = torch.device("cpu")
+    tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, 0, cpu), packed=True).close()
+    with pytest.raises(tg.DataError, match=r"no shard holds one micro-step of every rank from its first BOS "
+                                           r"\(4 x 49 tokens\) for DOC_PACKED_LOADER=1"):
+        tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 4, 0, cpu), packed=True)
