@@ -257,7 +257,7 @@ class Hyperparameters:
     ttt_chunk_size: int = knob(48, "LoRA TTT: tokens scored, then trained on, per step of a document", _positive,
                                "> 0")
     ttt_warm_start_a: bool = knob(True, "keep LoRA A from one document batch to the next, zero only B (PR #1767)")
-    phased_ttt_prefix_docs: int = knob(2500, "documents (in stream order) whose scoring is split into phases",
+    phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last global SGD pause (pauses at equal shares)",
                                        _non_negative, ">= 0")
     phased_ttt_num_phases: int = knob(3, "global SGD pauses over the prefix (0 = LoRA only)", _non_negative, ">= 0")
     global_ttt_lr: float = knob(0.001, "phase SGD learning rate (cosine over TTT_CHUNK_TOKENS chunks)", _non_negative,
@@ -4181,20 +4181,76 @@ def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
-def phase_segments(n_docs: int, prefix_docs: int, phases: int) -> list[tuple[int, int]]:
-    """Document ranges scored between global SGD pauses: the prefix in `phases` parts, then the rest."""
-    prefix = min(prefix_docs, n_docs) if phases else 0
-    cuts = [prefix * i // phases for i in range(phases + 1)] if phases else [0]
-    segments = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    return segments + ([(prefix, n_docs)] if n_docs > prefix else [])
+def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[int]]]:
+    """(index, documents) of each LoRA batch in scoring order, as PR #1855 cuts them: documents by length
+    (stream order among equals) in batches of batch_docs from the shortest, scored longest batch first (the
+    index, the batch's place in the cut, orders the phase SGD's documents)."""
+    order = np.argsort(lengths, kind="stable")
+    cut = [order[j: j + batch_docs].tolist() for j in range(0, order.size, batch_docs)]
+    return sorted(enumerate(cut), key=lambda ib: -int(lengths[ib[1][-1]]))
 
 
-def lora_batch(ctx: EvalContext, docs: list[tuple[int, int]]) -> Tensor:
-    """(documents, L + 1) tokens of each document from its first input, zero-padded."""
-    batch = torch.zeros(len(docs), max(hi - lo for lo, hi in docs) + 1, dtype=torch.long, device=ctx.device)
-    for r, (lo, hi) in enumerate(docs):
-        batch[r, : hi - lo + 1] = ctx.tokens[lo: hi + 1]
-    return batch
+def phase_pauses(batches: list[tuple[int, list[int]]], prefix_docs: int, phases: int) -> list[tuple[int, int]]:
+    """(batches scored before it, its document count) of each global SGD pause (PR #1855): pause k comes after
+    the first batch at which the documents scored reach prefix*(k+1)/phases. A pause after the last batch
+    would change no score and is dropped."""
+    bounds = [min(prefix_docs, sum(len(b) for _, b in batches)) * (k + 1) // phases for k in range(phases)]
+    pauses, seen = [], 0
+    for j, (_, docs) in enumerate(batches):
+        seen += len(docs)
+        if len(pauses) < phases and seen >= bounds[len(pauses)]:
+            pauses.append((j + 1, bounds[len(pauses)]))
+    return [p for p in pauses if p[0] < len(batches)] if prefix_docs else []
+
+
+def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: int) -> list[int]:
+    """A pause's documents (PR #1855): the first n_docs of the batches scored so far, every phase's, taken
+    in the order they were cut (shortest first)."""
+    return [d for _, docs in sorted(batches[:scored]) for d in docs][:n_docs]
+
+
+def deal_batches(costs: list[float], world_size: int) -> list[list[int]]:
+    """Batch positions per rank: each batch, largest first, to the least-loaded rank (the lowest among
+    equals). Deterministic, so every rank knows every rank's share without a collective."""
+    load, out = [0.0] * world_size, [[] for _ in range(world_size)]
+    for j, cost in enumerate(costs):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        out[r].append(j)
+        load[r] += cost
+    return out
+
+
+class LoRAWalk(NamedTuple):
+    """Host-side plan of one LoRA batch (documents longest first), decided once so the chunk loop never
+    waits for the device. Chunk c scores targets [c*chunk, hi[c]) of the first k[c] documents, each in a
+    window of width[c] tokens; a document's last chunk window ends at the document's end (PR #1855), so row r
+    starts at start[c, r] and its targets are head positions [off, off + n) of the chunk's hi - lo."""
+    k: list[int]
+    lo: np.ndarray
+    hi: np.ndarray
+    width: np.ndarray
+    start: np.ndarray  # (chunks, docs) stream position of each row's window
+    off: np.ndarray
+    n: np.ndarray
+    learn: np.ndarray  # (chunks, docs): the document has a later chunk, so this one is trained on
+
+    @classmethod
+    def plan(cls, spans: list[tuple[int, int]], chunk: int, seq_len: int) -> "LoRAWalk":
+        first, lengths = (np.array(v, dtype=np.int64) for v in zip(*spans))
+        lengths = lengths - first
+        last = (lengths - 1) // chunk
+        lo = np.arange(last[0] + 1) * chunk
+        hi = np.minimum(lo + chunk, lengths[0])
+        ws = np.maximum(0, hi - seq_len)
+        end = np.minimum(hi[:, None], lengths[None, :])
+        own = np.maximum(0, end - seq_len)
+        k = [int((last >= c).sum()) for c in range(lo.size)]
+        return cls(k, lo, hi, hi - ws, first[None, :] + own, ws[:, None] - own, np.maximum(0, end - lo[:, None]),
+                   np.arange(lo.size)[:, None] < last[None, :])
+
+    def cost(self) -> int:
+        """Window tokens through the model: the work the ranks are balanced on."""
+        return int(sum(k * w for k, w in zip(self.k, self.width)))
 
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
@@ -4204,37 +4260,35 @@ def lora_nll(model: GPT, lora: LoRAView, x: Tensor, y: Tensor, ctx: EvalContext)
     return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
 
 
-def score_lora_batch(model: GPT, lora: DocLoRA, ctx: EvalContext, docs: list[tuple[int, int]],
+def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
                      cfg: LoRATTTConfig, train: bool, trace: list | None) -> Tensor:
-    """One batch of documents walked in chunks of cfg.chunk targets: each chunk is scored under no_grad
-    with in-document context of up to EVAL_SEQ_LEN tokens, then (if `train` and it is not the document's
-    last chunk) one AdamW step of every document's adapters on its own chunk loss. Documents run longest
-    first, so the ones still going are the first rows: finished ones leave the batch."""
+    """One batch of documents walked in chunks of cfg.chunk targets (LoRAWalk). Each chunk takes one forward:
+    its per-token losses are the scores, recorded before anything learns from them; then (if `train` and
+    the document has a later chunk) one AdamW step of every document's adapters on its own chunk's mean loss
+    (PR #1855's single forward). Documents run longest first, so finished ones leave the batch."""
     docs = sorted(docs, key=lambda span: span[0] - span[1])
-    batch = lora_batch(ctx, docs)
-    lengths = torch.tensor([hi - lo for lo, hi in docs], device=ctx.device)
-    first = torch.tensor([lo for lo, _ in docs], device=ctx.device)
-    last = [(hi - lo - 1) // cfg.chunk for lo, hi in docs]  # each document's last chunk (host: no device sync)
+    walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
+    start, off, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.off, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for c in range(last[0] + 1):
-        lo, hi = c * cfg.chunk, min((c + 1) * cfg.chunk, batch.size(1) - 1)
-        ws = max(0, hi - ctx.seq_len)
-        k = sum(1 for n in last if n >= c)  # documents with targets in this chunk
-        x, y, view = batch[:k, ws:hi], batch[:k, lo + 1: hi + 1], lora.rows(k)
-        pos = torch.arange(lo, hi, device=ctx.device)
-        mask = pos[None, :] < lengths[:k, None]  # (k, hi - lo): real targets of this chunk
-        with torch.no_grad():
+    for c, k in enumerate(walk.k):
+        width, m = int(walk.width[c]), int(walk.hi[c] - walk.lo[c])
+        pos = (start[c, :k, None] + torch.arange(width + 1, device=ctx.device)).clamp_max(ctx.n_targets)
+        win = ctx.tokens[pos]
+        x, y, view = win[:, :-1], win[:, width - m + 1:], lora.rows(k)
+        step = train and c + 1 < len(walk.k)
+        with torch.set_grad_enabled(step):
             nll = lora_nll(model, view, x, y, ctx)
-            n_bytes = ctx.target_bytes(x[:, lo - ws:], y, first[:k, None] + pos[None, :] + 1)
-            sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
-        learn = mask & torch.tensor([n > c for n in last[:k]], device=ctx.device)[:, None]
+        j = torch.arange(m, device=ctx.device)
+        mask = (j >= off[c, :k, None]) & (j < (off + n)[c, :k, None])
+        n_bytes = ctx.target_bytes(x[:, width - m:], y, pos[:, width - m + 1:])
+        scored = nll.detach().double() * mask
+        sums += torch.stack([scored.sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
         if trace is not None:
-            trace.append((c, [(d, (nll[r] * mask[r]).sum().item()) for r, d in enumerate(docs[:k])], learn.any(1)))
-        if train and last[0] > c:  # the longest document has a later chunk, so this one is trained on
-            per_doc = (lora_nll(model, view, x, y, ctx) * learn).sum(1) / learn.sum(1).clamp_min(1)
-            per_doc.sum().backward()  # each document's adapters get the gradient of its own mean loss
+            trace.append((c, [(d, scored[r].sum().item()) for r, d in enumerate(docs[:k])], walk.learn[c, :k]))
+        if step:  # each document's adapters get the gradient of its own chunk's mean loss
+            (nll.mean(1) * learn[c, :k]).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return sums
@@ -4248,82 +4302,164 @@ def set_requires_grad(params: list[nn.Parameter], on: bool) -> None:
 @dataclass
 class PhasedTTT:
     """One phased LoRA TTT evaluation: the eager model (the adapters change shapes the compiled graphs never
-    saw), the documents, the adapters and the phase optimizer over the base weights."""
+    saw), the documents (and the host copy of their stream), the adapters and the phase SGD."""
     ctx: EvalContext
     model: GPT
     cfg: LoRATTTConfig
     sgd: TTTConfig
     docs: list[tuple[int, int]]
+    tokens: np.ndarray
     trace: list | None
     train: bool = True
 
     def __post_init__(self) -> None:
-        self.lora = DocLoRA(self.model, self.cfg.batch_docs, self.cfg.rank, self.cfg.alpha, self.cfg.seed)
+        self.made = 0
+        self.lora = self.adapters(self.cfg.batch_docs)
         self.base = [p for p in self.model.parameters() if p.requires_grad]
 
-    def score_segment(self, a: int, b: int) -> tuple[Tensor, int]:
-        """Documents a..b-1 in length-sorted batches, batch n on rank n % world_size; (sums, batches)."""
-        ctx, cfg = self.ctx, self.cfg
-        order = sorted(range(a, b), key=lambda d: self.docs[d][0] - self.docs[d][1])  # longest first
-        batches = [order[j: j + cfg.batch_docs] for j in range(0, len(order), cfg.batch_docs)]
-        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    def adapters(self, docs: int) -> DocLoRA:
+        """A new adapter set (new A): every set is drawn from its own seed, so a run is reproducible."""
+        self.made += 1
+        return DocLoRA(self.model, docs, self.cfg.rank, self.cfg.alpha, self.cfg.seed + self.made - 1)
+
+    def score(self, batch: list[int]) -> Tensor:
+        """One batch, on the reusable adapters (B zeroed, A kept with TTT_WARM_START_A); a batch of another
+        size gets a set of its own, as PR #1855's does."""
+        if len(batch) == self.cfg.batch_docs:
+            lora = self.lora
+            lora.reset(warm_a=self.cfg.warm_start_a)
+        else:
+            lora = self.adapters(len(batch))
         set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
         try:
-            for n in range(ctx.rank, len(batches), ctx.world_size):
-                self.lora.reset(warm_a=cfg.warm_start_a)
-                sums += score_lora_batch(self.model, self.lora, ctx, [self.docs[d] for d in batches[n]], cfg,
-                                         self.train, self.trace)
+            return score_lora_batch(self.model, lora, self.ctx, [self.docs[d] for d in batch], self.cfg,
+                                    self.train, self.trace)
         finally:
             set_requires_grad(self.base, True)
-        return sums, len(batches)
 
-    def global_sgd(self, a: int, b: int) -> None:
-        """All ranks: SGD on the base weights over documents a..b-1 (all scored), cosine over chunks."""
-        lo, hi = self.docs[a][0], self.docs[b - 1][1]
-        starts = list(range(lo, hi, self.sgd.chunk_tokens))
-        opt = torch.optim.SGD(self.base, lr=self.sgd.lr, momentum=self.sgd.momentum)  # momentum anew (PR #1855)
-        for c, s in enumerate(starts):
-            lr = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(len(starts) - 1, 1)))
-            ttt_train_chunk(self.ctx, self.base, opt, s, min(s + self.sgd.chunk_tokens, hi), lr, self.sgd,
-                            self.sgd.epochs)
+    def global_sgd(self, doc_ids: list[int]) -> None:
+        """All ranks: SGD on the base weights over already-scored documents, then new adapters (PR #1855).
+        The documents are concatenated, each with the next one's BOS, and trained on in chunks of
+        TTT_CHUNK_TOKENS (cosine LR over the chunks; the last chunk is not trained), each chunk's
+        EVAL_SEQ_LEN-token sequences split over the ranks, EVAL_BATCH_SEQS of them per step and rank."""
+        idx = np.concatenate([np.arange(lo, hi + 1) for lo, hi in (self.docs[d] for d in doc_ids)] or [[0]])
+        stream, host = self.ctx.tokens[torch.from_numpy(idx).to(self.ctx.device)], self.tokens[idx]
+        S, chunk, world = self.ctx.seq_len, self.sgd.chunk_tokens, self.ctx.world_size
+        n_chunks = -(-(idx.size - 1) // chunk)
+        opt = torch.optim.SGD(self.base, lr=self.sgd.lr, momentum=self.sgd.momentum)  # momentum anew each phase
+        for c in range(n_chunks - 1):
+            for group in opt.param_groups:
+                group["lr"] = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+            seqs = chunk // S
+            shares = [(seqs * r // world, seqs * (r + 1) // world) for r in range(world)]
+            for _ in range(self.sgd.epochs):
+                for b in range(0, max(e - s for s, e in shares), self.ctx.batch_seqs):
+                    rows = [(min(s + b, e), min(s + b + self.ctx.batch_seqs, e)) for s, e in shares]
+                    active = sum(1 for a, z in rows if z > a)
+                    a, z = (c * chunk + v * S for v in rows[self.ctx.rank])
+                    phase_sgd_step(self, opt, stream, host, (a, z), 1.0 / active)
+        self.lora = self.adapters(self.cfg.batch_docs)
+
+
+def phase_sgd_step(run: PhasedTTT, opt: torch.optim.Optimizer, stream: Tensor, host: np.ndarray,
+                   span: tuple[int, int], weight: float) -> None:
+    """One SGD step: this rank's tokens stream[a:b] (none: a zero gradient) as one packed row whose
+    sequences start at every BOS and every EVAL_SEQ_LEN tokens of a document (PR #1855's cu_seqlens; plain
+    rows without DOC_ISOLATION); its mean loss, weighted so the ranks' gradients average over those with rows."""
+    ctx, params, (a, b) = run.ctx, run.base, span
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    if b > a:
+        x, y = stream[a:b], stream[a + 1: b + 1]
+        cu = None
+        if run.model.cfg.doc_isolation:
+            cut = min(ctx.seq_len, run.model.cfg.train_seq_len)  # the RoPE span the model was trained at
+            cu = torch.from_numpy(packed_cu_seqlens(host[a:b], BOS_ID, cut)).to(ctx.device)
+        x, y = (x[None], y[None]) if cu is not None else (x.view(-1, ctx.seq_len), y.view(-1, ctx.seq_len))
+        with ctx.autocast():
+            loss = run.model(x, y, cu_seqlens=cu)
+        (loss * weight).backward()
+    sync_gradients(params, ctx.world_size, average=False)
+    if run.sgd.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, run.sgd.grad_clip)
+    opt.step()
+
+
+@dataclass
+class TTTGuard:
+    """Phased TTT's time budget. After each batch a rank projects its own finish (its work left at its
+    measured seconds per window token, trained or not); past the budget its adapters stop training (a local
+    decision: scoring has no collectives). At each pause the ranks take the slowest projection, adding the
+    phases left at the last phase's seconds per token; past the budget no further phase runs."""
+    budget_s: float
+    log: Callable[[str], None]
+    t0: float = field(default_factory=time.perf_counter)
+    done: float = 0.0
+    score_s: float = 0.0
+    sgd_rate: float = 0.0
+    stopped_at: str | None = None
+
+    def after_batch(self, run: PhasedTTT, cost: int, seconds: float, left: int, where: str) -> None:
+        self.done, self.score_s = self.done + cost, self.score_s + seconds
+        projected = time.perf_counter() - self.t0 + left * self.score_s / max(self.done, 1)
+        if run.train and projected > self.budget_s:
+            run.train, self.stopped_at = False, where
+            self.log(format_kv(ttt_degrade="lora_off", at=where, projected_s=f"{projected:.0f}",
+                               budget_s=f"{self.budget_s:.0f}"))
+
+    def phase_fits(self, ctx: EvalContext, left: int, sgd_tokens: int) -> bool:
+        mine = time.perf_counter() - self.t0 + left * self.score_s / max(self.done, 1) + sgd_tokens * self.sgd_rate
+        projected = torch.tensor([mine], dtype=torch.float64, device=ctx.device)
+        all_reduce_(projected, op="max")
+        return projected.item() <= self.budget_s
 
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None], trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
-    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases). Documents are
-    scored in stream order, segment by segment (phase_segments); after each of the first `phases` segments,
-    which every rank has then scored, the base model takes SGD over exactly that segment's tokens, all
-    ranks together. No token is trained on before it is scored; the last segment is never trained on. When
-    the projected time passes the budget, adapters stop training and no phase runs, on every rank alike."""
-    t0 = time.perf_counter()
-    docs = ttt_documents(ctx.tokens.cpu().numpy(), ctx.n_targets)
-    segments = phase_segments(len(docs), cfg.prefix_docs, cfg.phases)
-    run = PhasedTTT(ctx, model, cfg, sgd, docs, trace)
+    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order).
+    Batches of documents are scored longest first (lora_batches), dealt to ranks by their cost
+    (deal_batches); at each pause (phase_pauses), when every rank has scored the batches before it, the base
+    model takes SGD over already-scored documents (phase_documents), all ranks together, then fresh
+    adapters. No token is trained on before it is scored; what is scored after the last pause never is."""
+    tokens = ctx.tokens.cpu().numpy()
+    docs = ttt_documents(tokens, ctx.n_targets)
+    lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
+    batches = lora_batches(lengths, cfg.batch_docs)
+    pauses = phase_pauses(batches, cfg.prefix_docs, cfg.phases) if sgd.epochs else []
+    costs = [LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), cfg.chunk, ctx.seq_len).cost()
+             for _, b in batches]
+    run, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens, trace), TTTGuard(budget_s, log)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    info: dict[str, Any] = {"documents": len(docs), "segments": len(segments), "phases_run": 0,
-                            "lora_stopped_at_segment": None}
-    for i, (a, b) in enumerate(segments):
+    cuts = [0] + [j for j, _ in pauses] + [len(batches)]
+    mine = [[a + j for j in deal_batches(costs[a:b], ctx.world_size)[ctx.rank]] for a, b in zip(cuts, cuts[1:])]
+    left = sum(costs[j] for seg in mine for j in seg)
+    info: dict[str, Any] = {"documents": len(docs), "batches": len(batches), "segments": len(mine),
+                            "phases_planned": len(pauses), "phases_run": 0, "lora_off_at": None}
+    for i, seg in enumerate(mine):
         ts = time.perf_counter()
-        seg_sums, n_batches = run.score_segment(a, b)
-        sums += seg_sums
-        score_s, elapsed = time.perf_counter() - ts, time.perf_counter() - t0
-        # Every rank takes the slowest rank's projection, so all stop training at the same segment.
-        projected = torch.tensor([elapsed / max(docs[b - 1][1], 1) * ctx.n_targets], dtype=torch.float64,
-                                 device=ctx.device)
-        all_reduce_(projected, op="max")
-        if run.train and projected.item() > budget_s:
-            run.train, info["lora_stopped_at_segment"] = False, i
-            log(format_kv(ttt_degrade="lora_and_phases_off", segment=f"{i + 1}/{len(segments)}",
-                          reason=f"projected TTT time {projected.item():.0f}s would pass the {budget_s:.0f}s budget"))
-        t_sgd = time.perf_counter()
-        phase = run.train and i < min(cfg.phases, len(segments) - 1) and sgd.epochs > 0
-        if phase:
-            run.global_sgd(a, b)
-            info["phases_run"] += 1
-        log(format_kv(ttt_phased=f"{i + 1}/{len(segments)}", documents=b - a, lora_batches=n_batches,
-                      score_s=f"{score_s:.1f}", global_sgd_s=f"{time.perf_counter() - t_sgd:.1f}" if phase else "none",
-                      elapsed_s=f"{time.perf_counter() - t0:.1f}"))
-    return result_from_sums(sums, t0), info
+        for j in seg:
+            tb = time.perf_counter()
+            sums += run.score(batches[j][1])
+            left -= costs[j]
+            guard.after_batch(run, costs[j], time.perf_counter() - tb, left, f"segment {i + 1} batch {j + 1}")
+        score_s, t_sgd, phase = time.perf_counter() - ts, time.perf_counter(), None
+        if i < len(pauses):  # every rank decides together (phase_fits is a collective)
+            phase = phase_documents(batches, *pauses[i])
+            n_tok = int(lengths[phase].sum())
+            if guard.phase_fits(ctx, left, n_tok):
+                run.global_sgd(phase)
+                guard.sgd_rate = (time.perf_counter() - t_sgd) / max(n_tok, 1)
+                info["phases_run"] += 1
+            else:
+                phase, pauses = None, pauses[:i]
+                log(format_kv(ttt_degrade="phases_off", segment=f"{i + 1}/{len(mine)}",
+                              reason=f"projected TTT time would pass the {budget_s:.0f}s budget"))
+        log(format_kv(ttt_phased=f"{i + 1}/{len(mine)}", documents=sum(len(batches[j][1]) for j in seg),
+                      lora_batches=len(seg), score_s=f"{score_s:.1f}",
+                      global_sgd_s=f"{time.perf_counter() - t_sgd:.1f}" if phase else "none",
+                      elapsed_s=f"{time.perf_counter() - guard.t0:.1f}"))
+    info["lora_off_at"] = guard.stopped_at
+    return result_from_sums(sums, guard.t0), info
 
 
 # ==== Training ====

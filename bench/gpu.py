@@ -462,27 +462,28 @@ def training_rates(history: list[dict]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_batch_work(lengths: np.ndarray, chunk: int, seq_len: int) -> tuple[int, int]:
-    """(chunk steps, window tokens) of one LoRA TTT batch, as score_lora_batch walks it: documents longest
-    first, chunk c scores k documents (those with targets in it) over windows of min(hi, seq_len) tokens."""
-    lengths = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
-    last = (lengths - 1) // chunk
-    steps = int(last[0]) + 1
-    c = np.arange(steps)
-    hi = np.minimum((c + 1) * chunk, int(lengths[0]))
-    window = hi - np.maximum(0, hi - seq_len)
-    k = np.searchsorted(-last, -c, side="right")  # documents whose last chunk is >= c
-    return steps, int((k * window).sum())
-
-
-def segment_work(lengths: np.ndarray, batch_docs: int, chunk: int, seq_len: int, world: int) -> np.ndarray:
-    """(world, 2) chunk steps and window tokens per rank for one segment: documents sorted longest first, in
-    batches of batch_docs, batch n on rank n % world (PhasedTTT.score_segment)."""
-    order = np.sort(lengths)[::-1]
-    work = np.zeros((world, 2), dtype=np.int64)
-    for n, j in enumerate(range(0, order.size, batch_docs)):
-        work[n % world] += lora_batch_work(order[j: j + batch_docs], chunk, seq_len)
-    return work
+def ttt_work(lengths: np.ndarray, cfg: dict, world: int) -> tuple[list[np.ndarray], list[int]]:
+    """Phased TTT's work as eval_ttt_lora plans it: per segment (the batches between two pauses), a (world, 2)
+    array of chunk steps and window tokens per rank (each batch's LoRAWalk, dealt by deal_batches); and per
+    pause, the tokens its global SGD trains on. cfg: TTT_BATCH_SIZE, TTT_CHUNK_SIZE, EVAL_SEQ_LEN,
+    PHASED_TTT_PREFIX_DOCS, PHASED_TTT_NUM_PHASES (GLOBAL_TTT_EPOCHS 0: no pause)."""
+    tg = train_gpt()
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches = tg.lora_batches(lengths, cfg["TTT_BATCH_SIZE"])
+    pauses = (tg.phase_pauses(batches, cfg["PHASED_TTT_PREFIX_DOCS"], cfg["PHASED_TTT_NUM_PHASES"])
+              if cfg.get("GLOBAL_TTT_EPOCHS", 1) else [])
+    walks = [tg.LoRAWalk.plan([(0, int(n)) for n in sorted(lengths[b], reverse=True)], cfg["TTT_CHUNK_SIZE"],
+                              cfg["EVAL_SEQ_LEN"]) for _, b in batches]
+    cuts = [0] + [j for j, _ in pauses] + [len(batches)]
+    segments = []
+    for a, b in zip(cuts, cuts[1:]):
+        work = np.zeros((world, 2), dtype=np.int64)
+        for rank, share in enumerate(tg.deal_batches([w.cost() for w in walks[a:b]], world)):
+            for j in share:
+                work[rank] += (len(walks[a + j].k), walks[a + j].cost())
+        segments.append(work)
+    sgd = [int(lengths[tg.phase_documents(batches, *p)].sum()) for p in pauses]
+    return segments, sgd
 
 
 def split_doc_lengths(top: Path, total_tokens: int) -> tuple[np.ndarray | None, str]:
@@ -541,28 +542,23 @@ def project_ttt(run: dict, own_lengths: np.ndarray, split: np.ndarray, world: in
     per token), summed over segments of the busiest rank."""
     tg = train_gpt()
     cfg, segs = run["config"], run.get("ttt_segments") or []
-    shape = (cfg["TTT_BATCH_SIZE"], cfg["TTT_CHUNK_SIZE"], cfg["EVAL_SEQ_LEN"])
-    spans = tg.phase_segments(own_lengths.size, cfg["PHASED_TTT_PREFIX_DOCS"], cfg["PHASED_TTT_NUM_PHASES"])
-    if len(spans) != len(segs):
-        return {"error": f"{len(segs)} ttt_phased lines for {len(spans)} segments"}
-    rows, sgd_s, sgd_tokens = [], 0.0, 0
-    for (a, b), seg in zip(spans, segs):
-        steps, tokens = segment_work(own_lengths[a:b], *shape, 1)[0]
-        rows.append((steps, tokens, seg["score_s"]))
-        if seg["global_sgd_s"] is not None:
-            sgd_s += seg["global_sgd_s"]
-            sgd_tokens += int(own_lengths[a:b].sum()) * cfg["GLOBAL_TTT_EPOCHS"]
+    own, own_sgd = ttt_work(own_lengths, cfg, 1)
+    if len(own) != len(segs):
+        return {"error": f"{len(segs)} ttt_phased lines for {len(own)} segments"}
+    rows = [(int(w[0, 0]), int(w[0, 1]), seg["score_s"]) for w, seg in zip(own, segs)]
+    sgd_s = sum(seg["global_sgd_s"] for seg in segs if seg["global_sgd_s"] is not None)
+    sgd_tokens = sum(own_sgd) * cfg["GLOBAL_TTT_EPOCHS"]
     a_s, b_s = fit_ttt_cost(rows)
     record = tg.Hyperparameters.from_env({"PRESET": "record"})
-    real = tg.phase_segments(split.size, record.phased_ttt_prefix_docs, record.phased_ttt_num_phases)
-    seconds, busiest = 0.0, []
-    for i, (a, b) in enumerate(real):
-        work = segment_work(split[a:b], record.ttt_batch_size, record.ttt_chunk_size, record.eval_seq_len, world)
-        per_rank = work[:, 0] * a_s + work[:, 1] * b_s
-        busiest.append(float(per_rank.max()))
-        seconds += per_rank.max()
-        if i < record.phased_ttt_num_phases and sgd_tokens:
-            seconds += int(split[a:b].sum()) * record.global_ttt_epochs * sgd_s / sgd_tokens / world
+    real, real_sgd = ttt_work(split, {"TTT_BATCH_SIZE": record.ttt_batch_size, "TTT_CHUNK_SIZE": record.ttt_chunk_size,
+                                      "EVAL_SEQ_LEN": record.eval_seq_len,
+                                      "PHASED_TTT_PREFIX_DOCS": record.phased_ttt_prefix_docs,
+                                      "PHASED_TTT_NUM_PHASES": record.phased_ttt_num_phases,
+                                      "GLOBAL_TTT_EPOCHS": record.global_ttt_epochs}, world)
+    busiest = [float((work @ [a_s, b_s]).max()) for work in real]
+    seconds = sum(busiest)
+    if sgd_tokens:
+        seconds += sum(real_sgd) * record.global_ttt_epochs * sgd_s / sgd_tokens / world
     return {"seconds": float(seconds), "per_chunk_step_s": a_s, "per_window_token_s": b_s,
             "segment_busiest_rank_s": busiest, "fit_points": rows,
             "sgd_s_per_token": sgd_s / sgd_tokens if sgd_tokens else None}

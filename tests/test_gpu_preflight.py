@@ -80,8 +80,10 @@ def test_projection_arithmetic():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_batch_walk_mirrors_score_lora_batch():
-    """gpu.segment_work counts the chunk steps and window tokens train_gpt's phased TTT scores (rank 0 of 2)."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_work_model_mirrors_what_phased_ttt_scores_and_trains(rank):
+    """gpu.ttt_work counts the chunk steps (one forward each) and window tokens train_gpt's phased TTT runs on
+    this rank of 2, segment by segment, and the tokens each pause's global SGD trains on."""
     torch.manual_seed(0)
     cfg = tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
                          tie_embeddings=True, tied_embed_init_std=0.05, logit_softcap=30.0, rope_base=1e4,
@@ -90,29 +92,34 @@ def test_the_batch_walk_mirrors_score_lora_batch():
     rng = np.random.default_rng(1)
     lengths = [3, 200, 47, 48, 49, 130, 9, 75, 96, 1, 150, 33]
     val = np.concatenate([[tg.BOS_ID, *rng.integers(2, 64, n - 1)] for n in lengths] + [[tg.BOS_ID]]).astype(np.int64)
-    seen = []
-    real = tg.lora_nll
+    seen, sgd_docs, segment = [[]], [], [0]
+    real_nll, real_sgd = tg.lora_nll, tg.PhasedTTT.global_sgd
 
     def spy(model, lora, x, y, ctx):
-        if not torch.is_grad_enabled():
-            seen.append(x.numel())
-        return real(model, lora, x, y, ctx)
+        seen[-1].append(x.numel())
+        return real_nll(model, lora, x, y, ctx)
+
+    def sgd(self, doc_ids):
+        sgd_docs.append(sum(self.docs[d][1] - self.docs[d][0] for d in doc_ids))
+        seen.append([])
+        return real_sgd(self, doc_ids)
 
     lcfg = tg.LoRATTTConfig(rank=2, alpha=4.0, lr=1e-3, weight_decay=0.0, batch_docs=3, chunk=16, warm_start_a=True,
-                            prefix_docs=4, phases=2, seed=0)
-    sgd = tg.TTTConfig(lr=1e-3, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
-    ctx = eval_ctx(model, val, fake_luts(64), 40, rank=0, world_size=2)
+                            prefix_docs=7, phases=2, seed=0)
+    sgd_cfg = tg.TTTConfig(lr=1e-3, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
+    ctx = eval_ctx(model, val, fake_luts(64), 40, rank=rank, world_size=2)
     import unittest.mock as mock
 
-    with mock.patch.object(tg, "lora_nll", spy), mock.patch.object(tg, "all_reduce_", lambda t, op="sum": t):
-        tg.eval_ttt_lora(ctx, model, lcfg, sgd, 1e9, lambda *a, **k: None)
-    docs = tg.ttt_documents(val, val.size - 1)
-    own = np.array([hi - lo for lo, hi in docs])
-    expected_steps = expected_tokens = 0
-    for a, b in tg.phase_segments(len(docs), 4, 2):
-        steps, tokens = gpu.segment_work(own[a:b], 3, 16, 40, 2)[0]  # rank 0's share
-        expected_steps, expected_tokens = expected_steps + steps, expected_tokens + tokens
-    assert len(seen) == expected_steps and sum(seen) == expected_tokens
+    with (mock.patch.object(tg, "lora_nll", spy), mock.patch.object(tg, "all_reduce_", lambda t, op="sum": t),
+          mock.patch.object(tg.PhasedTTT, "global_sgd", sgd)):
+        tg.eval_ttt_lora(ctx, model, lcfg, sgd_cfg, 1e9, lambda *a, **k: None)
+    own = np.array([hi - lo for lo, hi in tg.ttt_documents(val, val.size - 1)])
+    segments, sgd_tokens = gpu.ttt_work(own, {"TTT_BATCH_SIZE": 3, "TTT_CHUNK_SIZE": 16, "EVAL_SEQ_LEN": 40,
+                                              "PHASED_TTT_PREFIX_DOCS": 7, "PHASED_TTT_NUM_PHASES": 2}, 2)
+    assert len(segments) == len(seen) == 3 and sgd_tokens == sgd_docs and len(sgd_docs) == 2
+    assert [[len(s), sum(s)] for s in seen] == [w[rank].tolist() for w in segments]
+    # the first segment is one batch: rank 1 scores nothing in it, yet joins the pause (its global_sgd ran too)
+    assert segments[0][1].tolist() == [0, 0] and all(w[0, 0] > 0 for w in segments)
 
 
 def synthetic_top_logs(folder: Path) -> Path:
@@ -152,23 +159,22 @@ def test_the_fit_recovers_known_costs_and_falls_back_to_one_term():
 
 def test_ttt_projection_sums_the_busiest_rank_of_each_segment(monkeypatch):
     own = np.array([100, 60, 50, 400, 30, 20, 90, 10])
-    run = {"config": {"TTT_BATCH_SIZE": 2, "TTT_CHUNK_SIZE": 16, "EVAL_SEQ_LEN": 64, "PHASED_TTT_PREFIX_DOCS": 3,
-                      "PHASED_TTT_NUM_PHASES": 3, "GLOBAL_TTT_EPOCHS": 1}}
-    segs = tg.phase_segments(own.size, 3, 3)
+    cfg = {"TTT_BATCH_SIZE": 2, "TTT_CHUNK_SIZE": 16, "EVAL_SEQ_LEN": 64, "PHASED_TTT_PREFIX_DOCS": 3,
+           "PHASED_TTT_NUM_PHASES": 3, "GLOBAL_TTT_EPOCHS": 1}
+    segments, sgd_tokens = gpu.ttt_work(own, cfg, 1)
     a, b = 0.02, 1e-4
-    run["ttt_segments"] = [{"documents": hi - lo, "global_sgd_s": 0.001 * own[lo:hi].sum() if i < 3 else None,
-                            "score_s": float(gpu.segment_work(own[lo:hi], 2, 16, 64, 1)[0] @ [a, b])}
-                           for i, (lo, hi) in enumerate(segs)]
+    run = {"config": cfg, "ttt_segments": [
+        {"documents": 0, "global_sgd_s": 0.001 * sgd_tokens[i] if i < len(sgd_tokens) else None,
+         "score_s": float(w[0] @ [a, b])} for i, w in enumerate(segments)]}
     split = np.array([500, 80, 3000, 40, 700, 700, 10, 2500, 90, 60, 1200, 30])
     record = tg.Hyperparameters.from_env({"PRESET": "record"})
     monkeypatch.setattr(record.__class__, "from_env", classmethod(lambda cls, env=None: tg.dataclasses.replace(
         record, phased_ttt_prefix_docs=4, ttt_batch_size=2, ttt_chunk_size=16, eval_seq_len=64)))
     out = gpu.project_ttt(run, own, split, world=2)
     assert out["per_chunk_step_s"] == pytest.approx(a) and out["per_window_token_s"] == pytest.approx(b)
-    expected = 0.0
-    for i, (lo, hi) in enumerate(tg.phase_segments(split.size, 4, 3)):
-        expected += (gpu.segment_work(split[lo:hi], 2, 16, 64, 2) @ [a, b]).max()
-        expected += split[lo:hi].sum() * 0.001 / 2 if i < 3 else 0.0
+    real, real_sgd = gpu.ttt_work(split, dict(cfg, PHASED_TTT_PREFIX_DOCS=4), 2)
+    assert len(real) == 4 and len(real_sgd) == 3
+    expected = sum((w @ [a, b]).max() for w in real) + sum(real_sgd) * 0.001 / 2
     assert out["seconds"] == pytest.approx(expected)
 
 

@@ -28,9 +28,10 @@ def doc_stream(lengths: list[int], seed: int) -> np.ndarray:
 LENGTHS = [24, 9, 40, 17, 31, 12, 8, 18, 36, 21, 14, 8, 27, 11]
 
 
-def run(val: np.ndarray, phases: int = 2, warm: bool = True, budget: float = 1e9, prefix: int = 8, lines=None):
+def run(val: np.ndarray, phases: int = 2, warm: bool = True, budget: float = 1e9, prefix: int = 8, lines=None,
+        lr: float = 1e-2):
     model = iso_model(doc_isolation=False, num_loops=0, parallel_mode="off")
-    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=1e-2, weight_decay=0.1, batch_docs=3, chunk=8, warm_start_a=warm,
+    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=lr, weight_decay=0.1, batch_docs=3, chunk=8, warm_start_a=warm,
                            prefix_docs=prefix, phases=phases, seed=0)
     sgd = tg.TTTConfig(lr=1e-2, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
     trace: list = []
@@ -114,46 +115,110 @@ def test_each_documents_last_chunk_is_never_trained_on():
 
 
 def test_phase_sgd_trains_only_on_documents_already_scored(monkeypatch):
+    """Each pause trains on documents every one of whose targets was scored before it; documents scored
+    after the last pause are never trained on; every pause ends with new adapters."""
     val = doc_stream(LENGTHS, 0)
-    scored_through = {"hi": 0}
+    scored: set[tuple[int, int]] = set()
     calls = []
-    real_score = tg.score_lora_batch
+    real_score, real_sgd = tg.score_lora_batch, tg.PhasedTTT.global_sgd
 
     def score(model, lora, ctx, docs, *a):
-        scored_through["hi"] = max([scored_through["hi"]] + [hi for _, hi in docs])
-        return real_score(model, lora, ctx, docs, *a)
+        out = real_score(model, lora, ctx, docs, *a)
+        scored.update(docs)
+        return out
 
-    real_train = tg.ttt_train_chunk
-
-    def train(ctx, params, opt, lo, hi, *a):
-        calls.append((lo, hi, scored_through["hi"]))
-        return real_train(ctx, params, opt, lo, hi, *a)
+    def sgd(self, doc_ids):
+        calls.append(([self.docs[d] for d in doc_ids], set(scored), self.made))
+        real_sgd(self, doc_ids)
+        assert self.made == calls[-1][2] + 1  # new adapters after the pause
 
     monkeypatch.setattr(tg, "score_lora_batch", score)
-    monkeypatch.setattr(tg, "ttt_train_chunk", train)
+    monkeypatch.setattr(tg.PhasedTTT, "global_sgd", sgd)
     _, info, _ = run(val)
-    assert calls and info["phases_run"] == 2
-    # trains on tokens[lo:hi+1]: every target up to hi was scored before (documents are scored in full)
-    assert all(hi <= through for _, hi, through in calls), calls
-    assert max(hi for _, hi, _ in calls) < len(val) - 1  # the last segment is never trained on
+    assert len(calls) == info["phases_run"] == 2
+    assert [len(spans) for spans, _, _ in calls] == [4, 8]  # PHASED_TTT_PREFIX_DOCS 8 in 2 phases, cumulative
+    for spans, before, _ in calls:
+        assert set(spans) <= before
+    assert len(scored) == len(LENGTHS) and not scored <= calls[-1][1]
 
 
-def test_segments_split_the_prefix_into_phases_then_the_rest():
-    assert tg.phase_segments(10, 6, 3) == [(0, 2), (2, 4), (4, 6), (6, 10)]
-    assert tg.phase_segments(10, 0, 3) == [(0, 10)]
-    assert tg.phase_segments(4, 2500, 3) == [(0, 1), (1, 2), (2, 4)]
-    assert tg.phase_segments(5, 8, 0) == [(0, 5)]
+def test_batches_pauses_and_ranks_follow_the_tops_rules():
+    """PR #1855's order: length-sorted batches cut from the shortest, the longest batch first; pause k after
+    the batch at which prefix*(k+1)/phases documents are scored, on the first that many in cut order."""
+    lengths = np.array([5, 9, 2, 9, 7, 1, 3])
+    batches = tg.lora_batches(lengths, 3)
+    assert batches == [(1, [0, 4, 1]), (2, [3]), (0, [5, 2, 6])]  # cut [5,2,6] [0,4,1] [3]; equal longest: cut order
+    assert tg.phase_pauses(batches, 4, 2) == [(1, 2), (2, 4)]
+    assert tg.phase_documents(batches, 2, 4) == [0, 4, 1, 3] and tg.phase_documents(batches, 1, 2) == [0, 4]
+    assert tg.phase_pauses(batches, 7, 1) == []  # a pause after the last batch would change no score
+    assert tg.phase_pauses(batches, 0, 3) == [] and tg.phase_pauses(batches, 100, 2) == [(1, 3)]
+    assert tg.deal_batches([9.0, 5.0, 4.0, 3.0, 1.0], 2) == [[0, 3], [1, 2, 4]]
+    assert tg.deal_batches([1.0, 1.0], 3) == [[0], [1], []]
     assert tg.ttt_documents(np.array([BOS, 5, 6, BOS, 7, BOS]), 5) == [(0, 3), (3, 5)]
     assert tg.ttt_documents(np.array([4, 5, BOS, 7, 8]), 4) == [(0, 2), (2, 4)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_at_any_world_size_the_ranks_score_every_document_once_and_pause_together(world, monkeypatch):
+    """Each rank of `world` runs eval_ttt_lora alone (collectives stubbed): the ranks' batches cover every
+    document exactly once, every rank trains the same documents at the same pauses, and the largest rank's
+    share of the window tokens is within one batch of the mean."""
+    val = doc_stream(LENGTHS, 0)
+    monkeypatch.setattr(tg, "all_reduce_", lambda t, op="sum": t)
+    monkeypatch.setattr(tg, "sync_gradients", lambda params, world_size, average=True: None)
+    monkeypatch.setattr(tg, "result_from_sums", lambda sums, t0: None)  # a rank may hold no batch (8 ranks, 7)
+    scored, pauses = [], []
+    real_sgd = tg.PhasedTTT.global_sgd
+
+    def sgd(self, doc_ids):
+        pauses[-1].append(list(doc_ids))
+        return real_sgd(self, doc_ids)
+
+    monkeypatch.setattr(tg.PhasedTTT, "global_sgd", sgd)
+    model = iso_model(doc_isolation=False, num_loops=0, parallel_mode="off")
+    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=1e-2, weight_decay=0.1, batch_docs=2, chunk=8, warm_start_a=True,
+                           prefix_docs=8, phases=2, seed=0)
+    sgd_cfg = tg.TTTConfig(lr=1e-2, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
+    for rank in range(world):
+        trace: list = []
+        pauses.append([])
+        tg.eval_ttt_lora(eval_ctx(model, val, fake_luts(96), SEQ, rank=rank, world_size=world), model, cfg, sgd_cfg,
+                         1e9, lambda line: None, trace)
+        scored += [span for c, docs, _ in trace if c == 0 for span, _ in docs]
+    docs = tg.ttt_documents(val, len(val) - 1)
+    assert sorted(scored) == sorted(docs)
+    assert all(p == pauses[0] for p in pauses) and [len(p) for p in pauses[0]] == [4, 8]
+    lengths = np.array([hi - lo for lo, hi in docs])
+    batches = tg.lora_batches(lengths, 2)
+    costs = [tg.LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), 8, SEQ).cost()
+             for _, b in batches]
+    loads = [sum(costs[j] for j in share) for share in tg.deal_batches(costs, world)]
+    assert max(loads) - sum(costs) / world <= max(costs)
+
+
+def test_the_walk_ends_a_last_chunks_window_at_its_documents_end():
+    """Documents of 20 and 13 targets, chunks of 8, windows of 10: chunk 1 of the short one (targets 8..12)
+    is its last; its window ends at 13, not at the batch's chunk end 16."""
+    walk = tg.LoRAWalk.plan([(100, 120), (0, 13)], 8, 10)
+    assert walk.k == [2, 2, 1] and list(walk.width) == [8, 10, 10]
+    assert walk.start[1].tolist() == [106, 3] and walk.off[1].tolist() == [0, 3] and walk.n[1].tolist() == [8, 5]
+    assert walk.learn.tolist() == [[True, True], [True, False], [False, False]]
+    assert walk.cost() == 2 * 8 + 2 * 10 + 10
 
 
 def test_past_the_budget_adapters_stop_training_and_every_target_is_still_scored():
     val = doc_stream(LENGTHS, 0)
     lines: list[str] = []
     r, info, trace = run(val, budget=0.0, lines=lines)
-    assert info["lora_stopped_at_segment"] == 0 and info["phases_run"] == 0
+    assert info["lora_off_at"] == "segment 1 batch 1" and info["phases_run"] == 0
     assert r.tokens == len(val) - 1
-    assert any(line.startswith("ttt_degrade:lora_and_phases_off") for line in lines)
+    assert any(line.startswith("ttt_degrade:lora_off") for line in lines)
+    assert any(line.startswith("ttt_degrade:phases_off") for line in lines)
+    # after the first batch nothing learns: later documents score as with TTT_LORA_LR 0 and no phases
+    _, _, frozen = run(val, phases=0, lr=0.0)
+    first = {span for span, _ in trace[0][1]}
+    later = {s: v for s, v in doc_scores(trace).items() if s not in first}
+    assert later and all(v == pytest.approx(doc_scores(frozen)[s], abs=1e-9) for s, v in later.items())
     assert sum(1 for line in lines if line.startswith("ttt_phased:")) == info["segments"]
 
 
