@@ -26,6 +26,7 @@ import datetime
 import difflib
 import functools
 import hashlib
+import heapq
 import importlib.util
 import io
 import json
@@ -131,7 +132,7 @@ RETIRED_VARS: dict[str, str] = {
 PARALLEL_MODES = ("off", "gptj", "lanes", "lanes_seq", "lane_merge")
 ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
 QUANT_METHODS = ("gptq", "rtn")
-COMPRESSORS = ("brotli", "lzma", "zlib")
+COMPRESSORS = ("brotli", "lzma", "pergroup", "zlib")
 
 
 class Hinted(Exception):
@@ -228,7 +229,7 @@ class Hyperparameters:
 
     # --- Evaluation ---
     eval_seq_len: int = knob(2048, "evaluation sequence length", _positive, "> 0")
-    eval_stride: int = knob(64, "sliding-window eval stride: each target scored once with >= EVAL_SEQ_LEN - stride "
+    eval_stride: int = knob(0, "sliding-window eval stride: each target scored once with >= EVAL_SEQ_LEN - stride "
                                 "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)",
                             _non_negative, ">= 0")
     eval_batch_seqs: int = knob(32, "windows per forward and rank in every evaluation (plain, sliding, TTT scoring): "
@@ -396,9 +397,11 @@ class Hyperparameters:
                                                    "(TARGET_MB = millions of bytes)", _positive, "> 0")
     size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter",
                                   _non_negative, ">= 0")
-    compressor: str = knob("brotli", "artifact compressor: brotli (quality 11) / lzma (preset 9) / zlib (level 9, the "
-                                     "naive baseline's)",
-                           lambda v: v in COMPRESSORS, "brotli, lzma or zlib")
+    compressor: str = knob("pergroup", "artifact compressor: pergroup (PR #1855: each role's code matrices by lrzip's "
+                                       "ZPAQ back end, the rest brotli; brotli, with a warning, where lrzip is not "
+                                       "installed) / brotli (quality 11) / lzma (preset 9) / zlib (level 9, the naive "
+                                       "baseline's)",
+                           lambda v: v in COMPRESSORS, "pergroup, brotli, lzma or zlib")
     eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
     artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
     requantize: str = knob("", "a <RUN_ID>.weights.pt kept by a run that could not write its artifact: instead of "
@@ -2390,10 +2393,12 @@ class GPT(nn.Module):
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
     def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
-                   first: int = 0, cu_seqlens: Tensor | None = None) -> Tensor:
-        """Head output before the softcap for positions first.., in the compute dtype (with `lora`, plus each
-        document's head adapter)."""
-        h = self.hidden(ids, cache, lora, cu_seqlens)[:, first:]
+                   cols: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Head output before the softcap, in the compute dtype, at every position or at each row's positions
+        `cols` (B, M) only (TTT scores one chunk; with `lora`, plus each document's head adapter)."""
+        h = self.hidden(ids, cache, lora, cu_seqlens)
+        if cols is not None:
+            h = h.gather(1, cols[..., None].expand(-1, -1, h.size(-1)))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
@@ -3189,7 +3194,17 @@ class EMA:
 ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 4  # 4: asymmetric LQER and int8 gate rows (3: the body in independently compressed chunks)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
-ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2}  # the first byte of the compressed body says which
+ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2, "pergroup": 3}  # the compressed body's first byte
+# COMPRESSOR=pergroup (PR #1855): the code matrices of each role (every layer's c_q, ...; at least
+# PERGROUP_MIN_BYTES) transposed, PERGROUP_SORTED roles' rows in similarity order, each role one `lrzip -z -L 9`
+# stream (ZPAQ context mixing); the rest brotli. Each chunk starts with its coder's index in PERGROUP_CODERS.
+PERGROUP_CODERS = ("brotli", "lrzip")
+# PR #1855 also sorts attn.c_q and mlp.fc: measured, that costs bytes here (their uint16 orders outweigh the gain:
+# +0.3-1.4% of those groups on a trained mini-track artifact and on the record-sized model; bench/RESULTS.md).
+PERGROUP_SORTED = ("tok_emb.weight",)
+PERGROUP_MIN_BYTES = 4096
+PERGROUP_RATIO = 0.99  # pergroup bytes / brotli-11 bytes of one model (0.986-0.992 measured: bench/RESULTS.md)
+PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorted?; then (rows, cols) uint32 each
 ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
@@ -3526,7 +3541,7 @@ def _decompress(data: bytes, compressor: str) -> bytes:
 
 
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
-    """fn over items on a thread per core: brotli and lzma release the GIL while they work."""
+    """fn over items on a thread per core: brotli, lzma and waits on lrzip release the GIL while they work."""
     if len(items) <= 1:
         return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
@@ -3534,11 +3549,107 @@ def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[byte
         return list(pool.map(fn, items))
 
 
+def code_role(name: str) -> str:
+    """A code matrix's role, its name without the block index: PR #1855 codes every layer's c_q (mlp.fc, ...)
+    as one stream, since one coder's statistics fit them all."""
+    return re.sub(r"^blocks\.\d+\.", "", name)
+
+
+def similarity_order(q: np.ndarray) -> np.ndarray:
+    """The rows in greedy nearest-neighbour order by L1 distance from row 0 (PR #1855's similarity sort; ties to
+    the lowest index), as uint16: neighbouring rows then differ little, which a context-mixing coder reading the
+    matrix column by column turns into fewer bytes."""
+    d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1)
+    order = [0]
+    d[:, 0] = math.inf
+    for _ in range(len(q) - 1):
+        order.append(int(d[order[-1]].argmin()))
+        d[:, order[-1]] = math.inf
+    return np.array(order, dtype=np.uint16)
+
+
+def lrzip(data: bytes, *args: str) -> bytes:
+    """lrzip (-z -L 9: its ZPAQ back end; -d: decompress) through a pipe: no temporary files of ours. At our
+    own nice value: lrzip's default, 19, starves it on a busy machine (a 32 KB piece took 13 s here)."""
+    import subprocess
+    return subprocess.run(["lrzip", "-N", str(os.nice(0)), *args], input=data, capture_output=True, check=True).stdout
+
+
+def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
+    """(role, bytes, matrix shapes) of a serialized body for COMPRESSOR=pergroup, in body order: each run of one
+    role's code matrices (PERGROUP_MIN_BYTES or more), and the bytes between them (role ""). Consecutive
+    entries' codes are adjacent in any body serialize_quantized writes; pergroup's order makes a role one run."""
+    (hlen,) = struct.unpack_from("<I", body)
+    runs: list[list] = []  # [role, start, bytes, shapes]
+    for e in json.loads(body[4: 4 + hlen])["tensors"]:
+        if e["kind"] == "intq_row":
+            if not runs or runs[-1][0] != code_role(e["name"]):
+                runs.append([code_role(e["name"]), 4 + hlen + e["q"]["offset"], 0, []])
+            runs[-1][2] += e["q"]["nbytes"]
+            runs[-1][3].append(e["shape"])
+    pieces, pos = [], 0
+    for role, a, n, shapes in runs:
+        if n >= PERGROUP_MIN_BYTES:
+            pieces += [("", body[pos:a], []), (role, body[a:a + n], shapes)]
+            pos = a + n
+    return [p for p in pieces + [("", body[pos:], [])] if p[1]]
+
+
+def encode_role(role: str, raw: bytes, shapes: list) -> bytes:
+    """A role's code matrices as its coder reads them (PR #1855): PERGROUP_HEAD and the shapes, the uint16 row
+    orders of a PERGROUP_SORTED role, then each matrix transposed (column by column), rows in that order."""
+    # At most 16,384 rows: similarity_order holds rows x rows fp32 distances (1 GiB there; uint16 allows 65,536).
+    sort = role in PERGROUP_SORTED and max(r for r, _ in shapes) <= 1 << 14
+    mats = np.split(np.frombuffer(raw, np.int8), np.cumsum([r * c for r, c in shapes])[:-1])
+    mats = [m.reshape(shape) for m, shape in zip(mats, shapes)]
+    orders = [similarity_order(m) for m in mats] if sort else [slice(None)] * len(mats)
+    return b"".join([PERGROUP_HEAD.pack(len(shapes), sort), np.array(shapes, "<u4").tobytes(),
+                     *(o.tobytes() for o in orders if sort), *(m[o].T.tobytes() for m, o in zip(mats, orders))])
+
+
+def decode_role(raw: bytes) -> bytes:
+    """Inverse of encode_role: the matrices row-major, one after another; ValueError where raw is not one."""
+    n, sort = PERGROUP_HEAD.unpack_from(raw)
+    shapes = np.frombuffer(raw, "<u4", 2 * n, PERGROUP_HEAD.size).reshape(n, 2).astype(np.int64)
+    pos, rows = PERGROUP_HEAD.size + 8 * n, shapes[:, 0]
+    orders = np.split(np.frombuffer(raw, "<u2", rows.sum() * sort, pos), np.cumsum(rows)[:-1])
+    mats = np.split(np.frombuffer(raw, np.int8, -1, pos + 2 * rows.sum() * sort), np.cumsum(shapes.prod(1))[:-1])
+    out = []
+    for (r, c), o, m in zip(shapes, orders, mats):
+        m = m.reshape(c, r).T  # a short or long piece fails here (the last matrix takes what is left)
+        if sort and (np.sort(o) != np.arange(r)).any():
+            raise ValueError("a row order is not a permutation")
+        out.append((m[np.argsort(o)] if sort else m).tobytes())
+    return b"".join(out)
+
+
+def pack_piece(piece: tuple[str, bytes, list]) -> bytes:
+    """One pergroup chunk: coder index (PERGROUP_CODERS) | role | 0 | the coded bytes."""
+    if piece[0]:
+        return b"\1" + piece[0].encode() + b"\0" + lrzip(encode_role(*piece), "-z", "-L", "9")
+    return b"\0\0" + _compress(piece[1], "brotli")
+
+
+def unpack_piece(chunk: bytes, source: str) -> bytes:
+    """Inverse of pack_piece; ArtifactError names the group that does not decode."""
+    coder, (role, _, data) = chunk[0], chunk[1:].partition(b"\0")
+    try:  # an unknown coder index is an IndexError
+        return decode_role(lrzip(data, "-d")) if coder == 1 else _decompress(data, PERGROUP_CODERS[coder])
+    except Exception as exc:  # lrzip's exit status, a short or long piece, a bad row order: all mean corrupt
+        raise ArtifactError(f"{source}: corrupted artifact: group {role.decode(errors='replace') or 'header, scales'!r} "
+                            f"({PERGROUP_CODERS[coder] if coder < 2 else coder}): {type(exc).__name__}: "
+                            f"{str(exc)[:200]!r}") from None
+
+
 def compress_body(body: bytes, compressor: str) -> bytes:
     """The artifact around a serialized body: prefix | compressor id | chunk count | chunk lengths | chunks,
-    each COMPRESS_CHUNK_BYTES of the body compressed on its own (in parallel), the same bytes every time."""
-    pieces = [body[i: i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)] or [b""]
-    chunks = _map_parallel(lambda c: _compress(c, compressor), pieces)
+    each COMPRESS_CHUNK_BYTES of the body (pergroup: each of pergroup_pieces) compressed on its own (in
+    parallel), the same bytes every time."""
+    if compressor == "pergroup":
+        chunks = _map_parallel(pack_piece, pergroup_pieces(body))
+    else:
+        pieces = [body[i: i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)] or [b""]
+        chunks = _map_parallel(lambda c: _compress(c, compressor), pieces)
     compressed = (bytes([ARTIFACT_COMPRESSOR_IDS[compressor]]) + CHUNK_COUNT.pack(len(chunks))
                   + b"".join(CHUNK_COUNT.pack(len(c)) for c in chunks) + b"".join(chunks))
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(compressed), len(compressed)) + compressed
@@ -3557,7 +3668,13 @@ def decompress_chunks(compressed: bytes, source: str) -> bytes:
             raise ValueError(f"{n} chunks of {sum(lengths)} bytes do not fill the {len(compressed) - offset}-byte body")
         bounds = np.cumsum([offset, *lengths]).tolist()
         chunks = [compressed[a:b] for a, b in zip(bounds, bounds[1:])]
-        return b"".join(_map_parallel(lambda c: _decompress(c, compressors[compressed[0]]), chunks))
+        kind = compressors[compressed[0]]
+        if kind == "pergroup" and b"\1" in {c[:1] for c in chunks} and not shutil.which("lrzip"):
+            raise ArtifactError(f"{source}: COMPRESSOR=pergroup needs lrzip, not installed: apt-get install -y lrzip")
+        return b"".join(_map_parallel(lambda c: unpack_piece(c, source) if kind == "pergroup" else _decompress(c, kind),
+                                      chunks))
+    except ArtifactError:
+        raise
     except Exception as exc:  # brotli.error / lzma.LZMAError / struct.error / ValueError: all mean corrupt
         raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
 
@@ -3588,7 +3705,8 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
 
     names = sorted(quantized)
     qnames = [n for n in names if isinstance(quantized[n], QuantTensor)]
-    by_group = sorted(qnames, key=lambda n: (quantized[n].group, n))
+    # pergroup: by role, so that each role's codes are one contiguous run (pergroup_pieces)
+    by_group = sorted(qnames, key=lambda n: (code_role(n) if compressor == "pergroup" else quantized[n].group, n))
     qentries = {}
     for name in by_group:
         qt = quantized[name]
@@ -3626,6 +3744,11 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
 def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Inverse of pack_quantized: (dequantized state in the original dtypes, metadata). ArtifactError
     names `source` for every way an artifact can be unreadable."""
+    return unpack_body(artifact_body(blob, source), source)
+
+
+def artifact_body(blob: bytes, source: str = "artifact") -> bytes:
+    """An artifact's serialized body: its prefix checked (magic, version, length, CRC32), then decompressed."""
     if len(blob) < ARTIFACT_PREFIX.size:
         raise ArtifactError(f"{source}: truncated artifact: {len(blob)} bytes, shorter than its {ARTIFACT_PREFIX.size}-byte prefix")
     magic, version, crc, length = ARTIFACT_PREFIX.unpack_from(blob)
@@ -3638,7 +3761,11 @@ def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[st
         raise ArtifactError(f"{source}: truncated or padded artifact: body is {len(compressed)} bytes, prefix says {length}")
     if zlib.crc32(compressed) != crc:
         raise ArtifactError(f"{source}: corrupted artifact: CRC32 mismatch")
-    body = decompress_chunks(compressed, source)
+    return decompress_chunks(compressed, source)
+
+
+def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """unpack_artifact_full of the body artifact_body returned."""
     try:
         (hlen,) = struct.unpack_from("<I", body)
         header = json.loads(body[4: 4 + hlen])
@@ -3717,17 +3844,19 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
     FIT_OVERSHOOT. At low bit widths most codes are already 0 or +-1 and the bytes fall more slowly than
     that, so later attempts use the slope measured between the last two attempts (secant in log2 k).
     Each attempt is a real GPTQ; compression, the slow part, runs only when the attempt's size predicted
-    from its code entropy (the last compressed size plus the change in entropy bytes) is within the
-    budget. The k values only ever widen."""
+    from its code entropy (the last compressed size plus the change in entropy bytes, times the coder's
+    bytes per entropy byte: 1 for brotli, PERGROUP_RATIO for pergroup) is within the budget. The k values
+    only ever widen."""
     t0 = time.perf_counter()
     attempts: list[dict[str, Any]] = []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
+    ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
     for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
         s = spec.widened(factor)
         quantized = quantize_state(state, s, hessians, log)
         entropy = quant_entropy_bytes(quantized)
         ent = sum(g["entropy_bytes"] for g in entropy.values())
-        predicted = None if last is None else last[1] + ent - last[0]
+        predicted = None if last is None else last[1] + (ent - last[0]) * ratio
         blob = pack_quantized(quantized, s.compressor, meta) if predicted is None or predicted <= budget_bytes else None
         size = round(predicted) if blob is None else len(blob)
         if blob is not None:
@@ -3740,7 +3869,7 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
         matrix_params = sum(v["params"] for g, v in entropy.items() if g not in ("embed", "gate"))
         if matrix_params == 0:
             break
-        step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / matrix_params  # log2 k to add (entropy rule)
+        step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / ratio / matrix_params  # log2 k to add (entropy rule)
         if len(attempts) >= 2:
             (f0, b0), (f1, b1) = [(a["factor"], a["bytes"]) for a in attempts[-2:]]
             slope = (b1 - b0) / (math.log2(f1) - math.log2(f0))  # bytes per doubling of k (negative)
@@ -3928,13 +4057,14 @@ class EvalContext:
     device: torch.device
     compute_dtype: str
     sidecar: Tensor | None = None  # CASEOPS_ENABLED: each token's original bytes (replaces the byte tables)
+    lora: Callable[..., Tensor] | None = None  # phased TTT's compiled chunk forward (Graphs.lora); None: eager
 
     @classmethod
-    def build(cls, h: Hyperparameters, d: DistInfo, model: Callable[..., Tensor], data: "DataBundle") -> "EvalContext":
+    def build(cls, h: Hyperparameters, d: DistInfo, graphs: "Graphs", data: "DataBundle") -> "EvalContext":
         tokens = torch.from_numpy(np.asarray(data.val_tokens, dtype=np.int64)).to(d.device)
         sidecar = None if data.sidecar is None else torch.from_numpy(data.sidecar).to(d.device)
-        return cls(model, tokens, data.luts, h.eval_seq_len, h.eval_stride if h.sliding else h.eval_seq_len,
-                   h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype, sidecar)
+        return cls(graphs.model, tokens, data.luts, h.eval_seq_len, h.eval_stride if h.sliding else h.eval_seq_len,
+                   h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype, sidecar, graphs.lora)
 
     def target_bytes(self, x: Tensor, y: Tensor, pos: Tensor) -> Tensor:
         """Bytes of the targets y (stream positions pos, after inputs x): the CaseOps sidecar's count of
@@ -4137,9 +4267,9 @@ class DocLoRA:
         self.head = adapter(C, cfg.vocab_size)
         self.reset(warm_a=False)
 
-    def rows(self, k: int) -> "LoRAView":
-        """The adapters of the first k documents (views: gradients reach the full tensors)."""
-        cut = lambda ad: (ad[0][:k], ad[1][:k], ad[2])  # noqa: E731
+    def rows(self, k: int, first: int = 0) -> "LoRAView":
+        """The adapters of documents first..k-1 (views: gradients reach the full tensors)."""
+        cut = lambda ad: (ad[0][first:k], ad[1][first:k], ad[2])  # noqa: E731
         return LoRAView([LoRASlot(*map(cut, slot)) for slot in self.slots], cut(self.head))
 
     @torch.no_grad()
@@ -4190,17 +4320,38 @@ def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[i
     return sorted(enumerate(cut), key=lambda ib: -int(lengths[ib[1][-1]]))
 
 
-def phase_pauses(batches: list[tuple[int, list[int]]], prefix_docs: int, phases: int) -> list[tuple[int, int]]:
-    """(batches scored before it, its document count) of each global SGD pause (PR #1855): pause k comes after
-    the first batch at which the documents scored reach prefix*(k+1)/phases. A pause after the last batch
-    would change no score and is dropped."""
-    bounds = [min(prefix_docs, sum(len(b) for _, b in batches)) * (k + 1) // phases for k in range(phases)]
-    pauses, seen = [], 0
-    for j, (_, docs) in enumerate(batches):
-        seen += len(docs)
-        if len(pauses) < phases and seen >= bounds[len(pauses)]:
-            pauses.append((j + 1, bounds[len(pauses)]))
-    return [p for p in pauses if p[0] < len(batches)] if prefix_docs else []
+def phase_bounds(n_docs: int, prefix_docs: int, phases: int) -> list[int]:
+    """Documents scored by each global SGD pause (PR #1855): prefix*(k+1)/phases, the prefix at most all."""
+    return [min(prefix_docs, n_docs) * (k + 1) // phases for k in range(phases)] if prefix_docs else []
+
+
+def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: int) -> tuple[list, list[int]]:
+    """(per segment, each rank's batch positions; per pause, the batches scored before it). The ranks claim
+    the queue in order as each comes free (PR #1855's shared counter; here on estimated costs, so every rank
+    knows the plan without a collective: the longest batch first onto the least-loaded rank). Pause k comes
+    when the documents of finished batches reach bounds[k], after the batches in flight finish (the top's
+    ranks see its flag only when done with theirs). A pause after the last batch would change no score."""
+    segments, pauses, q, done = [], [], 0, 0
+    while q < len(costs):
+        share: list[list[int]] = [[] for _ in range(world)]
+        busy, paused = [], False
+        for r in range(min(world, len(costs) - q)):
+            heapq.heappush(busy, (costs[q], r, q))
+            share[r].append(q)
+            q += 1
+        while busy:
+            t, r, j = heapq.heappop(busy)
+            done += sizes[j]
+            if not paused and len(pauses) < len(bounds) and done >= bounds[len(pauses)]:
+                paused = True
+            elif not paused and q < len(costs):
+                heapq.heappush(busy, (t + costs[q], r, q))
+                share[r].append(q)
+                q += 1
+        segments.append(share)
+        if paused and q < len(costs):
+            pauses.append(q)
+    return segments, pauses
 
 
 def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: int) -> list[int]:
@@ -4209,89 +4360,119 @@ def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: i
     return [d for _, docs in sorted(batches[:scored]) for d in docs][:n_docs]
 
 
-def deal_batches(costs: list[float], world_size: int) -> list[list[int]]:
-    """Batch positions per rank: each batch, largest first, to the least-loaded rank (the lowest among
-    equals). Deterministic, so every rank knows every rank's share without a collective."""
-    load, out = [0.0] * world_size, [[] for _ in range(world_size)]
-    for j, cost in enumerate(costs):
-        r = min(range(world_size), key=lambda i: (load[i], i))
-        out[r].append(j)
-        load[r] += cost
-    return out
-
-
 class LoRAWalk(NamedTuple):
     """Host-side plan of one LoRA batch (documents longest first), decided once so the chunk loop never
-    waits for the device. Chunk c scores targets [c*chunk, hi[c]) of the first k[c] documents, each in a
-    window of width[c] tokens; a document's last chunk window ends at the document's end (PR #1855), so row r
-    starts at start[c, r] and its targets are head positions [off, off + n) of the chunk's hi - lo."""
-    k: list[int]
-    lo: np.ndarray
-    hi: np.ndarray
-    width: np.ndarray
-    start: np.ndarray  # (chunks, docs) stream position of each row's window
-    off: np.ndarray
+    waits for the device. Chunk c runs rows[c] rows (the documents with targets in it, at least 2) over
+    windows of width[c] tokens (at least 3: see lora_nll): row r's starts at stream
+    position start[c, r] and its chunk's n[c, r] targets follow window position col[c, r]. A document's last
+    chunk window ends at the document's end (PR #1855)."""
+    rows: list[int]
+    width: list[int]
+    start: np.ndarray  # (chunks, rows)
+    col: np.ndarray
     n: np.ndarray
-    learn: np.ndarray  # (chunks, docs): the document has a later chunk, so this one is trained on
+    learn: np.ndarray  # (chunks, rows): the document has a later chunk, so this one is trained on
 
     @classmethod
     def plan(cls, spans: list[tuple[int, int]], chunk: int, seq_len: int) -> "LoRAWalk":
-        first, lengths = (np.array(v, dtype=np.int64) for v in zip(*spans))
+        first, lengths = (np.array(v, dtype=np.int64) for v in zip(*(spans * (1 + (len(spans) < 2)))))
         lengths = lengths - first
         last = (lengths - 1) // chunk
         lo = np.arange(last[0] + 1) * chunk
         hi = np.minimum(lo + chunk, lengths[0])
-        ws = np.maximum(0, hi - seq_len)
         end = np.minimum(hi[:, None], lengths[None, :])
         own = np.maximum(0, end - seq_len)
-        k = [int((last >= c).sum()) for c in range(lo.size)]
-        return cls(k, lo, hi, hi - ws, first[None, :] + own, ws[:, None] - own, np.maximum(0, end - lo[:, None]),
-                   np.arange(lo.size)[:, None] < last[None, :])
+        n = np.maximum(0, end - lo[:, None]) * (np.arange(lengths.size) < len(spans))  # a padding row scores nothing
+        rows = [max(2, int((last >= c).sum())) for c in range(lo.size)]
+        return cls(rows, [max(3, int(v)) for v in hi - np.maximum(0, hi - seq_len)], first[None, :] + own,
+                   lo[:, None] - own, n, (np.arange(lo.size)[:, None] < last[None, :]) & (n > 0))
 
     def cost(self) -> int:
         """Window tokens through the model: the work the ranks are balanced on."""
-        return int(sum(k * w for k, w in zip(self.k, self.width)))
+        return int(sum(k * w for k, w in zip(self.rows, self.width)))
 
 
-def lora_nll(model: GPT, lora: LoRAView, x: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
-    """Nats of the targets y, which are the last y.size(1) of x's window: only they reach the head."""
-    with ctx.autocast():
-        z = model.raw_logits(x, lora=lora, first=x.size(1) - y.size(1))
+def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAView) -> Tensor:
+    """Nats of the targets y (rows, M) at window positions cols: only they reach the head."""
+    z = model.raw_logits(x, lora=lora, cols=cols)
     return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
 
 
+def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
+    """lora_chunk_nll, compiled where ctx.lora is: rows and window width change from chunk to chunk, so they
+    are marked dynamic (at least 2 rows and 3 tokens: no graph specializes on smaller sizes) and one graph
+    serves every chunk."""
+    if ctx.lora is None:
+        with ctx.autocast():
+            return lora_chunk_nll(model, x, cols, y, lora)
+    for t in (x, cols, y, *(w for ad in [*(a for s in lora.slots for a in s), lora.head] for w in ad[:2])):
+        torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 30)
+    torch._dynamo.mark_dynamic(x, 1, min=3, max=ctx.seq_len)  # the RoPE base is fixed up to ROPE_TRAIN_SEQ_LEN
+    with ctx.autocast():
+        return ctx.lora(x, cols, y, lora)
+
+
+def row_groups(k: int, group: int) -> list[tuple[int, int]]:
+    """k rows in the fewest near-equal parts of at most `group` rows, each of at least 2 (see lora_nll)."""
+    parts = max(1, min(-(-k // group), k // 2))
+    cuts = [k * i // parts for i in range(parts + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
-                     cfg: LoRATTTConfig, train: bool, trace: list | None) -> Tensor:
+                     cfg: LoRATTTConfig, every: int, trace: list | None, group: int = 1 << 30) -> Tensor:
     """One batch of documents walked in chunks of cfg.chunk targets (LoRAWalk). Each chunk takes one forward:
-    its per-token losses are the scores, recorded before anything learns from them; then (if `train` and
-    the document has a later chunk) one AdamW step of every document's adapters on its own chunk's mean loss
-    (PR #1855's single forward). Documents run longest first, so finished ones leave the batch."""
+    its per-token losses are the scores, recorded before anything learns from them; then (every `every`
+    chunks, 0: never, if the document has a later chunk) one AdamW step of every document's adapters on its own chunk's mean loss
+    (PR #1855's single forward). Documents run longest first, so finished ones leave the batch. A chunk's
+    rows run `group` at a time (memory), their gradients summed before the one step: the same update."""
     docs = sorted(docs, key=lambda span: span[0] - span[1])
     walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
-    start, off, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.off, walk.n, walk.learn))
+    start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for c, k in enumerate(walk.k):
-        width, m = int(walk.width[c]), int(walk.hi[c] - walk.lo[c])
-        pos = (start[c, :k, None] + torch.arange(width + 1, device=ctx.device)).clamp_max(ctx.n_targets)
-        win = ctx.tokens[pos]
-        x, y, view = win[:, :-1], win[:, width - m + 1:], lora.rows(k)
-        step = train and c + 1 < len(walk.k)
-        with torch.set_grad_enabled(step):
-            nll = lora_nll(model, view, x, y, ctx)
-        j = torch.arange(m, device=ctx.device)
-        mask = (j >= off[c, :k, None]) & (j < (off + n)[c, :k, None])
-        n_bytes = ctx.target_bytes(x[:, width - m:], y, pos[:, width - m + 1:])
-        scored = nll.detach().double() * mask
-        sums += torch.stack([scored.sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
-        if trace is not None:
-            trace.append((c, [(d, scored[r].sum().item()) for r, d in enumerate(docs[:k])], walk.learn[c, :k]))
-        if step:  # each document's adapters get the gradient of its own chunk's mean loss
-            (nll.mean(1) * learn[c, :k]).sum().backward()
+    j = torch.arange(cfg.chunk, device=ctx.device)
+    for c, (k, width) in enumerate(zip(walk.rows, walk.width)):
+        step, scored = every and c % every == 0 and c + 1 < len(walk.rows), []
+        for a, b in row_groups(k, group):
+            pos = (start[c, a:b, None] + torch.arange(width + 1, device=ctx.device)).clamp_max(ctx.n_targets)
+            win = ctx.tokens[pos]
+            cols = (col[c, a:b, None] + j).clamp_max(width - 1)
+            x, y = win[:, :-1], win.gather(1, cols + 1)
+            nll = lora_nll(model, lora.rows(b, a), x, cols, y, ctx)  # with gradients: one graph, the top's too
+            mask = j < n[c, a:b, None]
+            n_bytes = ctx.target_bytes(x.gather(1, cols), y, pos.gather(1, cols + 1))
+            scored.append(nll.detach().double() * mask)
+            sums += torch.stack([scored[-1].sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
+            if step:  # each document's adapters: the gradient of its own chunk's mean loss
+                (nll.mean(1) * learn[c, a:b]).sum().backward()
+        if trace is not None:  # the documents with targets in this chunk (the first rows)
+            active, per_doc = int((walk.n[c] > 0).sum()), torch.cat(scored).sum(1).tolist()
+            trace.append((c, list(zip(docs[:active], per_doc)), walk.learn[c, :active]))
+        if step:
             opt.step()
             opt.zero_grad(set_to_none=True)
     return sums
+
+
+def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: LoRATTTConfig) -> tuple[int, float]:
+    """(rows per forward, MiB per row): every row of a batch, unless on CUDA a full-width forward and backward
+    of that many would pass 80% of the free memory, as measured on a 2-row probe of random tokens."""
+    if ctx.device.type != "cuda":
+        return cfg.batch_docs, 0.0
+    torch.cuda.synchronize(ctx.device)
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    used, free = torch.cuda.memory_allocated(ctx.device), torch.cuda.mem_get_info(ctx.device)[0]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    win = torch.randint(0, model.cfg.vocab_size, (2, ctx.seq_len + 1), generator=gen).to(ctx.device)
+    cols = (ctx.seq_len - cfg.chunk + torch.arange(cfg.chunk, device=ctx.device)).clamp(0, ctx.seq_len - 1)
+    cols = cols.expand(2, -1).contiguous()  # the chunk step's shape: no graph of its own
+    lora_nll(model, lora.rows(2), win[:, :-1], cols, win.gather(1, cols + 1), ctx).mean().backward()
+    for p in lora.params:
+        p.grad = None
+    per_row = (torch.cuda.max_memory_allocated(ctx.device) - used) / 2
+    return max(2, min(cfg.batch_docs, int(0.8 * free / per_row))), per_row / 2**20
 
 
 def set_requires_grad(params: list[nn.Parameter], on: bool) -> None:
@@ -4310,17 +4491,23 @@ class PhasedTTT:
     docs: list[tuple[int, int]]
     tokens: np.ndarray
     trace: list | None
-    train: bool = True
+    every: int = 1  # chunks per LoRA step (0: scoring only; TTTGuard)
 
     def __post_init__(self) -> None:
         self.made = 0
         self.lora = self.adapters(self.cfg.batch_docs)
         self.base = [p for p in self.model.parameters() if p.requires_grad]
+        set_requires_grad(self.base, False)
+        try:
+            self.group, self.mib_per_row = lora_rows_per_forward(self.ctx, self.model, self.lora, self.cfg)
+        finally:
+            set_requires_grad(self.base, True)
 
     def adapters(self, docs: int) -> DocLoRA:
-        """A new adapter set (new A): every set is drawn from its own seed, so a run is reproducible."""
+        """A new adapter set (new A; at least 2 rows, see LoRAWalk): every set is drawn from its own seed, so a
+        run is reproducible."""
         self.made += 1
-        return DocLoRA(self.model, docs, self.cfg.rank, self.cfg.alpha, self.cfg.seed + self.made - 1)
+        return DocLoRA(self.model, max(docs, 2), self.cfg.rank, self.cfg.alpha, self.cfg.seed + self.made - 1)
 
     def score(self, batch: list[int]) -> Tensor:
         """One batch, on the reusable adapters (B zeroed, A kept with TTT_WARM_START_A); a batch of another
@@ -4333,7 +4520,7 @@ class PhasedTTT:
         set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
         try:
             return score_lora_batch(self.model, lora, self.ctx, [self.docs[d] for d in batch], self.cfg,
-                                    self.train, self.trace)
+                                    self.every, self.trace, self.group)
         finally:
             set_requires_grad(self.base, True)
 
@@ -4385,27 +4572,33 @@ def phase_sgd_step(run: PhasedTTT, opt: torch.optim.Optimizer, stream: Tensor, h
     opt.step()
 
 
+TTT_STEP_DOWN = {1: 2, 2: 0}  # chunks per LoRA step: every chunk, every 2nd, none
+
+
 @dataclass
 class TTTGuard:
     """Phased TTT's time budget. After each batch a rank projects its own finish (its work left at its
-    measured seconds per window token, trained or not); past the budget its adapters stop training (a local
-    decision: scoring has no collectives). At each pause the ranks take the slowest projection, adding the
-    phases left at the last phase's seconds per token; past the budget no further phase runs."""
+    seconds per window token since its last change); past the budget its adapters step down, one step per
+    batch: a LoRA step every 2nd chunk, then none (a local decision: scoring has no collectives). At each
+    pause the ranks take the slowest projection, adding the phase's SGD at the last phase's seconds per
+    token; past the budget no further phase runs."""
     budget_s: float
     log: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
     done: float = 0.0
     score_s: float = 0.0
     sgd_rate: float = 0.0
-    stopped_at: str | None = None
+    steps_down: list = field(default_factory=list)
 
     def after_batch(self, run: PhasedTTT, cost: int, seconds: float, left: int, where: str) -> None:
         self.done, self.score_s = self.done + cost, self.score_s + seconds
         projected = time.perf_counter() - self.t0 + left * self.score_s / max(self.done, 1)
-        if run.train and projected > self.budget_s:
-            run.train, self.stopped_at = False, where
-            self.log(format_kv(ttt_degrade="lora_off", at=where, projected_s=f"{projected:.0f}",
-                               budget_s=f"{self.budget_s:.0f}"))
+        if run.every and projected > self.budget_s:
+            run.every = TTT_STEP_DOWN[run.every]
+            self.done = self.score_s = 0.0  # the next projection measures the new rate
+            self.steps_down.append((where, run.every))
+            self.log(format_kv(ttt_degrade=f"lora_every:{run.every}" if run.every else "lora_off", at=where,
+                               projected_s=f"{projected:.0f}", budget_s=f"{self.budget_s:.0f}"))
 
     def phase_fits(self, ctx: EvalContext, left: int, sgd_tokens: int) -> bool:
         mine = time.perf_counter() - self.t0 + left * self.score_s / max(self.done, 1) + sgd_tokens * self.sgd_rate
@@ -4417,24 +4610,24 @@ class TTTGuard:
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None], trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
     """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order).
-    Batches of documents are scored longest first (lora_batches), dealt to ranks by their cost
-    (deal_batches); at each pause (phase_pauses), when every rank has scored the batches before it, the base
-    model takes SGD over already-scored documents (phase_documents), all ranks together, then fresh
-    adapters. No token is trained on before it is scored; what is scored after the last pause never is."""
+    Batches of documents are scored longest first (lora_batches), claimed by the ranks in order as they come
+    free (ttt_schedule); at each pause, when every rank has scored the batches before it, the base model
+    takes SGD over already-scored documents (phase_documents), all ranks together, then fresh adapters. No token is trained on before it is scored; what is scored after the last pause never is."""
     tokens = ctx.tokens.cpu().numpy()
     docs = ttt_documents(tokens, ctx.n_targets)
     lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
     batches = lora_batches(lengths, cfg.batch_docs)
-    pauses = phase_pauses(batches, cfg.prefix_docs, cfg.phases) if sgd.epochs else []
+    bounds = phase_bounds(len(docs), cfg.prefix_docs, cfg.phases) if sgd.epochs else []
     costs = [LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), cfg.chunk, ctx.seq_len).cost()
              for _, b in batches]
+    segments, pauses = ttt_schedule(costs, [len(b) for _, b in batches], bounds, ctx.world_size)
     run, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens, trace), TTTGuard(budget_s, log)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    cuts = [0] + [j for j, _ in pauses] + [len(batches)]
-    mine = [[a + j for j in deal_batches(costs[a:b], ctx.world_size)[ctx.rank]] for a, b in zip(cuts, cuts[1:])]
+    mine = [share[ctx.rank] for share in segments]
     left = sum(costs[j] for seg in mine for j in seg)
     info: dict[str, Any] = {"documents": len(docs), "batches": len(batches), "segments": len(mine),
-                            "phases_planned": len(pauses), "phases_run": 0, "lora_off_at": None}
+                            "phases_planned": len(pauses), "phases_run": 0}
+    log(format_kv(ttt_rows_per_forward=run.group, batch_docs=cfg.batch_docs, mib_per_row=f"{run.mib_per_row:.0f}"))
     for i, seg in enumerate(mine):
         ts = time.perf_counter()
         for j in seg:
@@ -4444,7 +4637,7 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
             guard.after_batch(run, costs[j], time.perf_counter() - tb, left, f"segment {i + 1} batch {j + 1}")
         score_s, t_sgd, phase = time.perf_counter() - ts, time.perf_counter(), None
         if i < len(pauses):  # every rank decides together (phase_fits is a collective)
-            phase = phase_documents(batches, *pauses[i])
+            phase = phase_documents(batches, pauses[i], bounds[i])
             n_tok = int(lengths[phase].sum())
             if guard.phase_fits(ctx, left, n_tok):
                 run.global_sgd(phase)
@@ -4458,7 +4651,7 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
                       lora_batches=len(seg), score_s=f"{score_s:.1f}",
                       global_sgd_s=f"{time.perf_counter() - t_sgd:.1f}" if phase else "none",
                       elapsed_s=f"{time.perf_counter() - guard.t0:.1f}"))
-    info["lora_off_at"] = guard.stopped_at
+    info["lora_steps_down"] = guard.steps_down
     return result_from_sums(sums, guard.t0), info
 
 
@@ -4518,10 +4711,12 @@ def final_looping(h: Hyperparameters) -> bool:
 class Graphs:
     """What runs the model: `model` trains, evaluates and runs TTT (torch.compile keeps a graph per looping
     state, grad mode and shape), `calibrate` is GPTQ's forward (model.hidden with the Hessian taps armed;
-    compiled for the micro-batch shape, eager for any other), `base` the module whose weights they share."""
+    compiled for the micro-batch shape, eager for any other), `base` the module whose weights they share,
+    `lora` phased TTT's chunk forward (lora_chunk_nll; rows and width dynamic, see lora_nll; None: eager)."""
     model: Callable[..., Tensor]
     calibrate: Callable[[Tensor], Tensor]
     base: GPT
+    lora: Callable[..., Tensor] | None = None
 
     @classmethod
     def build(cls, h: Hyperparameters, model: GPT) -> "Graphs":
@@ -4529,8 +4724,12 @@ class Graphs:
             return cls(model, model.hidden, model)
         compiled_hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True)
         shape = (h.micro_batch_seqs, h.train_seq_len)
+        # one dynamic graph where the RoPE base is the same for every window (lora_nll)
+        dynamic_ok = h.ttt_enabled and h.phased_ttt_enabled and 3 <= h.eval_seq_len <= h.rope_train_seq_len
+        lora = torch.compile(functools.partial(lora_chunk_nll, model), fullgraph=True) if dynamic_ok else None
         return cls(torch.compile(model, dynamic=False, fullgraph=True),
-                   lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids), model)
+                   lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids), model,
+                   lora)
 
 
 def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers,
@@ -4591,7 +4790,9 @@ def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: boo
             timed(f"eval_{'looped' if state else 'plain'}", lambda: graphs.model(win[:, :-1], win[:, 1:],
                                                                                reduction="none"))
     model.set_looping(looping)
-    if h.ttt_enabled:
+    if h.ttt_enabled and graphs.lora is not None:
+        timed("ttt_train", lambda: warm_up_lora(h, d, graphs, rand))
+    elif h.ttt_enabled:
         win = rand(ttt_batch_seqs(h.ttt_chunk_tokens, h.eval_seq_len, h.eval_batch_seqs, d.world_size), h.eval_seq_len)
         timed("ttt_train", lambda: graphs.model(win[:, :-1], win[:, 1:], reduction="none").sum().backward())
         model.zero_grad(set_to_none=True)
@@ -4600,6 +4801,25 @@ def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: boo
         timed("calibration", lambda: collect_hessians(model, [ids], d.device, h.compute_dtype, graphs.calibrate))
     model.set_looping(looping_was)
     return seconds
+
+
+def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable[[int, int], Tensor]) -> None:
+    """Phased TTT's chunk graph, forward and backward, as score_lora_batch calls it: TTT_BATCH_SIZE rows,
+    full windows, base weights frozen (a guard of the graph), on random tokens and fresh adapters."""
+    model, rows, width = graphs.base, max(h.ttt_batch_size, 2), h.eval_seq_len
+    lora = DocLoRA(model, rows, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed)
+    rows -= rows == width  # equal sizes would be traced as one symbol (and guarded equal)
+    win = rand(rows, width)
+    cols = (width - h.ttt_chunk_size + torch.arange(h.ttt_chunk_size, device=d.device)).clamp(0, width - 1)
+    cols = cols.expand(rows, -1).contiguous()
+    ctx = EvalContext(graphs.model, win.flatten(), None, width, width, 1, d.rank, d.world_size, d.device,
+                      h.compute_dtype, None, graphs.lora)
+    base = [p for p in model.parameters() if p.requires_grad]
+    set_requires_grad(base, False)
+    try:
+        lora_nll(model, lora.rows(rows), win[:, :-1], cols, win.gather(1, cols + 1), ctx).mean().backward()
+    finally:
+        set_requires_grad(base, True)
 
 
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
@@ -4913,6 +5133,11 @@ def run(h: Hyperparameters) -> int:
         versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
         for note in backend_notes:
             warn(log, f"ATTN_BACKEND=auto: {note}; attention runs on {backend}")
+        if h.compressor == "pergroup" and not h.eval_only and not shutil.which("lrzip"):
+            lost = (h.target_bytes - h.size_margin_bytes - len(code)) * (1 / PERGROUP_RATIO - 1)
+            warn(log, f"COMPRESSOR=pergroup needs lrzip (apt-get install -y lrzip): brotli instead, ~{lost:,.0f} "
+                      f"bytes more for the same model", banner=True)
+            h = dataclasses.replace(h, compressor="brotli")
         if data is not None:
             log_data_checks(h, data, log)
         rc = RunContext(h, d, data, code, versions, backend, log, clock, files)
@@ -4986,7 +5211,10 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
     graph was compiled in the warm-up, so none of this time is compilation."""
     h, log, clock = rc.h, rc.log, rc.clock
     t0 = time.perf_counter()
-    model.load_state_dict(read_artifact(artifact_path), strict=True)
+    body = artifact_body(artifact_path.read_bytes(), str(artifact_path))  # pergroup: 20-24 s in PR #1855's logs
+    # h.compressor is the artifact's: a run without lrzip switched to brotli, and EVAL_ONLY takes the run's knobs.
+    log(format_kv(decompress_s=f"{time.perf_counter() - t0:.2f}", compressor=h.compressor))
+    model.load_state_dict(unpack_body(body, str(artifact_path))[0], strict=True)
     clock.record("artifact_read", time.perf_counter() - t0)
     # The plain round trip always runs (a labelled line, and the quantization gap); sliding is the score.
     results = {"roundtrip": eval_windows(ctx, ctx.seq_len)}
@@ -5170,7 +5398,7 @@ def keep_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None,
 def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     h, d, data, log, clock = rc.h, rc.d, rc.data, rc.log, rc.clock
     graphs = Graphs.build(h, model)
-    ctx = EvalContext.build(h, d, graphs.model, data)
+    ctx = EvalContext.build(h, d, graphs, data)
 
     def make_loader() -> TrainLoader:
         return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, h.seed, h.vocab_size,
@@ -5287,7 +5515,7 @@ def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callabl
         rc.clock.record(f"warmup_{name}", seconds)
     model.set_looping(looping)
     path = artifact()
-    ctx = EvalContext.build(h, rc.d, graphs.model, rc.data)
+    ctx = EvalContext.build(h, rc.d, graphs, rc.data)
     ev = run_evaluations(rc, model, ctx, path)
     bytes_model = path.stat().st_size
     bytes_total = report_size(h, bytes_model, len(rc.code), log)

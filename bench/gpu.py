@@ -4,6 +4,8 @@
                                          #   its size and the exact command to run on the pod
     python bench/gpu.py                  # on the pod, the kit carried: one H100/H200, about 9 minutes
     python bench/gpu.py --cpu --prepare && python bench/gpu.py --cpu   # the harness itself on a CPU (CI)
+    python bench/gpu.py --project-eval   # anywhere, no GPU: PRESET=record's evaluation on 8xH100, calibrated on
+                                         #   PR #1855's seed logs, PASS/FAIL against 600 s (exit 0/1)
 
 The kit (--kit, git-ignored) holds everything a bare pod needs: the dataset (val = the --val-docs JSONL, the
 200 challenge documents; train = the first --train-docs documents of --docs, 1,200 FineWeb documents;
@@ -32,6 +34,14 @@ verdict:
 
 Everything goes to one JSON (--out, default <cache>/preflight.json); a short table is printed last. A part
 that fails or runs out of its budget is marked in its row and the others still run.
+
+--project-eval (also a line under the pipeline's table) projects the record preset's whole evaluation (artifact
+read + round trip + sliding + phased TTT with LoRA and phases kept) from PR #1855's own 8xH100 logs rather than
+from this pod: its TTT segment times give seconds per chunk step and per window token under its work model
+(every batch row at full context, batches claimed from a shared counter), applied to ours (LoRAWalk costs on the
+busiest rank of ttt_schedule, our pauses and phase SGD) on the real split; its evaluation and decompression
+times give the other parts; and our one H100 measurement (OUR_H100) scales model compute to our speed.
+See project_record_eval.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -464,25 +475,25 @@ def training_rates(history: list[dict]) -> dict[str, float]:
 
 def ttt_work(lengths: np.ndarray, cfg: dict, world: int) -> tuple[list[np.ndarray], list[int]]:
     """Phased TTT's work as eval_ttt_lora plans it: per segment (the batches between two pauses), a (world, 2)
-    array of chunk steps and window tokens per rank (each batch's LoRAWalk, dealt by deal_batches); and per
-    pause, the tokens its global SGD trains on. cfg: TTT_BATCH_SIZE, TTT_CHUNK_SIZE, EVAL_SEQ_LEN,
-    PHASED_TTT_PREFIX_DOCS, PHASED_TTT_NUM_PHASES (GLOBAL_TTT_EPOCHS 0: no pause)."""
+    array of chunk steps and window tokens per rank (each batch's LoRAWalk, claimed as ttt_schedule deals
+    them); and per pause, the tokens its global SGD trains on. cfg: TTT_BATCH_SIZE, TTT_CHUNK_SIZE,
+    EVAL_SEQ_LEN, PHASED_TTT_PREFIX_DOCS, PHASED_TTT_NUM_PHASES (GLOBAL_TTT_EPOCHS 0: no pause)."""
     tg = train_gpt()
     lengths = np.asarray(lengths, dtype=np.int64)
     batches = tg.lora_batches(lengths, cfg["TTT_BATCH_SIZE"])
-    pauses = (tg.phase_pauses(batches, cfg["PHASED_TTT_PREFIX_DOCS"], cfg["PHASED_TTT_NUM_PHASES"])
+    bounds = (tg.phase_bounds(lengths.size, cfg["PHASED_TTT_PREFIX_DOCS"], cfg["PHASED_TTT_NUM_PHASES"])
               if cfg.get("GLOBAL_TTT_EPOCHS", 1) else [])
     walks = [tg.LoRAWalk.plan([(0, int(n)) for n in sorted(lengths[b], reverse=True)], cfg["TTT_CHUNK_SIZE"],
                               cfg["EVAL_SEQ_LEN"]) for _, b in batches]
-    cuts = [0] + [j for j, _ in pauses] + [len(batches)]
+    shares, pauses = tg.ttt_schedule([w.cost() for w in walks], [len(b) for _, b in batches], bounds, world)
     segments = []
-    for a, b in zip(cuts, cuts[1:]):
+    for share in shares:
         work = np.zeros((world, 2), dtype=np.int64)
-        for rank, share in enumerate(tg.deal_batches([w.cost() for w in walks[a:b]], world)):
-            for j in share:
-                work[rank] += (len(walks[a + j].k), walks[a + j].cost())
+        for rank, mine in enumerate(share):
+            for j in mine:
+                work[rank] += (len(walks[j].rows), walks[j].cost())
         segments.append(work)
-    sgd = [int(lengths[tg.phase_documents(batches, *p)].sum()) for p in pauses]
+    sgd = [int(lengths[tg.phase_documents(batches, p, n)].sum()) for p, n in zip(pauses, bounds)]
     return segments, sgd
 
 
@@ -562,6 +573,282 @@ def project_ttt(run: dict, own_lengths: np.ndarray, split: np.ndarray, world: in
     return {"seconds": float(seconds), "per_chunk_step_s": a_s, "per_window_token_s": b_s,
             "segment_busiest_rank_s": busiest, "fit_points": rows,
             "sgd_s_per_token": sgd_s / sgd_tokens if sgd_tokens else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The record preset's evaluation on 8xH100, calibrated on PR #1855's seed logs (issue 25)
+# ---------------------------------------------------------------------------------------------
+
+# Our one H100 measurement (issue 14, quoted in bench/RESULTS.md's header): PRESET=record under torchrun on one
+# H100 80GB HBM3, torch 2.11.0+cu130, PyTorch SDPA (no FA3), 786,432 tokens per step, 40 steps.
+OUR_H100 = {"plain_tok_s": 770_000.0, "looped_tok_s": 524_000.0,
+            "source": "issue 14: PRESET=record on one H100 80GB HBM3 (torch 2.11.0+cu130, SDPA, no FA3)"}
+TOP_KNOB_LINE = re.compile(r"^  (?P<key>[a-z][a-z0-9_]*): (?P<value>\S+)$")
+TOP_PAUSE_LINE = re.compile(r"^ttpp: phase:(?P<k>\d+)/\d+ pd:(?P<pd>\d+) gd:(?P<gd>\d+) t:(?P<t>[\d.]+)s")
+TOP_RESUME_LINE = re.compile(r"^ttpr: phase:(?P<k>\d+)/\d+ t:(?P<t>[\d.]+)s")
+TOP_SGD_LINE = re.compile(r"^tttg: c(?P<c>\d+)/(?P<n>\d+) ")
+TOP_EVAL_LINE = re.compile(r"^(?P<label>[a-z][a-z_ -]*?) val_loss:\S+ val_bpb:\S+ eval_time:(?P<ms>\d+)ms")
+TOP_DECOMPRESS_LINE = re.compile(r"^Deserialize: decompression done in (?P<s>[\d.]+)s")
+TOP_DOCS_LINE = re.compile(r"^ttt_phased: total_docs:(?P<docs>\d+) ")
+TOP_VAL_LINE = re.compile(r"^val_tokens: (?P<n>\d+)$")
+TOP_LOOP_LINE = re.compile(r"^layer_loop:enabled step:(?P<step>\d+)")
+TOP_EVAL_KNOBS = ("world_size", "ttt_batch_size", "ttt_chunk_size", "ttt_eval_seq_len", "global_ttt_chunk_tokens",
+                  "train_batch_tokens")
+
+
+def parse_top_log(lines: list[str]) -> dict:
+    """What one PR #1855 seed log says about its evaluation: its knobs (TOP_EVAL_KNOBS), the validation tokens and
+    documents, each phase's pause (`ttpp:` scored documents pd and seconds t since the TTT timer started), resume
+    (`ttpr:`) and global SGD chunk count (`tttg: c1/N`), the TTT total (`quantized_ttt_phased ... eval_time`), the
+    other evaluations' times (`<label> ... eval_time:..ms`), each artifact decompression, and its training rate
+    per GPU before and after looping (from the cumulative `tok/s` of its progress lines)."""
+    out: dict = {"knobs": {}, "pauses": [], "resumes": [], "sgd_chunks": [], "evals": {}, "decompress_s": [],
+                 "train": []}
+    loop_step = None
+    for line in lines:
+        if m := TOP_KNOB_LINE.match(line):
+            if m["key"] in TOP_EVAL_KNOBS:
+                out["knobs"][m["key"]] = int(m["value"])
+        elif m := TOP_PAUSE_LINE.match(line):
+            out["pauses"].append({"docs": int(m["pd"]), "trained_docs": int(m["gd"]), "t": float(m["t"])})
+        elif m := TOP_RESUME_LINE.match(line):
+            out["resumes"].append(float(m["t"]))
+        elif (m := TOP_SGD_LINE.match(line)) and m["c"] == "1":
+            out["sgd_chunks"].append(int(m["n"]))
+        elif m := TOP_EVAL_LINE.match(line):
+            out["evals"][m["label"]] = int(m["ms"]) / 1000
+        elif m := TOP_DECOMPRESS_LINE.match(line):
+            out["decompress_s"].append(float(m["s"]))
+        elif m := TOP_DOCS_LINE.match(line):
+            out["docs"] = int(m["docs"])
+        elif m := TOP_VAL_LINE.match(line):
+            out["val_tokens"] = int(m["n"])
+        elif m := TOP_LOOP_LINE.match(line):
+            loop_step = int(m["step"])
+        elif m := ANCHOR_LINE.match(line):
+            out["train"].append((int(m["step"]), float(m["tok_s"])))
+    out["ttt_s"] = out["evals"].pop("quantized_ttt_phased", None)
+    k = out["knobs"]
+    if loop_step is not None and "train_batch_tokens" in k and "world_size" in k:
+        # tok/s is the cumulative mean since step 1: elapsed(step) = step * tokens per step / tok/s
+        elapsed = {s: s * k["train_batch_tokens"] / r for s, r in out["train"]}
+        plain = [s for s in elapsed if s < loop_step]
+        looped = sorted(s for s in elapsed if s > loop_step)
+        if plain:
+            out["plain_tok_s_per_gpu"] = max(plain) * k["train_batch_tokens"] / elapsed[max(plain)] / k["world_size"]
+        if len(looped) >= 2:
+            a, b = looped[0], looped[-1]
+            out["looped_tok_s_per_gpu"] = ((b - a) * k["train_batch_tokens"] / (elapsed[b] - elapsed[a])
+                                           / k["world_size"])
+    return out
+
+
+def top_segments(log: dict) -> list[dict]:
+    """The log's TTT split at its pauses: per segment, the documents scored in it (from the pauses' running
+    counts) and its seconds (pause - previous resume; the last one ends with the TTT total); per phase, its SGD
+    seconds (resume - pause) and chunks."""
+    if not log["pauses"] or len(log["pauses"]) != len(log["resumes"]) or log.get("ttt_s") is None:
+        raise ValueError("a PR #1855 log needs its ttpp:/ttpr: pairs and its quantized_ttt_phased line")
+    segs, done, start = [], 0, 0.0
+    for p, resume in zip(log["pauses"], log["resumes"]):
+        segs.append({"docs": p["docs"] - done, "seconds": p["t"] - start, "sgd_s": resume - p["t"]})
+        done, start = p["docs"], resume
+    segs.append({"docs": log["docs"] - done, "seconds": log["ttt_s"] - start, "sgd_s": None})
+    for seg, chunks in zip(segs, log["sgd_chunks"]):
+        seg["sgd_chunks"] = chunks
+    return segs
+
+
+def top_batch_work(lengths: np.ndarray, batch: int, chunk: int, seq: int) -> list[tuple[int, int]]:
+    """PR #1855's LoRA work per batch, in its queue order (train_gpt.lora_batches cuts the same batches): (chunk
+    steps, window tokens), where each of its chunk steps runs every row of the batch, finished or not, at the
+    chunk's full context min((c + 1) * chunk, seq)."""
+    tg = train_gpt()
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = []
+    for _, docs in tg.lora_batches(lengths, batch):
+        steps = int(-(-int(lengths[docs].max()) // chunk))
+        out.append((steps, len(docs) * int(np.minimum((np.arange(steps) + 1) * chunk, seq).sum())))
+    return out
+
+
+def segment_batches(sizes: list[int], docs: list[int]) -> list[tuple[int, int]]:
+    """[first, end) queue positions of each segment, from the documents each one scored (batch sizes in queue
+    order): a segment ends with the batch that completes its count."""
+    cum, out, done = np.cumsum(sizes), [], 0
+    for n in docs:
+        first = int(np.searchsorted(cum, done, side="right")) if done else 0
+        done += n
+        out.append((first, min(len(sizes), int(np.searchsorted(cum, done, side="left")) + 1)))
+    return out
+
+
+def claimed_makespan(costs: list[float], world: int) -> float:
+    """Wall time of a segment under PR #1855's shared batch counter: each batch, in queue order, goes to the rank
+    that is free first (the lowest among equals); the segment ends when the last rank finishes."""
+    import heapq
+
+    free = [(0.0, r) for r in range(world)]
+    for cost in costs:
+        t, r = heapq.heappop(free)
+        heapq.heappush(free, (t + cost, r))
+    return max(t for t, _ in free)
+
+
+def fit_top_ttt(segments: list[tuple[list[tuple[int, int]], float]], world: int, grid: int = 721) -> dict:
+    """Seconds per chunk step a and per window token b (a, b >= 0, per rank) such that the claimed makespans of
+    the segments' batches (a * steps + b * tokens each) fit the logged segment seconds in least squares. The
+    makespan scales with (a, b), so for each direction on a grid the scale is closed-form."""
+    y = np.array([sec for _, sec in segments], dtype=np.float64)
+    s_ref = max(sum(s for work, _ in segments for s, _ in work), 1)
+    t_ref = max(sum(t for work, _ in segments for _, t in work), 1)
+    best = None
+    for theta in np.linspace(0.0, math.pi / 2, grid):
+        ca, cb = math.cos(theta) / s_ref, math.sin(theta) / t_ref
+        m = np.array([claimed_makespan([ca * s + cb * t for s, t in work], world) for work, _ in segments])
+        scale = float(m @ y / max(m @ m, 1e-300))
+        err = float(((scale * m - y) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, scale * ca, scale * cb, scale * m)
+    err, a, b, predicted = best
+    return {"per_chunk_step_s": a, "per_window_token_s": b, "predicted_s": predicted.tolist(),
+            "measured_s": y.tolist(), "rms_s": math.sqrt(err / len(y))}
+
+
+def record_eval_config() -> dict:
+    """PRESET=record's evaluation knobs, as ttt_work reads them, plus the sliding and round-trip windows."""
+    h = train_gpt().Hyperparameters.from_env({"PRESET": "record"})
+    return {"TTT_BATCH_SIZE": h.ttt_batch_size, "TTT_CHUNK_SIZE": h.ttt_chunk_size, "EVAL_SEQ_LEN": h.eval_seq_len,
+            "PHASED_TTT_PREFIX_DOCS": h.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES": h.phased_ttt_num_phases,
+            "GLOBAL_TTT_EPOCHS": h.global_ttt_epochs, "TTT_CHUNK_TOKENS": h.ttt_chunk_tokens,
+            "EVAL_STRIDE": h.eval_stride if h.sliding else None, "TTT": h.ttt_enabled and h.phased_ttt_enabled,
+            "COMPRESSOR": h.compressor}
+
+
+def window_tokens(n_targets: int, seq: int, stride: int) -> int:
+    """Tokens through the model in an evaluation of n_targets targets in windows of seq every stride."""
+    starts, _ = train_gpt().sliding_windows(n_targets, seq, stride)
+    return int(starts.size) * seq
+
+
+def project_record_eval(top: Path, ours: dict = OUR_H100, world: int = RECORD_GPUS) -> dict:
+    """PRESET=record's evaluation on 8xH100 (artifact read + round trip + sliding + phased TTT, LoRA and phases
+    kept), calibrated on PR #1855's seed logs in `top`:
+    - TTT: seconds per chunk step and per window token fitted to the logged segment times under the top's work
+      model (fit_top_ttt; the real split's lengths from the same logs, split_doc_lengths, at its token count),
+      applied to our work model (ttt_work: LoRAWalk costs, ttt_schedule, our pauses) on the busiest rank of
+      each segment; the phase SGD at the logs' seconds per trained 32,768-token chunk, over our phases' chunks;
+    - round trip: the top's pre-quantization diagnostic (the same forward-only, 2048-token-window pass over
+      every validation token; slowest seed), scaled by window tokens; sliding: the same seconds per window token
+      over the sliding windows (the top runs no sliding evaluation);
+    - artifact read: the top's per-group lrzip decompression (slowest), our COMPRESSOR=pergroup being its format.
+    Each model-compute part is given twice: at the top's speed, and at ours as measured on one H100 (`ours`:
+    the top's looped training tokens/s per GPU over ours)."""
+    paths = sorted(top.glob("train_seed*.log")) if top.is_dir() else []
+    logs = [parse_top_log(p.read_text().splitlines()) for p in paths]
+    logs = [lg for lg in logs if lg["pauses"] and lg.get("ttt_s") is not None]
+    if not logs:
+        return {"error": f"{top}: no train_seed*.log with PR #1855's phased TTT lines "
+                         f"(ttpp:/ttpr:/quantized_ttt_phased)"}
+    knobs, n_targets = logs[0]["knobs"], logs[0]["val_tokens"]
+    split, source = split_doc_lengths(top, n_targets)
+    if split is None:
+        return {"error": source}
+    work = top_batch_work(split, knobs["ttt_batch_size"], knobs["ttt_chunk_size"], knobs["ttt_eval_seq_len"])
+    sizes = [len(docs) for _, docs in train_gpt().lora_batches(split, knobs["ttt_batch_size"])]
+    points, sgd_s, sgd_chunks, per_log = [], 0.0, 0, []
+    for lg in logs:
+        segs = top_segments(lg)
+        spans = segment_batches(sizes, [seg["docs"] for seg in segs])
+        per_log.append(len(spans))
+        points += [(work[lo:hi], seg["seconds"]) for (lo, hi), seg in zip(spans, segs)]
+        for seg in segs[:-1]:
+            sgd_s, sgd_chunks = sgd_s + seg["sgd_s"], sgd_chunks + seg["sgd_chunks"] - 1  # its last is not trained
+    fit = fit_top_ttt(points, knobs["world_size"])
+    a, b = fit["per_chunk_step_s"], fit["per_window_token_s"]
+    per_chunk = sgd_s / max(sgd_chunks, 1)
+    cfg = record_eval_config()
+    segments, sgd_tokens = ttt_work(split, cfg, world)
+    lora = [float((w @ [a, b]).max()) for w in segments]
+    chunks = [max(0, -(-t // cfg["TTT_CHUNK_TOKENS"]) - 1) for t in sgd_tokens]
+    ttt_s = sum(lora) + sum(chunks) * per_chunk
+    seq = cfg["EVAL_SEQ_LEN"]
+    rt_label = "diagnostic pre-quantization post-ema"
+    rt_logged = max(lg["evals"][rt_label] for lg in logs if rt_label in lg["evals"])
+    per_token = rt_logged / window_tokens(n_targets, seq, seq)
+    roundtrip = per_token * window_tokens(n_targets, seq, seq)
+    sliding = per_token * window_tokens(n_targets, seq, cfg["EVAL_STRIDE"]) if cfg["EVAL_STRIDE"] else 0.0
+    read = max(s for lg in logs for s in lg["decompress_s"]) if any(lg["decompress_s"] for lg in logs) else 0.0
+    top_rate = statistics.mean(lg["looped_tok_s_per_gpu"] for lg in logs if "looped_tok_s_per_gpu" in lg)
+    slow = top_rate / ours["looped_tok_s"]
+    parts = {"artifact_read": read, "eval_roundtrip": roundtrip, "eval_sliding": sliding, "eval_ttt": ttt_s}
+    at_ours = {k: v if k == "artifact_read" else v * slow for k, v in parts.items()}
+    top_own = sum(claimed_makespan([a * s + b * t for s, t in w], knobs["world_size"]) for w, _ in points[:per_log[0]])
+    others = sum(parts.values()) - sliding
+    return {"logs": [p.name for p in paths], "split": source, "val_tokens": n_targets, "config": cfg, "fit": fit,
+            # seconds per window token at which the sliding pass would just fit (PR #1855's speed)
+            "sliding_break_even_s_per_token": (EVAL_BUDGET_S - others) / (sliding / per_token) if sliding else None,
+            "sgd_s_per_chunk": per_chunk, "sgd_chunks_logged": sgd_chunks, "ttt_lora_segments_s": lora,
+            "ttt_sgd_chunks": chunks, "ttt_sgd_s": sum(chunks) * per_chunk, "ttt_sgd_tokens": sgd_tokens,
+            "ours_window_tokens": int(sum(int(w[:, 1].sum()) for w in segments)),
+            "top_window_tokens": int(sum(t for _, t in work)), "top_ttt_logged_s": [lg["ttt_s"] for lg in logs],
+            "top_lora_model_s": top_own, "roundtrip_logged_s": rt_logged, "seconds_per_eval_token": per_token,
+            "top_looped_tok_s_per_gpu": top_rate, "ours_looped_tok_s": ours["looped_tok_s"], "speed_factor": slow,
+            "ours_source": ours["source"], "parts": parts, "parts_at_our_speed": at_ours,
+            "total_s": sum(parts.values()), "total_at_our_speed_s": sum(at_ours.values()),
+            "pass": sum(parts.values()) <= EVAL_BUDGET_S, "pass_at_our_speed": sum(at_ours.values()) <= EVAL_BUDGET_S}
+
+
+def record_eval_lines(p: dict) -> list[str]:
+    """The projection as printed by --project-eval."""
+    if "error" in p:
+        return [f"record eval projection: {p['error']}"]
+    fit, cfg = p["fit"], p["config"]
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    lines = [f"# PRESET=record evaluation projected to 8xH100, calibrated on PR #1855's {', '.join(p['logs'])}",
+             "",
+             f"- real split: {p['split']}",
+             f"- PR #1855's TTT per rank: {fit['per_chunk_step_s'] * 1000:.1f} ms per chunk step + "
+             f"{fit['per_window_token_s'] * 1e6:.3f} us per window token (all rows x full context per chunk), "
+             f"fitted to {len(fit['measured_s'])} logged segments under its batch counter, rms "
+             f"{fit['rms_s']:.1f} s; segments logged / modelled (s): "
+             + ", ".join(f"{m:.1f}/{q:.1f}" for m, q in zip(fit["measured_s"], fit["predicted_s"])),
+             f"- its phase SGD: {p['sgd_s_per_chunk']:.3f} s per trained {cfg['TTT_CHUNK_TOKENS']:,}-token chunk "
+             f"({p['sgd_chunks_logged']} trained chunks in the logs); its LoRA scoring under the fit: "
+             f"{p['top_lora_model_s']:.1f} s + SGD, logged TTT totals "
+             + ", ".join(f"{s:.1f}" for s in p["top_ttt_logged_s"]) + " s",
+             f"- ours: {p['ours_window_tokens'] / 1e9:.3f} G window tokens (the top's work: "
+             f"{p['top_window_tokens'] / 1e9:.3f} G), busiest of {RECORD_GPUS} ranks per segment "
+             + ", ".join(f"{s:.1f}" for s in p["ttt_lora_segments_s"])
+             + f" = {sum(p['ttt_lora_segments_s']):.1f} s; phase SGD on "
+             + ", ".join(f"{t / 1e6:.2f}" for t in p["ttt_sgd_tokens"]) + f" M tokens = "
+             f"{sum(p['ttt_sgd_chunks'])} chunks, {p['ttt_sgd_s']:.1f} s",
+             f"- evaluations: {p['seconds_per_eval_token'] * 1e9:.1f} ns per window token (PR #1855's "
+             f"pre-quantization diagnostic, {p['roundtrip_logged_s']:.1f} s, slowest seed; compiled, forward only, "
+             f"2048-token windows); "
+             + (f"sliding at stride {cfg['EVAL_STRIDE']} is "
+                f"{p['parts']['eval_sliding'] / max(p['parts']['eval_roundtrip'], 1e-9):.1f}x the round trip's windows"
+                if cfg["EVAL_STRIDE"] else "no sliding evaluation (EVAL_STRIDE=0, as PR #1855)"),
+             f"- our speed: PR #1855's looped training {p['top_looped_tok_s_per_gpu']:,.0f} tok/s per GPU (its logs) "
+             f"over ours {p['ours_looped_tok_s']:,.0f} ({p['ours_source']}): x{p['speed_factor']:.2f} on model compute",
+             "",
+             "| part (s) | at PR #1855's speed | at our measured H100 speed |", "|---|---|---|"]
+    for name in EVAL_PHASES:
+        lines.append(f"| {name} | {p['parts'][name]:.1f} | {p['parts_at_our_speed'][name]:.1f} |")
+    lines += [f"| total (budget {EVAL_BUDGET_S:.0f}) | {p['total_s']:.1f} {verdict(p['pass'])} | "
+              f"{p['total_at_our_speed_s']:.1f} {verdict(p['pass_at_our_speed'])} |",
+              f"| total without eval_sliding | {p['total_s'] - p['parts']['eval_sliding']:.1f} "
+              f"{verdict(p['total_s'] - p['parts']['eval_sliding'] <= EVAL_BUDGET_S)} | "
+              f"{p['total_at_our_speed_s'] - p['parts_at_our_speed']['eval_sliding']:.1f} "
+              f"{verdict(p['total_at_our_speed_s'] - p['parts_at_our_speed']['eval_sliding'] <= EVAL_BUDGET_S)} |",
+              *(["", f"- eval_sliding fits the budget (at PR #1855's speed) only at <= "
+                 f"{p['sliding_break_even_s_per_token'] * 1e9:.1f} ns per window token, "
+                 f"{p['seconds_per_eval_token'] / p['sliding_break_even_s_per_token']:.2f}x faster than the logged "
+                 f"evaluation"] if p["sliding_break_even_s_per_token"] else []),
+              "",
+              f"record eval projection (8xH100, LoRA and phases kept): {p['total_s']:.1f} s at PR #1855's speed, "
+              f"{p['total_at_our_speed_s']:.1f} s at ours: {verdict(p['pass'] and p['pass_at_our_speed'])}"]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,6 +967,9 @@ def pipeline_table(report: dict) -> list[str]:
                      f"{', '.join(f'{s:.1f}' for s in ttt['segment_busiest_rank_s'])} s")
     elif ttt:
         lines.append(f"- eval_ttt projected per token instead (no real-split model: {ttt.get('error')})")
+    record = report.get("record_eval_projection")
+    if record:  # PR #1855's logs, not this run: `python bench/gpu.py --project-eval` prints the details
+        lines.append(f"- {record_eval_lines(record)[-1]} (`--project-eval` for the details)")
     return lines
 
 
@@ -687,6 +977,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU, own kit and outputs (CI)")
     ap.add_argument("--prepare", action="store_true", help="build the kit and print the pod command, then exit")
+    ap.add_argument("--project-eval", action="store_true", help="print PRESET=record's evaluation projected to 8xH100 "
+                    "from PR #1855's seed logs (--anchors-from, else the kit's copy) and PASS/FAIL against 600 s, "
+                    "then exit (no GPU, no kit needed)")
     ap.add_argument("--kit", type=Path, help="the kit folder (default bench/.cache/kit, --cpu: kit-cpu)")
     ap.add_argument("--cache", type=Path, help="runs and JSON (default bench/.cache/gpu, --cpu: gpu-cpu)")
     ap.add_argument("--out", type=Path, help="the JSON report (default <cache>/preflight.json)")
@@ -780,11 +1073,18 @@ def add_projection(args: argparse.Namespace, data_dir: Path, report: dict) -> No
             ttt["split"] = source
         report["ttt_projection"] = ttt
     report["projection"] = project(run, args.val_tokens_full, ttt=ttt)
+    report["record_eval_projection"] = project_record_eval(args.kit / "anchors" / TOP)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    if args.project_eval:
+        top = args.anchors_from / TOP
+        top = top if top.is_dir() else args.kit / "anchors" / TOP
+        proj = project_record_eval(top)
+        print("\n".join(record_eval_lines(proj)))
+        return 2 if "error" in proj else 0 if proj["pass"] and proj["pass_at_our_speed"] else 1
     try:
         if args.prepare:
             return prepare(args)

@@ -57,7 +57,8 @@ def main() -> int:
     data_dir = ablate.build_dataset()
     env = {**ablate.BASE_ENV, "ITERATIONS": str(args.steps), "MAX_WALLCLOCK_SECONDS": "0", "SEED": str(args.seed),
            "DATA_PATH": str(data_dir), "TOKENIZER_PATH": str(ablate.TOKENIZER), "TRAIN_LOG_EVERY": "0",
-           "RUN_ID": "quant_bench", "LQER_ENABLED": "0"}
+           "RUN_ID": "quant_bench", "LQER_ENABLED": "0",
+           "COMPRESSOR": "brotli"}  # one fast codec for every fit (pergroup's lrzip is slow and may be absent)
     h = tg.Hyperparameters.from_env(env)
     d = tg.setup_distributed(h)
     log = tg.Logger(None, enabled=False)

@@ -330,6 +330,9 @@ def requirements_text(runs: list[runlog.Run]) -> str:
                   if ln.strip() and not ln.lstrip().startswith("#") and not ln.startswith("huggingface_hub")]
     else:
         lines += ["torch", "numpy", "sentencepiece", "brotli"]
+    if any(r.metrics.get("config", {}).get("COMPRESSOR") == "pergroup" for r in runs):
+        lines.append("# lrzip, the program (COMPRESSOR=pergroup's coder: reading the artifact needs it): "
+                     "apt-get install -y lrzip")
     if any(r.metrics.get("attention_backend") == "fa3" for r in runs):
         lines.append("# flash_attn_interface (FlashAttention 3): a flash_attn_3 wheel for this torch/CUDA, installed "
                      "with pip install --no-deps")

@@ -79,7 +79,7 @@ def test_main_runs_compiled_and_compiles_nothing_after_the_warm_up(tmp_path, dat
     result, log, err = run_compiled(tmp_path, dataset, knobs, stubs, inductor)
     assert result["rc"] == 0, err[-3000:]
     compiles = result["compiles"]
-    assert compiles and compiles.count("training") == 0, compiles
+    assert compiles and not [c for c in compiles if c.endswith("training")], compiles
     metrics = json.loads((tmp_path / "flow.json").read_text())
     order = [r["phase"] for r in metrics["phases"]]
     assert order == ["startup", "warmup_train_plain", "warmup_train_looped", "warmup_eval_plain", "warmup_eval_looped",
@@ -89,6 +89,7 @@ def test_main_runs_compiled_and_compiles_nothing_after_the_warm_up(tmp_path, dat
     assert all(f"phase:{name} seconds:" in log for name in order) and "wall_time:" in log
     if knobs.get("PHASED_TTT_ENABLED") == "1":
         assert "ttt_phased:1/" in log and "mode:phased_lora" in log and metrics["ttt"]["documents"] >= 1
+        assert compiles.count("lora:setup") == 1, compiles  # one dynamic graph, compiled in the warm-up
     backend = knobs.get("ATTN_BACKEND", "sdpa")
     assert f"resolved_attn_backend: {backend}" in log
     ops = set().union(*result["graphs"])

@@ -29,9 +29,9 @@ LENGTHS = [24, 9, 40, 17, 31, 12, 8, 18, 36, 21, 14, 8, 27, 11]
 
 
 def run(val: np.ndarray, phases: int = 2, warm: bool = True, budget: float = 1e9, prefix: int = 8, lines=None,
-        lr: float = 1e-2):
+        lr: float = 1e-2, batch: int = 3):
     model = iso_model(doc_isolation=False, num_loops=0, parallel_mode="off")
-    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=lr, weight_decay=0.1, batch_docs=3, chunk=8, warm_start_a=warm,
+    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=lr, weight_decay=0.1, batch_docs=batch, chunk=8, warm_start_a=warm,
                            prefix_docs=prefix, phases=phases, seed=0)
     sgd = tg.TTTConfig(lr=1e-2, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
     trace: list = []
@@ -148,12 +148,16 @@ def test_batches_pauses_and_ranks_follow_the_tops_rules():
     lengths = np.array([5, 9, 2, 9, 7, 1, 3])
     batches = tg.lora_batches(lengths, 3)
     assert batches == [(1, [0, 4, 1]), (2, [3]), (0, [5, 2, 6])]  # cut [5,2,6] [0,4,1] [3]; equal longest: cut order
-    assert tg.phase_pauses(batches, 4, 2) == [(1, 2), (2, 4)]
+    assert tg.phase_bounds(7, 4, 2) == [2, 4] and tg.phase_bounds(7, 100, 2) == [3, 7] and tg.phase_bounds(7, 0, 3) == []
+    sizes = [len(b) for _, b in batches]
+    assert tg.ttt_schedule([9, 5, 4], sizes, [2, 4], 1) == ([[[0]], [[1]], [[2]]], [1, 2])
     assert tg.phase_documents(batches, 2, 4) == [0, 4, 1, 3] and tg.phase_documents(batches, 1, 2) == [0, 4]
-    assert tg.phase_pauses(batches, 7, 1) == []  # a pause after the last batch would change no score
-    assert tg.phase_pauses(batches, 0, 3) == [] and tg.phase_pauses(batches, 100, 2) == [(1, 3)]
-    assert tg.deal_batches([9.0, 5.0, 4.0, 3.0, 1.0], 2) == [[0, 3], [1, 2, 4]]
-    assert tg.deal_batches([1.0, 1.0], 3) == [[0], [1], []]
+    assert tg.ttt_schedule([9, 5, 4], sizes, [7], 1) == ([[[0, 1, 2]]], [])  # a pause after the last batch: none
+    # two ranks: each claims the next batch when it comes free (the least loaded); a pause waits for the batch in
+    # flight, so it follows 2 batches although the first finished reached its bound
+    assert tg.ttt_schedule([9, 5, 4, 3, 1], [2] * 5, [], 2) == ([[[0, 3], [1, 2, 4]]], [])
+    assert tg.ttt_schedule([9, 5, 4, 3, 1], [2] * 5, [2], 2) == ([[[0], [1]], [[2], [3, 4]]], [2])
+    assert tg.ttt_schedule([1, 1], [1, 1], [], 3) == ([[[0], [1], []]], [])
     assert tg.ttt_documents(np.array([BOS, 5, 6, BOS, 7, BOS]), 5) == [(0, 3), (3, 5)]
     assert tg.ttt_documents(np.array([4, 5, BOS, 7, 8]), 4) == [(0, 2), (2, 4)]
 
@@ -161,8 +165,8 @@ def test_batches_pauses_and_ranks_follow_the_tops_rules():
 @pytest.mark.parametrize("world", [2, 3, 8])
 def test_at_any_world_size_the_ranks_score_every_document_once_and_pause_together(world, monkeypatch):
     """Each rank of `world` runs eval_ttt_lora alone (collectives stubbed): the ranks' batches cover every
-    document exactly once, every rank trains the same documents at the same pauses, and the largest rank's
-    share of the window tokens is within one batch of the mean."""
+    document exactly once, every rank trains the same documents at the same pauses (8 documents in 2 phases:
+    4 then 8, cumulative), and the largest rank's share of the window tokens is within one batch of the mean."""
     val = doc_stream(LENGTHS, 0)
     monkeypatch.setattr(tg, "all_reduce_", lambda t, op="sum": t)
     monkeypatch.setattr(tg, "sync_gradients", lambda params, world_size, average=True: None)
@@ -187,12 +191,14 @@ def test_at_any_world_size_the_ranks_score_every_document_once_and_pause_togethe
         scored += [span for c, docs, _ in trace if c == 0 for span, _ in docs]
     docs = tg.ttt_documents(val, len(val) - 1)
     assert sorted(scored) == sorted(docs)
-    assert all(p == pauses[0] for p in pauses) and [len(p) for p in pauses[0]] == [4, 8]
+    # the second pause comes at 8 documents scored unless the batches in flight at the first one leave none after
+    # (8 ranks claim all 7 batches at once: nothing is scored after a pause, so none runs)
+    assert all(p == pauses[0] for p in pauses) and [len(p) for p in pauses[0]] == {2: [4, 8], 3: [4], 8: []}[world]
     lengths = np.array([hi - lo for lo, hi in docs])
     batches = tg.lora_batches(lengths, 2)
     costs = [tg.LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), 8, SEQ).cost()
              for _, b in batches]
-    loads = [sum(costs[j] for j in share) for share in tg.deal_batches(costs, world)]
+    loads = [sum(costs[j] for j in share) for share in tg.ttt_schedule(costs, [2] * len(costs), [], world)[0][0]]
     assert max(loads) - sum(costs) / world <= max(costs)
 
 
@@ -200,26 +206,61 @@ def test_the_walk_ends_a_last_chunks_window_at_its_documents_end():
     """Documents of 20 and 13 targets, chunks of 8, windows of 10: chunk 1 of the short one (targets 8..12)
     is its last; its window ends at 13, not at the batch's chunk end 16."""
     walk = tg.LoRAWalk.plan([(100, 120), (0, 13)], 8, 10)
-    assert walk.k == [2, 2, 1] and list(walk.width) == [8, 10, 10]
-    assert walk.start[1].tolist() == [106, 3] and walk.off[1].tolist() == [0, 3] and walk.n[1].tolist() == [8, 5]
-    assert walk.learn.tolist() == [[True, True], [True, False], [False, False]]
-    assert walk.cost() == 2 * 8 + 2 * 10 + 10
+    assert walk.rows == [2, 2, 2] and walk.width == [8, 10, 10]  # chunk 2: one document left, still 2 rows
+    assert walk.start[1].tolist() == [106, 3] and walk.col[1].tolist() == [2, 5] and walk.n[1].tolist() == [8, 5]
+    assert walk.n[2].tolist() == [4, 0] and walk.learn.tolist() == [[True, True], [True, False], [False, False]]
+    assert walk.cost() == 2 * 8 + 2 * 10 + 2 * 10
+    one = tg.LoRAWalk.plan([(5, 6)], 8, 10)  # one document of one target: a padding row, a window of 3
+    assert one.rows == [2] and one.width == [3] and one.n.tolist() == [[1, 0]] and not one.learn.any()
 
 
-def test_past_the_budget_adapters_stop_training_and_every_target_is_still_scored():
+def test_rows_run_in_groups_give_the_same_scores_and_updates(monkeypatch):
+    """A chunk's rows in groups (the memory bound on CUDA: lora_rows_per_forward) take the same AdamW step, so
+    every document scores as with the whole batch in one forward; groups keep at least 2 rows."""
+    assert tg.row_groups(7, 2) == [(0, 2), (2, 4), (4, 7)] and tg.row_groups(5, 64) == [(0, 5)]
+    assert tg.row_groups(2, 1) == [(0, 2)] and all(b - a >= 2 for a, b in tg.row_groups(9, 1))
+    val = doc_stream(LENGTHS, 0)
+    _, _, whole = run(val, batch=7)
+    groups = []
+    monkeypatch.setattr(tg, "lora_rows_per_forward", lambda ctx, model, lora, cfg: (2, 0.0))
+    real = tg.row_groups
+    monkeypatch.setattr(tg, "row_groups", lambda k, group: groups.append(real(k, group)) or groups[-1])
+    _, _, grouped = run(val, batch=7)
+    assert max(len(g) for g in groups) == 3  # 7 rows in 3 forwards
+    before, after = doc_scores(whole), doc_scores(grouped)
+    assert before.keys() == after.keys() and all(after[s] == pytest.approx(v, abs=1e-5) for s, v in before.items())
+
+
+def test_past_the_budget_adapters_step_down_and_every_target_is_still_scored():
+    """Budget 0: after the first batch LoRA steps every 2nd chunk, after the second none, and no phase runs;
+    every target is still scored, and from the third batch on documents score as with TTT_LORA_LR 0."""
     val = doc_stream(LENGTHS, 0)
     lines: list[str] = []
     r, info, trace = run(val, budget=0.0, lines=lines)
-    assert info["lora_off_at"] == "segment 1 batch 1" and info["phases_run"] == 0
-    assert r.tokens == len(val) - 1
-    assert any(line.startswith("ttt_degrade:lora_off") for line in lines)
-    assert any(line.startswith("ttt_degrade:phases_off") for line in lines)
-    # after the first batch nothing learns: later documents score as with TTT_LORA_LR 0 and no phases
+    assert info["lora_steps_down"] == [("segment 1 batch 1", 2), ("segment 1 batch 2", 0)]
+    assert info["phases_run"] == 0 and r.tokens == len(val) - 1
+    assert [line.split()[0] for line in lines if line.startswith("ttt_degrade:")] == [
+        "ttt_degrade:lora_every:2", "ttt_degrade:lora_off", "ttt_degrade:phases_off"]
     _, _, frozen = run(val, phases=0, lr=0.0)
-    first = {span for span, _ in trace[0][1]}
-    later = {s: v for s, v in doc_scores(trace).items() if s not in first}
+    early = {span for b in scoring_order(trace)[:2] for span in b}
+    later = {s: v for s, v in doc_scores(trace).items() if s not in early}
     assert later and all(v == pytest.approx(doc_scores(frozen)[s], abs=1e-9) for s, v in later.items())
     assert sum(1 for line in lines if line.startswith("ttt_phased:")) == info["segments"]
+
+
+@pytest.mark.parametrize("every, steps", [(1, 4), (2, 2), (0, 0)])
+def test_the_guards_steps_take_a_lora_step_every_chunk_every_second_or_none(every, steps):
+    """Two documents of 40 targets in chunks of 8: 5 chunks, the last never trained on."""
+    model = iso_model(doc_isolation=False, num_loops=0, parallel_mode="off")
+    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=1e-2, weight_decay=0.1, batch_docs=2, chunk=8, warm_start_a=True,
+                           prefix_docs=0, phases=0, seed=0)
+    ctx = eval_ctx(model, doc_stream([40, 40], 3), fake_luts(96), SEQ)
+    made = []
+    opt_step = torch.optim.AdamW.step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: made.append(1) or opt_step(self, *a, **k))
+        tg.score_lora_batch(model, tg.DocLoRA(model, 2, 4, 8.0, 0), ctx, [(0, 40), (40, 80)], cfg, every, None)
+    assert len(made) == steps
 
 
 def test_phased_ttt_needs_ttt_enabled():

@@ -87,12 +87,11 @@ NOT_NEEDED = {
     "GLOBAL_TTT_WARMUP_START_LR": "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0 (fixed at 0 here)",
     "TTT_EVAL_BATCHES": "a debugging filter of the top's (empty = every batch), ours always scores every batch",
     "VAL_BATCH_TOKENS": "retired: ours evaluates EVAL_BATCH_SEQS windows per forward (RETIRED_VARS)",
+    "EVAL_STRIDE": "parsed (64) and read nowhere else: its main runs no sliding evaluation; ours is 0, the same "
+                   "evaluations (test_the_record_preset_runs_the_tops_evaluations)",
 }
 # Deliberate deviations: variable -> (top's value, ours, why, with the evidence).
 DEVIATIONS = {
-    "COMPRESSOR": ("pergroup", "brotli",
-                   "its per-group lrzip/ZPAQ coder is not implemented yet; on 8xH100 it saves ~280 KB (its README), "
-                   "which the int7 embedding + asymmetric LQER + int8 gates need to fit the cap"),
     "GPTQ_RESERVE_SECONDS": (0.5, "auto",
                              "the top collects its 67 Hessians after the wallclock cap (seed 42 log: 'reserving 0s', "
                              "'collected 67 Hessians in 4.7s' after 'stopping_early ... 599592ms'); ours collects them "
@@ -158,6 +157,15 @@ def test_the_record_preset_is_the_tops_submitted_configuration(top_submitted):
     assert config_differences(top_submitted, tg.Hyperparameters.from_env({"PRESET": "record"})) == []
 
 
+def test_the_record_preset_runs_the_tops_evaluations():
+    """PR #1855's main runs the quantized round trip ('diagnostic quantized') and phased TTT, whose score it reports,
+    and no sliding-window evaluation (its script has no stride): so does the record preset. EVAL_STRIDE=64 adds
+    ours back (the mutant)."""
+    h = tg.Hyperparameters.from_env({"PRESET": "record"})
+    assert h.ttt_enabled and h.phased_ttt_enabled and not h.sliding
+    assert tg.Hyperparameters.from_env({"PRESET": "record", "EVAL_STRIDE": "64"}).sliding
+
+
 @pytest.mark.parametrize("env, named", [({"BETA2": "0.95"}, "BETA2"), ({"WARMDOWN_FRAC": "0.75"}, "WARMDOWN_FRAC"),
                                         ({"CASEOPS_ENABLED": "0"}, "CASEOPS_ENABLED"),
                                         ({"TTT_MOMENTUM": "0.8"}, "GLOBAL_TTT_MOMENTUM"),
@@ -175,15 +183,11 @@ def test_every_row_of_the_tables_is_a_knob_of_the_top(top_submitted):
     assert all(tg.KNOB_ALIASES.get(k, v) == v for k, v in RENAMED.items())
 
 
-def command_without_compressor(readme_env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in readme_env.items() if k != "COMPRESSOR"}
-
-
 def test_the_readme_command_resolves_to_the_record_preset(readme_env):
-    """The top's reproduce command, verbatim (its data paths are ours under DATA_DIR=./data), resolves to
-    PRESET=record except the seed it names and its fixed GPTQ reserve (a listed deviation: the command's 0.5 s is
-    then the user's choice) (COMPRESSOR=pergroup aside: see the next test)."""
-    env = command_without_compressor(readme_env)
+    """The top's reproduce command, verbatim (its data paths are ours under DATA_DIR=./data; COMPRESSOR=pergroup
+    included), resolves to PRESET=record except the seed it names and its fixed GPTQ reserve (a listed deviation:
+    the command's 0.5 s is then the user's choice)."""
+    env = readme_env
     got = tg.Hyperparameters.from_env(env).knob_values()
     want = tg.Hyperparameters.from_env({"PRESET": "record"}).knob_values()
     differ = {k for k in got if not same(got[k], want[k])}
@@ -194,23 +198,23 @@ def test_the_readme_command_resolves_to_the_record_preset(readme_env):
     assert (ours.dataset_dir, ours.tokenizer_file) == (h.dataset_dir, h.tokenizer_file)
 
 
-@pytest.mark.xfail(strict=True, raises=tg.ConfigError,
-                   reason="COMPRESSOR=pergroup (the top's lrzip/ZPAQ per-group coder) is not implemented yet")
 def test_the_readme_command_verbatim(readme_env):
-    tg.Hyperparameters.from_env(readme_env)
+    """Every variable of the README command is accepted as written, COMPRESSOR=pergroup (the per-group lrzip coder,
+    tests/test_pergroup.py) included, and it is the record preset's compressor."""
+    assert readme_env["COMPRESSOR"] == "pergroup"
+    assert tg.Hyperparameters.from_env(readme_env).compressor == "pergroup" == tg.Hyperparameters().compressor
 
 
 def test_the_readme_command_dry_run(readme_env, tmp_path):
-    """What a user runs first: DRY_RUN=1 with the README's variables (compressor aside) succeeds and prints the
-    top's configuration."""
+    """What a user runs first: DRY_RUN=1 with the README's variables succeeds and prints the top's configuration."""
     env = {**{k: v for k, v in os.environ.items() if k not in tg.Hyperparameters.knob_names()},
-           **command_without_compressor(readme_env), "DRY_RUN": "1"}
+           **readme_env, "DRY_RUN": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     for line in ("beta2: 0.99", "warmdown_frac: 0.85", "caseops_enabled: True", "doc_isolation: True",
-                 "lqer_asym_enabled: True", "embed_bits: 7", "dry_run:ok"):
+                 "lqer_asym_enabled: True", "embed_bits: 7", "compressor: pergroup", "dry_run:ok"):
         assert line in out, line
 
 

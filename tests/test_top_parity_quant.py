@@ -38,7 +38,7 @@ pytestmark = SKIP_WITHOUT_TOP
 # the top's COMPRESSOR=brotli artifact (torch.save({"w", "m"}) of the same tensors, then brotli 11; the top has
 # no byte shuffle in that path) for the same codes: measured 263,626 vs 265,480 bytes (ours -0.70%: no pickle
 # and zip framing, scales shuffled by byte). The record itself used COMPRESSOR=pergroup (lrzip, ~280 KB under
-# its brotli on the record per its README), not run here: no lrzip binary on this machine.
+# its brotli on the record per its README); ours is tests/test_pergroup.py, its bytes in bench/RESULTS.md.
 SIZE_RTOL = 0.02
 README = dict(matrix_bits=6, embed_bits=7, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
               lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_asym_enabled=True,

@@ -62,9 +62,9 @@ Results (float32; nats are per-document sums over up to 128 targets of ~4.6 nats
   the 4th, 8th and 12th document), the same token streams trained on (cumulative), the same adapter sets built
   (4); every document equal (measured 3.8e-6, where the phases move documents by up to 0.79 nats).
 Not compared here: more than one rank. There the top's ranks claim batches from a shared counter as they finish
-(a /tmp file: one node) and pause when a flag file appears, so which batches precede a pause depends on timing;
-ours deals each segment's batches to ranks by cost (deal_batches, tests/test_phased_ttt.py) and pauses exactly
-where one rank would, the same at any world size.
+(a /tmp file: one node) and pause when a flag file appears, after the batches in flight, so which batches precede
+a pause depends on timing; ours plays the same claims on estimated costs (ttt_schedule, tests/test_phased_ttt.py),
+deterministic at any world size.
 Skipped, with the reason, where the anchor folder is absent.
 Runtime: ~30 s on 2 shared CPU cores (importing both scripts included), most of it the phased and LoRA runs.
 """
@@ -312,7 +312,7 @@ def run_ours(top, val: np.ndarray, batch: int, prefix: int = 0, lr: float = LORA
         if o_output:
             o_adapter_reads_attention_output(mp)
         if count:
-            mp.setattr(tg, "lora_nll", lambda model, lora, x, y, ctx: torch.ones(y.shape, requires_grad=True))
+            mp.setattr(tg, "lora_nll", lambda model, lora, x, cols, y, ctx: torch.ones(y.shape, requires_grad=True))
         r, _ = tg.eval_ttt_lora(ctx, ours, tg.LoRATTTConfig.from_hparams(h), tg.TTTConfig.global_phase(h), 1e9,
                                 lambda line: None, trace)
     for c, docs, _ in trace:
@@ -420,8 +420,10 @@ def test_the_last_chunk_check_fails_for_a_window_ending_at_the_batchs_chunk_end(
     plan = tg.LoRAWalk.plan
 
     def batch_window(*args):
-        walk = plan(*args)  # every row's window from the batch's start: start + off, targets from head position 0
-        return walk._replace(start=walk.start + walk.off, off=np.zeros_like(walk.off))
+        walk = plan(*args)  # every row's window starts where the longest document's (row 0's) does
+        own = walk.start - walk.start[:1]  # each row's window start in its document (chunk 0 starts at 0)
+        shift = own[:, :1] - own
+        return walk._replace(start=walk.start + shift, col=walk.col - shift)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tg.LoRAWalk, "plan", batch_window)
