@@ -685,14 +685,10 @@ def segment_batches(sizes: list[int], docs: list[int]) -> list[tuple[int, int]]:
 
 def claimed_makespan(costs: list[float], world: int) -> float:
     """Wall time of a segment under PR #1855's shared batch counter: each batch, in queue order, goes to the rank
-    that is free first (the lowest among equals); the segment ends when the last rank finishes."""
-    import heapq
-
-    free = [(0.0, r) for r in range(world)]
-    for cost in costs:
-        t, r = heapq.heappop(free)
-        heapq.heappush(free, (t + cost, r))
-    return max(t for t, _ in free)
+    that is free first (train_gpt.ttt_schedule plays the same claims); the segment ends when the last rank
+    finishes."""
+    shares = train_gpt().ttt_schedule(costs, [0] * len(costs), [], world)[0]
+    return max((sum(costs[j] for j in share) for seg in shares for share in seg), default=0.0)
 
 
 def fit_top_ttt(segments: list[tuple[list[tuple[int, int]], float]], world: int, grid: int = 721) -> dict:
