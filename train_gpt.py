@@ -3636,7 +3636,8 @@ def unpack_piece(chunk: bytes, source: str) -> bytes:
     try:  # an unknown coder index is an IndexError
         return decode_role(lrzip(data, "-d")) if coder == 1 else _decompress(data, PERGROUP_CODERS[coder])
     except Exception as exc:  # lrzip's exit status, a short or long piece, a bad row order: all mean corrupt
-        raise ArtifactError(f"{source}: corrupted artifact: group {role.decode(errors='replace') or 'header, scales'!r} "
+        group = role.decode(errors="replace") or "header, scales"
+        raise ArtifactError(f"{source}: corrupted artifact: group {group!r} "
                             f"({PERGROUP_CODERS[coder] if coder < 2 else coder}): {type(exc).__name__}: "
                             f"{str(exc)[:200]!r}") from None
 
@@ -4423,9 +4424,10 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
                      cfg: LoRATTTConfig, every: int, trace: list | None, group: int = 1 << 30) -> Tensor:
     """One batch of documents walked in chunks of cfg.chunk targets (LoRAWalk). Each chunk takes one forward:
     its per-token losses are the scores, recorded before anything learns from them; then (every `every`
-    chunks, 0: never, if the document has a later chunk) one AdamW step of every document's adapters on its own chunk's mean loss
-    (PR #1855's single forward). Documents run longest first, so finished ones leave the batch. A chunk's
-    rows run `group` at a time (memory), their gradients summed before the one step: the same update."""
+    chunks, 0: never, if the document has a later chunk) one AdamW step of every document's adapters on its
+    own chunk's mean loss (PR #1855's single forward). Documents run longest first, so finished ones leave
+    the batch. A chunk's rows run `group` at a time (memory), their gradients summed before the one step: the
+    same update."""
     docs = sorted(docs, key=lambda span: span[0] - span[1])
     walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
     start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
@@ -4471,7 +4473,7 @@ def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: Lo
     lora_nll(model, lora.rows(2), win[:, :-1], cols, win.gather(1, cols + 1), ctx).mean().backward()
     for p in lora.params:
         p.grad = None
-    per_row = (torch.cuda.max_memory_allocated(ctx.device) - used) / 2
+    per_row = max((torch.cuda.max_memory_allocated(ctx.device) - used) / 2, 1.0)
     return max(2, min(cfg.batch_docs, int(0.8 * free / per_row))), per_row / 2**20
 
 
@@ -4534,11 +4536,11 @@ class PhasedTTT:
         S, chunk, world = self.ctx.seq_len, self.sgd.chunk_tokens, self.ctx.world_size
         n_chunks = -(-(idx.size - 1) // chunk)
         opt = torch.optim.SGD(self.base, lr=self.sgd.lr, momentum=self.sgd.momentum)  # momentum anew each phase
+        seqs = chunk // S  # every trained chunk is whole (the last is not trained)
+        shares = [(seqs * r // world, seqs * (r + 1) // world) for r in range(world)]
         for c in range(n_chunks - 1):
             for group in opt.param_groups:
                 group["lr"] = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-            seqs = chunk // S
-            shares = [(seqs * r // world, seqs * (r + 1) // world) for r in range(world)]
             for _ in range(self.sgd.epochs):
                 for b in range(0, max(e - s for s, e in shares), self.ctx.batch_seqs):
                     rows = [(min(s + b, e), min(s + b + self.ctx.batch_seqs, e)) for s, e in shares]
@@ -4612,7 +4614,8 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
     """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order).
     Batches of documents are scored longest first (lora_batches), claimed by the ranks in order as they come
     free (ttt_schedule); at each pause, when every rank has scored the batches before it, the base model
-    takes SGD over already-scored documents (phase_documents), all ranks together, then fresh adapters. No token is trained on before it is scored; what is scored after the last pause never is."""
+    takes SGD over already-scored documents (phase_documents), all ranks together, then fresh adapters. No
+    token is trained on before it is scored; what is scored after the last pause never is."""
     tokens = ctx.tokens.cpu().numpy()
     docs = ttt_documents(tokens, ctx.n_targets)
     lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
@@ -5211,9 +5214,10 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
     graph was compiled in the warm-up, so none of this time is compilation."""
     h, log, clock = rc.h, rc.log, rc.clock
     t0 = time.perf_counter()
-    body = artifact_body(artifact_path.read_bytes(), str(artifact_path))  # pergroup: 20-24 s in PR #1855's logs
-    # h.compressor is the artifact's: a run without lrzip switched to brotli, and EVAL_ONLY takes the run's knobs.
-    log(format_kv(decompress_s=f"{time.perf_counter() - t0:.2f}", compressor=h.compressor))
+    blob = artifact_path.read_bytes()
+    body = artifact_body(blob, str(artifact_path))  # pergroup: 20-24 s in PR #1855's logs
+    coder = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}[blob[ARTIFACT_PREFIX.size]]  # what wrote it
+    log(format_kv(decompress_s=f"{time.perf_counter() - t0:.2f}", compressor=coder))
     model.load_state_dict(unpack_body(body, str(artifact_path))[0], strict=True)
     clock.record("artifact_read", time.perf_counter() - t0)
     # The plain round trip always runs (a labelled line, and the quantization gap); sliding is the score.
