@@ -118,7 +118,8 @@ def log(msg: str) -> None:
 
 
 def train_gpt():
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # called in loops (claimed_makespan): sys.path must not grow
+        sys.path.insert(0, str(ROOT))
     import train_gpt as tg
 
     return tg
