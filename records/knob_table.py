@@ -1,10 +1,11 @@
-"""The README's knob table, generated from train_gpt.py's `Hyperparameters` dataclass.
+"""The knob table of docs/knobs.md, generated from train_gpt.py's `Hyperparameters` dataclass.
 
-    python records/knob_table.py                 # print the table
-    python records/knob_table.py --write README.md   # replace the table between the markers in place
+    python records/knob_table.py                    # print the table
+    python records/knob_table.py --write            # replace the table between the markers of docs/knobs.md
+    python records/knob_table.py --write FILE.md    # ... of another file
 
-It lives here, not in train_gpt.py, because only the docs need it and every byte of the script ships
-(issue 18). tests/test_static.py keeps README.md equal to `knob_table_markdown()`.
+It lives here, not in train_gpt.py, because only the docs need it and every byte of the script ships.
+tests/test_static.py keeps docs/knobs.md equal to `knob_table_markdown()`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if str(ROOT) not in sys.path:
 import train_gpt as tg  # noqa: E402
 
 START, END = "<!-- knobs:start -->", "<!-- knobs:end -->"
+DEFAULT_TARGET = ROOT / "docs" / "knobs.md"
 COLUMNS = ("record", "baseline", "smoke")  # the presets the table shows, default first
 
 
@@ -43,7 +45,7 @@ def knob_table_markdown() -> str:
     return "\n".join(rows)
 
 
-def replace_table(text: str, table: str, name: str = "README.md") -> str:
+def replace_table(text: str, table: str, name: str = "docs/knobs.md") -> str:
     """`text` with everything between START and END replaced by `table`."""
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"error: {name}: needs exactly one {START} followed by one {END}")
@@ -53,7 +55,8 @@ def replace_table(text: str, table: str, name: str = "README.md") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--write", type=Path, help="rewrite the table inside this file (README.md) instead of printing it")
+    p.add_argument("--write", type=Path, nargs="?", const=DEFAULT_TARGET, metavar="FILE",
+                   help="rewrite the table between the markers of FILE (default docs/knobs.md) instead of printing it")
     args = p.parse_args(argv)
     table = knob_table_markdown()
     if args.write is None:

@@ -1,4 +1,4 @@
-"""Static (AST and text) checks of train_gpt.py and its README knob table.
+"""Static (AST and text) checks of train_gpt.py and its generated knob table (docs/knobs.md).
 
 Run: python -m pytest -q tests/test_static.py
 
@@ -6,7 +6,7 @@ Run: python -m pytest -q tests/test_static.py
 - every knob is read by the code (a new, unused knob fails `test_no_dead_knobs`);
 - the section banners appear once each, in order;
 - module level holds only imports, constants, defs/classes, the docstring and the __main__ guard;
-- README.md's table between <!-- knobs:start --> and <!-- knobs:end --> equals records/knob_table.py's table.
+- docs/knobs.md's table between <!-- knobs:start --> and <!-- knobs:end --> equals records/knob_table.py's table.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, tg
 
 SCRIPT = ROOT / "train_gpt.py"
-README = ROOT / "README.md"
+KNOBS_DOC = ROOT / "docs" / "knobs.md"
 SECTIONS = ["Config", "Logging", "Distributed", "Data and BPB", "Model", "Optimizers",
             "Quantization and packing", "Evaluation", "Training", "Main"]
 
@@ -430,7 +430,7 @@ if __name__ == "__main__":
         assert f"call {fine}" not in joined and f"decorator call {fine}" not in joined
 
 
-# ---------------------------------------------------------------- README knob table
+# ---------------------------------------------------------------- knob table (docs/knobs.md)
 
 def knob_table():
     sys.path.insert(0, str(ROOT / "records"))
@@ -450,12 +450,13 @@ def test_knob_table_markdown_covers_every_knob():
     assert all(row.count("|") == width for row in table), "a cell contains an unescaped '|'"
 
 
-def test_readme_knob_table_is_current():
+def test_knobs_doc_table_is_current():
     kt = knob_table()
-    assert README.is_file(), f"{README} is missing: it must contain the knob table between {kt.START} and {kt.END}"
-    text = README.read_text(encoding="utf-8")
+    assert kt.DEFAULT_TARGET == KNOBS_DOC, kt.DEFAULT_TARGET
+    assert KNOBS_DOC.is_file(), f"{KNOBS_DOC} is missing: it must contain the knob table between {kt.START} and {kt.END}"
+    text = KNOBS_DOC.read_text(encoding="utf-8")
     assert text == kt.replace_table(text, kt.knob_table_markdown()), (
-        "README.md knob table is stale: run `python records/knob_table.py --write README.md`")
+        "docs/knobs.md knob table is stale: run `python records/knob_table.py --write`")
 
 
 def test_knob_table_write_replaces_only_the_table(tmp_path):
@@ -468,6 +469,15 @@ def test_knob_table_write_replaces_only_the_table(tmp_path):
     with pytest.raises(SystemExit, match="needs exactly one"):
         kt.main(["--write", str(doc)])
     assert doc.read_text(encoding="utf-8") == "no markers\n"
+
+
+def test_knob_table_write_defaults_to_docs_knobs(tmp_path, monkeypatch):
+    kt = knob_table()
+    doc = tmp_path / "knobs.md"
+    doc.write_text(f"head\n{kt.START}\n{kt.END}\n", encoding="utf-8")
+    monkeypatch.setattr(kt, "DEFAULT_TARGET", doc)
+    assert kt.main(["--write"]) == 0
+    assert doc.read_text(encoding="utf-8") == f"head\n{kt.START}\n{kt.knob_table_markdown()}\n{kt.END}\n"
 
 
 def backslash_continuations(text: str) -> list[int]:
