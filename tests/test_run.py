@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -481,6 +482,39 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path, tiny_no_
     assert rel_diff(single.metrics["val_loss"], dist_run.metrics["val_loss"]) <= 1e-4
     assert single.metrics["val_tokens"] == dist_run.metrics["val_tokens"]
     assert single.metrics["val_bytes"] == dist_run.metrics["val_bytes"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_launch_with_c10d_rendezvous_matches_single_process(dataset, tmp_path, tiny_no_warmup):
+    """Two `torchrun --nnodes=2 --nproc_per_node=1` launchers (as on two hosts, here both on 127.0.0.1) meet
+    through the c10d rendezvous and run the tiny configuration to the single process's final line."""
+    env = tiny_env(dataset, tmp_path, "nodes", WARMUP_STEPS=0)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=nodes", str(SCRIPT)]
+    procs = [subprocess.Popen(launcher, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for _ in range(2)]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=RUN_TIMEOUT_S))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"{o[-2000:]}\n{e[-2000:]}" for o, e in outs)
+    finals = [line for out, _ in outs for line in out.splitlines() if line.startswith("final ")]
+    assert len(finals) == 1, "only global rank 0 prints the final line"
+    log = (tmp_path / "logs" / "nodes.txt").read_text(encoding="utf-8").splitlines()
+    assert log[-1] == finals[0] and "  world_size: 2" in log
+    got, want = FINAL_RE.fullmatch(finals[0]).groupdict(), tiny_no_warmup.final
+    assert {k: got[k] for k in ("bytes_code", "steps", "eval")} == {k: want[k] for k in ("bytes_code", "steps", "eval")}
+    assert rel_diff(float(got["val_loss"]), float(want["val_loss"])) <= 1e-4, (got, want)
 
 
 # ---------------------------------------------------------------------------------------------
