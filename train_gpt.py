@@ -36,6 +36,7 @@ import platform
 import queue
 import re
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -72,12 +73,12 @@ BASELINE: dict[str, Any] = {
     "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
     "sparse_attn_gate_enabled": False,
     "num_loops": 0, "parallel_mode": "off",
-    # BASE used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
+    # The naive baseline used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
     "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
     "bigram_vocab_size": 0, "value_residual": False, "late_qat_threshold": 0.0, "fused_ce_enabled": False,
     "fused_mlp_enabled": False,
     "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
-    # BASE's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
+    # The naive baseline's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
     # tensors, zlib-9 (records/.../NaiveBaseline).
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
     "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
@@ -106,9 +107,10 @@ LAUNCHER_VARS = frozenset({
 # Setting one to anything but an "off" value must fail loudly instead of being silently ignored.
 OFF_VALUES = frozenset({"", "0", "0.0", "false", "off", "none"})
 UNIMPLEMENTED_FEATURES: dict[str, str] = {
-    "TRIGRAM": "trigram hash embeddings", "PARALLEL_RESIDUAL_START": "parallel residuals",
+    "TRIGRAM": "trigram hash embeddings",
     "VE_ENABLED": "value embeddings",
-    "GATED_ATTN": "gated attention", "ATTN_OUT_GATE_ENABLED": "attention output gate",
+    "GATED_ATTN": "gated attention",
+    "ATTN_OUT_GATE_ENABLED": "PR #1855's dense attention output gate (SPARSE_ATTN_GATE_ENABLED is the per-head one)",
     "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
     "SWA_ENABLED": "SWA",
     "MIXED_QUANT": "mixed int5/int6 GPTQ",
@@ -122,7 +124,7 @@ FIXED_KNOBS: dict[str, str] = {"TTT_BETA1": "0", "TTT_BETA2": "0.99", "TTT_OPTIM
                                "TTT_K_LORA": "1", "TTT_MLP_LORA": "1", "TTT_O_LORA": "1", "PARALLEL_FINAL_LANE": "mean",
                                "ROPE_YARN": "0", "GLOBAL_TTT_WARMUP_CHUNKS": "0", "VAL_DOC_FRACTION": "1"}
 # Older names rewritten to today's knobs by _translate_legacy_vars.
-LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "TARGET_MB", "USE_GPTQ",
+LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "PARALLEL_RESIDUAL_START", "TARGET_MB", "USE_GPTQ",
                          "SLIDING_WINDOW_ENABLED"})
 # Knobs this script no longer reads: setting one warns (with what replaced it) instead of failing old commands.
 RETIRED_VARS: dict[str, str] = {
@@ -137,7 +139,7 @@ COMPRESSORS = ("brotli", "lzma", "pergroup", "zlib")
 
 class Hinted(Exception):
     """An error whose message (what, the value, what is allowed) may end in a `hint` saying what to do.
-    records/pack.py drops every `hint=` argument from the shipped file: its bytes count (issue 18)."""
+    records/pack.py drops every `hint=` argument from the shipped file: its bytes count."""
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(f"{message}; {hint}" if hint else message)
@@ -192,7 +194,8 @@ class Hyperparameters:
     run_id: str = knob("", "name of this run's outputs; empty = <preset>_<UTC timestamp>",
                        lambda v: re.fullmatch(r"[A-Za-z0-9._-]*", v) is not None,
                        "letters, digits, '.', '_' and '-' only")
-    log_dir: str = knob("logs", "folder for <RUN_ID>.txt, <RUN_ID>.json and the artifact <RUN_ID>.ptz")
+    log_dir: str = knob("logs", "folder for <RUN_ID>.txt, <RUN_ID>.json and the artifact <RUN_ID>.ptz", bool,
+                        "a folder ('.' for the working directory)")
     overwrite: bool = knob(False, "1 = a RUN_ID whose outputs exist is run again; its old files are replaced only "
                                   "when the new run has finished")
     device: str = knob("auto", "auto | cpu | cuda", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
@@ -218,7 +221,7 @@ class Hyperparameters:
     warmdown_frac: float = knob(0.85, "final fraction of the run over which the LR decays (PR #1855)", _unit_interval,
                                 "a number in [0, 1]")
     warmdown_iters: int = knob(0, "decay the LR over the last N steps instead of WARMDOWN_FRAC (under a wallclock "
-                                  "cap N is converted to time with the average step; BASE-style; 0 = off)",
+                                  "cap N is converted to time with the average step, as the naive baseline; 0 = off)",
                                _non_negative, ">= 0")
     min_lr: float = knob(0.1, "LR floor as a fraction of the peak during warmdown", _unit_interval,
                          "a number in [0, 1]")
@@ -567,6 +570,10 @@ def _translate_legacy_vars(env: dict[str, str]) -> None:
         put("NUM_LOOPS", "0", "RECUR_LAYERS=''")
     if "RECUR_START_STEP" in env:
         put("LOOPING_START_STEP", env["RECUR_START_STEP"].strip(), f"RECUR_START_STEP={env['RECUR_START_STEP']!r}")
+    if "PARALLEL_RESIDUAL_START" in env:  # PR #1412-style commands: GPT-J parallel layers from this one on
+        start = env["PARALLEL_RESIDUAL_START"].strip()
+        put("PARALLEL_MODE", "gptj", f"PARALLEL_RESIDUAL_START={start!r}")
+        put("PARALLEL_START_LAYER", start, f"PARALLEL_RESIDUAL_START={start!r}")
     if "TARGET_MB" in env:  # decimal megabytes (PR #1019 meant MiB: 15.9 MiB is over the cap)
         raw_mb = env["TARGET_MB"].strip()
         if not _is_non_negative_number(raw_mb) or float(raw_mb) <= 0:
@@ -629,7 +636,7 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
     """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
     known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LEGACY_VARS | LAUNCHER_VARS
     candidates = sorted(set(Hyperparameters.knob_names()) | set(UNIMPLEMENTED_FEATURES))  # suggest knobs only
-    warnings = []
+    warnings, typos = [], []
     for name in sorted(env):
         value = env[name]
         if name in UNIMPLEMENTED_FEATURES:
@@ -648,15 +655,17 @@ def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
             continue
         close = closest_knob(name, candidates)
         if close:
-            msg = f"{name}={value!r} is not a knob of train_gpt.py and is ignored (did you mean {close}?)"
-            if strict:
-                raise ConfigError(msg + "; STRICT_ENV=1 makes this an error")
-            warnings.append(msg)
+            typos.append(f"{name}={value!r} (did you mean {close}?)")
+            warnings.append(f"{name}={value!r} is not a knob of train_gpt.py and is ignored (did you mean {close}?)")
+    if strict and typos:  # every typo at once: fixing them one run at a time wastes a start-up each
+        raise ConfigError(f"unknown knobs: {', '.join(typos)}; STRICT_ENV=1 refuses them")
     return warnings
 
 
-# Knobs that name or place a run but do not change it: the seeds of one sweep share a config hash.
-CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR", "OVERWRITE", "REQUANTIZE"})
+# Knobs that name or place a run, or only check its inputs, but do not change it: the seeds of one sweep share
+# a config hash.
+CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR", "OVERWRITE", "REQUANTIZE", "STRICT_ENV",
+                                 "BPB_CHECK_DOCS"})
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -678,10 +687,11 @@ class RunFiles:
     """Where a run writes: LOG_DIR/<RUN_ID>.txt, .json and .ptz. With OVERWRITE=1 over existing outputs the
     run writes <RUN_ID>.new.*, and `publish` replaces the old files only once it has finished, so a rerun
     that dies loses nothing. LOG_DIR/<RUN_ID>.lock (created exclusively, holding the pid) keeps two
-    processes off one RUN_ID."""
+    processes off one RUN_ID. `note`: what claiming did that the log must say."""
     log_dir: Path
     run_id: str
     staged: bool
+    note: str = ""
 
     def path(self, suffix: str) -> Path:
         """Where this run writes that output now."""
@@ -716,11 +726,29 @@ def claim_run_files(log_dir: Path, run_id: str, overwrite: bool, need_bytes: int
                           hint="an artifact of TARGET_BYTES plus logs; free space or choose another LOG_DIR")
     files = RunFiles(log_dir, run_id, False)
     existing = [p for p in map(files.final, RUN_OUTPUTS) if p.exists()]
-    if existing and not overwrite:
+    failed = existing == [files.final(".txt")] and failed_log(files)  # a rerun of a run that failed
+    if existing and not (overwrite or failed):
         raise ConfigError(f"RUN_ID={run_id!r} is not allowed: {existing[0]} exists",
                           hint="choose another RUN_ID, or OVERWRITE=1 to replace it once this run has finished")
     take_lock(files.lock, run_id)
+    if failed:
+        return RunFiles(log_dir, run_id, False, set_aside(files.final(".txt")))
     return RunFiles(log_dir, run_id, bool(existing))
+
+
+def failed_log(files: RunFiles) -> bool:
+    """The log of a run that stopped with an error (its last line), and left no kept weights to protect."""
+    lines = files.final(".txt").read_text(errors="replace").rstrip().splitlines()
+    return bool(lines) and lines[-1].startswith("error:") and not files.final(".weights.pt").exists()
+
+
+def set_aside(log: Path) -> str:
+    """Rename a failed run's log to <RUN_ID>.failed[N].txt, so a rerun loses nothing; says so."""
+    n = 1
+    while (aside := log.with_suffix(f".failed{n if n > 1 else ''}.txt")).exists():
+        n += 1
+    os.replace(log, aside)
+    return f"{log} held the log of a run that failed; it is kept as {aside}"
 
 
 def take_lock(lock: Path, run_id: str) -> None:
@@ -755,14 +783,21 @@ def pid_alive(pid: int) -> bool:
 
 
 class Logger:
-    """Rank-aware logger: rank 0 prints and appends to one open file; other ranks stay silent."""
+    """Rank-aware logger: rank 0 prints and appends to one open file; other ranks stay silent.
+
+    A file write that fails (a full disk) must not throw away the training in progress: the file is
+    dropped, the console keeps every line, and `failure` says what happened; the run stops at its next
+    checkpoint (stop_on_output_failure) with what it has kept."""
 
     def __init__(self, path: Path | None, enabled: bool = True):
-        self.enabled = enabled
-        self.file = None
+        self.enabled, self.path = enabled, path
+        self.file, self.failure = None, None
         if enabled and path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "w", encoding="utf-8")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "w", encoding="utf-8")
+            except OSError as exc:
+                self._failed(exc)
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
         if not self.enabled:
@@ -770,13 +805,24 @@ class Logger:
         if console:
             print(msg, flush=True)
         if self.file is not None:
-            self.file.write(msg + "\n")
-            self.file.flush()
+            try:
+                self.file.write(msg + "\n")
+                self.file.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.failure = self.failure or f"{self.path}: could not write the log ({exc.strerror or exc})"
+        self.close()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Never raises: it runs on every exit path, before the lock is released."""
+        file, self.file = self.file, None
+        try:
+            if file is not None:
+                file.close()
+        except OSError:
+            pass
 
 
 WARNING_RULE = "!" * 60  # framing lines around a banner warning, which must not be missed
@@ -1085,7 +1131,7 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max
 
 
 def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenizer: Path) -> dict[str, Any]:
-    """What a reviewer needs to know which data a run saw (pitfalls G: shard counts, val hash)."""
+    """What a reviewer needs to know which data a run saw: shard counts, val hash."""
     val_hash = hashlib.sha256()
     for f in val_files:
         with open(f, "rb") as fh:
@@ -1103,9 +1149,9 @@ def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenize
 
 
 # The challenge's validation split (the first 50,000 documents of docs_selected.jsonl) as each published
-# tokenizer cuts it: targets after truncation to 2048-token sequences, from the records' logs (techniques.md
-# 2.1: sp1024 from willdepueoai/parameter-golf, sp4096 and sp8192 from kevclark/parameter-golf). CaseOps
-# data (47,851,520 targets) counts bytes from a sidecar this script does not read yet, so it is not listed.
+# tokenizer cuts it: targets after truncation to 2048-token sequences, from the records' logs
+# (sp1024 from willdepueoai/parameter-golf, sp4096 and sp8192 from kevclark/parameter-golf). CaseOps
+# data counts bytes from its per-token sidecar (PR #1729).
 CHALLENGE_VAL_DOCUMENTS = 50_000
 CHALLENGE_SEQ_LEN = 2048
 CHALLENGE_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
@@ -1128,17 +1174,22 @@ def manifest_tokenizer_sha256(manifest: dict[str, Any]) -> str | None:
     return hashes[0] if len(hashes) == 1 and isinstance(hashes[0], str) else None
 
 
+def read_manifest(dataset_dir: Path) -> tuple[Path | None, Any]:
+    """The manifest beside the shards (None if there is none) and its parsed content."""
+    path = next((Path(dataset_dir) / n for n in DATASET_MANIFESTS if (Path(dataset_dir) / n).is_file()), None)
+    try:
+        return path, path and json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable dataset manifest ({type(exc).__name__}: {exc})") from None
+
+
 def dataset_identity(dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str) -> dict[str, Any]:
     """The manifest beside the shards and the tokenizer it records. A tokenizer other than the one the shards
     were made with is refused: its byte tables would count the wrong bytes, and the BPB self-check, which
     decodes with that same tokenizer, cannot notice."""
-    path = next((Path(dataset_dir) / n for n in DATASET_MANIFESTS if (Path(dataset_dir) / n).is_file()), None)
+    path, manifest = read_manifest(dataset_dir)
     if path is None:
         return {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None, "text_transform": None}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable dataset manifest ({type(exc).__name__}: {exc})") from None
     recorded = manifest_tokenizer_sha256(manifest) if isinstance(manifest, dict) else None
     tok = manifest.get("tokenizer") if isinstance(manifest, dict) else None
     transform = (manifest.get("text_transform") or (tok.get("text_transform") if isinstance(tok, dict) else None)
@@ -1149,6 +1200,66 @@ def dataset_identity(dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str) 
                         "the data was made with")
     return {"manifest": str(path), "manifest_sha256": sha256_file(path), "manifest_tokenizer_sha256": recorded,
             "text_transform": transform}
+
+
+# Shards whose sha256 matched their manifest, as {absolute path: [size, mtime_ns, sha256]}: each is hashed once
+# (the challenge's train shards are ~16 GB), again only when its size or modification time changes.
+SHARD_HASH_CACHE = "shard_sha256.json"
+
+
+def shard_hash_cache(dataset_dir: Path) -> Path:
+    """Beside the shards when that folder is writable, else in the user's cache folder."""
+    if os.access(dataset_dir, os.W_OK):
+        return Path(dataset_dir) / f".{SHARD_HASH_CACHE}"
+    return Path.home() / ".cache" / "parameter-golf" / SHARD_HASH_CACHE
+
+
+def gather_dicts(part: dict) -> dict:
+    """Every rank's dict merged, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return part
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def verify_shards(dataset_dir: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any] | None:
+    """Every shard against the size and sha256 its manifest's `files` lists under the shard's name
+    (tokenize_docs.py: the name; make_sample.py and the downloader: datasets/<name>/<file>). Sizes always;
+    hashes only for shards not verified before, split over the ranks. None when it lists no shard hashes."""
+    path, content = read_manifest(dataset_dir)
+    files = content.get("files") if isinstance(content, dict) else None
+    listed = {Path(k).name: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+    shards = sorted(Path(dataset_dir).glob("fineweb_*.bin"))
+    want = {f: listed[f.name] for f in shards if f.name in listed}
+    for f, entry in want.items():
+        if entry.get("bytes", f.stat().st_size) != f.stat().st_size:
+            raise DataError(f"{f}: {f.stat().st_size} bytes, but {path} records {entry['bytes']}: the shard changed "
+                            f"after its manifest was written")
+    want = {f: e["sha256"] for f, e in want.items() if isinstance(e.get("sha256"), str)}
+    if not want:
+        return None
+    t0, cache_path = time.perf_counter(), shard_hash_cache(dataset_dir)
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    stamp = {f: [f.stat().st_size, f.stat().st_mtime_ns, sha] for f, sha in want.items()}
+    todo = broadcast_object([f for f in want if cache.get(str(f.resolve())) != stamp[f]])  # rank 0's cache decides
+    found = gather_dicts({str(f): sha256_file(f) for f in todo[rank::world_size]})
+    for f in todo:
+        if found[str(f)] != want[f]:
+            raise DataError(f"{f}: sha256 {found[str(f)]}, but {path} records {want[f]}: the shard changed after its "
+                            f"manifest was written")
+    if todo and rank == 0:
+        cache.update({str(f.resolve()): stamp[f] for f in todo})
+        try:
+            atomic_write_bytes(cache_path, json.dumps(cache, indent=0).encode())
+        except OSError:
+            pass  # nothing lost: the next run hashes them again
+    return {"shards": len(shards), "verified": len(want), "hashed_now": len(todo),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_val_tokens: int,
@@ -1172,7 +1283,7 @@ class TrainLoader:
     The global order is a per-epoch permutation of all (shard, start) sequence slots of length
     TRAIN_SEQ_LEN+1 (random phase per shard), seeded by SEED and the epoch only. Step s uses the next
     `global_seqs` slots; rank r, micro-batch m takes chunk r*accum + m of them. So one process with
-    8 micro-batches sees exactly the tokens that 8 ranks see (pitfalls K: data order independent of
+    8 micro-batches sees exactly the tokens that 8 ranks see (the data order is independent of
     the world size), and each rank only reads the sequences of its own chunks. Exhausted: next epoch.
 
     `packed` (DOC_PACKED_LOADER) is PR #1855's document-packed order: no shuffle; shards in order, each read
@@ -1335,7 +1446,7 @@ class TrainLoader:
 
 @dataclass(frozen=True)
 class ByteLUTs:
-    """Per-token UTF-8 byte counts for BPB (techniques.md 2.2; identical rule in every record)."""
+    """Per-token UTF-8 byte counts for BPB (the rule of every record since the naive baseline)."""
 
     base_bytes: Tensor  # int64 [V]: bytes of the piece without its leading '▁'
     has_leading_space: Tensor  # bool [V]: piece starts with '▁' (one space byte, unless after a boundary)
@@ -1443,7 +1554,7 @@ def decoded_bytes(sp, ids: list[int], boundary: list[bool]) -> int:
 def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None, source: str = "validation"
                    ) -> BPBCheck:
     """The byte count of the lookup tables must equal the decoded UTF-8 bytes, document by document
-    (pitfalls A: the leading space counted twice, byte-fallback pieces counted as 3 bytes, ...).
+    (the known mistakes: the leading space counted twice, byte-fallback pieces counted as 3 bytes, ...).
     Checks `max_docs` documents spread evenly over the stream (None = all); raises DataError naming the
     first bad document and token."""
     boundary = luts.is_boundary.tolist()
@@ -1474,6 +1585,40 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
                             f"lookup tables but {ref} decoded; first bad token at document position {j - 1}: id "
                             f"{ids[j - 1]} piece {sp.id_to_piece(ids[j - 1])!r}")
     return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown)
+
+
+# The byte tables and the BPB self-check both read the tokenizer given, so another of the same size passes them
+# with a wrong score. Its own encoding of the decoded text tells: encode(decode(document)) == document held for
+# every one of 900 FineWeb and Wikipedia documents under each of 7 tokenizers (1,024-8,192 pieces, CaseOps
+# included), and for 0-2.5% of them under another tokenizer of the same size. A document cut short (the end of
+# the scored stream) re-encodes differently ~2% of the time: it is left out.
+TOKENIZER_CHECK_MIN = 0.9  # of the checked documents must re-encode to themselves
+TOKENIZER_CHECK_DOCS = 1000  # at most this many of the self-check's documents (~1-3 ms each)
+
+
+@dataclass(frozen=True)
+class ReencodeCheck:
+    reencoded: int  # documents with encode(decode(document)) == document
+    checked: int  # the self-check's documents but the last and those with control or <unk> ids
+    seconds: float
+
+
+def tokenizer_check(tokens: np.ndarray, sp, boundary: np.ndarray, max_docs: int | None, tokenizer: Path,
+                    source: str) -> ReencodeCheck:
+    """The tokenizer must reproduce the shards from their own decoded text (TOKENIZER_CHECK_MIN of the
+    documents); raises DataError naming both and the count otherwise."""
+    t0 = time.perf_counter()
+    spans = [(s, e) for s, e in document_spans(tokens) if e > s][:-1]
+    pick = checked_documents(len(spans), min(max_docs or TOKENIZER_CHECK_DOCS, TOKENIZER_CHECK_DOCS))
+    docs = [d.tolist() for d in (tokens[spans[k][0]:spans[k][1]] for k in pick)
+            if not boundary[d].any()]  # an <unk> decodes to ' ⁇ ', not to the text it stands for
+    same = sum(a == b for a, b in zip(sp.encode(sp.decode(docs)), docs))
+    if same < TOKENIZER_CHECK_MIN * len(docs):
+        raise DataError(f"TOKENIZER_PATH={tokenizer} is not the tokenizer of {source}: re-encoding their decoded text "
+                        f"gives {same} of {len(docs)} validation documents back (at least {TOKENIZER_CHECK_MIN:.0%} "
+                        f"needed)", hint="the byte counts would be wrong; set TOKENIZER_PATH to the tokenizer the "
+                        "shards were made with")
+    return ReencodeCheck(same, len(docs), time.perf_counter() - t0)
 
 
 def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
@@ -1782,7 +1927,7 @@ class ModelConfig:
     logit_softcap: float
     rope_base: float
     qk_gain_init: float
-    # Defaults reproduce the baseline model, so a ModelConfig built by hand stays the BASE shape.
+    # Defaults reproduce the baseline model, so a ModelConfig built by hand stays the naive baseline's shape.
     rope_dims: int = 0
     rope_train_seq_len: int = 1 << 30
     train_seq_len: int = 1 << 30  # the longest sequence of a packed training row (DOC_ISOLATION)
@@ -1850,7 +1995,7 @@ ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    # Parameter-free RMSNorm everywhere (BASE onward): nothing to learn, nothing to quantize. In x's dtype:
+    # Parameter-free RMSNorm everywhere (as the naive baseline): nothing to learn, nothing to quantize. In x's dtype:
     # since torch 2.12 CUDA autocast runs rms_norm in fp32 (the records' torch 2.9 did not), which made
     # every normalized activation fp32 and the GPTQ Hessian taps take the fp32 path.
     with torch.autocast(x.device.type, enabled=False):
@@ -1962,7 +2107,7 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
 class QATLinear(nn.Linear):
     """nn.Linear whose weight is fake-quantized on the artifact's grid while `qat_on` is 1 (late QAT,
     straight-through). The switch is a tensor buffer, not a Python flag: torch.compile would fold a
-    Python attribute into the graph and QAT would never run (PR #1290's README, pitfalls J).
+    Python attribute into the graph and QAT would never run (PR #1290's README).
     `hessian` is the GPTQ calibration tap of its input (None outside calibration)."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, qat_k: float = 0.0):
@@ -2087,14 +2232,14 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     yg = y.view(B, T, Hkv, H // Hkv, D)
     # F.normalize(v) with the sum of squares accumulated in fp32 but every tensor of v's size kept in v's
     # dtype: F.normalize runs on autocast's fp32 list and makes each XSA intermediate fp32 (~2 GiB per
-    # micro-step at the record shape, gpu-gap.md), and a v.float() would be saved for the backward.
+    # micro-step at the record shape), and a v.float() would be saved for the backward.
     inv_norm = torch.rsqrt((v * v).sum(-1, keepdim=True, dtype=torch.float32).clamp_min(NORMALIZE_EPS ** 2))
     vn = (v * inv_norm.to(v.dtype)).unsqueeze(3)  # (B, T, Hkv, 1, D)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
 class MLP(nn.Module):
-    """Squared-ReLU MLP with a float width multiplier: relu(x)^2 (BASE) or leaky_relu(x, slope)^2,
+    """Squared-ReLU MLP with a float width multiplier: relu(x)^2 (the naive baseline) or leaky_relu(x, slope)^2,
     which keeps a gradient for negative inputs (PR #549: -0.0021 BPB in its ablation)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -2127,7 +2272,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        # resid_mix mixes the running stream with the embedding stream x0 (BASE); init = (1, 0).
+        # resid_mix mixes the running stream with the embedding stream x0 (the naive baseline's); init = (1, 0).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         # Two-lane routing: lane <- r * lane + p[sub-layer, lane] * sub-layer output (rows: attention, MLP;
         # columns: lane 0, lane 1). lanes: one r per lane, starting at 1.1 as PR #1855's; lanes_seq: an r per
@@ -2189,7 +2334,7 @@ class Block(nn.Module):
 
 
 def merge_skip(stream: Tensor, skip: Tensor, gate: Tensor | None) -> Tensor:
-    """U-Net skip merge: additive (BASE) or the sigmoid-gated lerp(skip, stream, gate) (PR #1089)."""
+    """U-Net skip merge: additive (the naive baseline) or the sigmoid-gated lerp(skip, stream, gate) (PR #1089)."""
     return stream + skip if gate is None else torch.lerp(skip, stream, gate)
 
 
@@ -2238,7 +2383,7 @@ class BigramHash(nn.Module):
 
 class GPT(nn.Module):
     """Tied-embedding GPT with U-Net skips: the first half of the blocks push their outputs, the
-    second half pops them in reverse and adds them with learned per-channel weights (BASE)."""
+    second half pops them in reverse and adds them with learned per-channel weights (the naive baseline)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -2302,8 +2447,8 @@ class GPT(nn.Module):
         docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and cache is None and lora is None else None
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
-            # The residual stream in the autocast dtype from here on, as R0405's .bfloat16() model runs it:
-            # an fp32 stream moves ~10% more bytes per step through every norm, mix and add (gpu-gap.md).
+            # The residual stream in the autocast dtype from here on, as PR #1394's .bfloat16() model runs it:
+            # an fp32 stream moves ~10% more bytes per step through every norm, mix and add.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         if cache is None:  # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length
@@ -2361,7 +2506,7 @@ class GPT(nn.Module):
     def documents(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Documents:
         """DOC_ISOLATION: what attention needs to stay inside documents (doc_attention_kind), from the
         training loader's cu_seqlens over the flattened batch (no sequence longer than TRAIN_SEQ_LEN), else
-        computed here (every row start and BOS starts one). FA3 takes them as they are (R0410's varlen call);
+        computed here (every row start and BOS starts one). FA3 takes them as they are (PR #1530's varlen call);
         FlexAttention and SDPA as a mask of the same sequences."""
         kind = doc_attention_kind(self.cfg.attn_backend, ids.device, torch.compiler.is_compiling())
         max_len = ids.size(1) if cu_seqlens is None else min(ids.size(1), self.cfg.train_seq_len)
@@ -2728,7 +2873,7 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
 
 
 # Newton-Schulz quintic coefficients (a, b, c) per iteration. classic: Keller Jordan's Muon, one
-# tuple for every step (BASE -> PR #1769). polar_express: a tuned tuple per step (PR #1344, used from
+# tuple for every step (the naive baseline to PR #1769). polar_express: a tuned tuple per step (PR #1344, used from
 # PR #1787 to #1855); steps beyond the list reuse its last tuple. PR #1787/#1855 normalize the input by its
 # norm alone; polar_express_safe is PR #1514's form, the norm times a 1.02 safety factor.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -3014,9 +3159,9 @@ def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
 
 def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float,
                    warmdown_iters: int, min_lr: float) -> float:
-    """WARMDOWN_ITERS schedule (BASE, PR #1290 commands): linear decay over the last `warmdown_iters`
+    """WARMDOWN_ITERS schedule (the naive baseline, PR #1290 commands): linear decay over the last `warmdown_iters`
     steps. Under a wallclock cap the remaining steps are estimated from the average step so far,
-    as BASE did (warmdown_ms = iters * step_ms); whichever of steps and time ends first wins."""
+    as the naive baseline did (warmdown_ms = iters * step_ms); whichever of steps and time ends first wins."""
     remaining = (iterations - step) / warmdown_iters
     if max_wallclock_seconds > 0 and step > 0:
         step_s = elapsed_s / step
@@ -3836,6 +3981,16 @@ class FitResult:
     fits: bool
 
 
+def fit_stuck(spec: QuantSpec, attempts: list[dict[str, Any]]) -> str:
+    """Why widening the matrix groups' k cannot shrink the artifact any more ("" while it can)."""
+    if not any(k > 0 for g, k in spec.clip if g in ("attn", "mlp")):
+        return ("MLP_CLIP_SIGMAS=ATTN_CLIP_SIGMAS=0 clip at each row's max, which no factor widens "
+                "(MATRIX_CLIP_SIGMAS > 0 clips at k sigmas)")
+    if len(attempts) >= 2 and attempts[-1]["bytes"] >= attempts[-2]["bytes"]:
+        return f"k_factor {attempts[-1]['factor']:.4g} no longer shrinks the artifact"
+    return ""
+
+
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
     """Quantize and pack; while the artifact is over `budget_bytes`, widen the matrix groups' SDClip k.
@@ -3868,7 +4023,11 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
         if blob is not None and size <= budget_bytes:
             return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, True)
         matrix_params = sum(v["params"] for g, v in entropy.items() if g not in ("embed", "gate"))
-        if matrix_params == 0:
+        stuck = fit_stuck(s, attempts)
+        if matrix_params == 0 or stuck:
+            if stuck:  # a wider factor would change nothing: say so once rather than run k_factor off to 1e23
+                warn(log, f"fit-to-size stops at {size:,} model bytes, over the budget of {budget_bytes:,}: {stuck}; "
+                          f"lower MATRIX_BITS or raise TARGET_BYTES")
             break
         step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / ratio / matrix_params  # log2 k to add (entropy rule)
         if len(attempts) >= 2:
@@ -3998,7 +4157,7 @@ class Calibration:
 def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                    make_loader: Callable[[], TrainLoader]) -> Calibration:
     """GPTQ Hessians of the trained model: on GPTQ_CALIBRATION_BATCHES training batches (data access, so
-    the caller counts the seconds inside the training wallclock: pitfalls D, PR #1868) or, with
+    the caller counts the seconds inside the training wallclock, PR #1868) or, with
     GPTQ_AR_SELFGEN=1, on text the model samples itself after the training data is closed (PR #1019)."""
     if h.quant_method != "gptq":
         return Calibration(None, "off", 0.0, 0)
@@ -4629,7 +4788,10 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
     mine = [share[ctx.rank] for share in segments]
     left = sum(costs[j] for seg in mine for j in seg)
     info: dict[str, Any] = {"documents": len(docs), "batches": len(batches), "segments": len(mine),
-                            "phases_planned": len(pauses), "phases_run": 0}
+                            "phases_set": len(bounds), "phases_planned": len(pauses), "phases_run": 0}
+    # PHASED_TTT_NUM_PHASES counts global SGD pauses, as PR #1855's; one with nothing left to score is not run.
+    log(format_kv(ttt_phases=len(bounds), boundaries=",".join(map(str, bounds)) or "none", pauses_planned=len(pauses),
+                  unplanned_after_last_batch=len(bounds) - len(pauses)))
     log(format_kv(ttt_rows_per_forward=run.group, batch_docs=cfg.batch_docs, mib_per_row=f"{run.mib_per_row:.0f}"))
     for i, seg in enumerate(mine):
         ts = time.perf_counter()
@@ -4738,8 +4900,8 @@ class Graphs:
 def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers,
                      make_loader: Callable[[], TrainLoader], log: Logger) -> dict[str, float]:
     """Untimed, before training: WARMUP_STEPS real steps per looping state, so the training graphs compile
-    and the allocator grows outside the timer (pitfalls J); then model and optimizer are restored, so the
-    timed run starts from step 0 exactly (BASE onward). Returns seconds per looping state."""
+    and the allocator grows outside the timer; then model and optimizer are restored, so the
+    timed run starts from step 0 exactly (as every record since the naive baseline). Returns seconds per looping state."""
     seconds: dict[str, float] = {}
     model = graphs.base
     model_state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -4828,7 +4990,7 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
     """Training seconds kept back so GPTQ's Hessians, which read training data, end inside the wallclock
-    (pitfalls D, PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 when nothing reads training data
+    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 when nothing reads training data
     after training or there is no cap."""
     if h.quant_method != "gptq" or h.gptq_ar_selfgen or h.max_wallclock_seconds <= 0:
         return 0.0
@@ -4896,7 +5058,7 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 timer.mark("ema")
             step += 1
             # One collective per step: the global loss, any non-finite loss, and the stop decision,
-            # which every rank must take identically (pitfalls E: stop *before* the cap, not after). The
+            # which every rank must take identically (stop *before* the cap, not after). The
             # host only enqueues work ahead of the GPU, so a step lasts at least the last synchronized one.
             step_s = max(time.perf_counter() - t0, last_step_s)
             next_step_ends_late = cap > 0 and train_time + 2 * step_s > cap
@@ -4972,6 +5134,8 @@ class DataBundle:
     check: BPBCheck
     reportable: bool  # only the challenge's whole validation split
     reportable_reason: str
+    reencode: ReencodeCheck | None = None  # the tokenizer reproduces the validation shards
+    shards: dict[str, Any] | None = None  # the shards' sha256 against the manifest's (None: it lists none)
 
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
@@ -4986,11 +5150,13 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     fingerprint = dataset_fingerprint(train_files, val_files, h.tokenizer_file)
     fingerprint.update(dataset_identity(h.dataset_dir, h.tokenizer_file, fingerprint["tokenizer_sha256"]))
     check_transform(h, fingerprint["text_transform"], fingerprint["manifest"])
+    shards = verify_shards(h.dataset_dir, d.rank, d.world_size)
     val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size, h.max_val_tokens)
     fingerprint["val_tokens"] = int(val_tokens.size - 1)  # scored targets after truncation
     max_docs = None if h.bpb_check_docs == "all" else int(h.bpb_check_docs)
     source = str(h.dataset_dir / "fineweb_val_*.bin")
     sidecar = load_byte_sidecar(val_files, val_tokens) if h.caseops_enabled else None
+    reencode = tokenizer_check(val_tokens, sp, byte_luts.is_boundary.numpy(), max_docs, h.tokenizer_file, source)
     check = (caseops_self_check(val_tokens, sidecar, sp, max_docs, source) if sidecar is not None
              else bpb_self_check(val_tokens, sp, byte_luts, max_docs, source=source))
     fingerprint["val_documents"] = check.documents
@@ -4998,7 +5164,7 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     reportable, reason = challenge_split(h.vocab_size, fingerprint["val_tokens_raw"], check.documents, h.max_val_tokens,
                                          h.caseops_enabled)
     fingerprint["challenge_split"] = reportable
-    return DataBundle(train_files, val_tokens, sidecar, luts, fingerprint, check, reportable, reason)
+    return DataBundle(train_files, val_tokens, sidecar, luts, fingerprint, check, reportable, reason, reencode, shards)
 
 
 def check_transform(h: Hyperparameters, transform: str | None, manifest: str | None) -> None:
@@ -5023,13 +5189,22 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
     log(format_kv(bpb_self_check="ok", documents_checked=f"{c.checked}/{c.documents}", val_documents=c.documents,
                   val_targets=c.targets, val_bytes=c.bytes, unknown_tokens=c.unknown_tokens,
                   byte_accounting=data.fingerprint["byte_accounting"], rule=rule))
+    if r := data.reencode:
+        log(format_kv(tokenizer_check="ok" if r.checked else "unchecked", reencoded=f"{r.reencoded}/{r.checked}",
+                      seconds=f"{r.seconds:.2f}",
+                      rule=f"encode(decode(document))==document for >={TOKENIZER_CHECK_MIN:.0%}"))
+    s = data.shards
+    log(format_kv(shard_hashes="ok", **s) if s else "shard_hashes:unverified (no per-file hashes)")
+    if s and s["verified"] < s["shards"]:
+        warn(log, f"{s['shards'] - s['verified']} of {s['shards']} shards in {h.dataset_dir} have no sha256 in "
+                  f"{data.fingerprint['manifest']}: not verified")
     fp = data.fingerprint
     log(format_kv(dataset=h.dataset_dir, manifest=fp["manifest"] or "none",
                   tokenizer_sha256=fp["tokenizer_sha256"], manifest_tokenizer_sha256=fp["manifest_tokenizer_sha256"]
                   or "none", reportable="yes" if data.reportable else "no", reason=data.reportable_reason))
     if fp["manifest"] is None:
-        warn(log, f"no {' or '.join(DATASET_MANIFESTS)} beside the shards in {h.dataset_dir}: nothing ties "
-                  f"them to the tokenizer {h.tokenizer_file}, so a mismatch cannot be caught")
+        warn(log, f"no {' or '.join(DATASET_MANIFESTS)} beside the shards in {h.dataset_dir}: their hashes are "
+                  f"unchecked, and only the re-encode check ties them to the tokenizer {h.tokenizer_file}")
     if not data.reportable:
         warn(log, f"this run is NOT reportable: {data.reportable_reason}")
 
@@ -5051,6 +5226,8 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
     log("config:")
     for key in sorted(info):
         log(f"  {key}: {info[key]}")
+    if h.env_warnings:  # again below the block, whose ~160 lines scroll the first ones off the screen
+        warn(log, "as above the config: " + "; ".join(h.env_warnings))
     if (backend == "sdpa" and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] == 9):
         warn(log, "Hopper GPU without FlashAttention 3 or 4 (flash_attn_interface / flash_attn.cute): attention "
                   "runs on PyTorch SDPA, ~15-20% fewer steps in 600 s. See README 'FlashAttention'.", banner=True)
@@ -5096,16 +5273,16 @@ def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
     if h.dry_run:
         return None
     need = OUTPUT_HEADROOM_BYTES + (0 if h.eval_only else h.target_bytes)
-    staged, error = None, None
+    files, error = None, None
     if d.is_main:
         try:
-            staged = claim_run_files(Path(h.log_dir), h.run_id, h.overwrite, need).staged
+            files = claim_run_files(Path(h.log_dir), h.run_id, h.overwrite, need)
         except ConfigError as exc:
             error = str(exc)
-    staged, error = broadcast_object((staged, error))
+    files, error = broadcast_object((files, error))
     if error:
         raise ConfigError(error)
-    return RunFiles(Path(h.log_dir), h.run_id, staged)
+    return files
 
 
 def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) -> None:
@@ -5126,6 +5303,8 @@ def run(h: Hyperparameters) -> int:
     log = Logger(None if files is None else files.path(".txt"), enabled=d.is_main)
     clock = PhaseClock(d.device, log)
     try:
+        if files is not None and files.note:
+            log(f"note: {files.note}")
         code = Path(__file__).resolve().read_bytes()
         backend, backend_notes = select_attention_backend(h.attn_backend, d.device)
         check_packed_mask(h, backend, d.device)
@@ -5157,11 +5336,8 @@ def run(h: Hyperparameters) -> int:
             log("dry_run:ok (no data read, nothing written)")
             return 0
         return train_and_evaluate(rc, model, opt)
-    except (ConfigError, ArtifactError, TrainingDiverged, OutputError) as exc:
-        log(f"error: {exc}", console=False)  # the log file keeps the reason; main() prints it to stderr
-        raise
-    except KeyboardInterrupt:
-        log("error: interrupted (SIGINT)", console=False)
+    except BaseException as exc:
+        log(f"error: {failure_line(exc)}", console=False)  # the log file keeps the reason; main() prints it
         raise
     finally:
         log.close()
@@ -5169,6 +5345,55 @@ def run(h: Hyperparameters) -> int:
             files.lock.unlink(missing_ok=True)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def failure_line(exc: BaseException) -> str:
+    """Why a run stopped, in one line: the message of the failures main() maps to an exit code, else the
+    exception's type and first line (its traceback goes to stderr)."""
+    if isinstance(exc, (ConfigError, ArtifactError, TrainingDiverged, OutputError, Terminated)):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`timeout`, schedulers, torchrun stopping its workers): unwinds like SIGINT, so the
+    lock is released and the log says why. Exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated ({signal.Signals(signum).name})")
+        self.signum = signum
+
+
+def catch_termination() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into Terminated for this run; returns the handlers to restore. Off the main
+    thread Python can set none, and the defaults stay."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, _frame: Any) -> None:
+        for s in previous:  # a second signal must not cut the cleanup short
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
+    return previous
+
+
+def stop_on_output_failure(rc: RunContext, failure: str | None, kept: Callable[[], str]) -> None:
+    """A checkpoint: when the log (or the output `failure` names) could not be written, every rank stops
+    with OutputError, its message saying what rank 0 kept (`kept()`, called only then)."""
+    failure = rc.log.failure or failure
+    failure = broadcast_object(failure and f"{failure}; {kept()}")
+    if failure:
+        raise OutputError(failure)
+
+
+def kept_artifact(rc: RunContext) -> str:
+    path = rc.h.artifact if rc.h.eval_only else rc.files.path(".ptz")
+    return (f"the artifact is kept in {path}: EVAL_ONLY=1 ARTIFACT={path} (and another RUN_ID or LOG_DIR) scores "
+            f"it again")
 
 
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
@@ -5234,7 +5459,7 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
             r, ttt_info = eval_ttt_lora(ctx, model, LoRATTTConfig.from_hparams(h), TTTConfig.global_phase(h), budget,
                                         log)
             log_result("ttt", r, log, mode="phased_lora", documents=ttt_info["documents"],
-                       phases=ttt_info["phases_run"])
+                       phases=f"{ttt_info['phases_run']}/{ttt_info['phases_set']}")
         else:
             r, ttt_info = eval_ttt(ctx, list(model.parameters()), TTTConfig.from_hparams(h), budget, log)
             log_result("ttt", r, log, mode="chunked", chunks=ttt_info["chunks"],
@@ -5256,7 +5481,7 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
 
 def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_ms: float, eval_s: float,
                      bytes_total: int, data: DataBundle, label: str, calibration: str) -> list[str]:
-    """The lines a reviewer checks, each with how this run satisfies it (pitfalls C-F, the public field guide)."""
+    """The lines a reviewer checks, each with how this run satisfies it."""
     def ok(flag: bool) -> str:
         return "ok" if flag else "OVER"
     lines = [
@@ -5309,10 +5534,15 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
                     "reportable_reason": rc.data.reportable_reason,
                     "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
                     "phases": rc.clock.rows, "wall_seconds": round(wall, 3)})
-    if rc.d.is_main:
-        atomic_write_bytes(rc.files.path(".json"),
-                           (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode())
-        rc.files.publish()  # OVERWRITE=1: only now do the new files replace the old ones
+    failure = None
+    if rc.d.is_main and not rc.log.failure:  # no JSON for a run whose log is incomplete
+        try:
+            atomic_write_bytes(rc.files.path(".json"),
+                               (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode())
+            rc.files.publish()  # OVERWRITE=1: only now do the new files replace the old ones
+        except OSError as exc:
+            failure = f"{rc.files.path('.json')}: could not write the metrics ({exc.strerror or exc})"
+    stop_on_output_failure(rc, failure, lambda: kept_artifact(rc))
     rc.log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:{label} bytes_total:{bytes_total} "
            f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
            f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
@@ -5340,10 +5570,12 @@ def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, res
 
 
 def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> tuple[Path, dict]:
-    """Quantize to fit the budget and write <RUN_ID>.ptz atomically (rank 0; pitfalls E: the artifact exists
+    """Quantize to fit the budget and write <RUN_ID>.ptz atomically (rank 0: the artifact exists
     even if a later phase dies, and the score always comes from what was written). Returns its path and
     the quantization report for the JSON."""
     h, log, code = rc.h, rc.log, rc.code
+    # An incomplete log makes no valid run: no artifact, what was trained is kept for REQUANTIZE.
+    stop_on_output_failure(rc, None, lambda: keep_weights(rc, model, hessians, steps))
     artifact_path = rc.files.path(".ptz")
     log(format_kv(code_bytes=len(code)))
     budget = h.target_bytes - h.size_margin_bytes - len(code)
@@ -5354,8 +5586,10 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
     if rc.d.is_main:
         # Only what decides the weights and their evaluation: the same run twice writes the same bytes.
         config = {k: v for k, v in h.knob_values().items() if k.lower() not in EVAL_ONLY_ENV_KNOBS}
+        fp = rc.data.fingerprint
         meta = {"code_sha256": hashlib.sha256(code).hexdigest(), "config": config, "steps": steps,
-                "looping": model.looping}
+                "looping": model.looping, "preset": h.preset,  # EVAL_ONLY refuses other data, notes another PRESET
+                "data": {"tokenizer_sha256": fp["tokenizer_sha256"], "val_sha256": fp["val_sha256"]}}
         spec = QuantSpec.from_hparams(h)
         fit = fit_artifact(model.state_dict(), spec, hessians, budget, meta, log)
         try:
@@ -5413,6 +5647,7 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     warm.update(warm_up_graphs(h, d, graphs, final_looping(h), training_run=True))
     for name, seconds in warm.items():
         clock.record(f"warmup_{name}", seconds)
+    stop_on_output_failure(rc, None, lambda: "nothing was trained yet")
     t0 = time.perf_counter()
     reserve = gptq_reserve(h, d, graphs, make_loader, log)
     if reserve and h.gptq_reserve is None:
@@ -5476,11 +5711,56 @@ def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, sour
         raise ArtifactError(f"{source}: artifact has no config metadata")
     names = {f.name for f in Hyperparameters.knob_fields()}
     taken = {k.lower(): v for k, v in config.items() if k.lower() in names and k.lower() not in EVAL_ONLY_ENV_KNOBS}
+    # from_env moves a knob off its PRESET's default only for a variable that sets it: one the artifact overrides
+    # would be ignored without a word.
+    unset = preset_defaults(h.preset)
+    clash = [k for k, v in taken.items() if unset[k] != getattr(h, k) != v]
+    if clash:
+        mine, theirs = (", ".join(f"{k.upper()}={c[k]!r}" for k in clash) for c in (vars(h), taken))
+        raise ConfigError(f"{mine} not allowed with EVAL_ONLY=1: {source} was trained with {theirs}",
+                          hint="EVAL_ONLY takes these knobs from the artifact; unset them")
     return dataclasses.replace(h, **taken)
+
+
+def preset_defaults(preset: str) -> dict[str, Any]:
+    """Every knob's value under PRESET when no variable sets it."""
+    return {**{f.name: f.default for f in Hyperparameters.knob_fields()}, **PRESETS[preset]}
+
+
+def check_artifact_data(h: Hyperparameters, meta: dict[str, Any], fingerprint: dict[str, Any], log: Logger) -> None:
+    """EVAL_ONLY scores on the tokenizer and validation shards the artifact's own run used, or refuses."""
+    recorded = meta.get("data")
+    if not isinstance(recorded, dict):
+        return warn(log, f"{h.artifact} records no tokenizer or validation sha256: the data it is scored on is "
+                         f"unchecked")
+    for var, path, key in (("TOKENIZER_PATH", h.tokenizer_file, "tokenizer_sha256"),
+                           ("DATA_PATH", h.dataset_dir, "val_sha256")):
+        if recorded.get(key) != fingerprint[key]:
+            raise DataError(f"{var}={path}: {key} {fingerprint[key]}, but {h.artifact} was trained and scored with "
+                            f"{key} {recorded.get(key)}", hint="re-score an artifact on the data it was made for")
+
+
+def log_eval_only_knobs(h: Hyperparameters, meta: dict[str, Any], log: Logger) -> None:
+    """The model knobs taken from the artifact (those not at PRESET's defaults), and a note when the artifact
+    was trained under another PRESET, whose evaluation defaults (EVAL_SEQ_LEN, ...) this run does not take."""
+    ours = preset_defaults(h.preset)
+    model = [f.name for f in dataclasses.fields(ModelConfig) if f.name in ours and f.name not in EVAL_ONLY_ENV_KNOBS]
+    knobs = ",".join(f"{k.upper()}={getattr(h, k)}" for k in model if getattr(h, k) != ours[k])
+    log(format_kv(eval_only_model_knobs=knobs or "none", other_model_knobs=f"PRESET={h.preset}_defaults",
+                  artifact=h.artifact))
+    trained = meta.get("preset")
+    if trained in PRESETS and trained != h.preset:
+        theirs = preset_defaults(trained)
+        differ = [f"{k.upper()}={ours[k]} ({trained}: {theirs[k]})" for k in sorted(EVAL_ONLY_ENV_KNOBS - {"preset"})
+                  if getattr(h, k) == ours[k] != theirs[k]]
+        warn(log, f"PRESET={h.preset}, but {h.artifact} was trained under PRESET={trained}: the evaluation knobs "
+                  f"keep this PRESET's defaults: {', '.join(differ) or 'none differ'}")
 
 
 def evaluate_artifact(rc: RunContext, model: GPT, meta: dict[str, Any]) -> int:
     """EVAL_ONLY=1: score an existing artifact exactly as the training run did, without training."""
+    check_artifact_data(rc.h, meta, rc.data.fingerprint, rc.log)
+    log_eval_only_knobs(rc.h, meta, rc.log)
     rc.log(format_kv(eval_only=rc.h.artifact))
     return score_untrained(rc, model, bool(meta.get("looping", False)), lambda: Path(rc.h.artifact),
                            meta.get("steps", 0), {"eval_only": True, "artifact": rc.h.artifact})
@@ -5494,8 +5774,10 @@ def requantize(rc: RunContext, model: GPT) -> int:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         state, hessians, config = payload["state_dict"], payload["hessians"], payload["config"]
     except Exception as exc:  # a missing file, not a torch file, or another dict: all one answer
+        why = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).splitlines() or [""])[0])  # torch's terminal bold
+        why = why if len(why) <= 120 else why[:121].rsplit(" ", 1)[0] + " ..."  # whole words only
         raise ConfigError(f"REQUANTIZE={h.requantize!r} is not allowed: not a weights file kept by train_gpt.py "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+                          f"({type(exc).__name__}: {why})") from None
     if config_hash(config) != config_hash(h.knob_values()):
         raise ConfigError(f"REQUANTIZE={h.requantize!r} is not allowed: it was trained with other knobs (config hash "
                           f"{config_hash(config)[:12]}, this run {config_hash(h.knob_values())[:12]})",
@@ -5532,7 +5814,8 @@ def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callabl
 
 def main(env: Mapping[str, str] | None = None) -> int:
     """Entry point; returns the process exit code (2: bad input, 3: training diverged, 4: an output could not
-    be written, 130: interrupted)."""
+    be written, 130: interrupted (SIGINT), 143 / 129: terminated (SIGTERM / SIGHUP))."""
+    previous = catch_termination()
     try:
         h = Hyperparameters.from_env(env)
         return run(h)
@@ -5545,10 +5828,13 @@ def main(env: Mapping[str, str] | None = None) -> int:
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 4
-    except KeyboardInterrupt:
-        print("error: interrupted (SIGINT); outputs written so far are kept, nothing was finished", file=sys.stderr,
+    except KeyboardInterrupt as exc:
+        print(f"error: {failure_line(exc)}; outputs written so far are kept, nothing was finished", file=sys.stderr,
               flush=True)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -932,8 +932,22 @@ def budget_of(phase: str) -> str:
     return "neither (diagnostic)" if phase == "eval_pre_quant" else "neither (untimed)"
 
 
+def budget_verdict(ok: bool, cpu: bool) -> str:
+    return "no verdict (this is a CPU, not a pod)" if cpu else f"**{'PASS' if ok else 'FAIL'}**"
+
+
+def failed_checks(report: dict) -> list[str]:
+    """The checks the report prints FAIL for: the exit code must agree with the table."""
+    proj, record = report.get("projection") or {}, report.get("record_eval_projection") or {}
+    checks = {} if report.get("cpu") or not proj else {"training budget": proj["train_pass"],
+                                                         "eval budget": proj["eval_pass"]}
+    if "pass" in record:  # PR #1855's logs, not this machine: a verdict on a CPU too
+        checks["record eval projection"] = record["pass"] and record["pass_at_our_speed"]
+    return [name for name, ok in checks.items() if not ok]
+
+
 def pipeline_table(report: dict) -> list[str]:
-    run, proj = report.get("pipeline", {}), report.get("projection") or {}
+    run, proj, cpu = report.get("pipeline", {}), report.get("projection") or {}, report.get("cpu", False)
     if "phases" not in run:
         return [f"pipeline: {run.get('error', run.get('skipped', 'not run'))}"]
     lines = ["| phase | seconds | tokens/s | peak GiB | 8xH100 projection (s) | counts in |", "|---|---|---|---|---|---|"]
@@ -951,10 +965,10 @@ def pipeline_table(report: dict) -> list[str]:
         lines += ["", f"- training budget: {proj['train_seconds']:.1f} s of steps + {proj['calibration_seconds']:.1f} s "
                       f"calibration = {proj['train_data_access_end']:.1f} s of 600 (reserve {proj['reserve_seconds']:.1f} s)"
                       f", ~{fmt(proj['steps_in_600s'])} steps (R0405 made 4,986-4,992 on 8xH100 with FA3): "
-                      f"**{'PASS' if proj['train_pass'] else 'FAIL'}**",
+                      f"{budget_verdict(proj['train_pass'], cpu)}",
                   f"- eval budget: {proj['eval_seconds']:.1f} s of 600 (artifact read + "
                   f"{', '.join(p for p in EVAL_PHASES[1:] if p in proj['phases'])}): "
-                  f"**{'PASS' if proj['eval_pass'] else 'FAIL'}**",
+                  f"{budget_verdict(proj['eval_pass'], cpu)}",
                   f"- untimed (compile warm-ups, start-up, quantization): {proj['untimed_seconds']:.1f} s"]
     ttt = report.get("ttt_projection") or {}
     if "seconds" in ttt:
@@ -1096,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
     if brotli.startswith("absent"):
         knobs["COMPRESSOR"] = "lzma"
     report: dict = {"command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "environment": {**environment(args), "brotli": brotli}, "kit": str(args.kit),
+                    "cpu": args.cpu, "environment": {**environment(args), "brotli": brotli}, "kit": str(args.kit),
                     "data": str(data_dir), "tokens_per_step": args.tokens_per_step, "budgets": args.budgets}
     out = args.out or args.cache / "preflight.json"
 
@@ -1118,9 +1132,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"\nFAILED parts: {', '.join(failed)} (their rows say why)")
         return 2
-    proj = report.get("projection")
-    # On the CPU the verdicts describe a CPU, not a pod: --cpu checks that every part runs.
-    return 0 if args.cpu or proj is None or (proj["train_pass"] and proj["eval_pass"]) else 1
+    # On --cpu the budgets describe a CPU, not a pod (no verdict): --cpu checks that every part runs.
+    failed = failed_checks(report)
+    if failed:
+        print(f"\nFAIL: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

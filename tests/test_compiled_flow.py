@@ -89,6 +89,7 @@ def test_main_runs_compiled_and_compiles_nothing_after_the_warm_up(tmp_path, dat
     assert all(f"phase:{name} seconds:" in log for name in order) and "wall_time:" in log
     if knobs.get("PHASED_TTT_ENABLED") == "1":
         assert "ttt_phased:1/" in log and "mode:phased_lora" in log and metrics["ttt"]["documents"] >= 1
+        assert f"phases:{metrics['ttt']['phases_run']}/2" in log, "phases run of PHASED_TTT_NUM_PHASES=2"
         assert compiles.count("lora:setup") == 1, compiles  # one dynamic graph, compiled in the warm-up
     backend = knobs.get("ATTN_BACKEND", "sdpa")
     assert f"resolved_attn_backend: {backend}" in log

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -256,6 +257,8 @@ MALFORMED = [
     ({"WORLD_SIZE": "2", "RANK": "-1"}, ["RANK", "-1"]),
     ({"LOCAL_RANK": "-1"}, ["LOCAL_RANK", "-1"]),
     ({"RANK": "zero"}, ["RANK", "zero"]),
+    ({"LOG_DIR": ""}, ["LOG_DIR=''", "'.' for the working directory"]),  # not silently the working directory
+    ({"LOG_DIR": "  "}, ["LOG_DIR=''"]),
 ]
 
 
@@ -358,6 +361,31 @@ def test_several_typos_warn_each():
     h = H.from_env({"MUON_WDD": "0.1", "NUM_LAYER": "3"})
     assert len(h.env_warnings) == 2
     assert any("MUON_WDD" in w for w in h.env_warnings) and any("NUM_LAYER" in w for w in h.env_warnings)
+
+
+def test_strict_env_refuses_every_typo_in_one_error_line():
+    msg = config_error({"MUON_WDD": "0.1", "NUM_LAYER": "3", "STRICT_ENV": "1"})
+    assert_one_line_naming(msg, "MUON_WDD='0.1' (did you mean MUON_WD?)", "NUM_LAYER='3' (did you mean NUM_LAYERS?)",
+                           "STRICT_ENV=1 refuses them")
+    assert "ignored" not in msg
+
+
+def test_typo_warnings_are_repeated_below_the_config_block():
+    """The first warnings print above ~160 config lines and scroll away: one line repeats them after the block."""
+    h = H.from_env({"SEEDS": "42", "NUM_LAYER": "3"})
+    lines: list[str] = []
+    tg.log_header(h, tg.DistInfo(0, 1, 0, tg.torch.device("cpu")), b"code", "sdpa", {}, lines.append)
+    end = max(i for i, line in enumerate(lines) if line.startswith("  "))
+    after = [line for line in lines[end + 1:] if line.startswith("WARNING:")]
+    assert len(after) == 1 and "SEEDS='42'" in after[0] and "did you mean NUM_LAYERS?" in after[0], lines[end:]
+
+
+def test_strict_env_and_input_checks_leave_the_config_hash_alone():
+    """Seeds run with and without STRICT_ENV (or checking more documents) are one configuration."""
+    base = tg.config_hash(H.from_env({}).knob_values())
+    for env in ({"STRICT_ENV": "1"}, {"BPB_CHECK_DOCS": "all"}, {"SEED": "7", "LOG_DIR": "elsewhere"}):
+        assert tg.config_hash(H.from_env(env).knob_values()) == base, env
+    assert tg.config_hash(H.from_env({"NUM_LAYERS": "7"}).knob_values()) != base
 
 
 UNRELATED = {"HOME": "/root", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "0,1",
@@ -543,6 +571,8 @@ def test_legacy_recurrence_and_parallel_names():
     assert h.parallel_start_layer == 7 and h.env_warnings == ()
     assert H.from_env({"RECUR_LAYERS": ""}).num_loops == 0
     assert H.from_env({"PARALLEL_RESIDUAL": "0"}).parallel_mode == "off"
+    gptj = H.from_env({"PARALLEL_RESIDUAL_START": "7"})  # PR #1412-style: GPT-J parallel layers from 7 on
+    assert (gptj.parallel_mode, gptj.parallel_start_layer) == ("gptj", 7)
     assert H.from_env({"PARALLEL_RESIDUAL": "1"}).parallel_mode == "lanes"
     for env, names in (({"RECUR_LAYERS": "4,6"}, ["RECUR_LAYERS", "contiguous"]),
                        ({"RECUR_LAYERS": "4,x"}, ["RECUR_LAYERS"]),
@@ -620,3 +650,29 @@ def test_a_hint_ends_the_message_and_is_optional():
     assert isinstance(tg.ArtifactError("a", hint="b"), ValueError) and str(tg.ArtifactError("a", hint="b")) == "a; b"
     msg = config_error({"PHASED_TTT_ENABLED": "1", "TTT_ENABLED": "0"})
     assert msg.startswith("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0; ") and "set TTT_ENABLED=1" in msg
+
+
+# torch's own first line for a file holding an object weights_only refuses (its escapes bold a phrase)
+TORCH_REFUSAL = ("Weights only load failed. This file can still be loaded, to do so you have two options, \x1b[1mdo "
+                 "those steps only if you trust the source of the checkpoint\x1b[0m. \n\t(1) In PyTorch 2.6, ...")
+
+
+def test_requantize_of_a_foreign_file_says_why_in_whole_words(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError(TORCH_REFUSAL)
+
+    def error(path: Path) -> str:
+        h = H.from_env({"REQUANTIZE": str(path)})
+        with pytest.raises(tg.ConfigError) as info:
+            tg.requantize(SimpleNamespace(h=h), None)
+        return str(info.value)
+
+    tg.torch.save({"x": 1}, tmp_path / "other.pt")  # a torch file, not one keep_weights wrote: short, shown whole
+    assert error(tmp_path / "other.pt").endswith("not a weights file kept by train_gpt.py (KeyError: 'state_dict')")
+    monkeypatch.setattr(tg.torch, "load", refuse)
+    msg = error(tmp_path / "x.pt")
+    assert_one_line_naming(msg, "REQUANTIZE=", "(ValueError: Weights only load failed.")
+    shown = msg.split("(ValueError: ", 1)[1]
+    assert "\x1b" not in msg and shown.endswith(" ...)"), msg
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", TORCH_REFUSAL)
+    assert plain.startswith(shown.removesuffix(" ...)") + " "), "cut at a word boundary"

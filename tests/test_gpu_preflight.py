@@ -236,7 +236,7 @@ def test_the_kit_runs_the_preflight_where_there_is_no_shared_folder(tmp_path):
     assert "| ours, anchor architecture | looped |" in table and "| eval_ttt |" in table
     assert "| ours + FUSED_CE_ENABLED=1 | plain |" in table and "eval_ttt on the real split" in table
     assert report["step_variants"]["FUSED_CE_ENABLED=1"]["looped"]["tokens_per_s"] > 0
-    assert "training budget:" in table and "eval budget:" in table and "**PASS**" in table
+    assert "training budget:" in table and "eval budget:" in table and "no verdict (this is a CPU" in table
     # A kit file changed in transit is named, not used.
     data = pod / "bench" / ".cache" / "kit-cpu" / "data" / "tokenizers" / "fineweb_8192_bpe.model"
     data.write_bytes(data.read_bytes() + b"x")
@@ -464,6 +464,31 @@ def test_the_projection_passes_small_logs_and_fails_large_ones_through_the_cli(t
     (tmp_path / "none" / "top1855").mkdir(parents=True)
     assert gpu.main(["--project-eval", "--anchors-from", str(tmp_path / "none"), "--kit", str(tmp_path / "kit")]) == 2
     assert "no train_seed*.log" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cpu, slow_eval, slow_top", [(True, True, False), (True, False, True), (False, True, False),
+                                                     (False, False, False)])
+def test_the_exit_code_agrees_with_every_verdict_printed(tmp_path, monkeypatch, capsys, cpu, slow_eval, slow_top):
+    """A FAIL printed means a non-zero exit. On --cpu the pod budgets describe a CPU: printed without a verdict;
+    the record eval projection (PR #1855's logs, not this machine) is a verdict there too."""
+    run = fake_run(eval_tok_s=200_000.0 if slow_eval else 2_000_000.0)
+    fast = dict(seg_s=(20.0, 5.0, 3.0, 10.0), roundtrip_ms=500, sgd=((1.0, 131), (2.0, 219), (3.0, 289)),
+                decompress=(2.0, 2.0))
+    top = synthetic_top_folder(tmp_path / "top1855", **({} if slow_top else fast))
+
+    def parts(args, data_dir, vocab, knobs, report, save):
+        report.update(pipeline=run, projection=gpu.project(run, 40_540_160),
+                      record_eval_projection=gpu.project_record_eval(top))
+
+    monkeypatch.setattr(gpu, "load_kit", lambda args: (tmp_path, 8192))
+    monkeypatch.setattr(gpu, "ensure_brotli", lambda args: "present")
+    monkeypatch.setattr(gpu, "environment", lambda args: dict.fromkeys(
+        ("device", "torch", "cuda", "attn_backend_auto", "fa3", "fa4"), "x"))
+    monkeypatch.setattr(gpu, "run_parts", parts)
+    rc = gpu.main(["--cpu"] * cpu + ["--cache", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == (1 if slow_top or (slow_eval and not cpu) else 0), out
+    assert ("FAIL" in out) == (rc == 1) and ("no verdict" in out) == cpu, out
 
 
 @pytest.mark.skipif(not TOP.is_dir(), reason=f"{TOP} not present (the leaderboard top's folder, PR #1855)")

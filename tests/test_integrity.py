@@ -128,7 +128,8 @@ def test_a_run_id_another_live_process_holds_is_refused_and_a_stale_lock_taken_o
 def test_misspelt_knobs_warn_and_fail_under_strict_env(name, knob):
     h = tg.Hyperparameters.from_env({name: "42"})
     assert h.env_warnings == (f"{name}='42' is not a knob of train_gpt.py and is ignored (did you mean {knob}?)",)
-    with pytest.raises(tg.ConfigError, match="STRICT_ENV=1 makes this an error"):
+    with pytest.raises(tg.ConfigError, match=rf"^unknown knobs: {name}='42' \(did you mean {knob}\?\); STRICT_ENV=1 "
+                                             r"refuses them"):
         tg.Hyperparameters.from_env({name: "42", "STRICT_ENV": "1"})
 
 
@@ -254,6 +255,7 @@ def test_an_out_of_range_training_token_is_named_by_its_place_in_the_file(datase
     tokens = np.array(tg.load_shard(shard))
     tokens[1234] = 4000  # overlapping windows cover every token: the first batch that reads it stops the run
     tg.write_shard(shard, tokens)
+    (data["dir"] / "manifest.json").unlink(missing_ok=True)  # the sample's hashes would name the edited shard first
     for other in sorted(data["dir"].glob("fineweb_train_*.bin"))[1:]:
         other.unlink()
     run = run_script(tmp_path, tiny_env(data, tmp_path, "oor", ITERATIONS=500))
@@ -295,3 +297,208 @@ def test_wallclock_cap_stops_before_the_cap_with_a_fake_clock(dataset, tmp_path,
     assert 25.0 - 2 * step_s <= result.train_time_ms / 1000 <= 25.0, (result.train_time_ms, step_s)
     stop = next(i for i, x in enumerate(lines) if x.startswith("stopping_early:wallclock_cap"))
     assert lines[stop - 1].startswith(f"step:{result.steps}/100000 ")  # the last step is logged, then the stop
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults mid-run: a disk that fills, SIGTERM and SIGHUP, a killed rank, a failed run's RUN_ID
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    threads = tg.torch.get_num_threads()
+    tg.torch.set_num_threads(1)
+    yield
+    tg.torch.set_num_threads(threads)
+
+
+class FillingDisk:
+    """A log file whose disk fills once training has logged its first step: every later write, flush and
+    the close fail with ENOSPC, as on a full tmpfs."""
+
+    def __init__(self, real):
+        self.real, self.full = real, False
+
+    def _check(self):
+        if self.full:
+            raise OSError(28, "No space left on device")
+
+    def write(self, text):
+        self._check()
+        self.full = text.startswith("step:1/")
+        return self.real.write(text)
+
+    def flush(self):
+        self._check()
+        self.real.flush()
+
+    def close(self):
+        self.real.close()
+        self._check()
+
+
+def test_a_log_that_cannot_be_written_mid_run_keeps_the_weights_and_exits_4(dataset, tmp_path, monkeypatch,
+                                                                            capsys, one_thread):
+    real_init = tg.Logger.__init__
+
+    def filling(self, path, enabled=True):
+        real_init(self, path, enabled)
+        if self.file is not None:
+            self.file = FillingDisk(self.file)
+
+    monkeypatch.setattr(tg.Logger, "__init__", filling)
+    assert tg.main(tiny_env(dataset, tmp_path, "fills")) == 4
+    out, err = capsys.readouterr()
+    logs = tmp_path / "logs"
+    kept = logs / "fills.weights.pt"
+    assert err.strip().splitlines() == [
+        f"error: {logs / 'fills.txt'}: could not write the log (No space left on device); the trained weights are "
+        f"kept in {kept}: REQUANTIZE={kept} with the same knobs (and another RUN_ID or LOG_DIR) quantizes, packs and "
+        f"scores them"]
+    assert "step:6/6 " in out and "pre_quant_val_loss:" in out  # training went on, on the console
+    assert tg.torch.load(kept, weights_only=True)["steps"] == 6
+    assert sorted(p.name for p in logs.iterdir()) == ["fills.txt", "fills.weights.pt"]  # no lock, no artifact
+    assert (logs / "fills.txt").read_text().splitlines()[-1].startswith("step:1/")
+
+
+def test_metrics_that_cannot_be_written_exit_4_and_the_artifact_is_kept_and_rescored(dataset, tmp_path, monkeypatch,
+                                                                                   capsys, one_thread):
+    real = tg.atomic_write_bytes
+
+    def json_full(path, data):
+        if str(path).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(tg, "atomic_write_bytes", json_full)
+    env = tiny_env(dataset, tmp_path, "nojson")
+    assert tg.main(env) == 4
+    logs = tmp_path / "logs"
+    ptz = logs / "nojson.ptz"
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == (f"error: {logs / 'nojson.json'}: could not write the metrics (No space left on device); the "
+                   f"artifact is kept in {ptz}: EVAL_ONLY=1 ARTIFACT={ptz} (and another RUN_ID or LOG_DIR) scores it "
+                   f"again")
+    assert sorted(p.name for p in logs.iterdir()) == ["nojson.ptz", "nojson.txt"]
+    assert (logs / "nojson.txt").read_text().splitlines()[-1] == err
+    monkeypatch.setattr(tg, "atomic_write_bytes", real)
+    assert tg.main({**env, "RUN_ID": "nojson_rescored", "EVAL_ONLY": "1", "ARTIFACT": str(ptz)}) == 0
+
+
+def test_a_logger_whose_file_fails_keeps_printing_and_never_raises(tmp_path, capsys):
+    log = tg.Logger(tmp_path / "a.txt")
+    log.file = FillingDisk(log.file)
+    for line in ("config:", "step:1/9", "step:2/9", "step:3/9"):
+        log(line)
+    log.close()
+    assert log.failure == f"{tmp_path / 'a.txt'}: could not write the log (No space left on device)"
+    assert capsys.readouterr().out.splitlines()[-1] == "step:3/9"
+    (tmp_path / "a_file").write_text("x")
+    unwritable = tg.Logger(tmp_path / "a_file" / "b.txt")  # the folder is a file: opening fails
+    assert unwritable.failure.startswith(f"{tmp_path / 'a_file' / 'b.txt'}: could not write the log")
+    unwritable.close()
+
+
+@pytest.mark.parametrize("signum, rc", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_release_the_lock_in_process_and_the_handlers_are_restored(
+        dataset, tmp_path, monkeypatch, capsys, signum, rc):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+    def killed(*args):
+        assert callable(signal.getsignal(signum)), "no handler: the signal would end pytest"
+        try:
+            os.kill(os.getpid(), signum)
+        finally:
+            os.kill(os.getpid(), signum)  # a second signal while the run unwinds is ignored
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr(tg, "prepare_data", killed)
+    assert tg.main(tiny_env(dataset, tmp_path, "term")) == rc
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: terminated ({name}); outputs written so far are kept, nothing was finished"]
+    assert (tmp_path / "logs" / "term.txt").read_text().splitlines()[-1] == f"error: terminated ({name})"
+    assert not (tmp_path / "logs" / "term.lock").exists()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_ends_with_one_line_and_exit_143(dataset, tmp_path):
+    env = tiny_env(dataset, tmp_path, "sigterm", ITERATIONS=100_000)
+    proc = subprocess.Popen([sys.executable, str(tg.Path(tg.__file__))], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # wait until it trains
+        if line.startswith("step:2/"):
+            break
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines() == ["error: terminated (SIGTERM); outputs written so far are kept, nothing was "
+                                        "finished"]
+    assert (tmp_path / "logs" / "sigterm.txt").read_text().rstrip().endswith("error: terminated (SIGTERM)")
+    assert not (tmp_path / "logs" / "sigterm.lock").exists()
+
+
+def test_the_lock_of_a_process_that_died_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process (until the kernel reuses it, long after this test)
+    (tmp_path / "r.lock").write_text(f"{dead.pid} {tg.platform.node()}\n")
+    tg.claim_run_files(tmp_path, "r", False, 0)
+    assert (tmp_path / "r.lock").read_text().split()[0] == str(os.getpid())
+
+
+def worker_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of the torchrun workers under `parent` (read from /proc: their RANK variable)."""
+    found = {}
+    for stat in tg.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if ppid == parent and rank:
+            found[int(rank[0])] = int(stat.parent.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_a_torchrun_rank_killed_with_sigkill_leaves_no_lock(dataset, tmp_path):
+    env = tiny_env(dataset, tmp_path, "killed", ITERATIONS=100_000)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tg.Path(tg.__file__))], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        for line in proc.stdout:  # wait until it trains
+            if line.startswith("step:2/"):
+                break
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert not (tmp_path / "logs" / "killed.lock").exists(), err[-3000:]
+    assert (tmp_path / "logs" / "killed.txt").read_text().splitlines()[-1].startswith("error: "), err[-3000:]
+
+
+def test_a_failed_runs_log_does_not_block_its_run_id_and_is_kept(dataset, tmp_path):
+    logs = tmp_path / "logs"
+    env = tiny_env(dataset, tmp_path, "again", TOKENIZER_PATH=str(tmp_path / "missing.model"))
+    assert tg.main(env) == 2  # fails after claiming its outputs: a log that ends in its error
+    first = (logs / "again.txt").read_text()
+    assert first.splitlines()[-1].startswith("error: ")
+    assert tg.main(env) == 2  # the rerun is not refused; the first log is kept aside, and the new log says so
+    assert (logs / "again.failed.txt").read_text() == first
+    assert (logs / "again.txt").read_text().splitlines()[0] == (
+        f"note: {logs / 'again.txt'} held the log of a run that failed; it is kept as {logs / 'again.failed.txt'}")
+    files = tg.claim_run_files(logs, "again", False, 0)
+    assert files.note.endswith(f"it is kept as {logs / 'again.failed2.txt'}") and not files.staged
+    files.lock.unlink()
+    # What still blocks: a log that does not end in an error, a failed log beside kept weights, a JSON or artifact.
+    for extra, last in ((None, "final val_loss:1.0"), ("again.weights.pt", "error: x"), ("again.ptz", "error: x")):
+        (logs / "again.txt").write_text(f"config:\n{last}\n")
+        if extra:
+            (logs / extra).write_bytes(b"x")
+        with pytest.raises(tg.ConfigError, match="is not allowed: .* exists"):
+            tg.claim_run_files(logs, "again", False, 0)

@@ -74,6 +74,16 @@ def test_every_target_is_scored_once_with_the_plain_evals_bytes():
     assert info["documents"] == len(LENGTHS) and info["phases_run"] == 2 and info["segments"] == 3
 
 
+def test_the_log_says_how_many_phases_were_set_planned_and_run():
+    """A prefix of every document puts the last of 3 pauses after the last batch, where it would change no
+    score: the log says 3 were set and why one is not planned, not just `2`."""
+    lines: list[str] = []
+    _, info, _ = run(doc_stream(LENGTHS, 0), phases=3, prefix=len(LENGTHS), lines=lines)
+    assert (info["phases_set"], info["phases_planned"], info["phases_run"]) == (3, 2, 2)
+    plan = [line for line in lines if line.startswith("ttt_phases:")]
+    assert plan == ["ttt_phases:3 boundaries:4,9,14 pauses_planned:2 unplanned_after_last_batch:1"]
+
+
 @pytest.mark.parametrize("target", [1, 4])
 def test_a_documents_score_ignores_every_document_scored_after_it_or_beside_it(target):
     val = doc_stream(LENGTHS, 0)

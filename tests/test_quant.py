@@ -183,6 +183,27 @@ def test_fit_artifact_widens_matrix_k_until_it_fits():
     assert easy.fits and len(easy.attempts) == 1 and easy.spec == spec
 
 
+def test_fit_stops_with_one_line_when_no_clip_can_widen():
+    """k = 0 (each row at its largest magnitude) times any factor is still 0: the size cannot move, so the fit
+    stops after one attempt and says why instead of running the factor off to 1e23."""
+    state = state_of(tiny_model())
+    spec = tg.QuantSpec(method="rtn", clip=(("attn", 0.0), ("embed", 0.0), ("mlp", 0.0)))
+    lines: list[str] = []
+    fit = tg.fit_artifact(state, spec, None, int(len(pack_artifact(state, spec)) * 0.85), {}, lines.append)
+    assert not fit.fits and [a["factor"] for a in fit.attempts] == [1.0] and fit.spec == spec
+    stop = [line for line in lines if "fit-to-size stops" in line]
+    assert len(stop) == 1 and "MATRIX_CLIP_SIGMAS > 0" in stop[0] and "TARGET_BYTES" in stop[0], lines
+
+
+def test_fit_stops_once_widening_no_longer_shrinks_the_artifact():
+    state = state_of(tiny_model())
+    lines: list[str] = []
+    fit = tg.fit_artifact(state, tg.QuantSpec(method="rtn"), None, 1000, {}, lines.append)  # below any artifact
+    assert not fit.fits and len(fit.attempts) < tg.FIT_MAX_ATTEMPTS
+    assert fit.attempts[-1]["bytes"] >= fit.attempts[-2]["bytes"]
+    assert sum("no longer shrinks the artifact" in line for line in lines) == 1, lines
+
+
 def test_lzma_compressor_round_trip_and_deterministic_gptq_pack():
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))

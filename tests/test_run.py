@@ -572,8 +572,8 @@ def test_smoke_preset_learns(tmp_path, record_property):
 @pytest.mark.slow
 def test_eval_only_reproduces_the_training_runs_score(tiny_run, dataset, tmp_path):
     assert tiny_run.rc == 0, tiny_run.describe()
-    # Model knobs come from the artifact: a different NUM_LAYERS in the environment does not matter.
-    env = tiny_env(dataset, tmp_path, "rescore", EVAL_ONLY=1, ARTIFACT=tiny_run.path("ptz"), NUM_LAYERS=5)
+    # Model knobs come from the artifact (one set to another value is refused: tests/test_provenance.py).
+    env = tiny_env(dataset, tmp_path, "rescore", EVAL_ONLY=1, ARTIFACT=tiny_run.path("ptz"))
     run = run_script(tmp_path, env)
     assert run.rc == 0, run.describe()
     a, b = tiny_run.final, run.final
