@@ -15,10 +15,15 @@ Creates records/track_10min_16mb/<YYYY-MM-DD>_<name>/ with
 - submission.json: author, github_id, name, blurb, date, track, val_loss / val_bpb (mean, sample std),
   seeds, per-seed results, bytes_total / bytes_code, hardware, pytorch version, compliance fields and,
   with --baseline, the significance tests (see records/stats.py);
-- requirements.txt and a README.md skeleton: per-seed table, the run command, compliance block.
+- requirements.txt and a README.md skeleton: per-seed table, the run command, compliance block. The run
+  command works from the folder where the pull request puts it (records/<track>/<folder>/ of a checkout):
+  it reads the data the logs name from the checkout's data/ (DATA_PATH=../../../data/datasets/<shards>,
+  TOKENIZER_PATH=../../../data/tokenizers/<tokenizer>: the challenge data as its downloader lays it out, or
+  the embedded sample when the runs used SAMPLE_DATA, then with SAMPLE_DATA=0 where the preset would turn it
+  on) and writes its logs to the checkout's logs/ (LOG_DIR=../../../logs), nothing into the folder.
 
 It refuses, with one `error:` line per problem and nothing written, when a log is incomplete or does
-not belong to its JSON, the seeds' configs (config_hash: everything but SEED, RUN_ID, LOG_DIR) differ,
+not belong to its JSON, the seeds' configs (config_hash: everything but the knobs in CONFIG_HASH_IGNORED) differ,
 the seeds scored different data ("mixed data": dataset.val_sha256 or dataset.tokenizer_sha256 differ), a
 seed repeats, any seed is over 16,000,000 bytes, or the script's hash does not match the logs. On the
 record track (the default) it also refuses a run that is not reportable (its JSON's `reportable_reason`
@@ -29,7 +34,8 @@ under records/track_non_record_16mb/ instead: those become warnings.
 
 One or two seeds are accepted with a warning (a record needs at least 3); what needs more seeds (the
 sample std, the t-tests) is reported as not computable. The folder is written to a temporary name,
-validated with records/check.py, then renamed into place; the temporary folder never stays behind.
+validated with records/check.py (which re-derives submission.json and the README from the logs with the
+functions here), then renamed into place; the temporary folder never stays behind.
 """
 
 from __future__ import annotations
@@ -288,26 +294,39 @@ def script_module(source: bytes, name: str) -> Any:
     return module if hasattr(module, "Hyperparameters") else None
 
 
+# Where the run reads its data and writes its outputs: set by the README's run command for this folder's place in a
+# checkout (records/<track>/<folder>/), not copied from the logs, and never compared with the logged config.
+LOCATION_KNOBS = frozenset({"DATA_DIR", "DATA_PATH", "TOKENIZER_PATH", "SAMPLE_DATA", "LOG_DIR"})
+CHECKOUT = "../../.."  # from records/<track>/<folder>/ to the root of the checkout it sits in
+COMMAND_MARK = "SEED=$s RUN_ID="  # starts the README's run command line (check.py compares its knobs with the logs)
+
+
+def _env_text(v: Any) -> str:
+    return ("1" if v else "0") if isinstance(v, bool) else str(v)
+
+
+def preset_defaults(config: dict[str, Any], tg: Any) -> dict[str, Any]:
+    """Every knob's default under the config's PRESET in `tg` (the script that ran), JSON-typed; {} when unknown."""
+    if tg is None:
+        return {}
+    try:
+        preset = str(config.get("PRESET", "record"))
+        return json.loads(json.dumps(tg.Hyperparameters.from_env({"PRESET": preset}).knob_values(), default=str))
+    except Exception:  # noqa: BLE001 - an unknown preset in an older config: list every knob
+        return {}
+
+
 def non_default_env(config: dict[str, Any], tg: Any) -> tuple[list[str], bool]:
     """`KNOB=value` for every knob that differs from its preset's default in `tg` (the script that ran; SEED,
-    RUN_ID, LOG_DIR left out), and whether those assignments were verified to reproduce the config."""
-    ignored = runlog.config_hash_ignored()
+    RUN_ID and the LOCATION_KNOBS left out), and whether those assignments were verified to reproduce the config."""
+    ignored = runlog.config_hash_ignored() | LOCATION_KNOBS
     preset = str(config.get("PRESET", "record"))
-    defaults: dict[str, Any] = {}
-    if tg is not None:
-        try:
-            defaults = json.loads(json.dumps(tg.Hyperparameters.from_env({"PRESET": preset}).knob_values(), default=str))
-        except Exception:  # noqa: BLE001 - an unknown preset in an older config: list every knob
-            defaults = {}
-
-    def text(v: Any) -> str:
-        return ("1" if v else "0") if isinstance(v, bool) else str(v)
-
+    defaults = preset_defaults(config, tg)
     env = [] if preset == "record" else [f"PRESET={preset}"]
     for key in sorted(config):
         if key in ignored or key == "PRESET" or (key in defaults and defaults[key] == config[key]):
             continue
-        env.append(f"{key}={shlex.quote(text(config[key]))}")
+        env.append(f"{key}={shlex.quote(_env_text(config[key]))}")
     verified = False
     if tg is not None and defaults:
         try:
@@ -318,6 +337,53 @@ def non_default_env(config: dict[str, Any], tg: Any) -> tuple[list[str], bool]:
         except Exception:  # noqa: BLE001 - reported as "not verified" in the README
             verified = False
     return env, verified
+
+
+@dataclass
+class DataPlace:
+    """The data the runs read, by name: where the README's command finds it in a checkout's data/."""
+    dataset: str  # the shard folder's name (data/datasets/<dataset>/)
+    tokenizer: str  # the tokenizer file's name (data/tokenizers/<tokenizer>)
+    sample: bool  # the embedded sample (SAMPLE_DATA=1), not the challenge data
+
+    @property
+    def env(self) -> list[str]:
+        return [f"DATA_PATH={shlex.quote(f'{CHECKOUT}/data/datasets/{self.dataset}')}",
+                f"TOKENIZER_PATH={shlex.quote(f'{CHECKOUT}/data/tokenizers/{self.tokenizer}')}"]
+
+
+def data_place(run: runlog.Run) -> DataPlace:
+    """Which data the run read, from its log (the `dataset:` line and the config's resolved tokenizer path), else
+    from its config (DATA_PATH / TOKENIZER_PATH, or the names train_gpt.py derives from VOCAB_SIZE)."""
+    config = run.metrics["config"] if run.metrics else run.config
+    sample = str(config.get("SAMPLE_DATA")).lower() in ("true", "1")
+    vocab = config.get("VOCAB_SIZE")
+    caseops = "_lossless_caps_caseops_v1_reserved" if str(config.get("CASEOPS_ENABLED")).lower() in ("true", "1") else ""
+    lg = run.log
+    dataset = ((lg.dataset_dir if lg is not None else None) or str(config.get("DATA_PATH") or "")
+               or (f"sample_sp{vocab}" if sample else f"fineweb10B_sp{vocab}{caseops}"))
+    tokenizer = ((lg.config.get("dataset_tokenizer") if lg is not None else None)
+                 or ((run.metrics or {}).get("dataset") or {}).get("tokenizer") or str(config.get("TOKENIZER_PATH") or "")
+                 or (f"sample_{vocab}_bpe.model" if sample else f"fineweb_{vocab}_bpe{caseops}.model"))
+    return DataPlace(Path(dataset).name, Path(tokenizer).name, sample)
+
+
+@dataclass
+class RunCommand:
+    """The README's run command: the data and log places for this folder, then the logged knobs."""
+    place: DataPlace
+    env: list[str]  # location knobs first (DATA_PATH, TOKENIZER_PATH, SAMPLE_DATA=0 if needed, LOG_DIR), then knobs
+    verified: bool  # the knobs were verified to reproduce the logged configuration
+
+
+def run_command(runs: list[runlog.Run], tg: Any) -> RunCommand:
+    config = runs[0].metrics["config"]
+    place = data_place(runs[0])
+    knobs, verified = non_default_env(config, tg)
+    # The data is given by path, so SAMPLE_DATA (which builds the sample with data/make_sample.py next to
+    # train_gpt.py, absent here) stays off; a preset whose default turns it on gets SAMPLE_DATA=0.
+    sample_off = ["SAMPLE_DATA=0"] if preset_defaults(config, tg).get("SAMPLE_DATA", True) else []
+    return RunCommand(place, place.env + sample_off + [f"LOG_DIR={CHECKOUT}/logs"] + knobs, verified)
 
 
 def requirements_text(runs: list[runlog.Run]) -> str:
@@ -343,8 +409,44 @@ def _f(x: Any, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def run_command_text(sub: dict[str, Any], folder_rel: str, cmd: RunCommand) -> list[str]:
+    """The README's run command section (without its heading): where the data and the logs are, the command."""
+    place = cmd.place
+    data = sub.get("dataset") or {}
+    ids = (f"the logs' val sha256 `{str(data.get('val_sha256', '?'))[:16]}`, tokenizer sha256 "
+           f"`{str(data.get('tokenizer_sha256', '?'))[:16]}`")
+    where = f"the shards in `data/datasets/{place.dataset}/` and the tokenizer `data/tokenizers/{place.tokenizer}`"
+    if place.sample:
+        vocab = place.dataset.rpartition("_sp")[2]
+        data_note = (f"on the data the logs name, the embedded sample dataset (`SAMPLE_DATA=1` in the runs; {ids}): "
+                     f"{where} of that checkout. Build it first, from the checkout's root, with "
+                     f"`python data/make_sample.py --vocab-size {vocab}` (the training stack's sample builder); the "
+                     f"command gives its paths, so it needs no `data/make_sample.py` next to this `train_gpt.py`.")
+    else:
+        data_note = (f"on the data the logs name ({ids}): {where} of that checkout, the challenge data as "
+                     f"`data/cached_challenge_fineweb.py` lays it out.")
+    ws = sub["world_size"]
+    launcher = "python train_gpt.py" if ws == 1 else f"torchrun --standalone --nproc_per_node={ws} train_gpt.py"
+    seeds = " ".join(str(s) for s in sub["seeds"])
+    return [
+        f"From this folder, where it sits in a checkout of the challenge repository (`{folder_rel}/`), {data_note} "
+        f"The logs and artifacts go to the checkout's `logs/` (`LOG_DIR={CHECKOUT}/logs`): running it writes nothing "
+        f"into this folder.",
+        "",
+        "```bash",
+        f"for s in {seeds}; do",
+        f"  {COMMAND_MARK}{sub['name']}_s$s {' '.join(cmd.env)} {launcher}",
+        "done",
+        "```",
+        "",
+        ("The knobs after `LOG_DIR` are those that differ from the preset's defaults; they reproduce the logged "
+         "configuration." if cmd.verified else "The knobs after `LOG_DIR` are those that differ from the preset's "
+         "defaults (not verified against the logged configuration: compare with the `config:` block of a log)."),
+    ]
+
+
 def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, folder_rel: str,
-                env: list[str], env_verified: bool, significance_lines: list[str]) -> str:
+                cmd: RunCommand, significance_lines: list[str]) -> str:
     n = len(runs)
     rows = sub["seed_results"]
     labels = [lab for lab in ("sliding", "ttt") if any(f"{lab}_val_bpb" in r for r in rows.values())]
@@ -366,10 +468,6 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
                                    + [mean_of(f"{lab}_val_bpb") for lab in labels]
                                    + [_f(sub["val_loss"]), f"**{_f(sub['val_bpb'])}**",
                                       f"{sub['bytes_total']:,} (max)"]) + " |")
-    ws = runs[0].metrics["world_size"]
-    launcher = "python train_gpt.py" if ws == 1 else f"torchrun --standalone --nproc_per_node={ws} train_gpt.py"
-    env_text = (" ".join(env) + " ") if env else ""
-    seeds = " ".join(str(s) for s in sub["seeds"])
     if shipped.how == "packed-from-raw":
         code_note = (f"`train_gpt.py` here is the self-extracting ({shipped.codec} + {shipped.wrapper}) form of the "
                      f"script the logs ran: its payload's sha256 is the logs' `code_sha256` "
@@ -395,7 +493,8 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
         f"- [{'x' if c['artifact_under_16mb'] else ' '}] code + model ≤ {lim['bytes']:,} bytes on every seed "
         f"(max {sub['bytes_total']:,})",
         f"- [{'x' if c['same_config'] else ' '}] all seeds from one configuration (config_hash "
-        f"`{sub.get('config_hash', '?')[:16]}`; only SEED, RUN_ID, LOG_DIR differ) and one dataset "
+        f"`{sub.get('config_hash', '?')[:16]}`; only {', '.join(sorted(runlog.config_hash_ignored()))} may differ) "
+        f"and one dataset "
         f"(val sha256 `{str(sub.get('dataset', {}).get('val_sha256', '?'))[:16]}`, tokenizer sha256 "
         f"`{str(sub.get('dataset', {}).get('tokenizer_sha256', '?'))[:16]}`)",
         f"- [{'x' if c['three_seeds'] else ' '}] at least 3 seeds ({n})",
@@ -439,18 +538,7 @@ def readme_text(sub: dict[str, Any], runs: list[runlog.Run], shipped: Shipped, f
         "",
         "## Run command",
         "",
-        f"From this folder (`{folder_rel}`), with the data where the knobs below point (the default `DATA_DIR=./data` "
-        f"is relative to the working directory; e.g. `DATA_DIR=../../../data` for the repository's `data/`):",
-        "",
-        "```bash",
-        f"for s in {seeds}; do",
-        f"  SEED=$s RUN_ID={sub['name']}_s$s {env_text}{launcher}",
-        "done",
-        "```",
-        "",
-        ("These are the knobs that differ from the preset's defaults; they reproduce the logged configuration."
-         if env_verified else "These are the knobs that differ from the preset's defaults (not verified against the "
-                              "logged configuration: compare with the `config:` block of a log)."),
+        *run_command_text(sub, folder_rel, cmd),
         "",
         "## Compliance",
         "",
@@ -595,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison, baseline_desc, sig_lines = None, None, []
     if args.baseline and runs and not errors:
         try:
-            new = stats.Side("new", [stats.score_of_run(r) for r in runs])
+            new = stats.Side("new", [stats.score_of_run(r) for r in sorted(runs, key=lambda r: r.seed)])
             old = stats.load_side(args.baseline, "baseline")
             comparison = stats.compare(new, old)
             baseline_desc = " ".join(args.baseline)
@@ -612,12 +700,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub = build_submission(runs, shipped, args, comparison, baseline_desc)
     source = pack.unpack(shipped.data)[0] if shipped.how != "raw" else shipped.data
-    env, env_verified = non_default_env(runs[0].metrics["config"],
-                                        script_module(source, str(args.script)) or runlog.train_gpt())
-    try:
-        folder_rel = str(dest.resolve().relative_to(runlog.ROOT))
-    except ValueError:
-        folder_rel = str(dest)
+    cmd = run_command(runs, script_module(source, str(args.script)) or runlog.train_gpt())
+    folder_rel = f"records/track_{args.track}/{dest.name}"  # where the pull request puts it
     made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # removed again on failure
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -628,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(run.log_path, tmp / f"train_seed{run.seed}.log")
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
         (tmp / "requirements.txt").write_text(requirements_text(runs), encoding="utf-8")
-        (tmp / "README.md").write_text(readme_text(sub, runs, shipped, folder_rel, env, env_verified, sig_lines),
+        (tmp / "README.md").write_text(readme_text(sub, runs, shipped, folder_rel, cmd, sig_lines),
                                        encoding="utf-8")
         os.chmod(tmp, 0o755)
         results = check.check_folder(tmp, name=dest.name)
@@ -678,8 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in results:
         if c.status != "PASS":
             print(f"  {c.line()}")
-    print(f"next: fill in README.md ({check.PLACEHOLDER} markers), run python records/check.py {folder_rel}, "
-          f"then open a pull request that adds only this folder")
+    print(f"next: fill in README.md ({check.PLACEHOLDER} markers), run python records/check.py {dest}, "
+          f"then open a pull request that adds only this folder (as {folder_rel}/)")
     return 0
 
 

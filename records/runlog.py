@@ -39,6 +39,7 @@ VAL_RE = re.compile(r"step:(?P<step>\d+)/(?P<of>\d+) val_loss:(?P<val_loss>\S+) 
                     r"train_time:(?P<train_time_ms>\d+)ms")
 EVAL_LABELS = ("pre_quant", "roundtrip", "sliding", "ttt")
 EVAL_RE = re.compile(r"(?P<label>pre_quant|roundtrip|sliding|ttt)_val_loss:(?P<val_loss>\S+) val_bpb:(?P<val_bpb>\S+)")
+DATASET_LINE_RE = re.compile(r"dataset:(?P<dir>.*?) manifest:")  # the shard folder the run read (its `dataset:` line)
 CONFIG_LINE_RE = re.compile(r"  (?P<key>[a-z0-9_]+): ?(?P<value>.*)")
 
 # Config-block keys that describe the machine, not the configuration: a difference is reported, not refused.
@@ -150,6 +151,7 @@ class LogInfo:
     vals: list[dict[str, float]] = field(default_factory=list)  # periodic validation lines
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # pre_quant/roundtrip/sliding/ttt lines
     compliance: dict[str, dict[str, str]] = field(default_factory=dict)
+    dataset_dir: str | None = None  # the shard folder the run read, as its `dataset:` line names it
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -198,6 +200,8 @@ def parse_log(text: str, path: Path | str = "log") -> LogInfo:
         elif line.startswith("compliance:"):
             kv = parse_kv(line)
             info.compliance[kv.pop("compliance")] = kv
+        elif line.startswith("dataset:") and (m := DATASET_LINE_RE.match(line)):
+            info.dataset_dir = m["dir"]
         elif line.startswith("WARNING:"):
             info.warnings.append(line)
         elif line.startswith("error:"):
@@ -322,6 +326,59 @@ class Run:
             return ([{k: s[k] for k in ("step", "train_time_ms", "train_loss")} for s in self.log.steps],
                     [{k: v[k] for k in ("step", "train_time_ms", "val_loss", "val_bpb")} for v in self.log.vals])
         return [], []
+
+
+VERSION_KEYS = ("python", "torch", "numpy", "cuda", "platform", "gpu", "gpu_count", "flash_attn", "cpu_threads")
+
+
+def typed(value: str) -> Any:
+    """A config-block value as the run JSON holds it: True/False, None, a number, else the text."""
+    if value in ("True", "False"):
+        return value == "True"
+    return None if value == "None" else _num(value)
+
+
+def metrics_from_log(lg: LogInfo) -> dict[str, Any]:
+    """What a finished run's JSON says, re-derived from its complete log alone (the config block, the labelled
+    evaluation lines, the `compliance:` lines and the `final` line; scores at the log's 8 decimals): the keys
+    the records tools read (REQUIRED_METRICS, dataset, reportable, train_data_access_end_ms). A folder ships
+    only the logs, so this is how check.py re-derives a submission's numbers."""
+    if lg.final is None:
+        raise RecordError(f"{lg.path}: no final line")
+    cfg, fin = lg.config, lg.final
+    skip = ENVIRONMENT_KEYS | CODE_KEYS
+    config = {k.upper(): typed(v) for k, v in cfg.items()
+              if k not in skip and not k.startswith(("dataset_", "resolved_")) and k != "world_size"}
+    versions = {k: cfg[k] for k in VERSION_KEYS if k in cfg}
+    if "resolved_device" in cfg:
+        versions["device"] = cfg["resolved_device"]
+    evaluations = {label: {"val_loss": e["val_loss"], "val_bpb": e["val_bpb"],
+                           **({"tokens": e["val_tokens"], "bytes": e["val_bytes"]} if "val_tokens" in e else {})}
+                   for label, e in lg.evals.items() if label != "pre_quant"}
+    final_eval = lg.evals.get(fin["eval"], {})
+    m: dict[str, Any] = {
+        "run_id": cfg.get("run_id"), "eval": fin["eval"], "val_loss": fin["val_loss"], "val_bpb": fin["val_bpb"],
+        "val_tokens": final_eval.get("val_tokens"), "val_bytes": final_eval.get("val_bytes"),
+        **{k: fin[k] for k in ("bytes_total", "bytes_model", "bytes_code", "train_time_ms", "eval_time_ms", "steps")},
+        "world_size": _int(cfg.get("world_size")), "config": config, "config_hash": cfg.get("config_hash"),
+        "code_sha256": cfg.get("code_sha256"), "versions": versions,
+        "attention_backend": cfg.get("resolved_attn_backend"),
+        "dataset": {k[len("dataset_"):]: typed(v) for k, v in cfg.items() if k.startswith("dataset_")},
+        "evaluations": evaluations,
+    }
+    if "pre_quant" in lg.evals:
+        m["pre_quant"] = {k: lg.evals["pre_quant"][k] for k in ("val_loss", "val_bpb")}
+    if lg.data_access_end_ms is not None:
+        m["train_data_access_end_ms"] = lg.data_access_end_ms
+    ident, _ = data_identity_of_log(lg)
+    if ident is not None:
+        m["reportable"], m["reportable_reason"] = ident.reportable, ident.reason
+    return m
+
+
+def run_from_log(lg: LogInfo) -> Run:
+    """A run from a complete log alone, its metrics re-derived (metrics_from_log)."""
+    return Run(lg.path.name, None, lg.path, metrics_from_log(lg), lg)
 
 
 def sibling_log(json_path: Path) -> Path | None:

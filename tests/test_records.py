@@ -10,8 +10,9 @@ the logs stale. Those runs score a few test documents, not the challenge's valid
 are not reportable: the folders are built with --non-record (under track_non_record_16mb/), and the
 record track's refusals are tested on their own. Refusal and validator cases are copies of those
 outputs with one thing changed.
-Two more runs execute packed scripts (Brotli + minified, and the LZMA file a built folder ships,
-run from inside that folder). matplotlib and scipy are optional: the tests that need them skip.
+Two more runs execute packed scripts (Brotli + minified, and the LZMA file a built folder ships, run
+with the README's own command from inside that folder, which sits at records/<track>/<folder>/ of a
+stand-in checkout with the data in its data/). matplotlib and scipy are optional: the tests that need them skip.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ import hashlib
 import json
 import lzma
 import math
+import os
+import shlex
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, tg
-from test_run import run_script, tiny_env
+from test_run import RUN_TIMEOUT_S, base_env, run_script, tiny_env
+from test_run import Run as ScriptRun
 
 RECORDS = ROOT / "records"
 if str(RECORDS) not in sys.path:
@@ -84,9 +89,10 @@ def build(sweep: dict, out: Path, *extra: str, logs: list[Path] | None = None, n
 
 @pytest.fixture(scope="module")
 def packed_folder(sweep, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("records")
-    assert build(sweep, out, "--pack") == 0
-    return out / NON_RECORD / "2026-05-01_TinyRun"
+    """The sweep's packed folder where a pull request puts it: records/<track>/<folder>/ of a checkout."""
+    checkout = tmp_path_factory.mktemp("checkout")
+    assert build(sweep, checkout / "records", "--pack") == 0
+    return checkout / "records" / NON_RECORD / "2026-05-01_TinyRun"
 
 
 def copy_logs(sweep: dict, dest: Path) -> list[Path]:
@@ -304,20 +310,74 @@ def test_builder_writes_a_consistent_packed_folder(sweep, packed_folder, capsys)
     assert "3 log(s): not reportable (not the challenge's validation split" in identity
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in folder.rglob("*")}
+
+
 @pytest.mark.slow
-def test_built_packed_script_runs_from_its_folder_with_the_same_loss(sweep, packed_folder, tmp_path):
-    script = packed_folder / "train_gpt.py"
-    env = tiny_env(sweep["dataset"], tmp_path, "from_folder", SEED=1337)
-    run = run_script(packed_folder, env, script=script)
-    assert run.rc == 0, run.describe()
+def test_readme_run_command_runs_from_the_folder_and_writes_nothing_into_it(sweep, packed_folder, tmp_path):
+    """The README's command, as written, from the folder where the pull request puts it, with the data where the
+    challenge repository keeps it (data/datasets/, data/tokenizers/ of the checkout): the packed script trains
+    the same steps to the same loss, its logs go to the checkout's logs/, and the folder is left as it was."""
+    checkout = packed_folder.parents[2]
+    data = sweep["dataset"]
+    (checkout / "data" / "datasets").mkdir(parents=True, exist_ok=True)
+    (checkout / "data" / "tokenizers").mkdir(parents=True, exist_ok=True)
+    for link, target in ((checkout / "data" / "datasets" / data["dir"].name, data["dir"]),
+                         (checkout / "data" / "tokenizers" / data["tokenizer"].name, data["tokenizer"])):
+        if not link.exists():
+            link.symlink_to(target)
+    readme = (packed_folder / "README.md").read_text()
+    command = [line for line in readme.splitlines() if line.lstrip().startswith("SEED=$s RUN_ID=")]
+    assert len(command) == 1, readme
+    assert "SAMPLE_DATA" not in command[0] and f"DATA_PATH=../../../data/datasets/{data['dir'].name}" in command[0]
+    assert "LOG_DIR=../../../logs" in command[0] and "`LOG_DIR=../../../logs`" in readme
+    bin_dir = tmp_path / "bin"  # `python` on PATH runs this interpreter (its virtual environment included)
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (bin_dir / "python").chmod(0o755)
+    env = {**base_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    before = snapshot(packed_folder)
+    proc = subprocess.run(["bash", "-c", f"s=1337; {command[0]}"], cwd=packed_folder, env=env, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert snapshot(packed_folder) == before, "running the README's command writes nothing into the folder"
+    run = ScriptRun(packed_folder, {"LOG_DIR": str(checkout / "logs"), "RUN_ID": "TinyRun_s1337"}, proc.returncode,
+                    proc.stdout, proc.stderr, 0.0, b"")
     raw = sweep["runs"][1337]
     assert [s["loss"] for s in run.steps()] == [s["loss"] for s in raw.steps()]
     assert run.final["val_loss"] == raw.final["val_loss"]
     sub = json.loads((packed_folder / "submission.json").read_text())
-    assert int(run.final["bytes_code"]) == sub["bytes_code"] == script.stat().st_size
-    assert sorted(p.name for p in packed_folder.iterdir()) == sorted(
-        ["README.md", "requirements.txt", "submission.json", "train_gpt.py"] + [f"train_seed{s}.log" for s in SEEDS]), \
-        "running from the folder writes its outputs to LOG_DIR, not into the folder"
+    assert int(run.final["bytes_code"]) == sub["bytes_code"] == (packed_folder / "train_gpt.py").stat().st_size
+
+
+def test_run_command_reads_the_sample_data_by_path():
+    """Runs on the embedded sample (PRESET=smoke turns SAMPLE_DATA on): the command names the sample's files in
+    the checkout's data/ and turns SAMPLE_DATA off, which would build the sample with a data/make_sample.py next
+    to the folder's train_gpt.py (there is none)."""
+    config = json.loads(json.dumps(tg.Hyperparameters.from_env({"PRESET": "smoke", "ITERATIONS": "40"}).knob_values(),
+                                   default=str))
+    log = runlog.parse_log("dataset:data/datasets/sample_sp1024 manifest:none\nconfig:\n"
+                           "  dataset_tokenizer: data/tokenizers/sample_1024_bpe.model\n")
+    run = runlog.Run("smoke_s1", metrics={"config": config}, log=log)
+    cmd = make_submission.run_command([run], tg)
+    assert cmd.place == make_submission.DataPlace("sample_sp1024", "sample_1024_bpe.model", True)
+    assert cmd.env[:4] == ["DATA_PATH=../../../data/datasets/sample_sp1024",
+                           "TOKENIZER_PATH=../../../data/tokenizers/sample_1024_bpe.model", "SAMPLE_DATA=0",
+                           "LOG_DIR=../../../logs"]
+    assert "PRESET=smoke" in cmd.env and "ITERATIONS=40" in cmd.env and cmd.verified
+    again = tg.Hyperparameters.from_env(dict(kv.split("=", 1) for kv in cmd.env))
+    assert not again.sample_data and str(again.dataset_dir) == "../../../data/datasets/sample_sp1024"
+    sub = {"dataset": {"val_sha256": "ab" * 32, "tokenizer_sha256": "cd" * 32}, "world_size": 1, "seeds": [1],
+           "name": "Smoke"}
+    text = "\n".join(make_submission.run_command_text(sub, "records/track_non_record_16mb/2026-05-01_Smoke", cmd))
+    assert "python data/make_sample.py --vocab-size 1024" in text and "embedded sample" in text
+    # The challenge data (the record preset): no SAMPLE_DATA in the command at all.
+    h = tg.Hyperparameters.from_env({})
+    config = json.loads(json.dumps(h.knob_values(), default=str))
+    cmd = make_submission.run_command([runlog.Run("rec_s1", metrics={"config": config}, log=runlog.parse_log(""))], tg)
+    assert cmd.place == make_submission.DataPlace(h.dataset_dir.name, h.tokenizer_file.name, False)
+    assert not [kv for kv in cmd.env if kv.startswith("SAMPLE_DATA")]
 
 
 @pytest.mark.slow
@@ -690,8 +750,70 @@ def _dataset_claim_wrong(folder):
     return "claims_match_logs"
 
 
+def edit_readme(folder: Path, old: str, new: str) -> None:
+    path = folder / "README.md"
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+
+
+def _readme_headline_edited(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    edit_readme(folder, f"**val_bpb {sub['val_bpb']:.4f} ±", "**val_bpb 2.9000 ±")
+    return "readme_matches_logs", f"README.md line 3: 2.9000 where the logs give {sub['val_bpb']:.4f}"
+
+
+def _readme_table_edited(folder):
+    row = json.loads((folder / "submission.json").read_text())["seed_results"]["2025"]
+    edit_readme(folder, f"| {row['bytes_total']:,} |", f"| {row['bytes_total'] - 1000:,} |")
+    return "readme_matches_logs", f"{row['bytes_total'] - 1000:,} where the logs give {row['bytes_total']:,}"
+
+
+def _readme_time_edited(folder):
+    c = json.loads((folder / "submission.json").read_text())["compliance"]
+    old = f"(max {c['max_eval_time_ms'] / 1000:.1f} s:"
+    edit_readme(folder, old, "(max 0.1 s:")
+    return "readme_matches_logs", f"0.1 where the logs give {c['max_eval_time_ms'] / 1000:.1f}"
+
+
+def _readme_knob_edited(folder):
+    edit_readme(folder, " ITERATIONS=6 ", " ITERATIONS=20 ")
+    return "readme_matches_logs", "run command sets ITERATIONS=20 where the logs ran iterations: 6"
+
+
+def _readme_headline_removed(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    text = (folder / "README.md").read_text().splitlines()
+    (folder / "README.md").write_text("\n".join(ln for ln in text if not ln.startswith("**val_bpb")) + "\n")
+    return "readme_matches_logs", f"the generated line `**val_bpb {sub['val_bpb']:.4f}"
+
+
+def _json_time_edited(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    logged = sub["seed_results"]["42"]["eval_time_ms"]
+    sub["seed_results"]["42"]["eval_time_ms"] = logged + 1000
+    (folder / "submission.json").write_text(json.dumps(sub))
+    return "claims_match_logs", f"submission.json seed_results.42.eval_time_ms: {logged + 1000} where the logs give {logged}"
+
+
+def _json_hardware_edited(folder):
+    sub = json.loads((folder / "submission.json").read_text())
+    logged, sub["hardware"] = sub["hardware"], "8xH100 80GB SXM"
+    (folder / "submission.json").write_text(json.dumps(sub))
+    return "claims_match_logs", f"submission.json hardware: '8xH100 80GB SXM' where the logs give {logged!r}"
+
+
+def _payload_corrupt(folder):
+    path = folder / "train_gpt.py"
+    codec, wrapper = pack.unpack_wrapper(path.read_bytes())[1::2]
+    path.write_bytes(pack.wrap_compressed(b"not a compressed payload", codec, wrapper))
+    return "script_compiles", "a self-extracting file whose wrapper fails when run: _lzma.LZMAError"
+
+
 VALIDATOR_CASES = [_wrong_bytes_code, _stale_script, _truncated_log, _seed_from_other_config, _claimed_mean_wrong,
-                   _missing_readme, _over_limit_claim, _seed_on_other_data, _dataset_claim_wrong]
+                   _missing_readme, _over_limit_claim, _seed_on_other_data, _dataset_claim_wrong,
+                   _readme_headline_edited, _readme_table_edited, _readme_time_edited, _readme_knob_edited,
+                   _readme_headline_removed, _json_time_edited, _json_hardware_edited, _payload_corrupt]
 
 
 @pytest.mark.slow
@@ -700,8 +822,10 @@ def test_validator_flags_a_broken_folder(packed_folder, tmp_path, capsys, case):
     folder = tmp_path / NON_RECORD / packed_folder.name
     shutil.copytree(packed_folder, folder)
     failing = case(folder)
+    failing, detail = failing if isinstance(failing, tuple) else (failing, "")
     results = check.check_folder(folder)
     assert failing in {c.name for c in results if c.status == "FAIL"}, [c.line() for c in results]
+    assert detail in next(c.detail for c in results if c.name == failing and c.status == "FAIL")
     assert check.main([str(folder), "--quiet"]) == 1
     out = capsys.readouterr().out
     assert f"FAIL  {failing}:" in out and "PASS" not in out
@@ -769,6 +893,30 @@ def test_validator_on_a_folder_from_another_script(tmp_path):
     assert not [c for c in results.values() if c.status == "FAIL"], [c.line() for c in results.values()]
     assert results["bytes_code"].status == "PASS" and results["logs_format"].status == "WARN"
     assert results["script_compiles"].detail.startswith("packed (lzma)")
+
+
+@pytest.mark.parametrize("wrapper", pack.WRAPPERS)
+@pytest.mark.parametrize("codec", pack.available_codecs())
+def test_validator_runs_the_wrapper_of_a_packed_script(tmp_path, codec, wrapper):
+    """A packed script is decompressed as `python train_gpt.py` would (its wrapper run, the program not): a payload
+    that no longer decompresses, or does not compile, fails; compiling the wrapper alone would pass them."""
+    folder = tmp_path / "track_10min_16mb" / "2026-04-05_Packed"
+    folder.mkdir(parents=True)
+    script = folder / "train_gpt.py"
+    marker = tmp_path / "ran"
+    script.write_bytes(pack.pack(f"open({str(marker)!r}, 'w').close()\n".encode(), codec, wrapper=wrapper))
+    c = {c.name: c for c in check.check_folder(folder)}["script_compiles"]
+    assert c.status == "PASS" and c.detail.startswith(f"packed ({codec})") and "decompressed by running" in c.detail
+    assert not marker.exists(), "the payload itself is not run"
+    script.write_bytes(pack.wrap_compressed(b"not a compressed payload", codec, wrapper))
+    compile(script.read_bytes(), str(script), "exec")  # the wrapper still compiles
+    c = {c.name: c for c in check.check_folder(folder)}["script_compiles"]
+    error = "_lzma.LZMAError: Corrupt input data" if codec == "lzma" else "brotli.error: "
+    assert c.status == "FAIL" and c.detail.startswith(f"train_gpt.py: a self-extracting file whose wrapper fails when "
+                                                      f"run: {error}"), c.line()
+    script.write_bytes(pack.wrap(b"def (:\n", codec, wrapper))
+    c = {c.name: c for c in check.check_folder(folder)}["script_compiles"]
+    assert c.status == "FAIL" and "the payload does not compile" in c.detail, c.line()
 
 
 # ---------------------------------------------------------------------------------------------
