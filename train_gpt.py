@@ -679,107 +679,47 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 RUN_OUTPUTS = (".txt", ".json", ".ptz")
-OUTPUT_HEADROOM_BYTES = 64 << 20  # room a run needs in LOG_DIR beyond its artifact: log, JSON, temporary files
 
 
 @dataclass(frozen=True)
 class RunFiles:
-    """Where a run writes: LOG_DIR/<RUN_ID>.txt, .json and .ptz. With OVERWRITE=1 over existing outputs the
-    run writes <RUN_ID>.new.*, and `publish` replaces the old files only once it has finished, so a rerun
-    that dies loses nothing. LOG_DIR/<RUN_ID>.lock (created exclusively, holding the pid) keeps two
-    processes off one RUN_ID. `note`: what claiming did that the log must say."""
+    """Where a run writes: LOG_DIR/<RUN_ID>.txt, .json and .ptz (`path`: now, `final`: once `publish`ed). This
+    is a shipped copy's; the repository's pgolf/runs.py (not shipped) claims them with a lock, OVERWRITE
+    staged until the run finishes and a failed run's log set aside. `note`: what claiming did."""
     log_dir: Path
     run_id: str
-    staged: bool
     note: str = ""
 
     def path(self, suffix: str) -> Path:
-        """Where this run writes that output now."""
-        return self.log_dir / f"{self.run_id}{'.new' if self.staged else ''}{suffix}"
-
-    def final(self, suffix: str) -> Path:
         return self.log_dir / f"{self.run_id}{suffix}"
 
-    @property
-    def lock(self) -> Path:
-        return self.log_dir / f"{self.run_id}.lock"
+    def final(self, suffix: str) -> Path:
+        return self.path(suffix)
 
     def publish(self) -> None:
-        for suffix in RUN_OUTPUTS if self.staged else ():
-            if self.path(suffix).exists():
-                os.replace(self.path(suffix), self.final(suffix))
+        pass
+
+    def release(self) -> None:
+        pass
 
 
-def claim_run_files(log_dir: Path, run_id: str, overwrite: bool, need_bytes: int) -> RunFiles:
-    """Before any work: LOG_DIR exists, is writable and has `need_bytes` free; no other process holds this
-    RUN_ID; its outputs do not exist unless OVERWRITE=1. Raises ConfigError naming what is wrong."""
+def claim_run_files(h: Hyperparameters) -> RunFiles:
+    """Before any work (rank 0): pgolf.runs.claim where pgolf/ sits beside this file; a shipped copy only
+    refuses outputs that exist (unless OVERWRITE=1)."""
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        probe = log_dir / f".{run_id}.probe{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"LOG_DIR={str(log_dir)!r} is not allowed: cannot write there ({exc.strerror or exc})") from None
-    free = shutil.disk_usage(log_dir).free
-    if free < need_bytes:
-        raise ConfigError(f"LOG_DIR={str(log_dir)!r} is not allowed: {free:,} bytes free, a run needs {need_bytes:,}",
-                          hint="an artifact of TARGET_BYTES plus logs; free space or choose another LOG_DIR")
-    files = RunFiles(log_dir, run_id, False)
-    existing = [p for p in map(files.final, RUN_OUTPUTS) if p.exists()]
-    failed = existing == [files.final(".txt")] and failed_log(files)  # a rerun of a run that failed
-    if existing and not (overwrite or failed):
-        raise ConfigError(f"RUN_ID={run_id!r} is not allowed: {existing[0]} exists",
-                          hint="choose another RUN_ID, or OVERWRITE=1 to replace it once this run has finished")
-    take_lock(files.lock, run_id)
-    if failed:
-        return RunFiles(log_dir, run_id, False, set_aside(files.final(".txt")))
-    return RunFiles(log_dir, run_id, bool(existing))
-
-
-def failed_log(files: RunFiles) -> bool:
-    """The log of a run that stopped with an error (its last line), and left no kept weights to protect."""
-    lines = files.final(".txt").read_text(errors="replace").rstrip().splitlines()
-    return bool(lines) and lines[-1].startswith("error:") and not files.final(".weights.pt").exists()
-
-
-def set_aside(log: Path) -> str:
-    """Rename a failed run's log to <RUN_ID>.failed[N].txt, so a rerun loses nothing; says so."""
-    n = 1
-    while (aside := log.with_suffix(f".failed{n if n > 1 else ''}.txt")).exists():
-        n += 1
-    os.replace(log, aside)
-    return f"{log} held the log of a run that failed; it is kept as {aside}"
-
-
-def take_lock(lock: Path, run_id: str) -> None:
-    """Create the lock file exclusively; a lock left by a process that is gone (same host) is taken over."""
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = lock.read_text(errors="replace").split()
-            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (0, "")
-            if host == platform.node() and not pid_alive(pid):
-                lock.unlink(missing_ok=True)
-                continue
-            raise ConfigError(f"RUN_ID={run_id!r} is not allowed: another process (pid {pid} on {host or '?'}) is "
-                              f"writing it ({lock})",
-                              hint="choose another RUN_ID, or delete the lock if that process is gone") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()} {platform.node()}\n")
-        return
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+        from pgolf import runs
+    except ImportError:
+        files = RunFiles(Path(h.log_dir), h.run_id)
+        existing = [p for p in map(files.path, RUN_OUTPUTS) if p.exists()]
+        if existing and not h.overwrite:
+            raise ConfigError(f"RUN_ID={h.run_id!r} is not allowed: {existing[0]} exists",
+                              hint="choose another RUN_ID, or OVERWRITE=1")
+        files.log_dir.mkdir(parents=True, exist_ok=True)
+        return files
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+        return runs.claim(Path(h.log_dir), h.run_id, h.overwrite, 0 if h.eval_only else h.target_bytes)
+    except runs.Refused as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class Logger:
@@ -1049,18 +989,6 @@ BOS_ID = 1  # the challenge recipe's bos id: every document starts with it (pad/
 
 class DataError(ConfigError):
     """A bad shard or tokenizer file: the message names the file, what was expected and what was found."""
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """Write tokens in the challenge shard format, atomically."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(SHARD_TOKEN_DTYPE).max):
-        raise ValueError(f"{path}: token ids must be in [0, 65535] to fit uint16")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    atomic_write_bytes(Path(path), header.tobytes() + tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
 
 
 def read_shard_header(path: Path) -> int:
@@ -5272,11 +5200,10 @@ def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
     """Rank 0 checks LOG_DIR and takes the RUN_ID (claim_run_files); every rank gets its answer."""
     if h.dry_run:
         return None
-    need = OUTPUT_HEADROOM_BYTES + (0 if h.eval_only else h.target_bytes)
     files, error = None, None
     if d.is_main:
         try:
-            files = claim_run_files(Path(h.log_dir), h.run_id, h.overwrite, need)
+            files = claim_run_files(h)
         except ConfigError as exc:
             error = str(exc)
     files, error = broadcast_object((files, error))
@@ -5342,7 +5269,7 @@ def run(h: Hyperparameters) -> int:
     finally:
         log.close()
         if files is not None and d.is_main:
-            files.lock.unlink(missing_ok=True)
+            files.release()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -79,7 +79,7 @@ def build_dataset() -> Path:
     sys.path.insert(0, str(ROOT))
     import sentencepiece as spm
 
-    import train_gpt as tg
+    from pgolf.shards import write_shard
 
     if (CACHE / "fineweb_val_000000.bin").is_file() and (CACHE / "fineweb_train_000000.bin").is_file():
         return CACHE
@@ -88,8 +88,8 @@ def build_dataset() -> Path:
     with open(CORPUS, encoding="utf-8") as fh:
         docs = [json.loads(line)["text"] for line in fh]
     encoded = [np.array([sp.bos_id()] + ids, dtype=np.int64) for ids in sp.encode(docs)]
-    tg.write_shard(CACHE / "fineweb_train_000000.bin", np.concatenate(encoded[:-VAL_DOCS]))
-    tg.write_shard(CACHE / "fineweb_val_000000.bin", np.concatenate(encoded[-VAL_DOCS:]))
+    write_shard(CACHE / "fineweb_train_000000.bin", np.concatenate(encoded[:-VAL_DOCS]))
+    write_shard(CACHE / "fineweb_val_000000.bin", np.concatenate(encoded[-VAL_DOCS:]))
     print(f"tokenized {len(docs)} documents in {time.perf_counter() - t0:.1f}s -> {CACHE}", flush=True)
     return CACHE
 

@@ -5,7 +5,7 @@ Run:
                            [--contend N] [--json]
 
 Writes one synthetic shard (random uint16 ids < --vocab, seeded) to a temporary folder with
-`train_gpt.write_shard`, then measures over the same random sequence starts (first batch checked equal):
+`pgolf.shards.write_shard`, then measures over the same random sequence starts (first batch checked equal):
 
   * TrainLoader          train_gpt.TrainLoader on CPU (accum 1, world 1): a background thread gathers
                          windows through a strided view of the shard into a ring buffer; next_batch()
@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import train_gpt as tg  # noqa: E402
+from pgolf.shards import write_shard  # noqa: E402
 
 TARGET_TOKENS_PER_S = 30e6
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         shard = Path(tmp) / "fineweb_train_000000.bin"
         rng = np.random.default_rng(args.seed)
         t0 = time.perf_counter()
-        tg.write_shard(shard, rng.integers(0, args.vocab, size=args.tokens, dtype=np.uint16))
+        write_shard(shard, rng.integers(0, args.vocab, size=args.tokens, dtype=np.uint16))
         write_s = time.perf_counter() - t0
         mm = tg.load_shard(shard)
 

@@ -50,7 +50,6 @@ import re
 import socket
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
@@ -151,6 +150,15 @@ def train_gpt():
     import train_gpt as tg
 
     return tg
+
+
+def exclusive(path: Path):
+    """The repository's one lock helper (pgolf/locks.py), waiting for and holding the lock on `path`."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from pgolf.locks import exclusive as lock
+
+    return lock(path)
 
 
 def file_digest(path: Path, kind: str, size: int) -> str:
@@ -258,23 +266,6 @@ def with_retries(what: str, fn: Callable[[], T], retries: int, base_seconds: flo
             log(f"  {what}: {reason}; retry {attempt + 1}/{retries} in {delay:.1f}s")
             sleep(delay)
     raise AssertionError("unreachable")
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """One downloader per staging folder at a time (two processes would fight over the files)."""
-    try:
-        import fcntl
-    except ImportError:  # non-POSIX: no locking
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,7 +678,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"download: {args.revision} is commit {commit}; {len(listing)} files listed")
 
     t0 = time.perf_counter()
-    with exclusive_lock(staging / ".lock"):
+    with exclusive(staging / ".lock"):  # one downloader per staging folder: two would fight over the files
         cache = VerifiedCache(staging / VERIFIED_NAME)
         manifest_path = remote_join(root, "manifest.json")
         manifest = load_manifest(hub, listing, manifest_path, commit, staging, cache, args.verify)

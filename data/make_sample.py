@@ -11,7 +11,7 @@ installation, so the smoke run works without a network:
 
 From that text we train a SentencePiece BPE tokenizer with the challenge
 recipe and write shards in the challenge binary format (via
-`train_gpt.write_shard`):
+`pgolf.shards.write_shard`):
 
   DATA_DIR/datasets/sample_sp{V}/fineweb_val_000000.bin
   DATA_DIR/datasets/sample_sp{V}/fineweb_train_000000.bin
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import io
 import json
 import math
@@ -48,7 +49,6 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -328,23 +328,24 @@ def train_tokenizer(docs: list[str], model_path: Path, vocab_size: int) -> spm.S
 # Shards, manifest, install
 # --------------------------------------------------------------------------
 
-def _train_gpt():
-    """train_gpt.py owns the shard format and its checks; import it from the repo root (the parent of
-    data/) only when needed."""
+def _pgolf():
+    """The repository's pgolf package (its shard writer and its one lock helper), imported from the repo root
+    (the parent of data/) only when needed."""
     repo_root = Path(__file__).resolve().parent.parent
-    # When train_gpt.py is the running script it lives in sys.modules as __main__; reuse it rather
-    # than executing the file a second time.
-    main_module = sys.modules.get("__main__")
-    main_file = getattr(main_module, "__file__", None)
-    if main_file and Path(main_file).resolve() == repo_root / "train_gpt.py":
-        return main_module
     if str(repo_root) not in sys.path:
         sys.path.insert(0, str(repo_root))
-    try:
-        import train_gpt
-    except ImportError as exc:
-        raise ImportError(f"cannot import train_gpt.py from {repo_root}: {exc}") from exc
-    return train_gpt
+    import pgolf.locks
+    import pgolf.shards
+
+    return pgolf
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _encode_documents(sp: spm.SentencePieceProcessor, docs: list[str]) -> list[np.ndarray]:
@@ -390,22 +391,6 @@ def _manifest_is_valid(manifest_path: Path, data_dir: Path, vocab_size: int) -> 
     return True
 
 
-@contextmanager
-def _build_lock(lock_path: Path) -> Iterator[None]:
-    """Serialize concurrent builders (e.g. several ranks on one machine)."""
-    try:
-        import fcntl
-    except ImportError:  # non-POSIX: no locking, builds are still atomic-ish
-        yield
-        return
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def _paths(data_dir: Path, vocab_size: int) -> tuple[Path, Path]:
     dataset_dir = data_dir / "datasets" / f"sample_sp{vocab_size}"
     tokenizer_path = data_dir / "tokenizers" / f"sample_{vocab_size}_bpe.model"
@@ -439,7 +424,7 @@ def build_sample(
         log(f"make_sample: reusing {dataset_dir} (manifest intact)")
         return dataset_dir, tokenizer_path
 
-    with _build_lock(datasets_root / f".sample_sp{vocab_size}.lock"):
+    with _pgolf().locks.exclusive(datasets_root / f".sample_sp{vocab_size}.lock"):  # one builder at a time
         # Another process may have finished the build while we waited.
         if not force and _manifest_is_valid(manifest_path, data_dir, vocab_size):
             log(f"make_sample: reusing {dataset_dir} (built concurrently)")
@@ -484,7 +469,7 @@ def _build_into(tmp_dir: Path, data_dir: Path, vocab_size: int, log: Log) -> Non
     if val_tokens <= MIN_VAL_TOKENS:
         raise RuntimeError(f"val split has only {val_tokens} tokens; need more than {MIN_VAL_TOKENS}")
 
-    tg = _train_gpt()
+    shards = _pgolf().shards
     shards_per_split = {"val": 1, "train": NUM_TRAIN_SHARDS}
     doc_counts: dict[str, int] = {}
     token_counts: dict[str, int] = {}
@@ -495,9 +480,7 @@ def _build_into(tmp_dir: Path, data_dir: Path, vocab_size: int, log: Log) -> Non
         for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
             shard = np.concatenate(per_doc[lo:hi]).astype(np.uint16)
             path = tmp_dir / dataset_rel / f"fineweb_{split}_{i:06d}.bin"
-            tg.write_shard(path, shard)
-            if tg.read_shard_header(path) != len(shard):  # the reader must accept what the writer wrote
-                raise RuntimeError(f"{path}: shard reads back with a different token count")
+            shards.write_shard(path, shard)
         doc_counts[split] = len(split_docs)
         byte_counts[split] = sum(_utf8_len(d) for d in split_docs)
         token_counts[split] = sum(len(t) for t in per_doc)
@@ -507,7 +490,7 @@ def _build_into(tmp_dir: Path, data_dir: Path, vocab_size: int, log: Log) -> Non
     import sentencepiece as spm
 
     files = {
-        p.relative_to(tmp_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": tg.sha256_file(p)}
+        p.relative_to(tmp_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(tmp_dir.rglob("*")) if p.is_file()
     }
     manifest = {

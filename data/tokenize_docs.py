@@ -13,7 +13,7 @@ would leave no training document is refused before anything is trained or encode
 Input: one JSON object per line with a string "text" (the schema of the challenge's
 `docs_selected.jsonl`); other fields are ignored, blank lines are skipped. Each document is stored
 as [BOS] + sp.encode(text), no EOS, concatenated and cut into shards of --shard-tokens tokens in
-the challenge format (train_gpt.write_shard). The tokenizer is a given SentencePiece `.model`
+the challenge format (pgolf.shards.write_shard). The tokenizer is a given SentencePiece `.model`
 (--tokenizer) or trained here with the challenge recipe from `data/tokenizer_specs.json` (--spec);
 a trained tokenizer reads only training documents unless --tokenizer-docs all.
 
@@ -77,12 +77,19 @@ class UsageError(ValueError):
 
 
 def train_gpt():
-    """train_gpt.py owns the shard format, tokenizer checks and byte tables."""
+    """train_gpt.py owns the shard reader, tokenizer checks and byte tables."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     import train_gpt as tg
 
     return tg
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """The challenge shard format, written by the repository's pgolf/shards.py (train_gpt() put it on sys.path)."""
+    from pgolf.shards import write_shard as write
+
+    write(path, tokens)
 
 
 def caseops():
@@ -332,7 +339,7 @@ class ShardWriter:
             return
         tg = train_gpt()
         path = self.out_dir / f"fineweb_{self.split}_{len(self.shards):06d}.bin"
-        tg.write_shard(path, self.buf[:self.fill])
+        write_shard(path, self.buf[:self.fill])
         if tg.read_shard_header(path) != self.fill:  # the reader must accept what the writer wrote
             raise RuntimeError(f"{path}: shard reads back with a different token count")
         self.shards.append({"file": path.name, "tokens": self.fill, "bytes": path.stat().st_size,

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import train_gpt as tg  # noqa: E402
+from pgolf.shards import write_shard  # noqa: E402
 
 
 def read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
@@ -59,9 +60,9 @@ def dataset(tmp_path_factory) -> dict:
         docs = read_jsonl_texts(CHALLENGE_DOCS)
         streams = [np.array([sp.bos_id()] + sp.encode(t), dtype=np.int64) for t in docs]
         out = root / "datasets" / "fineweb10B_sp1024"
-        tg.write_shard(out / "fineweb_val_000000.bin", np.concatenate(streams[:20]))
-        tg.write_shard(out / "fineweb_train_000000.bin", np.concatenate(streams[20:110]))
-        tg.write_shard(out / "fineweb_train_000001.bin", np.concatenate(streams[110:]))
+        write_shard(out / "fineweb_val_000000.bin", np.concatenate(streams[:20]))
+        write_shard(out / "fineweb_train_000000.bin", np.concatenate(streams[20:110]))
+        write_shard(out / "fineweb_train_000001.bin", np.concatenate(streams[110:]))
         return {"dir": out, "tokenizer": CANONICAL_TOKENIZER, "vocab_size": 1024, "source": "shared"}
     spec_path = ROOT / "data" / "make_sample.py"
     import importlib.util

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, eval_ctx, tg
+from pgolf.shards import write_shard
 from test_doc_isolation import iso_model
 from test_eval import fake_luts, val_stream
 
@@ -66,6 +67,7 @@ def test_every_window_evaluation_counts_the_sidecar(stride):
         assert tg.eval_windows(doubled, stride).bytes == 2 * a.bytes  # the sidecar, not the tables, is counted
 
 
+@pytest.mark.slow
 def test_phased_lora_ttt_counts_the_sidecar():
     val = val_stream(200, vocab=96)
     cfg = tg.LoRATTTConfig(rank=2, alpha=4.0, lr=1e-3, weight_decay=0.0, batch_docs=3, chunk=8, warm_start_a=True,
@@ -108,6 +110,7 @@ def caseops_env(path, tmp_path, run_id, **kw) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_a_caseops_runs_bytes_are_the_original_documents_bytes(caseops_data, tmp_path):
     path, docs = caseops_data
     val = tg.load_shard(path / "fineweb_val_000000.bin")
@@ -124,6 +127,7 @@ def test_a_caseops_runs_bytes_are_the_original_documents_bytes(caseops_data, tmp
     assert 0 <= metrics["bpb_check"]["normalized"] < 20
 
 
+@pytest.mark.slow
 def test_caseops_shards_without_caseops_enabled_are_refused(caseops_data, tmp_path, capsys):
     path, _ = caseops_data
     assert tg.main(caseops_env(path, tmp_path, "off", CASEOPS_ENABLED="0")) != 0
@@ -136,6 +140,7 @@ def test_caseops_shards_without_caseops_enabled_are_refused(caseops_data, tmp_pa
     ("short", "byte counts for the"),
     ("wrong", "BPB self-check failed"),
 ])
+@pytest.mark.slow
 def test_a_missing_or_inconsistent_sidecar_is_refused_in_one_line(caseops_data, tmp_path, capsys, damage, message):
     src, _ = caseops_data
     path = tmp_path / "data"
@@ -150,12 +155,12 @@ def test_a_missing_or_inconsistent_sidecar_is_refused_in_one_line(caseops_data, 
     if damage == "missing":
         side.unlink()
     elif damage == "short":
-        tg.write_shard(side, counts[:-1])
+        write_shard(side, counts[:-1])
     else:  # the second document counted twice: not the original text's bytes
         tokens = tg.load_shard(path / "fineweb_val_000000.bin")
         lo, hi = tg.document_spans(tokens)[1]
         counts[lo:hi] *= 2
-        tg.write_shard(side, counts)
+        write_shard(side, counts)
     assert tg.main(caseops_env(path, tmp_path, "bad")) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert any(message in line for line in err), err[-3:]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, SHARED_FA3, STUBS, tg
+from pgolf.shards import write_shard
 
 CPU = torch.device("cpu")
 BOS = tg.BOS_ID
@@ -159,6 +160,7 @@ def compile_model_fresh(knobs: str, paths: list[str], backend: str = "aot_eager"
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_row1_fused_ce_model_compiles_with_the_op_never_called_before():
     """Before: pgolf::softcap_ce was defined on its first call, inside the compiled forward, and dynamo refused
     (`Attempted to call function marked as skipped ... infer_schema`)."""
@@ -167,6 +169,7 @@ def test_row1_fused_ce_model_compiles_with_the_op_never_called_before():
 
 
 @pytest.mark.parametrize("stub", ["ours", "shared"])
+@pytest.mark.slow
 def test_row2_fa3_varlen_model_compiles_with_the_op_never_called_before(stub):
     """Before: doc_cu_seqlens defined inside the compiled hidden(), and one cu_seqlens tensor passed as both
     cu_seqlens_q and cu_seqlens_k to FA3's autograd.Function ('duplicate tensor input' on torch 2.13)."""
@@ -177,6 +180,7 @@ def test_row2_fa3_varlen_model_compiles_with_the_op_never_called_before(stub):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_row2_one_tensor_twice_into_fa3s_autograd_function_is_what_dynamo_refuses(fa3_stub):
     """Why Documents carries cu_k, a copy of cu_q: the check the fix answers can fail."""
     q, k, v = (torch.randn(12, h, 8, requires_grad=True) for h in (4, 2, 2))
@@ -203,6 +207,7 @@ def test_inductor_compiles_the_record_knobs():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_row3_fa4_custom_op_takes_the_four_values_fa4_returns_now(fa4_stub):
     """Before: `out, lse = _flash_attn_fwd(...)` failed on flash-attn-4 >= 4.0.0b19 (out, lse, p, row_max)."""
     attn = tg.fa4_attention()
@@ -297,6 +302,7 @@ def test_row6_doc_attention_kind_is_fa3_then_flex_on_cuda_and_the_dense_mask_onl
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.slow
 def test_row6_flex_block_mask_attention_equals_the_dense_mask(monkeypatch, compiled):
     """The FlexAttention path (CUDA) run on the CPU: forward only, as FlexAttention has no CPU backward."""
     model = iso_model()
@@ -347,6 +353,7 @@ def test_row7_norms_and_the_mlp_keep_bf16_under_cuda_autocast():
         assert mlp(x).dtype == torch.bfloat16 and seen == [torch.bfloat16]
 
 
+@pytest.mark.slow
 def test_row8_the_training_graph_takes_cu_seqlens_from_the_loader_and_never_waits_for_the_device(tmp_path, fa3_stub):
     """Before: document_starts ran nonzero inside every compiled training forward (a device-to-host sync)."""
     model = iso_model(attn_backend="fa3")
@@ -354,7 +361,7 @@ def test_row8_the_training_graph_takes_cu_seqlens_from_the_loader_and_never_wait
     tokens[:400:37] = BOS  # two batches of few documents, then batches of many (cu_seqlens of 64, then 128)
     tokens[400::2] = BOS
     path = tmp_path / "fineweb_train_000000.bin"
-    tg.write_shard(path, tokens.astype(np.uint16))
+    write_shard(path, tokens.astype(np.uint16))
     loader = tg.TrainLoader([path], 64, 3, 1, 0, 96, tg.DistInfo(0, 1, 0, CPU), packed=True)
     graphs = []
 
@@ -395,7 +402,7 @@ def test_row8_loader_cu_seqlens_are_the_document_starts_padded_to_the_bucket(tmp
     tokens = (np.arange(4000) % 50 + 2).astype(np.int64)
     tokens[np.random.default_rng(0).random(4000) < 0.05] = BOS
     path = tmp_path / "fineweb_train_000000.bin"
-    tg.write_shard(path, tokens.astype(np.uint16))
+    write_shard(path, tokens.astype(np.uint16))
     loader = tg.TrainLoader([path], 64, 5, 1, 0, 96, tg.DistInfo(0, 1, 0, CPU))
     try:
         for _ in range(3):

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from pgolf.shards import write_shard
 
 CPU = torch.device("cpu")
 ONE_CPU = tg.DistInfo(0, 1, 0, CPU)  # rank 0 of 1
@@ -84,7 +85,7 @@ def synthetic_shards(tmp_path: Path, sizes: list[int]) -> tuple[list[Path], list
     for i, n in enumerate(sizes):
         tokens = np.arange(base, base + n, dtype=np.int64)
         f = tmp_path / f"fineweb_train_{i:06d}.bin"
-        tg.write_shard(f, tokens)
+        write_shard(f, tokens)
         files.append(f)
         arrays.append(tokens)
         base += n
@@ -124,7 +125,7 @@ def test_shard_round_trip_header_size_and_atomic_write(tmp_path):
     tokens = rng.integers(0, 1 << 16, size=1001, dtype=np.int64)
     tokens[:2] = (0, 65535)  # both ends of uint16
     path = tmp_path / "shards" / "fineweb_train_000000.bin"  # the folder is created
-    tg.write_shard(path, tokens)
+    write_shard(path, tokens)
 
     raw = path.read_bytes()
     assert len(raw) == path.stat().st_size == 256 * 4 + 2 * tokens.size
@@ -141,17 +142,17 @@ def test_shard_round_trip_header_size_and_atomic_write(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
     # overwrite in place, and an empty shard
-    tg.write_shard(path, tokens[:10])
+    write_shard(path, tokens[:10])
     np.testing.assert_array_equal(np.asarray(tg.load_shard(path), dtype=np.int64), tokens[:10])
     empty = tmp_path / "shards" / "fineweb_val_000000.bin"
-    tg.write_shard(empty, np.zeros(0, dtype=np.int64))
+    write_shard(empty, np.zeros(0, dtype=np.int64))
     assert empty.stat().st_size == 1024 and tg.load_shard(empty).size == 0
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, empty.name])
 
 
 def test_write_shard_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "fineweb_train_000000.bin"
-    tg.write_shard(path, np.arange(5))
+    write_shard(path, np.arange(5))
     before = path.read_bytes()
 
     def boom(src, dst):
@@ -159,15 +160,15 @@ def test_write_shard_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tg.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
-        tg.write_shard(path, np.arange(50))
+        write_shard(path, np.arange(50))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     # out-of-range ids are refused before anything is written
     with pytest.raises(ValueError):
-        tg.write_shard(tmp_path / "neg.bin", np.array([1, -1]))
+        write_shard(tmp_path / "neg.bin", np.array([1, -1]))
     with pytest.raises(ValueError):
-        tg.write_shard(tmp_path / "big.bin", np.array([65536]))
+        write_shard(tmp_path / "big.bin", np.array([65536]))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
@@ -222,7 +223,7 @@ def test_list_shards_sorted_and_empty(tmp_path):
     assert_names(ei.value, tmp_path / "fineweb_train_*.bin", "no files")
     for name in ("fineweb_train_000002.bin", "fineweb_train_000000.bin", "fineweb_val_000000.bin",
                  "fineweb_train_000001.bin", "other.bin", "fineweb_val_bytes_000000.bin"):  # a CaseOps sidecar
-        tg.write_shard(tmp_path / name, np.arange(3))
+        write_shard(tmp_path / name, np.arange(3))
     assert [p.name for p in tg.list_shards(tmp_path, "train")] == [
         "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert [p.name for p in tg.list_shards(tmp_path, "val")] == ["fineweb_val_000000.bin"]
@@ -248,10 +249,10 @@ def test_check_token_range_1d_and_2d():
 def test_validation_token_out_of_range(tmp_path):
     good = tmp_path / "fineweb_val_000000.bin"
     bad = tmp_path / "fineweb_val_000001.bin"
-    tg.write_shard(good, np.arange(50) % 100)
+    write_shard(good, np.arange(50) % 100)
     tokens = np.arange(50) % 100
     tokens[17] = 100
-    tg.write_shard(bad, tokens)
+    write_shard(bad, tokens)
     with pytest.raises(tg.DataError) as ei:
         tg.load_validation_tokens(tg.list_shards(tmp_path, "val"), 8, 100)
     msg = assert_names(ei.value, bad, 100, "VOCAB_SIZE")
@@ -262,7 +263,7 @@ def test_validation_token_out_of_range(tmp_path):
 def test_load_validation_tokens_concat_sorted_and_truncated(tmp_path):
     parts = {1: np.arange(1000, 1040), 0: np.arange(0, 30), 2: np.arange(2000, 2031)}  # 101 tokens
     for i, toks in parts.items():  # written out of order
-        tg.write_shard(tmp_path / f"fineweb_val_{i:06d}.bin", toks)
+        write_shard(tmp_path / f"fineweb_val_{i:06d}.bin", toks)
     files = tg.list_shards(tmp_path, "val")
     full = np.concatenate([parts[0], parts[1], parts[2]])
     for seq in (1, 7, 10, 50, 100):
@@ -275,7 +276,7 @@ def test_load_validation_tokens_concat_sorted_and_truncated(tmp_path):
 
 def test_validation_shorter_than_one_sequence(tmp_path):
     path = tmp_path / "fineweb_val_000000.bin"
-    tg.write_shard(path, np.arange(64))
+    write_shard(path, np.arange(64))
     assert tg.load_validation_tokens([path], 63, 1024).size == 64  # exactly one sequence + 1
     for seq in (64, 1000):
         with pytest.raises(tg.DataError) as ei:
@@ -395,10 +396,10 @@ def test_loader_never_returns_unfilled_rows_when_an_epoch_is_short(tmp_path, siz
 def test_loader_raises_data_error_for_bad_token_naming_the_shard(tmp_path):
     vocab, seq = 1000, 8
     good, bad = tmp_path / "fineweb_train_000000.bin", tmp_path / "fineweb_train_000001.bin"
-    tg.write_shard(good, np.arange(200) % vocab)
+    write_shard(good, np.arange(200) % vocab)
     tokens = np.arange(200) % vocab
     tokens[100] = vocab + 5  # covered by a window in every epoch (phase < seq)
-    tg.write_shard(bad, tokens)
+    write_shard(bad, tokens)
     returned = 0
     with open_loader([good, bad], seq, 2, 1, seed=5, vocab_size=vocab) as loader:
         with pytest.raises(tg.DataError) as ei:
@@ -470,3 +471,12 @@ def test_load_tokenizer_errors(dataset, tmp_path):
     assert_names(ei.value, missing)
     assert not missing.exists()
     assert os.path.isfile(path)
+
+
+def test_the_writer_in_pgolf_and_the_reader_in_train_gpt_agree_on_the_format(tmp_path):
+    from pgolf import shards
+    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS, shards.SHARD_TOKEN_DTYPE) == (
+        tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.SHARD_HEADER_INTS, tg.SHARD_TOKEN_DTYPE)
+    tokens = np.array([1, 0, 65535, 7], dtype=np.uint16)
+    write_shard(tmp_path / "s.bin", tokens)
+    assert tg.read_shard_header(tmp_path / "s.bin") == 4 and np.array_equal(tg.load_shard(tmp_path / "s.bin"), tokens)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import eval_ctx, tg
+from pgolf.shards import write_shard
 from test_eval import fake_luts, val_stream
 
 BOS = tg.BOS_ID
@@ -181,7 +182,7 @@ def test_a_documents_losses_do_not_depend_on_where_it_sits_in_the_row():
 
 def write_stream(tmp_path, tokens):
     path = tmp_path / "fineweb_train_000000.bin"
-    tg.write_shard(path, np.asarray(tokens, dtype=np.uint16))
+    write_shard(path, np.asarray(tokens, dtype=np.uint16))
     return [path]
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
+from pgolf.shards import write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "data" / "cached_challenge_fineweb.py"
@@ -43,11 +44,11 @@ def _git_blob_sha1(data: bytes) -> str:
 
 
 def _shard_bytes(tmp: Path, n_tokens: int, seed: int) -> bytes:
-    """A real challenge-format shard (train_gpt.write_shard), read back as bytes."""
+    """A real challenge-format shard (pgolf.shards.write_shard), read back as bytes."""
     tokens = np.random.default_rng(seed).integers(4, 1024, n_tokens)
     tokens[:: 97] = tg.BOS_ID
     path = tmp / f"shard_{seed}.bin"
-    tg.write_shard(path, tokens)
+    write_shard(path, tokens)
     return path.read_bytes()
 
 
@@ -273,6 +274,7 @@ def data_gets(hub: FakeHub) -> int:
 # Tests
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_full_download_second_run_transfers_nothing_damaged_files_are_fetched_again(hub, payload, tmp_path):
     r = run_tool(hub, tmp_path, "--variant", "sp1024", "--train-shards", "2")
     assert r.returncode == 0, r.stderr
@@ -325,6 +327,7 @@ def test_full_download_second_run_transfers_nothing_damaged_files_are_fetched_ag
     assert val.read_bytes() == payload["val0"]
 
 
+@pytest.mark.slow
 def test_rate_limits_and_server_errors_are_retried(hub, payload, tmp_path):
     commit = hub.repos[SP1024_REPO]["commit"]
     listing = f"/api/datasets/{SP1024_REPO}/revision/main"
@@ -343,6 +346,7 @@ def test_rate_limits_and_server_errors_are_retried(hub, payload, tmp_path):
     assert "HTTP 429; retry 1/" in r.stderr and "HTTP 503; retry 1/" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_is_resumed(hub, payload, tmp_path):
     # huggingface_hub keeps what it received in whole 10 MB chunks: drop the connection after 11 MB.
     big = _shard_bytes(tmp_path, 6_000_000, 7)  # 12 MB
@@ -355,6 +359,7 @@ def test_a_dropped_connection_is_resumed(hub, payload, tmp_path):
     assert [start > 0 for path, start in hub.ranges if path == name] == [True], r.stderr  # resumed, not restarted
 
 
+@pytest.mark.slow
 def test_hash_mismatch_is_a_clear_error_and_nothing_is_installed(hub, payload, tmp_path):
     bad = bytearray(payload["train1"])
     bad[-1] ^= 0x01  # same size: only the hash can tell
@@ -370,6 +375,7 @@ def test_hash_mismatch_is_a_clear_error_and_nothing_is_installed(hub, payload, t
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_manifest_follows_the_repository_and_revision(hub, payload, tmp_path):
     assert run_tool(hub, tmp_path, "--variant", "sp1024", "--train-shards", "3").returncode == 0
     r = run_tool(hub, tmp_path, "--variant", "sp1024", "--train-shards", "4")
@@ -386,6 +392,7 @@ def test_manifest_follows_the_repository_and_revision(hub, payload, tmp_path):
     assert r.returncode == 2 and "not published in kevclark/parameter-golf" in r.stderr and "sp8192" in r.stderr
 
 
+@pytest.mark.slow
 def test_repository_listing_is_used_without_a_manifest(hub, payload, tmp_path):
     r = run_tool(hub, tmp_path, "--variant", "sp8192", "--train-shards", "1")  # default repo: kevclark
     assert r.returncode == 0, r.stderr
@@ -417,6 +424,7 @@ def test_bad_input_fails_before_any_request(args, needle, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and needle in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_unknown_repository_revision_and_variant_on_the_hub(hub, tmp_path):
     r = run_tool(hub, tmp_path, "--variant", "sp2048", "--repo-id", SP1024_REPO)
     assert r.returncode == 2 and "--variant=sp2048 is not published" in r.stderr and "sp1024" in r.stderr
@@ -552,8 +560,8 @@ def caseops_payload(tmp_path_factory) -> dict[str, bytes]:
     tokens = rng.integers(8, 8192, 3000)
     tokens[::97] = tg.BOS_ID
     counts = np.where(tokens == tg.BOS_ID, 0, rng.integers(1, 7, tokens.size))
-    tg.write_shard(tmp / "val.bin", tokens)
-    tg.write_shard(tmp / "val_bytes.bin", counts)
+    write_shard(tmp / "val.bin", tokens)
+    write_shard(tmp / "val_bytes.bin", counts)
     return {"val0": (tmp / "val.bin").read_bytes(), "bytes0": (tmp / "val_bytes.bin").read_bytes(),
             "original_bytes": str(int(counts.sum()))}
 
@@ -572,6 +580,7 @@ def caseops_files(payload, caseops_payload, manifest: bool = True, sidecar: byte
     return files
 
 
+@pytest.mark.slow
 def test_caseops_dataset_comes_with_its_byte_sidecars(hub, payload, caseops_payload, tmp_path):
     hub.publish(CASEOPS_REPO, caseops_files(payload, caseops_payload))
     r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "1")
@@ -603,6 +612,7 @@ def test_caseops_dataset_comes_with_its_byte_sidecars(hub, payload, caseops_payl
     assert (ds / "fineweb_val_bytes_000000.bin").read_bytes() == caseops_payload["bytes0"]
 
 
+@pytest.mark.slow
 def test_caseops_sidecar_missing_from_the_repository_is_named(hub, payload, caseops_payload, tmp_path):
     files = caseops_files(payload, caseops_payload)
     del files[f"{CASEOPS_DS}/fineweb_val_bytes_000000.bin"]
@@ -622,10 +632,11 @@ def test_caseops_sidecar_missing_from_the_repository_is_named(hub, payload, case
     ("short", "byte counts for the 3000 tokens of fineweb_val_000000.bin"),
     ("bos", "a BOS token of fineweb_val_000000.bin is given"),
 ])
+@pytest.mark.slow
 def test_a_sidecar_that_does_not_fit_its_shard_is_refused(hub, payload, caseops_payload, tmp_path, damage, needle):
     counts = np.frombuffer(caseops_payload["bytes0"][tg.SHARD_HEADER_BYTES:], dtype="<u2").copy()
     counts = counts[:-5] if damage == "short" else np.concatenate([[3], counts[1:]])
-    tg.write_shard(tmp_path / "bad.bin", counts)
+    write_shard(tmp_path / "bad.bin", counts)
     hub.publish(CASEOPS_REPO, caseops_files(payload, caseops_payload, manifest=False,
                                             sidecar=(tmp_path / "bad.bin").read_bytes()))
     r = run_tool(hub, tmp_path, "--variant", CASEOPS_VARIANT, "--train-shards", "0")

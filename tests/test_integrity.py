@@ -5,6 +5,7 @@ tokenizer, an out-of-range token named by its place in the file)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import tg
+from pgolf.shards import write_shard
+from pgolf import runs
+from pgolf.locks import Held, Lock, exclusive
 from test_run import error_lines, run_script, tiny_env
 
 
@@ -31,6 +35,7 @@ def copy_dataset(dataset: dict, dest) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_tokenizer_that_is_not_the_datas_is_refused(dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path)
     (data["dir"] / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "ab" * 32}}))
@@ -42,6 +47,7 @@ def test_a_tokenizer_that_is_not_the_datas_is_refused(dataset, tmp_path):
     assert not (tmp_path / "logs" / "mismatch.ptz").exists()
 
 
+@pytest.mark.slow
 def test_the_manifest_of_the_sample_and_of_tokenize_docs_name_their_tokenizer(dataset, tmp_path):
     assert tg.manifest_tokenizer_sha256({"tokenizer": {"sha256": "x"}}) == "x"
     files = {"datasets/d/fineweb_val_000000.bin": {"sha256": "v"}, "tokenizers/t.model": {"sha256": "t"}}
@@ -70,6 +76,7 @@ def test_reportable_only_for_the_challenge_split():
     assert not tg.challenge_split(2048, raw, 50_000, 0)[0]
 
 
+@pytest.mark.slow
 def test_a_run_on_other_data_says_not_reportable_and_why(dataset, tmp_path):
     run = run_script(tmp_path, tiny_env(dataset, tmp_path, "notchallenge"))
     assert run.rc == 0, run.describe()
@@ -88,6 +95,7 @@ def test_default_run_ids_differ_between_processes_started_in_the_same_second():
     assert re.fullmatch(rf"smoke_\d{{8}}_\d{{6}}_\d{{6}}_{os.getpid()}", rid), rid
 
 
+@pytest.mark.slow
 def test_an_existing_run_id_is_refused_and_a_rerun_that_dies_keeps_the_old_files(dataset, tmp_path):
     first = run_script(tmp_path, tiny_env(dataset, tmp_path, "seed1"))
     assert first.rc == 0, first.describe()
@@ -107,14 +115,52 @@ def test_an_existing_run_id_is_refused_and_a_rerun_that_dies_keeps_the_old_files
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["seed1.json", "seed1.ptz", "seed1.txt"]
 
 
-def test_a_run_id_another_live_process_holds_is_refused_and_a_stale_lock_taken_over(tmp_path):
-    lock = tmp_path / "r.lock"
-    lock.write_text(f"{os.getpid()} {tg.platform.node()}\n")  # this very process: alive
-    with pytest.raises(tg.ConfigError, match=rf"^RUN_ID='r' is not allowed: another process \(pid {os.getpid()}"):
-        tg.claim_run_files(tmp_path, "r", False, 0)
-    lock.write_text(f"{2 ** 22 + 12345} {tg.platform.node()}\n")  # above Linux's pid_max: gone
-    files = tg.claim_run_files(tmp_path, "r", False, 0)
-    assert lock.read_text().split()[0] == str(os.getpid()) and not files.staged
+def test_a_run_id_another_live_process_holds_is_refused_and_a_left_lock_file_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "r.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runs.Refused, match=rf"^RUN_ID='r' is not allowed: another process \({holder.pid} "):
+            runs.claim(tmp_path, "r", False, 0)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed with -9, the holder left its lock file behind: the kernel let go of its lock, and the file is taken.
+    assert (tmp_path / "r.lock").read_text().split()[0] == str(holder.pid)
+    files = runs.claim(tmp_path, "r", False, 0)
+    assert (tmp_path / "r.lock").read_text().split()[0] == str(os.getpid()) and not files.staged
+    files.release()
+    assert not (tmp_path / "r.lock").exists()
+
+
+HOLD_LOCK = """
+import sys, time
+from pgolf.locks import Lock
+Lock(sys.argv[1]).acquire(wait=False)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_lock_helper_waits_refuses_and_survives_a_deleted_file(tmp_path):
+    first = Lock(tmp_path / "x.lock").acquire(wait=False)
+    with pytest.raises(Held, match=rf"x.lock is held by {os.getpid()} "):
+        Lock(tmp_path / "x.lock").acquire(wait=False)  # another open file: flock conflicts within one process too
+    first.release()
+    with exclusive(tmp_path / "x.lock"):
+        assert (tmp_path / "x.lock").read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / "x.lock").exists()
+
+
+def test_a_shipped_copy_without_pgolf_refuses_existing_outputs(dataset, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pgolf", None)  # `from pgolf import runs` raises ImportError, as beside a copy
+    h = tg.Hyperparameters.from_env({"LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "r"})
+    files = tg.claim_run_files(h)
+    assert type(files) is tg.RunFiles and files.path(".txt") == tmp_path / "logs" / "r.txt"
+    files.path(".txt").write_text("x")
+    with pytest.raises(tg.ConfigError, match=r"^RUN_ID='r' is not allowed: .*r\.txt exists"):
+        tg.claim_run_files(h)
+    assert tg.claim_run_files(dataclasses.replace(h, overwrite=True)).path(".json") == tmp_path / "logs" / "r.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +185,7 @@ def test_system_variables_are_not_taken_for_knobs():
     assert tg.Hyperparameters.from_env(env).env_warnings == ()
 
 
+@pytest.mark.slow
 def test_typo_warnings_come_before_the_config_block(dataset, tmp_path):
     run = run_script(tmp_path, tiny_env(dataset, tmp_path, "typo", SEEDS="42"))
     assert run.rc == 0, run.describe()
@@ -151,6 +198,7 @@ def test_typo_warnings_come_before_the_config_block(dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_unwritable_or_full_log_dir_is_refused_before_any_work(dataset, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -159,11 +207,12 @@ def test_an_unwritable_or_full_log_dir_is_refused_before_any_work(dataset, tmp_p
                                                          f"cannot write there"), run.describe()
     assert "config:" not in run.stdout
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(tg.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
-    with pytest.raises(tg.ConfigError, match=r"is not allowed: 1,000,000 bytes free, a run needs 83,108,864"):
-        tg.claim_run_files(tmp_path / "logs", "x", False, tg.OUTPUT_HEADROOM_BYTES + 16_000_000)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
+    with pytest.raises(runs.Refused, match=r"is not allowed: 1,000,000 bytes free, a run needs 83,108,864"):
+        runs.claim(tmp_path / "logs", "x", False, 16_000_000)
 
 
+@pytest.mark.slow
 def test_an_artifact_that_cannot_be_written_keeps_the_weights_and_requantize_finishes_the_run(dataset, tmp_path,
                                                                                             monkeypatch, capsys):
     env = tiny_env(dataset, tmp_path, "full")
@@ -201,6 +250,7 @@ def test_an_artifact_that_cannot_be_written_keeps_the_weights_and_requantize_fin
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_runs_log_the_first_the_last_and_enough_steps(dataset, tmp_path):
     run = run_script(tmp_path, tiny_env(dataset, tmp_path, "short", ITERATIONS=40, TRAIN_LOG_EVERY=50))
     assert run.rc == 0, run.describe()
@@ -221,6 +271,7 @@ def test_progress_is_due_at_least_every_30_seconds():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigint_ends_with_one_line_and_exit_130(dataset, tmp_path):
     env = tiny_env(dataset, tmp_path, "sigint", ITERATIONS=100_000)
     # As a shell starts a foreground job: SIGINT at its default. A non-interactive shell that starts pytest
@@ -241,6 +292,7 @@ def test_sigint_ends_with_one_line_and_exit_130(dataset, tmp_path):
     assert not (tmp_path / "logs" / "sigint.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_corrupt_tokenizer_is_one_line(dataset, tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_bytes(os.urandom(300))
@@ -249,12 +301,13 @@ def test_a_corrupt_tokenizer_is_one_line(dataset, tmp_path):
     assert error_lines(run)[0].startswith(f"error: {bad}: not a readable SentencePiece model")
 
 
+@pytest.mark.slow
 def test_an_out_of_range_training_token_is_named_by_its_place_in_the_file(dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path)
     shard = sorted(data["dir"].glob("fineweb_train_*.bin"))[0]
     tokens = np.array(tg.load_shard(shard))
     tokens[1234] = 4000  # overlapping windows cover every token: the first batch that reads it stops the run
-    tg.write_shard(shard, tokens)
+    write_shard(shard, tokens)
     (data["dir"] / "manifest.json").unlink(missing_ok=True)  # the sample's hashes would name the edited shard first
     for other in sorted(data["dir"].glob("fineweb_train_*.bin"))[1:]:
         other.unlink()
@@ -270,6 +323,7 @@ def test_an_out_of_range_training_token_is_named_by_its_place_in_the_file(datase
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wallclock_cap_stops_before_the_cap_with_a_fake_clock(dataset, tmp_path, monkeypatch):
     """Every perf_counter reading advances 50 ms: a step's time is fixed by the code, not the machine."""
     clock = {"t": 0.0}
@@ -337,6 +391,7 @@ class FillingDisk:
         self._check()
 
 
+@pytest.mark.slow
 def test_a_log_that_cannot_be_written_mid_run_keeps_the_weights_and_exits_4(dataset, tmp_path, monkeypatch,
                                                                             capsys, one_thread):
     real_init = tg.Logger.__init__
@@ -361,6 +416,7 @@ def test_a_log_that_cannot_be_written_mid_run_keeps_the_weights_and_exits_4(data
     assert (logs / "fills.txt").read_text().splitlines()[-1].startswith("step:1/")
 
 
+@pytest.mark.slow
 def test_metrics_that_cannot_be_written_exit_4_and_the_artifact_is_kept_and_rescored(dataset, tmp_path, monkeypatch,
                                                                                    capsys, one_thread):
     real = tg.atomic_write_bytes
@@ -422,6 +478,7 @@ def test_sigterm_and_sighup_release_the_lock_in_process_and_the_handlers_are_res
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+@pytest.mark.slow
 def test_sigterm_ends_with_one_line_and_exit_143(dataset, tmp_path):
     env = tiny_env(dataset, tmp_path, "sigterm", ITERATIONS=100_000)
     proc = subprocess.Popen([sys.executable, str(tg.Path(tg.__file__))], cwd=tmp_path, env=env, text=True,
@@ -442,8 +499,8 @@ def test_the_lock_of_a_process_that_died_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid names no process (until the kernel reuses it, long after this test)
     (tmp_path / "r.lock").write_text(f"{dead.pid} {tg.platform.node()}\n")
-    tg.claim_run_files(tmp_path, "r", False, 0)
-    assert (tmp_path / "r.lock").read_text().split()[0] == str(os.getpid())
+    runs.claim(tmp_path, "r", False, 0).release()
+    assert not (tmp_path / "r.lock").exists()
 
 
 def worker_pids(parent: int) -> dict[int, int]:
@@ -492,13 +549,13 @@ def test_a_failed_runs_log_does_not_block_its_run_id_and_is_kept(dataset, tmp_pa
     assert (logs / "again.failed.txt").read_text() == first
     assert (logs / "again.txt").read_text().splitlines()[0] == (
         f"note: {logs / 'again.txt'} held the log of a run that failed; it is kept as {logs / 'again.failed.txt'}")
-    files = tg.claim_run_files(logs, "again", False, 0)
+    files = runs.claim(logs, "again", False, 0)
     assert files.note.endswith(f"it is kept as {logs / 'again.failed2.txt'}") and not files.staged
-    files.lock.unlink()
+    files.release()
     # What still blocks: a log that does not end in an error, a failed log beside kept weights, a JSON or artifact.
     for extra, last in ((None, "final val_loss:1.0"), ("again.weights.pt", "error: x"), ("again.ptz", "error: x")):
         (logs / "again.txt").write_text(f"config:\n{last}\n")
         if extra:
             (logs / extra).write_bytes(b"x")
-        with pytest.raises(tg.ConfigError, match="is not allowed: .* exists"):
-            tg.claim_run_files(logs, "again", False, 0)
+        with pytest.raises(runs.Refused, match="is not allowed: .* exists"):
+            runs.claim(logs, "again", False, 0)

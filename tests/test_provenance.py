@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, tg
+from pgolf.shards import write_shard
 from test_run import error_lines, run_script, tiny_env
 
 OTHER_1024 = SHARED_DATA / "tokenizers" / "variants" / "CiprianFlorin-Ifrim" / "fineweb_1024_bpe.model"
@@ -70,6 +71,7 @@ def test_documents_with_unknown_tokens_are_left_out(other_tokenizer, shared_data
     assert 0 < r.checked < 59 and r.reencoded == r.checked, r
 
 
+@pytest.mark.slow
 def test_a_wrong_tokenizer_without_a_manifest_exits_2_before_training(dataset, other_tokenizer, tmp_path):
     run = run_script(tmp_path, tiny_env(dataset, tmp_path, "wrongtok", TOKENIZER_PATH=other_tokenizer))
     assert run.rc == 2, run.describe()
@@ -100,6 +102,7 @@ def test_shards_are_hashed_once_then_checked_by_size_and_time(dataset, tmp_path,
     assert tg.verify_shards(data["dir"])["hashed_now"] == 0, "recorded: not hashed again"
 
 
+@pytest.mark.slow
 def test_a_shard_edited_after_its_manifest_is_refused(dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path)
     write_manifest(data["dir"])
@@ -192,6 +195,7 @@ def trained(dataset, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_checks_and_its_artifact_records_the_data(trained, dataset):
     log = trained.log_lines
     assert any(x.startswith("tokenizer_check:ok reencoded:") and " seconds:" in x for x in log), log
@@ -201,11 +205,12 @@ def test_a_run_logs_its_checks_and_its_artifact_records_the_data(trained, datase
                                                            "val_sha256": trained.metrics["dataset"]["val_sha256"]}
 
 
+@pytest.mark.slow
 def test_eval_only_on_other_validation_shards_or_knobs_exits_2(trained, dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path)
     val = tg.list_shards(data["dir"], "val")[0]
     tokens = tg.load_shard(val)
-    tg.write_shard(val, np.asarray(tokens[: int(np.flatnonzero(tokens == tg.BOS_ID)[-1])]))  # one document less
+    write_shard(val, np.asarray(tokens[: int(np.flatnonzero(tokens == tg.BOS_ID)[-1])]))  # one document less
     run = run_script(tmp_path, tiny_env(data, tmp_path, "otherval", EVAL_ONLY=1, ARTIFACT=trained.path("ptz")))
     assert run.rc == 2, run.describe()
     (line,) = error_lines(run)
@@ -216,6 +221,7 @@ def test_eval_only_on_other_validation_shards_or_knobs_exits_2(trained, dataset,
     assert knobs.rc == 2 and "NUM_LAYERS=3 not allowed with EVAL_ONLY=1" in error_lines(knobs)[0], knobs.describe()
 
 
+@pytest.mark.slow
 def test_eval_only_under_another_preset_says_so(trained, dataset, tmp_path):
     env = tiny_env(dataset, tmp_path, "smoke_rescore", EVAL_ONLY=1, ARTIFACT=trained.path("ptz"), PRESET="smoke",
                    SAMPLE_DATA=0)

@@ -62,6 +62,7 @@ import pytest
 import torch
 
 from conftest import tg
+from pgolf.shards import write_shard
 from top_harness import BOS, SKIP_WITHOUT_TOP, top_hparams
 
 pytestmark = SKIP_WITHOUT_TOP
@@ -313,6 +314,7 @@ def test_the_lr_check_fails_for_another_floor(top):
     assert abs(top_lr_mul(top)(0.95) - tg.lr_scale(0.95, 0.85, 0.0)) > 0.04
 
 
+@pytest.mark.slow
 def test_schedule_equals_the_tops_at_every_step_of_a_600s_run(top, top_schedule, times):
     """Same step times: the LR multiplier (<= 1e-12), the Muon momentum (exact) and looping (exact) agree at
     every step both run. Both stop on the wallclock: the top after the first step that ends at or past
@@ -344,6 +346,7 @@ def test_schedule_equals_the_tops_at_every_step_of_a_600s_run(top, top_schedule,
 
 @pytest.mark.parametrize("env", [{"WARMDOWN_FRAC": "0.75", "MUON_MOMENTUM_WARMUP_STEPS": "1499"},
                                  {"MIN_LR": "0.0", "ENABLE_LOOPING_AT": "0.351"}])
+@pytest.mark.slow
 def test_the_schedule_check_fails_for_mutants(top_schedule, times, env):
     """Two mutants per run (each moves one channel only, at the steps it should): WARMDOWN_FRAC=0.75 (the
     top's code default, which its README overrides) from the step the top's warmdown starts; a momentum
@@ -390,8 +393,8 @@ def shards(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
     root = tmp_path_factory.mktemp("top_loader")
     streams = [synthetic_stream(16411, 1), synthetic_stream(15707, 2, lead=37), synthetic_stream(17000, 3)]
     for i, s in enumerate(streams):
-        tg.write_shard(root / f"fineweb_train_{i:06d}.bin", s)
-    tg.write_shard(root / "fineweb_val_000000.bin", streams[0][:1000])
+        write_shard(root / f"fineweb_train_{i:06d}.bin", s)
+    write_shard(root / "fineweb_val_000000.bin", streams[0][:1000])
     return root, streams
 
 

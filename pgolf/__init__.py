@@ -1,0 +1,12 @@
+"""The operations layer of the repository: what runs around training but does not compute a score, kept out of
+the shipped train_gpt.py (whose bytes count toward the artifact). train_gpt.py uses it when this package sits
+beside it and runs without it when copied into a records folder.
+
+- `pgolf.locks`: the one lock helper (an flock on a lock file holding its owner's pid and host).
+- `pgolf.runs`: claiming a run's outputs: LOG_DIR checked, the RUN_ID locked, OVERWRITE staged, a failed run's
+  log set aside.
+- `pgolf.shards`: writing the challenge shard format (the data tools and the tests; train_gpt.py only reads it).
+
+Nothing here imports train_gpt: when train_gpt.py runs as a script it is `__main__`, and a second import would
+make a second copy of its classes.
+"""
