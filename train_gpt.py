@@ -28,7 +28,6 @@ import functools
 import hashlib
 import heapq
 import importlib.util
-import io
 import json
 import math
 import os
@@ -39,7 +38,6 @@ import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -103,34 +101,6 @@ LAUNCHER_VARS = frozenset({
     "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS",
 })
 
-# Features used by public Parameter Golf scripts that this script does not implement (yet).
-# Setting one to anything but an "off" value must fail loudly instead of being silently ignored.
-OFF_VALUES = frozenset({"", "0", "0.0", "false", "off", "none"})
-UNIMPLEMENTED_FEATURES: dict[str, str] = {
-    "TRIGRAM": "trigram hash embeddings",
-    "VE_ENABLED": "value embeddings",
-    "GATED_ATTN": "gated attention",
-    "ATTN_OUT_GATE_ENABLED": "PR #1855's dense attention output gate (SPARSE_ATTN_GATE_ENABLED is the per-head one)",
-    "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
-    "SWA_ENABLED": "SWA",
-    "MIXED_QUANT": "mixed int5/int6 GPTQ",
-}
-# Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands).
-KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
-                                "GLOBAL_TTT_MOMENTUM": "TTT_MOMENTUM", "GLOBAL_TTT_CHUNK_TOKENS": "TTT_CHUNK_TOKENS",
-                                "GLOBAL_TTT_GRAD_CLIP": "TTT_GRAD_CLIP"}  # and PR #1855's
-# PR #1855's knobs whose value this script fixes (its README sets some): accepted at that value, refused otherwise.
-FIXED_KNOBS: dict[str, str] = {"TTT_BETA1": "0", "TTT_BETA2": "0.99", "TTT_OPTIMIZER": "adam", "TTT_GRAD_STEPS": "1",
-                               "TTT_K_LORA": "1", "TTT_MLP_LORA": "1", "TTT_O_LORA": "1", "PARALLEL_FINAL_LANE": "mean",
-                               "ROPE_YARN": "0", "GLOBAL_TTT_WARMUP_CHUNKS": "0", "VAL_DOC_FRACTION": "1"}
-# Older names rewritten to today's knobs by _translate_legacy_vars.
-LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "PARALLEL_RESIDUAL_START", "TARGET_MB", "USE_GPTQ",
-                         "SLIDING_WINDOW_ENABLED"})
-# Knobs this script no longer reads: setting one warns (with what replaced it) instead of failing old commands.
-RETIRED_VARS: dict[str, str] = {
-    "VAL_BATCH_TOKENS": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
-    "VAL_BATCH_SIZE": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
-}
 PARALLEL_MODES = ("off", "gptj", "lanes", "lanes_seq", "lane_merge")
 ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
 QUANT_METHODS = ("gptq", "rtn")
@@ -432,13 +402,7 @@ class Hyperparameters:
         if preset not in PRESETS:
             raise ConfigError(f"PRESET={preset!r} is not allowed: use one of {', '.join(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[preset])
-        _translate_legacy_vars(env)
-        for alias, name in KNOB_ALIASES.items():
-            if alias in env:
-                if name in env and env[name].strip() != env[alias].strip():
-                    raise ConfigError(f"{alias}={env[alias]!r} is not allowed together with {name}={env[name]!r}",
-                                      hint=f"{alias} is another name for {name}; set one of them")
-                env.setdefault(name, env[alias])
+        env, warnings, known = other_names(env)
         for f in cls.knob_fields():
             name = f.name.upper()
             if name in env and name != "PRESET":
@@ -447,7 +411,7 @@ class Hyperparameters:
         if "PHASED_TTT_ENABLED" in env and values.get("phased_ttt_enabled") and not values.get("ttt_enabled", True):
             raise ConfigError("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0",
                               hint="it is a form of TTT: set TTT_ENABLED=1, or leave PHASED_TTT_ENABLED unset")
-        warnings = _check_unknown_vars(env, bool(values.get("strict_env", False)))
+        warnings += _check_unknown_vars(env, known, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
                 for k, d in (("world_size", 1), ("rank", 0), ("local_rank", 0))}
         return cls(**values, **topo, env_warnings=tuple(warnings))
@@ -538,61 +502,6 @@ class Hyperparameters:
         return {f.name.upper(): getattr(self, f.name) for f in self.knob_fields()}
 
 
-def _translate_legacy_vars(env: dict[str, str]) -> None:
-    """Older run commands' names (PR #1204/#1290 style), rewritten in place to today's knobs.
-
-    RECUR_LAYERS="4,5" loops a contiguous span once, from RECUR_START_STEP; PARALLEL_RESIDUAL=0/1
-    switches parallel residuals off/on. An explicit new-style knob that disagrees is an error."""
-    def put(name: str, value: str, source: str) -> None:
-        if name in env and env[name].strip() != value:
-            raise ConfigError(f"{source} is not allowed together with {name}={env[name]!r}: set one of them")
-        env[name] = value
-
-    def flag(name: str) -> str:  # a 0/1 switch
-        value = env[name].strip()
-        if value not in ("0", "1"):
-            raise ConfigError(f"{name}={value!r} is not allowed: expected 0 or 1")
-        return value
-
-    raw = env.get("RECUR_LAYERS")
-    if raw is not None and raw.strip():
-        try:
-            layers = [int(t) for t in raw.split(",")]
-        except ValueError:
-            raise ConfigError(f"RECUR_LAYERS={raw!r} is not allowed: expected comma-separated layer indices") from None
-        if layers != list(range(layers[0], layers[-1] + 1)):
-            raise ConfigError(f"RECUR_LAYERS={raw!r} is not allowed: the looped layers must be contiguous")
-        source = f"RECUR_LAYERS={raw!r}"
-        put("LOOP_START", str(layers[0]), source)
-        put("LOOP_END", str(layers[-1]), source)
-        put("NUM_LOOPS", "1", source)
-    elif raw is not None:
-        put("NUM_LOOPS", "0", "RECUR_LAYERS=''")
-    if "RECUR_START_STEP" in env:
-        put("LOOPING_START_STEP", env["RECUR_START_STEP"].strip(), f"RECUR_START_STEP={env['RECUR_START_STEP']!r}")
-    if "PARALLEL_RESIDUAL_START" in env:  # PR #1412-style commands: GPT-J parallel layers from this one on
-        start = env["PARALLEL_RESIDUAL_START"].strip()
-        put("PARALLEL_MODE", "gptj", f"PARALLEL_RESIDUAL_START={start!r}")
-        put("PARALLEL_START_LAYER", start, f"PARALLEL_RESIDUAL_START={start!r}")
-    if "TARGET_MB" in env:  # decimal megabytes (PR #1019 meant MiB: 15.9 MiB is over the cap)
-        raw_mb = env["TARGET_MB"].strip()
-        if not _is_non_negative_number(raw_mb) or float(raw_mb) <= 0:
-            raise ConfigError(f"TARGET_MB={raw_mb!r} is not allowed: expected a number > 0 (millions of bytes)")
-        put("TARGET_BYTES", str(round(float(raw_mb) * 1_000_000)), f"TARGET_MB={raw_mb!r}")
-    if env.get("USE_GPTQ", "").strip():  # empty = unset
-        gptq = flag("USE_GPTQ")
-        put("QUANT_METHOD", "gptq" if gptq == "1" else "rtn", f"USE_GPTQ={gptq!r}")
-    # On/off switches of newer knobs (PR #1392 style): off sets the knob, on must not contradict it.
-    switches = (("SLIDING_WINDOW_ENABLED", "EVAL_STRIDE", "0"), ("PARALLEL_RESIDUAL", "PARALLEL_MODE", "off"))
-    for name, knob_name, off in switches:
-        if name not in env:
-            continue
-        if flag(name) == "0":
-            put(knob_name, off, f"{name}='0'")
-        elif env.get(knob_name, "").strip() == off:
-            raise ConfigError(f"{name}='1' is not allowed together with {knob_name}={off!r}")
-
-
 def _parse_value(name: str, raw: str, kind: type) -> Any:
     text = raw.strip()
     try:
@@ -625,38 +534,40 @@ def closest_knob(name: str, candidates: list[str]) -> str | None:
     return (squashed.get(close[0], close[0])) if close else None
 
 
-def _same_value(a: str, b: str) -> bool:
+def operations(name: str) -> Any:
+    """pgolf.<name>, the repository's operations layer (not shipped) where pgolf/ sits beside this file; None
+    in a shipped copy. A pgolf module that is there but fails to import raises."""
     try:
-        return float(a) == float(b)
-    except ValueError:
-        return a.strip().lower() == b
+        importlib.import_module("pgolf")  # first: the package decides (a copy without it, or a test hiding it)
+        return importlib.import_module(f"pgolf.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("pgolf", f"pgolf.{name}"):
+            raise
+        return None
 
 
-def _check_unknown_vars(env: Mapping[str, str], strict: bool) -> list[str]:
-    """Unknown variables that look like knobs: warn (or fail with STRICT_ENV=1); unimplemented features: fail."""
-    known = set(Hyperparameters.knob_names()) | set(KNOB_ALIASES) | LEGACY_VARS | LAUNCHER_VARS
-    candidates = sorted(set(Hyperparameters.knob_names()) | set(UNIMPLEMENTED_FEATURES))  # suggest knobs only
+def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozenset[str]]:
+    """Other scripts' names for knobs (aliases, older names, fixed, retired and unimplemented ones): rewritten,
+    refused or warned about by pgolf.knobs where pgolf/ sits beside this file; a shipped copy knows none."""
+    knobs = operations("knobs")
+    if knobs is None:
+        return env, [], frozenset()
+    try:
+        return knobs.rewrite(env)
+    except knobs.Refused as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_unknown_vars(env: Mapping[str, str], known: frozenset[str], strict: bool) -> list[str]:
+    """Variables that look like a misspelt knob: a warning each, or (STRICT_ENV=1) one error naming them all."""
+    candidates = Hyperparameters.knob_names()
     warnings, typos = [], []
-    for name in sorted(env):
-        value = env[name]
-        if name in UNIMPLEMENTED_FEATURES:
-            if value.strip().lower() not in OFF_VALUES:
-                raise ConfigError(f"{name}={value!r} is not allowed: it turns on {UNIMPLEMENTED_FEATURES[name]}",
-                                  hint="this train_gpt.py does not implement it: unset it or set it to 0")
-            continue
-        if name in FIXED_KNOBS:
-            if not _same_value(value, FIXED_KNOBS[name]):
-                raise ConfigError(f"{name}={value!r} is not allowed: this script fixes it at {FIXED_KNOBS[name]}")
-            continue
-        if name in RETIRED_VARS:
-            warnings.append(f"{name}={value!r} is ignored: {RETIRED_VARS[name]}")
-            continue
-        if name in known or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
-            continue
-        close = closest_knob(name, candidates)
+    for name in sorted(set(env) - set(candidates) - LAUNCHER_VARS - known):
+        close = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) and closest_knob(name, candidates)
         if close:
-            typos.append(f"{name}={value!r} (did you mean {close}?)")
-            warnings.append(f"{name}={value!r} is not a knob of train_gpt.py and is ignored (did you mean {close}?)")
+            set_to = f"{name}={env[name]!r}"
+            typos.append(f"{set_to} (did you mean {close}?)")
+            warnings.append(f"{set_to} is not a knob of train_gpt.py and is ignored (did you mean {close}?)")
     if strict and typos:  # every typo at once: fixing them one run at a time wastes a start-up each
         raise ConfigError(f"unknown knobs: {', '.join(typos)}; STRICT_ENV=1 refuses them")
     return warnings
@@ -706,9 +617,8 @@ class RunFiles:
 def claim_run_files(h: Hyperparameters) -> RunFiles:
     """Before any work (rank 0): pgolf.runs.claim where pgolf/ sits beside this file; a shipped copy only
     refuses outputs that exist (unless OVERWRITE=1)."""
-    try:
-        from pgolf import runs
-    except ImportError:
+    runs = operations("runs")
+    if runs is None:
         files = RunFiles(Path(h.log_dir), h.run_id)
         existing = [p for p in map(files.path, RUN_OUTPUTS) if p.exists()]
         if existing and not h.overwrite:
@@ -2937,7 +2847,7 @@ class Muon(torch.optim.Optimizer):
             raise ConfigError(f"MUON_IMPL={impl!r} is not allowed: use one of {', '.join(MUON_IMPLS)}")
         (self.rank, self.world_size), self.impl, self.ns_dtype = world, impl, ns.dtype
         # A bucket names its group by index: load_state_dict replaces the group dicts, and a stored
-        # dict would keep stale LR/momentum values (the warmup-restore test caught exactly that).
+        # dict would keep stale LR/momentum values after the warm-up restores the optimizer state.
         buckets: dict[tuple, list[nn.Parameter]] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -3281,9 +3191,9 @@ PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorte
 ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
-# The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): the record's
-# 36 MB body is 49 s of brotli-11 as one stream; 9 chunks of 4 MiB took 20 s on 2 cores for the same size
-# (-133 bytes; 1-2 MiB chunks cost ~4 KB), and a 16-core pod compresses all 9 at once (bench/compress.py).
+# The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): brotli-11 of the
+# record's body as one stream takes most of a minute; 4 MiB chunks cost almost no bytes and a pod's cores
+# compress them at once (bench/compress.py measures both).
 COMPRESS_CHUNK_BYTES = 4 << 20
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
@@ -4637,27 +4547,27 @@ class PhasedTTT:
         self.lora = self.adapters(self.cfg.batch_docs)
 
 
-def phase_sgd_step(run: PhasedTTT, opt: torch.optim.Optimizer, stream: Tensor, host: np.ndarray,
+def phase_sgd_step(ttt: PhasedTTT, opt: torch.optim.Optimizer, stream: Tensor, host: np.ndarray,
                    span: tuple[int, int], weight: float) -> None:
     """One SGD step: this rank's tokens stream[a:b] (none: a zero gradient) as one packed row whose
     sequences start at every BOS and every EVAL_SEQ_LEN tokens of a document (PR #1855's cu_seqlens; plain
     rows without DOC_ISOLATION); its mean loss, weighted so the ranks' gradients average over those with rows."""
-    ctx, params, (a, b) = run.ctx, run.base, span
+    ctx, params, (a, b) = ttt.ctx, ttt.base, span
     for p in params:
         p.grad = torch.zeros_like(p)
     if b > a:
         x, y = stream[a:b], stream[a + 1: b + 1]
         cu = None
-        if run.model.cfg.doc_isolation:
-            cut = min(ctx.seq_len, run.model.cfg.train_seq_len)  # the RoPE span the model was trained at
+        if ttt.model.cfg.doc_isolation:
+            cut = min(ctx.seq_len, ttt.model.cfg.train_seq_len)  # the RoPE span the model was trained at
             cu = torch.from_numpy(packed_cu_seqlens(host[a:b], BOS_ID, cut)).to(ctx.device)
         x, y = (x[None], y[None]) if cu is not None else (x.view(-1, ctx.seq_len), y.view(-1, ctx.seq_len))
         with ctx.autocast():
-            loss = run.model(x, y, cu_seqlens=cu)
+            loss = ttt.model(x, y, cu_seqlens=cu)
         (loss * weight).backward()
     sync_gradients(params, ctx.world_size, average=False)
-    if run.sgd.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, run.sgd.grad_clip)
+    if ttt.sgd.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, ttt.sgd.grad_clip)
     opt.step()
 
 
@@ -4679,14 +4589,14 @@ class TTTGuard:
     sgd_rate: float = 0.0
     steps_down: list = field(default_factory=list)
 
-    def after_batch(self, run: PhasedTTT, cost: int, seconds: float, left: int, where: str) -> None:
+    def after_batch(self, ttt: PhasedTTT, cost: int, seconds: float, left: int, where: str) -> None:
         self.done, self.score_s = self.done + cost, self.score_s + seconds
         projected = time.perf_counter() - self.t0 + left * self.score_s / max(self.done, 1)
-        if run.every and projected > self.budget_s:
-            run.every = TTT_STEP_DOWN[run.every]
+        if ttt.every and projected > self.budget_s:
+            ttt.every = TTT_STEP_DOWN[ttt.every]
             self.done = self.score_s = 0.0  # the next projection measures the new rate
-            self.steps_down.append((where, run.every))
-            self.log(format_kv(ttt_degrade=f"lora_every:{run.every}" if run.every else "lora_off", at=where,
+            self.steps_down.append((where, ttt.every))
+            self.log(format_kv(ttt_degrade=f"lora_every:{ttt.every}" if ttt.every else "lora_off", at=where,
                                projected_s=f"{projected:.0f}", budget_s=f"{self.budget_s:.0f}"))
 
     def phase_fits(self, ctx: EvalContext, left: int, sgd_tokens: int) -> bool:
@@ -4711,29 +4621,29 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
     costs = [LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), cfg.chunk, ctx.seq_len).cost()
              for _, b in batches]
     segments, pauses = ttt_schedule(costs, [len(b) for _, b in batches], bounds, ctx.world_size)
-    run, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens, trace), TTTGuard(budget_s, log)
+    ttt, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens, trace), TTTGuard(budget_s, log)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = [share[ctx.rank] for share in segments]
     left = sum(costs[j] for seg in mine for j in seg)
     info: dict[str, Any] = {"documents": len(docs), "batches": len(batches), "segments": len(mine),
                             "phases_set": len(bounds), "phases_planned": len(pauses), "phases_run": 0}
-    # PHASED_TTT_NUM_PHASES counts global SGD pauses, as PR #1855's; one with nothing left to score is not run.
+    # PHASED_TTT_NUM_PHASES counts global SGD pauses, as PR #1855's; one with nothing left to score is not ttt.
     log(format_kv(ttt_phases=len(bounds), boundaries=",".join(map(str, bounds)) or "none", pauses_planned=len(pauses),
                   unplanned_after_last_batch=len(bounds) - len(pauses)))
-    log(format_kv(ttt_rows_per_forward=run.group, batch_docs=cfg.batch_docs, mib_per_row=f"{run.mib_per_row:.0f}"))
+    log(format_kv(ttt_rows_per_forward=ttt.group, batch_docs=cfg.batch_docs, mib_per_row=f"{ttt.mib_per_row:.0f}"))
     for i, seg in enumerate(mine):
         ts = time.perf_counter()
         for j in seg:
             tb = time.perf_counter()
-            sums += run.score(batches[j][1])
+            sums += ttt.score(batches[j][1])
             left -= costs[j]
-            guard.after_batch(run, costs[j], time.perf_counter() - tb, left, f"segment {i + 1} batch {j + 1}")
+            guard.after_batch(ttt, costs[j], time.perf_counter() - tb, left, f"segment {i + 1} batch {j + 1}")
         score_s, t_sgd, phase = time.perf_counter() - ts, time.perf_counter(), None
         if i < len(pauses):  # every rank decides together (phase_fits is a collective)
             phase = phase_documents(batches, pauses[i], bounds[i])
             n_tok = int(lengths[phase].sum())
             if guard.phase_fits(ctx, left, n_tok):
-                run.global_sgd(phase)
+                ttt.global_sgd(phase)
                 guard.sgd_rate = (time.perf_counter() - t_sgd) / max(n_tok, 1)
                 info["phases_run"] += 1
             else:
@@ -5224,6 +5134,7 @@ def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) ->
 
 
 def run(h: Hyperparameters) -> int:
+    recover = recovery_run(h)
     d = setup_distributed(h)
     h = dataclasses.replace(h, run_id=h.run_id or broadcast_object(default_run_id(h.preset)))
     files = claim_outputs(h, d)
@@ -5235,9 +5146,8 @@ def run(h: Hyperparameters) -> int:
         code = Path(__file__).resolve().read_bytes()
         backend, backend_notes = select_attention_backend(h.attn_backend, d.device)
         check_packed_mask(h, backend, d.device)
-        if h.eval_only:
-            _, meta = read_artifact(Path(h.artifact), with_meta=True)
-            h = eval_only_config(h, meta, code, h.artifact)
+        if recover:
+            h, meta = recover.configure(sys.modules[__name__], h, code)
         data = None if h.dry_run else prepare_data(h, d, log)
         versions = log_header(h, d, code, backend, data.fingerprint if data else {}, log)
         for note in backend_notes:
@@ -5252,11 +5162,9 @@ def run(h: Hyperparameters) -> int:
         rc = RunContext(h, d, data, code, versions, backend, log, clock, files)
         torch.manual_seed(h.seed)
         model = GPT(ModelConfig.from_hparams(h, backend)).to(d.device)
-        if h.eval_only and not h.dry_run:
-            return evaluate_artifact(rc, model, meta)
+        if recover and not h.dry_run:
+            return recover.instead_of_training(sys.modules[__name__], rc, model, meta)
         flatten_parameters(model)
-        if h.requantize and not h.dry_run:
-            return requantize(rc, model)
         opt = Optimizers(model, h, d.rank, d.world_size)
         log_model(h, model, opt, log)
         if h.dry_run:
@@ -5317,10 +5225,31 @@ def stop_on_output_failure(rc: RunContext, failure: str | None, kept: Callable[[
         raise OutputError(failure)
 
 
+def recovery_run(h: Hyperparameters) -> Any:
+    """pgolf.recover for an EVAL_ONLY or REQUANTIZE run (None for any other); refused before any work
+    where pgolf/ is not beside this file."""
+    if not (h.eval_only or h.requantize):
+        return None
+    recover = operations("recover")
+    if recover is None:
+        knob = "EVAL_ONLY=1" if h.eval_only else f"REQUANTIZE={h.requantize!r}"
+        raise ConfigError(f"{knob} is not allowed: it needs the repository's pgolf/ beside {Path(__file__).name}",
+                          hint="run the repository's train_gpt.py, or copy pgolf/ beside this file")
+    return recover
+
+
+def kept_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> str:
+    """An output failed before the artifact was written: what pgolf.recover kept, as a sentence."""
+    recover = operations("recover")
+    if recover is None:
+        return f"the trained weights were not kept (no pgolf/ beside {Path(__file__).name})"
+    return recover.keep_weights(sys.modules[__name__], rc, model, hessians, steps)
+
+
 def kept_artifact(rc: RunContext) -> str:
-    path = rc.h.artifact if rc.h.eval_only else rc.files.path(".ptz")
-    return (f"the artifact is kept in {path}: EVAL_ONLY=1 ARTIFACT={path} (and another RUN_ID or LOG_DIR) scores "
-            f"it again")
+    """The metrics failed: the artifact is there (pgolf.recover says how to score it again)."""
+    recover = operations("recover")
+    return recover.kept_artifact(rc) if recover else f"the artifact is kept in {rc.files.path('.ptz')}"
 
 
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
@@ -5496,13 +5425,27 @@ def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, res
     return access_end
 
 
+# Knobs that name, place or check a run, or set its evaluation: an artifact's config leaves them out (the same
+# run twice writes the same bytes), and EVAL_ONLY (pgolf/recover.py) takes them from the environment.
+EVAL_ONLY_ENV_KNOBS = frozenset({
+    "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device",
+    "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite",
+    "requantize",
+    "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
+    "ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip",
+    "phased_ttt_enabled", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size",
+    "ttt_chunk_size", "ttt_warm_start_a", "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr",
+    "global_ttt_epochs",
+})
+
+
 def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> tuple[Path, dict]:
     """Quantize to fit the budget and write <RUN_ID>.ptz atomically (rank 0: the artifact exists
     even if a later phase dies, and the score always comes from what was written). Returns its path and
     the quantization report for the JSON."""
     h, log, code = rc.h, rc.log, rc.code
     # An incomplete log makes no valid run: no artifact, what was trained is kept for REQUANTIZE.
-    stop_on_output_failure(rc, None, lambda: keep_weights(rc, model, hessians, steps))
+    stop_on_output_failure(rc, None, lambda: kept_weights(rc, model, hessians, steps))
     artifact_path = rc.files.path(".ptz")
     log(format_kv(code_bytes=len(code)))
     budget = h.target_bytes - h.size_margin_bytes - len(code)
@@ -5522,7 +5465,7 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
         try:
             atomic_write_bytes(artifact_path, fit.blob)
         except OSError as exc:
-            failure = f"{artifact_path}: could not write the artifact ({exc.strerror or exc}); {keep_weights(rc, model, hessians, steps)}"
+            failure = f"{artifact_path}: could not write the artifact ({exc.strerror or exc}); {kept_weights(rc, model, hessians, steps)}"
         rc.clock.record("quantization", fit.quant_seconds)
         report.update(fits=fit.fits, attempts=fit.attempts, quant_seconds=fit.quant_seconds,
                       clip_sigmas=dict(fit.spec.clip), bits=dict(fit.spec.bits), entropy=fit.entropy)
@@ -5539,25 +5482,6 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
     if failure:
         raise OutputError(failure)
     return artifact_path, report
-
-
-def keep_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> str:
-    """The artifact could not be written: save what training made (weights, GPTQ Hessians, the config) in
-    LOG_DIR or else the temporary folder, so REQUANTIZE can finish the run; returns where, as a sentence."""
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "hessians": {k: v.cpu() for k, v in (hessians or {}).items()}, "config": rc.h.knob_values(),
-               "steps": steps, "looping": model.looping}
-    for folder in (rc.files.log_dir, Path(tempfile.gettempdir())):
-        path = folder / f"{rc.h.run_id}.weights.pt"
-        try:
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            atomic_write_bytes(path, buffer.getvalue())
-        except OSError:
-            continue
-        return (f"the trained weights are kept in {path}: REQUANTIZE={path} with the same knobs (and another "
-                f"RUN_ID or LOG_DIR) quantizes, packs and scores them")
-    return "the trained weights could not be saved either (LOG_DIR and the temporary folder refused them)"
 
 
 def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
@@ -5611,132 +5535,6 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
         "artifact": str(rc.files.final(".ptz")), "history": result.history,
     }
     return finish(rc, ev, bytes_model, result.train_time_ms, result.steps, metrics)
-
-
-# Knobs EVAL_ONLY takes from the environment; every other knob comes from the artifact's own config.
-EVAL_ONLY_ENV_KNOBS = frozenset({
-    "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device",
-    "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite",
-    "requantize",
-    "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
-    "ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip",
-    "phased_ttt_enabled", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size",
-    "ttt_chunk_size", "ttt_warm_start_a", "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr",
-    "global_ttt_epochs",
-})
-
-
-def eval_only_config(h: Hyperparameters, meta: dict[str, Any], code: bytes, source: str) -> Hyperparameters:
-    """EVAL_ONLY: the model and quantization knobs of the run that wrote the artifact, checked against
-    the code that wrote it (a reviewer re-scores a submission with the script it shipped)."""
-    sha = hashlib.sha256(code).hexdigest()
-    if meta.get("code_sha256") != sha:
-        raise ArtifactError(f"{source}: written by code sha256 {meta.get('code_sha256')}, but this script is {sha}",
-                            hint="re-score an artifact with the script file that made it")
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{source}: artifact has no config metadata")
-    names = {f.name for f in Hyperparameters.knob_fields()}
-    taken = {k.lower(): v for k, v in config.items() if k.lower() in names and k.lower() not in EVAL_ONLY_ENV_KNOBS}
-    # from_env moves a knob off its PRESET's default only for a variable that sets it: one the artifact overrides
-    # would be ignored without a word.
-    unset = preset_defaults(h.preset)
-    clash = [k for k, v in taken.items() if unset[k] != getattr(h, k) != v]
-    if clash:
-        mine, theirs = (", ".join(f"{k.upper()}={c[k]!r}" for k in clash) for c in (vars(h), taken))
-        raise ConfigError(f"{mine} not allowed with EVAL_ONLY=1: {source} was trained with {theirs}",
-                          hint="EVAL_ONLY takes these knobs from the artifact; unset them")
-    return dataclasses.replace(h, **taken)
-
-
-def preset_defaults(preset: str) -> dict[str, Any]:
-    """Every knob's value under PRESET when no variable sets it."""
-    return {**{f.name: f.default for f in Hyperparameters.knob_fields()}, **PRESETS[preset]}
-
-
-def check_artifact_data(h: Hyperparameters, meta: dict[str, Any], fingerprint: dict[str, Any], log: Logger) -> None:
-    """EVAL_ONLY scores on the tokenizer and validation shards the artifact's own run used, or refuses."""
-    recorded = meta.get("data")
-    if not isinstance(recorded, dict):
-        return warn(log, f"{h.artifact} records no tokenizer or validation sha256: the data it is scored on is "
-                         f"unchecked")
-    for var, path, key in (("TOKENIZER_PATH", h.tokenizer_file, "tokenizer_sha256"),
-                           ("DATA_PATH", h.dataset_dir, "val_sha256")):
-        if recorded.get(key) != fingerprint[key]:
-            raise DataError(f"{var}={path}: {key} {fingerprint[key]}, but {h.artifact} was trained and scored with "
-                            f"{key} {recorded.get(key)}", hint="re-score an artifact on the data it was made for")
-
-
-def log_eval_only_knobs(h: Hyperparameters, meta: dict[str, Any], log: Logger) -> None:
-    """The model knobs taken from the artifact (those not at PRESET's defaults), and a note when the artifact
-    was trained under another PRESET, whose evaluation defaults (EVAL_SEQ_LEN, ...) this run does not take."""
-    ours = preset_defaults(h.preset)
-    model = [f.name for f in dataclasses.fields(ModelConfig) if f.name in ours and f.name not in EVAL_ONLY_ENV_KNOBS]
-    knobs = ",".join(f"{k.upper()}={getattr(h, k)}" for k in model if getattr(h, k) != ours[k])
-    log(format_kv(eval_only_model_knobs=knobs or "none", other_model_knobs=f"PRESET={h.preset}_defaults",
-                  artifact=h.artifact))
-    trained = meta.get("preset")
-    if trained in PRESETS and trained != h.preset:
-        theirs = preset_defaults(trained)
-        differ = [f"{k.upper()}={ours[k]} ({trained}: {theirs[k]})" for k in sorted(EVAL_ONLY_ENV_KNOBS - {"preset"})
-                  if getattr(h, k) == ours[k] != theirs[k]]
-        warn(log, f"PRESET={h.preset}, but {h.artifact} was trained under PRESET={trained}: the evaluation knobs "
-                  f"keep this PRESET's defaults: {', '.join(differ) or 'none differ'}")
-
-
-def evaluate_artifact(rc: RunContext, model: GPT, meta: dict[str, Any]) -> int:
-    """EVAL_ONLY=1: score an existing artifact exactly as the training run did, without training."""
-    check_artifact_data(rc.h, meta, rc.data.fingerprint, rc.log)
-    log_eval_only_knobs(rc.h, meta, rc.log)
-    rc.log(format_kv(eval_only=rc.h.artifact))
-    return score_untrained(rc, model, bool(meta.get("looping", False)), lambda: Path(rc.h.artifact),
-                           meta.get("steps", 0), {"eval_only": True, "artifact": rc.h.artifact})
-
-
-def requantize(rc: RunContext, model: GPT) -> int:
-    """REQUANTIZE=<RUN_ID>.weights.pt: finish a run whose artifact could not be written (keep_weights), with
-    the knobs it ran with: quantize its trained weights on its Hessians, pack, and score."""
-    h, path = rc.h, Path(rc.h.requantize)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        state, hessians, config = payload["state_dict"], payload["hessians"], payload["config"]
-    except Exception as exc:  # a missing file, not a torch file, or another dict: all one answer
-        why = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).splitlines() or [""])[0])  # torch's terminal bold
-        why = why if len(why) <= 120 else why[:121].rsplit(" ", 1)[0] + " ..."  # whole words only
-        raise ConfigError(f"REQUANTIZE={h.requantize!r} is not allowed: not a weights file kept by train_gpt.py "
-                          f"({type(exc).__name__}: {why})") from None
-    if config_hash(config) != config_hash(h.knob_values()):
-        raise ConfigError(f"REQUANTIZE={h.requantize!r} is not allowed: it was trained with other knobs (config hash "
-                          f"{config_hash(config)[:12]}, this run {config_hash(h.knob_values())[:12]})",
-                          hint="use its knobs")
-    model.load_state_dict(state)
-    hessians = {k: v.to(rc.d.device) for k, v in hessians.items()} or None
-    rc.log(format_kv(requantize=path, steps=payload["steps"]))
-    return score_untrained(rc, model, bool(payload["looping"]),
-                           lambda: write_artifact(rc, model, hessians, payload["steps"])[0],
-                           payload["steps"], {"requantized_from": str(path), "artifact": str(rc.files.final(".ptz"))})
-
-
-def score_untrained(rc: RunContext, model: GPT, looping: bool, artifact: Callable[[], Path], steps: int,
-                    metrics: dict[str, Any]) -> int:
-    """The end of a run that trains nothing here (EVAL_ONLY, REQUANTIZE): warm-ups, the artifact, the
-    evaluations, size and compliance lines (without the training ones: the training run's log has them)."""
-    h, log = rc.h, rc.log
-    graphs = Graphs.build(h, model)
-    rc.clock.record("startup", rc.clock.wall_seconds())
-    for name, seconds in warm_up_graphs(h, rc.d, graphs, looping, training_run=False).items():
-        rc.clock.record(f"warmup_{name}", seconds)
-    model.set_looping(looping)
-    path = artifact()
-    ctx = EvalContext.build(h, rc.d, graphs, rc.data)
-    ev = run_evaluations(rc, model, ctx, path)
-    bytes_model = path.stat().st_size
-    bytes_total = report_size(h, bytes_model, len(rc.code), log)
-    for line in compliance_block(h, 0.0, 0.0, ev.seconds, bytes_total, rc.data, ev.label, "n/a (nothing trained here)"):
-        if not line.startswith(("compliance:train_time", "compliance:train_data_access_end")):
-            log(line)
-    # train_time_ms:0: nothing was trained here (the training run's log has its time).
-    return finish(rc, ev, bytes_model, 0, steps, metrics)
 
 
 def main(env: Mapping[str, str] | None = None) -> int:

@@ -129,8 +129,8 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     """The caller's environment without any knob of train_gpt.py (a PRESET or SEED left in the shell would
     change what is measured), plus `extra`."""
     tg = train_gpt()
-    knobs = (set(tg.Hyperparameters.knob_names()) | set(tg.KNOB_ALIASES) | tg.LEGACY_VARS | set(tg.RETIRED_VARS)
-             | set(tg.UNIMPLEMENTED_FEATURES) | {"DATA_DIR", "PEAK_TFLOPS"})
+    from pgolf.knobs import KNOWN_NAMES  # beside train_gpt.py, on sys.path once train_gpt() has run
+    knobs = set(tg.Hyperparameters.knob_names()) | KNOWN_NAMES | {"DATA_DIR", "PEAK_TFLOPS"}
     env = {k: v for k, v in os.environ.items() if k not in knobs}
     env.update(PYTHONUNBUFFERED="1", **extra)
     return env

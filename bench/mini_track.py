@@ -144,7 +144,8 @@ def parse_variant(spec: str, flag: str = "--variant") -> tuple[str, dict[str, st
         raise UsageError(f"{flag} {spec!r} is not allowed: NAME {name!r} must start with a letter and use only "
                          "letters, digits, '_', '.', '-' (at most 40 characters)")
     tg = train_gpt()
-    knobs = set(tg.Hyperparameters.knob_names()) | set(tg.KNOB_ALIASES)
+    from pgolf.knobs import KNOB_ALIASES  # beside train_gpt.py, on sys.path once train_gpt() has run
+    knobs = set(tg.Hyperparameters.knob_names()) | set(KNOB_ALIASES)
     overrides: dict[str, str] = {}
     for item in rest.split(","):
         key, eq, value = item.partition("=")
@@ -318,8 +319,8 @@ def gptq_reserve(seconds: float) -> str:
 def child_environ(knobs: Mapping[str, str]) -> dict[str, str]:
     """os.environ without any train_gpt.py knob or launcher variable of the caller's shell, plus `knobs`."""
     tg = train_gpt()
-    drop = (set(tg.Hyperparameters.knob_names()) | set(tg.UNIMPLEMENTED_FEATURES) | set(tg.KNOB_ALIASES)
-            | set(tg.LEGACY_VARS) | (set(tg.LAUNCHER_VARS) - {"OMP_NUM_THREADS"}))
+    from pgolf.knobs import KNOWN_NAMES
+    drop = set(tg.Hyperparameters.knob_names()) | KNOWN_NAMES | (set(tg.LAUNCHER_VARS) - {"OMP_NUM_THREADS"})
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(knobs)
     return env
@@ -538,8 +539,10 @@ def run_eval_variant(run: Run, name: str, knobs: Mapping[str, str], overrides: M
     run_id = f"{run.config}_s{run.seed}"
     env = track_env(overrides, plan.seconds, run.seed, data.path, data.tokenizer, run_dir, f"{run_id}_{name}")
     env.update({**data.knobs, **knobs, "EVAL_ONLY": "1", "ARTIFACT": str(run_dir / f"{run_id}.ptz")})
+    child = child_environ(env)  # EVAL_ONLY is the repository's pgolf/recover.py: the packed script finds it here
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script)], cwd=str(ROOT), env=child_environ(env),
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(ROOT), env=child,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out_path = run_dir / f"{run_id}_{name}.out"
     out_path.write_text(proc.stdout, encoding="utf-8")

@@ -208,6 +208,7 @@ def test_double_counted_space_lut_is_detected(dataset):
 
 
 @pytest.mark.parametrize("model", VARIANTS or [None], ids=lambda p: f"{p.parent.name}/{p.name}" if p else "none")
+@pytest.mark.slow
 def test_variant_tokenizer_luts(shared_data, real_texts, model):
     if model is None:
         pytest.skip(f"no tokenizer variants under {VARIANTS_DIR}")

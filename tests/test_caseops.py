@@ -217,6 +217,7 @@ def test_record_tokenizer_reserves_the_operators(record_sp, shared_data):
     assert len(co.reserved_piece_problems(plain)) == 4 and not co.reserves_operators(plain)
 
 
+@pytest.mark.slow
 def test_sidecar_sums_on_the_challenge_documents(record_sp):
     texts = read_jsonl_texts(CHALLENGE_DOCS)
     transformed = [co.encode(t) for t in texts]
@@ -278,6 +279,7 @@ def reference_texts() -> list[str]:
     return texts
 
 
+@pytest.mark.slow
 def test_reference_encode_and_decode_agree(reference):
     assert reference.get_text_transform(co.TRANSFORM_NAME) is reference.encode_lossless_caps_v2
     assert reference.get_text_transform_control_symbols(co.TRANSFORM_NAME) == list(co.OPERATORS)
@@ -287,6 +289,7 @@ def test_reference_encode_and_decode_agree(reference):
         assert reference.decode_lossless_caps_v2(encoded) == text
 
 
+@pytest.mark.slow
 def test_reference_sidecar_agrees(reference, record_sp):
     # SentencePiece takes UTF-8: leave out strings with the lone surrogate.
     texts = reference_texts()[-200:] + [t for t in random_strings(3_000, seed=5) if "\ud800" not in t]
@@ -298,6 +301,7 @@ def test_reference_sidecar_agrees(reference, record_sp):
         assert ours == theirs, text
 
 
+@pytest.mark.slow
 def test_reference_prepare_script_writes_the_same_shards(reference, record_sp, tmp_path):
     """The record's prepare_caseops_data.py (next to CASEOPS_REFERENCE) and tokenize_docs.py --caseops on the
     first 60 challenge documents, val = 20, at its shard size (10^7): byte-identical files."""

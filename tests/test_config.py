@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, tg
+from pgolf import knobs, recover
 
 H = tg.Hyperparameters
 SCRIPT = ROOT / "train_gpt.py"
@@ -43,7 +44,7 @@ def assert_one_line_naming(msg: str, *needles: str) -> None:
 
 def child_env(**extra: str) -> dict[str, str]:
     """os.environ minus knobs, feature flags and torchrun variables, plus `extra` and PYTHONPATH."""
-    drop = set(H.knob_names()) | set(tg.UNIMPLEMENTED_FEATURES) | set(TORCHRUN_VARS)
+    drop = set(H.knob_names()) | set(knobs.UNIMPLEMENTED_FEATURES) | set(TORCHRUN_VARS)
     env = {k: v for k, v in os.environ.items()
            if k not in drop and not k.startswith("TORCHELASTIC_") and k not in ("PYTHONPATH", "PRESET")}
     env["PYTHONPATH"] = str(ROOT)
@@ -81,7 +82,7 @@ def test_knob_names_are_upper_case_fields_and_unique():
     # topology and bookkeeping fields are not knobs
     assert not {"WORLD_SIZE", "RANK", "LOCAL_RANK", "ENV_WARNINGS"} & set(names)
     # a feature flag that became a knob must leave UNIMPLEMENTED_FEATURES, or setting it would be refused
-    assert not set(names) & set(tg.UNIMPLEMENTED_FEATURES)
+    assert not set(names) & set(knobs.UNIMPLEMENTED_FEATURES)
 
 
 # A value that passes validation and differs from the record default, per knob (str knobs listed;
@@ -431,9 +432,52 @@ def test_unimplemented_feature_off_is_accepted(env):
 
 
 def test_every_unimplemented_feature_is_refused_when_on_and_accepted_when_off():
-    for name in tg.UNIMPLEMENTED_FEATURES:
+    for name in knobs.UNIMPLEMENTED_FEATURES:
         assert_one_line_naming(config_error({name: "1"}), name)
         assert H.from_env({name: "0"}).env_warnings == ()
+
+
+# ---------------------------------------------------------------- other scripts' names (pgolf/knobs.py)
+
+
+def test_pgolf_refusals_are_config_errors_with_the_same_line():
+    for env in ({"MUON_EQ_R": "0", "MUON_ROW_NORMALIZE": "1"}, {"TRIGRAM": "1"}, {"TTT_BETA1": "0.9"},
+                {"RECUR_LAYERS": "4,6"}, {"TARGET_MB": "15.9", "TARGET_BYTES": "16000000"}):
+        with pytest.raises(knobs.Refused) as refused:
+            knobs.rewrite(env)
+        assert config_error(env) == str(refused.value)
+        assert_one_line_naming(str(refused.value), *env)
+
+
+def test_pgolf_rewrite_returns_todays_knobs_the_warnings_and_the_names_it_knows():
+    env = {"MUON_EQ_R": "0", "RECUR_LAYERS": "4,5", "VAL_BATCH_TOKENS": "1", "TTT_BETA2": "0.99", "SEED": "3"}
+    rewritten, warnings, known = knobs.rewrite(env)
+    assert rewritten == {**env, "MUON_ROW_NORMALIZE": "0", "LOOP_START": "4", "LOOP_END": "5", "NUM_LOOPS": "1"}
+    assert env == {"MUON_EQ_R": "0", "RECUR_LAYERS": "4,5", "VAL_BATCH_TOKENS": "1", "TTT_BETA2": "0.99",
+                   "SEED": "3"}, "the caller's mapping is left alone"
+    assert len(warnings) == 1 and warnings[0].startswith("VAL_BATCH_TOKENS='1' is ignored")
+    assert set(env) - {"SEED"} <= known and not known & set(H.knob_names())
+
+
+def test_a_shipped_copy_without_pgolf_reads_its_knobs_and_warns_about_a_misspelt_one(monkeypatch):
+    plain = {**UNRELATED, "NUM_LAYERS": "7", "SEED": "3", "PRESET": "baseline", "STRICT_ENV": "1"}
+    with_pgolf = H.from_env(plain)
+    monkeypatch.setitem(sys.modules, "pgolf", None)  # `from pgolf import knobs` raises ImportError, as in a copy
+    assert H.from_env(plain) == with_pgolf and with_pgolf.env_warnings == ()
+    h = H.from_env({"SEEDS": "42"})
+    assert h.env_warnings == ("SEEDS='42' is not a knob of train_gpt.py and is ignored (did you mean SEED?)",)
+    msg = config_error({"SEEDS": "42", "STRICT_ENV": "1"})
+    assert msg == "unknown knobs: SEEDS='42' (did you mean SEED?); STRICT_ENV=1 refuses them"
+    # Other scripts' names are not known to a copy: nothing is rewritten or refused.
+    assert H.from_env({"MUON_EQ_R": "0", "TRIGRAM": "1"}).muon_row_normalize is True
+
+
+def test_pgolf_knobs_does_not_import_train_gpt():
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import pgolf.knobs; "
+            "assert 'train_gpt' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=child_env())
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------- derived paths
@@ -479,6 +523,7 @@ def _model_param_count(env: dict[str, str]) -> int:
     return sum(p.numel() for p in tg.GPT(tg.ModelConfig.from_hparams(h)).parameters())
 
 
+@pytest.mark.slow
 def test_dry_run_subprocess(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -525,6 +570,7 @@ def test_dry_run_subprocess(tmp_path):
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bad_knob_subprocess_exits_2_with_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path,
                           env=child_env(NUM_LAYERS="eleven", LOG_DIR=str(tmp_path / "logs")),
@@ -664,7 +710,7 @@ def test_requantize_of_a_foreign_file_says_why_in_whole_words(tmp_path, monkeypa
     def error(path: Path) -> str:
         h = H.from_env({"REQUANTIZE": str(path)})
         with pytest.raises(tg.ConfigError) as info:
-            tg.requantize(SimpleNamespace(h=h), None)
+            recover.requantize(tg, SimpleNamespace(h=h), None)
         return str(info.value)
 
     tg.torch.save({"x": 1}, tmp_path / "other.pt")  # a torch file, not one keep_weights wrote: short, shown whole

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tg
+from pgolf import knobs
 
 DOCS = ("README.md", "docs/design.md", "docs/knobs.md", "records/README.md", "data/README.md")
 README_MAX_LINES = 200
@@ -90,8 +91,7 @@ def env_names(text: str) -> set[str]:
 
 
 def known_names() -> set[str]:
-    return (set(tg.Hyperparameters.knob_names()) | set(tg.KNOB_ALIASES) | set(tg.LEGACY_VARS)
-            | set(tg.RETIRED_VARS) | set(tg.UNIMPLEMENTED_FEATURES) | set(tg.LAUNCHER_VARS) | set(tg.FIXED_KNOBS))
+    return set(tg.Hyperparameters.knob_names()) | knobs.KNOWN_NAMES | set(tg.LAUNCHER_VARS)
 
 
 def unknown_names(text: str) -> list[str]:

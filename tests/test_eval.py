@@ -54,6 +54,7 @@ def all_tokenizers() -> list[Path]:
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} (shared tokenizers and text) is not present")
 @pytest.mark.parametrize("model", all_tokenizers(), ids=lambda p: str(p.relative_to(SHARED / "tokenizers")))
+@pytest.mark.slow
 def test_self_check_passes_on_every_real_tokenizer(model):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(model))

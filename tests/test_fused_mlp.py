@@ -59,6 +59,7 @@ def test_fused_op_equals_the_unfused_mlp_forward_and_backward(shape, dtype):
     assert max_rel_err(mutant, ref) > 10 * TOL[torch.bfloat16]
 
 
+@pytest.mark.slow
 def test_fused_op_under_torch_compile():
     inputs, dy = mlp_inputs((3, 43), 48, 200, torch.float32, seed=2)
     op = tg.fused_leaky_relu2_mlp()
@@ -152,6 +153,7 @@ def test_fused_mlp_with_relu2_is_slope_zero():
     assert max_rel_err(run_mlp(leaky, x), ref) > 100 * TOL[torch.float32]
 
 
+@pytest.mark.slow
 def test_a_fused_mlp_model_compiles_with_the_op_never_called_before():
     """A fresh process: the op is defined in MLP.__init__, never first inside the compiled forward."""
     from test_compiled_flow import compile_model_fresh
@@ -248,6 +250,7 @@ print("kernels ok", worst)
 
 @pytest.mark.skipif(not tg.importable("triton"), reason="triton is not installed (CUDA builds of torch ship it; the kernel "
                                               "is checked here with Triton's CPU interpreter when it is)")
+@pytest.mark.slow
 def test_fused_mlp_triton_kernel_equals_the_formula(tmp_path):
     """Triton's interpreter must be on before triton is imported, hence a fresh process."""
     script = tmp_path / "check.py"

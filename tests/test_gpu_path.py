@@ -142,6 +142,7 @@ def test_a_bad_hessian_falls_back_for_its_matrix_only():
     assert lines == ["gptq_fallback:blocks.1.mlp.fc.weight reason:cholesky_failed used:round_to_nearest"]
 
 
+@pytest.mark.slow
 def test_chunked_parallel_compression_round_trips_and_is_deterministic(monkeypatch):
     monkeypatch.setattr(tg, "COMPRESS_CHUNK_BYTES", 4096)
     g = torch.Generator().manual_seed(10)
@@ -160,6 +161,7 @@ def test_chunked_parallel_compression_round_trips_and_is_deterministic(monkeypat
             tg.decompress_chunks(bytes(body), "x.ptz")
 
 
+@pytest.mark.slow
 def test_fit_compresses_only_attempts_predicted_to_fit(monkeypatch):
     g = torch.Generator().manual_seed(11)
     state = {f"blocks.{i}.mlp.fc.weight": torch.randn(256, 128, generator=g) for i in range(4)}
@@ -235,6 +237,7 @@ def test_ttt_padding_rows_carry_no_gradient():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pergroup_bench_round_trips_every_candidate(tmp_path, capsys):
     import importlib.util
 
@@ -330,6 +333,7 @@ print("kernels ok")
 
 @pytest.mark.skipif(not tg.importable("triton"), reason="triton is not installed (CUDA builds of torch ship it; the kernels "
                                               "are checked here with Triton's CPU interpreter when it is)")
+@pytest.mark.slow
 def test_fused_ce_triton_kernels_equal_the_formula(tmp_path):
     """Triton's interpreter runs the kernels on CPU tensors; it must be on before triton is imported, hence
     a fresh process."""

@@ -453,6 +453,7 @@ def test_the_record_eval_projection_adds_up_from_the_logs(tmp_path, scale):
     assert any(line.startswith("| eval_sliding |") for line in lines)
 
 
+@pytest.mark.slow
 def test_the_projection_passes_small_logs_and_fails_large_ones_through_the_cli(tmp_path, capsys):
     small = synthetic_top_folder(tmp_path / "small" / "top1855", seg_s=(20.0, 5.0, 3.0, 10.0), roundtrip_ms=500,
                                  sgd=((1.0, 131), (2.0, 219), (3.0, 289)), decompress=(2.0, 2.0))
@@ -468,6 +469,7 @@ def test_the_projection_passes_small_logs_and_fails_large_ones_through_the_cli(t
 
 @pytest.mark.parametrize("cpu, slow_eval, slow_top", [(True, True, False), (True, False, True), (False, True, False),
                                                      (False, False, False)])
+@pytest.mark.slow
 def test_the_exit_code_agrees_with_every_verdict_printed(tmp_path, monkeypatch, capsys, cpu, slow_eval, slow_top):
     """A FAIL printed means a non-zero exit. On --cpu the pod budgets describe a CPU: printed without a verdict;
     the record eval projection (PR #1855's logs, not this machine) is a verdict there too."""
@@ -492,6 +494,7 @@ def test_the_exit_code_agrees_with_every_verdict_printed(tmp_path, monkeypatch, 
 
 
 @pytest.mark.skipif(not TOP.is_dir(), reason=f"{TOP} not present (the leaderboard top's folder, PR #1855)")
+@pytest.mark.slow
 def test_the_record_eval_projection_on_the_tops_own_logs_models_its_ttt():
     """On PR #1855's three logs: its scoring segments fitted to within their spread except the second (which the
     work model does not explain: see bench/RESULTS.md), and its LoRA + SGD modelled below its logged totals."""

@@ -8,8 +8,10 @@ that has no torchrun variables and no knobs (other than the ones a test sets on 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import pytest
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from conftest import ROOT, tg
+from pgolf import knobs
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -25,7 +28,7 @@ SKIP_DIRS = {".git", "__pycache__", ".pytest_cache"}
 
 
 def child_env(pythonpath: Path, **extra: str) -> dict[str, str]:
-    drop = set(tg.Hyperparameters.knob_names()) | set(tg.UNIMPLEMENTED_FEATURES) | set(TORCHRUN_VARS)
+    drop = set(tg.Hyperparameters.knob_names()) | set(knobs.UNIMPLEMENTED_FEATURES) | set(TORCHRUN_VARS)
     env = {k: v for k, v in os.environ.items()
            if k not in drop and not k.startswith("TORCHELASTIC_") and k not in ("PYTHONPATH", "PRESET")}
     env["PYTHONPATH"] = str(pythonpath)
@@ -102,6 +105,7 @@ def run_probe(cwd: Path, pythonpath: Path, **extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_import_in_fresh_dir_creates_no_files(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -119,6 +123,7 @@ def test_import_in_fresh_dir_creates_no_files(tmp_path):
         assert sorted(after_git - before_git) == [], "git status shows new files after the import"
 
 
+@pytest.mark.slow
 def test_import_of_isolated_copy_touches_nothing(tmp_path):
     # The same check on a private copy of the script, immune to other work in the repository tree.
     repo, cwd = tmp_path / "repo", tmp_path / "cwd"
@@ -132,6 +137,7 @@ def test_import_of_isolated_copy_touches_nothing(tmp_path):
     assert result["dist_initialized"] is False and result["cuda_initialized"] is False
 
 
+@pytest.mark.slow
 def test_import_does_not_read_the_environment(tmp_path):
     # Knobs that from_env would reject must not matter at import time: only from_env reads them.
     result = run_probe(tmp_path, ROOT, NUM_LAYERS="eleven", STRICT_ENV="1", TTT_ENABLED="1",
@@ -143,6 +149,7 @@ def test_import_does_not_read_the_environment(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_probe_detects_an_environment_read(tmp_path):
     # The probe is not vacuous: a copy of the script with one module-level os.environ read is caught.
     repo = tmp_path / "repo"
@@ -159,3 +166,34 @@ def test_in_process_import_has_no_process_group():
     assert train_gpt is tg
     assert not dist.is_initialized()
     assert callable(train_gpt.main) and train_gpt.__name__ == "train_gpt"
+
+
+@pytest.mark.slow
+def test_pgolf_recover_does_not_import_train_gpt(tmp_path):
+    """pgolf.recover works on the running train_gpt module it is handed: importing train_gpt there would make
+    second copies of its classes (run as a script, train_gpt is `__main__`), and main()'s `except ConfigError`
+    would miss pgolf's. Neither at import nor inside a function does any pgolf module import it."""
+    code = "import sys, pgolf.recover; assert 'train_gpt' not in sys.modules, sorted(sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=child_env(ROOT), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in sorted((ROOT / "pgolf").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = ({a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                   | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
+        assert not {m for m in modules if m.split(".")[0] == "train_gpt"}, path
+
+
+def test_operations_is_none_only_where_pgolf_is_missing(monkeypatch):
+    import pgolf.runs
+    assert tg.operations("runs") is pgolf.runs
+    monkeypatch.setitem(sys.modules, "pgolf", None)  # as beside a shipped copy: no pgolf/
+    assert tg.operations("runs") is None
+    monkeypatch.undo()
+
+    def broken(name: str, *args):  # pgolf is there, but something it imports is not: that error surfaces
+        raise ModuleNotFoundError("No module named 'brotli'", name="brotli")
+
+    monkeypatch.setattr(tg.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="brotli"):
+        tg.operations("runs")

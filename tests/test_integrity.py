@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,6 +162,28 @@ def test_a_shipped_copy_without_pgolf_refuses_existing_outputs(dataset, tmp_path
     with pytest.raises(tg.ConfigError, match=r"^RUN_ID='r' is not allowed: .*r\.txt exists"):
         tg.claim_run_files(h)
     assert tg.claim_run_files(dataclasses.replace(h, overwrite=True)).path(".json") == tmp_path / "logs" / "r.json"
+
+
+def test_a_shipped_copy_without_pgolf_refuses_eval_only_and_requantize_and_keeps_no_weights(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """EVAL_ONLY, REQUANTIZE and keeping the trained weights are the repository's pgolf/recover.py: a copy
+    without it refuses those knobs in one line before any work, and an output failure says nothing was kept."""
+    monkeypatch.setitem(sys.modules, "pgolf", None)  # `from pgolf import recover` raises ImportError
+    logs = tmp_path / "logs"
+    weights = tmp_path / "r.weights.pt"
+    for env, knob in (({"EVAL_ONLY": "1", "ARTIFACT": str(tmp_path / "r.ptz")}, "EVAL_ONLY=1"),
+                      ({"REQUANTIZE": str(weights)}, f"REQUANTIZE={str(weights)!r}")):
+        assert tg.main({**env, "LOG_DIR": str(logs), "RUN_ID": "r"}) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {knob} is not allowed: it needs the repository's pgolf/ beside train_gpt.py; run the "
+            f"repository's train_gpt.py, or copy pgolf/ beside this file"]
+    assert not logs.exists(), "refused before any work"
+    log = SimpleNamespace(failure=f"{logs / 'r.txt'}: could not write the log (No space left on device)")
+    rc = SimpleNamespace(log=log, files=tg.RunFiles(logs, "r"))
+    with pytest.raises(tg.OutputError) as info:
+        tg.stop_on_output_failure(rc, None, lambda: tg.kept_weights(rc, None, None, 6))
+    assert str(info.value) == f"{log.failure}; the trained weights were not kept (no pgolf/ beside train_gpt.py)"
+    assert tg.kept_artifact(rc) == f"the artifact is kept in {logs / 'r.ptz'}"
 
 
 # ---------------------------------------------------------------------------------------------

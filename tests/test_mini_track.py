@@ -338,6 +338,7 @@ def test_reorder_last_first(tmp_path):
 
 
 @pytest.mark.skipif(not CANONICAL_TOKENIZER.is_file(), reason="needs ../shared/data's canonical tokenizer")
+@pytest.mark.slow
 def test_prepare_shared_splits_off_the_last_documents_and_caches(tmp_path, monkeypatch, capsys):
     import sentencepiece as spm
 

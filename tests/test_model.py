@@ -583,6 +583,7 @@ def test_causality_with_every_feature_on():
     assert not torch.allclose(a[:, 14:], b[:, 14:]), "the changed positions must see the change"
 
 
+@pytest.mark.slow
 def test_record_model_parameter_count_matches_the_public_record():
     h = tg.Hyperparameters.from_env({})  # PRESET=record
     torch.manual_seed(0)

@@ -262,6 +262,7 @@ def test_muon_converges_on_quadratic():
 
 
 @pytest.mark.parametrize("group", ["scalar", "embed", "head"])
+@pytest.mark.slow
 def test_adamw_groups_match_torch_adamw(group):
     h = make_hparams(TIE_EMBEDDINGS="0", GRAD_CLIP_NORM="0")  # Optimizers.step clips; torch's AdamW does not
     model = build(h)
@@ -448,6 +449,7 @@ def run_training(steps: int = 5) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_training_is_deterministic():
     a, b = run_training(), run_training()
     assert a.keys() == b.keys()
@@ -461,6 +463,7 @@ def test_training_is_deterministic():
         assert not torch.equal(a[k], init[k]), k
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_on_repeated_batch():
     h = make_hparams(GRAD_CLIP_NORM="0")
     model = build(h, seed=31)

@@ -134,6 +134,7 @@ def test_a_missing_lrzip_is_one_line_naming_it_and_the_install(tmp_path, monkeyp
     assert "lrzip" in msg and "apt-get install -y lrzip" in msg and "not installed" in msg, msg
 
 
+@pytest.mark.slow
 def test_a_missing_lrzip_through_main_is_one_error_line(tmp_path, dataset):
     """EVAL_ONLY with PATH holding only the interpreter's folder: exit 2, one `error:` line, no traceback."""
     artifact = tmp_path / "pg.ptz"
@@ -152,6 +153,7 @@ def test_an_unknown_coder_and_a_bad_brotli_group_are_named(tmp_path):
 
 
 @NEEDS_LRZIP
+@pytest.mark.slow
 def test_a_corrupted_group_is_named(tmp_path):
     blob = tg.pack_quantized(tiny_quantized(), "pergroup")
     chunks = chunks_of(blob)
@@ -171,6 +173,7 @@ def test_a_corrupted_group_is_named(tmp_path):
 # ---- Round trips ----
 
 @NEEDS_LRZIP
+@pytest.mark.slow
 def test_pergroup_round_trip_gives_the_brotli_artifacts_tensors():
     q = tiny_quantized()
     blob = tg.pack_quantized(q, "pergroup", {"note": "x"})
@@ -202,6 +205,7 @@ def test_a_pergroup_run_and_its_eval_only_rescore_give_the_same_score(dataset, t
 
 
 @NEEDS_LRZIP
+@pytest.mark.slow
 def test_fit_to_size_packs_pergroup_and_predicts_with_its_ratio(monkeypatch):
     """The fit step's entropy rule converts bytes over budget through PERGROUP_RATIO (compressed bytes per
     entropy byte): half the ratio, twice the widening of k (log2) on the second attempt."""
@@ -224,6 +228,7 @@ def test_fit_to_size_packs_pergroup_and_predicts_with_its_ratio(monkeypatch):
 
 # ---- PRESET=record without lrzip: brotli, with a warning naming the bytes ----
 
+@pytest.mark.slow
 def test_record_uses_pergroup_and_falls_back_to_brotli_with_a_warning(monkeypatch, capsys, tmp_path):
     assert tg.Hyperparameters.from_env({"PRESET": "record"}).compressor == "pergroup"
     without_lrzip(monkeypatch)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, tg
+from pgolf import recover
 from pgolf.shards import write_shard
 from test_run import error_lines, run_script, tiny_env
 
@@ -135,7 +136,7 @@ def test_without_per_file_sha256_the_shards_are_unverified(dataset, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------------------
-# EVAL_ONLY: the artifact's data and knobs
+# EVAL_ONLY (pgolf/recover.py): the artifact's data and knobs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -150,40 +151,42 @@ def meta_for(**config) -> dict:
 def test_eval_only_refuses_model_knobs_set_against_the_artifact():
     meta = meta_for(NUM_LAYERS=2, VOCAB_SIZE=1024, MODEL_DIM=64)
     with pytest.raises(tg.ConfigError) as err:
-        tg.eval_only_config(eval_only_h(NUM_LAYERS="7", VOCAB_SIZE="4096", MODEL_DIM="64"), meta, b"code", "x.ptz")
+        recover.eval_only_config(tg, eval_only_h(NUM_LAYERS="7", VOCAB_SIZE="4096", MODEL_DIM="64"), meta, b"code",
+                                 "x.ptz")
     msg = str(err.value)
     assert msg.startswith("NUM_LAYERS=7, VOCAB_SIZE=4096 not allowed with EVAL_ONLY=1: x.ptz was trained with "
                           "NUM_LAYERS=2, VOCAB_SIZE=1024"), msg
     # Knobs left at their PRESET's defaults, or set to the artifact's values, are taken without a word.
-    h = tg.eval_only_config(eval_only_h(PRESET="smoke", NUM_LAYERS="2"), meta, b"code", "x.ptz")
+    h = recover.eval_only_config(tg, eval_only_h(PRESET="smoke", NUM_LAYERS="2"), meta, b"code", "x.ptz")
     assert (h.num_layers, h.vocab_size, h.model_dim) == (2, 1024, 64)
 
 
 def test_eval_only_logs_the_model_knobs_it_takes_and_notes_another_preset():
-    h = tg.eval_only_config(eval_only_h(), meta_for(NUM_LAYERS=2, VOCAB_SIZE=1024, NUM_LOOPS=0), b"code", "x.ptz")
+    meta = meta_for(NUM_LAYERS=2, VOCAB_SIZE=1024, NUM_LOOPS=0)
+    h = recover.eval_only_config(tg, eval_only_h(), meta, b"code", "x.ptz")
     lines = []
-    tg.log_eval_only_knobs(h, {"preset": "smoke"}, lines.append)
+    recover.log_eval_only_knobs(tg, h, {"preset": "smoke"}, lines.append)
     assert lines[0] == ("eval_only_model_knobs:VOCAB_SIZE=1024,NUM_LAYERS=2,NUM_LOOPS=0 "
                         "other_model_knobs:PRESET=record_defaults artifact:x.ptz"), lines
     (note,) = lines[1:]
     assert note.startswith("WARNING: PRESET=record, but x.ptz was trained under PRESET=smoke: ") and \
         "EVAL_SEQ_LEN=2048 (smoke: 128)" in note, note
     lines.clear()
-    tg.log_eval_only_knobs(h, {"preset": "record"}, lines.append)
+    recover.log_eval_only_knobs(tg, h, {"preset": "record"}, lines.append)
     assert len(lines) == 1
 
 
 def test_eval_only_refuses_another_tokenizer_or_validation_set(tmp_path):
     h = eval_only_h(TOKENIZER_PATH="t.model", DATA_PATH="shards")
     fp = {"tokenizer_sha256": "a" * 64, "val_sha256": "b" * 64}
-    tg.check_artifact_data(h, {"data": dict(fp)}, fp, print)
+    recover.check_artifact_data(tg, h, {"data": dict(fp)}, fp, print)
     with pytest.raises(tg.DataError, match=f"^TOKENIZER_PATH=t.model: tokenizer_sha256 {'a' * 64}, but x.ptz was "
                                            f"trained and scored with tokenizer_sha256 {'c' * 64}"):
-        tg.check_artifact_data(h, {"data": {**fp, "tokenizer_sha256": "c" * 64}}, fp, print)
+        recover.check_artifact_data(tg, h, {"data": {**fp, "tokenizer_sha256": "c" * 64}}, fp, print)
     with pytest.raises(tg.DataError, match=f"^DATA_PATH=shards: val_sha256 {'b' * 64}, but .* val_sha256 {'d' * 64}"):
-        tg.check_artifact_data(h, {"data": {**fp, "val_sha256": "d" * 64}}, fp, print)
+        recover.check_artifact_data(tg, h, {"data": {**fp, "val_sha256": "d" * 64}}, fp, print)
     lines = []
-    tg.check_artifact_data(h, {}, fp, lines.append)
+    recover.check_artifact_data(tg, h, {}, fp, lines.append)
     assert lines == ["WARNING: x.ptz records no tokenizer or validation sha256: the data it is scored on is unchecked"]
 
 

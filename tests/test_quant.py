@@ -13,6 +13,7 @@ Late QAT must change the output of an already compiled model when it switches on
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tg
@@ -129,6 +130,7 @@ def state_of(model: tg.GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_gptq_state_lowers_the_model_output_error():
     model = tiny_model()
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
@@ -144,6 +146,7 @@ def test_gptq_state_lowers_the_model_output_error():
     assert errs["gptq"] < errs["rtn"], errs
 
 
+@pytest.mark.slow
 def test_lqer_lowers_the_error_of_the_tensors_it_corrects_and_is_packed():
     model = tiny_model()
     state = state_of(model)
@@ -166,6 +169,7 @@ def test_lqer_lowers_the_error_of_the_tensors_it_corrects_and_is_packed():
         assert torch.equal(out[n], corrected[n].dequantize())
 
 
+@pytest.mark.slow
 def test_fit_artifact_widens_matrix_k_until_it_fits():
     state = state_of(tiny_model())
     spec = tg.QuantSpec(method="rtn")
@@ -231,6 +235,7 @@ def test_entropy_estimate_is_close_to_brotli():
     assert entropy <= len(codes_only) <= 1.05 * entropy + 2000
 
 
+@pytest.mark.slow
 def test_late_qat_switch_changes_the_compiled_output():
     torch._dynamo.reset()
     model = tiny_model(qat_bits=4, qat_attn_k=3.0, qat_mlp_k=3.0)

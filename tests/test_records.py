@@ -137,6 +137,7 @@ def edit_final_line(path: Path, **changes) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pack_round_trip_is_exact_for_train_gpt(tmp_path):
     src = (ROOT / "train_gpt.py").read_bytes()
     sizes = {}
@@ -159,6 +160,7 @@ def test_pack_round_trip_is_exact_for_train_gpt(tmp_path):
     assert pack.main([str(out)]) == 2, "packing a packed file is refused"
 
 
+@pytest.mark.slow
 def test_pack_sizes_cli_prints_every_variant(capsys):
     assert pack.main([]) == 0
     out = capsys.readouterr().out

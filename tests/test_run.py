@@ -38,6 +38,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from pgolf import knobs, recover
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_gpt.py"
@@ -67,7 +68,7 @@ SMOKE_CI_BUDGET_S = 180
 
 def base_env() -> dict[str, str]:
     """os.environ without anything train_gpt.py would read as a knob or a torchrun topology."""
-    drop = (set(tg.Hyperparameters.knob_names()) | set(tg.UNIMPLEMENTED_FEATURES)
+    drop = (set(tg.Hyperparameters.knob_names()) | set(knobs.UNIMPLEMENTED_FEATURES)
             | (set(tg.LAUNCHER_VARS) - {"OMP_NUM_THREADS"}))
     return {k: v for k, v in os.environ.items() if k not in drop}
 
@@ -588,10 +589,10 @@ def test_eval_only_refuses_an_artifact_from_other_code(tmp_path):
     h = tg.Hyperparameters.from_env({"EVAL_ONLY": "1", "ARTIFACT": "x.ptz"})
     meta = {"code_sha256": "0" * 64, "config": {"NUM_LAYERS": 7}}
     with pytest.raises(tg.ArtifactError, match=r"^x\.ptz: written by code sha256 0+, but this script is"):
-        tg.eval_only_config(h, meta, b"other code", "x.ptz")
+        recover.eval_only_config(tg, h, meta, b"other code", "x.ptz")
     import hashlib
     meta["code_sha256"] = hashlib.sha256(b"code").hexdigest()
-    assert tg.eval_only_config(h, meta, b"code", "x.ptz").num_layers == 7
+    assert recover.eval_only_config(tg, h, meta, b"code", "x.ptz").num_layers == 7
 
 
 @pytest.mark.slow

@@ -264,6 +264,7 @@ def run_ranks(tmp_path: Path, world: int, impl: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("world,impl", [(2, "batched"), (3, "batched"), (2, "loop")])
+@pytest.mark.slow
 def test_distributed_muon_equals_single_process(tmp_path, world, impl):
     ranks = run_ranks(tmp_path, world, impl)
     want = reference_run("loop", world)
@@ -387,6 +388,7 @@ def run_bench(*args: str, **env: str) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_bench_step_cpu_small(tmp_path):
     r = run_bench("--steps", "2", "--warmup", "1", VOCAB_SIZE="256", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                   NUM_KV_HEADS="1", TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="2", COMPILE="0",

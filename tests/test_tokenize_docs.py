@@ -70,6 +70,7 @@ def export(shared_data, tmp_path_factory) -> dict:
     return {"dir": out, "docs": docs, "texts": texts, "stdout": r.stdout}
 
 
+@pytest.mark.slow
 def test_shards_are_the_documents_and_the_splits_are_disjoint(export):
     import sentencepiece as spm
 
@@ -100,6 +101,7 @@ def test_shards_are_the_documents_and_the_splits_are_disjoint(export):
     assert "tokens_per_s:" in export["stdout"] and "shared_documents:0" in export["stdout"]
 
 
+@pytest.mark.slow
 def test_verifier_counts_what_train_gpt_scores(export, tmp_path, capsys):
     report_path = tmp_path / "proof.json"
     rc = verify_tokenizer.main(["--tokenizer", str(CANONICAL_TOKENIZER), "--data", str(export["dir"]),
@@ -132,6 +134,7 @@ def test_verifier_counts_what_train_gpt_scores(export, tmp_path, capsys):
     assert report["ok"] and "verify_tokenizer:ok" in printed
 
 
+@pytest.mark.slow
 def test_verifier_names_a_document_that_does_not_match(export, tmp_path, capsys):
     texts = list(export["texts"][:VAL_DOCS])
     texts[3] = texts[3].replace(" the ", " a ", 1)
@@ -142,6 +145,7 @@ def test_verifier_names_a_document_that_does_not_match(export, tmp_path, capsys)
     assert "mismatches:1" in out and "document 3: decoded text differs" in out and "verify_tokenizer:FAILED" in out
 
 
+@pytest.mark.slow
 def test_a_failed_run_leaves_the_previous_dataset_untouched(export, tmp_path, capsys):
     out = tmp_path / "ds"
     texts = export["texts"][:30]
@@ -158,6 +162,7 @@ def test_a_failed_run_leaves_the_previous_dataset_untouched(export, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir() if ".build-" in p.name] == []  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_spec_trains_the_recipe_tokenizer_on_training_documents_only(export, tmp_path, capsys):
     out = tmp_path / "sp1024_mine"
     rc = tokenize_docs.main(["--docs", str(export["docs"]), "--spec", "sp1024", "--output", str(out),
@@ -282,6 +287,7 @@ def test_a_corrupt_tokenizer_is_one_line_with_exit_code_2(tmp_path, capsys):
         pytest.skip(f"shared data not present ({CANONICAL_TOKENIZER}): only the random-bytes file was checked")
 
 
+@pytest.mark.slow
 def test_a_corrupt_tokenizer_on_the_command_line_gives_no_traceback(tmp_path):
     model = corrupt_models(tmp_path)["random"]
     docs = write_jsonl(tmp_path / "docs.jsonl", ["one document.", "two documents."])
@@ -293,6 +299,7 @@ def test_a_corrupt_tokenizer_on_the_command_line_gives_no_traceback(tmp_path):
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "not a readable SentencePiece model" in r.stderr
 
 
+@pytest.mark.slow
 def test_verifier_refuses_a_tokenizer_that_is_not_the_one_the_manifest_records(export, tmp_path, capsys):
     """Even without --docs: the manifest beside the shards names the tokenizer they were made with."""
     other = CANONICAL_TOKENIZER.parent / "variants" / "CiprianFlorin-Ifrim" / "fineweb_1024_bpe.model"
@@ -351,6 +358,7 @@ def tiny_caseops(tmp_path_factory) -> dict:
     return {"tmp": tmp, "docs": docs, "texts": texts, "model": model, "stdout": r.stdout}
 
 
+@pytest.mark.slow
 def test_train_tokenizer_reserves_the_operators_and_round_trips(tiny_caseops):
     import sentencepiece as spm
 
@@ -374,6 +382,7 @@ def test_train_tokenizer_reserves_the_operators_and_round_trips(tiny_caseops):
     assert operators > 100
 
 
+@pytest.mark.slow
 def test_train_tokenizer_bad_input_is_one_line(tiny_caseops, capsys):
     out = tiny_caseops["tmp"] / "tok"
     rc = train_tokenizer_tool.main(["--docs", str(tiny_caseops["docs"]), "--output", str(out),
@@ -417,6 +426,7 @@ def check_caseops_export(out: Path, texts: list[str], val_docs: int, model: Path
     return m
 
 
+@pytest.mark.slow
 def test_caseops_export_writes_the_transformed_shards_and_the_byte_sidecar(tiny_caseops, tmp_path, capsys):
     out = tmp_path / "caseops"
     rc = tokenize_docs.main(["--docs", str(tiny_caseops["docs"]), "--caseops", "--tokenizer", str(tiny_caseops["model"]),
@@ -442,6 +452,7 @@ def test_caseops_export_writes_the_transformed_shards_and_the_byte_sidecar(tiny_
     assert m2["tokenizer"]["trained"]["text_transform"] == caseops.TRANSFORM_NAME
 
 
+@pytest.mark.slow
 def test_caseops_export_with_the_record_tokenizer(shared_data, tmp_path):
     """The record's own tokenizer on the first 60 challenge documents (val = 20), by the real command line."""
     model = shared_data / "tokenizers" / "variants" / "openai-parameter-golf-caseops" / \
@@ -461,6 +472,7 @@ def test_caseops_export_with_the_record_tokenizer(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["plain_tokenizer", "plain_spec", "unattributable"])
+@pytest.mark.slow
 def test_caseops_bad_input_is_one_line_with_exit_code_2(case, tiny_caseops, tmp_path, capsys):
     texts = caseops_texts(4)
     if case == "unattributable":  # leading spaces: no piece's surface covers them (the record's rule cannot count them)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tg
+from pgolf import knobs
 from top_harness import BOS, LOGIT_ATOL, SKIP_WITHOUT_TOP, documents, pair, top_logits
 
 pytestmark = SKIP_WITHOUT_TOP
@@ -78,7 +79,7 @@ NOT_NEEDED = {
     "ARTIFACT_DIR": "where the top writes its log and model; ours writes under LOG_DIR/<RUN_ID>.*",
     "EMBED_LR": "read only with TIE_EMBEDDINGS=0 (`token_lr = h.tied_embed_lr if h.tie_embeddings else "
                 "h.embed_lr`); both tie; ours has HEAD_LR for an untied head",
-    "ATTN_OUT_GATE_ENABLED": "off in the top; refused when on (UNIMPLEMENTED_FEATURES)",
+    "ATTN_OUT_GATE_ENABLED": "off in the top; refused when on (pgolf.knobs.UNIMPLEMENTED_FEATURES)",
     "ATTN_OUT_GATE_SRC": "read only with ATTN_OUT_GATE_ENABLED=1",
     "GATED_ATTN_ENABLED": "off in the top (its dense gate; the sparse gate is SPARSE_ATTN_GATE_ENABLED)",
     "GATED_ATTN_INIT_STD": "read only with GATED_ATTN_ENABLED=1",
@@ -86,7 +87,7 @@ NOT_NEEDED = {
                                  " runs on copied weights; our init test pins zeros)",
     "GLOBAL_TTT_WARMUP_START_LR": "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0 (fixed at 0 here)",
     "TTT_EVAL_BATCHES": "a debugging filter of the top's (empty = every batch), ours always scores every batch",
-    "VAL_BATCH_TOKENS": "retired: ours evaluates EVAL_BATCH_SEQS windows per forward (RETIRED_VARS)",
+    "VAL_BATCH_TOKENS": "retired: ours evaluates EVAL_BATCH_SEQS windows per forward (pgolf.knobs.RETIRED_VARS)",
     "EVAL_STRIDE": "parsed (64) and read nowhere else: its main runs no sliding evaluation; ours is 0, the same "
                    "evaluations (test_the_record_preset_runs_the_tops_evaluations)",
 }
@@ -128,10 +129,10 @@ def config_differences(top_cfg: dict, ours: "tg.Hyperparameters") -> list[str]:
             if not (same(top_value, listed_top) and same(values[name], listed_ours)):
                 diffs.append(f"{name}: the deviation table says top {listed_top!r} / ours {listed_ours!r}, "
                              f"found top {top_value!r} / ours {values[name]!r}")
-        elif name in tg.FIXED_KNOBS:
-            if not tg._same_value(str(int(top_value) if isinstance(top_value, bool) else top_value),
-                                  tg.FIXED_KNOBS[name]):
-                diffs.append(f"{name}: top {top_value!r}, this script fixes {tg.FIXED_KNOBS[name]!r}")
+        elif name in knobs.FIXED_KNOBS:
+            if not knobs.same_value(str(int(top_value) if isinstance(top_value, bool) else top_value),
+                                    knobs.FIXED_KNOBS[name]):
+                diffs.append(f"{name}: top {top_value!r}, this script fixes {knobs.FIXED_KNOBS[name]!r}")
         elif name in RENAMED or name in values:
             ours_name = RENAMED.get(name, name)
             if not same(top_value, values[ours_name]):
@@ -179,8 +180,8 @@ def test_the_configuration_check_names_a_changed_knob(top_submitted, env, named)
 def test_every_row_of_the_tables_is_a_knob_of_the_top(top_submitted):
     listed = set(RENAMED) | set(NOT_NEEDED) | set(DEVIATIONS)
     assert listed <= set(top_submitted), listed - set(top_submitted)
-    assert set(tg.FIXED_KNOBS) <= set(top_submitted)
-    assert all(tg.KNOB_ALIASES.get(k, v) == v for k, v in RENAMED.items())
+    assert set(knobs.FIXED_KNOBS) <= set(top_submitted)
+    assert all(knobs.KNOB_ALIASES.get(k, v) == v for k, v in RENAMED.items())
 
 
 def test_the_readme_command_resolves_to_the_record_preset(readme_env):
@@ -205,6 +206,7 @@ def test_the_readme_command_verbatim(readme_env):
     assert tg.Hyperparameters.from_env(readme_env).compressor == "pergroup" == tg.Hyperparameters().compressor
 
 
+@pytest.mark.slow
 def test_the_readme_command_dry_run(readme_env, tmp_path):
     """What a user runs first: DRY_RUN=1 with the README's variables succeeds and prints the top's configuration."""
     env = {**{k: v for k, v in os.environ.items() if k not in tg.Hyperparameters.knob_names()},

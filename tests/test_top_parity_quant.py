@@ -239,6 +239,7 @@ def _our_routing(state, spec):
     return out
 
 
+@pytest.mark.slow
 def test_record_shapes_route_like_the_tops(top):
     """At the record's shapes (our names are the top's unbanked names), the same 67 matrices get GPTQ with the
     same bits and k, the same 11 gates int8 rows, everything else fp16 (ours keeps our pass-through tensors
@@ -414,6 +415,7 @@ def top_brotli_bytes(top, result, meta) -> int:
     return len(top._compress(buf.getvalue(), "brotli"))
 
 
+@pytest.mark.slow
 def test_compressed_size_is_within_the_tolerance_of_the_tops(top, both):
     ours = len(tg.pack_quantized(both.ours, "brotli"))
     theirs = top_brotli_bytes(top, both.result, both.meta)

@@ -310,6 +310,7 @@ def test_optimizer_settings_check_fails_for_the_tops_script_defaults(top):
         name for name, s in ours_table.items() if s[0] == "adamw"}
 
 
+@pytest.mark.slow
 def test_the_tops_muon_runs_single_process_and_keeps_bf16_momentum(top):
     """Its Muon without a process group never calls a collective (so no distributed patch); a precision difference
     pinned: it keeps the momentum of every bank in bf16, we keep it in the gradient's dtype (float32 here)."""
@@ -327,12 +328,14 @@ def test_the_tops_muon_runs_single_process_and_keeps_bf16_momentum(top):
 
 
 @pytest.mark.parametrize("looping", [False, True])
+@pytest.mark.slow
 def test_gradients_equal_the_tops(top, looping):
     run = cached_run(top, looping=looping)
     for k in (1, 2):
         assert worst(run[k]["grad"]) <= (GRAD_ATOL, "")
 
 
+@pytest.mark.slow
 def test_the_gradient_check_fails_with_depth_recurrence_on_one_side(top):
     """The mutant: our layers looped (17 virtual layers), the top's not (11)."""
     assert worst(cached_run(top, ours_looping=True)[1]["grad"])[0] > 100 * GRAD_ATOL
@@ -378,6 +381,7 @@ PARAM_MUTANTS = [
 
 
 @pytest.mark.parametrize("knob,value,first_step,group,by", PARAM_MUTANTS, ids=[f"{m[0]}={m[1]}" for m in PARAM_MUTANTS])
+@pytest.mark.slow
 def test_the_parameter_check_fails_for_a_mutant(top, knob, value, first_step, group, by):
     run = cached_run(top, ours_env={knob: value})
     tolerance = MUON_ATOL if group == "matrix" else ADAM_ATOL

@@ -370,6 +370,7 @@ def test_the_ttt_knobs_left_at_their_defaults_are_the_tops(top):
     assert t.global_ttt_batch_seqs >= SGD_CHUNK // SEQ  # one SGD step per chunk in the top, as ours
 
 
+@pytest.mark.slow
 def test_lora_ttt_per_document_nats_equal_the_tops(lora):
     """Phases off, 2 full batches: every document's nats equal the top's, chunk by chunk, the 2 documents whose
     partial last chunk ends past EVAL_SEQ_LEN in a batch with a longer document included (its window ends at the
@@ -383,6 +384,7 @@ def test_lora_ttt_per_document_nats_equal_the_tops(lora):
         assert np.allclose(lora.top.nats[d], lora.ours.nats[d], rtol=0, atol=NATS_ATOL)
 
 
+@pytest.mark.slow
 def test_every_document_scores_each_of_its_targets_once_in_both(lora):
     spans = doc_spans(lora.val)
     assert lora.top.tokens == lora.count.doc_nats() == spans
@@ -390,6 +392,7 @@ def test_every_document_scores_each_of_its_targets_once_in_both(lora):
     assert lora.top.total_bytes == lora.ours.total_bytes
 
 
+@pytest.mark.slow
 def test_both_score_the_same_batches_in_the_same_order_with_one_adapter_set(lora):
     """Distinct lengths, a multiple of TTT_BATCH_SIZE documents: the same batches, longest first (rows in
     reverse order, irrelevant with equal A rows: the row a document takes carries its A to the same document in
@@ -399,12 +402,14 @@ def test_both_score_the_same_batches_in_the_same_order_with_one_adapter_set(lora
     assert lora.top.made == lora.ours.made == 1
 
 
+@pytest.mark.slow
 def test_the_lora_check_fails_for_another_lora_lr(top, lora):
     """The mutant: ours at TTT_LORA_LR 4e-3 (the top at 3e-3)."""
     mutant = run_ours(top, lora.val, 8, lr=4e-3)
     assert worst(lora.top.doc_nats(), mutant.doc_nats())[0] > 100 * NATS_ATOL
 
 
+@pytest.mark.slow
 def test_the_lora_check_fails_for_an_o_adapter_reading_the_attention_output(top, lora):
     """The mutant: our O adapter fed the attention output y (what the output projection reads), as ours did before
     the fix; the first chunks (B = 0) still agree, the later ones do not."""
@@ -413,6 +418,7 @@ def test_the_lora_check_fails_for_an_o_adapter_reading_the_attention_output(top,
     assert worst({d: v[0] for d, v in lora.top.nats.items()}, {d: v[0] for d, v in mutant.nats.items()})[0] <= NATS_ATOL
 
 
+@pytest.mark.slow
 def test_the_last_chunk_check_fails_for_a_window_ending_at_the_batchs_chunk_end(top, lora):
     """The mutant (ours before the fix): a partial last chunk scored in the window that ends at the batch's chunk
     end (the longest document's), so past EVAL_SEQ_LEN its targets see fewer context tokens (here 10 and 1)."""
@@ -443,6 +449,7 @@ def partial(top):
     return SimpleNamespace(val=val, top=run_top(top, val, 8), ours=run_ours(top, val, 8))
 
 
+@pytest.mark.slow
 def test_the_partial_batch_is_the_longest_documents_scored_first_with_new_adapters_in_both(partial):
     """Batches cut from the shortest document, the longest batch first: the partial batch is the 4 longest
     documents, scored first, on an adapter set of its own (new A); the 8 shortest then take the reusable set."""
@@ -452,6 +459,7 @@ def test_the_partial_batch_is_the_longest_documents_scored_first_with_new_adapte
     assert partial.ours.batches == [by_length[8:][::-1], by_length[:8][::-1]] and partial.ours.made == 2
 
 
+@pytest.mark.slow
 def test_with_a_partial_batch_per_document_nats_equal_the_tops(partial):
     assert sorted(shortened_last_chunk(partial.val, partial.ours.batches)) != []
     assert worst(partial.top.doc_nats(), partial.ours.doc_nats())[0] <= NATS_ATOL
@@ -513,6 +521,7 @@ def sgd_both(top, phases: list[list[int]], global_lr: float = GLOBAL_LR, smear: 
     return err, moved
 
 
+@pytest.mark.slow
 def test_global_sgd_on_the_same_tokens_equals_the_tops(top):
     """Two phases through one PhasedTTT (each phase with a new SGD optimizer, momentum zero, on both sides): equal
     parameters. Both skip each phase's last chunk."""
@@ -520,11 +529,13 @@ def test_global_sgd_on_the_same_tokens_equals_the_tops(top):
     assert err <= SGD_ATOL and moved > 1000 * SGD_ATOL
 
 
+@pytest.mark.slow
 def test_the_global_sgd_check_fails_for_another_lr(top):
     err, _ = sgd_both(top, [ALIGNED], global_lr=1.5 * GLOBAL_LR)
     assert err > 100 * SGD_ATOL
 
 
+@pytest.mark.slow
 def test_the_global_sgd_check_fails_for_momentum_kept_across_phases(top):
     """The mutant: ours with one SGD optimizer over both phases (as before the fix), its momentum carried into the
     second."""
@@ -532,6 +543,7 @@ def test_the_global_sgd_check_fails_for_momentum_kept_across_phases(top):
     assert err > 100 * SGD_ATOL
 
 
+@pytest.mark.slow
 def test_global_sgd_with_documents_across_row_boundaries_equals_the_tops(top):
     """Documents across 64-token boundaries of a chunk: both cut a document only every EVAL_SEQ_LEN tokens from its
     own start (one packed row of the chunk's sequences)."""
@@ -539,6 +551,7 @@ def test_global_sgd_with_documents_across_row_boundaries_equals_the_tops(top):
     assert err <= SGD_ATOL and moved > 1000 * SGD_ATOL
 
 
+@pytest.mark.slow
 def test_global_sgd_with_long_documents_equals_the_tops(top):
     """Inside a document longer than 64, both SmearGates mix the token before each 64-token cut into the next (they
     reset only at BOS)."""
@@ -546,6 +559,7 @@ def test_global_sgd_with_long_documents_equals_the_tops(top):
     assert err <= SGD_ATOL and moved > 1000 * SGD_ATOL
 
 
+@pytest.mark.slow
 def test_the_global_sgd_check_fails_for_rows_cut_every_seq_len_of_the_stream(top):
     """The mutant (ours before the fix): the chunk cut into rows of EVAL_SEQ_LEN, attention within documents in
     each row, so a document across a row boundary is cut there and the SmearGate starts each row afresh."""
@@ -556,6 +570,7 @@ def test_the_global_sgd_check_fails_for_rows_cut_every_seq_len_of_the_stream(top
     assert err > 100 * SGD_ATOL
 
 
+@pytest.mark.slow
 def test_global_sgd_with_long_documents_and_no_smear_gate_equals_the_tops(top):
     err, moved = sgd_both(top, [ALIGNED_LONG], smear=False)
     assert err <= SGD_ATOL and moved > 1000 * SGD_ATOL
@@ -573,12 +588,14 @@ def phased(top):
                            count=run_ours(top, val, 4, prefix=12, count=True))
 
 
+@pytest.mark.slow
 def test_phased_every_document_scores_each_of_its_targets_once_in_both(phased):
     spans = doc_spans(phased.val)
     assert phased.top.tokens == phased.count.doc_nats() == spans
     assert phased.top.total_tokens == phased.ours.total_tokens == len(phased.val) - 1
 
 
+@pytest.mark.slow
 def test_both_pause_after_the_same_batches_and_train_on_the_same_tokens(phased):
     """The top's rule on both sides: phase k after the batch at which 4k documents are scored (here its first k
     batches, the longest), on every document scored so far (cumulative), in the order the batches were cut
@@ -594,6 +611,7 @@ def test_both_pause_after_the_same_batches_and_train_on_the_same_tokens(phased):
     assert len(phased.top.sgd) == len(phased.ours.sgd) == 3 and phased.top.made == phased.ours.made == 1 + 3
 
 
+@pytest.mark.slow
 def test_phased_per_document_nats_equal_the_tops(phased):
     """End to end: 24 documents, prefix 12 in 3 phases, every document's nats."""
     assert worst(phased.top.doc_nats(), phased.ours.doc_nats())[0] <= NATS_ATOL
