@@ -22,8 +22,9 @@ from conftest import ROOT, tg
 
 SCRIPT = ROOT / "train_gpt.py"
 KNOBS_DOC = ROOT / "docs" / "knobs.md"
-SECTIONS = ["Config", "Logging", "Distributed", "Data and BPB", "Model", "Optimizers",
+SECTIONS = ["Config", "Logging", "Distributed", "Data and BPB", "Model", "Kernels", "Optimizers",
             "Quantization and packing", "Evaluation", "Training", "Main"]
+MAIN_MAX_LINES = 150  # the run's outline and the process's exit codes; the parts live in their sections
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +304,12 @@ def test_section_banners_in_order(source):
     # no near-miss banners (wrong number of '=' or indentation)
     loose = [line for line in source.splitlines() if re.match(r"\s*#\s*=+\s*\w.*=+\s*$", line)]
     assert len(loose) == len(SECTIONS), loose
+
+
+def test_main_is_an_outline(source):
+    lines = source.splitlines()
+    start = lines.index("# ==== Main ====")
+    assert len(lines) - start <= MAIN_MAX_LINES, f"Main holds {len(lines) - start} lines"
 
 
 def test_docstring_lists_the_sections(tree):
