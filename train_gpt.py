@@ -220,7 +220,9 @@ class Hyperparameters:
     ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine over chunks)", _non_negative, ">= 0")
     ttt_epochs: int = knob(3, "TTT epochs per chunk", _non_negative, ">= 0")
     ttt_momentum: float = knob(0.9, "TTT SGD momentum", _below_one, "in [0, 1)")
-    ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored, then trained on", _positive, "> 0")
+    ttt_chunk_tokens: int = knob(32768, "whole-model TTT (PHASED_TTT_ENABLED=0) and the phases' SGD: tokens of "
+                                        "the validation stream per chunk, scored, then trained on (LoRA TTT's "
+                                        "chunk is TTT_CHUNK_SIZE)", _positive, "> 0")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", _non_negative, ">= 0")
     phased_ttt_enabled: bool = knob(True, "TTT as per-document LoRA (PR #1530) with phases of global SGD over "
                                           "already-scored documents (PR #1610/#1626) instead of chunked SGD")
@@ -229,8 +231,8 @@ class Hyperparameters:
     ttt_lora_lr: float = knob(1e-4, "LoRA AdamW learning rate", _non_negative, ">= 0")
     ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay", _non_negative, ">= 0")
     ttt_batch_size: int = knob(64, "documents per LoRA batch (one row and one set of adapters each)", _positive, "> 0")
-    ttt_chunk_size: int = knob(48, "LoRA TTT: tokens scored, then trained on, per step of a document", _positive,
-                               "> 0")
+    ttt_chunk_size: int = knob(48, "LoRA TTT: tokens of each document scored, then trained on, per step (the "
+                                   "whole-model TTT's chunk is TTT_CHUNK_TOKENS)", _positive, "> 0")
     ttt_warm_start_a: bool = knob(True, "keep LoRA A from one document batch to the next, zero only B (PR #1767)")
     phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last global SGD pause (pauses at equal shares)",
                                        _non_negative, ">= 0")
@@ -354,7 +356,8 @@ class Hyperparameters:
                                      lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0")
     gptq_ar_selfgen: bool = knob(False, "calibrate GPTQ on sequences the model samples itself (KV-cached), after "
                                         "training: no training data after the cap, no reserve (PR #1019)")
-    gptq_calib_samples: int = knob(64, "self-generated calibration sequences (TRAIN_SEQ_LEN tokens each)",
+    gptq_calib_samples: int = knob(64, "GPTQ_AR_SELFGEN=1: sequences the model samples for its Hessians "
+                                       "(TRAIN_SEQ_LEN tokens each; from training data: GPTQ_CALIBRATION_BATCHES)",
                                    _positive, "> 0")
     gptq_temperature: float = knob(0.8, "sampling temperature of the self-generated calibration", _positive, "> 0")
     lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
