@@ -1,4 +1,4 @@
-"""Test-only shorthands over train_gpt.py's quantization API (kept out of the shipped script, issue 18)."""
+"""Test-only shorthands over train_gpt.py's quantization API (kept out of the shipped script, whose bytes count)."""
 
 from __future__ import annotations
 

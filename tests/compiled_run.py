@@ -3,7 +3,7 @@
     python tests/compiled_run.py RESULT.json [--inductor] [STUB_DIR ...]   (the run's environment: os.environ)
 
 A fresh process matters: torch.library custom ops are registered once per process, so a test process that
-already called an op eagerly would hide an op first defined inside a compiled region (issue 23, rows 1-2).
+already called an op eagerly would hide an op first defined inside a compiled region.
 STUB_DIRs go first on sys.path (the FlashAttention stand-ins in tests/stubs). torch.compile keeps every
 argument train_gpt passes (fullgraph=True, dynamic=False; phased TTT's chunk forward: dynamic dims marked) and
 gets a counting backend: dynamo, AOTAutograd

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,12 @@ if str(ROOT) not in sys.path:
 
 import train_gpt as tg  # noqa: E402
 from pgolf.shards import write_shard  # noqa: E402
+
+# One intra-op thread in the test process unless OMP_NUM_THREADS says otherwise: at these sizes one thread is as
+# fast as two, and two collapse when other processes share a 2-core machine (the -m "not slow" tier took 8.7 min
+# with two threads beside a CI run, 1.2 min with one). Subprocesses keep the environment they are given.
+if "OMP_NUM_THREADS" not in os.environ:
+    tg.torch.set_num_threads(1)
 
 
 def read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:

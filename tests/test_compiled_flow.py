@@ -1,10 +1,10 @@
-"""The GPU-only paths, run on the CPU the way they run on a GPU (issue 23): through main(), compiled, with
+"""The GPU-only paths, run on the CPU the way they run on a GPU: through main(), compiled, with
 stand-ins that mirror upstream's structure (tests/stubs: FlashAttention 3 and flash-attn-4; the FA3 stand-in in
 ../shared/anchors/fa3_cpu too, when present), nothing pre-called outside the compiled region. Each compiled
 run is a fresh process (tests/compiled_run.py), so no op was defined eagerly before its graph was traced.
 
-Backend: `aot_eager` for whole runs (dynamo, AOTAutograd and fake tensors, which is where the defects of
-issue 23 broke: an op defined inside a compiled region, a tensor passed twice to an autograd.Function), and
+Backend: `aot_eager` for whole runs (dynamo, AOTAutograd and fake tensors, which is where the compiled-run defects
+fixed before were: an op defined inside a compiled region, a tensor passed twice to an autograd.Function), and
 inductor itself (its CPU code generation) for the leaderboard top's combination of knobs and for a model with
 each of them (test_inductor_compiles_the_record_knobs)."""
 
@@ -462,7 +462,7 @@ def test_row9_the_wallclock_stop_uses_synchronized_step_time(monkeypatch):
 
 
 def test_row10_fused_ce_op_takes_non_contiguous_targets():
-    """The op's CPU formula; the Triton kernels' case is in test_gpu_path's interpreter check."""
+    """The op's CPU formula; the Triton kernels' case is in test_gpu_speed_paths' interpreter check."""
     g = torch.Generator().manual_seed(5)
     z = torch.randn(6, 50, generator=g) * 10
     wide = torch.randint(0, 50, (6, 2), generator=g)

@@ -207,7 +207,7 @@ for dtype in (torch.float32, torch.bfloat16):
         dpre = tg.leaky_relu2_linear_reference(dy.float(), w2.float().T, 0.5, pre.float()).to(dtype)
         cases.append((dtype, x, w1, w2, dy, pre, post, dpre))
 # Every reference first: torch's first CPU ops right after the interpreter has run were seen to come out wrong
-# (test_gpu_path.py's fused CE check).
+# (test_gpu_speed_paths.py's fused CE check).
 worst = {{}}
 for dtype, x, w1, w2, dy, pre, post, dpre in cases:
     z, h = tg.leaky_relu2_linear_triton(x, w1, 0.5)

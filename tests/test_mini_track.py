@@ -1,8 +1,8 @@
 """bench/mini_track.py: argument and variant parsing, the run environment, the report from metrics
 JSONs, the dataset cache key, the shared-data fallback, and one tiny end-to-end sweep.
 
-Run: python -m pytest -q tests/test_mini_track.py       (the end-to-end test is @pytest.mark.slow,
-     about a minute on a 2-core CPU; -m "not slow" leaves it out)
+Run: python -m pytest -q tests/test_mini_track.py       (the end-to-end sweep and the shared-data preparation
+     are @pytest.mark.slow, about a minute on a 2-core CPU; -m "not slow" leaves them out)
 """
 
 from __future__ import annotations

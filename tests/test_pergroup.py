@@ -1,4 +1,4 @@
-"""COMPRESSOR=pergroup (PR #1855's per-group coder, issue 26): each role's code matrices (every layer's c_q, ...)
+"""COMPRESSOR=pergroup (PR #1855's per-group coder): each role's code matrices (every layer's c_q, ...)
 transposed, the rows of tok_emb / c_q / mlp.fc in similarity order, one `lrzip -z -L 9` stream each, the rest
 brotli. Round trips give the brotli artifact's tensors exactly; a missing lrzip and a corrupted group are one
 line each; PRESET=record falls back to brotli with a warning where lrzip is absent.

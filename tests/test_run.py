@@ -1,7 +1,7 @@
 """End-to-end runs of train_gpt.py as a subprocess: outputs, determinism, caps, failures, torchrun, smoke.
 
 Run:
-    python -m pytest -q tests/test_run.py --durations=10        # every test is @pytest.mark.slow
+    python -m pytest -q tests/test_run.py --durations=10        # every run is @pytest.mark.slow
     python -m pytest -q -m "not slow" tests                      # everything except these runs
 
 Budget: a few minutes on a 2-core CPU, most of it the smoke preset (training is capped by its
@@ -353,7 +353,7 @@ def test_warmup_steps_leave_no_trace(tiny_run, tiny_no_warmup):
 @pytest.mark.slow
 def test_wallclock_cap_stops_the_run(dataset, tmp_path):
     """What a capped run logs; the timing bounds (stops within two steps of the cap, never after it) are
-    tested with a fake clock in test_integrity.py, since wall time on a loaded machine is not deterministic."""
+    tested with a fake clock in test_faults.py, since wall time on a loaded machine is not deterministic."""
     # A fixed reserve: a measured one grows with the machine's load and could eat the whole 3 s.
     run = run_script(tmp_path, tiny_env(dataset, tmp_path, "cap", ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
                                         GPTQ_RESERVE_SECONDS=0.5))

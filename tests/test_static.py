@@ -516,7 +516,7 @@ def test_no_backslash_continuations(source):
     assert backslash_continuations("x = 1 + \\\n    2\n") == [1]  # the checker finds one
 
 
-# ---------------------------------------------------------------- function size (issue 18)
+# ---------------------------------------------------------------- function size
 
 MAX_PARAMS = 8  # per function, not counting self/cls
 MAX_FUNCTION_LINES = 80  # train() was 149 lines; every function now fits one screen
@@ -565,3 +565,23 @@ def test_no_nicknames_tracker_numbers_or_outside_documents(source):
     found = [f"{n}: {line.strip()}" for n, line in enumerate(source.splitlines(), 1)
              if re.search(r"R0\d{3}|BASE\b|pitfalls|issue \d+|techniques\.md|gpu-gap", line)]
     assert not found, "\n".join(found)
+
+
+# ---------------------------------------------------------------- the fast tier
+
+
+def test_every_test_module_has_tests_in_the_fast_tier():
+    """`-m "not slow"` is the everyday tier: every module keeps at least one test in it."""
+    def slow(fn: ast.FunctionDef) -> bool:
+        return any("mark.slow" in ast.unparse(d) for d in fn.decorator_list)
+
+    without = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if any(ast.unparse(n).startswith("pytestmark") and "slow" in ast.unparse(n) for n in tree.body):
+            without.append(path.name)
+            continue
+        tests = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        if not any(not slow(t) for t in tests):
+            without.append(path.name)
+    assert not without, without

@@ -1,9 +1,9 @@
-"""Systems speed without changing the math (issue 7): the batched and sharded Muon equals the
+"""Fast optimizers without changing the math: the batched and sharded Muon equals the
 per-matrix reference in one process and across 2 and 3 gloo processes (uneven shares included), the
 split-norm gradient clip equals torch's, the fused EMA equals a per-tensor loop, the step timer
 accounts for a step's time, and bench/step.py runs at a CI-friendly size.
 
-Run: python -m pytest -q tests/test_systems.py
+Run: python -m pytest -q tests/test_fast_optimizers.py
 """
 
 from __future__ import annotations

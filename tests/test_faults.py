@@ -1,4 +1,4 @@
-"""Run integrity (issue 15): a score only for the data and tokenizer it claims, runs that never overwrite
+"""Run faults and bad input: a score only for the data and tokenizer it claims, runs that never overwrite
 each other, misspelt knobs caught, LOG_DIR checked before any work and nothing trained lost when the
 artifact cannot be written, progress lines for any run length, and one-line failures (SIGINT, a corrupt
 tokenizer, an out-of-range token named by its place in the file)."""
@@ -32,7 +32,7 @@ def copy_dataset(dataset: dict, dest) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1, 8: the data a score is for
+# the data a score is for
 # ---------------------------------------------------------------------------------------------
 
 
@@ -87,7 +87,7 @@ def test_a_run_on_other_data_says_not_reportable_and_why(dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2, 3: one run, one set of files
+# one run, one set of files
 # ---------------------------------------------------------------------------------------------
 
 
@@ -187,7 +187,7 @@ def test_a_shipped_copy_without_pgolf_refuses_eval_only_and_requantize_and_keeps
 
 
 # ---------------------------------------------------------------------------------------------
-# 4: misspelt knobs
+# misspelt knobs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -217,7 +217,7 @@ def test_typo_warnings_come_before_the_config_block(dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6: LOG_DIR before any work; nothing trained is lost
+# LOG_DIR before any work; nothing trained is lost
 # ---------------------------------------------------------------------------------------------
 
 
@@ -269,7 +269,7 @@ def test_an_artifact_that_cannot_be_written_keeps_the_weights_and_requantize_fin
 
 
 # ---------------------------------------------------------------------------------------------
-# 7: progress for any run length
+# progress for any run length
 # ---------------------------------------------------------------------------------------------
 
 
@@ -290,7 +290,7 @@ def test_progress_is_due_at_least_every_30_seconds():
 
 
 # ---------------------------------------------------------------------------------------------
-# 9: one-line failures
+# one-line failures
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The GPU path, checked on the CPU (issue 14): the fused softcapped loss, the bf16 residual stream and
+"""The GPU speed paths, checked on the CPU: the fused softcapped loss, the bf16 residual stream and
 XSA, the fused q/k/v GEMM and its calibration tap, batched GPTQ, parallel chunked compression,
 size-predicting fit, fixed-shape evaluation and TTT batches. Attention backends, and the rule that every graph
 compiles in the untimed warm-up, are in test_compiled_flow.py (whole runs, compiled, in fresh processes).
