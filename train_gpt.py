@@ -318,10 +318,6 @@ class Hyperparameters:
     muon_ns_dtype: str = knob("auto", "Newton-Schulz dtype: auto (bf16 on CUDA as in the records, and on CPUs with "
                                       "AMX tiles; else fp32) / bf16 / fp32", lambda v: v in MUON_NS_DTYPES,
                               "auto, bf16 or fp32")
-    muon_impl: str = knob("batched", "Muon update: batched (same-shape matrices stacked, sharded over ranks with "
-                                     "reduce-scatter/all-gather, one compiled graph; PR #1584) / loop (one matrix at a "
-                                     "time, all-reduce; the pre-#1584 reference)",
-                          lambda v: v in MUON_IMPLS, "batched or loop")
     embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", _non_negative, ">= 0")
     adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", _non_negative, ">= 0")
     beta1: float = knob(0.9, "AdamW beta1", _below_one, "in [0, 1)")
@@ -925,10 +921,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def setup_distributed(h: Hyperparameters) -> DistInfo:
@@ -2935,7 +2927,6 @@ NS_COEFFICIENT_SETS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "classic": ((3.4445, -4.7750, 2.0315),), "polar_express": POLAR_EXPRESS, "polar_express_safe": POLAR_EXPRESS}
 NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.0, "polar_express_safe": 1.02}
 NS_EPS = 1e-7
-MUON_IMPLS = ("batched", "loop")
 MUON_NS_DTYPES = ("auto", "bf16", "fp32")
 
 # One table maps every parameter to exactly one group: (optimizer, LR knob, weight-decay knob).
@@ -3041,23 +3032,19 @@ class Muon(torch.optim.Optimizer):
     """Muon: Nesterov momentum, optional MuonEq-R row normalization, Newton-Schulz orthogonalization,
     decoupled weight decay with the scheduled LR, update scaled by sqrt(max(1, rows/cols)).
 
-    impl="batched" (default, PR #1584's systems changes): matrices of one shape form a bucket that is
-    stacked and orthogonalized in one batched Newton-Schulz call. With W ranks, bucket b of K matrices is
+    Batched (PR #1584's systems changes): matrices of one shape form a bucket that is stacked and
+    orthogonalized in one batched Newton-Schulz call. With W ranks, bucket b of K matrices is
     split into W shares of ceil(K/W) (the last ones padded with zeros); one reduce-scatter of every
     bucket's stacked gradients gives each rank the rank-averaged gradients of its shares, the rank keeps
     momentum only for them, and one all-gather of the updates (in the Newton-Schulz dtype) gives every rank the whole
     update. That moves fewer bytes than an all-reduce of gradients plus one of updates. Momentum ..
-    parameter update run as one compiled graph per bucket (`compile=True`).
-    impl="loop": one matrix at a time, matrix i on rank i % W, one all-reduce of the flat updates; it
-    expects already averaged gradients (the DDP-era records' scheme, kept as the reference)."""
+    parameter update run as one compiled graph per bucket (`compile=True`)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns: NewtonSchulz,
-                 impl: str = "batched", compile: bool = False, world: tuple[int, int] = (0, 1)):
+                 compile: bool = False, world: tuple[int, int] = (0, 1)):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=ns.steps, weight_decay=weight_decay,
                                       ns_coeffs=ns.coeffs, row_normalize=ns.row_norm))
-        if impl not in MUON_IMPLS:
-            raise ConfigError(f"MUON_IMPL={impl!r} is not allowed: use one of {', '.join(MUON_IMPLS)}")
-        (self.rank, self.world_size), self.impl, self.ns_dtype = world, impl, ns.dtype
+        (self.rank, self.world_size), self.ns_dtype = world, ns.dtype
         # A bucket names its group by index: load_state_dict replaces the group dicts, and a stored
         # dict would keep stale LR/momentum values after the warm-up restores the optimizer state.
         buckets: dict[tuple, list[nn.Parameter]] = {}
@@ -3081,19 +3068,6 @@ class Muon(torch.optim.Optimizer):
         """The matrices of bucket b whose update this rank computes (its share; may be short or empty)."""
         ps = self.buckets[b][1]
         return ps[self.rank * self.share[b]: (self.rank + 1) * self.share[b]]
-
-    def momentum_buffer(self, p: nn.Parameter) -> Tensor | None:
-        """p's momentum (a view into its bucket's stacked buffer), or None before the first step or when
-        another rank owns p."""
-        if self.impl == "loop":
-            return self.state[p].get("momentum_buffer")
-        for b, (_, ps) in enumerate(self.buckets):
-            owned = self.owned(b)
-            for i, q in enumerate(owned):
-                if q is p:
-                    buf = self.state[ps[0]].get("momentum_buffer")
-                    return None if buf is None else buf[i]
-        return None
 
     @torch.no_grad()
     def shard_grads(self) -> list[Tensor]:
@@ -3124,9 +3098,6 @@ class Muon(torch.optim.Optimizer):
     def step(self, shards: list[Tensor] | None = None, comm: Callable[[], None] | None = None) -> None:
         """One update. `shards`: from shard_grads() (e.g. after clipping); computed here when None.
         `comm` is called just after the update all-gather, so the caller can time it."""
-        if self.impl == "loop":
-            self._step_loop()
-            return
         if shards is None:
             shards = self.shard_grads()
         if not shards:
@@ -3163,40 +3134,6 @@ class Muon(torch.optim.Optimizer):
             offset += n
             lr, _, wd = scalars[gi]
             self._apply(ps, updates, lr, wd)
-
-    def _step_loop(self) -> None:
-        for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            ns_dtype = resolve_ns_dtype(self.ns_dtype, params[0].device)
-            total = sum(p.numel() for p in params)
-            flat = torch.zeros(total, dtype=ns_dtype, device=params[0].device)
-            offset = 0
-            for i, p in enumerate(params):
-                n = p.numel()
-                if i % self.world_size == self.rank:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(mu).add_(p.grad)
-                    update = p.grad.add(buf, alpha=mu)  # Nesterov
-                    if group["row_normalize"]:
-                        update = row_normalize(update)
-                    X = newton_schulz(update, group["backend_steps"], ns_dtype, group["ns_coeffs"])
-                    X = X * math.sqrt(max(1.0, p.size(0) / p.size(1)))
-                    flat[offset: offset + n] = X.reshape(-1)
-                offset += n
-            if self.world_size > 1:
-                all_reduce_(flat)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.mul_(1.0 - lr * wd)
-                p.add_(flat[offset: offset + n].view_as(p).to(p.dtype), alpha=-lr)
-                offset += n
 
 
 def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
@@ -3249,7 +3186,7 @@ class Optimizers:
         self.base_lr = {g: getattr(h, PARAM_GROUPS[g][1]) for g in PARAM_GROUPS}
         ns = NewtonSchulz(h.muon_backend_steps, h.muon_ns, h.muon_row_normalize, h.muon_ns_dtype)
         self.muon = Muon(grouped["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd, ns=ns,
-                         impl=h.muon_impl, compile=h.compile, world=(rank, world_size))
+                         compile=h.compile, world=(rank, world_size))
         adam_groups = [dict(params=grouped[g], lr=self.base_lr[g], weight_decay=getattr(h, PARAM_GROUPS[g][2]),
                             name=g) for g in ("embed", "head", "scalar") if grouped[g]]
         self.adam_params = [p for g in adam_groups for p in g["params"]]
@@ -3277,20 +3214,13 @@ class Optimizers:
         Batched Muon: AdamW's gradients are all-reduced and the matrices' reduce-scattered (each rank
         then holds only its share of them), so the clip norm is assembled from both parts."""
         mark = timer.mark if timer is not None else (lambda phase: None)
-        if self.muon.impl == "loop":
-            sync_gradients(self.params, self.world_size)
-            mark("comm")
-            if self.h.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.h.grad_clip_norm)
-            self.muon.step()
-        else:
-            sync_gradients(self.adam_params, self.world_size)
-            shards = self.muon.shard_grads()
-            mark("comm")
-            if self.h.grad_clip_norm > 0:
-                adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
-                clip_global_norm_(adam_grads, shards, self.h.grad_clip_norm, self.world_size)
-            self.muon.step(shards, comm=lambda: mark("comm"))
+        sync_gradients(self.adam_params, self.world_size)
+        shards = self.muon.shard_grads()
+        mark("comm")
+        if self.h.grad_clip_norm > 0:
+            adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
+            clip_global_norm_(adam_grads, shards, self.h.grad_clip_norm, self.world_size)
+        self.muon.step(shards, comm=lambda: mark("comm"))
         self.adam.step()
         mark("optimizer")
 
@@ -4394,7 +4324,7 @@ class EvalContext:
         return self.tokens[starts[:, None] + torch.arange(self.seq_len + 1, device=self.device)]
 
 
-def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray, trace: list | None = None) -> Tensor:
+def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Tensor:
     """Sum of (nats, targets, bytes) over the given windows, ctx.batch_seqs at a time. The last batch is
     padded with copies of its last window, masked out, so every forward has one shape (one graph)."""
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
@@ -4415,8 +4345,6 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray, trace
         sums[0] += (nll.double() * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (n_bytes * mask).sum()
-        if trace is not None:  # the target indices this batch scored (tests of score-before-update)
-            trace.append((starts_t[idx][:, None] + offsets[None, :] + 1)[mask].cpu().numpy())
     return sums
 
 
@@ -4501,7 +4429,7 @@ def ttt_train_chunk(ctx: EvalContext, params: list[nn.Parameter], opt: torch.opt
 
 
 def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budget_s: float,
-             log: Callable[[str], None], trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
+             log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
     """Legal score-first TTT (PR #1413 lineage): each chunk is scored under no_grad with the weights
     trained on earlier chunks only, then trained on; the last chunk is never trained. When the projected
     time would pass `budget_s`, later chunks train for fewer epochs (logged), down to scoring only."""
@@ -4509,7 +4437,7 @@ def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budge
     plan = ttt_plan(ctx.n_targets, ctx.seq_len, ctx.stride, cfg.chunk_tokens)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    epochs, trained_through, n_train = cfg.epochs, 0, max(len(plan) - 1, 1)
+    epochs, n_train = cfg.epochs, max(len(plan) - 1, 1)
     info: dict[str, Any] = {"chunks": len(plan), "epochs_planned": cfg.epochs, "degraded_at_chunk": None}
     score_s = train_s = 0.0
     epoch_runs = 0
@@ -4517,10 +4445,7 @@ def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budge
         ts = time.perf_counter()
         a, b = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
         with torch.no_grad():
-            local_trace = [] if trace is not None else None
-            sums += score_windows(ctx, starts[a:b], first[a:b], local_trace)
-            if trace is not None:
-                trace.extend((t, trained_through) for t in local_trace)
+            sums += score_windows(ctx, starts[a:b], first[a:b])
         score_s += time.perf_counter() - ts
         if c == len(plan) - 1 or epochs == 0:
             continue
@@ -4543,7 +4468,6 @@ def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budge
         tt = time.perf_counter()
         lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * c / n_train))
         ttt_train_chunk(ctx, params, opt, lo, hi, lr, cfg, epochs)
-        trained_through = hi
         epoch_runs += epochs
         train_s += time.perf_counter() - tt
     info.update(epochs_final=epochs, score_seconds=score_s, train_seconds=train_s)
@@ -4729,7 +4653,7 @@ def row_groups(k: int, group: int) -> list[tuple[int, int]]:
 
 
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
-                     cfg: LoRATTTConfig, every: int, trace: list | None, group: int = 1 << 30) -> Tensor:
+                     cfg: LoRATTTConfig, every: int, group: int = 1 << 30) -> Tensor:
     """One batch of documents walked in chunks of cfg.chunk targets (LoRAWalk). Each chunk takes one forward:
     its per-token losses are the scores, recorded before anything learns from them; then (every `every`
     chunks, 0: never, if the document has a later chunk) one AdamW step of every document's adapters on its
@@ -4744,7 +4668,7 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     j = torch.arange(cfg.chunk, device=ctx.device)
     for c, (k, width) in enumerate(zip(walk.rows, walk.width)):
-        step, scored = every and c % every == 0 and c + 1 < len(walk.rows), []
+        step = every and c % every == 0 and c + 1 < len(walk.rows)
         for a, b in row_groups(k, group):
             pos = (start[c, a:b, None] + torch.arange(width + 1, device=ctx.device)).clamp_max(ctx.n_targets)
             win = ctx.tokens[pos]
@@ -4753,13 +4677,10 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
             nll = lora_nll(model, lora.rows(b, a), x, cols, y, ctx)  # with gradients: one graph, the top's too
             mask = j < n[c, a:b, None]
             n_bytes = ctx.target_bytes(x.gather(1, cols), y, pos.gather(1, cols + 1))
-            scored.append(nll.detach().double() * mask)
-            sums += torch.stack([scored[-1].sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
+            scored = nll.detach().double() * mask
+            sums += torch.stack([scored.sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
             if step:  # each document's adapters: the gradient of its own chunk's mean loss
                 (nll.mean(1) * learn[c, a:b]).sum().backward()
-        if trace is not None:  # the documents with targets in this chunk (the first rows)
-            active, per_doc = int((walk.n[c] > 0).sum()), torch.cat(scored).sum(1).tolist()
-            trace.append((c, list(zip(docs[:active], per_doc)), walk.learn[c, :active]))
         if step:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -4800,7 +4721,6 @@ class PhasedTTT:
     sgd: TTTConfig
     docs: list[tuple[int, int]]
     tokens: np.ndarray
-    trace: list | None
     every: int = 1  # chunks per LoRA step (0: scoring only; TTTGuard)
 
     def __post_init__(self) -> None:
@@ -4830,7 +4750,7 @@ class PhasedTTT:
         set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
         try:
             return score_lora_batch(self.model, lora, self.ctx, [self.docs[d] for d in batch], self.cfg,
-                                    self.every, self.trace, self.group)
+                                    self.every, self.group)
         finally:
             set_requires_grad(self.base, True)
 
@@ -4918,7 +4838,7 @@ class TTTGuard:
 
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
-                  log: Callable[[str], None], trace: list | None = None) -> tuple[EvalResult, dict[str, Any]]:
+                  log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
     """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order).
     Batches of documents are scored longest first (lora_batches), claimed by the ranks in order as they come
     free (ttt_schedule); at each pause, when every rank has scored the batches before it, the base model
@@ -4932,7 +4852,7 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
     costs = [LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), cfg.chunk, ctx.seq_len).cost()
              for _, b in batches]
     segments, pauses = ttt_schedule(costs, [len(b) for _, b in batches], bounds, ctx.world_size)
-    ttt, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens, trace), TTTGuard(budget_s, log)
+    ttt, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens), TTTGuard(budget_s, log)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     mine = [share[ctx.rank] for share in segments]
     left = sum(costs[j] for seg in mine for j in seg)

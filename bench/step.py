@@ -17,9 +17,10 @@ FLOPs per token (fwd + bwd = 3 x forward), the usual PaLM-appendix convention:
   head       6 x MODEL_DIM x VOCAB_SIZE (the tied embedding used as the output layer)
 MFU = achieved FLOP/s / the device's dense bf16 peak (table below, or PEAK_TFLOPS / --peak-tflops).
 
---optimizer-only times the whole optimizer step (Muon + AdamW + clip) with MUON_IMPL=batched against
-MUON_IMPL=loop (the per-matrix loop it replaced), both in the same Newton-Schulz dtype (MUON_NS_DTYPE), and the fused EMA against a per-tensor loop over
-state_dict() (the pre-#1584 records), side by side and interleaved so load on the machine hits both.
+--optimizer-only times the whole optimizer step (Muon + AdamW + clip) of train_gpt.py's batched Muon against
+the per-matrix reference it replaced (tests/reference_muon.py, the one the tests hold it equal to), both in the
+same Newton-Schulz dtype (MUON_NS_DTYPE), and the fused EMA against a per-tensor loop over state_dict() (the
+pre-#1584 records), side by side and interleaved so load on the machine hits both.
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ class RandomBatches:
         return b[:, :-1], b[:, 1:], cu
 
 
-def build(h: tg.Hyperparameters, device: torch.device) -> tuple[tg.GPT, tg.Optimizers]:
+def build(h: tg.Hyperparameters, device: torch.device, optimizers=tg.Optimizers) -> tuple[tg.GPT, tg.Optimizers]:
     torch.manual_seed(h.seed)
     model = tg.GPT(tg.ModelConfig.from_hparams(h, tg.select_attention_backend(h.attn_backend, device)[0])).to(device)
     tg.flatten_parameters(model)  # as train_gpt.run() does
-    return model, tg.Optimizers(model, h)
+    return model, optimizers(model, h)
 
 
 def bench_steps(h: tg.Hyperparameters, device: torch.device, steps: int, warmup: int, looping: bool,
@@ -164,9 +165,10 @@ def timed(fn, device: torch.device) -> float:
 
 
 def bench_optimizer(h: tg.Hyperparameters, device: torch.device, steps: int, warmup: int) -> dict:
-    import dataclasses
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference_muon import ReferenceOptimizers  # the per-matrix Muon (not shipped)
 
-    runs = {impl: build(dataclasses.replace(h, muon_impl=impl), device) for impl in ("loop", "batched")}
+    runs = {impl: build(h, device, opts) for impl, opts in (("loop", ReferenceOptimizers), ("batched", tg.Optimizers))}
     for impl, (model, _) in runs.items():
         fill_grads(model, 1)
     model = runs["batched"][0]
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     info = environment(device)
     shape = dict(preset=h.preset, num_layers=h.num_layers, model_dim=h.model_dim, vocab_size=h.vocab_size,
-                 train_seq_len=h.train_seq_len, compile=h.compile, muon_impl=h.muon_impl,
+                 train_seq_len=h.train_seq_len, compile=h.compile,
                  ns_dtype=str(tg.resolve_ns_dtype(h.muon_ns_dtype, device)).replace("torch.", ""))
     if args.optimizer_only:
         r = bench_optimizer(h, device, args.steps, args.warmup)

@@ -19,8 +19,8 @@ LoRA's A matrices are set equal on both sides (test_top_parity_ttt.same_lora_a: 
 different generators) so that the scores can be compared.
 
 Runs, per side: one untimed warm-up that also records every document's nats (the top's through observation
-hooks on its batch queue and byte accumulation, ours through eval_ttt_lora's trace), one untimed run under a
-TorchDispatchMode that counts aten operations, then --repeats timed runs (the two sides alternate; each run on
+hooks on its batch queue and byte accumulation, ours through tests/scoring_trace.py's LoRATrace), one untimed run
+under a TorchDispatchMode that counts aten operations, then --repeats timed runs (the two sides alternate; each run on
 freshly built models, since the phases train the base weights). Printed: a table with both losses and BPBs,
 both wall times (best of the repeats, and every repeat), the operations of one chunk step (the second chunk of
 the first batch: one forward, the backward into the adapters, the AdamW step, and the bookkeeping up to the next
@@ -58,6 +58,7 @@ if str(ROOT / "tests") not in sys.path:
 import pytest  # noqa: E402  (the harness patches through pytest.MonkeyPatch)
 
 from conftest import eval_ctx, tg  # noqa: E402
+from scoring_trace import LoRATrace  # noqa: E402
 from test_eval import fake_luts  # noqa: E402
 from top_harness import BOS, TOP, VOCAB, load_top, pair, top_hparams  # noqa: E402
 
@@ -304,15 +305,14 @@ class FusedAdamW(torch.optim.AdamW):
 
 def run_ours(top, val: np.ndarray, prefix: int, trace: bool = False, count: bool = False,
              fused_adamw: bool = False) -> Run:
-    """Our eval_ttt_lora as run_evaluations calls it (no budget limit). trace: every document's nats (its trace
-    argument); count: its operations; fused_adamw: the what-if of --fused-adamw (torch.optim.AdamW patched to
-    FusedAdamW during the run; train_gpt.py unchanged)."""
+    """Our eval_ttt_lora as run_evaluations calls it (no budget limit). trace: every document's nats (observed by
+    tests/scoring_trace.py's LoRATrace); count: its operations; fused_adamw: the what-if of --fused-adamw
+    (torch.optim.AdamW patched to FusedAdamW during the run; train_gpt.py unchanged)."""
     from test_top_parity_ttt import same_lora_a
 
     _, ours = fresh_models(top)
     h = our_h(prefix)
     ctx = eval_ctx(ours, val, fake_luts(VOCAB), h.eval_seq_len, batch_seqs=h.eval_batch_seqs)
-    records: list | None = [] if trace else None
     counter = OpCounter() if count else None
     steps = [0]
     nll = tg.lora_nll
@@ -329,15 +329,13 @@ def run_ours(top, val: np.ndarray, prefix: int, trace: bool = False, count: bool
         if counter is not None:
             counting(mp, counter)
             mp.setattr(tg.PhasedTTT, "global_sgd", in_sgd(counter, tg.PhasedTTT.global_sgd))
+        records = LoRATrace(mp) if trace else None
         with counter if counter is not None else _nothing():
             t0 = time.perf_counter()
             r, _ = tg.eval_ttt_lora(ctx, ours, tg.LoRATTTConfig.from_hparams(h), tg.TTTConfig.global_phase(h), 1e9,
-                                    lambda line: None, records)
+                                    lambda line: None)
             seconds = time.perf_counter() - t0
-    nats: dict[int, float] = {}
-    for _, docs, _ in records or []:
-        for (lo, _), v in docs:
-            nats[lo] = nats.get(lo, 0.0) + v
+    nats = {lo: v for (lo, _), v in records.doc_nats().items()} if records is not None else {}
     return Run(r.val_loss, r.val_bpb, seconds, nats, steps[0], counter)
 
 

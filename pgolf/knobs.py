@@ -39,6 +39,7 @@ LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL"
 RETIRED_VARS: dict[str, str] = {
     "VAL_BATCH_TOKENS": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
     "VAL_BATCH_SIZE": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
+    "MUON_IMPL": "the per-matrix reference lives in tests/reference_muon.py; the batched Muon is the only one",
 }
 # Every name above: not a knob, but not unknown either (no "did you mean" warning).
 KNOWN_NAMES = frozenset(UNIMPLEMENTED_FEATURES) | set(KNOB_ALIASES) | set(FIXED_KNOBS) | LEGACY_VARS | set(RETIRED_VARS)

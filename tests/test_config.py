@@ -91,7 +91,7 @@ STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_pa
                  "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
                  "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj", "quant_method": "rtn",
                  "gptq_reserve_seconds": "8.5", "compressor": "lzma", "artifact": "/tmp/x.ptz",
-                 "bpb_check_docs": "all", "muon_impl": "loop", "muon_ns_dtype": "fp32", "attn_backend": "sdpa",
+                 "bpb_check_docs": "all", "muon_ns_dtype": "fp32", "attn_backend": "sdpa",
                  "requantize": "/tmp/x.weights.pt"}
 # Knobs that are only valid together with another one.
 OVERRIDE_COMPANIONS = {"eval_only": {"ARTIFACT": "/tmp/x.ptz"}}

@@ -14,6 +14,7 @@ import torch
 
 from conftest import eval_ctx, tg
 from pgolf.shards import write_shard
+from scoring_trace import WindowTrace
 from test_eval import fake_luts, val_stream
 
 BOS = tg.BOS_ID
@@ -154,15 +155,15 @@ def test_cu_seqlens_op_compiles_once_for_every_document_layout():
     assert len(compiles) == 1
 
 
-def test_sliding_scoring_with_isolation_scores_every_target_once():
+def test_sliding_scoring_with_isolation_scores_every_target_once(monkeypatch):
     model = iso_model()
     val = val_stream(301, vocab=96)
     luts = fake_luts(96)
     starts, first = tg.sliding_windows(300, 32, 8)
-    trace: list = []
+    trace = WindowTrace(monkeypatch)
     with torch.no_grad():
-        sums = tg.score_windows(eval_ctx(model, val, luts, 32, stride=8), starts, first, trace)
-    scored = np.sort(np.concatenate(trace))
+        sums = tg.score_windows(eval_ctx(model, val, luts, 32, stride=8), starts, first)
+    scored = np.sort(trace.targets())
     assert np.array_equal(scored, np.arange(1, 301)) and int(sums[1]) == 300
 
 

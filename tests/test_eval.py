@@ -7,8 +7,8 @@ The self-check must catch a deliberately wrong lookup table and pass on every re
 ../shared/data/tokenizers on FineWeb and Wikipedia text. Sliding windows must score every target
 exactly once for many (length, seq_len, stride, ranks); stride = seq_len must reproduce the plain
 evaluation. TTT is checked with a trace of which targets each scoring batch scored and how far
-training had got: no target may be scored by weights that trained on it. Two gloo processes must
-give the same sliding and TTT totals as one.
+training had got (tests/scoring_trace.py): no target may be scored by weights that trained on it. Two
+gloo processes must give the same sliding and TTT totals as one.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import ROOT, eval_ctx, tg
+from scoring_trace import WindowTrace
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -221,19 +222,19 @@ def test_ttt_plan_assigns_windows_by_their_first_scored_target():
     assert (seen[1:] == 1).all()
 
 
-def run_ttt(model, val, epochs=2, chunk=96, budget=1e9, trace=None, lines=None):
+def run_ttt(model, val, epochs=2, chunk=96, budget=1e9, lines=None):
     cfg = tg.TTTConfig(lr=0.05, epochs=epochs, momentum=0.9, chunk_tokens=chunk, grad_clip=1.0)
     ctx = eval_ctx(model, val, fake_luts(128), 32, stride=8)
-    return tg.eval_ttt(ctx, list(model.parameters()), cfg, budget, (lines if lines is not None else []).append, trace)
+    return tg.eval_ttt(ctx, list(model.parameters()), cfg, budget, (lines if lines is not None else []).append)
 
 
-def test_ttt_never_scores_a_target_with_weights_that_trained_on_it():
+def test_ttt_never_scores_a_target_with_weights_that_trained_on_it(monkeypatch):
     model = tiny_eval_model(num_loops=1, loop_start=0, loop_end=1, parallel_mode="lanes", parallel_start_layer=1)
     model.set_looping(True)
     val = val_stream(641)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trace: list = []
-    result, info = run_ttt(model, val, trace=trace)
+    trace = WindowTrace(monkeypatch).batches
+    result, info = run_ttt(model, val)
     assert info["chunks"] == math.ceil(640 / 96) and info["epochs_final"] == 2
     scored = np.concatenate([t for t, _ in trace])
     assert np.array_equal(np.sort(scored), np.arange(1, 641)), "every target exactly once"

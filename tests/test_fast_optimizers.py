@@ -1,7 +1,7 @@
-"""Fast optimizers without changing the math: the batched and sharded Muon equals the
-per-matrix reference in one process and across 2 and 3 gloo processes (uneven shares included), the
-split-norm gradient clip equals torch's, the fused EMA equals a per-tensor loop, the step timer
-accounts for a step's time, and bench/step.py runs at a CI-friendly size.
+"""Fast optimizers without changing the math: the batched and sharded Muon equals the per-matrix
+reference (tests/reference_muon.py) in one process and across 2 and 3 gloo processes (uneven shares
+included), the split-norm gradient clip equals torch's, the fused EMA equals a per-tensor loop, the step
+timer accounts for a step's time, and bench/step.py runs at a CI-friendly size.
 
 Run: python -m pytest -q tests/test_fast_optimizers.py
 """
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from reference_muon import ReferenceOptimizers, momentum_buffer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,12 +46,16 @@ def rank_grads(model: torch.nn.Module, step: int, rank: int) -> list[torch.Tenso
     return out
 
 
+# The optimizers compared: train_gpt's batched Muon and the per-matrix reference.
+OPTIMIZERS = {"batched": tg.Optimizers, "reference": ReferenceOptimizers}
+
+
 def reference_run(impl: str, world: int) -> dict[str, torch.Tensor]:
     """One process, gradients = the mean of what `world` ranks would compute."""
-    h = hparams(MUON_IMPL=impl)
+    h = hparams()
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
-    opt = tg.Optimizers(model, h)
+    opt = OPTIMIZERS[impl](model, h)
     for step in range(STEPS):
         opt.set_schedule(1.0 - 0.2 * step, step)
         per_rank = [rank_grads(model, step, r) for r in range(world)]
@@ -87,12 +92,12 @@ def test_fixture_buckets_are_uneven():
 
 
 def test_batched_muon_equals_the_per_matrix_loop():
-    assert_updates_close(reference_run("batched", 1), reference_run("loop", 1))
+    assert_updates_close(reference_run("batched", 1), reference_run("reference", 1))
 
 
 def test_bf16_newton_schulz_stays_within_bf16_tolerance_of_fp32():
-    """MUON_NS_DTYPE=bf16 (the records' GPU numerics; auto on AMX CPUs) against the fp32 loop."""
-    want = reference_run("loop", 1)
+    """MUON_NS_DTYPE=bf16 (the records' GPU numerics; auto on AMX CPUs) against the fp32 reference."""
+    want = reference_run("reference", 1)
     h = hparams(MUON_NS_DTYPE="bf16")
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
@@ -138,24 +143,25 @@ def test_batched_muon_momentum_is_stacked_per_bucket():
     index = {id(p): i for i, p in enumerate(model.parameters())}
     for _, ps in opt.muon.buckets:
         for p in ps:
-            torch.testing.assert_close(opt.muon.momentum_buffer(p), grads[index[id(p)]] * coef, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(momentum_buffer(opt.muon, p), grads[index[id(p)]] * coef, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", tg.MUON_IMPLS)
+@pytest.mark.parametrize("impl", OPTIMIZERS)
 def test_schedule_still_applies_after_load_state_dict(impl):
     """The warmup restores the optimizer with load_state_dict, which replaces the param-group dicts:
     set_schedule must still reach the update (an LR of 0 leaves the matrices unchanged)."""
-    h = hparams(MUON_IMPL=impl, MUON_WD="0")
+    h = hparams(MUON_WD="0")
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
-    opt = tg.Optimizers(model, h)
+    opt = OPTIMIZERS[impl](model, h)
     opt.load_state_dict(opt.state_dict())
     opt.set_schedule(0.0, 0)
-    before = [p.detach().clone() for _, ps in opt.muon.buckets for p in ps]
+    matrices = [p for group in opt.muon.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in matrices]
     for p, g in zip(model.parameters(), rank_grads(model, 0, 0)):
         p.grad = g
     opt.step()
-    after = [p.detach() for _, ps in opt.muon.buckets for p in ps]
+    after = [p.detach() for p in matrices]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     opt.set_schedule(1.0, 0)
     for p, g in zip(model.parameters(), rank_grads(model, 1, 0)):
@@ -187,9 +193,12 @@ def test_split_clip_equals_torch_clip_grad_norm():
         torch.testing.assert_close(a, b)
 
 
-def test_bad_muon_impl_is_refused():
-    with pytest.raises(tg.ConfigError, match="MUON_IMPL"):
-        hparams(MUON_IMPL="fast")
+def test_retired_muon_impl_warns_and_changes_nothing():
+    """Old commands that set MUON_IMPL still run (even strict): the batched Muon is the only one."""
+    for value in ("loop", "batched"):
+        h = hparams(MUON_IMPL=value, STRICT_ENV="1")
+        assert h.knob_values() == hparams(STRICT_ENV="1").knob_values()
+        assert any(w.startswith(f"MUON_IMPL={value!r} is ignored") and "reference_muon" in w for w in h.env_warnings)
 
 
 # ---------------------------------------------------------------- 2 and 3 gloo processes
@@ -201,15 +210,15 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     import train_gpt as tg
-    import test_systems as ts
+    import test_fast_optimizers as ts
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=rank,
                             world_size=world)
-    h = ts.hparams(MUON_IMPL=os.environ["IMPL"])
+    h = ts.hparams()
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
-    opt = tg.Optimizers(model, h, rank=rank, world_size=world)
+    opt = ts.OPTIMIZERS[os.environ["IMPL"]](model, h, rank=rank, world_size=world)
     timer = tg.StepTimer(torch.device("cpu"))
     for step in range(ts.STEPS):
         opt.set_schedule(1.0 - 0.2 * step, step)
@@ -219,7 +228,7 @@ WORKER = textwrap.dedent("""
         opt.step(timer)
         opt.zero_grad()
         timer.collect()
-    if opt.muon.impl == "batched":
+    if isinstance(opt.muon, tg.Muon):
         owned = sum(len(opt.muon.owned(b)) for b in range(len(opt.muon.buckets)))
         stacked = sum(opt.muon.state[ps[0]]["momentum_buffer"].shape[0] for _, ps in opt.muon.buckets)
     else:
@@ -263,11 +272,11 @@ def run_ranks(tmp_path: Path, world: int, impl: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("world,impl", [(2, "batched"), (3, "batched"), (2, "loop")])
+@pytest.mark.parametrize("world,impl", [(2, "batched"), (3, "batched"), (2, "reference")])
 @pytest.mark.slow
 def test_distributed_muon_equals_single_process(tmp_path, world, impl):
     ranks = run_ranks(tmp_path, world, impl)
-    want = reference_run("loop", world)
+    want = reference_run("reference", world)
     for info in ranks:
         assert_updates_close(info["state"], want)
         for k in want:  # every rank holds the same weights

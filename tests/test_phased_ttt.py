@@ -2,7 +2,8 @@
 
 Legality is tested by construction: a document's score must not change when any document scored after
 it (a later batch or segment, or another row of its own batch) changes, and the checks are shown able
-to fail: warm-started adapters and phase SGD do carry information forward to later documents."""
+to fail: warm-started adapters and phase SGD do carry information forward to later documents. Scores,
+scoring order and which chunks trained are observed by tests/scoring_trace.py's LoRATrace."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from conftest import eval_ctx, tg
+from scoring_trace import LoRATrace
 from test_doc_isolation import iso_model
 from test_eval import fake_luts
 
@@ -34,27 +36,20 @@ def run(val: np.ndarray, phases: int = 2, warm: bool = True, budget: float = 1e9
     cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=lr, weight_decay=0.1, batch_docs=batch, chunk=8, warm_start_a=warm,
                            prefix_docs=prefix, phases=phases, seed=0)
     sgd = tg.TTTConfig(lr=1e-2, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
-    trace: list = []
-    r, info = tg.eval_ttt_lora(eval_ctx(model, val, fake_luts(96), SEQ), model, cfg, sgd, budget,
-                               (lines if lines is not None else []).append, trace)
+    with pytest.MonkeyPatch.context() as mp:
+        trace = LoRATrace(mp)
+        r, info = tg.eval_ttt_lora(eval_ctx(model, val, fake_luts(96), SEQ), model, cfg, sgd, budget,
+                                   (lines if lines is not None else []).append)
     return r, info, trace
 
 
-def doc_scores(trace) -> dict[tuple[int, int], float]:
-    scores: dict[tuple[int, int], float] = {}
-    for _, docs, _ in trace:
-        for span, nats in docs:
-            scores[span] = scores.get(span, 0.0) + nats
-    return scores
+def doc_scores(trace: LoRATrace) -> dict[tuple[int, int], float]:
+    return trace.doc_nats()
 
 
-def scoring_order(trace) -> list[list[tuple[int, int]]]:
+def scoring_order(trace: LoRATrace) -> list[list[tuple[int, int]]]:
     """Batches in the order they were scored (a batch's documents are scored together)."""
-    batches: list[list[tuple[int, int]]] = []
-    for chunk, docs, _ in trace:
-        if chunk == 0:
-            batches.append([span for span, _ in docs])
-    return batches
+    return trace.scoring_order()
 
 
 def rewrite(val: np.ndarray, spans, seed: int) -> np.ndarray:
@@ -116,12 +111,12 @@ def test_each_documents_last_chunk_is_never_trained_on():
     _, _, trace = run(val)
     last_chunk = {}
     learnt: dict[tuple[int, int], list[bool]] = {}
-    for chunk, docs, learn in trace:
-        for r, (span, _) in enumerate(docs):
-            last_chunk[span] = (span[1] - span[0] - 1) // 8
-            learnt.setdefault(span, []).append(bool(learn[r]))
+    for row in trace.rows:
+        last_chunk[row.span] = (row.span[1] - row.span[0] - 1) // 8
+        learnt.setdefault(row.span, []).append(row.learnt)
+    assert len(learnt) == len(LENGTHS)
     for span, flags in learnt.items():
-        assert flags == [c < last_chunk[span] for c in range(len(flags))], span
+        assert flags == [c < last_chunk[span] for c in range(last_chunk[span] + 1)], span
 
 
 def test_phase_sgd_trains_only_on_documents_already_scored(monkeypatch):
@@ -194,11 +189,12 @@ def test_at_any_world_size_the_ranks_score_every_document_once_and_pause_togethe
                            prefix_docs=8, phases=2, seed=0)
     sgd_cfg = tg.TTTConfig(lr=1e-2, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
     for rank in range(world):
-        trace: list = []
         pauses.append([])
-        tg.eval_ttt_lora(eval_ctx(model, val, fake_luts(96), SEQ, rank=rank, world_size=world), model, cfg, sgd_cfg,
-                         1e9, lambda line: None, trace)
-        scored += [span for c, docs, _ in trace if c == 0 for span, _ in docs]
+        with pytest.MonkeyPatch.context() as mp:
+            trace = LoRATrace(mp)
+            tg.eval_ttt_lora(eval_ctx(model, val, fake_luts(96), SEQ, rank=rank, world_size=world), model, cfg,
+                             sgd_cfg, 1e9, lambda line: None)
+        scored += [row.span for row in trace.rows if row.chunk == 0]
     docs = tg.ttt_documents(val, len(val) - 1)
     assert sorted(scored) == sorted(docs)
     # the second pause comes at 8 documents scored unless the batches in flight at the first one leave none after
@@ -269,7 +265,7 @@ def test_the_guards_steps_take_a_lora_step_every_chunk_every_second_or_none(ever
     opt_step = torch.optim.AdamW.step
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: made.append(1) or opt_step(self, *a, **k))
-        tg.score_lora_batch(model, tg.DocLoRA(model, 2, 4, 8.0, 0), ctx, [(0, 40), (40, 80)], cfg, every, None)
+        tg.score_lora_batch(model, tg.DocLoRA(model, 2, 4, 8.0, 0), ctx, [(0, 40), (40, 80)], cfg, every)
     assert len(made) == steps
 
 

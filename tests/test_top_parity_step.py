@@ -49,6 +49,7 @@ import pytest
 import torch
 
 from conftest import tg
+from reference_muon import momentum_buffer
 from top_harness import BOS, SKIP_WITHOUT_TOP, documents, pair, top_hparams
 
 pytestmark = SKIP_WITHOUT_TOP
@@ -319,7 +320,7 @@ def test_the_tops_muon_runs_single_process_and_keeps_bf16_momentum(top):
     muon = top_opts.optimizer_muon
     assert not torch.distributed.is_initialized() and muon._distributed is False and muon._world_size == 1
     assert {muon.state[p]["momentum_buffer"].dtype for p in muon.param_groups[0]["params"]} == {torch.bfloat16}
-    assert {opt.muon.momentum_buffer(p).dtype for p in opt.muon.param_groups[0]["params"]} == {torch.float32}
+    assert {momentum_buffer(opt.muon, p).dtype for p in opt.muon.param_groups[0]["params"]} == {torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------------------------

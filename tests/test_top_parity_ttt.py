@@ -82,6 +82,7 @@ import pytest
 import torch
 
 from conftest import eval_ctx, tg
+from scoring_trace import LoRATrace
 from test_eval import fake_luts
 from test_top_parity_step import counterparts
 from top_harness import BOS, SKIP_WITHOUT_TOP, VOCAB, pair, top_hparams
@@ -298,7 +299,7 @@ def run_ours(top, val: np.ndarray, batch: int, prefix: int = 0, lr: float = LORA
     _, ours = models(top)
     h = our_h(batch, prefix, lr)
     ctx = eval_ctx(ours, val, fake_luts(VOCAB), h.eval_seq_len, batch_seqs=h.eval_batch_seqs)
-    out, trace, made = Run(), [], {"top": 0, "ours": 0}
+    out, made = Run(), {"top": 0, "ours": 0}
     global_sgd = tg.PhasedTTT.global_sgd
 
     def sgd_hook(self, doc_ids):
@@ -313,13 +314,12 @@ def run_ours(top, val: np.ndarray, batch: int, prefix: int = 0, lr: float = LORA
             o_adapter_reads_attention_output(mp)
         if count:
             mp.setattr(tg, "lora_nll", lambda model, lora, x, cols, y, ctx: torch.ones(y.shape, requires_grad=True))
+        trace = LoRATrace(mp)
         r, _ = tg.eval_ttt_lora(ctx, ours, tg.LoRATTTConfig.from_hparams(h), tg.TTTConfig.global_phase(h), 1e9,
-                                lambda line: None, trace)
-    for c, docs, _ in trace:
-        if c == 0:
-            out.batches.append([lo for (lo, _), _ in docs])
-        for (lo, _), nats in docs:
-            out.nats.setdefault(lo, []).append(nats)
+                                lambda line: None)
+    out.batches = [[lo for lo, _ in batch] for batch in trace.scoring_order()]
+    for row in trace.rows:
+        out.nats.setdefault(row.span[0], []).append(row.nats)
     out.made, out.loss, out.total_tokens, out.total_bytes = made["ours"], r.val_loss, r.tokens, r.bytes
     return out
 
@@ -495,7 +495,7 @@ def sgd_both(top, phases: list[list[int]], global_lr: float = GLOBAL_LR, smear: 
     h, hh = top_h(top, 8, 0), our_h(8, 0, global_lr=global_lr)
     ctx = eval_ctx(ours, val, fake_luts(VOCAB), hh.eval_seq_len, batch_seqs=hh.eval_batch_seqs)
     docs = tg.ttt_documents(val, len(val) - 1)
-    run = tg.PhasedTTT(ctx, ours, tg.LoRATTTConfig.from_hparams(hh), tg.TTTConfig.global_phase(hh), docs, val, None)
+    run = tg.PhasedTTT(ctx, ours, tg.LoRATTTConfig.from_hparams(hh), tg.TTTConfig.global_phase(hh), docs, val)
     sgd, made = torch.optim.SGD, []
 
     def one_sgd(*args, **kwargs):
