@@ -236,17 +236,23 @@ def test_an_unwritable_or_full_log_dir_is_refused_before_any_work(dataset, tmp_p
 
 
 @pytest.mark.slow
-def test_an_artifact_that_cannot_be_written_keeps_the_weights_and_requantize_finishes_the_run(dataset, tmp_path,
-                                                                                            monkeypatch, capsys):
-    env = tiny_env(dataset, tmp_path, "full")
+def no_space_for(suffix: str, monkeypatch):
+    """Writes of files ending in `suffix` fail as on a full disk; returns the real writer."""
     real = tg.atomic_write_bytes
 
-    def disk_full(path, data):
-        if str(path).endswith(".ptz"):
+    def write(path, data):
+        if str(path).endswith(suffix):
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(tg, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(tg, "atomic_write_bytes", write)
+    return real
+
+
+def test_an_artifact_that_cannot_be_written_keeps_the_weights_and_requantize_finishes_the_run(dataset, tmp_path,
+                                                                                            monkeypatch, capsys):
+    env = tiny_env(dataset, tmp_path, "full")
+    real = no_space_for(".ptz", monkeypatch)
     threads = tg.torch.get_num_threads()
     tg.torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1): the same sums, bit for bit
     try:
@@ -442,14 +448,7 @@ def test_a_log_that_cannot_be_written_mid_run_keeps_the_weights_and_exits_4(data
 @pytest.mark.slow
 def test_metrics_that_cannot_be_written_exit_4_and_the_artifact_is_kept_and_rescored(dataset, tmp_path, monkeypatch,
                                                                                    capsys, one_thread):
-    real = tg.atomic_write_bytes
-
-    def json_full(path, data):
-        if str(path).endswith(".json"):
-            raise OSError(28, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(tg, "atomic_write_bytes", json_full)
+    real = no_space_for(".json", monkeypatch)
     env = tiny_env(dataset, tmp_path, "nojson")
     assert tg.main(env) == 4
     logs = tmp_path / "logs"
