@@ -3939,10 +3939,6 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
     return state, header.get("meta", {})
 
 
-def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, Tensor]:
-    return unpack_artifact_full(blob, source)[0]
-
-
 def read_artifact(path: Path, with_meta: bool = False):
     path = Path(path)
     if not path.is_file():

@@ -16,5 +16,10 @@ def pack_artifact(state: dict[str, torch.Tensor], spec: Any = None, hessians: di
     return tg.pack_quantized(tg.quantize_state(state, spec, hessians), spec.compressor, meta)
 
 
+def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, torch.Tensor]:
+    """The state dict of a packed artifact (without its metadata)."""
+    return tg.unpack_artifact_full(blob, source)[0]
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale.float()[:, None]).to(dtype)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from artifact_helpers import dequantize_rows, pack_artifact  # noqa: E402
+from artifact_helpers import dequantize_rows, pack_artifact, unpack_artifact  # noqa: E402
 from pgolf import recover
 
 PREFIX = tg.ARTIFACT_PREFIX.size  # magic(8) | version(u16) | crc32(u32) | body length(u64) = 22 bytes
@@ -258,7 +258,7 @@ def test_byte_shuffle_roundtrip_every_length_residue(stride):
 def test_roundtrip_real_tiny_gpt(gpt_state, gpt_blob):
     assert any(is_quantized(n, t) for n, t in gpt_state.items()), "test setup: nothing is quantized"
     assert any(not is_quantized(n, t) for n, t in gpt_state.items())
-    out = tg.unpack_artifact(gpt_blob, source="tiny.ptz")
+    out = unpack_artifact(gpt_blob, source="tiny.ptz")
     assert sorted(out) == sorted(gpt_state), "same tensor names as the input"
     for name, orig in gpt_state.items():
         assert_close_to_original(name, orig, out[name])
@@ -277,7 +277,7 @@ def test_roundtrip_untied_head_zero_rows():
     state = tiny_gpt_state(tie_embeddings=False, seed=1)
     with torch.no_grad():
         state["lm_head.weight"].zero_()
-    out = tg.unpack_artifact(pack_artifact(state))
+    out = unpack_artifact(pack_artifact(state))
     assert torch.equal(out["lm_head.weight"], torch.zeros_like(state["lm_head.weight"]))
     for name, orig in state.items():
         assert_close_to_original(name, orig, out[name])
@@ -285,7 +285,7 @@ def test_roundtrip_untied_head_zero_rows():
 
 
 def test_roundtrip_hand_made_dict(hand_state, hand_blob):
-    out = tg.unpack_artifact(hand_blob)
+    out = unpack_artifact(hand_blob)
     assert set(out) == set(hand_state)
     for name, orig in hand_state.items():
         assert_close_to_original(name, orig, out[name])
@@ -302,8 +302,8 @@ def test_roundtrip_hand_made_dict(hand_state, hand_blob):
 
 
 def test_unpacked_tensors_are_independent_and_writable(hand_blob):
-    a = tg.unpack_artifact(hand_blob)
-    b = tg.unpack_artifact(hand_blob)
+    a = unpack_artifact(hand_blob)
+    b = unpack_artifact(hand_blob)
     a["blocks.0.mlp.fc.weight"].add_(1.0)  # must not raise (non-writable buffer) nor alias the other load
     assert not torch.equal(a["blocks.0.mlp.fc.weight"], b["blocks.0.mlp.fc.weight"])
 
@@ -423,7 +423,7 @@ def test_missing_file(tmp_path):
 
 def test_unpack_names_its_source(gpt_blob):
     with pytest.raises(tg.ArtifactError, match=r"^somewhere/run\.ptz: "):
-        tg.unpack_artifact(gpt_blob[:-1], source="somewhere/run.ptz")
+        unpack_artifact(gpt_blob[:-1], source="somewhere/run.ptz")
 
 
 CRAFTED_CASES = ["empty body", "header length past the end", "header not JSON", "payload cut", "header is a list",
@@ -589,7 +589,7 @@ def test_the_naive_baselines_artifact_int8_at_each_rows_max_and_zlib_round_trips
     (n,) = struct.unpack_from("<I", blob, PREFIX + 1)
     first = PREFIX + 5 + 4 * n
     zlib.decompressobj().decompress(blob[first: first + 64])  # the chunks are zlib streams (raises otherwise)
-    out = tg.unpack_artifact(blob)
+    out = unpack_artifact(blob)
     assert set(out) == set(hand_state)
     body = tg.decompress_chunks(blob[PREFIX:], "test")
     (hlen,) = struct.unpack_from("<I", body)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import eval_ctx, tg
-from artifact_helpers import pack_artifact
+from artifact_helpers import pack_artifact, unpack_artifact
 
 CPU = torch.device("cpu")
 
@@ -152,7 +152,7 @@ def test_chunked_parallel_compression_round_trips_and_is_deterministic(monkeypat
         (n,) = tg.CHUNK_COUNT.unpack_from(blob, tg.ARTIFACT_PREFIX.size + 1)
         assert n >= 8, "a 32 KB body is cut into 4 KB chunks"
         assert pack_artifact(state, tg.QuantSpec(compressor=compressor)) == blob
-        out = tg.unpack_artifact(blob)
+        out = unpack_artifact(blob)
         assert torch.equal(out["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
         # A chunk-length table that does not add up is a corrupted artifact, named as such.
         body = bytearray(blob[tg.ARTIFACT_PREFIX.size:])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import tg
-from artifact_helpers import dequantize_rows, pack_artifact
+from artifact_helpers import dequantize_rows, pack_artifact, unpack_artifact
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -141,7 +141,7 @@ def test_gptq_state_lowers_the_model_output_error():
         ref = model.logits(ids)
         errs = {}
         for name, hess in (("rtn", None), ("gptq", H)):
-            model.load_state_dict(tg.unpack_artifact(pack_artifact(state, spec, hess)))
+            model.load_state_dict(unpack_artifact(pack_artifact(state, spec, hess)))
             errs[name] = float((model.logits(ids) - ref).square().mean())
     assert errs["gptq"] < errs["rtn"], errs
 
@@ -164,7 +164,7 @@ def test_lqer_lowers_the_error_of_the_tensors_it_corrects_and_is_packed():
         assert qa.shape[1] == qb.shape[0] == 4 and int(qa.abs().max()) <= 7 and int(qb.abs().max()) <= 7
     blob_plain, blob_lq = tg.pack_quantized(plain), tg.pack_quantized(corrected)
     assert len(blob_lq) > len(blob_plain), "LQER factors are stored, so they cost bytes"
-    out = tg.unpack_artifact(blob_lq)
+    out = unpack_artifact(blob_lq)
     for n in fixed:
         assert torch.equal(out[n], corrected[n].dequantize())
 

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from artifact_helpers import unpack_artifact
 from conftest import tg
 from top_harness import SKIP_WITHOUT_TOP, our_config
 
@@ -392,7 +393,7 @@ def test_dequantized_weights_equal_the_tops(top, both):
     """Our artifact's round trip (pack_quantized -> unpack_artifact) and QuantTensor.dequantize against the top's
     dequantize_mixed on its own result: every tensor bit for bit, in its original dtype."""
     theirs = top.dequantize_mixed(both.result, both.meta, both.state)
-    unpacked = tg.unpack_artifact(tg.pack_quantized(both.ours, "zlib"))  # the compressor does not touch values
+    unpacked = unpack_artifact(tg.pack_quantized(both.ours, "zlib"))  # the compressor does not touch values
     assert set(theirs) == set(unpacked) == set(both.state)
     for name, t in theirs.items():
         assert unpacked[name].dtype == t.dtype == both.state[name].dtype
