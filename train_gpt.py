@@ -1642,9 +1642,12 @@ def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
 def ensure_sample_data(h: Hyperparameters, d: DistInfo, log: Logger) -> None:
     """SAMPLE_DATA=1: build the embedded sample dataset (data/make_sample.py) on first use, on rank 0."""
     if d.is_main:
-        script = Path(__file__).resolve().parent / "data" / "make_sample.py"
-        if not script.is_file():
-            raise DataError(f"{script}: not found; SAMPLE_DATA=1 needs the repository's data/make_sample.py")
+        root = Path(__file__).resolve().parent
+        script = root / "data" / "make_sample.py"
+        for need in (script, root / "pgolf"):  # the builder, and the shard writer and lock helper it uses
+            if not need.exists():
+                raise DataError(f"{need}: not found; SAMPLE_DATA=1 needs the repository's data/make_sample.py and "
+                                f"pgolf/ beside {Path(__file__).name}")
         spec = importlib.util.spec_from_file_location("make_sample", script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -22,7 +22,7 @@ from conftest import tg
 from pgolf.shards import write_shard
 from pgolf import runs
 from pgolf.locks import Held, Lock, exclusive
-from test_run import error_lines, run_script, tiny_env
+from test_run import base_env, error_lines, run_script, tiny_env
 
 
 def copy_dataset(dataset: dict, dest) -> dict:
@@ -581,3 +581,17 @@ def test_a_failed_runs_log_does_not_block_its_run_id_and_is_kept(dataset, tmp_pa
             (logs / extra).write_bytes(b"x")
         with pytest.raises(runs.Refused, match="is not allowed: .* exists"):
             runs.claim(logs, "again", False, 0)
+
+
+@pytest.mark.slow
+def test_sample_data_beside_a_copy_without_pgolf_is_one_line(tmp_path):
+    """The sample builder writes shards and takes its lock through pgolf/: a copy with data/make_sample.py but no
+    pgolf/ beside it is refused in one line, before any work."""
+    (tmp_path / "data").mkdir()
+    shutil.copy2(tg.Path(tg.__file__), tmp_path / "train_gpt.py")
+    shutil.copy2(tg.Path(tg.__file__).parent / "data" / "make_sample.py", tmp_path / "data" / "make_sample.py")
+    env = {**base_env(), "PRESET": "smoke", "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "nopgolf"}
+    run = run_script(tmp_path, env, script=tmp_path / "train_gpt.py")
+    assert run.rc == 2, run.describe()
+    assert error_lines(run) == [f"error: {tmp_path / 'pgolf'}: not found; SAMPLE_DATA=1 needs the repository's "
+                                f"data/make_sample.py and pgolf/ beside train_gpt.py"], run.describe()

@@ -529,6 +529,7 @@ def test_smoke_preset_learns(tmp_path, record_property):
     script = tmp_path / "train_gpt.py"
     shutil.copy2(SCRIPT, script)
     shutil.copy2(ROOT / "data" / "make_sample.py", tmp_path / "data" / "make_sample.py")
+    shutil.copytree(ROOT / "pgolf", tmp_path / "pgolf", ignore=shutil.ignore_patterns("__pycache__"))
     env = base_env()
     # A fixed step count (about what the 60 s cap gives a quiet 2-core CPU): on a loaded machine the cap gave
     # 9 steps and a model that had not learned yet, so the outcome depended on the machine's load. One
