@@ -13,7 +13,7 @@ Run:
 Every knob is an UPPER_CASE environment variable read by `Hyperparameters.from_env`; docs/knobs.md
 lists them all. Importing this file has no side effects: the environment is read, devices are
 touched and files are written only inside `main()`. Beside it in the repository, pgolf/ (not shipped)
-adds run locks, OVERWRITE staging, other scripts' knob names, EVAL_ONLY and REQUANTIZE.
+adds run locks, OVERWRITE staging, other scripts' knob names, dataset manifest checks, EVAL_ONLY and REQUANTIZE.
 
 Sections, in order (`grep -n '^# ====' train_gpt.py`): config, logging, distributed, data and BPB,
 model, kernels, optimizers, quantization and packing, evaluation, training, main.
@@ -1086,109 +1086,17 @@ CHALLENGE_SEQ_LEN = 2048
 CHALLENGE_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
 CHALLENGE_CASEOPS_VAL_TARGETS = {8192: 47_851_520}  # romeerp/parameter-golf-caseops-v1 (PR #1729)
 CASEOPS_TRANSFORM = "lossless_caps_caseops_v1"
-# What a dataset folder says about itself: data/tokenize_docs.py and data/make_sample.py write manifest.json,
-# data/cached_challenge_fineweb.py writes download.json.
-DATASET_MANIFESTS = ("manifest.json", "download.json")
+NO_MANIFEST = {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None, "text_transform": None}
 
 
-def manifest_tokenizer_sha256(manifest: dict[str, Any]) -> str | None:
-    """The tokenizer a dataset manifest says its shards were made with: tokenize_docs.py's
-    `tokenizer.sha256`, or the one `*.model` file listed under `files` (make_sample.py, the downloader)."""
-    tok = manifest.get("tokenizer")
-    if isinstance(tok, dict) and isinstance(tok.get("sha256"), str):
-        return tok["sha256"]
-    files = manifest.get("files")
-    hashes = ([v.get("sha256") for k, v in files.items() if k.endswith(".model") and isinstance(v, dict)]
-              if isinstance(files, dict) else [])
-    return hashes[0] if len(hashes) == 1 and isinstance(hashes[0], str) else None
-
-
-def read_manifest(dataset_dir: Path) -> tuple[Path | None, Any]:
-    """The manifest beside the shards (None if there is none) and its parsed content."""
-    path = next((Path(dataset_dir) / n for n in DATASET_MANIFESTS if (Path(dataset_dir) / n).is_file()), None)
-    try:
-        return path, path and json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable dataset manifest ({type(exc).__name__}: {exc})") from None
-
-
-def dataset_identity(dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str) -> dict[str, Any]:
-    """The manifest beside the shards and the tokenizer it records. A tokenizer other than the one the shards
-    were made with is refused: its byte tables would count the wrong bytes, and the BPB self-check, which
-    decodes with that same tokenizer, cannot notice."""
-    path, manifest = read_manifest(dataset_dir)
-    if path is None:
-        return {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None, "text_transform": None}
-    recorded = manifest_tokenizer_sha256(manifest) if isinstance(manifest, dict) else None
-    tok = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-    transform = (manifest.get("text_transform") or (tok.get("text_transform") if isinstance(tok, dict) else None)
-                 if isinstance(manifest, dict) else None)
-    if recorded is not None and recorded != tokenizer_sha256:
-        raise DataError(f"{tokenizer}: sha256 {tokenizer_sha256} is not the tokenizer {recorded} that {path} records "
-                        f"for these shards", hint="the byte counts would be wrong; set TOKENIZER_PATH to the tokenizer "
-                        "the data was made with")
-    return {"manifest": str(path), "manifest_sha256": sha256_file(path), "manifest_tokenizer_sha256": recorded,
-            "text_transform": transform}
-
-
-# Shards whose sha256 matched their manifest, as {absolute path: [size, mtime_ns, sha256]}: each is hashed once
-# (the challenge's train shards are ~16 GB), again only when its size or modification time changes.
-SHARD_HASH_CACHE = "shard_sha256.json"
-
-
-def shard_hash_cache(dataset_dir: Path) -> Path:
-    """Beside the shards when that folder is writable, else in the user's cache folder."""
-    if os.access(dataset_dir, os.W_OK):
-        return Path(dataset_dir) / f".{SHARD_HASH_CACHE}"
-    return Path.home() / ".cache" / "parameter-golf" / SHARD_HASH_CACHE
-
-
-def gather_dicts(part: dict) -> dict:
-    """Every rank's dict merged, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return part
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()}
-
-
-def verify_shards(dataset_dir: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any] | None:
-    """Every shard against the size and sha256 its manifest's `files` lists under the shard's name
-    (tokenize_docs.py: the name; make_sample.py and the downloader: datasets/<name>/<file>). Sizes always;
-    hashes only for shards not verified before, split over the ranks. None when it lists no shard hashes."""
-    path, content = read_manifest(dataset_dir)
-    files = content.get("files") if isinstance(content, dict) else None
-    listed = {Path(k).name: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
-    shards = sorted(Path(dataset_dir).glob("fineweb_*.bin"))
-    want = {f: listed[f.name] for f in shards if f.name in listed}
-    for f, entry in want.items():
-        if entry.get("bytes", f.stat().st_size) != f.stat().st_size:
-            raise DataError(f"{f}: {f.stat().st_size} bytes, but {path} records {entry['bytes']}: the shard changed "
-                            f"after its manifest was written")
-    want = {f: e["sha256"] for f, e in want.items() if isinstance(e.get("sha256"), str)}
-    if not want:
-        return None
-    t0, cache_path = time.perf_counter(), shard_hash_cache(dataset_dir)
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    stamp = {f: [f.stat().st_size, f.stat().st_mtime_ns, sha] for f, sha in want.items()}
-    todo = broadcast_object([f for f in want if cache.get(str(f.resolve())) != stamp[f]])  # rank 0's cache decides
-    found = gather_dicts({str(f): sha256_file(f) for f in todo[rank::world_size]})
-    for f in todo:
-        if found[str(f)] != want[f]:
-            raise DataError(f"{f}: sha256 {found[str(f)]}, but {path} records {want[f]}: the shard changed after its "
-                            f"manifest was written")
-    if todo and rank == 0:
-        cache.update({str(f.resolve()): stamp[f] for f in todo})
-        try:
-            atomic_write_bytes(cache_path, json.dumps(cache, indent=0).encode())
-        except OSError:
-            pass  # nothing lost: the next run hashes them again
-    return {"shards": len(shards), "verified": len(want), "hashed_now": len(todo),
-            "seconds": round(time.perf_counter() - t0, 2)}
+def dataset_provenance(h: Hyperparameters, d: DistInfo, tokenizer_sha256: str) -> tuple[dict[str, Any], Any]:
+    """The manifest beside the shards (the tokenizer and shard sha256s it records, checked by pgolf.provenance
+    where pgolf/ sits beside this file) and what verifying the shards found; "unchecked" in a shipped copy."""
+    provenance = operations("provenance")
+    if provenance is None:
+        return NO_MANIFEST, "unchecked"
+    identity = provenance.dataset_identity(sys.modules[__name__], h.dataset_dir, h.tokenizer_file, tokenizer_sha256)
+    return identity, provenance.verify_shards(sys.modules[__name__], h.dataset_dir, d.rank, d.world_size)
 
 
 def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_val_tokens: int,
@@ -1666,7 +1574,7 @@ class DataBundle:
     reportable: bool  # only the challenge's whole validation split
     reportable_reason: str
     reencode: ReencodeCheck | None = None  # the tokenizer reproduces the validation shards
-    shards: dict[str, Any] | None = None  # the shards' sha256 against the manifest's (None: it lists none)
+    shards: dict[str, Any] | str | None = None  # sha256s against the manifest's: None = none listed, "unchecked"
 
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
@@ -1679,9 +1587,9 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     train_files = list_shards(h.dataset_dir, "train")
     val_files = list_shards(h.dataset_dir, "val")
     fingerprint = dataset_fingerprint(train_files, val_files, h.tokenizer_file)
-    fingerprint.update(dataset_identity(h.dataset_dir, h.tokenizer_file, fingerprint["tokenizer_sha256"]))
+    identity, shards = dataset_provenance(h, d, fingerprint["tokenizer_sha256"])
+    fingerprint.update(identity)
     check_transform(h, fingerprint["text_transform"], fingerprint["manifest"])
-    shards = verify_shards(h.dataset_dir, d.rank, d.world_size)
     val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size, h.max_val_tokens)
     fingerprint["val_tokens"] = int(val_tokens.size - 1)  # scored targets after truncation
     max_docs = None if h.bpb_check_docs == "all" else int(h.bpb_check_docs)
@@ -1724,18 +1632,20 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
         log(format_kv(tokenizer_check="ok" if r.checked else "unchecked", reencoded=f"{r.reencoded}/{r.checked}",
                       seconds=f"{r.seconds:.2f}",
                       rule=f"encode(decode(document))==document for >={TOKENIZER_CHECK_MIN:.0%}"))
-    s = data.shards
-    log(format_kv(shard_hashes="ok", **s) if s else "shard_hashes:unverified (no per-file hashes)")
-    if s and s["verified"] < s["shards"]:
+    s, fp = data.shards, data.fingerprint
+    log(format_kv(shard_hashes="ok", **s) if isinstance(s, dict)
+        else f"shard_hashes:{s or 'unverified (no per-file hashes)'}")
+    if isinstance(s, dict) and s["verified"] < s["shards"]:
         warn(log, f"{s['shards'] - s['verified']} of {s['shards']} shards in {h.dataset_dir} have no sha256 in "
-                  f"{data.fingerprint['manifest']}: not verified")
-    fp = data.fingerprint
-    log(format_kv(dataset=h.dataset_dir, manifest=fp["manifest"] or "none",
+                  f"{fp['manifest']}: not verified")
+    log(format_kv(dataset=h.dataset_dir, manifest=fp["manifest"] or s or "none",
                   tokenizer_sha256=fp["tokenizer_sha256"], manifest_tokenizer_sha256=fp["manifest_tokenizer_sha256"]
                   or "none", reportable="yes" if data.reportable else "no", reason=data.reportable_reason))
     if fp["manifest"] is None:
-        warn(log, f"no {' or '.join(DATASET_MANIFESTS)} beside the shards in {h.dataset_dir}: their hashes are "
-                  f"unchecked, and only the re-encode check ties them to the tokenizer {h.tokenizer_file}")
+        what = (f"pgolf/ is not beside this script: the shards in {h.dataset_dir} are not checked against a manifest"
+                if s == "unchecked" else f"no manifest.json or download.json beside the shards in {h.dataset_dir}: "
+                "their hashes are unchecked")
+        warn(log, f"{what}, and only the re-encode check ties them to the tokenizer {h.tokenizer_file}")
     if not data.reportable:
         warn(log, f"this run is NOT reportable: {data.reportable_reason}")
 

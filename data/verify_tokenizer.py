@@ -56,6 +56,13 @@ def train_gpt():
     return tg
 
 
+def provenance():
+    train_gpt()  # the repository root on sys.path
+    from pgolf import provenance
+
+    return provenance
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -108,7 +115,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     if not args.data.is_dir():
         raise UsageError(f"--data={args.data}: not a folder")
     try:  # the tokenizer the shards were made with, as their manifest records it (what train_gpt.py checks)
-        tg.dataset_identity(args.data, args.tokenizer, tg.sha256_file(args.tokenizer))
+        provenance().dataset_identity(tg, args.data, args.tokenizer, tg.sha256_file(args.tokenizer))
         files = tg.list_shards(args.data, "val")
         tokens = np.concatenate([np.asarray(tg.load_shard(f)) for f in files])
         tg.check_token_range(tokens, vocab, f"{args.data}/fineweb_val_*.bin")

@@ -9,6 +9,8 @@ beside it and runs without it when copied into a records folder.
   log set aside.
 - `pgolf.recover`: runs that train nothing here: EVAL_ONLY (re-scoring an artifact) and REQUANTIZE (finishing a
   run whose artifact could not be written, from the weights it kept when that output failed).
+- `pgolf.provenance`: the dataset manifest beside the shards: the tokenizer it records, each shard's size and
+  sha256 (hashed once, then checked by size and modification time).
 - `pgolf.shards`: writing the challenge shard format (the data tools and the tests; train_gpt.py only reads it).
 
 Nothing here imports train_gpt: when train_gpt.py runs as a script it is `__main__`, and a second import would

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import tg
 from pgolf.shards import write_shard
-from pgolf import runs
+from pgolf import provenance, runs
 from pgolf.locks import Held, Lock, exclusive
 from test_run import base_env, error_lines, run_script, tiny_env
 
@@ -50,12 +50,12 @@ def test_a_tokenizer_that_is_not_the_datas_is_refused(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_the_manifest_of_the_sample_and_of_tokenize_docs_name_their_tokenizer(dataset, tmp_path):
-    assert tg.manifest_tokenizer_sha256({"tokenizer": {"sha256": "x"}}) == "x"
+    assert provenance.manifest_tokenizer_sha256({"tokenizer": {"sha256": "x"}}) == "x"
     files = {"datasets/d/fineweb_val_000000.bin": {"sha256": "v"}, "tokenizers/t.model": {"sha256": "t"}}
-    assert tg.manifest_tokenizer_sha256({"files": files}) == "t"
-    assert tg.manifest_tokenizer_sha256({"files": {}}) is None
+    assert provenance.manifest_tokenizer_sha256({"files": files}) == "t"
+    assert provenance.manifest_tokenizer_sha256({"files": {}}) is None
     data = copy_dataset(dataset, tmp_path)  # no manifest beside the shards: said in the log and the compliance block
-    for name in tg.DATASET_MANIFESTS:
+    for name in provenance.DATASET_MANIFESTS:
         (data["dir"] / name).unlink(missing_ok=True)
     run = run_script(tmp_path, tiny_env(data, tmp_path, "nomanifest"))
     assert run.rc == 0, run.describe()

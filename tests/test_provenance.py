@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, tg
-from pgolf import recover
+from pgolf import provenance, recover
 from pgolf.shards import write_shard
 from test_run import error_lines, run_script, tiny_env
 
@@ -37,7 +37,7 @@ def reencode(tokens: np.ndarray, tokenizer, max_docs=None) -> tg.ReencodeCheck:
 
 def copy_dataset(dataset: dict, dest) -> dict:
     """The shards without a manifest (the embedded sample's would name an edited shard before the check tested)."""
-    shutil.copytree(dataset["dir"], dest / "shards", ignore=shutil.ignore_patterns(*tg.DATASET_MANIFESTS))
+    shutil.copytree(dataset["dir"], dest / "shards", ignore=shutil.ignore_patterns(*provenance.DATASET_MANIFESTS))
     return {**dataset, "dir": dest / "shards"}
 
 
@@ -97,17 +97,17 @@ def test_shards_are_hashed_once_then_checked_by_size_and_time(dataset, tmp_path,
     data = copy_dataset(dataset, tmp_path)
     write_manifest(data["dir"], prefix=prefix)
     n = len(list(data["dir"].glob("fineweb_*.bin")))
-    first = tg.verify_shards(data["dir"])
+    first = provenance.verify_shards(tg, data["dir"])
     assert (first["shards"], first["verified"], first["hashed_now"]) == (n, n, n), first
     assert json.loads((data["dir"] / ".shard_sha256.json").read_text())
-    assert tg.verify_shards(data["dir"])["hashed_now"] == 0, "recorded: not hashed again"
+    assert provenance.verify_shards(tg, data["dir"])["hashed_now"] == 0, "recorded: not hashed again"
 
 
 @pytest.mark.slow
 def test_a_shard_edited_after_its_manifest_is_refused(dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path)
     write_manifest(data["dir"])
-    tg.verify_shards(data["dir"])  # verified and recorded, then edited: the same size
+    provenance.verify_shards(tg, data["dir"])  # verified and recorded, then edited: the same size
     shard = tg.list_shards(data["dir"], "train")[-1]
     want = tg.sha256_file(shard)
     raw = bytearray(shard.read_bytes())
@@ -119,18 +119,18 @@ def test_a_shard_edited_after_its_manifest_is_refused(dataset, tmp_path):
     assert f"{shard}: sha256 {tg.sha256_file(shard)}, but " in line and f"records {want}" in line, line
     shard.write_bytes(bytes(raw[:-2]))
     with pytest.raises(tg.DataError, match=f"{shard}: {len(raw) - 2} bytes, but .* records {len(raw)}"):
-        tg.verify_shards(data["dir"])
+        provenance.verify_shards(tg, data["dir"])
 
 
 def test_without_per_file_sha256_the_shards_are_unverified(dataset, tmp_path, monkeypatch):
     data = copy_dataset(dataset, tmp_path)
     write_manifest(data["dir"], "download.json", "datasets/fineweb10B_sp1024/", check="git-sha1")
-    assert tg.verify_shards(data["dir"]) is None
-    assert tg.verify_shards(tmp_path) is None
+    assert provenance.verify_shards(tg, data["dir"]) is None
+    assert provenance.verify_shards(tg, tmp_path) is None
     write_manifest(data["dir"], "download.json")  # a read-only shard folder: the record goes to ~/.cache
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tg.os, "access", lambda *a: False)
-    assert tg.verify_shards(data["dir"])["hashed_now"] > 0
+    assert provenance.verify_shards(tg, data["dir"])["hashed_now"] > 0
     assert (tmp_path / "home" / ".cache" / "parameter-golf" / "shard_sha256.json").is_file()
     assert not (data["dir"] / ".shard_sha256.json").exists()
 
@@ -232,3 +232,25 @@ def test_eval_only_under_another_preset_says_so(trained, dataset, tmp_path):
     assert run.rc == 0, run.describe()
     assert any(x.startswith("eval_only_model_knobs:") and "NUM_LAYERS=2" in x for x in run.log_lines), run.log_lines
     assert any(x.startswith("WARNING: PRESET=smoke, but") and "PRESET=record" in x for x in run.log_lines)
+
+
+def test_a_copy_without_pgolf_fingerprints_the_data_but_checks_no_manifest(dataset, tmp_path, monkeypatch):
+    """The manifest checks are the repository's pgolf/provenance.py: a shipped copy (no pgolf/ beside it) still
+    fingerprints the shards and the tokenizer, says in its log that no manifest was checked, and edits nothing."""
+    data = copy_dataset(dataset, tmp_path)
+    write_manifest(data["dir"])
+    env = tiny_env(data, tmp_path, "shipped")
+    h = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k != "STRICT_ENV"})
+    d = tg.DistInfo(0, 1, 0, tg.torch.device("cpu"))
+    lines: list[str] = []
+    with_pgolf = tg.prepare_data(h, d, lines.append)
+    assert isinstance(with_pgolf.shards, dict) and with_pgolf.fingerprint["manifest"].endswith("manifest.json")
+    monkeypatch.setitem(tg.sys.modules, "pgolf", None)
+    alone = tg.prepare_data(h, d, lines.append)
+    assert alone.shards == "unchecked" and alone.fingerprint["manifest"] is None
+    for key in ("val_sha256", "tokenizer_sha256", "val_tokens", "val_documents"):
+        assert alone.fingerprint[key] == with_pgolf.fingerprint[key], key
+    lines.clear()
+    tg.log_data_checks(h, alone, lines.append)
+    assert "shard_hashes:unchecked" in lines and any(" manifest:unchecked " in line for line in lines), lines
+    assert any(line.startswith("WARNING: pgolf/ is not beside this script: the shards in ") for line in lines), lines
