@@ -1743,9 +1743,6 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return _FA4_OPS["attention"]
 
 
-DOC_ATTENTION_KINDS = ("fa3_varlen", "flex_block_mask", "sdpa_document_mask")
-
-
 def doc_attention_kind(backend: str, device: torch.device, compiled: bool) -> str:
     """How DOC_ISOLATION's attention runs: FA3's varlen call over cu_seqlens; else on CUDA, compiled,
     FlexAttention with a document block mask (only the blocks a document touches are computed); else SDPA
