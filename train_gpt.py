@@ -102,7 +102,6 @@ LAUNCHER_VARS = frozenset({
     "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS",
 })
 
-PARALLEL_MODES = ("off", "gptj", "lanes", "lanes_seq", "lane_merge")
 ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
 QUANT_METHODS = ("gptq", "rtn")
 COMPRESSORS = ("brotli", "lzma", "pergroup", "zlib")
@@ -293,12 +292,10 @@ class Hyperparameters:
                                     _unit_interval, "a number in [0, 1]")
     looping_start_step: int = knob(0, "turn looping on at this step instead (0 = use ENABLE_LOOPING_AT)",
                                    _non_negative, ">= 0")
-    parallel_mode: str = knob("lanes", "parallel residuals: off / gptj (PR #1412) / lanes (two lanes as PR #1855 runs "
-                                       "PR #1530's) / lanes_seq (PR #1204's order: sequential at init) / lane_merge "
-                                       "(PR #1289)", lambda v: v in PARALLEL_MODES,
-                              "off, gptj, lanes, lanes_seq or lane_merge")
-    parallel_start_layer: int = knob(8, "first physical layer of the parallel-residual tail (two-lane modes: "
-                                        "decoder half only)", _non_negative, ">= 0")
+    parallel_mode: str = knob("lanes", "parallel residuals: off / lanes (two lanes as PR #1855 runs PR #1530's)",
+                              lambda v: v in ("off", "lanes"), "off or lanes")
+    parallel_start_layer: int = knob(8, "first physical layer of the parallel-residual tail (decoder half only)",
+                                     _non_negative, ">= 0")
 
     # --- Optimizers ---
     matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", _non_negative, ">= 0")
@@ -1918,14 +1915,14 @@ def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int
 
 def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
     """Virtual index where parallel residuals begin: the longest suffix of the layout whose physical
-    layers are all >= start_layer (len(layout) when there is none or mode is off). Two-lane modes never
+    layers are all >= start_layer (len(layout) when there is none or mode is off). The lanes never
     start before the decoder half, where the U-Net skips are merged into the attention lane."""
     if mode == "off":
         return len(layout)
     i = len(layout)
     while i > 0 and layout[i - 1] >= start_layer:
         i -= 1
-    return max(i, len(layout) // 2) if mode != "gptj" else i
+    return max(i, len(layout) // 2)
 
 
 # Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
@@ -2213,11 +2210,10 @@ class Block(nn.Module):
         # resid_mix mixes the running stream with the embedding stream x0 (the naive baseline's); init = (1, 0).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         # Two-lane routing: lane <- r * lane + p[sub-layer, lane] * sub-layer output (rows: attention, MLP;
-        # columns: lane 0, lane 1). lanes: one r per lane, starting at 1.1 as PR #1855's; lanes_seq: an r per
-        # sub-layer and lane, starting at the sequential 1.
+        # columns: lane 0, lane 1); one r per lane, starting at 1.1 as PR #1855's.
         self.lane_r = self.lane_p = None
-        if cfg.parallel_mode in ("lanes", "lanes_seq") and layer_idx >= cfg.parallel_start_layer:
-            self.lane_r = nn.Parameter(torch.full((2,), 1.1) if cfg.parallel_mode == "lanes" else torch.ones(2, 2))
+        if cfg.parallel_mode == "lanes" and layer_idx >= cfg.parallel_start_layer:
+            self.lane_r = nn.Parameter(torch.full((2,), 1.1))
             self.lane_p = nn.Parameter(torch.ones(2, 2))
 
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
@@ -2231,14 +2227,6 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, aux), v
 
-    def forward_gptj(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                     v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
-        """GPT-J parallel block (PR #1412): attention and MLP read the same normalized input."""
-        x = self._mix(x, x0)
-        n = rms_norm(x) * self.norm_scale
-        a, v = self.attn(n, cos, sin, v_first, aux)
-        return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n, aux), v
-
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                       v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
         """Two lanes as PR #1855 runs PR #1530's: attention reads lane 0 mixed with x0 (resid_mix feeds only
@@ -2249,26 +2237,6 @@ class Block(nn.Module):
         a = self.attn_scale.to(l0.dtype) * a
         m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
         return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m, v
-
-    def forward_lanes_seq(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                          v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Two lanes with learned routing (PR #1204 ordering: the MLP reads lane 1 after attention
-        wrote to it), so r = p = 1 with equal lanes is exactly the sequential block."""
-        r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
-        l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, aux)
-        a = self.attn_scale.to(l0.dtype) * a
-        l0, l1 = r[0, 0] * l0 + p[0, 0] * a, r[0, 1] * l1 + p[0, 1] * a
-        m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
-        return r[1, 0] * l0 + p[1, 0] * m, r[1, 1] * l1 + p[1, 1] * m, v
-
-    def forward_lane_merge(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                           v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Separate attention and MLP lanes with no cross-writes (PR #1289); merged at the end."""
-        l0 = self._mix(l0, x0)
-        a, v = self.attn(rms_norm(l0) * self.norm_scale, cos, sin, v_first, aux)
-        l0 = l0 + self.attn_scale.to(l0.dtype) * a
-        return l0, l1 + self.mlp_scale.to(l1.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux), v
 
 
 def merge_skip(stream: Tensor, skip: Tensor, gate: Tensor | None) -> Tensor:
@@ -2342,7 +2310,6 @@ class GPT(nn.Module):
         self.qat_enabled = False
         self.parallel_from = {k: parallel_tail_start(v, cfg.parallel_start_layer, cfg.parallel_mode)
                               for k, v in self.layouts.items()}
-        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_mode == "lane_merge" else None
         # The skip count follows the longest (looped) layout; the plain layout uses the first ones.
         num_skips = max(min(len(v) // 2, len(v) - len(v) // 2) for v in self.layouts.values())
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
@@ -2394,34 +2361,25 @@ class GPT(nn.Module):
         else:
             cos, sin = self.rotary(cache.max_len, ids.device)
             cos, sin = cos[cache.pos: cache.pos + ids.size(1)], sin[cache.pos: cache.pos + ids.size(1)]
-        layout, mode = self.layouts[self.looping], self.cfg.parallel_mode
+        layout = self.layouts[self.looping]
         num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
         skips, v_first, lanes = [], None, None
         for pos, layer in enumerate(layout):
             block = self.blocks[layer]
-            if pos == parallel_from and mode == "lanes":
+            if pos == parallel_from:
                 lanes = (x, x)  # PR #1855 splits before this layer's skip: lane 1 never receives one
             if pos >= num_encoder and skips:  # U-Net: decoder position i adds the i-th last encoder output
                 x, lanes = self.merge_skip(pos - num_encoder, skips.pop(), x, lanes)
             aux = LayerAux(None if cache is None else (cache, pos), docs, None if lora is None else lora.slots[pos])
-            if pos < parallel_from:
+            if lanes is None:
                 x, v = block(x, x0, cos, sin, v_first, aux)
-            elif mode == "gptj":
-                x, v = block.forward_gptj(x, x0, cos, sin, v_first, aux)
             else:
-                lanes = lanes or (x, x)
-                step = {"lanes": block.forward_lanes, "lanes_seq": block.forward_lanes_seq}.get(mode,
-                                                                                              block.forward_lane_merge)
-                *lanes, v = step(lanes[0], lanes[1], x0, cos, sin, v_first, aux)
+                *lanes, v = block.forward_lanes(lanes[0], lanes[1], x0, cos, sin, v_first, aux)
             v_first = v if v_first is None else v_first
             if pos < num_encoder:
                 skips.append(x)
         if lanes is not None:
-            if self.lane_merge is not None:
-                lam = self.lane_merge.to(x.dtype)
-                x = lam * lanes[0] + (1 - lam) * lanes[1]
-            else:
-                x = 0.5 * (lanes[0] + lanes[1])
+            x = 0.5 * (lanes[0] + lanes[1])
         if cache is not None:
             cache.pos += ids.size(1)
         x = rms_norm(x)
@@ -2431,14 +2389,11 @@ class GPT(nn.Module):
     def merge_skip(self, i: int, skip: Tensor, x: Tensor,
                    lanes: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """The i-th skip (weighted, optionally gated) into the stream; once the lanes have split, into lane 0
-        only (lanes as PR #1855, lane_merge as PR #1289), or into both (lanes_seq, PR #1204: equal lanes stay
-        equal)."""
+        only (as PR #1855)."""
         skip = self.skip_weights[i].to(x.dtype) * skip
         gate = torch.sigmoid(self.skip_gates[i].to(x.dtype)) if self.skip_gates is not None else None
         if lanes is None:
             return merge_skip(x, skip, gate), None
-        if self.cfg.parallel_mode == "lanes_seq":
-            return x, (merge_skip(lanes[0], skip, gate), merge_skip(lanes[1], skip, gate))
         return x, (merge_skip(lanes[0], skip, gate), lanes[1])
 
     def documents(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Documents:

@@ -78,7 +78,8 @@ def translate_legacy_vars(env: dict[str, str]) -> None:
     """Older run commands' names (PR #1204/#1290 style), rewritten in place to today's knobs.
 
     RECUR_LAYERS="4,5" loops a contiguous span once, from RECUR_START_STEP; PARALLEL_RESIDUAL=0/1
-    switches parallel residuals off/on. An explicit new-style knob that disagrees is refused."""
+    switches parallel residuals off/on; PARALLEL_RESIDUAL_START < 0 turns them off (GPT-J parallel layers from
+    a layer >= 0 are refused). An explicit new-style knob that disagrees is refused."""
     def put(name: str, value: str, source: str) -> None:
         if name in env and env[name].strip() != value:
             raise Refused(f"{source} is not allowed together with {name}={env[name]!r}: set one of them")
@@ -106,10 +107,13 @@ def translate_legacy_vars(env: dict[str, str]) -> None:
         put("NUM_LOOPS", "0", "RECUR_LAYERS=''")
     if "RECUR_START_STEP" in env:
         put("LOOPING_START_STEP", env["RECUR_START_STEP"].strip(), f"RECUR_START_STEP={env['RECUR_START_STEP']!r}")
-    if "PARALLEL_RESIDUAL_START" in env:  # PR #1412-style commands: GPT-J parallel layers from this one on
-        start = env["PARALLEL_RESIDUAL_START"].strip()
-        put("PARALLEL_MODE", "gptj", f"PARALLEL_RESIDUAL_START={start!r}")
-        put("PARALLEL_START_LAYER", start, f"PARALLEL_RESIDUAL_START={start!r}")
+    start = env.get("PARALLEL_RESIDUAL_START", "").strip()  # empty = unset
+    if start:  # PR #1412/#1493 commands: GPT-J parallel layers from this one on; negative = none
+        if not is_negative_integer(start):
+            raise Refused(f"PARALLEL_RESIDUAL_START={start!r} is not allowed: it turns on GPT-J parallel residuals "
+                          "(PR #1412; removed: PR #1855 runs PR #1530's two lanes, PARALLEL_MODE=lanes from "
+                          "PARALLEL_START_LAYER); unset it or set it to -1")
+        put("PARALLEL_MODE", "off", f"PARALLEL_RESIDUAL_START={start!r}")
     if "TARGET_MB" in env:  # decimal megabytes (PR #1019 meant MiB: 15.9 MiB is over the cap)
         raw_mb = env["TARGET_MB"].strip()
         if not is_non_negative_number(raw_mb) or float(raw_mb) <= 0:
@@ -135,6 +139,13 @@ def same_value(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return a.strip().lower() == b
+
+
+def is_negative_integer(v: str) -> bool:
+    try:
+        return int(v) < 0
+    except ValueError:
+        return False
 
 
 def is_non_negative_number(v: str) -> bool:

@@ -89,7 +89,7 @@ def test_knob_names_are_upper_case_fields_and_unique():
 # numbers and bools derived from the default).
 STR_OVERRIDES = {"data_dir": "/data/pg", "data_path": "/shards/x", "tokenizer_path": "/tok/x.model",
                  "run_id": "my-run_1.2", "log_dir": "/tmp/logs-x", "device": "cpu", "compute_dtype": "fp32",
-                 "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "gptj", "quant_method": "rtn",
+                 "mlp_act": "relu2", "muon_ns": "classic", "parallel_mode": "off", "quant_method": "rtn",
                  "gptq_reserve_seconds": "8.5", "compressor": "lzma", "artifact": "/tmp/x.ptz",
                  "bpb_check_docs": "all", "muon_ns_dtype": "fp32", "attn_backend": "sdpa",
                  "requantize": "/tmp/x.weights.pt"}
@@ -617,8 +617,6 @@ def test_legacy_recurrence_and_parallel_names():
     assert h.parallel_start_layer == 7 and h.env_warnings == ()
     assert H.from_env({"RECUR_LAYERS": ""}).num_loops == 0
     assert H.from_env({"PARALLEL_RESIDUAL": "0"}).parallel_mode == "off"
-    gptj = H.from_env({"PARALLEL_RESIDUAL_START": "7"})  # PR #1412-style: GPT-J parallel layers from 7 on
-    assert (gptj.parallel_mode, gptj.parallel_start_layer) == ("gptj", 7)
     assert H.from_env({"PARALLEL_RESIDUAL": "1"}).parallel_mode == "lanes"
     for env, names in (({"RECUR_LAYERS": "4,6"}, ["RECUR_LAYERS", "contiguous"]),
                        ({"RECUR_LAYERS": "4,x"}, ["RECUR_LAYERS"]),
@@ -626,6 +624,22 @@ def test_legacy_recurrence_and_parallel_names():
                        ({"PARALLEL_RESIDUAL": "1", "PARALLEL_MODE": "off"}, ["PARALLEL_RESIDUAL", "PARALLEL_MODE"]),
                        ({"PARALLEL_RESIDUAL": "2"}, ["PARALLEL_RESIDUAL"])):
         assert_one_line_naming(config_error(env), *names)
+
+
+def test_gptj_parallel_residual_start_is_refused_unless_off():
+    # PR #1412/#1493 commands: GPT-J parallel layers from PARALLEL_RESIDUAL_START on (negative: none)
+    for start in ("7", "0", "x"):
+        assert_one_line_naming(config_error({"PARALLEL_RESIDUAL_START": start}), "PARALLEL_RESIDUAL_START", "GPT-J")
+    h = H.from_env({"PARALLEL_RESIDUAL_START": "-1"})
+    assert h.parallel_mode == "off" and h.env_warnings == ()
+    assert H.from_env({"PARALLEL_RESIDUAL_START": ""}).parallel_mode == "lanes"  # empty = unset
+    assert_one_line_naming(config_error({"PARALLEL_RESIDUAL_START": "-1", "PARALLEL_MODE": "lanes"}),
+                           "PARALLEL_RESIDUAL_START", "PARALLEL_MODE")
+
+
+@pytest.mark.parametrize("mode", ["gptj", "lanes_seq", "lane_merge"])
+def test_removed_parallel_modes_are_refused(mode):
+    assert_one_line_naming(config_error({"PARALLEL_MODE": mode}), "PARALLEL_MODE", mode, "off or lanes")
 
 
 # The design documents' run commands (PR #1392 / PR #1290 style), as users paste them.

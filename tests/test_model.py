@@ -736,49 +736,31 @@ def test_looping_due_by_fraction_or_step():
     assert not tg.looping_due(make_hparams(NUM_LOOPS="0"), 10**6, 1.0)
 
 
-def _parallel_pair(mode: str, **extra: str) -> tuple[tg.GPT, tg.GPT]:
-    """A model in `mode` from layer 2 and the sequential model with the same shared weights."""
-    par = perturb_all(build(NUM_LAYERS="4", PARALLEL_MODE=mode, PARALLEL_START_LAYER="2", **extra))
-    seq = build(NUM_LAYERS="4", PARALLEL_MODE="off", **extra)
+def _lanes_pair() -> tuple[tg.GPT, tg.GPT]:
+    """A two-lane model from layer 2 and the sequential model with the same shared weights."""
+    par = perturb_all(build(NUM_LAYERS="4", PARALLEL_MODE="lanes", PARALLEL_START_LAYER="2"))
+    seq = build(NUM_LAYERS="4", PARALLEL_MODE="off")
     seq.load_state_dict({k: v for k, v in par.state_dict().items() if k in seq.state_dict()})
     return par, seq
 
 
-def test_lanes_seq_mode_is_sequential_at_its_initial_routing_and_differs_when_routed():
-    par, seq = _parallel_pair("lanes_seq")
+def test_lanes_are_sequential_with_unit_routing_a_silent_mlp_and_no_skips():
+    par, seq = _lanes_pair()
     assert par.parallel_from[False] == 2 and par.blocks[1].lane_r is None and par.blocks[2].lane_r is not None
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
-        torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
-        par.blocks[2].lane_p[1, 0] = 0.0  # the MLP no longer writes to the attention lane
-        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
-
-
-def test_gptj_mode_reads_one_input_and_matches_sequential_without_mlp():
-    par, seq = _parallel_pair("gptj")
-    ids = torch.randint(0, VOCAB, (2, 10))
-    with torch.no_grad():
         assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
         for model in (par, seq):
+            model.skip_weights.zero_()  # a skip goes into lane 0 only
             for block in model.blocks[2:]:
-                block.mlp.proj.weight.zero_()  # with the MLP silent both blocks are x + attn(x)
-        torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
-
-
-def test_lane_merge_mode_formula():
-    par, seq = _parallel_pair("lane_merge")
-    assert par.lane_merge is not None and float(par.lane_merge.detach()) == 0.5
-    ids = torch.randint(0, VOCAB, (2, 10))
-    with torch.no_grad():
-        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
-        par.lane_merge.fill_(1.0)  # only the attention lane, which no MLP wrote to
-        for model in (par, seq):
-            for block in model.blocks[2:]:
-                block.mlp.proj.weight.zero_()
+                block.mlp.proj.weight.zero_()  # the MLP reads lane 1, before attention wrote to it
+        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)  # r = 1.1 as PR #1855's
+        for block in par.blocks[2:]:
+            block.lane_r.fill_(1.0)  # with every p = 1 both lanes stay equal: x + attn(x)
         torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_two_lane_tail_never_starts_in_the_encoder():
     model = build(NUM_LAYERS="4", PARALLEL_MODE="lanes", PARALLEL_START_LAYER="0")
-    assert model.parallel_from[False] == 2  # the decoder half; gptj has no such limit
-    assert build(NUM_LAYERS="4", PARALLEL_MODE="gptj", PARALLEL_START_LAYER="0").parallel_from[False] == 0
+    assert model.parallel_from[False] == 2  # the decoder half
+    assert build(NUM_LAYERS="4", PARALLEL_MODE="off", PARALLEL_START_LAYER="0").parallel_from[False] == 4

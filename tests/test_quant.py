@@ -270,7 +270,7 @@ def test_kv_cached_decoding_equals_the_full_forward_with_every_feature():
     ids = torch.randint(0, 256, (2, 24), generator=g)
     ids[:, 0] = tg.BOS_ID
     ids[0, 11] = tg.BOS_ID  # a document boundary inside the sequence: SmearGate and BigramHash reset there
-    for mode in ("off", "gptj", "lanes", "lane_merge"):
+    for mode in ("off", "lanes"):
         model = all_features_model(mode)
         with torch.no_grad():
             for p in model.parameters():  # gates, lambdas and the bigram table away from their no-op inits

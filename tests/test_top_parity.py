@@ -39,10 +39,10 @@ def test_forward_logits_and_loss_equal_the_tops(top, looping, varlen):
         assert ours(x, y).item() == pytest.approx(top_loss.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["lanes_seq", "lane_merge"])
-def test_the_forward_check_fails_for_another_two_lane_tail(top, mode):
-    """The mutant: the earlier two-lane tail (PR #1204's order; skips into both lanes) on the same weights."""
-    top_model, ours = pair(top, parallel_mode=mode)
+@pytest.mark.parametrize("mutant", [{"parallel_mode": "off"}, {"parallel_start_layer": 9}], ids=str)
+def test_the_forward_check_fails_for_another_parallel_tail(top, mutant):
+    """The mutants on the same weights: no lanes (a sequential tail), or lanes from one layer later."""
+    top_model, ours = pair(top, **mutant)
     top_model.looping_active = True
     ours.set_looping(True)
     ids = documents(2, 40, seed=2)

@@ -25,8 +25,8 @@ SKIP_WITHOUT_TOP = pytest.mark.skipif(not (TOP / "train_gpt.py").is_file(),
 BOS = tg.BOS_ID
 VOCAB, DIM, HEADS, KV_HEADS, ROPE_DIMS = 96, 64, 4, 2, 8
 # Tolerance of float32 logits after 17 virtual layers: the two scripts order a few reductions differently
-# (XSA's normalize, the split q/k/v GEMMs); measured 2.4e-7 to 6.0e-7, where the earlier two-lane tail on the
-# same weights differs by 2.4e-2 to 2.8e-2.
+# (XSA's normalize, the split q/k/v GEMMs); measured 2.4e-7 to 6.0e-7, where a sequential tail or lanes from one
+# layer later on the same weights differ by 6.4e-2 to 6.5e-2.
 LOGIT_ATOL = 1e-5
 
 
