@@ -81,7 +81,7 @@ BASELINE: dict[str, Any] = {
     # tensors, zlib-9 (records/.../NaiveBaseline).
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
     "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
-    "compressor": "zlib", "gptq_ar_selfgen": False,
+    "compressor": "zlib",
     "eval_stride": 0, "ttt_enabled": False, "phased_ttt_enabled": False,
 }
 SMOKE_SIZES: dict[str, Any] = {
@@ -350,12 +350,6 @@ class Hyperparameters:
     gptq_reserve_seconds: str = knob("auto", "training seconds kept for Hessian collection: a number, or auto = "
                                              "measured time of one batch x batches (+margin)",
                                      lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0")
-    gptq_ar_selfgen: bool = knob(False, "calibrate GPTQ on sequences the model samples itself (KV-cached), after "
-                                        "training: no training data after the cap, no reserve (PR #1019)")
-    gptq_calib_samples: int = knob(64, "GPTQ_AR_SELFGEN=1: sequences the model samples for its Hessians "
-                                       "(TRAIN_SEQ_LEN tokens each; from training data: GPTQ_CALIBRATION_BATCHES)",
-                                   _positive, "> 0")
-    gptq_temperature: float = knob(0.8, "sampling temperature of the self-generated calibration", _positive, "> 0")
     lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
     lqer_rank: int = knob(4, "LQER rank", _positive, "> 0")
     lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", _positive, "> 0")
@@ -2003,34 +1997,10 @@ class LoRAView(NamedTuple):
 
 
 class LayerAux(NamedTuple):
-    """What a block needs beyond its input at one virtual layer: a KV cache and the layer's index in it
-    (calibration sampling), the document structure (DOC_ISOLATION) and TTT's adapters."""
-    kv: "tuple[KVCache, int] | None" = None
+    """What a block needs beyond its input at one virtual layer: the document structure (DOC_ISOLATION) and
+    TTT's adapters."""
     docs: Documents | None = None
     lora: LoRASlot | None = None
-
-
-class KVCache:
-    """Keys and values of every virtual layer for incremental decoding (self-generated GPTQ calibration).
-    Filled by one prefill from position 0, then one token at a time; `last_ids` (the last two tokens)
-    feed the SmearGate and BigramHash their previous tokens."""
-
-    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch, max_len, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.pos, self.max_len = 0, max_len
-        self.last_ids: Tensor | None = None
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        T = k.size(1)
-        if self.pos + T > self.max_len or (self.pos > 0 and T > 1):
-            raise ValueError(f"KVCache: {T} tokens at position {self.pos} (max {self.max_len}; one at a time after "
-                             f"the prefill)")
-        self.k[layer][:, self.pos: self.pos + T] = k
-        self.v[layer][:, self.pos: self.pos + T] = v
-        return self.k[layer][:, : self.pos + T], self.v[layer][:, : self.pos + T]
 
 
 def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
@@ -2107,9 +2077,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
                 aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
         """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
-        `aux` (LayerAux): with a KV cache the new keys/values are appended and attention reads the cache;
-        with documents attention stays inside each one; with LoRA adapters (TTT) their deltas are added."""
-        kv, docs, lora = aux if aux is not None else (None, None, None)
+        `aux` (LayerAux): with documents attention stays inside each one; with LoRA adapters (TTT) their deltas
+        are added."""
+        docs, lora = aux if aux is not None else (None, None)
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
         accumulate_hessian(self.c_q.hessian, x)
@@ -2126,14 +2096,7 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if kv is not None:
-            cache, i = kv
-            k, v = cache.append(i, k, v)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=T > 1, enable_gqa=self.num_kv_heads != self.num_heads)
-            y = y.transpose(1, 2)
-            v = v[:, -T:]
-        elif docs is not None and docs.kind == "fa3_varlen":
+        if docs is not None and docs.kind == "fa3_varlen":
             y = self._varlen(q.flatten(0, 1).bfloat16(), k.flatten(0, 1).bfloat16(), v.flatten(0, 1).bfloat16(),
                              docs.cu_q, docs.cu_k, docs.max_len, docs.max_len)
             y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.num_heads, self.head_dim).to(x.dtype)
@@ -2365,38 +2328,24 @@ class GPT(nn.Module):
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
-    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
-               cu_seqlens: Tensor | None = None) -> Tensor:
-        """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache;
-        with `lora` (TTT), one batch row per document, each with its own adapters; `cu_seqlens`: the
-        training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
-        drop = 0
-        if cache is not None and cache.pos > 0:
-            # The SmearGate mixes in the previous token's embedding, which includes that token's own
-            # bigram, so it needs the two tokens before the new one.
-            drop = cache.last_ids.size(1)
-            ids = torch.cat((cache.last_ids, ids), dim=1)
+    def hidden(self, ids: Tensor, lora: LoRAView | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states; with `lora` (TTT), one batch row per document, each with its own adapters;
+        `cu_seqlens`: the training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
         if self.smear is not None:
             x = self.smear(x, ids)
-        if cache is not None:
-            cache.last_ids = ids[:, -2:]
-        x, ids = x[:, drop:], ids[:, drop:]
         # A LoRA TTT row is one document from its start (or a window inside it): isolation changes nothing there.
-        docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and cache is None and lora is None else None
+        docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and lora is None else None
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             # The residual stream in the autocast dtype from here on, as PR #1394's .bfloat16() model runs it:
             # an fp32 stream moves ~10% more bytes per step through every norm, mix and add.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
-        if cache is None:  # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length
-            cos, sin = self.rotary(ids.size(1), ids.device, ids.size(1) if docs is None else docs.max_len)
-        else:
-            cos, sin = self.rotary(cache.max_len, ids.device)
-            cos, sin = cos[cache.pos: cache.pos + ids.size(1)], sin[cache.pos: cache.pos + ids.size(1)]
+        # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length.
+        cos, sin = self.rotary(ids.size(1), ids.device, ids.size(1) if docs is None else docs.max_len)
         layout, mode = self.layouts[self.looping], self.cfg.parallel_mode
         num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
         skips, v_first, lanes = [], None, None
@@ -2406,7 +2355,7 @@ class GPT(nn.Module):
                 lanes = (x, x)  # PR #1855 splits before this layer's skip: lane 1 never receives one
             if pos >= num_encoder and skips:  # U-Net: decoder position i adds the i-th last encoder output
                 x, lanes = self.merge_skip(pos - num_encoder, skips.pop(), x, lanes)
-            aux = LayerAux(None if cache is None else (cache, pos), docs, None if lora is None else lora.slots[pos])
+            aux = LayerAux(docs, None if lora is None else lora.slots[pos])
             if pos < parallel_from:
                 x, v = block(x, x0, cos, sin, v_first, aux)
             elif mode == "gptj":
@@ -2425,8 +2374,6 @@ class GPT(nn.Module):
                 x = lam * lanes[0] + (1 - lam) * lanes[1]
             else:
                 x = 0.5 * (lanes[0] + lanes[1])
-        if cache is not None:
-            cache.pos += ids.size(1)
         x = rms_norm(x)
         accumulate_hessian(self.head_hessian, x)  # the tied embedding is the LM head (PR #1394)
         return x
@@ -2478,20 +2425,20 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
-                   cols: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+    def raw_logits(self, ids: Tensor, lora: LoRAView | None = None, cols: Tensor | None = None,
+                   cu_seqlens: Tensor | None = None) -> Tensor:
         """Head output before the softcap, in the compute dtype, at every position or at each row's positions
         `cols` (B, M) only (TTT scores one chunk; with `lora`, plus each document's head adapter)."""
-        h = self.hidden(ids, cache, lora, cu_seqlens)
+        h = self.hidden(ids, lora, cu_seqlens)
         if cols is not None:
             h = h.gather(1, cols[..., None].expand(-1, -1, h.size(-1)))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
 
-    def logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Softcapped logits in fp32 (sampling; the loss never materializes them)."""
-        return softcap(self.raw_logits(ids, cache).float(), self.cfg.logit_softcap)
+    def logits(self, ids: Tensor) -> Tensor:
+        """Softcapped logits in fp32 (tests and analysis; the loss never materializes them)."""
+        return softcap(self.raw_logits(ids).float(), self.cfg.logit_softcap)
 
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
@@ -3954,29 +3901,6 @@ def detach_hessians(model: "GPT") -> None:
 
 
 @torch.no_grad()
-def generate_calibration(model: "GPT", n_seqs: int, seq_len: int, temperature: float, seed: int, batch: int,
-                         device: torch.device, compute_dtype: str) -> Tensor:
-    """Sequences the model samples itself from BOS with a KV cache (self-generated GPTQ calibration,
-    PR #1019): calibration without reading training data after the cap. Fixed seed: reproducible."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cfg = model.cfg
-    out = []
-    for start in range(0, n_seqs, batch):
-        b = min(batch, n_seqs - start)
-        cache = KVCache(len(model.layouts[model.looping]), b, seq_len, cfg.num_kv_heads,
-                        cfg.model_dim // cfg.num_heads, device, torch.float32)
-        ids = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=device)
-        seqs = [ids]
-        for _ in range(seq_len - 1):
-            with compute_autocast(device, compute_dtype):
-                z = model.logits(ids, cache)[:, -1].float()
-            ids = torch.multinomial(torch.softmax(z / temperature, dim=-1), 1, generator=gen)
-            seqs.append(ids)
-        out.append(torch.cat(seqs, dim=1))
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str,
                      forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """H = sum x^T x of every quantized matrix's input over `batches` (the model's calibration taps; a
@@ -4038,36 +3962,27 @@ def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward:
 @dataclass
 class Calibration:
     hessians: dict[str, Tensor] | None
-    source: str  # "train_data" | "self_generated" | "off"
+    source: str  # "train_data" | "off"
     seconds: float
     tokens: int  # calibration tokens over all ranks
 
 
 def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                    make_loader: Callable[[], TrainLoader]) -> Calibration:
-    """GPTQ Hessians of the trained model: on GPTQ_CALIBRATION_BATCHES training batches (data access, so
-    the caller counts the seconds inside the training wallclock, PR #1868) or, with
-    GPTQ_AR_SELFGEN=1, on text the model samples itself after the training data is closed (PR #1019)."""
+    """GPTQ Hessians of the trained model on GPTQ_CALIBRATION_BATCHES training batches (data access, so the
+    caller counts the seconds inside the training wallclock, PR #1868)."""
     if h.quant_method != "gptq":
         return Calibration(None, "off", 0.0, 0)
     synchronize(d.device)
     t0 = time.perf_counter()
-    if h.gptq_ar_selfgen:
-        share = math.ceil(h.gptq_calib_samples / d.world_size)
-        seqs = generate_calibration(model, share, h.train_seq_len, h.gptq_temperature, h.seed * 1000 + d.rank,
-                                    h.micro_batch_seqs, d.device, h.compute_dtype)
-        hessians = all_reduce_hessians(collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device,
-                                                        h.compute_dtype, forward))
-        source, tokens = "self_generated", share * d.world_size * h.train_seq_len
-    else:
-        loader = make_loader()
-        try:
-            hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
-        finally:
-            loader.close()
-        source, tokens = "train_data", h.gptq_calibration_batches * h.train_batch_tokens
+    loader = make_loader()
+    try:
+        hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
+    finally:
+        loader.close()
     synchronize(d.device)
-    return Calibration(hessians, source, time.perf_counter() - t0, tokens)
+    return Calibration(hessians, "train_data", time.perf_counter() - t0,
+                       h.gptq_calibration_batches * h.train_batch_tokens)
 
 
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
@@ -4087,7 +4002,7 @@ def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, res
     """The calibration line and, when training data was read after the cap, a loud warning. Returns when
     training data was last read (training time + calibration on training data), in seconds."""
     h, log = rc.h, rc.log
-    access_end = train_time_s + (calib.seconds if calib.source == "train_data" else 0.0)
+    access_end = train_time_s + calib.seconds
     if calib.source == "off":
         return access_end
     rc.clock.record("calibration", calib.seconds, calib.tokens)
@@ -4885,7 +4800,7 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
         format_kv(compliance="artifact_bytes", bytes_total=bytes_total, limit=ARTIFACT_LIMIT_BYTES,
                   status=ok(bytes_total <= ARTIFACT_LIMIT_BYTES)),
         format_kv(compliance="validation_data_in_training", value="no",
-                  how="training, warmup and GPTQ calibration read only fineweb_train_* (or self-generated text); "
+                  how="training, warmup and GPTQ calibration read only fineweb_train_*; "
                       "the evaluation, TTT and calibration compile warm-ups use random tokens"),
         format_kv(compliance="causal", value="yes", how="causal attention; SmearGate and BigramHash read only earlier "
                                                         "tokens of the same document"),
@@ -5076,9 +4991,8 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
     """Training seconds kept back so GPTQ's Hessians, which read training data, end inside the wallclock
-    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 when nothing reads training data
-    after training or there is no cap."""
-    if h.quant_method != "gptq" or h.gptq_ar_selfgen or h.max_wallclock_seconds <= 0:
+    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 without GPTQ or without a cap."""
+    if h.quant_method != "gptq" or h.max_wallclock_seconds <= 0:
         return 0.0
     reserve = h.gptq_reserve
     if reserve is None:

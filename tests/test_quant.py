@@ -265,33 +265,11 @@ def all_features_model(parallel_mode: str) -> tg.GPT:
                       parallel_mode=parallel_mode, parallel_start_layer=2)
 
 
-def test_kv_cached_decoding_equals_the_full_forward_with_every_feature():
-    g = torch.Generator().manual_seed(8)
-    ids = torch.randint(0, 256, (2, 24), generator=g)
-    ids[:, 0] = tg.BOS_ID
-    ids[0, 11] = tg.BOS_ID  # a document boundary inside the sequence: SmearGate and BigramHash reset there
-    for mode in ("off", "gptj", "lanes", "lane_merge"):
-        model = all_features_model(mode)
-        with torch.no_grad():
-            for p in model.parameters():  # gates, lambdas and the bigram table away from their no-op inits
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for looping in (False, True):
-            model.set_looping(looping)
-            with torch.no_grad():
-                full = model.logits(ids)
-                cache = tg.KVCache(len(model.layouts[looping]), 2, 24, 2, 16, torch.device("cpu"), torch.float32)
-                steps = [model.logits(ids[:, :5], cache)]  # a prefill, then one token at a time
-                steps += [model.logits(ids[:, t: t + 1], cache) for t in range(5, 24)]
-            assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4), (mode, looping)
-
-
-def test_self_generated_calibration_is_reproducible_and_gives_hessians():
+def test_hessians_cover_every_quantized_matrix_with_every_feature():
     model = all_features_model("lanes")
     model.set_looping(True)
-    a = tg.generate_calibration(model, 3, 12, 0.8, seed=5, batch=2, device=torch.device("cpu"), compute_dtype="fp32")
-    b = tg.generate_calibration(model, 3, 12, 0.8, seed=5, batch=2, device=torch.device("cpu"), compute_dtype="fp32")
-    assert a.shape == (3, 12) and torch.equal(a, b)
-    assert (a[:, 0] == tg.BOS_ID).all() and int(a.max()) < 256 and int(a.min()) >= 0
-    H = tg.collect_hessians(model, a.split(2), torch.device("cpu"), "fp32")
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(5))
+    ids[:, 0] = tg.BOS_ID
+    H = tg.collect_hessians(model, ids.split(2), torch.device("cpu"), "fp32")
     tables = {"bigram.embed.weight"}  # a lookup table has no input activations, so no Hessian
     assert set(H) == {n for n, p in model.named_parameters() if tg.is_quantized(n, p)} - tables
