@@ -74,7 +74,7 @@ BASELINE: dict[str, Any] = {
     "num_loops": 0, "parallel_mode": "off",
     # The naive baseline used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
     "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-    "bigram_vocab_size": 0, "value_residual": False, "late_qat_threshold": 0.0, "fused_ce_enabled": False,
+    "bigram_vocab_size": 0, "value_residual": False, "fused_ce_enabled": False,
     "fused_mlp_enabled": False,
     "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
     # The naive baseline's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
@@ -326,8 +326,6 @@ class Hyperparameters:
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0")
     ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)",
                             _below_one, "in [0, 1)")
-    late_qat_threshold: float = knob(0.0, "straight-through fake quantization of block matrices once the LR scale "
-                                          "falls below this (0 = off; PR #1290)", _unit_interval, "a number in [0, 1]")
 
     # --- Quantization and artifact ---
     quant_method: str = knob("gptq", "matrix quantizer: gptq (full-Hessian, PR #1019) / rtn (round to nearest); "
@@ -1884,10 +1882,6 @@ class ModelConfig:
     loop_end: int = 0
     parallel_mode: str = "off"
     parallel_start_layer: int = 0
-    # Late QAT (0 bits = off): the fake-quantization grid of the artifact's matrix groups.
-    qat_bits: int = 0
-    qat_attn_k: float = 0.0
-    qat_mlp_k: float = 0.0
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
     fused_ce_enabled: bool = False
@@ -1896,12 +1890,8 @@ class ModelConfig:
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
-        derived = ("attn_backend", "bos_id", "qat_bits", "qat_attn_k", "qat_mlp_k")
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in derived]
-        qat = h.late_qat_threshold > 0
-        return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend,
-                   qat_bits=h.matrix_bits if qat else 0, qat_attn_k=h.clip_sigmas("attn") if qat else 0.0,
-                   qat_mlp_k=h.clip_sigmas("mlp") if qat else 0.0)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("attn_backend", "bos_id")]
+        return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
 
 
 def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
@@ -2015,28 +2005,17 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
         H.addmm_(x.T.float(), x.float())
 
 
-class QATLinear(nn.Linear):
-    """nn.Linear whose weight is fake-quantized on the artifact's grid while `qat_on` is 1 (late QAT,
-    straight-through). The switch is a tensor buffer, not a Python flag: torch.compile would fold a
-    Python attribute into the graph and QAT would never run (PR #1290's README).
-    `hessian` is the GPTQ calibration tap of its input (None outside calibration)."""
+class TappedLinear(nn.Linear):
+    """Bias-free nn.Linear whose input feeds GPTQ's Hessian: `hessian` is the calibration tap (None outside
+    calibration; attach_hessians arms it)."""
 
-    def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, qat_k: float = 0.0):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits, self.qat_k = qat_bits, qat_k
         self.hessian: Tensor | None = None
-        if qat_bits:
-            self.register_buffer("qat_on", torch.zeros(()), persistent=False)
-
-    def qweight(self) -> Tensor:
-        w = self.weight
-        if self.qat_bits:
-            w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits, self.qat_k) - w).detach()
-        return w
 
     def forward(self, x: Tensor) -> Tensor:
         accumulate_hessian(self.hessian, x)
-        return F.linear(x, self.qweight())
+        return F.linear(x, self.weight)
 
 
 class CausalSelfAttention(nn.Module):
@@ -2048,11 +2027,10 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.kv_dim = self.num_kv_heads * self.head_dim
-        qat = (cfg.qat_bits, cfg.qat_attn_k)
-        self.c_q = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
-        self.c_k = QATLinear(cfg.model_dim, kv_dim, *qat)
-        self.c_v = QATLinear(cfg.model_dim, kv_dim, *qat)
-        self.proj = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
+        self.c_q = TappedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = TappedLinear(cfg.model_dim, kv_dim)
+        self.c_v = TappedLinear(cfg.model_dim, kv_dim)
+        self.proj = TappedLinear(cfg.model_dim, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
         # q_gain is an inverse temperature: with unit-RMS q and k the logit is gain*sqrt(D)*cos(q, k).
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
@@ -2083,7 +2061,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
         accumulate_hessian(self.c_q.hessian, x)
-        w = torch.cat((self.c_q.qweight(), self.c_k.qweight(), self.c_v.qweight()))
+        w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
         q, k, v_raw = F.linear(x, w).split((C, self.kv_dim, self.kv_dim), dim=-1)
         if lora is not None:
             q, k, v_raw = q + lora_delta(x, lora.q), k + lora_delta(x, lora.k), v_raw + lora_delta(x, lora.v)
@@ -2149,16 +2127,15 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.model_dim * cfg.mlp_mult)
-        self.fc = QATLinear(cfg.model_dim, hidden, cfg.qat_bits, cfg.qat_mlp_k)
-        self.proj = QATLinear(hidden, cfg.model_dim, cfg.qat_bits, cfg.qat_mlp_k)
+        self.fc = TappedLinear(cfg.model_dim, hidden)
+        self.proj = TappedLinear(hidden, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)
         self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
         self._fused = fused_leaky_relu2_mlp() if cfg.fused_mlp_enabled else None  # made here: see GPT.__init__
 
     def forward(self, x: Tensor, aux: "LayerAux" = None) -> Tensor:
         if self._fused is not None and self.fc.hessian is None:  # GPTQ calibration taps the unfused path
-            # Late QAT as unfused: qweight() is the straight-through fake-quantized weight (the weight when off).
-            out = self._fused(x, self.fc.qweight().to(x.dtype), self.proj.qweight().to(x.dtype), self.slope)
+            out = self._fused(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.slope)
         else:
             h = self.fc(x)
             h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
@@ -2271,7 +2248,7 @@ class BigramHash(nn.Module):
         self.buckets, self.bos_id = cfg.bigram_vocab_size, cfg.bos_id
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
         nn.init.zeros_(self.embed.weight)
-        self.proj = QATLinear(cfg.bigram_dim, cfg.model_dim)  # a plain linear with a calibration tap
+        self.proj = TappedLinear(cfg.bigram_dim, cfg.model_dim)  # a plain linear with a calibration tap
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def bucket_ids(self, ids: Tensor) -> Tensor:
@@ -2305,7 +2282,6 @@ class GPT(nn.Module):
         self.layouts = {False: layer_layout(cfg.num_layers, 0, 0, 0),
                         True: layer_layout(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops)}
         self.looping = False
-        self.qat_enabled = False
         self.parallel_from = {k: parallel_tail_start(v, cfg.parallel_start_layer, cfg.parallel_mode)
                               for k, v in self.layouts.items()}
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_mode == "lane_merge" else None
@@ -2404,14 +2380,6 @@ class GPT(nn.Module):
         segment = document_ids(ids, self.cfg.bos_id, cu_seqlens)
         mask = document_block_mask(segment) if kind == "flex_block_mask" else document_mask(segment)
         return Documents(kind, max_len, mask=mask)
-
-    def set_qat(self, on: bool) -> int:
-        """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
-        mods = [m for m in self.modules() if isinstance(m, QATLinear) and m.qat_bits]
-        for m in mods:
-            m.qat_on.fill_(1.0 if on else 0.0)
-        self.qat_enabled = bool(on)  # read by the schedule, never by forward (no graph guard)
-        return len(mods)
 
     def set_looping(self, on: bool) -> None:
         """Depth recurrence on/off; torch.compile keeps one graph for each state."""
@@ -3252,13 +3220,6 @@ def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(w.float() / scale.float().unsqueeze(-1)), -r, r).to(torch.int8)
 
 
-def fake_quantize_rows(w: Tensor, bits: int, k: float) -> Tensor:
-    """Differentiable-shape SDClip round trip for late QAT (same grid as the artifact)."""
-    r = qmax(bits)
-    scale = (k * w.detach().float().std(dim=1, keepdim=True) / r).clamp_min(1e-8)
-    return (torch.clamp(torch.round(w.float() / scale), -r, r) * scale).to(w.dtype)
-
-
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
     """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) on a fixed SDClip grid, of one matrix
     (rows, cols) or of a stack of same-shape matrices (k, rows, cols) with their Hessians (k, cols, cols)
@@ -3878,12 +3839,12 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
 
 def attach_hessians(model: "GPT") -> dict[str, Tensor]:
     """Arm the model's calibration taps with zero fp32 Hessians, returned by the name of the weight each
-    belongs to: every quantized QATLinear's input (c_k and c_v share c_q's tensor: one input, one GEMM)
+    belongs to: every quantized TappedLinear's input (c_k and c_v share c_q's tensor: one input, one GEMM)
     and the head's input, the final-norm output (the tied embedding is the LM head, PR #1394)."""
     device = model.tok_emb.weight.device
     hessians: dict[str, Tensor] = {}
     for name, m in model.named_modules():
-        if isinstance(m, QATLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
+        if isinstance(m, TappedLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
             m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=device)
     for name, m in model.named_modules():
         if isinstance(m, CausalSelfAttention):
@@ -3895,7 +3856,7 @@ def attach_hessians(model: "GPT") -> dict[str, Tensor]:
 
 def detach_hessians(model: "GPT") -> None:
     for m in model.modules():
-        if isinstance(m, QATLinear):
+        if isinstance(m, TappedLinear):
             m.hessian = None
     model.head_hessian = None
 
@@ -5019,7 +4980,7 @@ def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_tim
 
 def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, train_time: float, cap: float,
                   log: Logger) -> float:
-    """Looping, LR scale, late QAT and momentum for this step; returns the LR scale."""
+    """Looping, LR scale and momentum for this step; returns the LR scale."""
     frac = training_progress(step, train_time, h.iterations, cap)
     if not model.looping and looping_due(h, step, frac):
         model.set_looping(True)
@@ -5028,8 +4989,6 @@ def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, tr
         scale = lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr)
     else:
         scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
-    if h.late_qat_threshold > 0 and scale < h.late_qat_threshold and not model.qat_enabled:
-        log(format_kv(late_qat="enabled", step=step, lr_scale=f"{scale:.4f}", matrices=model.set_qat(True)))
     opt.set_schedule(scale, step)
     return scale
 
@@ -5102,7 +5061,6 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 break
     finally:
         loader.close()
-    model.set_qat(False)
     if ema is not None:
         ema.apply_to(model)
         log("ema:applied EMA weights")

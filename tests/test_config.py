@@ -170,8 +170,8 @@ OPERATIONAL = {"compile", "sample_data", "strict_env", "dry_run", "eval_only", "
 def test_every_feature_the_record_turns_on_is_explicitly_off_in_the_baseline():
     """The baseline is the naive baseline (1.2244 BPB: int8 + zlib, no EMA, no sliding eval), written out:
     a feature added to the record later must be switched off in it explicitly, never inherited."""
-    numeric = {"xsa_last_n", "num_loops", "bigram_vocab_size", "eval_stride", "ema_decay", "late_qat_threshold",
-               "rope_dims", "min_lr", "muon_wd", "embed_wd", "adam_wd", "grad_clip_norm"}
+    numeric = {"xsa_last_n", "num_loops", "bigram_vocab_size", "eval_stride", "ema_decay", "rope_dims", "min_lr",
+               "muon_wd", "embed_wd", "adam_wd", "grad_clip_norm"}
     base = tg.PRESETS["baseline"]
     on_in_record = [f.name for f in H.knob_fields()
                     if f.name not in OPERATIONAL and ((f.type in (bool, "bool") and f.default is True)
