@@ -335,6 +335,20 @@ def test_retired_val_batch_knobs_warn_and_change_nothing():
         assert h.eval_batch_seqs == H.from_env({}).eval_batch_seqs
 
 
+def test_retired_self_generated_calibration_knobs_warn_and_change_nothing():
+    for name, value in (("GPTQ_CALIB_SAMPLES", "64"), ("GPTQ_TEMPERATURE", "0.8")):
+        h = H.from_env({name: value, "STRICT_ENV": "1"})  # an old command still runs, even strict
+        assert h.knob_values() == H.from_env({"STRICT_ENV": "1"}).knob_values()
+        assert any(w.startswith(f"{name}={value!r} is ignored") and "self-generated" in w for w in h.env_warnings)
+
+
+def test_refusals_and_warnings_name_only_existing_knobs():
+    """A description that points to another variable points to a knob (QAT_ENABLED once named a removed one)."""
+    for text in [*knobs.UNIMPLEMENTED_FEATURES.values(), *knobs.RETIRED_VARS.values()]:
+        for name in re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", text):
+            assert name in H.knob_names(), f"{name} in {text!r} is not a knob"
+
+
 # ---------------------------------------------------------------- unknown variables
 
 
@@ -415,7 +429,8 @@ def test_common_thread_count_variables_are_not_flagged(name):
 
 @pytest.mark.parametrize("env", [{"GATED_ATTN": "1"}, {"VE_ENABLED": "1"},
                                  {"TRIGRAM": "1"}, {"COMPRESSOR": "zstd"}, {"MLP_ACT": "gelu"},
-                                 {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"}],
+                                 {"MIXED_QUANT": "1"}, {"SLIDING_WINDOW_ENABLED": "true"},
+                                 {"LATE_QAT_THRESHOLD": "0.15"}, {"GPTQ_AR_SELFGEN": "1"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_on_raises(env):
     (name, value), = env.items()
@@ -424,7 +439,8 @@ def test_unimplemented_feature_on_raises(env):
 
 
 @pytest.mark.parametrize("env", [{"TRIGRAM": "0"}, {"VE_ENABLED": "0"}, {"COMPRESSOR": "pergroup"},
-                                 {"GATED_ATTN": "0"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"}],
+                                 {"GATED_ATTN": "0"}, {"USE_GPTQ": ""}, {"SWA_ENABLED": "off"},
+                                 {"LATE_QAT_THRESHOLD": "0"}, {"LATE_QAT_THRESHOLD": "0.0"}, {"GPTQ_AR_SELFGEN": "0"}],
                          ids=lambda e: next(iter(e)))
 def test_unimplemented_feature_off_is_accepted(env):
     h = H.from_env(env)
