@@ -74,14 +74,14 @@ BASELINE: dict[str, Any] = {
     "num_loops": 0, "parallel_mode": "off",
     # The naive baseline used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
     "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-    "bigram_vocab_size": 0, "value_residual": False, "late_qat_threshold": 0.0, "fused_ce_enabled": False,
+    "bigram_vocab_size": 0, "value_residual": False, "fused_ce_enabled": False,
     "fused_mlp_enabled": False,
     "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
     # The naive baseline's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
     # tensors, zlib-9 (records/.../NaiveBaseline).
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
     "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
-    "compressor": "zlib", "gptq_ar_selfgen": False,
+    "compressor": "zlib",
     "eval_stride": 0, "ttt_enabled": False, "phased_ttt_enabled": False,
 }
 SMOKE_SIZES: dict[str, Any] = {
@@ -323,8 +323,6 @@ class Hyperparameters:
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0")
     ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)",
                             _below_one, "in [0, 1)")
-    late_qat_threshold: float = knob(0.0, "straight-through fake quantization of block matrices once the LR scale "
-                                          "falls below this (0 = off; PR #1290)", _unit_interval, "a number in [0, 1]")
 
     # --- Quantization and artifact ---
     quant_method: str = knob("gptq", "matrix quantizer: gptq (full-Hessian, PR #1019) / rtn (round to nearest); "
@@ -347,12 +345,6 @@ class Hyperparameters:
     gptq_reserve_seconds: str = knob("auto", "training seconds kept for Hessian collection: a number, or auto = "
                                              "measured time of one batch x batches (+margin)",
                                      lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0")
-    gptq_ar_selfgen: bool = knob(False, "calibrate GPTQ on sequences the model samples itself (KV-cached), after "
-                                        "training: no training data after the cap, no reserve (PR #1019)")
-    gptq_calib_samples: int = knob(64, "GPTQ_AR_SELFGEN=1: sequences the model samples for its Hessians "
-                                       "(TRAIN_SEQ_LEN tokens each; from training data: GPTQ_CALIBRATION_BATCHES)",
-                                   _positive, "> 0")
-    gptq_temperature: float = knob(0.8, "sampling temperature of the self-generated calibration", _positive, "> 0")
     lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
     lqer_rank: int = knob(4, "LQER rank", _positive, "> 0")
     lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", _positive, "> 0")
@@ -1884,10 +1876,6 @@ class ModelConfig:
     loop_end: int = 0
     parallel_mode: str = "off"
     parallel_start_layer: int = 0
-    # Late QAT (0 bits = off): the fake-quantization grid of the artifact's matrix groups.
-    qat_bits: int = 0
-    qat_attn_k: float = 0.0
-    qat_mlp_k: float = 0.0
     bos_id: int = BOS_ID
     attn_backend: str = "sdpa"
     fused_ce_enabled: bool = False
@@ -1896,12 +1884,8 @@ class ModelConfig:
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters, attn_backend: str = "sdpa") -> "ModelConfig":
-        derived = ("attn_backend", "bos_id", "qat_bits", "qat_attn_k", "qat_mlp_k")
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in derived]
-        qat = h.late_qat_threshold > 0
-        return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend,
-                   qat_bits=h.matrix_bits if qat else 0, qat_attn_k=h.clip_sigmas("attn") if qat else 0.0,
-                   qat_mlp_k=h.clip_sigmas("mlp") if qat else 0.0)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("attn_backend", "bos_id")]
+        return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
 
 
 def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
@@ -1997,34 +1981,10 @@ class LoRAView(NamedTuple):
 
 
 class LayerAux(NamedTuple):
-    """What a block needs beyond its input at one virtual layer: a KV cache and the layer's index in it
-    (calibration sampling), the document structure (DOC_ISOLATION) and TTT's adapters."""
-    kv: "tuple[KVCache, int] | None" = None
+    """What a block needs beyond its input at one virtual layer: the document structure (DOC_ISOLATION) and
+    TTT's adapters."""
     docs: Documents | None = None
     lora: LoRASlot | None = None
-
-
-class KVCache:
-    """Keys and values of every virtual layer for incremental decoding (self-generated GPTQ calibration).
-    Filled by one prefill from position 0, then one token at a time; `last_ids` (the last two tokens)
-    feed the SmearGate and BigramHash their previous tokens."""
-
-    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch, max_len, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.pos, self.max_len = 0, max_len
-        self.last_ids: Tensor | None = None
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        T = k.size(1)
-        if self.pos + T > self.max_len or (self.pos > 0 and T > 1):
-            raise ValueError(f"KVCache: {T} tokens at position {self.pos} (max {self.max_len}; one at a time after "
-                             f"the prefill)")
-        self.k[layer][:, self.pos: self.pos + T] = k
-        self.v[layer][:, self.pos: self.pos + T] = v
-        return self.k[layer][:, : self.pos + T], self.v[layer][:, : self.pos + T]
 
 
 def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
@@ -2039,28 +1999,17 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
         H.addmm_(x.T.float(), x.float())
 
 
-class QATLinear(nn.Linear):
-    """nn.Linear whose weight is fake-quantized on the artifact's grid while `qat_on` is 1 (late QAT,
-    straight-through). The switch is a tensor buffer, not a Python flag: torch.compile would fold a
-    Python attribute into the graph and QAT would never run (PR #1290's README).
-    `hessian` is the GPTQ calibration tap of its input (None outside calibration)."""
+class TappedLinear(nn.Linear):
+    """Bias-free nn.Linear whose input feeds GPTQ's Hessian: `hessian` is the calibration tap (None outside
+    calibration; attach_hessians arms it)."""
 
-    def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, qat_k: float = 0.0):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits, self.qat_k = qat_bits, qat_k
         self.hessian: Tensor | None = None
-        if qat_bits:
-            self.register_buffer("qat_on", torch.zeros(()), persistent=False)
-
-    def qweight(self) -> Tensor:
-        w = self.weight
-        if self.qat_bits:
-            w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits, self.qat_k) - w).detach()
-        return w
 
     def forward(self, x: Tensor) -> Tensor:
         accumulate_hessian(self.hessian, x)
-        return F.linear(x, self.qweight())
+        return F.linear(x, self.weight)
 
 
 class CausalSelfAttention(nn.Module):
@@ -2072,11 +2021,10 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.kv_dim = self.num_kv_heads * self.head_dim
-        qat = (cfg.qat_bits, cfg.qat_attn_k)
-        self.c_q = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
-        self.c_k = QATLinear(cfg.model_dim, kv_dim, *qat)
-        self.c_v = QATLinear(cfg.model_dim, kv_dim, *qat)
-        self.proj = QATLinear(cfg.model_dim, cfg.model_dim, *qat)
+        self.c_q = TappedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = TappedLinear(cfg.model_dim, kv_dim)
+        self.c_v = TappedLinear(cfg.model_dim, kv_dim)
+        self.proj = TappedLinear(cfg.model_dim, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
         # q_gain is an inverse temperature: with unit-RMS q and k the logit is gain*sqrt(D)*cos(q, k).
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
@@ -2101,13 +2049,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
                 aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
         """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
-        `aux` (LayerAux): with a KV cache the new keys/values are appended and attention reads the cache;
-        with documents attention stays inside each one; with LoRA adapters (TTT) their deltas are added."""
-        kv, docs, lora = aux if aux is not None else (None, None, None)
+        `aux` (LayerAux): with documents attention stays inside each one; with LoRA adapters (TTT) their deltas
+        are added."""
+        docs, lora = aux if aux is not None else (None, None)
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
         accumulate_hessian(self.c_q.hessian, x)
-        w = torch.cat((self.c_q.qweight(), self.c_k.qweight(), self.c_v.qweight()))
+        w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
         q, k, v_raw = F.linear(x, w).split((C, self.kv_dim, self.kv_dim), dim=-1)
         if lora is not None:
             q, k, v_raw = q + lora_delta(x, lora.q), k + lora_delta(x, lora.k), v_raw + lora_delta(x, lora.v)
@@ -2120,14 +2068,7 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if kv is not None:
-            cache, i = kv
-            k, v = cache.append(i, k, v)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=T > 1, enable_gqa=self.num_kv_heads != self.num_heads)
-            y = y.transpose(1, 2)
-            v = v[:, -T:]
-        elif docs is not None and docs.kind == "fa3_varlen":
+        if docs is not None and docs.kind == "fa3_varlen":
             y = self._varlen(q.flatten(0, 1).bfloat16(), k.flatten(0, 1).bfloat16(), v.flatten(0, 1).bfloat16(),
                              docs.cu_q, docs.cu_k, docs.max_len, docs.max_len)
             y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.num_heads, self.head_dim).to(x.dtype)
@@ -2180,16 +2121,15 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.model_dim * cfg.mlp_mult)
-        self.fc = QATLinear(cfg.model_dim, hidden, cfg.qat_bits, cfg.qat_mlp_k)
-        self.proj = QATLinear(hidden, cfg.model_dim, cfg.qat_bits, cfg.qat_mlp_k)
+        self.fc = TappedLinear(cfg.model_dim, hidden)
+        self.proj = TappedLinear(hidden, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)
         self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
         self._fused = fused_leaky_relu2_mlp() if cfg.fused_mlp_enabled else None  # made here: see GPT.__init__
 
     def forward(self, x: Tensor, aux: "LayerAux" = None) -> Tensor:
         if self._fused is not None and self.fc.hessian is None:  # GPTQ calibration taps the unfused path
-            # Late QAT as unfused: qweight() is the straight-through fake-quantized weight (the weight when off).
-            out = self._fused(x, self.fc.qweight().to(x.dtype), self.proj.qweight().to(x.dtype), self.slope)
+            out = self._fused(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.slope)
         else:
             h = self.fc(x)
             h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
@@ -2273,7 +2213,7 @@ class BigramHash(nn.Module):
         self.buckets, self.bos_id = cfg.bigram_vocab_size, cfg.bos_id
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
         nn.init.zeros_(self.embed.weight)
-        self.proj = QATLinear(cfg.bigram_dim, cfg.model_dim)  # a plain linear with a calibration tap
+        self.proj = TappedLinear(cfg.bigram_dim, cfg.model_dim)  # a plain linear with a calibration tap
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def bucket_ids(self, ids: Tensor) -> Tensor:
@@ -2307,7 +2247,6 @@ class GPT(nn.Module):
         self.layouts = {False: layer_layout(cfg.num_layers, 0, 0, 0),
                         True: layer_layout(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops)}
         self.looping = False
-        self.qat_enabled = False
         self.parallel_from = {k: parallel_tail_start(v, cfg.parallel_start_layer, cfg.parallel_mode)
                               for k, v in self.layouts.items()}
         # The skip count follows the longest (looped) layout; the plain layout uses the first ones.
@@ -2329,38 +2268,24 @@ class GPT(nn.Module):
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
-    def hidden(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
-               cu_seqlens: Tensor | None = None) -> Tensor:
-        """Final-norm hidden states; with `cache`, only for the new tokens `ids`, attending to the cache;
-        with `lora` (TTT), one batch row per document, each with its own adapters; `cu_seqlens`: the
-        training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
-        drop = 0
-        if cache is not None and cache.pos > 0:
-            # The SmearGate mixes in the previous token's embedding, which includes that token's own
-            # bigram, so it needs the two tokens before the new one.
-            drop = cache.last_ids.size(1)
-            ids = torch.cat((cache.last_ids, ids), dim=1)
+    def hidden(self, ids: Tensor, lora: LoRAView | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states; with `lora` (TTT), one batch row per document, each with its own adapters;
+        `cu_seqlens`: the training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
         if self.smear is not None:
             x = self.smear(x, ids)
-        if cache is not None:
-            cache.last_ids = ids[:, -2:]
-        x, ids = x[:, drop:], ids[:, drop:]
         # A LoRA TTT row is one document from its start (or a window inside it): isolation changes nothing there.
-        docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and cache is None and lora is None else None
+        docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and lora is None else None
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             # The residual stream in the autocast dtype from here on, as PR #1394's .bfloat16() model runs it:
             # an fp32 stream moves ~10% more bytes per step through every norm, mix and add.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
-        if cache is None:  # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length
-            cos, sin = self.rotary(ids.size(1), ids.device, ids.size(1) if docs is None else docs.max_len)
-        else:
-            cos, sin = self.rotary(cache.max_len, ids.device)
-            cos, sin = cos[cache.pos: cache.pos + ids.size(1)], sin[cache.pos: cache.pos + ids.size(1)]
+        # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length.
+        cos, sin = self.rotary(ids.size(1), ids.device, ids.size(1) if docs is None else docs.max_len)
         layout = self.layouts[self.looping]
         num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
         skips, v_first, lanes = [], None, None
@@ -2370,7 +2295,7 @@ class GPT(nn.Module):
                 lanes = (x, x)  # PR #1855 splits before this layer's skip: lane 1 never receives one
             if pos >= num_encoder and skips:  # U-Net: decoder position i adds the i-th last encoder output
                 x, lanes = self.merge_skip(pos - num_encoder, skips.pop(), x, lanes)
-            aux = LayerAux(None if cache is None else (cache, pos), docs, None if lora is None else lora.slots[pos])
+            aux = LayerAux(docs, None if lora is None else lora.slots[pos])
             if lanes is None:
                 x, v = block(x, x0, cos, sin, v_first, aux)
             else:
@@ -2380,8 +2305,6 @@ class GPT(nn.Module):
                 skips.append(x)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        if cache is not None:
-            cache.pos += ids.size(1)
         x = rms_norm(x)
         accumulate_hessian(self.head_hessian, x)  # the tied embedding is the LM head (PR #1394)
         return x
@@ -2410,14 +2333,6 @@ class GPT(nn.Module):
         mask = document_block_mask(segment) if kind == "flex_block_mask" else document_mask(segment)
         return Documents(kind, max_len, mask=mask)
 
-    def set_qat(self, on: bool) -> int:
-        """Late QAT on/off in place (no recompile); returns how many matrices it affects."""
-        mods = [m for m in self.modules() if isinstance(m, QATLinear) and m.qat_bits]
-        for m in mods:
-            m.qat_on.fill_(1.0 if on else 0.0)
-        self.qat_enabled = bool(on)  # read by the schedule, never by forward (no graph guard)
-        return len(mods)
-
     def set_looping(self, on: bool) -> None:
         """Depth recurrence on/off; torch.compile keeps one graph for each state."""
         self.looping = bool(on) and self.cfg.num_loops > 0
@@ -2430,20 +2345,20 @@ class GPT(nn.Module):
                          decoder=str(dec).replace(" ", ""),
                          parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
 
-    def raw_logits(self, ids: Tensor, cache: KVCache | None = None, lora: LoRAView | None = None,
-                   cols: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+    def raw_logits(self, ids: Tensor, lora: LoRAView | None = None, cols: Tensor | None = None,
+                   cu_seqlens: Tensor | None = None) -> Tensor:
         """Head output before the softcap, in the compute dtype, at every position or at each row's positions
         `cols` (B, M) only (TTT scores one chunk; with `lora`, plus each document's head adapter)."""
-        h = self.hidden(ids, cache, lora, cu_seqlens)
+        h = self.hidden(ids, lora, cu_seqlens)
         if cols is not None:
             h = h.gather(1, cols[..., None].expand(-1, -1, h.size(-1)))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
 
-    def logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Softcapped logits in fp32 (sampling; the loss never materializes them)."""
-        return softcap(self.raw_logits(ids, cache).float(), self.cfg.logit_softcap)
+    def logits(self, ids: Tensor) -> Tensor:
+        """Softcapped logits in fp32 (tests and analysis; the loss never materializes them)."""
+        return softcap(self.raw_logits(ids).float(), self.cfg.logit_softcap)
 
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
@@ -3257,13 +3172,6 @@ def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(w.float() / scale.float().unsqueeze(-1)), -r, r).to(torch.int8)
 
 
-def fake_quantize_rows(w: Tensor, bits: int, k: float) -> Tensor:
-    """Differentiable-shape SDClip round trip for late QAT (same grid as the artifact)."""
-    r = qmax(bits)
-    scale = (k * w.detach().float().std(dim=1, keepdim=True) / r).clamp_min(1e-8)
-    return (torch.clamp(torch.round(w.float() / scale), -r, r) * scale).to(w.dtype)
-
-
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
     """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) on a fixed SDClip grid, of one matrix
     (rows, cols) or of a stack of same-shape matrices (k, rows, cols) with their Hessians (k, cols, cols)
@@ -3883,12 +3791,12 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
 
 def attach_hessians(model: "GPT") -> dict[str, Tensor]:
     """Arm the model's calibration taps with zero fp32 Hessians, returned by the name of the weight each
-    belongs to: every quantized QATLinear's input (c_k and c_v share c_q's tensor: one input, one GEMM)
+    belongs to: every quantized TappedLinear's input (c_k and c_v share c_q's tensor: one input, one GEMM)
     and the head's input, the final-norm output (the tied embedding is the LM head, PR #1394)."""
     device = model.tok_emb.weight.device
     hessians: dict[str, Tensor] = {}
     for name, m in model.named_modules():
-        if isinstance(m, QATLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
+        if isinstance(m, TappedLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
             m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=device)
     for name, m in model.named_modules():
         if isinstance(m, CausalSelfAttention):
@@ -3900,32 +3808,9 @@ def attach_hessians(model: "GPT") -> dict[str, Tensor]:
 
 def detach_hessians(model: "GPT") -> None:
     for m in model.modules():
-        if isinstance(m, QATLinear):
+        if isinstance(m, TappedLinear):
             m.hessian = None
     model.head_hessian = None
-
-
-@torch.no_grad()
-def generate_calibration(model: "GPT", n_seqs: int, seq_len: int, temperature: float, seed: int, batch: int,
-                         device: torch.device, compute_dtype: str) -> Tensor:
-    """Sequences the model samples itself from BOS with a KV cache (self-generated GPTQ calibration,
-    PR #1019): calibration without reading training data after the cap. Fixed seed: reproducible."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cfg = model.cfg
-    out = []
-    for start in range(0, n_seqs, batch):
-        b = min(batch, n_seqs - start)
-        cache = KVCache(len(model.layouts[model.looping]), b, seq_len, cfg.num_kv_heads,
-                        cfg.model_dim // cfg.num_heads, device, torch.float32)
-        ids = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=device)
-        seqs = [ids]
-        for _ in range(seq_len - 1):
-            with compute_autocast(device, compute_dtype):
-                z = model.logits(ids, cache)[:, -1].float()
-            ids = torch.multinomial(torch.softmax(z / temperature, dim=-1), 1, generator=gen)
-            seqs.append(ids)
-        out.append(torch.cat(seqs, dim=1))
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -3990,36 +3875,27 @@ def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward:
 @dataclass
 class Calibration:
     hessians: dict[str, Tensor] | None
-    source: str  # "train_data" | "self_generated" | "off"
+    source: str  # "train_data" | "off"
     seconds: float
     tokens: int  # calibration tokens over all ranks
 
 
 def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                    make_loader: Callable[[], TrainLoader]) -> Calibration:
-    """GPTQ Hessians of the trained model: on GPTQ_CALIBRATION_BATCHES training batches (data access, so
-    the caller counts the seconds inside the training wallclock, PR #1868) or, with
-    GPTQ_AR_SELFGEN=1, on text the model samples itself after the training data is closed (PR #1019)."""
+    """GPTQ Hessians of the trained model on GPTQ_CALIBRATION_BATCHES training batches (data access, so the
+    caller counts the seconds inside the training wallclock, PR #1868)."""
     if h.quant_method != "gptq":
         return Calibration(None, "off", 0.0, 0)
     synchronize(d.device)
     t0 = time.perf_counter()
-    if h.gptq_ar_selfgen:
-        share = math.ceil(h.gptq_calib_samples / d.world_size)
-        seqs = generate_calibration(model, share, h.train_seq_len, h.gptq_temperature, h.seed * 1000 + d.rank,
-                                    h.micro_batch_seqs, d.device, h.compute_dtype)
-        hessians = all_reduce_hessians(collect_hessians(model, seqs.split(h.micro_batch_seqs), d.device,
-                                                        h.compute_dtype, forward))
-        source, tokens = "self_generated", share * d.world_size * h.train_seq_len
-    else:
-        loader = make_loader()
-        try:
-            hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
-        finally:
-            loader.close()
-        source, tokens = "train_data", h.gptq_calibration_batches * h.train_batch_tokens
+    loader = make_loader()
+    try:
+        hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
+    finally:
+        loader.close()
     synchronize(d.device)
-    return Calibration(hessians, source, time.perf_counter() - t0, tokens)
+    return Calibration(hessians, "train_data", time.perf_counter() - t0,
+                       h.gptq_calibration_batches * h.train_batch_tokens)
 
 
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
@@ -4039,7 +3915,7 @@ def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, res
     """The calibration line and, when training data was read after the cap, a loud warning. Returns when
     training data was last read (training time + calibration on training data), in seconds."""
     h, log = rc.h, rc.log
-    access_end = train_time_s + (calib.seconds if calib.source == "train_data" else 0.0)
+    access_end = train_time_s + calib.seconds
     if calib.source == "off":
         return access_end
     rc.clock.record("calibration", calib.seconds, calib.tokens)
@@ -4837,7 +4713,7 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
         format_kv(compliance="artifact_bytes", bytes_total=bytes_total, limit=ARTIFACT_LIMIT_BYTES,
                   status=ok(bytes_total <= ARTIFACT_LIMIT_BYTES)),
         format_kv(compliance="validation_data_in_training", value="no",
-                  how="training, warmup and GPTQ calibration read only fineweb_train_* (or self-generated text); "
+                  how="training, warmup and GPTQ calibration read only fineweb_train_*; "
                       "the evaluation, TTT and calibration compile warm-ups use random tokens"),
         format_kv(compliance="causal", value="yes", how="causal attention; SmearGate and BigramHash read only earlier "
                                                         "tokens of the same document"),
@@ -5028,9 +4904,8 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
     """Training seconds kept back so GPTQ's Hessians, which read training data, end inside the wallclock
-    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 when nothing reads training data
-    after training or there is no cap."""
-    if h.quant_method != "gptq" or h.gptq_ar_selfgen or h.max_wallclock_seconds <= 0:
+    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 without GPTQ or without a cap."""
+    if h.quant_method != "gptq" or h.max_wallclock_seconds <= 0:
         return 0.0
     reserve = h.gptq_reserve
     if reserve is None:
@@ -5057,7 +4932,7 @@ def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_tim
 
 def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, train_time: float, cap: float,
                   log: Logger) -> float:
-    """Looping, LR scale, late QAT and momentum for this step; returns the LR scale."""
+    """Looping, LR scale and momentum for this step; returns the LR scale."""
     frac = training_progress(step, train_time, h.iterations, cap)
     if not model.looping and looping_due(h, step, frac):
         model.set_looping(True)
@@ -5066,8 +4941,6 @@ def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, tr
         scale = lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr)
     else:
         scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
-    if h.late_qat_threshold > 0 and scale < h.late_qat_threshold and not model.qat_enabled:
-        log(format_kv(late_qat="enabled", step=step, lr_scale=f"{scale:.4f}", matrices=model.set_qat(True)))
     opt.set_schedule(scale, step)
     return scale
 
@@ -5140,7 +5013,6 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 break
     finally:
         loader.close()
-    model.set_qat(False)
     if ema is not None:
         ema.apply_to(model)
         log("ema:applied EMA weights")

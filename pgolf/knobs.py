@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-# Features used by public Parameter Golf scripts that train_gpt.py does not implement (yet).
+# Features used by public Parameter Golf scripts that train_gpt.py does not implement, or no longer implements.
 # Setting one to anything but an "off" value must fail loudly instead of being silently ignored.
 OFF_VALUES = frozenset({"", "0", "0.0", "false", "off", "none"})
 UNIMPLEMENTED_FEATURES: dict[str, str] = {
@@ -20,7 +20,10 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "VE_ENABLED": "value embeddings",
     "GATED_ATTN": "gated attention",
     "ATTN_OUT_GATE_ENABLED": "PR #1855's dense attention output gate (SPARSE_ATTN_GATE_ENABLED is the per-head one)",
-    "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
+    "QAT_ENABLED": "QAT (removed with late QAT: PR #1855 trains without it and quantizes with GPTQ afterwards)",
+    "LATE_QAT_THRESHOLD": "late QAT (PR #1290; removed: about -0.0001 BPB in public records; PR #1855 has none)",
+    "GPTQ_AR_SELFGEN": "GPTQ calibration on self-generated text (PR #1019; removed: PR #1855 calibrates on "
+                       "training data inside the training budget)",
     "SWA_ENABLED": "SWA",
     "MIXED_QUANT": "mixed int5/int6 GPTQ",
 }
@@ -40,6 +43,8 @@ RETIRED_VARS: dict[str, str] = {
     "VAL_BATCH_TOKENS": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
     "VAL_BATCH_SIZE": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
     "MUON_IMPL": "the per-matrix reference lives in tests/reference_muon.py; the batched Muon is the only one",
+    "GPTQ_CALIB_SAMPLES": "self-generated GPTQ calibration was removed; GPTQ_CALIBRATION_BATCHES sets the calibration",
+    "GPTQ_TEMPERATURE": "self-generated GPTQ calibration was removed; GPTQ calibrates on training data",
 }
 # Every name above: not a knob, but not unknown either (no "did you mean" warning).
 KNOWN_NAMES = frozenset(UNIMPLEMENTED_FEATURES) | set(KNOB_ALIASES) | set(FIXED_KNOBS) | LEGACY_VARS | set(RETIRED_VARS)

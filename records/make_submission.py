@@ -231,7 +231,7 @@ def check_limits(runs: list[runlog.Run], code_size: int, track: str, errors: lis
         access = run.train_data_access_end_ms
         if access is not None and access > lim["train_s"] * 1000:
             errors.append(f"{run.label}: training data was read until {access:,} ms (GPTQ calibration), over the "
-                          f"{lim['train_s']:.0f} s limit; raise GPTQ_RESERVE_SECONDS or use GPTQ_AR_SELFGEN=1")
+                          f"{lim['train_s']:.0f} s limit; raise GPTQ_RESERVE_SECONDS")
         if m["eval_time_ms"] > lim["eval_s"] * 1000:
             errors.append(f"{run.label}: eval_time_ms {m['eval_time_ms']:,} is over the {lim['eval_s']:.0f} s limit")
 

@@ -124,7 +124,7 @@ class OneParam(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.looping_active = False  # the top's
-        self.looping, self.qat_enabled = False, False  # ours
+        self.looping = False  # ours
         self.encoder_indices, self.decoder_indices = [0], [1]
 
     def forward(self, x, y, cu_seqlens=None, max_seqlen=None):
@@ -132,10 +132,6 @@ class OneParam(torch.nn.Module):
 
     def set_looping(self, on: bool) -> None:
         self.looping = on
-
-    def set_qat(self, on: bool) -> int:
-        self.qat_enabled = on
-        return 0
 
     def layout_summary(self) -> str:
         return ""
@@ -295,8 +291,7 @@ def test_the_schedule_knobs_are_the_tops(top):
            (t.muon_momentum_warmup_start, t.muon_momentum, t.muon_momentum_warmup_steps) == (0.92, 0.97, 1500)
     assert (o.enable_looping_at, o.looping_start_step, o.num_loops) == \
            (t.enable_looping_at, 0, t.num_loops) == (0.35, 0, 2)
-    assert (o.matrix_lr, o.warmup_steps, o.late_qat_threshold, o.gptq_reserve) == \
-           (t.matrix_lr, t.warmup_steps, 0.0, 0.5)
+    assert (o.matrix_lr, o.warmup_steps, o.gptq_reserve) == (t.matrix_lr, t.warmup_steps, 0.5)
 
 
 def test_lr_multiplier_equals_the_tops_lr_mul_at_every_fraction(top):
