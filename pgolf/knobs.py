@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-# Features used by public Parameter Golf scripts that train_gpt.py does not implement (yet).
+# Features used by public Parameter Golf scripts that train_gpt.py does not implement or no longer implements.
 # Setting one to anything but an "off" value must fail loudly instead of being silently ignored.
 OFF_VALUES = frozenset({"", "0", "0.0", "false", "off", "none"})
 UNIMPLEMENTED_FEATURES: dict[str, str] = {
@@ -23,6 +23,8 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
     "QAT_ENABLED": "QAT (use LATE_QAT_THRESHOLD)",
     "SWA_ENABLED": "SWA",
     "MIXED_QUANT": "mixed int5/int6 GPTQ",
+    "BIGRAM_VOCAB_SIZE": "BigramHash embeddings (PR #65; removed: no record since PR #1060 uses them)",
+    "VALUE_RESIDUAL": "value residual (ResFormer, PR #1499; removed: no public record turned it on)",
 }
 # Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands, and PR #1855's).
 KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
@@ -40,6 +42,7 @@ RETIRED_VARS: dict[str, str] = {
     "VAL_BATCH_TOKENS": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
     "VAL_BATCH_SIZE": "every evaluation uses EVAL_BATCH_SEQS windows per forward (one compiled shape)",
     "MUON_IMPL": "the per-matrix reference lives in tests/reference_muon.py; the batched Muon is the only one",
+    "BIGRAM_DIM": "BigramHash embeddings were removed (BIGRAM_VOCAB_SIZE may only be 0)",
 }
 # Every name above: not a knob, but not unknown either (no "did you mean" warning).
 KNOWN_NAMES = frozenset(UNIMPLEMENTED_FEATURES) | set(KNOB_ALIASES) | set(FIXED_KNOBS) | LEGACY_VARS | set(RETIRED_VARS)

@@ -260,20 +260,19 @@ def test_late_qat_switch_changes_the_compiled_output():
 
 def all_features_model(parallel_mode: str) -> tg.GPT:
     return tiny_model(rope_dims=8, mlp_act="leaky_relu2", ln_scale=True, xsa_last_n=4, skip_gates_enabled=True,
-                      smear_gate_enabled=True, sparse_attn_gate_enabled=True, gate_window=8, bigram_vocab_size=64,
-                      bigram_dim=16, value_residual=True, num_loops=1, loop_start=1, loop_end=2,
-                      parallel_mode=parallel_mode, parallel_start_layer=2)
+                      smear_gate_enabled=True, sparse_attn_gate_enabled=True, gate_window=8, num_loops=1,
+                      loop_start=1, loop_end=2, parallel_mode=parallel_mode, parallel_start_layer=2)
 
 
 def test_kv_cached_decoding_equals_the_full_forward_with_every_feature():
     g = torch.Generator().manual_seed(8)
     ids = torch.randint(0, 256, (2, 24), generator=g)
     ids[:, 0] = tg.BOS_ID
-    ids[0, 11] = tg.BOS_ID  # a document boundary inside the sequence: SmearGate and BigramHash reset there
+    ids[0, 11] = tg.BOS_ID  # a document boundary inside the sequence: SmearGate resets there
     for mode in ("off", "gptj", "lanes", "lane_merge"):
         model = all_features_model(mode)
         with torch.no_grad():
-            for p in model.parameters():  # gates, lambdas and the bigram table away from their no-op inits
+            for p in model.parameters():  # gates and lambdas away from their no-op inits
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         for looping in (False, True):
             model.set_looping(looping)
@@ -293,5 +292,4 @@ def test_self_generated_calibration_is_reproducible_and_gives_hessians():
     assert a.shape == (3, 12) and torch.equal(a, b)
     assert (a[:, 0] == tg.BOS_ID).all() and int(a.max()) < 256 and int(a.min()) >= 0
     H = tg.collect_hessians(model, a.split(2), torch.device("cpu"), "fp32")
-    tables = {"bigram.embed.weight"}  # a lookup table has no input activations, so no Hessian
-    assert set(H) == {n for n, p in model.named_parameters() if tg.is_quantized(n, p)} - tables
+    assert set(H) == {n for n, p in model.named_parameters() if tg.is_quantized(n, p)}
