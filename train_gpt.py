@@ -74,7 +74,7 @@ BASELINE: dict[str, Any] = {
     "num_loops": 0, "parallel_mode": "off",
     # The naive baseline used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
     "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-    "bigram_vocab_size": 0, "value_residual": False, "fused_ce_enabled": False,
+    "fused_ce_enabled": False,
     "fused_mlp_enabled": False,
     "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
     # The naive baseline's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
@@ -280,10 +280,6 @@ class Hyperparameters:
     gate_window: int = knob(12, "input dims the SmearGate and the attention output gate read", _positive, "> 0")
     sparse_attn_gate_enabled: bool = knob(True, "per-head sigmoid gate on the attention output (PR #1787)")
     sparse_attn_gate_scale: float = knob(0.5, "logit scale of the attention output gate", _positive, "> 0")
-    bigram_vocab_size: int = knob(0, "BigramHash buckets (0 = off; PR #65)", lambda v: v == 0 or v >= 2,
-                                  "0 (off) or >= 2")
-    bigram_dim: int = knob(128, "BigramHash embedding width", _positive, "> 0")
-    value_residual: bool = knob(False, "mix every layer's values with the first layer's (ResFormer; PR #1499)")
     num_loops: int = knob(2, "depth recurrence: extra passes over layers LOOP_START..LOOP_END (0 = off; PR #1493)",
                           _non_negative, ">= 0")
     loop_start: int = knob(3, "first physical layer of the looped span", _non_negative, ">= 0")
@@ -1294,7 +1290,7 @@ def load_tokenizer(path: Path, vocab_size: int):
         raise DataError(f"{path}: not a readable SentencePiece model ({str(exc).splitlines()[0][:120]})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab_size={sp.vocab_size()} does not match VOCAB_SIZE={vocab_size}")
-    if sp.bos_id() != BOS_ID:  # document boundaries (BPB, SmearGate, BigramHash) are found by this id
+    if sp.bos_id() != BOS_ID:  # document boundaries (BPB, SmearGate) are found by this id
         raise DataError(f"{path}: tokenizer bos_id={sp.bos_id()}, expected {BOS_ID} (the challenge recipe)")
     return sp
 
@@ -1868,9 +1864,6 @@ class ModelConfig:
     gate_window: int = 12
     sparse_attn_gate_enabled: bool = False
     sparse_attn_gate_scale: float = 1.0
-    bigram_vocab_size: int = 0
-    bigram_dim: int = 128
-    value_residual: bool = False
     num_loops: int = 0
     loop_start: int = 0
     loop_end: int = 0
@@ -2013,8 +2006,8 @@ class TappedLinear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):
-    """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optionally XSA, a
-    per-head output gate and value residual mixing."""
+    """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optionally XSA and a
+    per-head output gate."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -2033,8 +2026,6 @@ class CausalSelfAttention(nn.Module):
         # Output gate sigmoid(scale * W x[:window]) per head; W = 0 gives 0.5 at init (PR #1787).
         self.attn_gate_w = (nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window))
                             if cfg.sparse_attn_gate_enabled else None)
-        # Value residual (ResFormer): v = l0 * v_first_layer + l1 * v; the first layer has nothing to mix.
-        self.vr_lambda = (nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual and layer_idx > 0 else None)
         self._flash = None  # FlashAttention (B, T, H, D) in bf16, when the backend is fa3 or fa4
         self._varlen = None  # FA3's varlen call (total, H, D) over cu_seqlens, with DOC_ISOLATION
         if cfg.attn_backend == "fa3":
@@ -2046,25 +2037,20 @@ class CausalSelfAttention(nn.Module):
         elif cfg.attn_backend == "fa4":
             self._flash = fa4_attention()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, v_first: Tensor | None = None,
-                aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
-        """Returns (output, this layer's raw values) so the first layer's values can feed value residual.
-        `aux` (LayerAux): with documents attention stays inside each one; with LoRA adapters (TTT) their deltas
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, aux: "LayerAux" = None) -> Tensor:
+        """`aux` (LayerAux): with documents attention stays inside each one; with LoRA adapters (TTT) their deltas
         are added."""
         docs, lora = aux if aux is not None else (None, None)
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
         accumulate_hessian(self.c_q.hessian, x)
         w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
-        q, k, v_raw = F.linear(x, w).split((C, self.kv_dim, self.kv_dim), dim=-1)
+        q, k, v = F.linear(x, w).split((C, self.kv_dim, self.kv_dim), dim=-1)
         if lora is not None:
-            q, k, v_raw = q + lora_delta(x, lora.q), k + lora_delta(x, lora.k), v_raw + lora_delta(x, lora.v)
+            q, k, v = q + lora_delta(x, lora.q), k + lora_delta(x, lora.k), v + lora_delta(x, lora.v)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v_raw = v_raw.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.vr_lambda is not None and v_first is not None:
-            lam = self.vr_lambda.to(v.dtype)
-            v = lam[0] * v_first + lam[1] * v
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -2093,7 +2079,7 @@ class CausalSelfAttention(nn.Module):
         y = y.reshape(B, T, C)
         out = self.proj(y)
         # TTT's O adapter reads the attention's input, as Q, K and V's do (PR #1855), not its output.
-        return (out if lora is None else out + lora_delta(x, lora.o)), v_raw
+        return out if lora is None else out + lora_delta(x, lora.o)
 
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default
@@ -2160,23 +2146,21 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, aux: "LayerAux" = None) -> Tensor:
         x = self._mix(x, x0)
-        a, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v_first, aux)
-        x = x + self.attn_scale.to(x.dtype) * a
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, aux), v
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cos, sin, aux)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, aux)
 
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
-                      v_first: Tensor | None = None, aux: "LayerAux" = None) -> tuple[Tensor, Tensor, Tensor]:
+                      aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
         """Two lanes as PR #1855 runs PR #1530's: attention reads lane 0 mixed with x0 (resid_mix feeds only
         its input), the MLP reads lane 1 as it came in; each lane keeps r times itself plus what both
         sub-layers write to it."""
         r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
-        a, v = self.attn(rms_norm(self._mix(l0, x0)) * self.norm_scale, cos, sin, v_first, aux)
+        a = self.attn(rms_norm(self._mix(l0, x0)) * self.norm_scale, cos, sin, aux)
         a = self.attn_scale.to(l0.dtype) * a
         m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
-        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m, v
+        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
 
 def merge_skip(stream: Tensor, skip: Tensor, gate: Tensor | None) -> Tensor:
@@ -2200,31 +2184,6 @@ class SmearGate(nn.Module):
         gate = torch.sigmoid(x[..., : self.window] @ self.smear_w.to(x.dtype))  # (B, T)
         gate = gate * (ids != self.bos_id).to(x.dtype)
         return x + (self.smear_lambda.to(x.dtype) * gate)[..., None] * prev
-
-
-class BigramHash(nn.Module):
-    """Hashed embedding of (previous token, token) pairs added to the token embedding (PR #65):
-    bucket = (36313 * t_i XOR 27191 * t_{i-1}) mod (V_b - 1); position 0 and BOS positions use the
-    reserved bucket V_b - 1, so nothing crosses a document boundary. The table starts at zero (a no-op);
-    the projection keeps its default init, since with both at zero neither would get a gradient."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.buckets, self.bos_id = cfg.bigram_vocab_size, cfg.bos_id
-        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
-        nn.init.zeros_(self.embed.weight)
-        self.proj = TappedLinear(cfg.bigram_dim, cfg.model_dim)  # a plain linear with a calibration tap
-        self.scale = nn.Parameter(torch.tensor(0.05))
-
-    def bucket_ids(self, ids: Tensor) -> Tensor:
-        ids = ids.long()
-        prev = F.pad(ids[:, :-1], (1, 0))
-        hashed = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
-        first = torch.arange(ids.size(1), device=ids.device) == 0
-        return torch.where(first[None, :] | (ids == self.bos_id), self.buckets - 1, hashed)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.scale.to(self.proj.weight.dtype) * self.proj(self.embed(self.bucket_ids(ids)))
 
 
 class GPT(nn.Module):
@@ -2255,7 +2214,6 @@ class GPT(nn.Module):
         # Sigmoid skip gates (PR #1089): g = 0 starts at an even mix of the stream and the skip.
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
         self.smear = SmearGate(cfg) if cfg.smear_gate_enabled else None
-        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
@@ -2272,8 +2230,6 @@ class GPT(nn.Module):
         """Final-norm hidden states; with `lora` (TTT), one batch row per document, each with its own adapters;
         `cu_seqlens`: the training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
         x = self.tok_emb(ids)
-        if self.bigram is not None:
-            x = x + self.bigram(ids).to(x.dtype)
         if self.smear is not None:
             x = self.smear(x, ids)
         # A LoRA TTT row is one document from its start (or a window inside it): isolation changes nothing there.
@@ -2288,7 +2244,7 @@ class GPT(nn.Module):
         cos, sin = self.rotary(ids.size(1), ids.device, ids.size(1) if docs is None else docs.max_len)
         layout = self.layouts[self.looping]
         num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
-        skips, v_first, lanes = [], None, None
+        skips, lanes = [], None
         for pos, layer in enumerate(layout):
             block = self.blocks[layer]
             if pos == parallel_from:
@@ -2297,10 +2253,9 @@ class GPT(nn.Module):
                 x, lanes = self.merge_skip(pos - num_encoder, skips.pop(), x, lanes)
             aux = LayerAux(docs, None if lora is None else lora.slots[pos])
             if lanes is None:
-                x, v = block(x, x0, cos, sin, v_first, aux)
+                x = block(x, x0, cos, sin, aux)
             else:
-                *lanes, v = block.forward_lanes(lanes[0], lanes[1], x0, cos, sin, v_first, aux)
-            v_first = v if v_first is None else v_first
+                lanes = block.forward_lanes(lanes[0], lanes[1], x0, cos, sin, aux)
             if pos < num_encoder:
                 skips.append(x)
         if lanes is not None:
@@ -2721,10 +2676,8 @@ MATRIX_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", "
 
 
 def classify_param(name: str) -> str:
-    if name in ("tok_emb.weight", "bigram.embed.weight"):  # embedding tables (PR #65: bigram with the tokens)
+    if name == "tok_emb.weight":
         return "embed"
-    if name == "bigram.proj.weight":
-        return "matrix"
     if name == "lm_head.weight":
         return "head"
     if name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):
@@ -3134,8 +3087,8 @@ class ArtifactError(Hinted, ValueError):
 
 def quant_group(name: str) -> str:
     """SDClip/bit-width group of a quantized tensor: embed (tables and an untied head), gate (the attention
-    output gates, GATED_ATTN_QUANT_GATE), attn, or mlp (the MLP matrices and the bigram projection)."""
-    if name in ("tok_emb.weight", "lm_head.weight", "bigram.embed.weight"):
+    output gates, GATED_ATTN_QUANT_GATE), attn, or mlp (the MLP matrices)."""
+    if name in ("tok_emb.weight", "lm_head.weight"):
         return "embed"
     if name.endswith(".attn_gate_w"):
         return "gate"
@@ -4715,8 +4668,8 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
         format_kv(compliance="validation_data_in_training", value="no",
                   how="training, warmup and GPTQ calibration read only fineweb_train_*; "
                       "the evaluation, TTT and calibration compile warm-ups use random tokens"),
-        format_kv(compliance="causal", value="yes", how="causal attention; SmearGate and BigramHash read only earlier "
-                                                        "tokens of the same document"),
+        format_kv(compliance="causal", value="yes", how="causal attention; SmearGate reads only the previous token "
+                                                        "of the same document"),
         format_kv(compliance="normalized", value="yes", how="full softmax over the vocabulary for every scored token"),
         format_kv(compliance="score_before_update", value="yes",
                   how="TTT scores each chunk under no_grad before training on it; the last chunk is never trained"

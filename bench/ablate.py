@@ -1,5 +1,5 @@
 """CPU ablation of the record stack: the full scaled-down stack against the same shape with one
-technique switched off (or, for techniques off in the record, switched on), at equal wallclock.
+technique switched off, at equal wallclock.
 
 Run (the training seconds plus about a minute of evaluation per variant and seed on a 2-core CPU):
     python bench/ablate.py [--seconds 60 | --steps N] [--seeds 1337] [--only NAME ...] [--out bench/ablation.md]
@@ -66,8 +66,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no_attn_gate": {"SPARSE_ATTN_GATE_ENABLED": "0"},
     "classic_ns": {"MUON_NS": "classic"},
     "no_muon_eq_r": {"MUON_ROW_NORMALIZE": "0"},
-    "plus_bigram": {"BIGRAM_VOCAB_SIZE": "2048", "BIGRAM_DIM": "64"},
-    "plus_value_residual": {"VALUE_RESIDUAL": "1"},
     # PR #1855's attention inside documents and its document packing (both on in the record)
     "no_doc_isolation": {"DOC_ISOLATION": "0", "DOC_PACKED_LOADER": "0"},
     "no_fused_ce": {"FUSED_CE_ENABLED": "0"},  # the same loss without the custom op (Triton on CUDA only)

@@ -65,9 +65,7 @@ def flops_per_token(model: tg.GPT, h: tg.Hyperparameters, looping: bool) -> dict
     layout = model.layouts[looping and h.num_loops > 0]
     per_block = [sum(p.numel() for n, p in block.named_parameters()
                      if tg.classify_param(f"blocks.{i}.{n}") == "matrix") for i, block in enumerate(model.blocks)]
-    extra = sum(p.numel() for n, p in model.named_parameters()
-                if tg.classify_param(n) == "matrix" and not n.startswith("blocks."))  # e.g. bigram.proj
-    matmul = 6.0 * (sum(per_block[i] for i in layout) + extra)
+    matmul = 6.0 * sum(per_block[i] for i in layout)
     head_dim = h.model_dim // h.num_heads
     attention = 12.0 * h.train_seq_len * h.num_heads * head_dim * len(layout)
     head = 6.0 * h.model_dim * h.vocab_size

@@ -26,6 +26,8 @@ UNIMPLEMENTED_FEATURES: dict[str, str] = {
                        "training data inside the training budget)",
     "SWA_ENABLED": "SWA",
     "MIXED_QUANT": "mixed int5/int6 GPTQ",
+    "BIGRAM_VOCAB_SIZE": "BigramHash embeddings (PR #65; removed: no record since PR #1060 uses them)",
+    "VALUE_RESIDUAL": "value residual (ResFormer, PR #1499; removed: no public record turned it on)",
 }
 # Older names the public run commands use, mapped to the knob they mean (PR #1290/#1392 commands, and PR #1855's).
 KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
@@ -45,6 +47,7 @@ RETIRED_VARS: dict[str, str] = {
     "MUON_IMPL": "the per-matrix reference lives in tests/reference_muon.py; the batched Muon is the only one",
     "GPTQ_CALIB_SAMPLES": "self-generated GPTQ calibration was removed; GPTQ_CALIBRATION_BATCHES sets the calibration",
     "GPTQ_TEMPERATURE": "self-generated GPTQ calibration was removed; GPTQ calibrates on training data",
+    "BIGRAM_DIM": "BigramHash embeddings were removed (a table size other than 0 is refused)",
 }
 # Every name above: not a knob, but not unknown either (no "did you mean" warning).
 KNOWN_NAMES = frozenset(UNIMPLEMENTED_FEATURES) | set(KNOB_ALIASES) | set(FIXED_KNOBS) | LEGACY_VARS | set(RETIRED_VARS)

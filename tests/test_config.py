@@ -170,8 +170,8 @@ OPERATIONAL = {"compile", "sample_data", "strict_env", "dry_run", "eval_only", "
 def test_every_feature_the_record_turns_on_is_explicitly_off_in_the_baseline():
     """The baseline is the naive baseline (1.2244 BPB: int8 + zlib, no EMA, no sliding eval), written out:
     a feature added to the record later must be switched off in it explicitly, never inherited."""
-    numeric = {"xsa_last_n", "num_loops", "bigram_vocab_size", "eval_stride", "ema_decay", "rope_dims", "min_lr",
-               "muon_wd", "embed_wd", "adam_wd", "grad_clip_norm"}
+    numeric = {"xsa_last_n", "num_loops", "eval_stride", "ema_decay", "rope_dims", "min_lr", "muon_wd", "embed_wd",
+               "adam_wd", "grad_clip_norm"}
     base = tg.PRESETS["baseline"]
     on_in_record = [f.name for f in H.knob_fields()
                     if f.name not in OPERATIONAL and ((f.type in (bool, "bool") and f.default is True)
@@ -447,6 +447,23 @@ def test_unimplemented_feature_off_is_accepted(env):
     assert h.env_warnings == () and h.knob_values() == H().knob_values()
 
 
+def test_removed_bigram_and_value_residual_knobs_accept_off_and_refuse_on():
+    """BigramHash (PR #65) and value residual (PR #1499) were removed: their off values still run, an on value
+    is refused with one line naming the variable, and BIGRAM_DIM (no off value) only warns that it is ignored."""
+    for env in ({"BIGRAM_VOCAB_SIZE": "0"}, {"VALUE_RESIDUAL": "0"}, {"VALUE_RESIDUAL": "false"}):
+        h = H.from_env({**env, "STRICT_ENV": "1"})
+        assert h.env_warnings == () and h.knob_values() == H.from_env({"STRICT_ENV": "1"}).knob_values()
+    for env in ({"BIGRAM_VOCAB_SIZE": "3072"}, {"VALUE_RESIDUAL": "1"}):
+        (name, value), = env.items()
+        msg = config_error(env)
+        assert_one_line_naming(msg, name, value, "removed", "PR #")
+    h = H.from_env({"BIGRAM_VOCAB_SIZE": "0", "BIGRAM_DIM": "112", "STRICT_ENV": "1"})
+    assert h.knob_values() == H.from_env({"STRICT_ENV": "1"}).knob_values()
+    assert h.env_warnings == ("BIGRAM_DIM='112' is ignored: BigramHash embeddings were removed "
+                              "(a table size other than 0 is refused)",)
+    assert_one_line_naming(config_error({"BIGRAM_VOCAB_SIZE": "3072", "BIGRAM_DIM": "112"}), "BIGRAM_VOCAB_SIZE")
+
+
 def test_every_unimplemented_feature_is_refused_when_on_and_accepted_when_off():
     for name in knobs.UNIMPLEMENTED_FEATURES:
         assert_one_line_naming(config_error({name: "1"}), name)
@@ -679,16 +696,18 @@ def test_design_document_commands_parse_with_their_meaning():
     assert (h.vocab_size, h.mlp_mult, h.qk_gain_init, h.muon_row_normalize) == (4096, 4.0, 5.0, True)
     assert (h.num_loops, h.loop_start, h.loop_end, h.looping_start_step) == (1, 4, 5, 3000)
     assert (h.parallel_start_layer, h.muon_wd, h.adam_wd, h.warmdown_iters) == (7, 0.09, 0.09, 4000)
-    assert (h.gptq_calibration_batches, h.gptq_damp, h.bigram_vocab_size, h.seed) == (128, 0.01, 0, 42)
+    assert (h.gptq_calibration_batches, h.gptq_damp, h.seed) == (128, 0.01, 42)
     assert h.target_bytes == 15_900_000, "TARGET_MB is decimal megabytes, not MiB"
-    h2 = H.from_env({"STRICT_ENV": "1", **_command_env(SEED_COMMANDS[1])})
-    assert h2.env_warnings == ()
-    assert (h2.bigram_vocab_size, h2.bigram_dim, h2.warmdown_iters, h2.target_bytes) == (3072, 112, 4000, 15_900_000)
+    env2 = {"STRICT_ENV": "1", **_command_env(SEED_COMMANDS[1])}
+    assert_one_line_naming(config_error(env2), "BIGRAM_VOCAB_SIZE='3072'", "removed")  # BigramHash is gone
+    h2 = H.from_env({**env2, "BIGRAM_VOCAB_SIZE": "0"})  # the rest of the command keeps its meaning
+    assert len(h2.env_warnings) == 1 and h2.env_warnings[0].startswith("BIGRAM_DIM='112' is ignored")
+    assert (h2.warmdown_iters, h2.target_bytes) == (4000, 15_900_000)
     assert (h2.num_loops, h2.loop_start, h2.loop_end, h2.looping_start_step) == (1, 4, 5, 3000)
     # Both build (the record shape with these overrides) without error.
     for hp in (h, h2):
         tg.GPT(tg.ModelConfig.from_hparams(dataclasses.replace(hp, num_layers=11, model_dim=64, num_heads=2,
-                                                               num_kv_heads=1, vocab_size=256, bigram_dim=16)))
+                                                               num_kv_heads=1, vocab_size=256)))
 
 
 def test_target_mb_and_use_gptq_legacy_names():

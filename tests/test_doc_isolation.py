@@ -21,14 +21,13 @@ BOS = tg.BOS_ID
 
 
 def iso_model(**kw) -> tg.GPT:
-    """A small model with every feature that mixes tokens outside attention (SmearGate, BigramHash, XSA,
-    value residual, parallel lanes, depth recurrence), trained-like (no zero-initialized no-ops)."""
+    """A small model with every feature that mixes tokens outside attention (SmearGate, XSA, parallel lanes,
+    depth recurrence), trained-like (no zero-initialized no-ops)."""
     torch.manual_seed(0)
     base = dict(vocab_size=96, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
                 tie_embeddings=True, tied_embed_init_std=0.05, logit_softcap=30.0, rope_base=10000.0,
-                qk_gain_init=1.5, smear_gate_enabled=True, bigram_vocab_size=64, xsa_last_n=2, value_residual=True,
-                num_loops=1, loop_start=1, loop_end=2, parallel_mode="lanes", parallel_start_layer=2,
-                rope_dims=4, doc_isolation=True)
+                qk_gain_init=1.5, smear_gate_enabled=True, xsa_last_n=2, num_loops=1, loop_start=1, loop_end=2,
+                parallel_mode="lanes", parallel_start_layer=2, rope_dims=4, doc_isolation=True)
     base.update(kw)
     model = tg.GPT(tg.ModelConfig(**base))
     with torch.no_grad():

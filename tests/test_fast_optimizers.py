@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # get uneven shares (3+2, 2+2+1, 4+4+2) and some ranks a padded one.
 ENV = dict(VOCAB_SIZE="64", NUM_LAYERS="5", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
            TRAIN_SEQ_LEN="16", EVAL_SEQ_LEN="16", TRAIN_BATCH_TOKENS="64", GRAD_ACCUM_STEPS="1", COMPILE="0",
-           NUM_LOOPS="0", TTT_ENABLED="0", GRAD_CLIP_NORM="0.3", BIGRAM_VOCAB_SIZE="32", BIGRAM_DIM="8",
-           MUON_NS_DTYPE="fp32")
+           NUM_LOOPS="0", TTT_ENABLED="0", GRAD_CLIP_NORM="0.3", MUON_NS_DTYPE="fp32")
 STEPS = 3
 
 

@@ -263,7 +263,7 @@ def test_attention_matches_reference(heads, kv_heads):
     x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(1))
     cos, sin = rotary(20, x.device)
     with torch.no_grad():
-        got = attn(x, cos, sin)[0]
+        got = attn(x, cos, sin)
         ref = reference_attention(attn, x, cfg.rope_base)
     assert got.shape == (2, 20, 64)
     assert ref.abs().max() > 0.1
@@ -282,12 +282,12 @@ def test_gqa_kv_head_mapping_matters():
     x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(2))
     cos, sin = rotary(12, x.device)
     with torch.no_grad():
-        got = attn(x, cos, sin)[0]
+        got = attn(x, cos, sin)
         # swap the two KV heads' weights: output must change if both KV heads are used
         kv_dim = attn.c_k.weight.shape[0]
         for w in (attn.c_k.weight, attn.c_v.weight):
             w.copy_(torch.cat((w[kv_dim // 2:], w[: kv_dim // 2])))
-        swapped = attn(x, cos, sin)[0]
+        swapped = attn(x, cos, sin)
     assert (got - swapped).abs().max() > 1e-3
 
 
@@ -343,10 +343,10 @@ def test_skip_connection_wiring():
     with torch.no_grad():
         h0 = tg.rms_norm(model.tok_emb(x))
         cos, sin = model.rotary(x.size(1), x.device)
-        e0 = model.blocks[0](h0, h0, cos, sin)[0]
-        e1 = model.blocks[1](e0, h0, cos, sin)[0]
-        d0 = model.blocks[2](e1 + model.skip_weights[0] * e1, h0, cos, sin)[0]
-        d1 = model.blocks[3](d0 + model.skip_weights[1] * e0, h0, cos, sin)[0]
+        e0 = model.blocks[0](h0, h0, cos, sin)
+        e1 = model.blocks[1](e0, h0, cos, sin)
+        d0 = model.blocks[2](e1 + model.skip_weights[0] * e1, h0, cos, sin)
+        d1 = model.blocks[3](d0 + model.skip_weights[1] * e0, h0, cos, sin)
         torch.testing.assert_close(model.hidden(x), tg.rms_norm(d1), rtol=1e-5, atol=1e-5)
 
 
@@ -380,7 +380,7 @@ def test_blocks_are_identity_at_init():
     cos, sin = model.rotary(16, x.device)
     with torch.no_grad():
         for block in model.blocks:
-            torch.testing.assert_close(block(x, torch.randn_like(x), cos, sin)[0], x, rtol=0.0, atol=0.0)
+            torch.testing.assert_close(block(x, torch.randn_like(x), cos, sin), x, rtol=0.0, atol=0.0)
 
 
 # ---------------------------------------------------------------- state and determinism
@@ -554,8 +554,7 @@ def test_ortho_init_makes_input_matrices_orthogonal_and_keeps_output_projections
 
 def full_stack_overrides() -> dict[str, str]:
     return dict(XSA_LAST_N="3", SKIP_GATES_ENABLED="1", SMEAR_GATE_ENABLED="1", SPARSE_ATTN_GATE_ENABLED="1",
-                BIGRAM_VOCAB_SIZE="97", BIGRAM_DIM="16", VALUE_RESIDUAL="1", ROPE_DIMS="8", LN_SCALE="1",
-                MLP_ACT="leaky_relu2", GATE_WINDOW="8")
+                ROPE_DIMS="8", LN_SCALE="1", MLP_ACT="leaky_relu2", GATE_WINDOW="8")
 
 
 def perturb_all(model: tg.GPT, seed: int = 3) -> tg.GPT:
@@ -565,7 +564,7 @@ def perturb_all(model: tg.GPT, seed: int = 3) -> tg.GPT:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in ("smear", "skip_gates", "attn_gate_w", "vr_lambda", "bigram.embed")):
+            if any(k in name for k in ("smear", "skip_gates", "attn_gate_w")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
 
@@ -618,28 +617,9 @@ def test_attention_output_gate_is_half_at_init_and_follows_its_weights():
     x = torch.randn(2, 6, 64)
     cos, sin = tg.Rotary(16, 10000.0, 1 << 30)(6, x.device)
     with torch.no_grad():
-        torch.testing.assert_close(on(x, cos, sin)[0], 0.5 * off(x, cos, sin)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(on(x, cos, sin), 0.5 * off(x, cos, sin), rtol=1e-5, atol=1e-6)
         on.attn_gate_w.fill_(10.0)  # strongly open gates: close to the ungated output
-        assert not torch.allclose(on(x, cos, sin)[0], 0.5 * off(x, cos, sin)[0], atol=1e-4)
-
-
-def test_value_residual_mixes_the_first_layers_values():
-    model = build(VALUE_RESIDUAL="1")
-    assert model.blocks[0].attn.vr_lambda is None
-    assert all(torch.equal(b.attn.vr_lambda, torch.tensor([0.5, 0.5])) for b in model.blocks[1:])
-    attn = model.blocks[1].attn
-    torch.manual_seed(0)
-    x, v_first = torch.randn(1, 5, 64), torch.randn(1, 5, 2, 16)
-    cos, sin = model.rotary(5, x.device)
-    plain = tg.CausalSelfAttention(make_cfg(), 1)
-    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "vr_lambda"})
-    with torch.no_grad():
-        attn.proj.weight.normal_(0, 0.2)
-        plain.proj.weight.copy_(attn.proj.weight)
-        attn.vr_lambda.copy_(torch.tensor([0.0, 1.0]))  # own values only: the plain layer
-        torch.testing.assert_close(attn(x, cos, sin, v_first)[0], plain(x, cos, sin)[0])
-        attn.vr_lambda.copy_(torch.tensor([1.0, 0.0]))  # first layer's values only
-        assert not torch.allclose(attn(x, cos, sin, v_first)[0], plain(x, cos, sin)[0])
+        assert not torch.allclose(on(x, cos, sin), 0.5 * off(x, cos, sin), atol=1e-4)
 
 
 def test_skip_gates_lerp_between_stream_and_skip():
@@ -676,20 +656,6 @@ def test_smear_gate_is_identity_at_init_and_never_crosses_bos():
     x3 = x.clone()
     x3[:, 1] += 5.0  # a non-BOS position does see its predecessor
     assert not torch.allclose(smear(x3, ids)[:, 2], y[:, 2])
-
-
-def test_bigram_hash_buckets_and_bos_isolation():
-    cfg = make_cfg(BIGRAM_VOCAB_SIZE="101", BIGRAM_DIM="8")
-    bigram = tg.BigramHash(cfg)
-    ids = torch.tensor([[5, 9, tg.BOS_ID, 7, 3]])
-    buckets = bigram.bucket_ids(ids)[0].tolist()
-    assert buckets[0] == 100 and buckets[2] == 100  # position 0 and the BOS: the reserved bucket
-    assert buckets[1] == ((36313 * 9) ^ (27191 * 5)) % 100
-    assert buckets[3] == ((36313 * 7) ^ (27191 * tg.BOS_ID)) % 100
-    other = torch.tensor([[6, 11, tg.BOS_ID, 7, 3]])  # a different previous document
-    assert bigram.bucket_ids(other)[0, 2:].tolist() == buckets[2:]
-    torch.testing.assert_close(bigram(ids), torch.zeros(1, 5, 64))  # zero table: a no-op at init
-    assert bigram.proj.weight.abs().sum() > 0, "the projection must not start at zero too (no gradient)"
 
 
 # ---------------------------------------------------------------- depth recurrence and parallel residuals

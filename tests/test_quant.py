@@ -236,9 +236,8 @@ def test_entropy_estimate_is_close_to_brotli():
 
 def all_features_model(parallel_mode: str) -> tg.GPT:
     return tiny_model(rope_dims=8, mlp_act="leaky_relu2", ln_scale=True, xsa_last_n=4, skip_gates_enabled=True,
-                      smear_gate_enabled=True, sparse_attn_gate_enabled=True, gate_window=8, bigram_vocab_size=64,
-                      bigram_dim=16, value_residual=True, num_loops=1, loop_start=1, loop_end=2,
-                      parallel_mode=parallel_mode, parallel_start_layer=2)
+                      smear_gate_enabled=True, sparse_attn_gate_enabled=True, gate_window=8, num_loops=1,
+                      loop_start=1, loop_end=2, parallel_mode=parallel_mode, parallel_start_layer=2)
 
 
 def test_hessians_cover_every_quantized_matrix_with_every_feature():
@@ -247,5 +246,4 @@ def test_hessians_cover_every_quantized_matrix_with_every_feature():
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(5))
     ids[:, 0] = tg.BOS_ID
     H = tg.collect_hessians(model, ids.split(2), torch.device("cpu"), "fp32")
-    tables = {"bigram.embed.weight"}  # a lookup table has no input activations, so no Hessian
-    assert set(H) == {n for n, p in model.named_parameters() if tg.is_quantized(n, p)} - tables
+    assert set(H) == {n for n, p in model.named_parameters() if tg.is_quantized(n, p)}

@@ -170,16 +170,16 @@ def o_adapter_reads_attention_output(mp: pytest.MonkeyPatch) -> None:
     current: dict[str, tuple] = {}
     forward, delta = tg.CausalSelfAttention.forward, tg.lora_delta
 
-    def attn_forward(self, x, cos, sin, v_first=None, aux=None):
+    def attn_forward(self, x, cos, sin, aux=None):
         if aux is None or aux.lora is None:
-            return forward(self, x, cos, sin, v_first, aux)
+            return forward(self, x, cos, sin, aux)
 
         def capture(module, args):
             current["o"] = (aux.lora.o, args[0])
 
         handle = self.proj.register_forward_pre_hook(capture)
         try:
-            return forward(self, x, cos, sin, v_first, aux)
+            return forward(self, x, cos, sin, aux)
         finally:
             handle.remove()
             current.pop("o", None)
