@@ -82,7 +82,7 @@ BASELINE: dict[str, Any] = {
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
     "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
     "compressor": "zlib",
-    "eval_stride": 0, "ttt_enabled": False, "phased_ttt_enabled": False,
+    "eval_stride": 0, "ttt_enabled": False,
 }
 SMOKE_SIZES: dict[str, Any] = {
     # ~16k tokens/s on a 2-core CPU, so many small steps beat a few large ones.
@@ -205,33 +205,30 @@ class Hyperparameters:
     eval_stride: int = knob(0, "sliding-window eval stride: each target scored once with >= EVAL_SEQ_LEN - stride "
                                 "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)",
                             _non_negative, ">= 0")
-    eval_batch_seqs: int = knob(32, "windows per forward and rank in every evaluation (plain, sliding, TTT scoring): "
-                                    "one compiled shape", _positive, "> 0")
+    eval_batch_seqs: int = knob(32, "windows per forward and rank in the plain and sliding evaluations (one "
+                                    "compiled shape); at most this many sequences per phase SGD step and rank",
+                                _positive, "> 0")
     bpb_check_docs: str = knob("1000", "validation documents whose byte count is checked against the decoded text "
                                        "before training (all = every one)",
                                lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0")
     max_val_tokens: int = knob(0, "evaluate only the first N validation targets (0 = all; the score is then NOT "
                                   "reportable)", _non_negative, ">= 0")
-    eval_time_budget_seconds: float = knob(600.0, "eval-time budget: TTT trains less (fewer epochs; LoRA adapters "
-                                                  "stop) when it would pass it",
+    eval_time_budget_seconds: float = knob(600.0, "eval-time budget: TTT trains less (LoRA steps every 2nd chunk, "
+                                                  "then none; no further phase) when it would pass it",
                                            _positive, "> 0")
-    ttt_enabled: bool = knob(True, "legal score-first test-time training on the validation stream (PR #1413)")
-    ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine over chunks)", _non_negative, ">= 0")
-    ttt_epochs: int = knob(3, "TTT epochs per chunk", _non_negative, ">= 0")
-    ttt_momentum: float = knob(0.9, "TTT SGD momentum", _below_one, "in [0, 1)")
-    ttt_chunk_tokens: int = knob(32768, "whole-model TTT (PHASED_TTT_ENABLED=0) and the phases' SGD: tokens of "
-                                        "the validation stream per chunk, scored, then trained on (LoRA TTT's "
-                                        "chunk is TTT_CHUNK_SIZE)", _positive, "> 0")
-    ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", _non_negative, ">= 0")
-    phased_ttt_enabled: bool = knob(True, "TTT as per-document LoRA (PR #1530) with phases of global SGD over "
-                                          "already-scored documents (PR #1610/#1626) instead of chunked SGD")
+    ttt_enabled: bool = knob(True, "score-first test-time training: per-document LoRA (PR #1530) with phases of "
+                                   "global SGD over already-scored documents (PR #1610/#1626)")
+    ttt_momentum: float = knob(0.9, "phase SGD momentum", _below_one, "in [0, 1)")
+    ttt_chunk_tokens: int = knob(32768, "phase SGD: already-scored tokens per chunk (cosine LR over the chunks, the "
+                                        "last not trained; LoRA TTT's chunk is TTT_CHUNK_SIZE)", _positive, "> 0")
+    ttt_grad_clip: float = knob(1.0, "phase SGD gradient-norm clip (0 = off)", _non_negative, ">= 0")
     ttt_lora_rank: int = knob(80, "rank of TTT's per-document LoRA adapters", _positive, "> 0")
     ttt_lora_alpha: float = knob(144.0, "LoRA output scale alpha/rank (PR #1767)", _positive, "> 0")
     ttt_lora_lr: float = knob(1e-4, "LoRA AdamW learning rate", _non_negative, ">= 0")
     ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay", _non_negative, ">= 0")
     ttt_batch_size: int = knob(64, "documents per LoRA batch (one row and one set of adapters each)", _positive, "> 0")
     ttt_chunk_size: int = knob(48, "LoRA TTT: tokens of each document scored, then trained on, per step (the "
-                                   "whole-model TTT's chunk is TTT_CHUNK_TOKENS)", _positive, "> 0")
+                                   "phase SGD's chunk is TTT_CHUNK_TOKENS)", _positive, "> 0")
     ttt_warm_start_a: bool = knob(True, "keep LoRA A from one document batch to the next, zero only B (PR #1767)")
     phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last global SGD pause (pauses at equal shares)",
                                        _non_negative, ">= 0")
@@ -393,9 +390,6 @@ class Hyperparameters:
             if name in env and name != "PRESET":
                 values[f.name] = _parse_value(name, env[name], type(f.default))
         values["preset"] = preset
-        if "PHASED_TTT_ENABLED" in env and values.get("phased_ttt_enabled") and not values.get("ttt_enabled", True):
-            raise ConfigError("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0",
-                              hint="it is a form of TTT: set TTT_ENABLED=1, or leave PHASED_TTT_ENABLED unset")
         warnings += _check_unknown_vars(env, known, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
                 for k, d in (("world_size", 1), ("rank", 0), ("local_rank", 0))}
@@ -429,7 +423,7 @@ class Hyperparameters:
             raise ConfigError(f"MLP_MULT={self.mlp_mult} is not allowed: MODEL_DIM*MLP_MULT must be >= 1")
         if self.ttt_enabled and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} is not allowed: must be >= EVAL_SEQ_LEN="
-                              f"{self.eval_seq_len}", hint="TTT trains on whole sequences of a scored chunk")
+                              f"{self.eval_seq_len}", hint="the phase SGD trains on whole sequences of a chunk")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 is not allowed without ARTIFACT=<path of a .ptz artifact>")
         chunk = self.world_size * self.accum_steps * self.train_seq_len
@@ -3898,10 +3892,9 @@ EVAL_ONLY_ENV_KNOBS = frozenset({
     "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite",
     "requantize",
     "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
-    "ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip",
-    "phased_ttt_enabled", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size",
-    "ttt_chunk_size", "ttt_warm_start_a", "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr",
-    "global_ttt_epochs",
+    "ttt_enabled", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip", "ttt_lora_rank", "ttt_lora_alpha",
+    "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size", "ttt_chunk_size", "ttt_warm_start_a",
+    "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_epochs",
 })
 
 
@@ -4058,110 +4051,10 @@ class TTTConfig:
     grad_clip: float
 
     @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "TTTConfig":
-        return cls(h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
-
-    @classmethod
     def global_phase(cls, h: Hyperparameters) -> "TTTConfig":
         """Phased TTT's SGD on the base weights (GLOBAL_TTT_*; momentum, chunk and clip shared with TTT_*)."""
         return cls(h.global_ttt_lr, h.global_ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
 
-
-def ttt_batch_seqs(chunk_tokens: int, seq_len: int, batch_seqs: int, world_size: int) -> int:
-    """Sequences per TTT training forward on each rank: a chunk's sequences over the ranks, at most
-    EVAL_BATCH_SEQS. One fixed shape (one compiled graph): short batches are padded with zero-weight rows."""
-    return max(1, min(batch_seqs, math.ceil(chunk_tokens // seq_len / world_size)))
-
-
-def ttt_plan(n_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
-    """Score-first TTT chunks: (window starts, first scored offsets, train_lo, train_hi) per chunk.
-
-    A window belongs to the chunk of its FIRST scored target, so when a chunk is scored no target in it
-    has been trained on: training on chunk c (after it is scored) uses only tokens[train_lo:train_hi],
-    all of whose targets are in chunks <= c. The last chunk is never trained."""
-    starts, first = sliding_windows(n_targets, seq_len, stride)
-    chunk_of = (starts + first) // chunk_tokens  # first scored target is token starts + first + 1
-    n_chunks = int(chunk_of[-1]) + 1
-    plan = []
-    for c in range(n_chunks):
-        sel = chunk_of == c
-        lo, hi = c * chunk_tokens, min((c + 1) * chunk_tokens, n_targets)
-        plan.append((starts[sel], first[sel], lo, hi))
-    return plan
-
-
-def ttt_train_chunk(ctx: EvalContext, params: list[nn.Parameter], opt: torch.optim.Optimizer, lo: int, hi: int,
-                    lr: float, cfg: TTTConfig, epochs: int) -> None:
-    """SGD on the already-scored chunk tokens[lo:hi+1] (non-overlapping sequences, split across ranks;
-    gradients summed over ranks and normalized by the global token count)."""
-    seq_starts = np.arange(lo, hi - ctx.seq_len + 1, ctx.seq_len)
-    if seq_starts.size == 0:
-        return
-    mine = torch.from_numpy(seq_starts[ctx.rank::ctx.world_size]).to(ctx.device)
-    size = ttt_batch_seqs(cfg.chunk_tokens, ctx.seq_len, ctx.batch_seqs, ctx.world_size)
-    rows = torch.arange(size, device=ctx.device)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    for _ in range(epochs):
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        for b in range(0, mine.numel(), size):
-            idx = (b + rows).clamp_max(mine.numel() - 1)
-            weight = (b + rows < mine.numel()).float() / (seq_starts.size * ctx.seq_len)
-            win = ctx.windows(mine[idx])
-            with ctx.autocast():
-                nll = ctx.model(win[:, :-1], win[:, 1:], reduction="none")
-            (nll.sum(-1) * weight).sum().backward()
-        sync_gradients(params, ctx.world_size, average=False)  # the loss above is already a global mean
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-
-
-def eval_ttt(ctx: EvalContext, params: list[nn.Parameter], cfg: TTTConfig, budget_s: float,
-             log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
-    """Legal score-first TTT (PR #1413 lineage): each chunk is scored under no_grad with the weights
-    trained on earlier chunks only, then trained on; the last chunk is never trained. When the projected
-    time would pass `budget_s`, later chunks train for fewer epochs (logged), down to scoring only."""
-    t0 = time.perf_counter()
-    plan = ttt_plan(ctx.n_targets, ctx.seq_len, ctx.stride, cfg.chunk_tokens)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    epochs, n_train = cfg.epochs, max(len(plan) - 1, 1)
-    info: dict[str, Any] = {"chunks": len(plan), "epochs_planned": cfg.epochs, "degraded_at_chunk": None}
-    score_s = train_s = 0.0
-    epoch_runs = 0
-    for c, (starts, first, lo, hi) in enumerate(plan):
-        ts = time.perf_counter()
-        a, b = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
-        with torch.no_grad():
-            sums += score_windows(ctx, starts[a:b], first[a:b])
-        score_s += time.perf_counter() - ts
-        if c == len(plan) - 1 or epochs == 0:
-            continue
-        # Budget check ahead of every chunk's training: the remaining chunks at the measured rates.
-        # Every rank takes the slowest rank's numbers, so all of them degrade at the same chunk.
-        if epoch_runs > 0:
-            rates = torch.tensor([time.perf_counter() - t0, score_s / (c + 1), train_s / epoch_runs],
-                                 dtype=torch.float64, device=ctx.device)
-            all_reduce_(rates, op="max")
-            elapsed, per_score, per_epoch = rates.tolist()
-            remaining = len(plan) - 1 - c
-            while epochs > 0 and elapsed + remaining * (per_score + epochs * per_epoch) + per_score > budget_s:
-                epochs -= 1
-            if epochs < cfg.epochs and info["degraded_at_chunk"] is None:
-                info["degraded_at_chunk"] = c
-                log(format_kv(ttt_degrade=f"epochs {cfg.epochs}->{epochs}", chunk=f"{c}/{len(plan)}",
-                              reason=f"projected TTT time would pass the {budget_s:.0f}s eval budget"))
-            if epochs == 0:
-                continue
-        tt = time.perf_counter()
-        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * c / n_train))
-        ttt_train_chunk(ctx, params, opt, lo, hi, lr, cfg, epochs)
-        epoch_runs += epochs
-        train_s += time.perf_counter() - tt
-    info.update(epochs_final=epochs, score_seconds=score_s, train_seconds=train_s)
-    return result_from_sums(sums, t0), info
 
 TTT_LORA_BETAS = (0.0, 0.99)  # AdamW betas of the LoRA adapters: no momentum (PR #1530; beta2 0.99 as the top's)
 TTT_LORA_EPS = 1e-10
@@ -4621,15 +4514,9 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
     ttt_info = None
     if h.ttt_enabled:
         budget = h.eval_time_budget_seconds - (time.perf_counter() - t0)
-        if h.phased_ttt_enabled:
-            r, ttt_info = eval_ttt_lora(ctx, model, LoRATTTConfig.from_hparams(h), TTTConfig.global_phase(h), budget,
-                                        log)
-            log_result("ttt", r, log, mode="phased_lora", documents=ttt_info["documents"],
-                       phases=f"{ttt_info['phases_run']}/{ttt_info['phases_set']}")
-        else:
-            r, ttt_info = eval_ttt(ctx, list(model.parameters()), TTTConfig.from_hparams(h), budget, log)
-            log_result("ttt", r, log, mode="chunked", chunks=ttt_info["chunks"],
-                       epochs=f"{ttt_info['epochs_final']}/{ttt_info['epochs_planned']}")
+        r, ttt_info = eval_ttt_lora(ctx, model, LoRATTTConfig.from_hparams(h), TTTConfig.global_phase(h), budget, log)
+        log_result("ttt", r, log, mode="phased_lora", documents=ttt_info["documents"],
+                   phases=f"{ttt_info['phases_run']}/{ttt_info['phases_set']}")
         results["ttt"] = r
         clock.record("eval_ttt", r.seconds, r.tokens)
     ev = Evaluations(results, time.perf_counter() - t0, ttt_info)
@@ -4672,7 +4559,8 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
                                                         "of the same document"),
         format_kv(compliance="normalized", value="yes", how="full softmax over the vocabulary for every scored token"),
         format_kv(compliance="score_before_update", value="yes",
-                  how="TTT scores each chunk under no_grad before training on it; the last chunk is never trained"
+                  how="TTT scores each chunk of a document before its LoRA step on it (a document's last chunk is "
+                      "never trained on); phase SGD trains only on documents already scored"
                       if h.ttt_enabled else "no test-time training: weights are fixed during evaluation"),
         format_kv(compliance="single_pass", value="yes", how="each validation target scored exactly once (coverage "
                                                              "checked)"),
@@ -4741,8 +4629,8 @@ def ends_looping(h: Hyperparameters) -> bool:
 
 @dataclass(frozen=True)
 class Graphs:
-    """What runs the model: `model` trains, evaluates and runs TTT (torch.compile keeps a graph per looping
-    state, grad mode and shape), `calibrate` is GPTQ's forward (model.hidden with the Hessian taps armed;
+    """What runs the model: `model` trains and evaluates (torch.compile keeps a graph per looping state, grad
+    mode and shape), `calibrate` is GPTQ's forward (model.hidden with the Hessian taps armed;
     compiled for the micro-batch shape, eager for any other), `base` the module whose weights they share,
     `lora` phased TTT's chunk forward (lora_chunk_nll; rows and width dynamic, see lora_nll; None: eager)."""
     model: Callable[..., Tensor]
@@ -4757,7 +4645,7 @@ class Graphs:
         compiled_hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True)
         shape = (h.micro_batch_seqs, h.train_seq_len)
         # one dynamic graph where the RoPE base is the same for every window (lora_nll)
-        dynamic_ok = h.ttt_enabled and h.phased_ttt_enabled and 3 <= h.eval_seq_len <= h.rope_train_seq_len
+        dynamic_ok = h.ttt_enabled and 3 <= h.eval_seq_len <= h.rope_train_seq_len
         lora = torch.compile(functools.partial(lora_chunk_nll, model), fullgraph=True) if dynamic_ok else None
         return cls(torch.compile(model, dynamic=False, fullgraph=True),
                    lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids), model,
@@ -4795,10 +4683,10 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
 def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: bool,
                    training_run: bool) -> dict[str, float]:
     """Untimed: with COMPILE=1, compile on random tokens (never validation tokens: PR #1530's warm-up was
-    flagged for that) the evaluation forward, TTT's training step and, in a training run, the calibration
+    flagged for that) the evaluation forward, phased TTT's chunk step and, in a training run, the calibration
     forward, all in the looping state of the end of training (`looping`; a training run that evaluates
     every VAL_LOSS_EVERY steps also gets the evaluation graph of the other state), so nothing compiles
-    inside either budget. Weights are untouched (gradients are dropped). Returns seconds per graph."""
+    inside either budget. Weights are untouched (TTT's adapters are fresh and dropped). Returns seconds per graph."""
     model = graphs.base
     seconds: dict[str, float] = {}
     if not h.compile:
@@ -4822,12 +4710,8 @@ def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: boo
             timed(f"eval_{'looped' if state else 'plain'}", lambda: graphs.model(win[:, :-1], win[:, 1:],
                                                                                reduction="none"))
     model.set_looping(looping)
-    if h.ttt_enabled and graphs.lora is not None:
+    if graphs.lora is not None:
         timed("ttt_train", lambda: warm_up_lora(h, d, graphs, rand))
-    elif h.ttt_enabled:
-        win = rand(ttt_batch_seqs(h.ttt_chunk_tokens, h.eval_seq_len, h.eval_batch_seqs, d.world_size), h.eval_seq_len)
-        timed("ttt_train", lambda: graphs.model(win[:, :-1], win[:, 1:], reduction="none").sum().backward())
-        model.zero_grad(set_to_none=True)
     if training_run and h.quant_method == "gptq":
         ids = rand(h.micro_batch_seqs, h.train_seq_len)[:, :-1]
         timed("calibration", lambda: collect_hessians(model, [ids], d.device, h.compute_dtype, graphs.calibrate))

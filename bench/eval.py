@@ -1,11 +1,12 @@
-"""Evaluation speed: plain vs sliding-window scoring, and score-first TTT, on CPU (or the current GPU).
+"""Evaluation speed: plain vs sliding-window scoring, and phased LoRA TTT, on CPU (or the current GPU).
 
 A sliding evaluation at stride s runs seq_len/s forward tokens per scored token in the ideal case;
 this measures how close the batched implementation (train_gpt.eval_windows: fixed-shape batches of
 EVAL_BATCH_SEQS windows) gets, as the cost ratio (sliding seconds / plain seconds) against that ideal,
-and the throughput of TTT (tokens scored + trained per second).
+and the throughput of PRESET=record's phased score-first LoRA TTT (train_gpt.eval_ttt_lora: its adapters,
+batches and phases; tokens scored per second, the phases' SGD included).
 
-Run (about 3 minutes on a 2-core CPU):
+Run (about 4 minutes on a 2-core CPU):
     python bench/eval.py [--tokens 65536] [--seq-len 256] [--json] [--out bench/eval.md]
 
 The model is the scaled-down record stack of bench/ablate.py (untrained: speed does not depend on
@@ -87,12 +88,13 @@ def main() -> int:
             rows.append({"eval": "sliding", "stride": stride, "batch_seqs": bs, "scored": r.tokens, "seconds": sec,
                          "scored_per_s": r.tokens / sec, "cost_ratio": sec / plain_s,
                          "ideal_ratio": args.seq_len / stride})
-    cfg = tg.TTTConfig(lr=0.005, epochs=1, momentum=0.9, chunk_tokens=8192, grad_clip=1.0)
-    (r, info), sec = timed(lambda: tg.eval_ttt(ctx(args.strides[0], max(args.batch_seqs)), list(model.parameters()),
-                                               cfg, 1e9, lambda m: None))
-    rows.append({"eval": "ttt (1 epoch)", "stride": args.strides[0], "batch_seqs": max(args.batch_seqs),
+    lora, sgd = tg.LoRATTTConfig.from_hparams(h), tg.TTTConfig.global_phase(h)
+    (r, info), sec = timed(lambda: tg.eval_ttt_lora(ctx(args.seq_len, max(args.batch_seqs)), model, lora, sgd, 1e9,
+                                                    lambda m: None))
+    assert r.tokens == plain.tokens
+    rows.append({"eval": "phased LoRA TTT", "stride": "–", "batch_seqs": max(args.batch_seqs),
                  "scored": r.tokens, "seconds": sec, "scored_per_s": r.tokens / sec, "cost_ratio": sec / plain_s,
-                 "ideal_ratio": None, "ttt_score_s": info["score_seconds"], "ttt_train_s": info["train_seconds"]})
+                 "ideal_ratio": None, "ttt_documents": info["documents"], "ttt_phases_run": info["phases_run"]})
     host = (f"{torch.cuda.get_device_name() if device.type == 'cuda' else platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__}")
     report = {"command": "python bench/eval.py " + " ".join(sys.argv[1:]), "host": host, "tokens": source,
@@ -107,9 +109,8 @@ def main() -> int:
         ideal = f"{r['ideal_ratio']:.1f}" if r["ideal_ratio"] else "–"
         md.append(f"| {r['eval']} | {r['stride']} | {r['batch_seqs']} | {r['seconds']:.2f} | {r['scored_per_s']:,.0f} | "
                   f"{r['cost_ratio']:.2f}x | {ideal} |")
-    ttt = rows[-1]
-    trained = f"{plain.tokens / ttt['ttt_train_s']:,.0f} trained tokens/s" if ttt["ttt_train_s"] > 0 else "no chunk trained"
-    md.append(f"\nTTT split: scoring {ttt['ttt_score_s']:.2f} s, training {ttt['ttt_train_s']:.2f} s ({trained}).")
+    md.append(f"\nPhased LoRA TTT: {info['documents']} documents in batches of {lora.batch_docs}, rank {lora.rank}, "
+              f"chunks of {lora.chunk}; {info['phases_run']} of {info['phases_set']} phases of global SGD ran.")
     text = "\n".join(md) + "\n"
     if args.out:
         tg.atomic_write_bytes(args.out, text.encode())

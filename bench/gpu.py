@@ -93,7 +93,7 @@ CPU_KNOBS = {"DEVICE": "cpu", "COMPILE": "0", "NUM_LAYERS": "6", "MODEL_DIM": "6
              "NUM_KV_HEADS": "1", "MLP_MULT": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
              "ROPE_TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "XSA_LAST_N": "6", "LOOP_START": "2",
              "LOOP_END": "3", "PARALLEL_START_LAYER": "4", "EVAL_BATCH_SEQS": "8", "EVAL_STRIDE": "32",
-             "TTT_CHUNK_TOKENS": "1024", "TTT_EPOCHS": "1", "BPB_CHECK_DOCS": "5", "TTT_BATCH_SIZE": "4"}
+             "TTT_CHUNK_TOKENS": "1024", "BPB_CHECK_DOCS": "5", "TTT_BATCH_SIZE": "4"}
 ANCHOR_LINE = re.compile(r"^(?P<step>\d+)/(?P<of>\d+) train_loss: \S+ train_time: \S+ tok/s: (?P<tok_s>[\d.]+)")
 TOP_BATCH_LINE = re.compile(r"^ttp: b(?P<b>\d+)/(?P<n>\d+) .* dl:(?P<lo>\d+)-(?P<hi>\d+)")
 EVAL_PHASES = ("artifact_read", "eval_roundtrip", "eval_sliding", "eval_ttt")
@@ -718,7 +718,7 @@ def record_eval_config() -> dict:
     return {"TTT_BATCH_SIZE": h.ttt_batch_size, "TTT_CHUNK_SIZE": h.ttt_chunk_size, "EVAL_SEQ_LEN": h.eval_seq_len,
             "PHASED_TTT_PREFIX_DOCS": h.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES": h.phased_ttt_num_phases,
             "GLOBAL_TTT_EPOCHS": h.global_ttt_epochs, "TTT_CHUNK_TOKENS": h.ttt_chunk_tokens,
-            "EVAL_STRIDE": h.eval_stride if h.sliding else None, "TTT": h.ttt_enabled and h.phased_ttt_enabled,
+            "EVAL_STRIDE": h.eval_stride if h.sliding else None, "TTT": h.ttt_enabled,
             "COMPRESSOR": h.compressor}
 
 

@@ -17,9 +17,9 @@ The track:
 - Budget: MINI_TRAIN_SECONDS (or --seconds; default 240) of training wallclock, GPTQ Hessians
   included; artifact cap 2,000,000 bytes with the code counted at its shipped size (train_gpt.py is
   run as the file records/pack.py generates, so bytes_code is the shipped size); score = sliding
-  val_bpb at stride 64 over all validation documents; no test-time training (one TTT epoch costs
-  about 7x a plain pass on this CPU, over three minutes on the 558k validation tokens: it does not
-  fit a six-minute run).
+  val_bpb at stride 64 over all validation documents; no test-time training (phased LoRA TTT took
+  265-269 s on the 200 validation documents at rank 16: it does not fit a six-minute run;
+  --eval-variant re-scores the artifacts with it).
 - Configurations: `baseline` (PRESET=baseline: the naive baseline's architecture and optimizer) and
   `record` (PRESET=record: the full record stack), both at the mini size of COMMON_ENV; each
   `--variant NAME=KEY=VAL,...` is the record configuration plus its overrides (a variant that sets

@@ -34,9 +34,12 @@ KNOB_ALIASES: dict[str, str] = {"MUON_EQ_R": "MUON_ROW_NORMALIZE", "GPTQ_CALIB_B
                                 "GLOBAL_TTT_MOMENTUM": "TTT_MOMENTUM", "GLOBAL_TTT_CHUNK_TOKENS": "TTT_CHUNK_TOKENS",
                                 "GLOBAL_TTT_GRAD_CLIP": "TTT_GRAD_CLIP"}
 # PR #1855's knobs whose value train_gpt.py fixes (its README sets some): accepted at that value, refused otherwise.
+# PHASED_TTT_ENABLED: its README command's; TTT is always phased LoRA TTT since the chunked whole-model TTT
+# (PR #549/#1413) was removed.
 FIXED_KNOBS: dict[str, str] = {"TTT_BETA1": "0", "TTT_BETA2": "0.99", "TTT_OPTIMIZER": "adam", "TTT_GRAD_STEPS": "1",
                                "TTT_K_LORA": "1", "TTT_MLP_LORA": "1", "TTT_O_LORA": "1", "PARALLEL_FINAL_LANE": "mean",
-                               "ROPE_YARN": "0", "GLOBAL_TTT_WARMUP_CHUNKS": "0", "VAL_DOC_FRACTION": "1"}
+                               "ROPE_YARN": "0", "GLOBAL_TTT_WARMUP_CHUNKS": "0", "VAL_DOC_FRACTION": "1",
+                               "PHASED_TTT_ENABLED": "1"}
 # Older names rewritten to today's knobs by translate_legacy_vars.
 LEGACY_VARS = frozenset({"RECUR_LAYERS", "RECUR_START_STEP", "PARALLEL_RESIDUAL", "PARALLEL_RESIDUAL_START",
                          "TARGET_MB", "USE_GPTQ", "SLIDING_WINDOW_ENABLED"})
@@ -48,6 +51,8 @@ RETIRED_VARS: dict[str, str] = {
     "GPTQ_CALIB_SAMPLES": "self-generated GPTQ calibration was removed; GPTQ_CALIBRATION_BATCHES sets the calibration",
     "GPTQ_TEMPERATURE": "self-generated GPTQ calibration was removed; GPTQ calibrates on training data",
     "BIGRAM_DIM": "BigramHash embeddings were removed (a table size other than 0 is refused)",
+    "TTT_LR": "the chunked whole-model TTT (PR #549/#1413) was removed; the phases' SGD uses GLOBAL_TTT_LR",
+    "TTT_EPOCHS": "the chunked whole-model TTT (PR #549/#1413) was removed; the phases' SGD uses GLOBAL_TTT_EPOCHS",
 }
 # Every name above: not a knob, but not unknown either (no "did you mean" warning).
 KNOWN_NAMES = frozenset(UNIMPLEMENTED_FEATURES) | set(KNOB_ALIASES) | set(FIXED_KNOBS) | LEGACY_VARS | set(RETIRED_VARS)

@@ -1,14 +1,13 @@
-"""What the evaluations score and what TTT trains on, observed from outside train_gpt.py for the score-before-update
-tests: recorders install wrappers with a MonkeyPatch (module-level functions and class attributes are looked up
-at call time, so a wrapper sees every call) and read the facts off the calls.
+"""What the evaluations score and what TTT trains on, observed from outside train_gpt.py for the coverage and
+score-before-update tests: recorders install wrappers with a MonkeyPatch (module-level functions and class
+attributes are looked up at call time, so a wrapper sees every call) and read the facts off the calls.
 
 Which targets a scoring forward counted is read off autograd: while a recorder scores, EvalContext.target_bytes
 returns the targets' bytes as a float64 leaf, so the gradient of the byte total (sums[2]) with respect to it is
 the mask the scoring applied (the nats and the target count share that mask), and its `pos` argument names each
 target's stream position.
 
-- WindowTrace: score_windows (sliding evaluation, chunked TTT's scoring) and ttt_train_chunk: per scoring
-  forward, the targets it counted and the furthest target any TTT training window had reached by then.
+- WindowTrace: score_windows (the plain and sliding evaluations): per scoring forward, the targets it counted.
 - LoRATrace: score_lora_batch (phased LoRA TTT): per batch, chunk and document, the nats it scored and whether
   that chunk's loss reached the document's adapters (a nonzero gradient in the step's backward).
 """
@@ -56,40 +55,24 @@ class ScoredMasks:
 
 
 class WindowTrace:
-    """`batches`: per score_windows forward, in order, (the target indices it counted, the furthest target of any
-    window ttt_train_chunk had trained on by then, 0 before any). score_windows runs under enable_grad here (its
-    callers' no_grad would hide the mask); its sums are returned detached."""
+    """`batches`: per score_windows forward, in order, the target indices it counted. score_windows runs under
+    enable_grad here (its callers' no_grad would hide the mask); its sums are returned detached."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
-        self.batches: list[tuple[np.ndarray, int]] = []
-        self.trained_through, training = 0, [False]
+        self.batches: list[np.ndarray] = []
         masks = ScoredMasks(mp)
-        score, train, windows = tg.score_windows, tg.ttt_train_chunk, tg.EvalContext.windows
+        score = tg.score_windows
 
         def score_windows(ctx, starts, first):
             with torch.enable_grad():
                 sums, forwards = masks.score(score, ctx, starts, first)
-            self.batches += [(pos[mask].cpu().numpy(), self.trained_through) for pos, mask in forwards]
+            self.batches += [pos[mask].cpu().numpy() for pos, mask in forwards]
             return sums
 
-        def ttt_train_chunk(*args, **kwargs):
-            training[0] = True
-            try:
-                return train(*args, **kwargs)
-            finally:
-                training[0] = False
-
-        def train_windows(ctx, starts):
-            if training[0] and starts.numel():  # a window's targets are its start + 1 .. start + seq_len
-                self.trained_through = max(self.trained_through, int(starts.max()) + ctx.seq_len)
-            return windows(ctx, starts)
-
         mp.setattr(tg, "score_windows", score_windows)
-        mp.setattr(tg, "ttt_train_chunk", ttt_train_chunk)
-        mp.setattr(tg.EvalContext, "windows", train_windows)
 
     def targets(self) -> np.ndarray:
-        return np.concatenate([t for t, _ in self.batches])
+        return np.concatenate(self.batches)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def run_compiled(tmp_path: Path, dataset: dict, knobs: dict[str, str], stubs: li
                WARMUP_STEPS="1", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LOOPS="1",
                LOOP_START="1", LOOP_END="1", LOOPING_START_STEP="2", VAL_LOSS_EVERY="2", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", EVAL_BATCH_SEQS="8", EVAL_STRIDE="32", TTT_ENABLED="1",
-               TTT_EPOCHS="1", TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
+               TTT_CHUNK_TOKENS="1024", MAX_VAL_TOKENS="2048", GPTQ_CALIBRATION_BATCHES="2",
                QUANT_METHOD="gptq", BPB_CHECK_DOCS="5", PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2",
                TTT_BATCH_SIZE="4", TTT_LORA_RANK="4", SMEAR_GATE_ENABLED="1", SPARSE_ATTN_GATE_ENABLED="1",
                XSA_LAST_N="3", PARALLEL_MODE="lanes", PARALLEL_START_LAYER="2")
@@ -53,18 +53,18 @@ def run_compiled(tmp_path: Path, dataset: dict, knobs: dict[str, str], stubs: li
 
 
 TOP_KNOBS = {"ATTN_BACKEND": "fa3", "DOC_ISOLATION": "1", "DOC_PACKED_LOADER": "1", "FUSED_CE_ENABLED": "1",
-             "PHASED_TTT_ENABLED": "1", "FUSED_MLP_ENABLED": "1", "MLP_ACT": "leaky_relu2"}
+             "FUSED_MLP_ENABLED": "1", "MLP_ACT": "leaky_relu2"}
 FLOWS = {
     "fused_ce": ({"FUSED_CE_ENABLED": "1"}, []),
     # The leaderboard top's attention, MLP and loss: FA3 varlen over documents, the packed loader, fused CE, the
-    # fused leaky_relu2 MLP, phased TTT;
+    # fused leaky_relu2 MLP (every flow runs phased TTT);
     # once more with inductor's own code generation (96 s here), the rest with aot_eager (15-17 s each).
     "fa3_doc_isolation": (TOP_KNOBS, [STUBS / "fa3"]),
     "fa3_doc_isolation_inductor": (TOP_KNOBS, [STUBS / "fa3"]),
-    "shared_fa3_doc_isolation": ({"ATTN_BACKEND": "fa3", "DOC_ISOLATION": "1", "DOC_PACKED_LOADER": "1",
-                                  "PHASED_TTT_ENABLED": "0"}, [SHARED_FA3]),
-    "fa4": ({"ATTN_BACKEND": "fa4", "PHASED_TTT_ENABLED": "1"}, [STUBS / "fa4"]),
-    "sdpa_doc_isolation": ({"DOC_ISOLATION": "1", "DOC_PACKED_LOADER": "1", "PHASED_TTT_ENABLED": "1"}, []),
+    "shared_fa3_doc_isolation": ({"ATTN_BACKEND": "fa3", "DOC_ISOLATION": "1", "DOC_PACKED_LOADER": "1"},
+                                 [SHARED_FA3]),
+    "fa4": ({"ATTN_BACKEND": "fa4"}, [STUBS / "fa4"]),
+    "sdpa_doc_isolation": ({"DOC_ISOLATION": "1", "DOC_PACKED_LOADER": "1"}, []),
 }
 
 
@@ -88,10 +88,9 @@ def test_main_runs_compiled_and_compiles_nothing_after_the_warm_up(tmp_path, dat
                      "quantization", "artifact_read", "eval_roundtrip", "eval_sliding", "eval_ttt"], order
     assert metrics["wall_seconds"] >= sum(r["seconds"] for r in metrics["phases"]) * 0.99
     assert all(f"phase:{name} seconds:" in log for name in order) and "wall_time:" in log
-    if knobs.get("PHASED_TTT_ENABLED") == "1":
-        assert "ttt_phased:1/" in log and "mode:phased_lora" in log and metrics["ttt"]["documents"] >= 1
-        assert f"phases:{metrics['ttt']['phases_run']}/2" in log, "phases run of PHASED_TTT_NUM_PHASES=2"
-        assert compiles.count("lora:setup") == 1, compiles  # one dynamic graph, compiled in the warm-up
+    assert "ttt_phased:1/" in log and "mode:phased_lora" in log and metrics["ttt"]["documents"] >= 1
+    assert f"phases:{metrics['ttt']['phases_run']}/2" in log, "phases run of PHASED_TTT_NUM_PHASES=2"
+    assert compiles.count("lora:setup") == 1, compiles  # one dynamic graph, compiled in the warm-up
     backend = knobs.get("ATTN_BACKEND", "sdpa")
     assert f"resolved_attn_backend: {backend}" in log
     ops = set().union(*result["graphs"])

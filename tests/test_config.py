@@ -342,6 +342,21 @@ def test_retired_self_generated_calibration_knobs_warn_and_change_nothing():
         assert any(w.startswith(f"{name}={value!r} is ignored") and "self-generated" in w for w in h.env_warnings)
 
 
+def test_the_removed_whole_model_ttt_knobs_warn_or_are_fixed():
+    """TTT is always phased LoRA TTT: PHASED_TTT_ENABLED=1 (PR #1855's command) is accepted and changes nothing,
+    0 (the removed chunked TTT) is refused with one line; TTT_LR and TTT_EPOCHS warn that they are ignored."""
+    plain = H.from_env({"STRICT_ENV": "1"}).knob_values()
+    for env in ({}, {"TTT_ENABLED": "0", "PRESET": "smoke"}):
+        h = H.from_env({**env, "PHASED_TTT_ENABLED": "1", "STRICT_ENV": "1"})
+        assert h.env_warnings == () and h.knob_values() == H.from_env({**env, "STRICT_ENV": "1"}).knob_values()
+    assert_one_line_naming(config_error({"PHASED_TTT_ENABLED": "0"}), "PHASED_TTT_ENABLED='0'", "fixes it at 1")
+    for name, value in (("TTT_LR", "0.005"), ("TTT_EPOCHS", "3")):
+        h = H.from_env({name: value, "STRICT_ENV": "1"})  # an old command still runs, even strict
+        assert h.knob_values() == plain
+        assert h.env_warnings == (f"{name}={value!r} is ignored: {knobs.RETIRED_VARS[name]}",)
+        assert "whole-model TTT" in h.env_warnings[0] and f"GLOBAL_{name}" in h.env_warnings[0]
+
+
 def test_refusals_and_warnings_name_only_existing_knobs():
     """A description that points to another variable points to a knob (QAT_ENABLED once named a removed one)."""
     for text in [*knobs.UNIMPLEMENTED_FEATURES.values(), *knobs.RETIRED_VARS.values()]:
@@ -743,8 +758,9 @@ def test_a_hint_ends_the_message_and_is_optional():
     assert str(tg.ConfigError("X=1 is not allowed", hint="set Y")) == "X=1 is not allowed; set Y"
     assert str(tg.DataError("f.bin: missing")) == "f.bin: missing"
     assert isinstance(tg.ArtifactError("a", hint="b"), ValueError) and str(tg.ArtifactError("a", hint="b")) == "a; b"
-    msg = config_error({"PHASED_TTT_ENABLED": "1", "TTT_ENABLED": "0"})
-    assert msg.startswith("PHASED_TTT_ENABLED=1 is not allowed with TTT_ENABLED=0; ") and "set TTT_ENABLED=1" in msg
+    msg = config_error({"TTT_CHUNK_TOKENS": "1024"})  # the record's EVAL_SEQ_LEN is 2048
+    assert msg == ("TTT_CHUNK_TOKENS=1024 is not allowed: must be >= EVAL_SEQ_LEN=2048; the phase SGD trains on whole "
+                   "sequences of a chunk")
 
 
 # torch's own first line for a file holding an object weights_only refuses (its escapes bold a phrase)

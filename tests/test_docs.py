@@ -113,7 +113,7 @@ def test_doc_scan_is_not_vacuous():
     # single words come only from NAME=value; names with underscores from anywhere in code
     assert {"PRESET", "SEED", "DEVICE", "STRICT_ENV", "NCCL_NET", "MAX_WALLCLOCK_SECONDS"} <= readme
     design = env_names((ROOT / "docs/design.md").read_text(encoding="utf-8"))
-    assert {"EVAL_STRIDE", "PHASED_TTT_ENABLED", "GPTQ_RESERVE_SECONDS"} <= design
+    assert {"EVAL_STRIDE", "PHASED_TTT_NUM_PHASES", "GPTQ_RESERVE_SECONDS"} <= design
     assert len(design & set(tg.Hyperparameters.knob_names())) > 50
     knobs = env_names((ROOT / "docs/knobs.md").read_text(encoding="utf-8"))
     assert {k for k in tg.Hyperparameters.knob_names() if "_" in k} <= knobs  # a bare single word is not taken

@@ -1,4 +1,4 @@
-"""Evaluation: BPB self-check, sliding-window coverage, score-first TTT legality, distributed totals.
+"""Evaluation: BPB self-check, sliding-window coverage, distributed totals (sliding and phased TTT).
 
 Run:
     python -m pytest -q tests/test_eval.py          # about a minute; tokenizer tests need ../shared/data
@@ -6,9 +6,8 @@ Run:
 The self-check must catch a deliberately wrong lookup table and pass on every real tokenizer in
 ../shared/data/tokenizers on FineWeb and Wikipedia text. Sliding windows must score every target
 exactly once for many (length, seq_len, stride, ranks); stride = seq_len must reproduce the plain
-evaluation. TTT is checked with a trace of which targets each scoring batch scored and how far
-training had got (tests/scoring_trace.py): no target may be scored by weights that trained on it. Two
-gloo processes must give the same sliding and TTT totals as one.
+evaluation. Two gloo processes must give the same sliding totals as one, and phased TTT's over the
+real collectives (its legality is tests/test_phased_ttt.py's).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import pytest
 import torch
 
 from conftest import ROOT, eval_ctx, tg
-from scoring_trace import WindowTrace
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -207,67 +205,6 @@ def test_sliding_batch_padding_does_not_change_the_totals():
 
 
 # ---------------------------------------------------------------------------------------------
-# Score-first TTT
-# ---------------------------------------------------------------------------------------------
-
-
-def test_ttt_plan_assigns_windows_by_their_first_scored_target():
-    plan = tg.ttt_plan(1000, 64, 16, 200)
-    seen = np.zeros(1001, dtype=np.int64)
-    for c, (starts, first, lo, hi) in enumerate(plan):
-        assert (lo, hi) == (c * 200, min((c + 1) * 200, 1000))
-        for s, f in zip(starts, first):
-            assert lo < s + f + 1 <= hi, "first scored target inside the chunk"
-            seen[s + 1 + f: s + 1 + 64] += 1
-    assert (seen[1:] == 1).all()
-
-
-def run_ttt(model, val, epochs=2, chunk=96, budget=1e9, lines=None):
-    cfg = tg.TTTConfig(lr=0.05, epochs=epochs, momentum=0.9, chunk_tokens=chunk, grad_clip=1.0)
-    ctx = eval_ctx(model, val, fake_luts(128), 32, stride=8)
-    return tg.eval_ttt(ctx, list(model.parameters()), cfg, budget, (lines if lines is not None else []).append)
-
-
-def test_ttt_never_scores_a_target_with_weights_that_trained_on_it(monkeypatch):
-    model = tiny_eval_model(num_loops=1, loop_start=0, loop_end=1, parallel_mode="lanes", parallel_start_layer=1)
-    model.set_looping(True)
-    val = val_stream(641)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trace = WindowTrace(monkeypatch).batches
-    result, info = run_ttt(model, val)
-    assert info["chunks"] == math.ceil(640 / 96) and info["epochs_final"] == 2
-    scored = np.concatenate([t for t, _ in trace])
-    assert np.array_equal(np.sort(scored), np.arange(1, 641)), "every target exactly once"
-    trained = [tt for _, tt in trace]
-    assert trained == sorted(trained) and trained[-1] > 0, "training advances between chunks"
-    for targets, trained_through in trace:
-        assert targets.min() > trained_through, "a target was scored by weights trained on it"
-    assert result.tokens == 640
-    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), "TTT changed the weights"
-    # The last chunk is never trained: its windows were scored with the weights after chunk n-2.
-    last_chunk_first_target = (info["chunks"] - 1) * 96 + 1
-    assert max(tt for t, tt in trace if t.min() >= last_chunk_first_target) == (info["chunks"] - 1) * 96
-
-
-def test_ttt_with_zero_epochs_equals_sliding_eval():
-    model = tiny_eval_model()
-    val = val_stream(641)
-    sliding = tg.eval_windows(eval_ctx(model, val, fake_luts(128), 32, stride=8), 8)
-    ttt, _ = run_ttt(model, val, epochs=0)
-    assert (ttt.tokens, ttt.bytes) == (sliding.tokens, sliding.bytes)
-    assert ttt.val_loss == pytest.approx(sliding.val_loss, rel=1e-9)
-
-
-def test_ttt_degrades_epochs_instead_of_passing_the_budget():
-    model = tiny_eval_model()
-    val = val_stream(641)
-    lines: list[str] = []
-    _, info = run_ttt(model, val, epochs=3, budget=1e-3, lines=lines)
-    assert info["epochs_final"] < 3 and info["degraded_at_chunk"] is not None
-    assert any(line.startswith("ttt_degrade:epochs 3->") and "budget" in line for line in lines), lines
-
-
-# ---------------------------------------------------------------------------------------------
 # Two gloo processes give the one-process totals
 # ---------------------------------------------------------------------------------------------
 
@@ -287,11 +224,15 @@ val = val_stream(641)
 cpu = torch.device("cpu")
 ctx = eval_ctx(model, val, fake_luts(128), 32, stride=8, rank=rank, world_size=world)
 s = tg.eval_windows(ctx, 8)
-cfg = tg.TTTConfig(lr=0.05, epochs=2, momentum=0.9, chunk_tokens=96, grad_clip=1.0)
-t, _ = tg.eval_ttt(ctx, list(model.parameters()), cfg, 1e9, lambda m: None)
+sgd = tg.TTTConfig(lr=0.05, epochs=1, momentum=0.9, chunk_tokens=96, grad_clip=1.0)
+out = {{"sliding": [s.val_loss, s.tokens, s.bytes]}}
+for name, lr, phases in (("ttt_base", 0.0, 0), ("ttt", 1e-2, 2)):  # LoRA LR 0 and no phase: the base model scores
+    cfg = tg.LoRATTTConfig(rank=4, alpha=8.0, lr=lr, weight_decay=0.1, batch_docs=3, chunk=8, warm_start_a=True,
+                           prefix_docs=8, phases=phases, seed=0)
+    t, info = tg.eval_ttt_lora(ctx, model, cfg, sgd, 1e9, lambda m: None)
+    out[name] = [t.val_loss, t.tokens, t.bytes, info["phases_run"]]
 if rank == 0:
-    json.dump({{"sliding": [s.val_loss, s.tokens, s.bytes], "ttt": [t.val_loss, t.tokens, t.bytes]}},
-              open(sys.argv[1], "w"))
+    json.dump(out, open(sys.argv[1], "w"))
 if world > 1:
     # Leave together, as train_gpt.finish() does: a rank that exits right after its last collective can abort
     # ("terminate called without an active exception") while Gloo's threads still hold that collective.
@@ -302,6 +243,9 @@ if world > 1:
 
 @pytest.mark.slow
 def test_distributed_sliding_and_ttt_match_one_process(tmp_path):
+    """Sliding, and phased TTT scoring with the base model, total as one process does; phased TTT with LoRA steps
+    and 2 phases (the ranks pause together, all_reduce_ and sync_gradients over gloo) scores every target once and
+    runs both phases: its loss differs, since the ranks claim batches in another order."""
     script = tmp_path / "dist_eval.py"
     script.write_text(DIST_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -311,6 +255,8 @@ def test_distributed_sliding_and_ttt_match_one_process(tmp_path):
                            str(script), str(two)], env=env, timeout=300, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    for key in ("sliding", "ttt"):
+    for key in ("sliding", "ttt_base", "ttt"):
         assert a[key][1:] == b[key][1:], key
+    for key in ("sliding", "ttt_base"):
         assert b[key][0] == pytest.approx(a[key][0], rel=1e-5), key
+    assert a["ttt"][3] == 2 and math.isfinite(b["ttt"][0]) and a["ttt"][0] != a["ttt_base"][0]

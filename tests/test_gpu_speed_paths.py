@@ -1,6 +1,6 @@
 """The GPU speed paths, checked on the CPU: the fused softcapped loss, the bf16 residual stream and
 XSA, the fused q/k/v GEMM and its calibration tap, batched GPTQ, parallel chunked compression,
-size-predicting fit, fixed-shape evaluation and TTT batches. Attention backends, and the rule that every graph
+size-predicting fit, fixed-shape evaluation batches. Attention backends, and the rule that every graph
 compiles in the untimed warm-up, are in test_compiled_flow.py (whole runs, compiled, in fresh processes).
 """
 
@@ -179,7 +179,7 @@ def test_fit_compresses_only_attempts_predicted_to_fit(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixed shapes: evaluation and TTT batches
+# Fixed shapes: evaluation batches
 # ---------------------------------------------------------------------------------------------
 
 
@@ -196,40 +196,27 @@ class ShapeSpy(torch.nn.Module):
 
 
 @pytest.mark.parametrize("world_size", [1, 3, 5])
-def test_every_evaluation_and_ttt_forward_has_one_shape(world_size):
+def test_every_evaluation_forward_has_one_shape(world_size):
+    """The plain and sliding evaluations call the compiled model with one shape; phased TTT never calls it (its
+    chunk step is Graphs.lora, its phase SGD the eager model)."""
     model = trained_like(tg.GPT(tiny_cfg()))
     spy = ShapeSpy(model)
     rng = np.random.default_rng(12)
     val = rng.integers(2, 128, 32 * 20 + 1).astype(np.uint16)
+    val[::50] = tg.BOS_ID
     luts = tg.ByteLUTs(torch.ones(128, dtype=torch.int64), torch.zeros(128, dtype=torch.bool),
                        torch.zeros(128, dtype=torch.bool))
-    cfg = tg.TTTConfig(lr=0.01, epochs=1, momentum=0.9, chunk_tokens=160, grad_clip=1.0)
     for rank in range(world_size):  # no process group: each rank's own calls
         ctx = eval_ctx(spy, val, luts, 32, stride=8, batch_seqs=4, rank=rank, world_size=world_size)
         tg.eval_windows(ctx, 32)
         tg.eval_windows(ctx, 8)
-        tg.eval_ttt(ctx, list(model.parameters()), cfg, 1e9, lambda m: None)
-    shapes = set(spy.calls)
-    rows = tg.ttt_batch_seqs(160, 32, 4, world_size)
-    assert shapes <= {(False, (4, 32)), (True, (rows, 32))}, shapes
-    assert (True, (rows, 32)) in shapes or world_size > 5
-
-
-def test_ttt_padding_rows_carry_no_gradient():
-    torch.manual_seed(0)
-    model = trained_like(tg.GPT(tiny_cfg()))
-    rng = np.random.default_rng(13)
-    val = rng.integers(2, 128, 32 * 12 + 1).astype(np.uint16)
-    luts = tg.ByteLUTs(torch.ones(128, dtype=torch.int64), torch.zeros(128, dtype=torch.bool),
-                       torch.zeros(128, dtype=torch.bool))
-    params = list(model.parameters())
-    grads = []
-    for batch in (3, 2):  # 3 sequences: one batch of 3, or batches of 2 + 1 padded row
-        cfg = tg.TTTConfig(lr=0.0, epochs=1, momentum=0.0, chunk_tokens=96, grad_clip=0.0)
-        ctx = eval_ctx(model, val, luts, 32, batch_seqs=batch)
-        tg.ttt_train_chunk(ctx, params, torch.optim.SGD(params, lr=0.0), 0, 96, 0.0, cfg, 1)
-        grads.append(torch.cat([p.grad.reshape(-1) for p in params]).clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert set(spy.calls) == {(False, (4, 32))}, set(spy.calls)
+    calls = len(spy.calls)
+    cfg = tg.LoRATTTConfig(rank=2, alpha=4.0, lr=1e-3, weight_decay=0.0, batch_docs=3, chunk=8, warm_start_a=True,
+                           prefix_docs=6, phases=1, seed=0)
+    sgd = tg.TTTConfig(lr=1e-3, epochs=1, momentum=0.9, chunk_tokens=64, grad_clip=1.0)
+    _, info = tg.eval_ttt_lora(eval_ctx(spy, val, luts, 32, batch_seqs=4), model, cfg, sgd, 1e9, lambda m: None)
+    assert info["phases_run"] == 1 and len(spy.calls) == calls
 
 
 # ---------------------------------------------------------------------------------------------

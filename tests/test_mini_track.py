@@ -108,18 +108,18 @@ def test_eval_variant_errors(spec, message):
 
 
 def test_eval_variants_turn_ttt_on_and_are_checked_by_train_gpt():
-    plan = mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=8"], {})
-    assert plan.evals == {"lora": {"TTT_ENABLED": "1", "PHASED_TTT_ENABLED": "1", "TTT_LORA_RANK": "8"}}
+    plan = mt.build_plan(["--eval-variant", "lora=TTT_LORA_RANK=8,GLOBAL_TTT_EPOCHS=2"], {})
+    assert plan.evals == {"lora": {"TTT_ENABLED": "1", "TTT_LORA_RANK": "8", "GLOBAL_TTT_EPOCHS": "2"}}
     with pytest.raises(mt.UsageError, match=r"configuration baseline\+lora: TTT_LORA_RANK=0 is not allowed"):
-        mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=0"], {})
+        mt.build_plan(["--eval-variant", "lora=TTT_LORA_RANK=0"], {})
 
 
 def test_eval_configs_choose_which_runs_are_re_scored():
-    plan = mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1", "--eval-configs", "record"], {})
+    plan = mt.build_plan(["--eval-variant", "lora=TTT_LORA_RANK=8", "--eval-configs", "record"], {})
     assert plan.eval_configs == ["record"]
-    assert mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1"], {}).eval_configs == ["baseline", "record"]
+    assert mt.build_plan(["--eval-variant", "lora=TTT_LORA_RANK=8"], {}).eval_configs == ["baseline", "record"]
     with pytest.raises(mt.UsageError, match="--eval-configs='nope' is not allowed"):
-        mt.build_plan(["--eval-variant", "lora=PHASED_TTT_ENABLED=1", "--eval-configs", "nope"], {})
+        mt.build_plan(["--eval-variant", "lora=TTT_LORA_RANK=8", "--eval-configs", "nope"], {})
 
 
 def test_eval_variant_table_reports_the_gain_over_the_same_artifacts_sliding_score():
@@ -411,7 +411,7 @@ def test_tiny_sweep_end_to_end(isolated, monkeypatch, dataset, capsys):
                                                    "PARALLEL_START_LAYER": "1"}})
     data = mt.Dataset(Path(dataset["dir"]), Path(dataset["tokenizer"]), dataset["source"], "test data")
     rc = mt.main(["--seconds", "3", "--seeds", "1337", "--json", "--eval-variant",
-                  "lora=PHASED_TTT_ENABLED=1,TTT_LORA_RANK=4,TTT_BATCH_SIZE=8,PHASED_TTT_PREFIX_DOCS=2"],
+                  "lora=TTT_LORA_RANK=4,TTT_BATCH_SIZE=8,PHASED_TTT_PREFIX_DOCS=2"],
                  prepare=lambda: data)
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
@@ -435,9 +435,9 @@ def test_tiny_sweep_end_to_end(isolated, monkeypatch, dataset, capsys):
     assert "[1/2] baseline seed 1337" in captured.err and "[2/2] record seed 1337" in captured.err
     results = (isolated / "RESULTS.md").read_text()
     assert results.startswith("## CPU mini-track (`python bench/mini_track.py --seconds 3 --seeds 1337 --json "
-                              "--eval-variant lora=PHASED_TTT_ENABLED=1,")
+                              "--eval-variant lora=TTT_LORA_RANK=4,")
     assert "| record | 1337 |" in results and "| baseline | 1 |" in results
-    assert "| record+lora | 1337 |" in results and "PHASED_TTT_ENABLED=1" in results
+    assert "| record+lora | 1337 |" in results and "TTT_ENABLED=1 TTT_LORA_RANK=4" in results
 
 
 def test_tokenizer_choice_keys_the_data_and_sets_what_train_gpt_needs(tmp_path):

@@ -618,10 +618,11 @@ def test_tiny_run_prints_self_check_coverage_and_compliance(tiny_run):
 @pytest.mark.slow
 def test_sliding_ttt_and_max_val_tokens_run(dataset, tmp_path):
     run = run_script(tmp_path, tiny_env(dataset, tmp_path, "ttt", EVAL_STRIDE=32, TTT_ENABLED=1, TTT_CHUNK_TOKENS=2048,
-                                        TTT_EPOCHS=1, MAX_VAL_TOKENS=8192, PHASED_TTT_ENABLED=0))
+                                        TTT_BATCH_SIZE=8, TTT_LORA_RANK=4, MAX_VAL_TOKENS=8192))
     assert run.rc == 0, run.describe()
     labels = [line.split(":")[0] for line in run.log_lines if re.match(r"(roundtrip|sliding|ttt)_val_loss:", line)]
     assert labels == ["roundtrip_val_loss", "sliding_val_loss", "ttt_val_loss"]
+    assert any(line.startswith("ttt_val_loss:") and "mode:phased_lora" in line for line in run.log_lines)
     assert run.final["eval"] == "ttt" and run.metrics["eval"] == "ttt"
     assert run.metrics["val_tokens"] == 8192 and run.metrics["reportable"] is False
     assert any("NOT reportable" in line for line in run.log_lines)
