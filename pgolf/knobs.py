@@ -80,11 +80,16 @@ def rewrite(env: Mapping[str, str]) -> tuple[dict[str, str], list[str], frozense
         if name in UNIMPLEMENTED_FEATURES and value.strip().lower() not in OFF_VALUES:
             raise Refused(f"{name}={value!r} is not allowed: it turns on {UNIMPLEMENTED_FEATURES[name]}; "
                           f"this train_gpt.py does not implement it: unset it or set it to 0")
-        if name in FIXED_KNOBS and not same_value(value, FIXED_KNOBS[name]):
+        if name in FIXED_KNOBS and not same_value(value, FIXED_KNOBS[name]) and not no_ttt_choice(name, env):
             raise Refused(f"{name}={value!r} is not allowed: this script fixes it at {FIXED_KNOBS[name]}")
         if name in RETIRED_VARS:
             warnings.append(f"{name}={value!r} is ignored: {RETIRED_VARS[name]}")
     return env, warnings, KNOWN_NAMES
+
+
+def no_ttt_choice(name: str, env: Mapping[str, str]) -> bool:
+    """PHASED_TTT_ENABLED=0 beside TTT_ENABLED=0 (an older sweep's "no TTT at all"): no TTT runs, nothing to refuse."""
+    return name == "PHASED_TTT_ENABLED" and env.get("TTT_ENABLED", "").strip() == "0"
 
 
 def translate_legacy_vars(env: dict[str, str]) -> None:

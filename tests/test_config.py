@@ -344,12 +344,15 @@ def test_retired_self_generated_calibration_knobs_warn_and_change_nothing():
 
 def test_the_removed_whole_model_ttt_knobs_warn_or_are_fixed():
     """TTT is always phased LoRA TTT: PHASED_TTT_ENABLED=1 (PR #1855's command) is accepted and changes nothing,
-    0 (the removed chunked TTT) is refused with one line; TTT_LR and TTT_EPOCHS warn that they are ignored."""
+    0 (the removed chunked TTT) is refused with one line unless TTT_ENABLED=0; TTT_LR and TTT_EPOCHS warn that they
+    are ignored."""
     plain = H.from_env({"STRICT_ENV": "1"}).knob_values()
     for env in ({}, {"TTT_ENABLED": "0", "PRESET": "smoke"}):
         h = H.from_env({**env, "PHASED_TTT_ENABLED": "1", "STRICT_ENV": "1"})
         assert h.env_warnings == () and h.knob_values() == H.from_env({**env, "STRICT_ENV": "1"}).knob_values()
     assert_one_line_naming(config_error({"PHASED_TTT_ENABLED": "0"}), "PHASED_TTT_ENABLED='0'", "fixes it at 1")
+    no_ttt = {"TTT_ENABLED": "0", "STRICT_ENV": "1"}  # an older sweep's "no TTT at all" still runs
+    assert H.from_env({**no_ttt, "PHASED_TTT_ENABLED": "0"}).knob_values() == H.from_env(no_ttt).knob_values()
     for name, value in (("TTT_LR", "0.005"), ("TTT_EPOCHS", "3")):
         h = H.from_env({name: value, "STRICT_ENV": "1"})  # an old command still runs, even strict
         assert h.knob_values() == plain
