@@ -367,6 +367,7 @@ class Hyperparameters:
     rank: int = 0
     local_rank: int = 0
     env_warnings: tuple[str, ...] = ()
+    env_set: frozenset[str] = frozenset()  # the knobs a variable set (EVAL_ONLY refuses them against its artifact)
 
     @classmethod
     def knob_fields(cls) -> list[dataclasses.Field]:
@@ -393,7 +394,8 @@ class Hyperparameters:
         warnings += _check_unknown_vars(env, known, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
                 for k, d in (("world_size", 1), ("rank", 0), ("local_rank", 0))}
-        return cls(**values, **topo, env_warnings=tuple(warnings))
+        set_by_env = frozenset(f.name for f in cls.knob_fields() if f.name.upper() in env) - {"preset"}
+        return cls(**values, **topo, env_warnings=tuple(warnings), env_set=set_by_env)
 
     def __post_init__(self) -> None:
         for f in self.knob_fields():

@@ -56,10 +56,8 @@ def eval_only_config(tg: Any, h: Any, meta: dict[str, Any], code: bytes, source:
     names = {f.name for f in tg.Hyperparameters.knob_fields()}
     taken = {k.lower(): v for k, v in config.items()
              if k.lower() in names and k.lower() not in tg.EVAL_ONLY_ENV_KNOBS}
-    # from_env moves a knob off its PRESET's default only for a variable that sets it: one the artifact overrides
-    # would be ignored without a word.
-    unset = preset_defaults(tg, h.preset)
-    clash = [k for k, v in taken.items() if unset[k] != getattr(h, k) != v]
+    # A variable that sets a knob the artifact overrides (even to its PRESET's default) would be ignored silently.
+    clash = [k for k, v in taken.items() if k in h.env_set and getattr(h, k) != v]
     if clash:
         mine, theirs = (", ".join(f"{k.upper()}={c[k]!r}" for k in clash) for c in (vars(h), taken))
         raise tg.ConfigError(f"{mine} not allowed with EVAL_ONLY=1: {source} was trained with {theirs}",

@@ -156,7 +156,11 @@ def test_eval_only_refuses_model_knobs_set_against_the_artifact():
     msg = str(err.value)
     assert msg.startswith("NUM_LAYERS=7, VOCAB_SIZE=4096 not allowed with EVAL_ONLY=1: x.ptz was trained with "
                           "NUM_LAYERS=2, VOCAB_SIZE=1024"), msg
-    # Knobs left at their PRESET's defaults, or set to the artifact's values, are taken without a word.
+    # Set to its PRESET's default (11) is set all the same: the artifact's 2 would be taken without a word.
+    with pytest.raises(tg.ConfigError, match="^NUM_LAYERS=11 not allowed with EVAL_ONLY=1: x.ptz was trained with "
+                                             "NUM_LAYERS=2"):
+        recover.eval_only_config(tg, eval_only_h(NUM_LAYERS="11"), meta, b"code", "x.ptz")
+    # Knobs no variable sets, or set to the artifact's values, are taken without a word.
     h = recover.eval_only_config(tg, eval_only_h(PRESET="smoke", NUM_LAYERS="2"), meta, b"code", "x.ptz")
     assert (h.num_layers, h.vocab_size, h.model_dim) == (2, 1024, 64)
 
