@@ -50,7 +50,7 @@ def dataset_identity(tg: Any, dataset_dir: Path, tokenizer: Path, tokenizer_sha2
     decodes with that same tokenizer, cannot notice."""
     path, manifest = read_manifest(tg, dataset_dir)
     if path is None:
-        return {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None, "text_transform": None}
+        return dict(tg.NO_MANIFEST)
     recorded = manifest_tokenizer_sha256(manifest) if isinstance(manifest, dict) else None
     tok = manifest.get("tokenizer") if isinstance(manifest, dict) else None
     transform = (manifest.get("text_transform") or (tok.get("text_transform") if isinstance(tok, dict) else None)
