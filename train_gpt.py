@@ -2341,21 +2341,15 @@ def softcap(z: Tensor, cap: float) -> Tensor:
 
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """Per-token nats of softmax(softcap(z)) at `targets`, computed in fp32 from z in any dtype.
-
-    The same value as F.cross_entropy on fp32 softcapped logits (tested), written so inductor fuses it
-    (PR #1787 fused the same loss by hand): the softcap is applied in registers inside the reductions
-    over z (bf16 under autocast), and the backward recomputes softmax from z and the per-row
-    log-sum-exp, where F.cross_entropy keeps fp32 log-probabilities of every logit for its backward.
-    The target logit is a masked sum, not a gather, so its gradient is pointwise instead of a
-    scatter into a zero tensor of the logits' size."""
+    """Per-token fp32 nats of softmax(softcap(z)) at `targets`, equal to F.cross_entropy on fp32 softcapped logits
+    but written for inductor to fuse (PR #1787 fused it by hand): the backward recomputes softmax from z instead of
+    keeping fp32 log-probabilities, and the target logit is a masked sum, so its gradient is pointwise."""
     s = softcap(z.float(), cap)
     hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
 
 def softcap_ce_reference(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-    """(per-row nats, log-sum-exp) of softmax(softcap(z)) for z (N, V): the fused op off CUDA, and the
-    reference its kernels are tested against."""
+    """(per-row nats, log-sum-exp) of softmax(softcap(z)) for z (N, V): the fused op off CUDA; test reference."""
     s = softcap(z.float(), cap)
     lse = torch.logsumexp(s, dim=-1)
     return lse - s.gather(-1, targets[:, None])[:, 0], lse
@@ -2375,13 +2369,10 @@ def softcap_ce_reference_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Ten
 CE_BLOCK = 1024  # logits per program step of the fused kernels (8 steps over an 8192 vocabulary)
 
 
+@functools.cache
 def softcap_ce_kernels() -> tuple[Any, Any]:
-    """The fused softcapped cross-entropy's Triton kernels, one program per row, built on first use: the
-    forward reads z once (online log-sum-exp, target logit) and writes two floats per row; the backward
-    reads z once more and writes dz. No fp32 copy of the logits exists (PR #1787's fused CE). z is
-    contiguous (N, V): row r starts at r * V."""
-    if "kernels" in _FUSED_CE:
-        return _FUSED_CE["kernels"]
+    """PR #1787's fused softcapped CE as Triton kernels, one program per contiguous row of z (N, V), built on first
+    use: the forward reads z once and writes (loss, lse) per row, the backward reads it again and writes dz."""
     import triton  # here, not at import: importing Triton reads the environment (and CPU builds lack it)
     import triton.language as tl
 
@@ -2426,8 +2417,7 @@ def softcap_ce_kernels() -> tuple[Any, Any]:
             d = g * (tl.exp(u - lse) - tl.where(cols == target, 1.0, 0.0)) * slope
             tl.store(dz + offs, d.to(dz.dtype.element_ty), mask=cols < V)
 
-    _FUSED_CE["kernels"] = (forward, backward)
-    return _FUSED_CE["kernels"]
+    return forward, backward
 
 
 def softcap_ce_triton(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -2445,20 +2435,21 @@ def softcap_ce_triton_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor
     return dz
 
 
-_FUSED_CE: dict[str, Any] = {}  # the custom op and its kernels, built once per process on first use
-
-
 def on_triton(t: Tensor) -> bool:
     """The fused ops' Triton kernels run on CUDA tensors where Triton is installed; elsewhere their PyTorch form."""
     return t.is_cuda and importable("triton")
 
 
+# The custom ops, built once per process. Not functools.cache: dynamo traces through its wrapper into the builder,
+# where a dict lookup hands compiled code the built op.
+_FUSED_OPS: dict[str, Any] = {}
+
+
 def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
-    """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for contiguous z (N, V) as the torch.library
-    custom op pgolf::softcap_ce with its backward: Triton kernels on CUDA (softcap_ce_kernels), the PyTorch
-    formula elsewhere. An opaque op under torch.compile, so the loss is exactly these kernels."""
-    if "op" in _FUSED_CE:
-        return _FUSED_CE["op"]
+    """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for z (N, V) as the custom op pgolf::softcap_ce with
+    its backward (Triton on CUDA, PyTorch elsewhere); opaque to torch.compile."""
+    if "ce" in _FUSED_OPS:
+        return _FUSED_OPS["ce"]
 
     @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
     def fwd(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -2470,8 +2461,8 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
 
     @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
     def bwd(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
-        return (softcap_ce_triton_grad if on_triton(z) else softcap_ce_reference_grad)(grad, z.contiguous(), targets,
-                                                                                    lse, cap)
+        fn = softcap_ce_triton_grad if on_triton(z) else softcap_ce_reference_grad
+        return fn(grad, z.contiguous(), targets, lse, cap)
 
     @bwd.register_fake
     def _(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
@@ -2486,14 +2477,13 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
         return bwd(grad, z, targets, lse, ctx.cap), None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _FUSED_CE["op"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
-    return _FUSED_CE["op"]
+    _FUSED_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
+    return _FUSED_OPS["ce"]
 
 
 def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
-    """z = a b^T for a (M, K), b (N, K): (z, leaky_relu(z, slope)^2) without `pre`, else z * d leaky_relu(pre)^2
-    / d pre, the MLP's pre-activation gradient when a is the output's and b = W2^T. The fused op off CUDA, and
-    the reference its kernel is tested against."""
+    """z = a b^T: (z, leaky_relu(z, slope)^2) without `pre`, else z * d leaky_relu(pre)^2 / d pre (the MLP's
+    pre-activation gradient when a is the output's gradient and b = W2^T). The fused op off CUDA; test reference."""
     z = a @ b.T
     if pre is None:
         h = F.leaky_relu(z, slope)
@@ -2504,13 +2494,10 @@ def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor
 MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
 
 
+@functools.cache
 def leaky_relu2_linear_kernel() -> Any:
-    """leaky_relu2_linear_reference as one Triton kernel, built on first use: a BM x BN tile of a b^T per program
-    (a and b of any strides), the activation (FORWARD: stores z and leaky_relu(z)^2) or its derivative (times the
-    stored z) applied to the tile in registers, so neither pass writes and reads back a hidden-width tensor in
-    between (PR #1530's kernel, as PR #1855 trains with it; slope 0.5 there)."""
-    if "kernel" in _FUSED_MLP:
-        return _FUSED_MLP["kernel"]
+    """leaky_relu2_linear_reference as one Triton kernel (PR #1530's, as PR #1855 trains with it): a tile of a b^T
+    per program with the activation or its derivative applied in registers, so no hidden-width tensor round-trips."""
     import triton
     import triton.language as tl
 
@@ -2543,7 +2530,6 @@ def leaky_relu2_linear_kernel() -> Any:
             d = acc * tl.where(z > 0, 2.0 * z, 2.0 * SLOPE * SLOPE * z)
             tl.store(out + offs, d.to(out.dtype.element_ty), mask=mask)
 
-    _FUSED_MLP["kernel"] = kernel
     return kernel
 
 
@@ -2558,17 +2544,12 @@ def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | 
     return (z, out) if pre is None else out
 
 
-_FUSED_MLP: dict[str, Any] = {}  # the custom op and its kernel, built once per process on first use
-
-
 def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]:
-    """FUSED_MLP_ENABLED: leaky_relu(x W1^T, slope)^2 W2^T for x (..., D) as the torch.library custom op
-    pgolf::leaky_relu2_mlp with its backward, the up projection and activation fused both ways (PR #1855's
-    FusedLinearLeakyReLUSquareFunction): Triton kernels on CUDA (leaky_relu2_linear_kernel), PyTorch elsewhere.
-    Saves x, W1, W2, the pre-activation and the activation, as PR #1855 does. Weight gradients only where the
-    weights require them (TTT trains only its adapters)."""
-    if "op" in _FUSED_MLP:
-        return _FUSED_MLP["op"]
+    """FUSED_MLP_ENABLED: leaky_relu(x W1^T, slope)^2 W2^T for x (..., D) as the custom op pgolf::leaky_relu2_mlp,
+    up projection and activation fused both ways (PR #1855's FusedLinearLeakyReLUSquareFunction), saving what it
+    saves; weight gradients only where the weights require them (TTT trains only its adapters)."""
+    if "mlp" in _FUSED_OPS:
+        return _FUSED_OPS["mlp"]
 
     def linear(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
         fn = leaky_relu2_linear_triton if on_triton(a) else leaky_relu2_linear_reference
@@ -2603,18 +2584,16 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
         return d @ w1 if nx else None, d.T @ x if n1 else None, grad.T @ post if n2 else None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _FUSED_MLP["op"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
+    _FUSED_OPS["mlp"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
                                                      float(slope))[0].view(*x.shape[:-1], -1)
-    return _FUSED_MLP["op"]
+    return _FUSED_OPS["mlp"]
 
 # ==== Optimizers ====
 
 
 def flatten_parameters(model: nn.Module) -> Tensor | None:
-    """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp over
-    one tensor (PR #1584's batched EMA; 3.4-3.5x a per-tensor loop on CPU, bench/RESULTS.md) instead of a
-    kernel per tensor. Values, names and shapes are unchanged. None (and nothing done) when the
-    parameters do not share one dtype and device. Call after .to(device), before optimizers and compile."""
+    """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp (PR #1584's batched
+    EMA); None (nothing done) unless they share one dtype and device. Call after .to(device), before optimizers."""
     params = list(model.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) != 1:
         return None
@@ -2645,10 +2624,9 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (offset,), (1,))
 
 
-# Newton-Schulz quintic coefficients (a, b, c) per iteration. classic: Keller Jordan's Muon, one
-# tuple for every step (the naive baseline to PR #1769). polar_express: a tuned tuple per step (PR #1344, used from
-# PR #1787 to #1855); steps beyond the list reuse its last tuple. PR #1787/#1855 normalize the input by its
-# norm alone; polar_express_safe is PR #1514's form, the norm times a 1.02 safety factor.
+# Newton-Schulz quintic coefficients (a, b, c) per iteration, the last reused: classic is Keller Jordan's (the naive
+# baseline to PR #1769); polar_express PR #1344's (PRs #1787 to #1855, input divided by its norm alone);
+# polar_express_safe PR #1514's form, the norm times a 1.02 safety factor.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -2682,8 +2660,7 @@ def classify_param(name: str) -> str:
 
 
 def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "classic") -> Tensor:
-    """Approximate the orthogonal polar factor U V^T of G with quintic Newton-Schulz iterations.
-    G is one matrix (m, n) or a stack (k, m, n) of same-shape matrices, orthogonalized in one batched call."""
+    """Quintic Newton-Schulz approximation of the polar factor U V^T of G (m, n), or of each matrix of G (k, m, n)."""
     table = NS_COEFFICIENT_SETS[coeffs]
     X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * NS_NORM_SAFETY[coeffs] + NS_EPS)
@@ -2705,9 +2682,7 @@ def row_normalize(U: Tensor) -> Tensor:
 
 
 def resolve_ns_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """MUON_NS_DTYPE. auto: bf16 on CUDA (the records), and on CPUs with AMX tiles, where a batched bf16
-    Newton-Schulz iteration is 3-5x faster than fp32 (bench/RESULTS.md); fp32 on other CPUs, where bf16
-    matmul is emulated and slow."""
+    """MUON_NS_DTYPE. auto: bf16 on CUDA and on CPUs with AMX tiles (3-5x fp32 there), else fp32 (emulated bf16)."""
     if setting != "auto":
         return torch.bfloat16 if setting == "bf16" else torch.float32
     if device.type == "cuda":
@@ -2717,8 +2692,7 @@ def resolve_ns_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 class NewtonSchulz(NamedTuple):
-    """How Muon orthogonalizes: MUON_BACKEND_STEPS, MUON_NS, MUON_ROW_NORMALIZE (MuonEq-R first) and the
-    dtype (a MUON_NS_DTYPE setting when given to Muon; resolved to a torch dtype in the update graphs)."""
+    """MUON_BACKEND_STEPS, MUON_NS, MUON_ROW_NORMALIZE and the dtype (a MUON_NS_DTYPE setting in Muon's init)."""
     steps: int = 5
     coeffs: str = "classic"
     row_norm: bool = False
@@ -2726,8 +2700,7 @@ class NewtonSchulz(NamedTuple):
 
 
 def muon_direction(G: Tensor, buf: Tensor, mu: Tensor, ns: NewtonSchulz, scale: float) -> Tensor:
-    """Muon's update direction for a stack of same-shape gradients G (k, m, n): momentum into `buf` (in
-    place), Nesterov, optional MuonEq-R, Newton-Schulz, times sqrt(max(1, m/n)). Returns ns.dtype."""
+    """Muon's direction (in ns.dtype) for gradients G (k, m, n), momentum into `buf` in place; `scale` = sqrt(m/n)."""
     buf.mul_(mu).add_(G)
     U = G + mu * buf  # Nesterov
     if ns.row_norm:
@@ -2747,35 +2720,19 @@ def muon_fused_step(params: list[Tensor], G: Tensor, buf: Tensor, lr: Tensor, mu
     muon_apply(params, muon_direction(G, buf, mu, ns, scale), lr, wd)
 
 
-def _all_gather_flat(out: Tensor, x: Tensor) -> None:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
-    fn(out, x)
-
-
-def _reduce_scatter_flat(out: Tensor, x: Tensor) -> None:
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, x)
-
-
 class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum, optional MuonEq-R row normalization, Newton-Schulz orthogonalization,
-    decoupled weight decay with the scheduled LR, update scaled by sqrt(max(1, rows/cols)).
-
-    Batched (PR #1584's systems changes): matrices of one shape form a bucket that is stacked and
-    orthogonalized in one batched Newton-Schulz call. With W ranks, bucket b of K matrices is
-    split into W shares of ceil(K/W) (the last ones padded with zeros); one reduce-scatter of every
-    bucket's stacked gradients gives each rank the rank-averaged gradients of its shares, the rank keeps
-    momentum only for them, and one all-gather of the updates (in the Newton-Schulz dtype) gives every rank the whole
-    update. That moves fewer bytes than an all-reduce of gradients plus one of updates. Momentum ..
-    parameter update run as one compiled graph per bucket (`compile=True`)."""
+    """Muon: Nesterov momentum, optional MuonEq-R, Newton-Schulz, decoupled weight decay, update scaled by
+    sqrt(max(1, rows/cols)). Batched (PR #1584): same-shape matrices form a bucket orthogonalized in one call. With W
+    ranks a bucket splits into W zero-padded shares: one reduce-scatter of all buckets' gradients gives each rank its
+    shares (it keeps momentum only for them), one all-gather of the updates gives every rank the whole update (fewer
+    bytes than two all-reduces). `compile=True`: one compiled graph per bucket."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns: NewtonSchulz,
                  compile: bool = False, world: tuple[int, int] = (0, 1)):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=ns.steps, weight_decay=weight_decay,
                                       ns_coeffs=ns.coeffs, row_normalize=ns.row_norm))
         (self.rank, self.world_size), self.ns_dtype = world, ns.dtype
-        # A bucket names its group by index: load_state_dict replaces the group dicts, and a stored
-        # dict would keep stale LR/momentum values after the warm-up restores the optimizer state.
+        # A bucket names its group by index: load_state_dict (after the warm-up) replaces the group dicts.
         buckets: dict[tuple, list[nn.Parameter]] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -2793,47 +2750,34 @@ class Muon(torch.optim.Optimizer):
             t = self._scalars[name] = torch.zeros((), dtype=torch.float32, device=device)
         return t.fill_(value)
 
-    def owned(self, b: int) -> list[nn.Parameter]:
-        """The matrices of bucket b whose update this rank computes (its share; may be short or empty)."""
-        ps = self.buckets[b][1]
-        return ps[self.rank * self.share[b]: (self.rank + 1) * self.share[b]]
-
     @torch.no_grad()
     def shard_grads(self) -> list[Tensor]:
         """Per bucket, this rank's (share, m, n) slice of the rank-averaged stacked gradients: one
-        reduce-scatter for all buckets. With one process: the stacked gradients (a copy)."""
+        reduce-scatter for all buckets; with one process, the stacked gradients."""
         stacks = []
         for b, (_, ps) in enumerate(self.buckets):
-            G = torch.stack([p.grad for p in ps])
-            pad = self.share[b] * self.world_size - len(ps)
-            if pad:
-                G = torch.cat([G, G.new_zeros((pad, *G.shape[1:]))])
-            stacks.append(G)
+            pad = [torch.zeros_like(ps[0].grad)] * (self.share[b] * self.world_size - len(ps))
+            stacks.append(torch.stack([p.grad for p in ps] + pad))
         if self.world_size == 1:
             return stacks
         # Rank-major layout: row r of (W, total) is rank r's shares of every bucket, back to back.
         flat = torch.cat([G.reshape(self.world_size, -1) for G in stacks], dim=1)
         out = flat.new_empty(flat.size(1))
-        _reduce_scatter_flat(out, flat.reshape(-1))
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
+        scatter(out, flat.reshape(-1))
         out.div_(self.world_size)
-        shards, offset = [], 0
-        for G in stacks:
-            n = G.numel() // self.world_size
-            shards.append(out[offset: offset + n].view(-1, *G.shape[1:]))
-            offset += n
-        return shards
+        parts = out.split([G.numel() // self.world_size for G in stacks])
+        return [part.view(-1, *G.shape[1:]) for part, G in zip(parts, stacks)]
 
     @torch.no_grad()
     def step(self, shards: list[Tensor] | None = None, comm: Callable[[], None] | None = None) -> None:
-        """One update. `shards`: from shard_grads() (e.g. after clipping); computed here when None.
-        `comm` is called just after the update all-gather, so the caller can time it."""
+        """One update from shard_grads() (e.g. clipped; computed here when None); `comm()` after the all-gather."""
         if shards is None:
             shards = self.shard_grads()
         if not shards:
             return
         dev = shards[0].device
         ns_dtype = resolve_ns_dtype(self.ns_dtype, dev)
-        # Each group's LR / momentum / weight decay, filled once per step and shared by its buckets.
         scalars = [(self._scalar(f"lr{gi}", g["lr"], dev), self._scalar(f"mu{gi}", g["momentum"], dev),
                     self._scalar(f"wd{gi}", g["weight_decay"], dev)) for gi, g in enumerate(self.param_groups)]
         gathered = []
@@ -2853,16 +2797,12 @@ class Muon(torch.optim.Optimizer):
             return
         flat = torch.cat([X.reshape(-1) for X in gathered])
         full = flat.new_empty(self.world_size, flat.numel())
-        _all_gather_flat(full.view(-1), flat)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(full.view(-1), flat)
         if comm is not None:
             comm()
-        offset = 0
-        for (gi, ps), X in zip(self.buckets, gathered):
-            n = X.numel()
-            updates = full[:, offset: offset + n].reshape(-1, *X.shape[1:])[: len(ps)]
-            offset += n
-            lr, _, wd = scalars[gi]
-            self._apply(ps, updates, lr, wd)
+        for (gi, ps), X, part in zip(self.buckets, gathered, full.split([X.numel() for X in gathered], dim=1)):
+            self._apply(ps, part.reshape(-1, *X.shape[1:])[: len(ps)], scalars[gi][0], scalars[gi][2])
 
 
 def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
@@ -2875,9 +2815,8 @@ def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
 
 def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float,
                    warmdown_iters: int, min_lr: float) -> float:
-    """WARMDOWN_ITERS schedule (the naive baseline, PR #1290 commands): linear decay over the last `warmdown_iters`
-    steps. Under a wallclock cap the remaining steps are estimated from the average step so far,
-    as the naive baseline did (warmdown_ms = iters * step_ms); whichever of steps and time ends first wins."""
+    """WARMDOWN_ITERS (the naive baseline; PR #1290 commands): linear decay over the last `warmdown_iters` steps, or
+    under a wallclock cap over their time at the average step so far (warmdown_ms = iters * step_ms), if sooner."""
     remaining = (iterations - step) / warmdown_iters
     if max_wallclock_seconds > 0 and step > 0:
         step_s = elapsed_s / step
@@ -2899,8 +2838,7 @@ def training_progress(step: int, elapsed_s: float, iterations: int, max_wallcloc
 
 
 class Optimizers:
-    """Muon for block matrices, AdamW for the rest, built from PARAM_GROUPS. `step()` also averages the
-    gradients over ranks and clips their global norm."""
+    """Muon for block matrices, AdamW for the rest (PARAM_GROUPS); `step()` also averages and clips gradients."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters, rank: int = 0, world_size: int = 1):
         self.h = h
@@ -2911,7 +2849,7 @@ class Optimizers:
             g = classify_param(name)
             grouped[g].append(p)
             self.table.append((name, g, p.numel()))
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.base_lr = {g: getattr(h, PARAM_GROUPS[g][1]) for g in PARAM_GROUPS}
         ns = NewtonSchulz(h.muon_backend_steps, h.muon_ns, h.muon_row_normalize, h.muon_ns_dtype)
         self.muon = Muon(grouped["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd, ns=ns,
@@ -2923,10 +2861,7 @@ class Optimizers:
         self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
 
     def group_counts(self) -> dict[str, int]:
-        counts = {g: 0 for g in PARAM_GROUPS}
-        for _, g, n in self.table:
-            counts[g] += n
-        return counts
+        return {g: sum(n for _, group, n in self.table if group == g) for g in PARAM_GROUPS}
 
     def set_schedule(self, scale: float, step: int) -> None:
         h = self.h
@@ -2939,9 +2874,8 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self, timer: StepTimer | None = None) -> None:
-        """Average gradients over ranks, clip the global norm (GRAD_CLIP_NORM), then Muon and AdamW.
-        Batched Muon: AdamW's gradients are all-reduced and the matrices' reduce-scattered (each rank
-        then holds only its share of them), so the clip norm is assembled from both parts."""
+        """Average gradients over ranks (AdamW's all-reduced, Muon's reduce-scattered into shares), clip their
+        global norm (GRAD_CLIP_NORM) from both parts, then step Muon and AdamW."""
         mark = timer.mark if timer is not None else (lambda phase: None)
         sync_gradients(self.adam_params, self.world_size)
         shards = self.muon.shard_grads()
@@ -2998,22 +2932,17 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
 
 
 class EMA:
-    """fp32 exponential moving average of every parameter: one lerp over the flat parameter buffer
-    (flatten_parameters), else one foreach lerp over the tensors (PR #1584 replaced a per-tensor loop
-    over state_dict()).
-
-    Bias-corrected (as Adam's moments): the average starts at zero and is divided by 1 - decay**steps,
-    so it is an average of trained weights only. Without the correction the initial weights keep a
-    weight of decay**steps, e.g. 0.99**48 = 62% after a 48-step smoke run."""
+    """fp32 exponential moving average of every parameter: one lerp over the flat buffer (flatten_parameters), else
+    one foreach lerp (PR #1584). Bias-corrected like Adam's moments (zero start, divided by 1 - decay**steps), so
+    the initial weights do not linger (they would keep 0.99**48 = 62% after a 48-step smoke run)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.steps = 0
         self.params = list(model.parameters())
-        # fp32 parameters are read in place (detached views, built once); others need an fp32 copy per step.
+        # fp32 parameters are read in place; others are copied to fp32 per step.
         self._fp32 = all(p.dtype == torch.float32 for p in self.params)
         self._sources = [p.detach() for p in self.params] if self._fp32 else None
-        # Parameters re-homed by flatten_parameters: one lerp over the flat buffer, the shadow flat too.
         self._flat = flat_buffer(self.params) if self._fp32 else None
         if self._flat is not None:
             self._shadow_flat = torch.zeros_like(self._flat)

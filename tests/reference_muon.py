@@ -9,7 +9,8 @@ none of the bucketing, stacking, sharding or compiled graphs it is compared with
 ReferenceOptimizers is train_gpt.Optimizers with ReferenceMuon for the matrices and the reference step:
 average every gradient with one all-reduce, clip with torch's clip_grad_norm_, then Muon and AdamW.
 
-momentum_buffer(opt, p) reads p's momentum from either Muon's state.
+momentum_buffer(opt, p) reads p's momentum from either Muon's state; owned(opt, b) lists train_gpt.Muon's
+matrices of bucket b that this rank updates.
 """
 
 from __future__ import annotations
@@ -88,13 +89,19 @@ class ReferenceOptimizers(tg.Optimizers):
         mark("optimizer")
 
 
+def owned(opt: tg.Muon, b: int) -> list[torch.nn.Parameter]:
+    """The matrices of bucket b whose update this rank computes (its share; may be short or empty)."""
+    ps = opt.buckets[b][1]
+    return ps[opt.rank * opt.share[b]: (opt.rank + 1) * opt.share[b]]
+
+
 def momentum_buffer(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> torch.Tensor | None:
     """p's momentum, or None before the first step or when another rank owns p. train_gpt.Muon keeps one
     stacked buffer per bucket on its first matrix (the rank's share, in order); ReferenceMuon one per matrix."""
     if isinstance(opt, ReferenceMuon):
         return opt.state[p].get("momentum_buffer")
     for b, (_, ps) in enumerate(opt.buckets):
-        for i, q in enumerate(opt.owned(b)):
+        for i, q in enumerate(owned(opt, b)):
             if q is p:
                 buf = opt.state[ps[0]].get("momentum_buffer")
                 return None if buf is None else buf[i]

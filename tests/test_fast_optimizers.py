@@ -210,6 +210,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import train_gpt as tg
     import test_fast_optimizers as ts
+    import reference_muon as rm
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=rank,
@@ -228,7 +229,7 @@ WORKER = textwrap.dedent("""
         opt.zero_grad()
         timer.collect()
     if isinstance(opt.muon, tg.Muon):
-        owned = sum(len(opt.muon.owned(b)) for b in range(len(opt.muon.buckets)))
+        owned = sum(len(rm.owned(opt.muon, b)) for b in range(len(opt.muon.buckets)))
         stacked = sum(opt.muon.state[ps[0]]["momentum_buffer"].shape[0] for _, ps in opt.muon.buckets)
     else:
         owned = stacked = -1
