@@ -2546,8 +2546,7 @@ def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | 
 
 def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]:
     """FUSED_MLP_ENABLED: leaky_relu(x W1^T, slope)^2 W2^T for x (..., D) as the custom op pgolf::leaky_relu2_mlp,
-    up projection and activation fused both ways (PR #1855's FusedLinearLeakyReLUSquareFunction), saving what it
-    saves; weight gradients only where the weights require them (TTT trains only its adapters)."""
+    fused both ways as PR #1855's FusedLinearLeakyReLUSquareFunction; weight gradients only where required (TTT)."""
     if "mlp" in _FUSED_OPS:
         return _FUSED_OPS["mlp"]
 
@@ -2597,14 +2596,9 @@ def flatten_parameters(model: nn.Module) -> Tensor | None:
     params = list(model.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) != 1:
         return None
-    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            flat[offset: offset + n].copy_(p.reshape(-1))
-            p.data = flat[offset: offset + n].view_as(p)
-            offset += n
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    for p, view in zip(params, flat.split([p.numel() for p in params])):
+        p.data = view.view_as(p)
     return flat
 
 
@@ -2721,11 +2715,10 @@ def muon_fused_step(params: list[Tensor], G: Tensor, buf: Tensor, lr: Tensor, mu
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum, optional MuonEq-R, Newton-Schulz, decoupled weight decay, update scaled by
-    sqrt(max(1, rows/cols)). Batched (PR #1584): same-shape matrices form a bucket orthogonalized in one call. With W
-    ranks a bucket splits into W zero-padded shares: one reduce-scatter of all buckets' gradients gives each rank its
-    shares (it keeps momentum only for them), one all-gather of the updates gives every rank the whole update (fewer
-    bytes than two all-reduces). `compile=True`: one compiled graph per bucket."""
+    """Muon (Nesterov, optional MuonEq-R, Newton-Schulz, decoupled weight decay), batched as PR #1584: same-shape
+    matrices form a bucket orthogonalized in one call, split over W ranks into zero-padded shares; one reduce-scatter
+    gives each rank its shares' gradients (it keeps their momentum), one all-gather every rank the whole update
+    (fewer bytes than two all-reduces). `compile=True`: one compiled graph per bucket."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns: NewtonSchulz,
                  compile: bool = False, world: tuple[int, int] = (0, 1)):
@@ -2752,8 +2745,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def shard_grads(self) -> list[Tensor]:
-        """Per bucket, this rank's (share, m, n) slice of the rank-averaged stacked gradients: one
-        reduce-scatter for all buckets; with one process, the stacked gradients."""
+        """Per bucket, this rank's (share, m, n) slice of the rank-averaged stacked gradients (one reduce-scatter)."""
         stacks = []
         for b, (_, ps) in enumerate(self.buckets):
             pad = [torch.zeros_like(ps[0].grad)] * (self.share[b] * self.world_size - len(ps))
@@ -2782,17 +2774,15 @@ class Muon(torch.optim.Optimizer):
                     self._scalar(f"wd{gi}", g["weight_decay"], dev)) for gi, g in enumerate(self.param_groups)]
         gathered = []
         for (gi, ps), G in zip(self.buckets, shards):
-            group = self.param_groups[gi]
-            lr, mu, wd = scalars[gi]
-            state = self.state[ps[0]]
+            group, state = self.param_groups[gi], self.state[ps[0]]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(G)
             args = (NewtonSchulz(group["backend_steps"], group["ns_coeffs"], group["row_normalize"], ns_dtype),
                     math.sqrt(max(1.0, ps[0].size(0) / ps[0].size(1))))
             if self.world_size == 1:
-                self._fused(ps, G, state["momentum_buffer"], lr, mu, wd, *args)
+                self._fused(ps, G, state["momentum_buffer"], *scalars[gi], *args)
             else:
-                gathered.append(self._direction(G, state["momentum_buffer"], mu, *args))
+                gathered.append(self._direction(G, state["momentum_buffer"], scalars[gi][1], *args))
         if self.world_size == 1:
             return
         flat = torch.cat([X.reshape(-1) for X in gathered])
@@ -2819,8 +2809,7 @@ def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_s
     under a wallclock cap over their time at the average step so far (warmdown_ms = iters * step_ms), if sooner."""
     remaining = (iterations - step) / warmdown_iters
     if max_wallclock_seconds > 0 and step > 0:
-        step_s = elapsed_s / step
-        remaining = min(remaining, (max_wallclock_seconds - elapsed_s) / (warmdown_iters * step_s))
+        remaining = min(remaining, (max_wallclock_seconds - elapsed_s) / (warmdown_iters * (elapsed_s / step)))
     return max(min(max(remaining, 0.0), 1.0), min_lr)
 
 
@@ -2841,8 +2830,7 @@ class Optimizers:
     """Muon for block matrices, AdamW for the rest (PARAM_GROUPS); `step()` also averages and clips gradients."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters, rank: int = 0, world_size: int = 1):
-        self.h = h
-        self.world_size = world_size
+        self.h, self.world_size = h, world_size
         self.table: list[tuple[str, str, int]] = []
         grouped: dict[str, list[nn.Parameter]] = {g: [] for g in PARAM_GROUPS}
         for name, p in model.named_parameters():
@@ -2902,9 +2890,8 @@ class Optimizers:
 def clip_global_norm_(replicated: list[Tensor], sharded: list[Tensor], max_norm: float, world_size: int) -> None:
     """clip_grad_norm_ over gradients split in two: `replicated` (equal on every rank) and `sharded`
     (disjoint slices on each rank, zero padding allowed). Same coefficient as torch's, no host sync."""
-    device = (sharded or replicated)[0].device
-    sq = [t.float().pow(2).sum() for t in sharded]
-    local = torch.stack(sq).sum() if sq else torch.zeros((), device=device)
+    local = (torch.stack([t.float().pow(2).sum() for t in sharded]).sum() if sharded
+             else torch.zeros((), device=replicated[0].device))
     if world_size > 1:
         all_reduce_(local)
     if replicated:
@@ -2925,10 +2912,8 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
     all_reduce_(flat)
     if average:
         flat.div_(world_size)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 class EMA:
@@ -2937,8 +2922,7 @@ class EMA:
     the initial weights do not linger (they would keep 0.99**48 = 62% after a 48-step smoke run)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.steps = 0
+        self.decay, self.steps = decay, 0
         self.params = list(model.parameters())
         # fp32 parameters are read in place; others are copied to fp32 per step.
         self._fp32 = all(p.dtype == torch.float32 for p in self.params)
