@@ -996,8 +996,7 @@ def load_shard(path: Path) -> np.ndarray:
 
 def list_shards(dataset_dir: Path, split: str) -> list[Path]:
     pattern = f"fineweb_{split}_*.bin"
-    # CaseOps datasets keep per-token byte counts beside the shards as fineweb_val_bytes_*.bin (PR #1729):
-    # the same glob matches them, and their small values would pass every token check.
+    # CaseOps byte sidecars (fineweb_val_bytes_*.bin, PR #1729) match the glob and would pass every token check.
     files = sorted(f for f in Path(dataset_dir).glob(pattern) if not f.name.startswith(f"fineweb_{split}_bytes_"))
     if not files:
         raise DataError(f"{Path(dataset_dir) / pattern}: no files match",
@@ -1016,8 +1015,7 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: i
 
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
-    """The validation split (or its first `max_tokens` targets: MAX_VAL_TOKENS, not reportable),
-    truncated to whole sequences plus the one extra target token."""
+    """The validation tokens (MAX_VAL_TOKENS: the first `max_tokens` targets), cut to whole sequences + 1 token."""
     parts = []
     for f in files:
         parts.append(np.asarray(load_shard(f)))
@@ -1073,11 +1071,10 @@ def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_va
 class TrainLoader:
     """Training batches, prefetched on a background thread, each with its cu_seqlens (DOC_ISOLATION reads them).
 
-    Default: each epoch (seeded by SEED and the epoch) permutes all TRAIN_SEQ_LEN+1 windows of every shard, at a
-    random phase per shard; rank r's micro-batch m takes chunk r*accum + m of each step's `global_seqs` windows, so
-    the tokens do not depend on the world size. `packed` (DOC_PACKED_LOADER) is PR #1855's order: shards in order
-    from their first BOS, a micro-batch is one row of micro_seqs * seq_len tokens (and the target after them), rank
-    r reading span r of the world's next world_size spans; a shard too short for them all is left for the next.
+    Default: each epoch (seeded by SEED and the epoch) permutes the TRAIN_SEQ_LEN+1 windows of all shards (random
+    phase per shard); rank r's micro-batch m takes chunk r*accum + m of a step's windows: the same tokens at any world
+    size. `packed` (DOC_PACKED_LOADER, PR #1855): shards in order from their first BOS, each micro-batch one row of
+    micro_seqs * seq_len tokens (+ the target after them), rank r reading span r of the next world_size spans.
     """
 
     PREFETCH = 4  # batches the producer thread keeps ready
@@ -1274,15 +1271,14 @@ def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
 
 
 def count_target_bytes(prev_ids: Tensor, target_ids: Tensor, luts: ByteLUTs) -> Tensor:
-    """Bytes each target token contributes: its piece bytes, +1 for '▁' unless the previous token is a
-    boundary (BOS). The single byte-counting function every evaluation path uses."""
+    """Each target's bytes: its piece's, +1 for its '▁' unless after a boundary (BOS). Every evaluation uses it."""
     extra = luts.has_leading_space[target_ids] & ~luts.is_boundary[prev_ids]
     return luts.base_bytes[target_ids].to(torch.int64) + extra.to(torch.int64)
 
 
-def document_spans(tokens: np.ndarray, bos_id: int = BOS_ID) -> list[tuple[int, int]]:
+def document_spans(tokens: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) of each document's tokens after its BOS; a leading fragment without a BOS is no document."""
-    starts = np.flatnonzero(tokens == bos_id)
+    starts = np.flatnonzero(tokens == BOS_ID)
     ends = np.append(starts[1:], tokens.size)
     return [(int(s) + 1, int(e)) for s, e in zip(starts, ends)]
 
@@ -1298,9 +1294,8 @@ class BPBCheck:
 
 
 SELF_CHECK_CHUNK = 1 << 22  # targets per slice when totalling the validation bytes
-# SentencePiece decodes normalized text (NFKC, runs of spaces as one), so a CaseOps document's decoded original can
-# differ from the original its sidecar counts: by at most 1.35% of its bytes on the shared FineWeb documents (33 of
-# 200 differ). A sidecar of other text, tokenization or alignment is off by far more.
+# SentencePiece decodes normalized text (NFKC, single spaces): a CaseOps document's decoded original differs from the
+# one its sidecar counts by at most 1.35% on FineWeb (33 of 200 documents differ); a wrong sidecar by far more.
 CASEOPS_CHECK_TOLERANCE = 0.02
 
 
@@ -1312,8 +1307,7 @@ def checked_documents(n_docs: int, max_docs: int | None) -> list[int]:
 
 
 def decoded_bytes(sp, ids: list[int], boundary: list[bool]) -> int:
-    """UTF-8 bytes of the decoded document, decoded in pieces between control/unknown tokens, which stand
-    for no text (an <unk> decodes to ' ⁇ ')."""
+    """UTF-8 bytes of the decoded document; control/unknown tokens stand for no text (an <unk> decodes to ' ⁇ ')."""
     total, piece = 0, []
     for i in ids + [-1]:
         if i < 0 or boundary[i]:
@@ -1326,10 +1320,9 @@ def decoded_bytes(sp, ids: list[int], boundary: list[bool]) -> int:
 
 def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None, source: str = "validation",
                    sidecar: np.ndarray | None = None) -> BPBCheck:
-    """A document's bytes by the lookup tables must equal the UTF-8 bytes of its decoded text (catches the leading
-    space counted twice, byte-fallback pieces counted as 3 bytes, ...); with a CaseOps `sidecar`, its bytes must
-    equal those of the decoded text with the transform inverted, up to CASEOPS_CHECK_TOLERANCE. Checks `max_docs`
-    documents spread evenly over the stream (None: all); raises DataError naming the first bad one."""
+    """A document's bytes by the lookup tables (by a CaseOps `sidecar`: of its text with the transform inverted, up
+    to CASEOPS_CHECK_TOLERANCE) must equal the UTF-8 bytes of its decoded text, for `max_docs` documents spread
+    evenly (None: all); catches a leading space counted twice, byte fallbacks as 3 bytes, ... DataError names it."""
     boundary = luts.is_boundary.tolist()
 
     def target_bytes(lo: int, hi: int) -> Tensor:  # targets lo..hi-1 (target j is tokens[j + 1])
@@ -1368,10 +1361,9 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
     return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown, normalized)
 
 
-# The byte tables and the self-check read the tokenizer given, so another of the same size passes them with a wrong
-# score. Its own re-encoding tells: encode(decode(document)) == document held for all of 900 FineWeb and Wikipedia
-# documents under each of 7 tokenizers (1,024-8,192 pieces, CaseOps included), for 0-2.5% of them under another
-# tokenizer of the same size. The last document may be cut short (~2% re-encode differently): it is left out.
+# The byte tables and the self-check trust the tokenizer given; a wrong one of the same size is caught by re-encoding:
+# encode(decode(document)) == document held for all of 900 FineWeb and Wikipedia documents under each of 7 tokenizers
+# (1,024-8,192 pieces, CaseOps included), for 0-2.5% under another. The last, maybe cut short, document is left out.
 TOKENIZER_CHECK_MIN = 0.9  # of the checked documents must re-encode to themselves
 TOKENIZER_CHECK_DOCS = 1000  # at most this many of the self-check's documents (~1-3 ms each)
 
@@ -1385,8 +1377,7 @@ class ReencodeCheck:
 
 def tokenizer_check(tokens: np.ndarray, sp, boundary: np.ndarray, max_docs: int | None, tokenizer: Path,
                     source: str) -> ReencodeCheck:
-    """The tokenizer must reproduce the shards from their own decoded text (TOKENIZER_CHECK_MIN of the
-    documents); raises DataError naming both and the count otherwise."""
+    """TOKENIZER_CHECK_MIN of the documents must re-encode to themselves, or DataError names both and the count."""
     t0 = time.perf_counter()
     spans = [(s, e) for s, e in document_spans(tokens) if e > s][:-1]
     pick = checked_documents(len(spans), min(max_docs or TOKENIZER_CHECK_DOCS, TOKENIZER_CHECK_DOCS))
@@ -1456,7 +1447,6 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarr
 
 
 def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
-    """val_bpb = (nats / tokens) / ln 2 * (tokens / bytes)."""
     return (nats / tokens) / math.log(2.0) * (tokens / n_bytes)
 
 
