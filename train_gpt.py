@@ -1074,7 +1074,8 @@ class TrainLoader:
     Default: each epoch (seeded by SEED and the epoch) permutes the TRAIN_SEQ_LEN+1 windows of all shards (random
     phase per shard); rank r's micro-batch m takes chunk r*accum + m of a step's windows: the same tokens at any world
     size. `packed` (DOC_PACKED_LOADER, PR #1855): shards in order from their first BOS, each micro-batch one row of
-    micro_seqs * seq_len tokens (+ the target after them), rank r reading span r of the next world_size spans.
+    micro_seqs * seq_len tokens (+ the target after them), rank r reading span r of the next world_size spans (so
+    these tokens depend on the world size).
     """
 
     PREFETCH = 4  # batches the producer thread keeps ready
