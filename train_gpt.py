@@ -61,18 +61,16 @@ CANONICAL_WORLD = 8  # the record track's GPU count; grad accumulation reproduce
 # best public configuration; `baseline` the reference naive baseline in full (records/.../NaiveBaseline, 1.2244 BPB);
 # `smoke` that baseline at a size a 2-core CPU trains in a minute on the embedded sample (data/make_sample.py).
 BASELINE: dict[str, Any] = {
-    "vocab_size": 1024, "num_layers": 9, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
-    "mlp_mult": 2.0, "train_batch_tokens": 524_288, "train_seq_len": 1024, "eval_seq_len": 1024,
-    "qk_gain_init": 1.5, "matrix_lr": 0.04, "scalar_lr": 0.04, "tied_embed_lr": 0.05,
-    "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85, "muon_momentum_warmup_steps": 500,
-    "muon_wd": 0.0, "embed_wd": 0.0, "adam_wd": 0.0, "grad_clip_norm": 0.0, "ema_decay": 0.0,
-    "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
+    "vocab_size": 1024, "num_layers": 9, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4, "mlp_mult": 2.0,
+    "train_batch_tokens": 524_288, "train_seq_len": 1024, "eval_seq_len": 1024, "qk_gain_init": 1.5, "matrix_lr": 0.04,
+    "scalar_lr": 0.04, "tied_embed_lr": 0.05, "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85,
+    "muon_momentum_warmup_steps": 500, "muon_wd": 0.0, "embed_wd": 0.0, "adam_wd": 0.0, "grad_clip_norm": 0.0,
+    "ema_decay": 0.0, "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
     "muon_row_normalize": False, "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
     "sparse_attn_gate_enabled": False, "num_loops": 0, "parallel_mode": "off",
     # WARMDOWN_ITERS=1200 of the naive baseline's ~13,780 steps in 600 s: the last ~9% of the run.
-    "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-    "fused_ce_enabled": False, "fused_mlp_enabled": False, "doc_isolation": False, "doc_packed_loader": False,
-    "caseops_enabled": False,
+    "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200, "fused_ce_enabled": False,
+    "fused_mlp_enabled": False, "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
     # Its artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control tensors, zlib-9.
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
     "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
@@ -100,8 +98,7 @@ COMPRESSORS = ("pergroup", "brotli", "lzma", "zlib")
 
 
 class Hinted(Exception):
-    """An error whose message may end in a `hint` saying what to do; records/pack.py drops every `hint=` argument
-    from the shipped file (its bytes count)."""
+    """An error whose message may end in a `hint` saying what to do (records/pack.py drops `hint=` when shipping)."""
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(f"{message}; {hint}" if hint else message)
@@ -152,8 +149,7 @@ class Hyperparameters:
     seed: int = knob(1337, "seed for the initial weights and the training data order", NON_NEGATIVE)
     run_id: str = knob("", "name of this run's outputs; empty = <preset>_<UTC timestamp>_<pid>",
                        (lambda v: bool(re.fullmatch(r"[A-Za-z0-9._-]*", v)), "letters, digits, '.', '_' and '-' only"))
-    log_dir: str = knob("logs", "folder for <RUN_ID>.txt, <RUN_ID>.json and the artifact <RUN_ID>.ptz",
-                        (bool, "a folder ('.' for the working directory)"))
+    log_dir: str = knob("logs", "folder of <RUN_ID>.txt/.json/.ptz", (bool, "a folder ('.' for the working directory)"))
     overwrite: bool = knob(False, "1 = rerun a RUN_ID whose outputs exist; they are replaced once the new run finishes")
     device: str = knob("auto", "auto | cpu | cuda", one_of("auto", "cpu", "cuda"))
     compute_dtype: str = knob("auto", "autocast dtype; auto: bf16 on CUDA, fp32 on CPU", one_of("auto", "bf16", "fp32"))
@@ -249,8 +245,7 @@ class Hyperparameters:
     enable_looping_at: float = knob(0.35, "turn looping on at this fraction of training (time or steps)", FRACTION)
     looping_start_step: int = knob(0, "turn looping on at this step instead (0 = ENABLE_LOOPING_AT)", NON_NEGATIVE)
     parallel_mode: str = knob("lanes", "2 parallel residual lanes as PR #1855 runs PR #1530's", one_of("off", "lanes"))
-    parallel_start_layer: int = knob(8, "first physical layer of the parallel-residual tail (decoder half only)",
-                                     NON_NEGATIVE)
+    parallel_start_layer: int = knob(8, "first layer of the parallel lanes (decoder half only)", NON_NEGATIVE)
 
     # --- Optimizers ---
     matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", NON_NEGATIVE)
@@ -395,17 +390,13 @@ class Hyperparameters:
 
     @property
     def dataset_dir(self) -> Path:
-        if self.data_path:
-            return Path(self.data_path)
         name = f"sample_sp{self.vocab_size}" if self.sample_data else f"fineweb10B_sp{self.vocab_size}{self._caseops}"
-        return Path(self.data_dir) / "datasets" / name
+        return Path(self.data_path or Path(self.data_dir) / "datasets" / name)
 
     @property
     def tokenizer_file(self) -> Path:
-        if self.tokenizer_path:
-            return Path(self.tokenizer_path)
         name = "sample_{}_bpe.model" if self.sample_data else "fineweb_{}_bpe" + self._caseops + ".model"
-        return Path(self.data_dir) / "tokenizers" / name.format(self.vocab_size)
+        return Path(self.tokenizer_path or Path(self.data_dir) / "tokenizers" / name.format(self.vocab_size))
 
     @property
     def _caseops(self) -> str:  # PR #1729's published CaseOps export (the downloader's --variant)
@@ -450,8 +441,7 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
 
 
 def closest_knob(name: str, candidates: list[str]) -> str | None:
-    """The knob `name` looks like a misspelling of: its upper case, or one close to it with or without
-    underscores (SEEED, ITERATONS, seed -> SEED, ITERATIONS), else None."""
+    """The knob `name` looks like a misspelling of (case, underscores or a letter off: seed, SEEED -> SEED), or None."""
     key = name.upper()
     if key in candidates:
         return key
@@ -462,8 +452,7 @@ def closest_knob(name: str, candidates: list[str]) -> str | None:
 
 
 def operations(name: str) -> Any:
-    """pgolf.<name> where the (unshipped) pgolf/ sits beside this file, else None; a pgolf module that is there but
-    fails to import raises."""
+    """pgolf.<name> where the unshipped pgolf/ sits beside this file, else None (a broken pgolf module raises)."""
     try:
         importlib.import_module("pgolf")  # first: the package decides (a copy without it, or a test hiding it)
         return importlib.import_module(f"pgolf.{name}")
@@ -474,8 +463,7 @@ def operations(name: str) -> Any:
 
 
 def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozenset[str]]:
-    """Other scripts' names for knobs (aliases, older, retired and unimplemented ones): pgolf.knobs rewrites,
-    refuses or warns about them; a shipped copy knows none."""
+    """Other scripts' knob names (aliases, retired ones, ...) rewritten, refused or warned about by pgolf.knobs."""
     knobs = operations("knobs")
     if knobs is None:
         return env, [], frozenset()
@@ -555,9 +543,8 @@ def claim_run_files(h: Hyperparameters) -> RunFiles:
 
 
 class Logger:
-    """Rank 0 prints and appends to one open file; other ranks stay silent. A failed file write (a full disk) drops
-    the file, not the training: the console keeps every line and `failure` says what happened, for the next
-    stop_on_output_failure."""
+    """Rank 0 prints and appends to one open file; other ranks stay silent. A failed write (a full disk) drops the
+    file, not the training: the console keeps every line and `failure` stops the run at stop_on_output_failure."""
 
     def __init__(self, path: Path | None, enabled: bool = True):
         self.enabled, self.path, self.file, self.failure = enabled, path, None, None
@@ -610,9 +597,8 @@ STEP_PHASES = ("data", "fwd_bwd", "comm", "optimizer", "ema", "other")
 
 
 class StepTimer:
-    """Where a training step's time goes: `mark(phase)` closes the interval since the previous mark. On CUDA the
-    marks are stream events that `collect()` reads once the step's closing all-reduce has synchronized anyway, so
-    timing never slows the step; on CPU they are perf_counter readings."""
+    """Where a step's time goes: `mark(phase)` closes the interval since the previous mark. On CUDA, stream events
+    that `collect()` reads after the step's all-reduce has synchronized anyway (no added sync); else perf_counter."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
