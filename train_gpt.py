@@ -259,7 +259,7 @@ class Hyperparameters:
     muon_ns: str = knob("polar_express", "Newton-Schulz coefficients: classic / polar_express (PR #1344) / "
                                          "polar_express_safe (the same, input norm x 1.02, PR #1514)",
                         (lambda v: v in NS_COEFFICIENT_SETS, "classic, polar_express or polar_express_safe"))
-    muon_row_normalize: bool = knob(True, "MuonEq-R (alias MUON_EQ_R): update rows normalized before NS (PR #1217)")
+    muon_row_normalize: bool = knob(True, "MuonEq-R (alias MUON_EQ_R): rows normalized before Newton-Schulz (PR #1217)")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", NON_NEGATIVE)
     muon_ns_dtype: str = knob("auto", "Newton-Schulz dtype: auto = bf16 on CUDA (as the records) and on CPUs with "
                                       "AMX tiles, else fp32", (lambda v: v in MUON_NS_DTYPES, "auto, bf16 or fp32"))
