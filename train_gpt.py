@@ -57,32 +57,24 @@ from torch import Tensor, nn
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes, not MiB: code + compressed model (challenge rule)
 CANONICAL_WORLD = 8  # the record track's GPU count; grad accumulation reproduces its batch
 
-# Presets are named sets of defaults; an explicit environment variable always wins.
-# `record` is the dataclass default itself (the best public configuration), `baseline` the reference
-# repository's naive baseline written out in full (records/.../NaiveBaseline, 1.2244 BPB), and `smoke`
-# that baseline at a size a 2-core CPU trains in a minute on the embedded sample (data/make_sample.py).
+# Presets are named defaults; an explicit environment variable always wins. `record` is the dataclass default, the
+# best public configuration; `baseline` the reference naive baseline in full (records/.../NaiveBaseline, 1.2244 BPB);
+# `smoke` that baseline at a size a 2-core CPU trains in a minute on the embedded sample (data/make_sample.py).
 BASELINE: dict[str, Any] = {
-    "vocab_size": 1024, "num_layers": 9, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
-    "mlp_mult": 2.0, "train_batch_tokens": 524_288, "train_seq_len": 1024, "eval_seq_len": 1024,
-    "qk_gain_init": 1.5, "matrix_lr": 0.04, "scalar_lr": 0.04, "tied_embed_lr": 0.05,
-    "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85, "muon_momentum_warmup_steps": 500,
-    "muon_wd": 0.0, "embed_wd": 0.0, "adam_wd": 0.0, "grad_clip_norm": 0.0, "ema_decay": 0.0,
-    "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
-    "muon_row_normalize": False,
-    "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
-    "sparse_attn_gate_enabled": False,
-    "num_loops": 0, "parallel_mode": "off",
-    # The naive baseline used WARMDOWN_ITERS=1200 of ~13,780 steps in 600 s, i.e. the last ~9% of the run.
-    "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200,
-    "fused_ce_enabled": False,
-    "fused_mlp_enabled": False,
-    "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
-    # The naive baseline's artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control
-    # tensors, zlib-9 (records/.../NaiveBaseline).
+    "vocab_size": 1024, "num_layers": 9, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4, "mlp_mult": 2.0,
+    "train_batch_tokens": 524_288, "train_seq_len": 1024, "eval_seq_len": 1024, "qk_gain_init": 1.5, "matrix_lr": 0.04,
+    "scalar_lr": 0.04, "tied_embed_lr": 0.05, "muon_momentum": 0.95, "muon_momentum_warmup_start": 0.85,
+    "muon_momentum_warmup_steps": 500, "muon_wd": 0.0, "embed_wd": 0.0, "adam_wd": 0.0, "grad_clip_norm": 0.0,
+    "ema_decay": 0.0, "mlp_act": "relu2", "ln_scale": False, "rope_dims": 0, "ortho_init": False, "muon_ns": "classic",
+    "muon_row_normalize": False, "xsa_last_n": 0, "skip_gates_enabled": False, "smear_gate_enabled": False,
+    "sparse_attn_gate_enabled": False, "num_loops": 0, "parallel_mode": "off",
+    # WARMDOWN_ITERS=1200 of the naive baseline's ~13,780 steps in 600 s: the last ~9% of the run.
+    "warmdown_frac": 0.087, "min_lr": 0.0, "val_loss_every": 1000, "train_log_every": 200, "fused_ce_enabled": False,
+    "fused_mlp_enabled": False, "doc_isolation": False, "doc_packed_loader": False, "caseops_enabled": False,
+    # Its artifact: per-row int8 round to nearest at each row's largest magnitude, fp16 control tensors, zlib-9.
     "quant_method": "rtn", "matrix_bits": 8, "embed_bits": 8, "mlp_clip_sigmas": 0.0, "attn_clip_sigmas": 0.0,
     "embed_clip_sigmas": 0.0, "lqer_enabled": False, "lqer_asym_enabled": False, "gated_attn_quant_gate": False,
-    "compressor": "zlib",
-    "eval_stride": 0, "ttt_enabled": False,
+    "compressor": "zlib", "eval_stride": 0, "ttt_enabled": False,
 }
 SMOKE_SIZES: dict[str, Any] = {
     # ~16k tokens/s on a 2-core CPU, so many small steps beat a few large ones.
@@ -102,14 +94,11 @@ LAUNCHER_VARS = frozenset({
     "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS",
 })
 
-ATTN_BACKENDS = ("auto", "fa3", "fa4", "sdpa")
-QUANT_METHODS = ("gptq", "rtn")
-COMPRESSORS = ("brotli", "lzma", "pergroup", "zlib")
+COMPRESSORS = ("pergroup", "brotli", "lzma", "zlib")
 
 
 class Hinted(Exception):
-    """An error whose message (what, the value, what is allowed) may end in a `hint` saying what to do.
-    records/pack.py drops every `hint=` argument from the shipped file: its bytes count."""
+    """An error whose message may end in a `hint` saying what to do (records/pack.py drops `hint=` when shipping)."""
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(f"{message}; {hint}" if hint else message)
@@ -119,21 +108,17 @@ class ConfigError(Hinted, ValueError):
     """A bad environment variable or input file: the message is one line naming it."""
 
 
-def knob(default: Any, help: str, check: Callable[[Any], bool] | None = None, allowed: str = "") -> Any:
-    """A dataclass field that is an environment knob (`FIELD_NAME` upper-cased)."""
-    return field(default=default, metadata={"knob": True, "help": help, "check": check, "allowed": allowed})
+# A knob's check: (test of the parsed value, what is allowed, for the error).
+Check = tuple[Callable[[Any], bool], str]
+POSITIVE: Check = (lambda v: v > 0), "> 0"
+NON_NEGATIVE: Check = (lambda v: v >= 0), ">= 0"
+FRACTION: Check = (lambda v: 0.0 <= v <= 1.0), "a number in [0, 1]"
+BELOW_ONE: Check = (lambda v: 0.0 <= v < 1.0), "in [0, 1)"  # decays, momenta, betas: at 1.0 an average never moves
+BITS: Check = (lambda v: 2 <= v <= 8), "an integer in [2, 8]"
 
 
-def _positive(v: Any) -> bool:
-    return v > 0
-
-
-def _non_negative(v: Any) -> bool:
-    return v >= 0
-
-
-def _unit_interval(v: float) -> bool:
-    return 0.0 <= v <= 1.0
+def one_of(*values: str) -> Check:
+    return (lambda v: v in values), f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 def _is_non_negative_number(v: str) -> bool:
@@ -143,220 +128,180 @@ def _is_non_negative_number(v: str) -> bool:
         return False
 
 
-def _below_one(v: float) -> bool:  # decays, momenta, betas: at 1.0 an average never takes new values
-    return 0.0 <= v < 1.0
+def knob(default: Any, help: str, check: Check | None = None) -> Any:
+    """A dataclass field that is an environment knob (`FIELD_NAME` upper-cased)."""
+    test, allowed = check or (None, "")
+    return field(default=default, metadata={"knob": True, "help": help, "check": test, "allowed": allowed})
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     # --- Run and data ---
-    preset: str = knob("record", "named defaults: record | baseline | smoke", lambda v: v in PRESETS,
-                       "one of record, baseline, smoke")
+    preset: str = knob("record", "named defaults: record | baseline | smoke", one_of(*PRESETS))
     data_dir: str = knob("./data", "root of datasets/ and tokenizers/ (relative to the working directory)")
     data_path: str = knob("", "shard folder; empty = DATA_DIR/datasets/fineweb10B_sp<VOCAB_SIZE>, with "
                               "_lossless_caps_caseops_v1_reserved under CASEOPS_ENABLED")
     tokenizer_path: str = knob("", "SentencePiece model; empty = DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model, "
                                    "fineweb_<VOCAB_SIZE>_bpe_lossless_caps_caseops_v1_reserved.model under CASEOPS")
     sample_data: bool = knob(False, "1 = use (and build on first use) the embedded sample dataset in DATA_DIR")
-    vocab_size: int = knob(8192, "tokenizer and embedding vocabulary size", lambda v: 2 <= v <= 65536,
-                           "an integer in [2, 65536] (shards store uint16 tokens)")
-    seed: int = knob(1337, "seed for the initial weights and the training data order", _non_negative, ">= 0")
-    run_id: str = knob("", "name of this run's outputs; empty = <preset>_<UTC timestamp>",
-                       lambda v: re.fullmatch(r"[A-Za-z0-9._-]*", v) is not None,
-                       "letters, digits, '.', '_' and '-' only")
-    log_dir: str = knob("logs", "folder for <RUN_ID>.txt, <RUN_ID>.json and the artifact <RUN_ID>.ptz", bool,
-                        "a folder ('.' for the working directory)")
-    overwrite: bool = knob(False, "1 = a RUN_ID whose outputs exist is run again; its old files are replaced only "
-                                  "when the new run has finished")
-    device: str = knob("auto", "auto | cpu | cuda", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
-    compute_dtype: str = knob("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32",
-                              lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
+    vocab_size: int = knob(8192, "tokenizer and embedding vocabulary size",
+                           (lambda v: 2 <= v <= 65536, "an integer in [2, 65536] (shards store uint16 tokens)"))
+    seed: int = knob(1337, "seed for the initial weights and the training data order", NON_NEGATIVE)
+    run_id: str = knob("", "name of this run's outputs; empty = <preset>_<UTC timestamp>_<pid>",
+                       (lambda v: bool(re.fullmatch(r"[A-Za-z0-9._-]*", v)), "letters, digits, '.', '_' and '-' only"))
+    log_dir: str = knob("logs", "folder of <RUN_ID>.txt/.json/.ptz", (bool, "a folder ('.' for the working directory)"))
+    overwrite: bool = knob(False, "1 = rerun a RUN_ID whose outputs exist; they are replaced once the new run finishes")
+    device: str = knob("auto", "auto | cpu | cuda", one_of("auto", "cpu", "cuda"))
+    compute_dtype: str = knob("auto", "autocast dtype; auto: bf16 on CUDA, fp32 on CPU", one_of("auto", "bf16", "fp32"))
     compile: bool = knob(True, "torch.compile the model (0 = eager)")
-    attn_backend: str = knob("auto", "attention kernel: auto (CUDA: fa3, else fa4, else sdpa, passing over one that "
-                                     "fails to import; CPU: sdpa) / fa3 (flash_attn_interface) / fa4 (flash-attn-4, "
-                                     "flash_attn.cute) / sdpa",
-                             lambda v: v in ATTN_BACKENDS, "auto, fa3, fa4 or sdpa")
+    attn_backend: str = knob("auto", "auto = the first of fa3 (flash_attn_interface), fa4 (flash_attn.cute) and "
+                                     "sdpa that imports (CPU: sdpa)", one_of("auto", "fa3", "fa4", "sdpa"))
     dry_run: bool = knob(False, "1 = build model and optimizers, print config and parameter counts, exit")
     strict_env: bool = knob(False, "1 = an unknown variable that looks like a knob is an error")
 
     # --- Training length and batch ---
-    iterations: int = knob(20000, "maximum optimizer steps", _positive, "> 0")
-    max_wallclock_seconds: float = knob(600.0, "training time cap in seconds (0 = no cap)", _non_negative, ">= 0")
-    train_batch_tokens: int = knob(786_432, "tokens per optimizer step over all ranks", _positive, "> 0")
-    train_seq_len: int = knob(2048, "training sequence length", _positive, "> 0")
-    grad_accum_steps: int = knob(0, "micro-batches per step and rank; 0 = max(1, 8 // WORLD_SIZE)",
-                                 _non_negative, ">= 0")
-    warmup_steps: int = knob(20, "compile warmup steps, then model and optimizer are restored (untimed)",
-                             _non_negative, ">= 0")
-    warmdown_frac: float = knob(0.85, "final fraction of the run over which the LR decays (PR #1855)", _unit_interval,
-                                "a number in [0, 1]")
-    warmdown_iters: int = knob(0, "decay the LR over the last N steps instead of WARMDOWN_FRAC (under a wallclock "
-                                  "cap N is converted to time with the average step, as the naive baseline; 0 = off)",
-                               _non_negative, ">= 0")
-    min_lr: float = knob(0.1, "LR floor as a fraction of the peak during warmdown", _unit_interval,
-                         "a number in [0, 1]")
-    train_log_every: int = knob(500, "log a train line every N steps (0 = only the always-logged ones: steps 1-2, "
-                                     "the last step, and one every 30 s and every 1/20 of ITERATIONS)",
-                                _non_negative, ">= 0")
-    val_loss_every: int = knob(0, "validate every N steps (0 = only at the end)", _non_negative, ">= 0")
+    iterations: int = knob(20000, "maximum optimizer steps", POSITIVE)
+    max_wallclock_seconds: float = knob(600.0, "training time cap in seconds (0 = no cap)", NON_NEGATIVE)
+    train_batch_tokens: int = knob(786_432, "tokens per optimizer step over all ranks", POSITIVE)
+    train_seq_len: int = knob(2048, "training sequence length", POSITIVE)
+    grad_accum_steps: int = knob(0, "micro-batches per step and rank; 0 = max(1, 8 // WORLD_SIZE)", NON_NEGATIVE)
+    warmup_steps: int = knob(20, "untimed compile warmup steps, then model and optimizer are restored", NON_NEGATIVE)
+    warmdown_frac: float = knob(0.85, "final fraction of the run over which the LR decays (PR #1855)", FRACTION)
+    warmdown_iters: int = knob(0, "decay the LR over the last N steps instead of WARMDOWN_FRAC (0 = off; under a "
+                                  "wallclock cap, N times the average step, as the naive baseline)", NON_NEGATIVE)
+    min_lr: float = knob(0.1, "LR floor as a fraction of the peak during warmdown", FRACTION)
+    train_log_every: int = knob(500, "log a train line every N steps, besides steps 1-2, the last, one every 30 s "
+                                     "and every 1/20 of ITERATIONS (0 = only those)", NON_NEGATIVE)
+    val_loss_every: int = knob(0, "validate every N steps (0 = only at the end)", NON_NEGATIVE)
 
     # --- Evaluation ---
-    eval_seq_len: int = knob(2048, "evaluation sequence length", _positive, "> 0")
+    eval_seq_len: int = knob(2048, "evaluation sequence length", POSITIVE)
     eval_stride: int = knob(0, "sliding-window eval stride: each target scored once with >= EVAL_SEQ_LEN - stride "
-                                "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)",
-                            _non_negative, ">= 0")
-    eval_batch_seqs: int = knob(32, "windows per forward and rank in the plain and sliding evaluations (one "
-                                    "compiled shape); at most this many sequences per phase SGD step and rank",
-                                _positive, "> 0")
+                                "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)", NON_NEGATIVE)
+    eval_batch_seqs: int = knob(32, "windows per forward and rank in the plain and sliding evals (one compiled "
+                                    "shape); at most this many sequences per phase SGD step and rank", POSITIVE)
     bpb_check_docs: str = knob("1000", "validation documents whose byte count is checked against the decoded text "
                                        "before training (all = every one)",
-                               lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0")
-    max_val_tokens: int = knob(0, "evaluate only the first N validation targets (0 = all; the score is then NOT "
-                                  "reportable)", _non_negative, ">= 0")
-    eval_time_budget_seconds: float = knob(600.0, "eval-time budget: TTT trains less (LoRA steps every 2nd chunk, "
-                                                  "then none; no further phase) when it would pass it",
-                                           _positive, "> 0")
+                               (lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0"))
+    max_val_tokens: int = knob(0, "score only the first N val targets (0 = all; else NOT reportable)", NON_NEGATIVE)
+    eval_time_budget_seconds: float = knob(600.0, "TTT trains less (LoRA steps every 2nd chunk, then none; no "
+                                                  "further phase) when it would pass this", POSITIVE)
     ttt_enabled: bool = knob(True, "score-first test-time training: per-document LoRA (PR #1530) with phases of "
                                    "global SGD over already-scored documents (PR #1610/#1626)")
-    ttt_momentum: float = knob(0.9, "phase SGD momentum", _below_one, "in [0, 1)")
+    ttt_momentum: float = knob(0.9, "phase SGD momentum", BELOW_ONE)
     ttt_chunk_tokens: int = knob(32768, "phase SGD: already-scored tokens per chunk (cosine LR over the chunks, the "
-                                        "last not trained; LoRA TTT's chunk is TTT_CHUNK_SIZE)", _positive, "> 0")
-    ttt_grad_clip: float = knob(1.0, "phase SGD gradient-norm clip (0 = off)", _non_negative, ">= 0")
-    ttt_lora_rank: int = knob(80, "rank of TTT's per-document LoRA adapters", _positive, "> 0")
-    ttt_lora_alpha: float = knob(144.0, "LoRA output scale alpha/rank (PR #1767)", _positive, "> 0")
-    ttt_lora_lr: float = knob(1e-4, "LoRA AdamW learning rate", _non_negative, ">= 0")
-    ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay", _non_negative, ">= 0")
-    ttt_batch_size: int = knob(64, "documents per LoRA batch (one row and one set of adapters each)", _positive, "> 0")
-    ttt_chunk_size: int = knob(48, "LoRA TTT: tokens of each document scored, then trained on, per step (the "
-                                   "phase SGD's chunk is TTT_CHUNK_TOKENS)", _positive, "> 0")
+                                        "last not trained; LoRA TTT's chunk is TTT_CHUNK_SIZE)", POSITIVE)
+    ttt_grad_clip: float = knob(1.0, "phase SGD gradient-norm clip (0 = off)", NON_NEGATIVE)
+    ttt_lora_rank: int = knob(80, "rank of TTT's per-document LoRA adapters", POSITIVE)
+    ttt_lora_alpha: float = knob(144.0, "LoRA output scale alpha/rank (PR #1767)", POSITIVE)
+    ttt_lora_lr: float = knob(1e-4, "LoRA AdamW learning rate", NON_NEGATIVE)
+    ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay", NON_NEGATIVE)
+    ttt_batch_size: int = knob(64, "documents per LoRA batch (one row and one set of adapters each)", POSITIVE)
+    ttt_chunk_size: int = knob(48, "LoRA TTT: tokens of each document scored, then trained on, per step", POSITIVE)
     ttt_warm_start_a: bool = knob(True, "keep LoRA A from one document batch to the next, zero only B (PR #1767)")
-    phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last global SGD pause (pauses at equal shares)",
-                                       _non_negative, ">= 0")
-    phased_ttt_num_phases: int = knob(3, "global SGD pauses over the prefix (0 = LoRA only)", _non_negative, ">= 0")
-    global_ttt_lr: float = knob(0.001, "phase SGD learning rate (cosine over TTT_CHUNK_TOKENS chunks)", _non_negative,
-                                ">= 0")
-    global_ttt_epochs: int = knob(1, "phase SGD epochs over a phase's documents", _non_negative, ">= 0")
+    phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last phase SGD pause (pauses at equal shares)",
+                                       NON_NEGATIVE)
+    phased_ttt_num_phases: int = knob(3, "phase SGD pauses over the prefix (0 = LoRA only)", NON_NEGATIVE)
+    global_ttt_lr: float = knob(0.001, "phase SGD learning rate (cosine over TTT_CHUNK_TOKENS chunks)", NON_NEGATIVE)
+    global_ttt_epochs: int = knob(1, "phase SGD epochs over a phase's documents", NON_NEGATIVE)
 
     # --- Model ---
-    num_layers: int = knob(11, "transformer blocks", _positive, "> 0")
-    model_dim: int = knob(512, "residual width", _positive, "> 0")
-    num_heads: int = knob(8, "attention query heads", _positive, "> 0")
-    num_kv_heads: int = knob(4, "attention key/value heads (grouped-query attention)", _positive, "> 0")
-    mlp_mult: float = knob(4.0, "MLP hidden width as a multiple of MODEL_DIM", _positive, "> 0")
+    num_layers: int = knob(11, "transformer blocks", POSITIVE)
+    model_dim: int = knob(512, "residual width", POSITIVE)
+    num_heads: int = knob(8, "attention query heads", POSITIVE)
+    num_kv_heads: int = knob(4, "attention key/value heads (grouped-query attention)", POSITIVE)
+    mlp_mult: float = knob(4.0, "MLP hidden width as a multiple of MODEL_DIM", POSITIVE)
     tie_embeddings: bool = knob(True, "1 = the output head reuses the token embedding")
-    tied_embed_init_std: float = knob(0.005, "std of the embedding init", _positive, "> 0")
-    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", _non_negative, ">= 0")
+    tied_embed_init_std: float = knob(0.005, "std of the embedding init", POSITIVE)
+    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c) (0 = off)", NON_NEGATIVE)
     fused_ce_enabled: bool = knob(True, "softcapped cross-entropy as one custom op (Triton kernels on CUDA, the "
                                          "PyTorch formula elsewhere; PR #1787) instead of the formula inductor fuses")
-    fused_mlp_enabled: bool = knob(True, "the MLP (up projection, MLP_ACT, down projection) as one custom op whose "
-                                         "up projection and activation are one Triton kernel each way on CUDA (PR "
-                                         "#1530, #1855); relu2 is its slope 0")
+    fused_mlp_enabled: bool = knob(True, "the MLP as one custom op whose up projection and MLP_ACT are one Triton "
+                                         "kernel each way on CUDA (PR #1530, #1855); relu2 is its slope 0")
     caseops_enabled: bool = knob(True, "CaseOps data (PR #1729): count validation bytes from the byte sidecar "
                                         "fineweb_val_bytes_*.bin of the original text, not the tokenizer's tables")
-    doc_isolation: bool = knob(True, "attention stays inside each document, a BOS token starting one (PR #1530): "
-                                      "FA3's varlen call, else FlexAttention (CUDA, compiled), else SDPA with a "
-                                      "document mask")
-    doc_packed_loader: bool = knob(True, "training reads documents in order from each shard's first BOS, a "
-                                         "micro-batch one row of its tokens, sequences cut at every BOS and every "
-                                         "TRAIN_SEQ_LEN tokens of a document (PR #1855's loader, with DOC_ISOLATION)")
-    rope_base: float = knob(10000.0, "RoPE base frequency", _positive, "> 0")
-    qk_gain_init: float = knob(5.0, "initial per-head query gain after QK RMS-norm (PR #1276)", _positive, "> 0")
-    rope_dims: int = knob(16, "rotate only the first N dims of each head (0 or >= head dim = all; PR #315)",
-                          _non_negative, ">= 0")
-    rope_train_seq_len: int = knob(2048, "NTK-scale the RoPE base for sequences longer than this", _positive, "> 0")
-    mlp_act: str = knob("leaky_relu2", "MLP activation: relu2 / leaky_relu2 (PR #549)",
-                        lambda v: v in ("relu2", "leaky_relu2"), "relu2 or leaky_relu2")
-    leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", _non_negative, ">= 0")
+    doc_isolation: bool = knob(True, "attention stays inside each document, a BOS starting one (PR #1530): FA3's "
+                                      "varlen call, else FlexAttention (CUDA, compiled), else SDPA with a mask")
+    doc_packed_loader: bool = knob(True, "a micro-batch is one row of documents read in order from each shard's first "
+                                         "BOS, cut at every BOS and TRAIN_SEQ_LEN tokens (PR #1855's loader)")
+    rope_base: float = knob(10000.0, "RoPE base frequency", POSITIVE)
+    qk_gain_init: float = knob(5.0, "initial per-head query gain after QK RMS-norm (PR #1276)", POSITIVE)
+    rope_dims: int = knob(16, "rotate the first N dims of each head (0 or >= head dim = all; PR #315)", NON_NEGATIVE)
+    rope_train_seq_len: int = knob(2048, "NTK-scale the RoPE base for sequences longer than this", POSITIVE)
+    mlp_act: str = knob("leaky_relu2", "MLP activation: relu2 / leaky_relu2 (PR #549)", one_of("relu2", "leaky_relu2"))
+    leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", NON_NEGATIVE)
     ln_scale: bool = knob(True, "scale each block's norm outputs by 1/sqrt(layer index + 1) (PR #315)")
     ortho_init: bool = knob(True, "orthogonal init of block matrices >= 64x64 (PR #65); output projections stay zero")
-    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off, >= NUM_LAYERS = all; PR #265)",
-                           _non_negative, ">= 0")
+    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off; PR #265)", NON_NEGATIVE)
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)) (PR #1089)")
     smear_gate_enabled: bool = knob(True, "SmearGate: input-gated mix of the previous token's embedding, "
                                           "masked at BOS (PR #1667, BOS fix #1851)")
-    gate_window: int = knob(12, "input dims the SmearGate and the attention output gate read", _positive, "> 0")
+    gate_window: int = knob(12, "input dims the SmearGate and the attention output gate read", POSITIVE)
     sparse_attn_gate_enabled: bool = knob(True, "per-head sigmoid gate on the attention output (PR #1787)")
-    sparse_attn_gate_scale: float = knob(0.5, "logit scale of the attention output gate", _positive, "> 0")
-    num_loops: int = knob(2, "depth recurrence: extra passes over layers LOOP_START..LOOP_END (0 = off; PR #1493)",
-                          _non_negative, ">= 0")
-    loop_start: int = knob(3, "first physical layer of the looped span", _non_negative, ">= 0")
-    loop_end: int = knob(5, "last physical layer of the looped span (inclusive)", _non_negative, ">= 0")
-    enable_looping_at: float = knob(0.35, "turn looping on at this fraction of training (wallclock or steps)",
-                                    _unit_interval, "a number in [0, 1]")
-    looping_start_step: int = knob(0, "turn looping on at this step instead (0 = use ENABLE_LOOPING_AT)",
-                                   _non_negative, ">= 0")
-    parallel_mode: str = knob("lanes", "parallel residuals: off / lanes (two lanes as PR #1855 runs PR #1530's)",
-                              lambda v: v in ("off", "lanes"), "off or lanes")
-    parallel_start_layer: int = knob(8, "first physical layer of the parallel-residual tail (decoder half only)",
-                                     _non_negative, ">= 0")
+    sparse_attn_gate_scale: float = knob(0.5, "logit scale of the attention output gate", POSITIVE)
+    num_loops: int = knob(2, "depth recurrence: extra passes over LOOP_START..LOOP_END (PR #1493)", NON_NEGATIVE)
+    loop_start: int = knob(3, "first physical layer of the looped span", NON_NEGATIVE)
+    loop_end: int = knob(5, "last physical layer of the looped span (inclusive)", NON_NEGATIVE)
+    enable_looping_at: float = knob(0.35, "turn looping on at this fraction of training (time or steps)", FRACTION)
+    looping_start_step: int = knob(0, "turn looping on at this step instead (0 = ENABLE_LOOPING_AT)", NON_NEGATIVE)
+    parallel_mode: str = knob("lanes", "2 parallel residual lanes as PR #1855 runs PR #1530's", one_of("off", "lanes"))
+    parallel_start_layer: int = knob(8, "first layer of the parallel lanes (decoder half only)", NON_NEGATIVE)
 
     # --- Optimizers ---
-    matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", _non_negative, ">= 0")
-    scalar_lr: float = knob(0.02, "AdamW LR for vectors, scalars and control tensors", _non_negative, ">= 0")
-    tied_embed_lr: float = knob(0.03, "AdamW LR for the token embedding", _non_negative, ">= 0")
-    head_lr: float = knob(0.008, "AdamW LR for the untied output head (TIE_EMBEDDINGS=0)", _non_negative, ">= 0")
-    muon_momentum: float = knob(0.97, "Muon momentum after warmup", _below_one, "in [0, 1)")
-    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", _below_one, "in [0, 1)")
-    muon_momentum_warmup_steps: int = knob(1500, "steps of linear momentum warmup", _non_negative, ">= 0")
-    muon_backend_steps: int = knob(5, "Newton-Schulz iterations", _positive, "> 0")
+    matrix_lr: float = knob(0.026, "Muon LR for 2-D block matrices", NON_NEGATIVE)
+    scalar_lr: float = knob(0.02, "AdamW LR for vectors, scalars and control tensors", NON_NEGATIVE)
+    tied_embed_lr: float = knob(0.03, "AdamW LR for the token embedding", NON_NEGATIVE)
+    head_lr: float = knob(0.008, "AdamW LR for the untied output head (TIE_EMBEDDINGS=0)", NON_NEGATIVE)
+    muon_momentum: float = knob(0.97, "Muon momentum after warmup", BELOW_ONE)
+    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", BELOW_ONE)
+    muon_momentum_warmup_steps: int = knob(1500, "steps of linear momentum warmup", NON_NEGATIVE)
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations", POSITIVE)
     muon_ns: str = knob("polar_express", "Newton-Schulz coefficients: classic / polar_express (PR #1344) / "
                                          "polar_express_safe (the same, input norm x 1.02, PR #1514)",
-                        lambda v: v in NS_COEFFICIENT_SETS, "classic, polar_express or polar_express_safe")
-    muon_row_normalize: bool = knob(True, "MuonEq-R: normalize update rows before Newton-Schulz (PR #1217); "
-                                          "alias MUON_EQ_R")
-    muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", _non_negative, ">= 0")
-    muon_ns_dtype: str = knob("auto", "Newton-Schulz dtype: auto (bf16 on CUDA as in the records, and on CPUs with "
-                                      "AMX tiles; else fp32) / bf16 / fp32", lambda v: v in MUON_NS_DTYPES,
-                              "auto, bf16 or fp32")
-    embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", _non_negative, ">= 0")
-    adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", _non_negative, ">= 0")
-    beta1: float = knob(0.9, "AdamW beta1", _below_one, "in [0, 1)")
-    beta2: float = knob(0.99, "AdamW beta2 (PR #1855)", _below_one, "in [0, 1)")
-    adam_eps: float = knob(1e-8, "AdamW epsilon", _positive, "> 0")
-    grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0")
-    ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)",
-                            _below_one, "in [0, 1)")
+                        (lambda v: v in NS_COEFFICIENT_SETS, "classic, polar_express or polar_express_safe"))
+    muon_row_normalize: bool = knob(True, "MuonEq-R (alias MUON_EQ_R): rows normalized before Newton-Schulz (PR #1217)")
+    muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices", NON_NEGATIVE)
+    muon_ns_dtype: str = knob("auto", "Newton-Schulz dtype: auto = bf16 on CUDA (as the records) and on CPUs with "
+                                      "AMX tiles, else fp32", (lambda v: v in MUON_NS_DTYPES, "auto, bf16 or fp32"))
+    embed_wd: float = knob(0.085, "decoupled weight decay of the embedding", NON_NEGATIVE)
+    adam_wd: float = knob(0.02, "decoupled weight decay of scalar/control tensors", NON_NEGATIVE)
+    beta1: float = knob(0.9, "AdamW beta1", BELOW_ONE)
+    beta2: float = knob(0.99, "AdamW beta2 (PR #1855)", BELOW_ONE)
+    adam_eps: float = knob(1e-8, "AdamW epsilon", POSITIVE)
+    grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", NON_NEGATIVE)
+    ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)", BELOW_ONE)
 
     # --- Quantization and artifact ---
     quant_method: str = knob("gptq", "matrix quantizer: gptq (full-Hessian, PR #1019) / rtn (round to nearest); "
-                                     "legacy USE_GPTQ=0/1", lambda v: v in QUANT_METHODS, "gptq or rtn")
-    matrix_bits: int = knob(6, "bits of attention and MLP matrices", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
-    embed_bits: int = knob(7, "bits of the embedding tables (and an untied head; PR #1586)", lambda v: 2 <= v <= 8,
-                           "an integer in [2, 8]")
+                                     "legacy USE_GPTQ=0/1", one_of("gptq", "rtn"))
+    matrix_bits: int = knob(6, "bits of attention and MLP matrices", BITS)
+    embed_bits: int = knob(7, "bits of the embedding tables (and an untied head; PR #1586)", BITS)
     mlp_clip_sigmas: float = knob(11.5, "SDClip k of MLP matrices: clip = k * std(row) (PR #1394); 0 = no clip, "
-                                        "the row's largest magnitude (the naive baseline)", _non_negative, ">= 0")
-    attn_clip_sigmas: float = knob(13.0, "SDClip k of attention matrices (0 = the row's largest magnitude)",
-                                   _non_negative, ">= 0")
-    embed_clip_sigmas: float = knob(14.0, "SDClip k of the embedding tables (0 = the row's largest magnitude)",
-                                    _non_negative, ">= 0")
-    matrix_clip_sigmas: float = knob(0.0, "when > 0, sets both MLP_CLIP_SIGMAS and ATTN_CLIP_SIGMAS", _non_negative,
-                                     ">= 0")
-    gptq_damp: float = knob(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal", _positive, "> 0")
-    gptq_block: int = knob(128, "GPTQ columns updated per block", _positive, "> 0")
+                                        "the row's largest magnitude (the naive baseline)", NON_NEGATIVE)
+    attn_clip_sigmas: float = knob(13.0, "SDClip k of attention matrices (0 = no clip)", NON_NEGATIVE)
+    embed_clip_sigmas: float = knob(14.0, "SDClip k of the embedding tables (0 = no clip)", NON_NEGATIVE)
+    matrix_clip_sigmas: float = knob(0.0, "when > 0, sets both MLP_CLIP_SIGMAS and ATTN_CLIP_SIGMAS", NON_NEGATIVE)
+    gptq_damp: float = knob(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal", POSITIVE)
+    gptq_block: int = knob(128, "GPTQ columns updated per block", POSITIVE)
     gptq_calibration_batches: int = knob(16, "training batches (TRAIN_BATCH_TOKENS each) for the GPTQ Hessians; "
-                                             "alias GPTQ_CALIB_BATCHES", _positive, "> 0")
+                                             "alias GPTQ_CALIB_BATCHES", POSITIVE)
     gptq_reserve_seconds: str = knob("auto", "training seconds kept for Hessian collection: a number, or auto = "
                                              "measured time of one batch x batches (+margin)",
-                                     lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0")
+                                     (lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0"))
     lqer_enabled: bool = knob(True, "low-rank correction of the largest quantization errors (PR #1797)")
-    lqer_rank: int = knob(4, "LQER rank", _positive, "> 0")
-    lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", _positive, "> 0")
-    lqer_factor_bits: int = knob(4, "bits of the symmetric LQER factors", lambda v: 2 <= v <= 8, "an integer in [2, 8]")
+    lqer_rank: int = knob(4, "LQER rank", POSITIVE)
+    lqer_top_k: int = knob(3, "LQER corrects this many tensors (largest error norm first)", POSITIVE)
+    lqer_factor_bits: int = knob(4, "bits of the symmetric LQER factors", BITS)
     lqer_asym_enabled: bool = knob(True, "asymmetric LQER factors (PR #1797): A int2 with one scale, B int4 in groups "
-                                         "of LQER_ASYM_GROUP (a tensor whose B does not divide into groups stays "
-                                         "symmetric)")
-    lqer_asym_group: int = knob(64, "values of B per fp16 scale in asymmetric LQER", _positive, "> 0")
-    gated_attn_quant_gate: bool = knob(True, "the attention output gates' rows as int8 with a scale each (PR #1736), "
-                                             "not fp16")
+                                         "of LQER_ASYM_GROUP (symmetric where B does not divide into groups)")
+    lqer_asym_group: int = knob(64, "values of B per fp16 scale in asymmetric LQER", POSITIVE)
+    gated_attn_quant_gate: bool = knob(True, "attention output gate rows as int8, a scale each, not fp16 (PR #1736)")
     target_bytes: int = knob(ARTIFACT_LIMIT_BYTES, "fit code + compressed model under this many decimal bytes "
-                                                   "(TARGET_MB = millions of bytes)", _positive, "> 0")
-    size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter",
-                                  _non_negative, ">= 0")
-    compressor: str = knob("pergroup", "artifact compressor: pergroup (PR #1855: each role's code matrices by lrzip's "
-                                       "ZPAQ back end, the rest brotli; brotli, with a warning, where lrzip is not "
-                                       "installed) / brotli (quality 11) / lzma (preset 9) / zlib (level 9, the naive "
-                                       "baseline's)",
-                           lambda v: v in COMPRESSORS, "pergroup, brotli, lzma or zlib")
+                                                   "(TARGET_MB = millions of bytes)", POSITIVE)
+    size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter", NON_NEGATIVE)
+    compressor: str = knob("pergroup", "pergroup (PR #1855: each role's code matrices by lrzip's ZPAQ back end, the "
+                                       "rest brotli; brotli, with a warning, without lrzip) / brotli (quality 11) / "
+                                       "lzma (preset 9) / zlib (level 9, the naive baseline's)", one_of(*COMPRESSORS))
     eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
     artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
     requantize: str = knob("", "a <RUN_ID>.weights.pt kept by a run that could not write its artifact: instead of "
@@ -386,42 +331,41 @@ class Hyperparameters:
             raise ConfigError(f"PRESET={preset!r} is not allowed: use one of {', '.join(PRESETS)}")
         values: dict[str, Any] = dict(PRESETS[preset])
         env, warnings, known = other_names(env)
+        env_set = frozenset(f.name for f in cls.knob_fields() if f.name.upper() in env) - {"preset"}
         for f in cls.knob_fields():
-            name = f.name.upper()
-            if name in env and name != "PRESET":
-                values[f.name] = _parse_value(name, env[name], type(f.default))
+            if f.name in env_set:
+                values[f.name] = _parse_value(f.name.upper(), env[f.name.upper()], type(f.default))
         values["preset"] = preset
         warnings += _check_unknown_vars(env, known, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
                 for k, d in (("world_size", 1), ("rank", 0), ("local_rank", 0))}
-        set_by_env = frozenset(f.name for f in cls.knob_fields() if f.name.upper() in env) - {"preset"}
-        return cls(**values, **topo, env_warnings=tuple(warnings), env_set=set_by_env)
+        return cls(**values, **topo, env_warnings=tuple(warnings), env_set=env_set)
 
     def __post_init__(self) -> None:
         for f in self.knob_fields():
-            check = f.metadata["check"]
-            value = getattr(self, f.name)
+            check, value = f.metadata["check"], getattr(self, f.name)
             if check is not None and not check(value):
                 raise ConfigError(f"{f.name.upper()}={value!r} is not allowed: expected {f.metadata['allowed']}")
         if self.local_rank < 0:
             raise ConfigError(f"LOCAL_RANK={self.local_rank} is not allowed: expected >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"RANK={self.rank} / WORLD_SIZE={self.world_size} is not a valid torchrun topology")
-        if self.model_dim % self.num_heads:
-            raise ConfigError(f"MODEL_DIM={self.model_dim} is not allowed: must be divisible by NUM_HEADS={self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ConfigError(f"MODEL_DIM={self.model_dim} is not allowed: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+        dim, heads = self.model_dim, self.num_heads
+        if dim % heads:
+            raise ConfigError(f"MODEL_DIM={dim} is not allowed: must be divisible by NUM_HEADS={heads}")
+        if (dim // heads) % 2:
+            raise ConfigError(f"MODEL_DIM={dim} is not allowed: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims == 2:  # halves of an even width; NTK needs d > 2
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
         if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
             raise ConfigError(f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} is not allowed: need "
                               f"LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}",
                               hint="NUM_LOOPS=0 for no looping")
-        if self.gate_window > self.model_dim:
-            raise ConfigError(f"GATE_WINDOW={self.gate_window} is not allowed: must be <= MODEL_DIM={self.model_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"NUM_KV_HEADS={self.num_kv_heads} is not allowed: must divide NUM_HEADS={self.num_heads}")
-        if int(self.model_dim * self.mlp_mult) < 1:
+        if self.gate_window > dim:
+            raise ConfigError(f"GATE_WINDOW={self.gate_window} is not allowed: must be <= MODEL_DIM={dim}")
+        if heads % self.num_kv_heads:
+            raise ConfigError(f"NUM_KV_HEADS={self.num_kv_heads} is not allowed: must divide NUM_HEADS={heads}")
+        if int(dim * self.mlp_mult) < 1:
             raise ConfigError(f"MLP_MULT={self.mlp_mult} is not allowed: MODEL_DIM*MLP_MULT must be >= 1")
         if self.ttt_enabled and self.ttt_chunk_tokens < self.eval_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} is not allowed: must be >= EVAL_SEQ_LEN="
@@ -446,17 +390,13 @@ class Hyperparameters:
 
     @property
     def dataset_dir(self) -> Path:
-        if self.data_path:
-            return Path(self.data_path)
         name = f"sample_sp{self.vocab_size}" if self.sample_data else f"fineweb10B_sp{self.vocab_size}{self._caseops}"
-        return Path(self.data_dir) / "datasets" / name
+        return Path(self.data_path or Path(self.data_dir) / "datasets" / name)
 
     @property
     def tokenizer_file(self) -> Path:
-        if self.tokenizer_path:
-            return Path(self.tokenizer_path)
         name = "sample_{}_bpe.model" if self.sample_data else "fineweb_{}_bpe" + self._caseops + ".model"
-        return Path(self.data_dir) / "tokenizers" / name.format(self.vocab_size)
+        return Path(self.tokenizer_path or Path(self.data_dir) / "tokenizers" / name.format(self.vocab_size))
 
     @property
     def _caseops(self) -> str:  # PR #1729's published CaseOps export (the downloader's --variant)
@@ -486,26 +426,22 @@ class Hyperparameters:
 def _parse_value(name: str, raw: str, kind: type) -> Any:
     text = raw.strip()
     try:
-        if kind is bool:
-            if text not in ("0", "1"):
-                raise ValueError
+        if kind is bool and text in ("0", "1"):
             return text == "1"
         if kind is int:
             return int(text)
-        if kind is float:
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
+        if kind is float and math.isfinite(value := float(text)):
             return value
-        return text
+        if kind is str:
+            return text
     except ValueError:
-        allowed = {bool: "0 or 1", int: "an integer", float: "a finite number"}[kind]
-        raise ConfigError(f"{name}={raw!r} is not allowed: expected {allowed}") from None
+        pass
+    allowed = {bool: "0 or 1", int: "an integer", float: "a finite number"}[kind]
+    raise ConfigError(f"{name}={raw!r} is not allowed: expected {allowed}")
 
 
 def closest_knob(name: str, candidates: list[str]) -> str | None:
-    """The knob `name` looks like a misspelling of: the same name in upper case, or one close to it with or
-    without its underscores (SEEDS, SEEED, ITERATONS, COMPRESSER, seed -> SEED, ..., COMPRESSOR)."""
+    """The knob `name` looks like a misspelling of (case, underscores or a letter off: seed, SEEED -> SEED), or None."""
     key = name.upper()
     if key in candidates:
         return key
@@ -516,8 +452,7 @@ def closest_knob(name: str, candidates: list[str]) -> str | None:
 
 
 def operations(name: str) -> Any:
-    """pgolf.<name>, the repository's operations layer (not shipped) where pgolf/ sits beside this file; None
-    in a shipped copy. A pgolf module that is there but fails to import raises."""
+    """pgolf.<name> where the unshipped pgolf/ sits beside this file, else None (a broken pgolf module raises)."""
     try:
         importlib.import_module("pgolf")  # first: the package decides (a copy without it, or a test hiding it)
         return importlib.import_module(f"pgolf.{name}")
@@ -528,8 +463,7 @@ def operations(name: str) -> Any:
 
 
 def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozenset[str]]:
-    """Other scripts' names for knobs (aliases, older names, fixed, retired and unimplemented ones): rewritten,
-    refused or warned about by pgolf.knobs where pgolf/ sits beside this file; a shipped copy knows none."""
+    """Other scripts' knob names (aliases, retired ones, ...) rewritten, refused or warned about by pgolf.knobs."""
     knobs = operations("knobs")
     if knobs is None:
         return env, [], frozenset()
@@ -554,15 +488,13 @@ def _check_unknown_vars(env: Mapping[str, str], known: frozenset[str], strict: b
     return warnings
 
 
-# Knobs that name or place a run, or only check its inputs, but do not change it: the seeds of one sweep share
-# a config hash.
+# The seed and the knobs that name or place a run or only check its inputs: one sweep shares a config hash.
 CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR", "OVERWRITE", "REQUANTIZE", "STRICT_ENV",
                                  "BPB_CHECK_DOCS"})
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """sha256 of a resolved config (`knob_values()`, or the `config` of a run's JSON) without
-    CONFIG_HASH_IGNORED: equal for every seed of one sweep, different for anything else."""
+    """sha256 of a resolved config (`knob_values()` or a run JSON's `config`) without CONFIG_HASH_IGNORED."""
     kept = {k: config[k] for k in sorted(config) if k not in CONFIG_HASH_IGNORED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -575,9 +507,8 @@ RUN_OUTPUTS = (".txt", ".json", ".ptz")
 
 @dataclass(frozen=True)
 class RunFiles:
-    """Where a run writes: LOG_DIR/<RUN_ID>.txt, .json and .ptz (`path`: now, `final`: once `publish`ed). This
-    is a shipped copy's; the repository's pgolf/runs.py (not shipped) claims them with a lock, OVERWRITE
-    staged until the run finishes and a failed run's log set aside. `note`: what claiming did."""
+    """LOG_DIR/<RUN_ID>.txt, .json and .ptz (`path`: now, `final`: once `publish`ed) in a shipped copy; pgolf/runs.py
+    adds a lock, OVERWRITE staged until the run finishes and a failed run's log set aside. `note`: what claiming did."""
     log_dir: Path
     run_id: str
     note: str = ""
@@ -585,8 +516,7 @@ class RunFiles:
     def path(self, suffix: str) -> Path:
         return self.log_dir / f"{self.run_id}{suffix}"
 
-    def final(self, suffix: str) -> Path:
-        return self.path(suffix)
+    final = path  # nothing is staged
 
     def publish(self) -> None:
         pass
@@ -596,8 +526,7 @@ class RunFiles:
 
 
 def claim_run_files(h: Hyperparameters) -> RunFiles:
-    """Before any work (rank 0): pgolf.runs.claim where pgolf/ sits beside this file; a shipped copy only
-    refuses outputs that exist (unless OVERWRITE=1)."""
+    """Rank 0, before any work: pgolf.runs.claim, or (a shipped copy) refuse outputs that exist unless OVERWRITE=1."""
     runs = operations("runs")
     if runs is None:
         files = RunFiles(Path(h.log_dir), h.run_id)
@@ -614,15 +543,11 @@ def claim_run_files(h: Hyperparameters) -> RunFiles:
 
 
 class Logger:
-    """Rank-aware logger: rank 0 prints and appends to one open file; other ranks stay silent.
-
-    A file write that fails (a full disk) must not throw away the training in progress: the file is
-    dropped, the console keeps every line, and `failure` says what happened; the run stops at its next
-    checkpoint (stop_on_output_failure) with what it has kept."""
+    """Rank 0 prints and appends to one open file; other ranks stay silent. A failed write (a full disk) drops the
+    file, not the training: the console keeps every line and `failure` stops the run at stop_on_output_failure."""
 
     def __init__(self, path: Path | None, enabled: bool = True):
-        self.enabled, self.path = enabled, path
-        self.file, self.failure = None, None
+        self.enabled, self.path, self.file, self.failure = enabled, path, None, None
         if enabled and path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -656,12 +581,9 @@ class Logger:
             pass
 
 
-WARNING_RULE = "!" * 60  # framing lines around a banner warning, which must not be missed
-
-
 def warn(log: Callable[[str], None], message: str, banner: bool = False) -> None:
-    """Every warning of the log: `WARNING: message`, framed by WARNING_RULE lines when `banner`."""
-    rule = [f"WARNING: {WARNING_RULE}"] if banner else []
+    """Every warning of the log: `WARNING: message`, framed by lines of '!' when `banner` (it must not be missed)."""
+    rule = [f"WARNING: {'!' * 60}"] if banner else []
     for line in rule + [f"WARNING: {message}"] + rule:
         log(line)
 
@@ -675,17 +597,13 @@ STEP_PHASES = ("data", "fwd_bwd", "comm", "optimizer", "ema", "other")
 
 
 class StepTimer:
-    """Where a training step's time goes: `mark(phase)` closes the interval since the previous mark.
-
-    On CUDA the marks are events recorded in the stream (no synchronization), read by `collect()` once
-    the step's closing all-reduce has synchronized anyway; so the GPU time of each phase is measured
-    without slowing the step. On CPU they are perf_counter readings."""
+    """Where a step's time goes: `mark(phase)` closes the interval since the previous mark. On CUDA, stream events
+    that `collect()` reads after the step's all-reduce has synchronized anyway (no added sync); else perf_counter."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.pending: list[tuple[str, Any, Any]] = []
-        self.totals = dict.fromkeys(STEP_PHASES, 0.0)
-        self.steps = 0
+        self.totals, self.steps = dict.fromkeys(STEP_PHASES, 0.0), 0
         self._last: Any = None
 
     def _now(self) -> Any:
@@ -713,15 +631,13 @@ class StepTimer:
     def summary_ms(self) -> dict[str, float]:
         """Mean ms per step of every phase since the last call, then start a new window."""
         out = {k: v * 1000.0 / max(self.steps, 1) for k, v in self.totals.items()}
-        self.totals = dict.fromkeys(STEP_PHASES, 0.0)
-        self.steps = 0
+        self.totals, self.steps = dict.fromkeys(STEP_PHASES, 0.0), 0
         return out
 
 
 class PhaseClock:
-    """Where a run's seconds go: `record` logs one `phase:` line (seconds, tokens and tokens/s when the
-    phase processes tokens, peak CUDA memory since the previous phase) and keeps the row, in order, for
-    the JSON's `phases` list."""
+    """Where a run's seconds go: `record` logs a `phase:` line (seconds; tokens and tokens/s when it has tokens; peak
+    CUDA memory since the previous phase) and keeps its row for the JSON's `phases` list."""
 
     def __init__(self, device: torch.device, log: "Logger"):
         self.device, self.log = device, log
@@ -778,14 +694,8 @@ def package_version(*names: str) -> str:
 
 
 def environment_versions(device: torch.device) -> dict[str, str]:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cuda": str(torch.version.cuda),
-        "platform": platform.platform(),
-        "device": str(device),
-    }
+    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": str(torch.version.cuda), "platform": platform.platform(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_count"] = str(torch.cuda.device_count())
@@ -814,7 +724,7 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
         log(f"  {key}: {info[key]}")
     if h.env_warnings:  # again below the block, whose ~160 lines scroll the first ones off the screen
         warn(log, "as above the config: " + "; ".join(h.env_warnings))
-    if (backend == "sdpa" and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] == 9):
+    if backend == "sdpa" and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] == 9:
         warn(log, "Hopper GPU without FlashAttention 3 or 4 (flash_attn_interface / flash_attn.cute): attention "
                   "runs on PyTorch SDPA, ~15-20% fewer steps in 600 s. See README 'FlashAttention'.", banner=True)
     return versions
@@ -857,8 +767,7 @@ def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
 
 
 def stop_on_output_failure(rc: RunContext, failure: str | None, kept: Callable[[], str]) -> None:
-    """A checkpoint: when the log (or the output `failure` names) could not be written, every rank stops
-    with OutputError, its message saying what rank 0 kept (`kept()`, called only then)."""
+    """When the log or the output `failure` names failed, every rank raises OutputError saying what was kept."""
     failure = rc.log.failure or failure
     failure = broadcast_object(failure and f"{failure}; {kept()}")
     if failure:
@@ -866,8 +775,7 @@ def stop_on_output_failure(rc: RunContext, failure: str | None, kept: Callable[[
 
 
 def failure_line(exc: BaseException) -> str:
-    """Why a run stopped, in one line: the message of the failures main() maps to an exit code, else the
-    exception's type and first line (its traceback goes to stderr)."""
+    """Why a run stopped: the message of a failure main() maps to an exit code, else the type and first line."""
     if isinstance(exc, (ConfigError, ArtifactError, TrainingDiverged, OutputError, Terminated)):
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):

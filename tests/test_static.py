@@ -338,8 +338,8 @@ ALLOWED_CONSTANT_CALLS = {"frozenset", "set", "dict", "tuple", "list", "str", "i
 ALLOWED_STR_METHODS = {"removeprefix", "removesuffix", "upper", "lower", "strip", "join", "format", "encode"}
 # Decorator calls allowed on module-level defs/classes and their methods.
 ALLOWED_DECORATOR_CALLS = {"dataclass", "dataclasses.dataclass", "torch.no_grad"}
-# Calls allowed in class bodies (dataclass field definitions).
-ALLOWED_CLASS_BODY_CALLS = ALLOWED_CONSTANT_CALLS | {"knob", "field", "dataclasses.field"}
+# Calls allowed in class bodies (dataclass field definitions and their pure checks).
+ALLOWED_CLASS_BODY_CALLS = ALLOWED_CONSTANT_CALLS | {"knob", "one_of", "field", "dataclasses.field"}
 
 
 def _calls_outside_lambdas(node: ast.AST) -> Iterable[ast.Call]:
