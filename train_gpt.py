@@ -223,7 +223,8 @@ class Hyperparameters:
     doc_isolation: bool = knob(True, "attention stays inside each document, a BOS starting one (PR #1530): FA3's "
                                       "varlen call, else FlexAttention (CUDA, compiled), else SDPA with a mask")
     doc_packed_loader: bool = knob(True, "a micro-batch is one row of documents read in order from each shard's first "
-                                         "BOS, cut at every BOS and TRAIN_SEQ_LEN tokens (PR #1855's loader)")
+                                         "BOS, cut at every BOS and TRAIN_SEQ_LEN tokens (PR #1855's loader, with "
+                                         "DOC_ISOLATION)")
     rope_base: float = knob(10000.0, "RoPE base frequency", POSITIVE)
     qk_gain_init: float = knob(5.0, "initial per-head query gain after QK RMS-norm (PR #1276)", POSITIVE)
     rope_dims: int = knob(16, "rotate the first N dims of each head (0 or >= head dim = all; PR #315)", NON_NEGATIVE)
@@ -232,7 +233,8 @@ class Hyperparameters:
     leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", NON_NEGATIVE)
     ln_scale: bool = knob(True, "scale each block's norm outputs by 1/sqrt(layer index + 1) (PR #315)")
     ortho_init: bool = knob(True, "orthogonal init of block matrices >= 64x64 (PR #65); output projections stay zero")
-    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off; PR #265)", NON_NEGATIVE)
+    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off, >= NUM_LAYERS = all; PR #265)",
+                           NON_NEGATIVE)
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)) (PR #1089)")
     smear_gate_enabled: bool = knob(True, "SmearGate: input-gated mix of the previous token's embedding, "
                                           "masked at BOS (PR #1667, BOS fix #1851)")
