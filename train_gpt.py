@@ -3967,8 +3967,7 @@ def result_from_sums(sums: Tensor, t0: float) -> EvalResult:
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What every evaluation reads. stride: EVAL_STRIDE (seq_len without sliding); batch_seqs: windows per forward,
-    one shape for every evaluation (one compiled graph)."""
+    """What every evaluation reads; stride: EVAL_STRIDE (seq_len without sliding); batch_seqs: windows per forward."""
     model: Callable[..., Tensor]
     tokens: Tensor  # int64 validation stream on the device; target j is tokens[j + 1]
     luts: ByteLUTs
@@ -4002,8 +4001,7 @@ class EvalContext:
 
 
 def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Tensor:
-    """Sum of (nats, targets, bytes) over the windows, batch_seqs at a time; the last batch is padded with copies
-    of its last window, masked out, so every forward has one shape (one graph)."""
+    """Sum of (nats, targets, bytes) over the windows, batch_seqs a forward (the last batch padded: one graph)."""
     sums, n = torch.zeros(3, dtype=torch.float64, device=ctx.device), starts.size
     starts_t, first_t = (torch.from_numpy(a).to(ctx.device) for a in (starts, first))
     offsets = torch.arange(ctx.seq_len + 1, device=ctx.device)
@@ -4112,8 +4110,7 @@ def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
 
 
 def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[int]]]:
-    """(index, documents) of each LoRA batch as PR #1855 cuts them: by length (stable) into batch_docs from the
-    shortest, scored longest batch first; the index orders the phase SGD's documents."""
+    """(index in the cut, documents) of each LoRA batch, cut by length from the shortest, longest first (PR #1855)."""
     order = np.argsort(lengths, kind="stable")
     cut = [order[j: j + batch_docs].tolist() for j in range(0, order.size, batch_docs)]
     return sorted(enumerate(cut), key=lambda ib: -int(lengths[ib[1][-1]]))
@@ -4125,9 +4122,8 @@ def phase_bounds(n_docs: int, prefix_docs: int, phases: int) -> list[int]:
 
 
 def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: int) -> tuple[list, list[int]]:
-    """(per segment, each rank's batch positions; per pause, the batches scored before it). Ranks claim the queue
-    in order as each comes free (PR #1855's shared counter, here on estimated costs: no collective). Pause k comes
-    once finished batches hold bounds[k] documents and those in flight finish; never after the last batch."""
+    """(per segment, each rank's batches; per pause, the batches scored before it): ranks claim the queue as each comes
+    free (PR #1855's counter, here on estimated costs: no collective); pause k once bounds[k] documents are done."""
     segments, pauses, q, done = [], [], 0, 0
     while q < len(costs):
         share: list[list[int]] = [[] for _ in range(world)]
@@ -4157,10 +4153,9 @@ def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: i
 
 
 class LoRAWalk(NamedTuple):
-    """Host-side plan of one LoRA batch (documents longest first): the chunk loop never waits for the device.
-    Chunk c runs rows[c] rows (>= 2) over windows of width[c] (>= 3, see lora_nll); row r's starts at stream
-    position start[c, r], its n[c, r] targets after column col[c, r]; a last chunk ends at its document's end
-    (PR #1855)."""
+    """Host-side plan of one LoRA batch (longest document first): chunk c runs rows[c] rows (>= 2) over windows of
+    width[c] (>= 3, see lora_nll); row r's starts at stream position start[c, r], its n[c, r] targets after column
+    col[c, r]; a last chunk's window ends at its document's end (PR #1855)."""
     rows: list[int]
     width: list[int]
     start: np.ndarray  # (chunks, rows)
@@ -4246,8 +4241,7 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
 
 
 def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: LoRATTTConfig) -> tuple[int, float]:
-    """(rows per forward, MiB per row): every row of a batch, unless on CUDA a full-width forward and backward
-    of that many would pass 80% of the free memory, as measured on a 2-row probe of random tokens."""
+    """(rows per forward, MiB per row): a whole batch unless on CUDA that passes 80% of free memory (2-row probe)."""
     if ctx.device.type != "cuda":
         return cfg.batch_docs, 0.0
     torch.cuda.synchronize(ctx.device)
@@ -4349,9 +4343,8 @@ class PhasedTTT:
 
 @dataclass
 class TTTGuard:
-    """Phased TTT's time budget. After each batch a rank projects its finish at its rate since its last change; past
-    the budget its adapters step down (local: scoring has no collectives). A phase runs only if the slowest rank's
-    projection, plus its SGD at the last phase's rate, fits."""
+    """Phased TTT's time budget: a rank whose projected finish passes it steps its adapters down (local: scoring has
+    no collectives); a phase runs only if the slowest rank's projection plus its SGD fits."""
     budget_s: float
     log: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
