@@ -3707,7 +3707,7 @@ class EvalResult:
 
 
 def result_from_sums(sums: Tensor, t0: float) -> EvalResult:
-    """All-reduce this rank's (nats, targets, bytes) and turn them into a result timed from t0."""
+    """All-reduce this rank's (nats, targets, bytes) into a result timed from t0."""
     all_reduce_(sums)
     nats, tokens, n_bytes = sums.tolist()
     return EvalResult(nats / tokens, bpb_from_sums(nats, tokens, n_bytes), int(tokens), int(n_bytes),
@@ -3716,9 +3716,7 @@ def result_from_sums(sums: Tensor, t0: float) -> EvalResult:
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What every evaluation reads: the (compiled) model, the validation stream on the device, the byte
-    tables, the window length, EVAL_STRIDE resolved (= seq_len when sliding is off), the windows per
-    forward (one shape for every evaluation: one compiled graph) and this rank's place."""
+    """What every evaluation reads; stride: EVAL_STRIDE (seq_len without sliding); batch_seqs: windows per forward."""
     model: Callable[..., Tensor]
     tokens: Tensor  # int64 validation stream on the device; target j is tokens[j + 1]
     luts: ByteLUTs
@@ -3740,11 +3738,8 @@ class EvalContext:
                    h.eval_batch_seqs, d.rank, d.world_size, d.device, h.compute_dtype, sidecar, graphs.lora)
 
     def target_bytes(self, x: Tensor, y: Tensor, pos: Tensor) -> Tensor:
-        """Bytes of the targets y (stream positions pos, after inputs x): the CaseOps sidecar's count of
-        the original text, else the tokenizer's byte-table rule."""
-        if self.sidecar is not None:
-            return self.sidecar[pos]
-        return count_target_bytes(x, y, self.luts)
+        """Bytes of targets y (inputs x, stream positions pos): the CaseOps sidecar's count, else the byte tables'."""
+        return count_target_bytes(x, y, self.luts) if self.sidecar is None else self.sidecar[pos]
 
     @property
     def n_targets(self) -> int:
@@ -3753,40 +3748,30 @@ class EvalContext:
     def autocast(self):
         return compute_autocast(self.device, self.compute_dtype)
 
-    def windows(self, starts: Tensor) -> Tensor:
-        """(len(starts), seq_len + 1) windows of the stream, gathered on the device."""
-        return self.tokens[starts[:, None] + torch.arange(self.seq_len + 1, device=self.device)]
-
 
 def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Tensor:
-    """Sum of (nats, targets, bytes) over the given windows, ctx.batch_seqs at a time. The last batch is
-    padded with copies of its last window, masked out, so every forward has one shape (one graph)."""
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    n = starts.size
-    if n == 0:
-        return sums
+    """Sum of (nats, targets, bytes) over the windows, batch_seqs a forward (the last batch padded: one graph)."""
+    sums, n = torch.zeros(3, dtype=torch.float64, device=ctx.device), starts.size
     starts_t, first_t = (torch.from_numpy(a).to(ctx.device) for a in (starts, first))
-    offsets = torch.arange(ctx.seq_len, device=ctx.device)
+    offsets = torch.arange(ctx.seq_len + 1, device=ctx.device)
     rows = torch.arange(ctx.batch_seqs, device=ctx.device)
     for b in range(0, n, ctx.batch_seqs):
         idx = (b + rows).clamp_max(n - 1)
-        win = ctx.windows(starts_t[idx])
+        pos = starts_t[idx][:, None] + offsets  # each window's stream positions
+        win = ctx.tokens[pos]
         x, y = win[:, :-1], win[:, 1:]
-        mask = (offsets[None, :] >= first_t[idx][:, None]) & (b + rows < n)[:, None]
+        mask = (offsets[None, :-1] >= first_t[idx][:, None]) & (b + rows < n)[:, None]
         with ctx.autocast():
             nll = ctx.model(x, y, reduction="none")
-        n_bytes = ctx.target_bytes(x, y, starts_t[idx][:, None] + offsets[None, :] + 1)
-        sums[0] += (nll.double() * mask).sum()
-        sums[1] += mask.sum()
-        sums[2] += (n_bytes * mask).sum()
+        n_bytes = ctx.target_bytes(x, y, pos[:, 1:])
+        sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
     return sums
 
 
 @torch.no_grad()
 def eval_windows(ctx: EvalContext, stride: int) -> EvalResult:
-    """Score every validation target exactly once: windows of ctx.seq_len every `stride` tokens, each
-    target with at least seq_len - stride tokens of context (PR #50 sliding eval; stride = seq_len is the
-    plain evaluation); windows split contiguously across ranks."""
+    """Score every validation target exactly once, in windows of seq_len every `stride` tokens (PR #50 sliding eval;
+    stride = seq_len is the plain evaluation), split contiguously across ranks."""
     t0 = time.perf_counter()
     starts, first = sliding_windows(ctx.n_targets, ctx.seq_len, stride)
     lo, hi = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
@@ -3812,14 +3797,12 @@ TTT_LORA_EPS = 1e-10
 
 
 class DocLoRA:
-    """TTT's per-document LoRA adapters (PR #1530): for every virtual layer Q, K, V, O and an MLP adapter,
-    plus the head; one row per document of a batch. B starts at zero, so every document is first scored by
-    the base model; with TTT_WARM_START_A the A matrices carry over to the next batch (PR #1767)."""
+    """TTT's per-document LoRA adapters (PR #1530) on Q, K, V, O and the MLP of every virtual layer and on the head,
+    one row per document. B starts at zero (the base model scores first); TTT_WARM_START_A keeps A (PR #1767)."""
 
     def __init__(self, model: GPT, docs: int, rank: int, alpha: float, seed: int):
-        cfg, device = model.cfg, model.tok_emb.weight.device
+        cfg, device, self.scale = model.cfg, model.tok_emb.weight.device, alpha / rank
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.scale = alpha / rank
         C, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
         self.params: list[Tensor] = []
 
@@ -3869,19 +3852,14 @@ class LoRATTTConfig:
 
 
 def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
-    """[lo, hi) input positions of each document in stream order, covering 0..n_targets exactly: a document
-    starts at its BOS (or at 0) and its last input predicts the next document's BOS."""
-    starts = np.flatnonzero(tokens[:n_targets] == BOS_ID)
-    if starts.size == 0 or starts[0] != 0:
-        starts = np.concatenate(([0], starts))
+    """[lo, hi) input positions of each document, from its BOS (or 0) to the next one's, covering 0..n_targets."""
+    starts = np.union1d([0], np.flatnonzero(tokens[:n_targets] == BOS_ID))
     ends = np.append(starts[1:], n_targets)
     return [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
 def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[int]]]:
-    """(index, documents) of each LoRA batch in scoring order, as PR #1855 cuts them: documents by length
-    (stream order among equals) in batches of batch_docs from the shortest, scored longest batch first (the
-    index, the batch's place in the cut, orders the phase SGD's documents)."""
+    """(index in the cut, documents) of each LoRA batch, cut by length from the shortest, longest first (PR #1855)."""
     order = np.argsort(lengths, kind="stable")
     cut = [order[j: j + batch_docs].tolist() for j in range(0, order.size, batch_docs)]
     return sorted(enumerate(cut), key=lambda ib: -int(lengths[ib[1][-1]]))
@@ -3893,11 +3871,8 @@ def phase_bounds(n_docs: int, prefix_docs: int, phases: int) -> list[int]:
 
 
 def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: int) -> tuple[list, list[int]]:
-    """(per segment, each rank's batch positions; per pause, the batches scored before it). The ranks claim
-    the queue in order as each comes free (PR #1855's shared counter; here on estimated costs, so every rank
-    knows the plan without a collective: the longest batch first onto the least-loaded rank). Pause k comes
-    when the documents of finished batches reach bounds[k], after the batches in flight finish (the top's
-    ranks see its flag only when done with theirs). A pause after the last batch would change no score."""
+    """(per segment, each rank's batches; per pause, the batches scored before it): ranks claim the queue as each comes
+    free (PR #1855's counter, here on estimated costs: no collective); pause k once bounds[k] documents are done."""
     segments, pauses, q, done = [], [], 0, 0
     while q < len(costs):
         share: list[list[int]] = [[] for _ in range(world)]
@@ -3922,17 +3897,14 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
 
 
 def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: int) -> list[int]:
-    """A pause's documents (PR #1855): the first n_docs of the batches scored so far, every phase's, taken
-    in the order they were cut (shortest first)."""
+    """A pause's documents (PR #1855): the first n_docs of the batches scored so far, in the order they were cut."""
     return [d for _, docs in sorted(batches[:scored]) for d in docs][:n_docs]
 
 
 class LoRAWalk(NamedTuple):
-    """Host-side plan of one LoRA batch (documents longest first), decided once so the chunk loop never
-    waits for the device. Chunk c runs rows[c] rows (the documents with targets in it, at least 2) over
-    windows of width[c] tokens (at least 3: see lora_nll): row r's starts at stream
-    position start[c, r] and its chunk's n[c, r] targets follow window position col[c, r]. A document's last
-    chunk window ends at the document's end (PR #1855)."""
+    """Host-side plan of one LoRA batch (longest document first): chunk c runs rows[c] rows (>= 2) over windows of
+    width[c] (>= 3, see lora_nll); row r's starts at stream position start[c, r], its n[c, r] targets after column
+    col[c, r]; a last chunk's window ends at its document's end (PR #1855)."""
     rows: list[int]
     width: list[int]
     start: np.ndarray  # (chunks, rows)
@@ -3942,6 +3914,7 @@ class LoRAWalk(NamedTuple):
 
     @classmethod
     def plan(cls, spans: list[tuple[int, int]], chunk: int, seq_len: int) -> "LoRAWalk":
+        spans = sorted(spans, key=lambda span: span[0] - span[1])
         first, lengths = (np.array(v, dtype=np.int64) for v in zip(*(spans * (1 + (len(spans) < 2)))))
         lengths = lengths - first
         last = (lengths - 1) // chunk
@@ -3966,9 +3939,8 @@ def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAVie
 
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
-    """lora_chunk_nll, compiled where ctx.lora is: rows and window width change from chunk to chunk, so they
-    are marked dynamic (at least 2 rows and 3 tokens: no graph specializes on smaller sizes) and one graph
-    serves every chunk."""
+    """lora_chunk_nll, compiled where ctx.lora is: one graph for every chunk, rows and width marked dynamic (at
+    least 2 rows and 3 tokens, sizes no graph specializes on)."""
     if ctx.lora is None:
         with ctx.autocast():
             return lora_chunk_nll(model, x, cols, y, lora)
@@ -3988,13 +3960,9 @@ def row_groups(k: int, group: int) -> list[tuple[int, int]]:
 
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
                      cfg: LoRATTTConfig, every: int, group: int = 1 << 30) -> Tensor:
-    """One batch of documents walked in chunks of cfg.chunk targets (LoRAWalk). Each chunk takes one forward:
-    its per-token losses are the scores, recorded before anything learns from them; then (every `every`
-    chunks, 0: never, if the document has a later chunk) one AdamW step of every document's adapters on its
-    own chunk's mean loss (PR #1855's single forward). Documents run longest first, so finished ones leave
-    the batch. A chunk's rows run `group` at a time (memory), their gradients summed before the one step: the
-    same update."""
-    docs = sorted(docs, key=lambda span: span[0] - span[1])
+    """Score a batch in chunks of cfg.chunk targets (LoRAWalk), one forward each: the losses are scored, then (every
+    `every` chunks, 0: never) one AdamW step of each document's adapters on its chunk's mean loss if it has a later
+    chunk (PR #1855). Rows run `group` at a time (memory), gradients summed: the same step."""
     walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
     start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
@@ -4022,8 +3990,7 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
 
 
 def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: LoRATTTConfig) -> tuple[int, float]:
-    """(rows per forward, MiB per row): every row of a batch, unless on CUDA a full-width forward and backward
-    of that many would pass 80% of the free memory, as measured on a 2-row probe of random tokens."""
+    """(rows per forward, MiB per row): a whole batch unless on CUDA that passes 80% of free memory (2-row probe)."""
     if ctx.device.type != "cuda":
         return cfg.batch_docs, 0.0
     torch.cuda.synchronize(ctx.device)
@@ -4047,8 +4014,7 @@ def set_requires_grad(params: list[nn.Parameter], on: bool) -> None:
 
 @dataclass
 class PhasedTTT:
-    """One phased LoRA TTT evaluation: the eager model (the adapters change shapes the compiled graphs never
-    saw), the documents (and the host copy of their stream), the adapters and the phase SGD."""
+    """One phased LoRA TTT evaluation: the eager model, the documents (and their host stream), adapters, phase SGD."""
     ctx: EvalContext
     model: GPT
     cfg: LoRATTTConfig
@@ -4068,19 +4034,15 @@ class PhasedTTT:
             set_requires_grad(self.base, True)
 
     def adapters(self, docs: int) -> DocLoRA:
-        """A new adapter set (new A; at least 2 rows, see LoRAWalk): every set is drawn from its own seed, so a
-        run is reproducible."""
+        """A new adapter set (at least 2 rows, see LoRAWalk), drawn from a seed of its own: a run is reproducible."""
         self.made += 1
         return DocLoRA(self.model, max(docs, 2), self.cfg.rank, self.cfg.alpha, self.cfg.seed + self.made - 1)
 
     def score(self, batch: list[int]) -> Tensor:
-        """One batch, on the reusable adapters (B zeroed, A kept with TTT_WARM_START_A); a batch of another
-        size gets a set of its own, as PR #1855's does."""
-        if len(batch) == self.cfg.batch_docs:
-            lora = self.lora
+        """One batch on the reused adapters, reset; a batch of another size gets a set of its own (PR #1855)."""
+        lora = self.lora if len(batch) == self.cfg.batch_docs else self.adapters(len(batch))
+        if lora is self.lora:
             lora.reset(warm_a=self.cfg.warm_start_a)
-        else:
-            lora = self.adapters(len(batch))
         set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
         try:
             return score_lora_batch(self.model, lora, self.ctx, [self.docs[d] for d in batch], self.cfg,
@@ -4089,10 +4051,8 @@ class PhasedTTT:
             set_requires_grad(self.base, True)
 
     def global_sgd(self, doc_ids: list[int]) -> None:
-        """All ranks: SGD on the base weights over already-scored documents, then new adapters (PR #1855).
-        The documents are concatenated, each with the next one's BOS, and trained on in chunks of
-        TTT_CHUNK_TOKENS (cosine LR over the chunks; the last chunk is not trained), each chunk's
-        EVAL_SEQ_LEN-token sequences split over the ranks, EVAL_BATCH_SEQS of them per step and rank."""
+        """All ranks: SGD on the base weights over scored documents (each with the next one's BOS), then new adapters
+        (PR #1855); chunks of TTT_CHUNK_TOKENS at cosine LR (the last not trained), their rows split over the ranks."""
         idx = np.concatenate([np.arange(lo, hi + 1) for lo, hi in (self.docs[d] for d in doc_ids)] or [[0]])
         stream, host = self.ctx.tokens[torch.from_numpy(idx).to(self.ctx.device)], self.tokens[idx]
         S, chunk, world = self.ctx.seq_len, self.sgd.chunk_tokens, self.ctx.world_size
@@ -4101,51 +4061,39 @@ class PhasedTTT:
         seqs = chunk // S  # every trained chunk is whole (the last is not trained)
         shares = [(seqs * r // world, seqs * (r + 1) // world) for r in range(world)]
         for c in range(n_chunks - 1):
-            for group in opt.param_groups:
-                group["lr"] = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+            opt.param_groups[0]["lr"] = self.sgd.lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
             for _ in range(self.sgd.epochs):
                 for b in range(0, max(e - s for s, e in shares), self.ctx.batch_seqs):
                     rows = [(min(s + b, e), min(s + b + self.ctx.batch_seqs, e)) for s, e in shares]
-                    active = sum(1 for a, z in rows if z > a)
                     a, z = (c * chunk + v * S for v in rows[self.ctx.rank])
-                    phase_sgd_step(self, opt, stream, host, (a, z), 1.0 / active)
+                    self.sgd_step(opt, stream[a:z + 1], host[a:z], 1.0 / sum(1 for lo, hi in rows if hi > lo))
         self.lora = self.adapters(self.cfg.batch_docs)
 
-
-def phase_sgd_step(ttt: PhasedTTT, opt: torch.optim.Optimizer, stream: Tensor, host: np.ndarray,
-                   span: tuple[int, int], weight: float) -> None:
-    """One SGD step: this rank's tokens stream[a:b] (none: a zero gradient) as one packed row whose
-    sequences start at every BOS and every EVAL_SEQ_LEN tokens of a document (PR #1855's cu_seqlens; plain
-    rows without DOC_ISOLATION); its mean loss, weighted so the ranks' gradients average over those with rows."""
-    ctx, params, (a, b) = ttt.ctx, ttt.base, span
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    if b > a:
-        x, y = stream[a:b], stream[a + 1: b + 1]
-        cu = None
-        if ttt.model.cfg.doc_isolation:
-            cut = min(ctx.seq_len, ttt.model.cfg.train_seq_len)  # the RoPE span the model was trained at
-            cu = torch.from_numpy(packed_cu_seqlens(host[a:b], BOS_ID, cut)).to(ctx.device)
-        x, y = (x[None], y[None]) if cu is not None else (x.view(-1, ctx.seq_len), y.view(-1, ctx.seq_len))
-        with ctx.autocast():
-            loss = ttt.model(x, y, cu_seqlens=cu)
-        (loss * weight).backward()
-    sync_gradients(params, ctx.world_size, average=False)
-    if ttt.sgd.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, ttt.sgd.grad_clip)
-    opt.step()
-
-
-TTT_STEP_DOWN = {1: 2, 2: 0}  # chunks per LoRA step: every chunk, every 2nd, none
+    def sgd_step(self, opt: torch.optim.Optimizer, tokens: Tensor, inputs: np.ndarray, weight: float) -> None:
+        """One SGD step on this rank's tokens (none: zero gradient), cut at every BOS and EVAL_SEQ_LEN (PR #1855's
+        cu_seqlens; plain rows without DOC_ISOLATION), weighted to average over the ranks with rows."""
+        ctx, cfg = self.ctx, self.model.cfg
+        for p in self.base:
+            p.grad = torch.zeros_like(p)
+        if inputs.size:
+            x, y, cu = tokens[:-1], tokens[1:], None
+            if cfg.doc_isolation:  # sequences at most the RoPE span the model was trained at
+                cut = min(ctx.seq_len, cfg.train_seq_len)
+                cu = torch.from_numpy(packed_cu_seqlens(inputs, BOS_ID, cut)).to(ctx.device)
+            x, y = (x[None], y[None]) if cu is not None else (x.view(-1, ctx.seq_len), y.view(-1, ctx.seq_len))
+            with ctx.autocast():
+                loss = self.model(x, y, cu_seqlens=cu)
+            (loss * weight).backward()
+        sync_gradients(self.base, ctx.world_size, average=False)
+        if self.sgd.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.base, self.sgd.grad_clip)
+        opt.step()
 
 
 @dataclass
 class TTTGuard:
-    """Phased TTT's time budget. After each batch a rank projects its own finish (its work left at its
-    seconds per window token since its last change); past the budget its adapters step down, one step per
-    batch: a LoRA step every 2nd chunk, then none (a local decision: scoring has no collectives). At each
-    pause the ranks take the slowest projection, adding the phase's SGD at the last phase's seconds per
-    token; past the budget no further phase runs."""
+    """Phased TTT's time budget: a rank whose projected finish passes it steps its adapters down (local: scoring has
+    no collectives); a phase runs only if the slowest rank's projection plus its SGD fits."""
     budget_s: float
     log: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
@@ -4158,7 +4106,7 @@ class TTTGuard:
         self.done, self.score_s = self.done + cost, self.score_s + seconds
         projected = time.perf_counter() - self.t0 + left * self.score_s / max(self.done, 1)
         if ttt.every and projected > self.budget_s:
-            ttt.every = TTT_STEP_DOWN[ttt.every]
+            ttt.every = {1: 2, 2: 0}[ttt.every]  # chunks per LoRA step: every chunk, every 2nd, none
             self.done = self.score_s = 0.0  # the next projection measures the new rate
             self.steps_down.append((where, ttt.every))
             self.log(format_kv(ttt_degrade=f"lora_every:{ttt.every}" if ttt.every else "lora_off", at=where,
@@ -4173,18 +4121,15 @@ class TTTGuard:
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
-    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order).
-    Batches of documents are scored longest first (lora_batches), claimed by the ranks in order as they come
-    free (ttt_schedule); at each pause, when every rank has scored the batches before it, the base model
-    takes SGD over already-scored documents (phase_documents), all ranks together, then fresh adapters. No
-    token is trained on before it is scored; what is scored after the last pause never is."""
+    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order): batches
+    scored longest first, claimed by the ranks as they come free; at each pause the base model takes SGD on scored
+    documents, then fresh adapters. No token is trained on before it is scored."""
     tokens = ctx.tokens.cpu().numpy()
     docs = ttt_documents(tokens, ctx.n_targets)
     lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
     batches = lora_batches(lengths, cfg.batch_docs)
     bounds = phase_bounds(len(docs), cfg.prefix_docs, cfg.phases) if sgd.epochs else []
-    costs = [LoRAWalk.plan(sorted((docs[d] for d in b), key=lambda s: s[0] - s[1]), cfg.chunk, ctx.seq_len).cost()
-             for _, b in batches]
+    costs = [LoRAWalk.plan([docs[d] for d in b], cfg.chunk, ctx.seq_len).cost() for _, b in batches]
     segments, pauses = ttt_schedule(costs, [len(b) for _, b in batches], bounds, ctx.world_size)
     ttt, guard = PhasedTTT(ctx, model, cfg, sgd, docs, tokens), TTTGuard(budget_s, log)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
@@ -4244,12 +4189,10 @@ def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
 
 
 def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path: Path) -> Evaluations:
-    """Everything a reviewer counts as evaluation time: read the artifact, score it (round trip), then
-    sliding windows and score-first TTT when enabled. The last evaluation is the reported score. Every
-    graph was compiled in the warm-up, so none of this time is compilation."""
+    """Everything timed as evaluation (graphs compiled in the warm-up): read the artifact, score its round trip, then
+    sliding windows and score-first TTT when enabled; the last evaluation is the score."""
     h, log, clock = rc.h, rc.log, rc.clock
-    t0 = time.perf_counter()
-    blob = artifact_path.read_bytes()
+    t0, blob = time.perf_counter(), artifact_path.read_bytes()
     body = artifact_body(blob, str(artifact_path))  # pergroup: 20-24 s in PR #1855's logs
     coder = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}[blob[ARTIFACT_PREFIX.size]]  # what wrote it
     log(format_kv(decompress_s=f"{time.perf_counter() - t0:.2f}", compressor=coder))
@@ -4284,46 +4227,39 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
 
 
 TRAIN_LIMIT_S = 600.0  # challenge rules: training and evaluation are each capped at 10 minutes on 8xH100
-
-
 EVAL_LIMIT_S = 600.0
 
 
 def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_ms: float, eval_s: float,
                      bytes_total: int, data: DataBundle, label: str, calibration: str) -> list[str]:
     """The lines a reviewer checks, each with how this run satisfies it."""
-    def ok(flag: bool) -> str:
-        return "ok" if flag else "OVER"
-    lines = [
-        format_kv(compliance="train_time", ms=round(train_time_ms), limit_ms=round(TRAIN_LIMIT_S * 1000),
-                  status=ok(train_time_ms <= TRAIN_LIMIT_S * 1000)),
-        format_kv(compliance="train_data_access_end", ms=round(data_access_end_ms), limit_ms=round(TRAIN_LIMIT_S * 1000),
-                  status=ok(data_access_end_ms <= TRAIN_LIMIT_S * 1000), gptq_calibration=calibration),
+    ok, train_ms, fp = {True: "ok", False: "OVER"}, round(TRAIN_LIMIT_S * 1000), data.fingerprint
+    ttt = ("TTT scores each chunk of a document before its LoRA step on it (a document's last chunk is never trained "
+           "on); phase SGD trains only on documents already scored")
+    return [
+        format_kv(compliance="train_time", ms=round(train_time_ms), limit_ms=train_ms,
+                  status=ok[train_time_ms <= train_ms]),
+        format_kv(compliance="train_data_access_end", ms=round(data_access_end_ms), limit_ms=train_ms,
+                  status=ok[data_access_end_ms <= train_ms], gptq_calibration=calibration),
         format_kv(compliance="eval_time", ms=round(eval_s * 1000), limit_ms=round(EVAL_LIMIT_S * 1000),
-                  status=ok(eval_s <= EVAL_LIMIT_S)),
+                  status=ok[eval_s <= EVAL_LIMIT_S]),
         format_kv(compliance="artifact_bytes", bytes_total=bytes_total, limit=ARTIFACT_LIMIT_BYTES,
-                  status=ok(bytes_total <= ARTIFACT_LIMIT_BYTES)),
-        format_kv(compliance="validation_data_in_training", value="no",
-                  how="training, warmup and GPTQ calibration read only fineweb_train_*; "
-                      "the evaluation, TTT and calibration compile warm-ups use random tokens"),
-        format_kv(compliance="causal", value="yes", how="causal attention; SmearGate reads only the previous token "
-                                                        "of the same document"),
+                  status=ok[bytes_total <= ARTIFACT_LIMIT_BYTES]),
+        format_kv(compliance="validation_data_in_training", value="no", how="training, warmup and GPTQ calibration "
+                  "read only fineweb_train_*; the evaluation, TTT and calibration compile warm-ups use random tokens"),
+        format_kv(compliance="causal", value="yes",
+                  how="causal attention; SmearGate reads only the previous token of the same document"),
         format_kv(compliance="normalized", value="yes", how="full softmax over the vocabulary for every scored token"),
         format_kv(compliance="score_before_update", value="yes",
-                  how="TTT scores each chunk of a document before its LoRA step on it (a document's last chunk is "
-                      "never trained on); phase SGD trains only on documents already scored"
-                      if h.ttt_enabled else "no test-time training: weights are fixed during evaluation"),
-        format_kv(compliance="single_pass", value="yes", how="each validation target scored exactly once (coverage "
-                                                             "checked)"),
-        format_kv(compliance="dataset", manifest_sha256=data.fingerprint["manifest_sha256"] or "none",
-                  val_sha256=data.fingerprint["val_sha256"], val_documents=data.fingerprint["val_documents"],
-                  tokenizer_sha256=data.fingerprint["tokenizer_sha256"],
-                  byte_accounting=data.fingerprint["byte_accounting"]),
+                  how=ttt if h.ttt_enabled else "no test-time training: weights are fixed during evaluation"),
+        format_kv(compliance="single_pass", value="yes",
+                  how="each validation target scored exactly once (coverage checked)"),
+        format_kv(compliance="dataset", manifest_sha256=fp["manifest_sha256"] or "none",
+                  **{k: fp[k] for k in ("val_sha256", "val_documents", "tokenizer_sha256", "byte_accounting")}),
         format_kv(compliance="reportable", value="yes" if data.reportable else "NO",
                   how=f"score from eval:{label} on {data.reportable_reason}" if data.reportable
                   else data.reportable_reason),
     ]
-    return lines
 
 
 # ==== Training ====
