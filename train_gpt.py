@@ -4945,8 +4945,7 @@ def run(h: Hyperparameters) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (`timeout`, schedulers, torchrun stopping its workers): unwinds like SIGINT, so the
-    lock is released and the log says why. Exit code 128 + the signal's number."""
+    """SIGTERM or SIGHUP: unwinds like SIGINT (the lock is released, the log says why); exit code 128 + signum."""
 
     def __init__(self, signum: int):
         super().__init__(f"terminated ({signal.Signals(signum).name})")
@@ -4954,8 +4953,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def catch_termination() -> dict[int, Any]:
-    """Turn SIGTERM and SIGHUP into Terminated for this run; returns the handlers to restore. Off the main
-    thread Python can set none, and the defaults stay."""
+    """Turn SIGTERM and SIGHUP into Terminated (on the main thread only); returns the handlers to restore."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -4969,12 +4967,9 @@ def catch_termination() -> dict[int, Any]:
 
 
 def recovery_run(h: Hyperparameters) -> Any:
-    """pgolf.recover for an EVAL_ONLY or REQUANTIZE run (None for any other); refused before any work
-    where pgolf/ is not beside this file."""
-    if not (h.eval_only or h.requantize):
-        return None
-    recover = operations("recover")
-    if recover is None:
+    """pgolf.recover for an EVAL_ONLY or REQUANTIZE run, else None; refused where pgolf/ is not beside this file."""
+    recover = operations("recover") if h.eval_only or h.requantize else None
+    if recover is None and (h.eval_only or h.requantize):
         knob = "EVAL_ONLY=1" if h.eval_only else f"REQUANTIZE={h.requantize!r}"
         raise ConfigError(f"{knob} is not allowed: it needs the repository's pgolf/ beside {Path(__file__).name}",
                           hint="run the repository's train_gpt.py, or copy pgolf/ beside this file")
@@ -4984,9 +4979,8 @@ def recovery_run(h: Hyperparameters) -> Any:
 def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: float, steps: int,
            metrics: dict[str, Any]) -> int:
     """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
-    h, final, label, bytes_code = rc.h, ev.final, ev.label, len(rc.code)
+    h, final, label, bytes_code, wall = rc.h, ev.final, ev.label, len(rc.code), rc.clock.wall_seconds()
     bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
-    wall = rc.clock.wall_seconds()
     rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
     metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
@@ -5023,17 +5017,10 @@ def main(env: Mapping[str, str] | None = None) -> int:
     be written, 130: interrupted (SIGINT), 143 / 129: terminated (SIGTERM / SIGHUP))."""
     previous = catch_termination()
     try:
-        h = Hyperparameters.from_env(env)
-        return run(h)
-    except (ConfigError, ArtifactError) as exc:
+        return run(Hyperparameters.from_env(env))
+    except (ConfigError, ArtifactError, TrainingDiverged, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
-    except OutputError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 4
+        return 3 if isinstance(exc, TrainingDiverged) else 4 if isinstance(exc, OutputError) else 2
     except KeyboardInterrupt as exc:
         print(f"error: {failure_line(exc)}; outputs written so far are kept, nothing was finished", file=sys.stderr,
               flush=True)
