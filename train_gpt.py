@@ -4303,23 +4303,13 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
 
 def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
     """Depth recurrence turns on at LOOPING_START_STEP when set, else at ENABLE_LOOPING_AT of training."""
-    if h.num_loops <= 0:
-        return False
-    return step >= h.looping_start_step if h.looping_start_step else frac >= h.enable_looping_at
-
-
-def ends_looping(h: Hyperparameters) -> bool:
-    """Whether depth recurrence is on at the end of training, so during calibration, evaluation and TTT (a
-    run stopped by the wallclock before LOOPING_START_STEP is the one case this does not foresee)."""
-    return looping_due(h, h.iterations - 1, 1.0)
+    return h.num_loops > 0 and (step >= h.looping_start_step if h.looping_start_step else frac >= h.enable_looping_at)
 
 
 @dataclass(frozen=True)
 class Graphs:
-    """What runs the model: `model` trains and evaluates (torch.compile keeps a graph per looping state, grad
-    mode and shape), `calibrate` is GPTQ's forward (model.hidden with the Hessian taps armed;
-    compiled for the micro-batch shape, eager for any other), `base` the module whose weights they share,
-    `lora` phased TTT's chunk forward (lora_chunk_nll; rows and width dynamic, see lora_nll; None: eager)."""
+    """`model` trains and evaluates, `calibrate` is GPTQ's forward (model.hidden, compiled for the micro-batch shape
+    only), `base` the module whose weights they share, `lora` TTT's chunk forward (lora_chunk_nll; None: eager)."""
     model: Callable[..., Tensor]
     calibrate: Callable[[Tensor], Tensor]
     base: GPT
@@ -4331,19 +4321,16 @@ class Graphs:
             return cls(model, model.hidden, model)
         compiled_hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True)
         shape = (h.micro_batch_seqs, h.train_seq_len)
-        # one dynamic graph where the RoPE base is the same for every window (lora_nll)
-        dynamic_ok = h.ttt_enabled and 3 <= h.eval_seq_len <= h.rope_train_seq_len
+        dynamic_ok = h.ttt_enabled and 3 <= h.eval_seq_len <= h.rope_train_seq_len  # one RoPE base (lora_nll)
         lora = torch.compile(functools.partial(lora_chunk_nll, model), fullgraph=True) if dynamic_ok else None
         return cls(torch.compile(model, dynamic=False, fullgraph=True),
-                   lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids), model,
-                   lora)
+                   lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids), model, lora)
 
 
 def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers,
                      make_loader: Callable[[], TrainLoader], log: Logger) -> dict[str, float]:
-    """Untimed, before training: WARMUP_STEPS real steps per looping state, so the training graphs compile
-    and the allocator grows outside the timer; then model and optimizer are restored, so the
-    timed run starts from step 0 exactly (as every record since the naive baseline). Returns seconds per looping state."""
+    """Untimed: WARMUP_STEPS steps per looping state compile the graphs and grow the allocator, then model and
+    optimizer are restored so the timed run starts from step 0 (as every record does). Returns seconds per state."""
     seconds: dict[str, float] = {}
     model = graphs.base
     model_state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -4355,7 +4342,8 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
             for i in range(h.warmup_steps):
                 opt.set_schedule(1.0, 0)
                 train_step(graphs.model, loader, opt, h, d.device)
-                log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}", **({"looping": int(looping)} if h.num_loops else {})))
+                log(format_kv(warmup_step=f"{i + 1}/{h.warmup_steps}",
+                              **({"looping": int(looping)} if h.num_loops else {})))
             synchronize(d.device)
             seconds[f"train_{'looped' if looping else 'plain'}"] = time.perf_counter() - t0
     finally:
@@ -4369,11 +4357,9 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
 
 def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: bool,
                    training_run: bool) -> dict[str, float]:
-    """Untimed: with COMPILE=1, compile on random tokens (never validation tokens: PR #1530's warm-up was
-    flagged for that) the evaluation forward, phased TTT's chunk step and, in a training run, the calibration
-    forward, all in the looping state of the end of training (`looping`; a training run that evaluates
-    every VAL_LOSS_EVERY steps also gets the evaluation graph of the other state), so nothing compiles
-    inside either budget. Weights are untouched (TTT's adapters are fresh and dropped). Returns seconds per graph."""
+    """Untimed, with COMPILE=1, on random tokens (PR #1530's warm-up on validation tokens was flagged): compile the
+    evaluation forward in `looping`, the state training ends in (both if VAL_LOSS_EVERY evaluates in training), TTT's
+    chunk step and (training run) the calibration forward. Returns seconds per graph."""
     model = graphs.base
     seconds: dict[str, float] = {}
     if not h.compile:
@@ -4394,8 +4380,8 @@ def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: boo
         model.set_looping(state)
         win = rand(h.eval_batch_seqs, h.eval_seq_len)
         with torch.no_grad():
-            timed(f"eval_{'looped' if state else 'plain'}", lambda: graphs.model(win[:, :-1], win[:, 1:],
-                                                                               reduction="none"))
+            timed(f"eval_{'looped' if state else 'plain'}",
+                  lambda: graphs.model(win[:, :-1], win[:, 1:], reduction="none"))
     model.set_looping(looping)
     if graphs.lora is not None:
         timed("ttt_train", lambda: warm_up_lora(h, d, graphs, rand))
@@ -4407,8 +4393,7 @@ def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: boo
 
 
 def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable[[int, int], Tensor]) -> None:
-    """Phased TTT's chunk graph, forward and backward, as score_lora_batch calls it: TTT_BATCH_SIZE rows,
-    full windows, base weights frozen (a guard of the graph), on random tokens and fresh adapters."""
+    """Phased TTT's chunk graph, forward and backward as score_lora_batch calls it, on fresh adapters."""
     model, rows, width = graphs.base, max(h.ttt_batch_size, 2), h.eval_seq_len
     lora = DocLoRA(model, rows, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed)
     rows -= rows == width  # equal sizes would be traced as one symbol (and guarded equal)
@@ -4418,7 +4403,7 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
     ctx = EvalContext(graphs.model, win.flatten(), None, width, width, 1, d.rank, d.world_size, d.device,
                       h.compute_dtype, None, graphs.lora)
     base = [p for p in model.parameters() if p.requires_grad]
-    set_requires_grad(base, False)
+    set_requires_grad(base, False)  # frozen base weights are a guard of the graph
     try:
         lora_nll(model, lora.rows(rows), win[:, :-1], cols, win.gather(1, cols + 1), ctx).mean().backward()
     finally:
@@ -4431,9 +4416,8 @@ def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: C
     (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 without GPTQ or without a cap."""
     if h.quant_method != "gptq" or h.max_wallclock_seconds <= 0:
         return 0.0
-    reserve = h.gptq_reserve
-    if reserve is None:
-        reserve = measure_gptq_reserve(h, d, graphs.base, graphs.calibrate, make_loader)
+    reserve = (h.gptq_reserve if h.gptq_reserve is not None
+               else measure_gptq_reserve(h, d, graphs.base, graphs.calibrate, make_loader))
     log(format_kv(gptq_reserve=f"{reserve:.2f}s", mode=h.gptq_reserve_seconds,
                   calibration_batches=h.gptq_calibration_batches))
     if reserve >= h.max_wallclock_seconds:
@@ -4448,8 +4432,7 @@ PROGRESS_POINTS = 20  # and at least this many over ITERATIONS: the JSON's loss 
 
 
 def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_time: float, last_step: bool) -> bool:
-    """Whether step `step` gets a progress line: the first two, the last, every TRAIN_LOG_EVERY, every
-    1/PROGRESS_POINTS of ITERATIONS and at least every PROGRESS_SECONDS of training time."""
+    """Whether step `step` gets a progress line."""
     return (step <= 2 or last_step or step == h.iterations or bool(h.train_log_every and step % h.train_log_every == 0)
             or step % max(1, h.iterations // PROGRESS_POINTS) == 0 or train_time - last_line_time >= PROGRESS_SECONDS)
 
@@ -4461,10 +4444,8 @@ def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, tr
     if not model.looping and looping_due(h, step, frac):
         model.set_looping(True)
         log(format_kv(layer_loop="enabled", step=step, frac=f"{frac:.3f}") + " " + model.layout_summary())
-    if h.warmdown_iters:
-        scale = lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr)
-    else:
-        scale = lr_scale(frac, h.warmdown_frac, h.min_lr)
+    scale = (lr_scale_iters(step, train_time, h.iterations, cap, h.warmdown_iters, h.min_lr) if h.warmdown_iters
+             else lr_scale(frac, h.warmdown_frac, h.min_lr))
     opt.set_schedule(scale, step)
     return scale
 
@@ -4476,8 +4457,7 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     loader = make_loader()
     cap = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
-    train_time, step, stopped_by = 0.0, 0, "iterations"
-    last_step_s = 0.0  # the previous step's duration up to its synchronizing collective
+    train_time, step, stopped_by, last_step_s = 0.0, 0, "iterations", 0.0
     timer = StepTimer(d.device)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     window_start = (0.0, 0)  # (train time, step) at the previous progress line
@@ -4492,13 +4472,11 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 ema.update()
                 timer.mark("ema")
             step += 1
-            # One collective per step: the global loss, any non-finite loss, and the stop decision,
-            # which every rank must take identically (stop *before* the cap, not after). The
-            # host only enqueues work ahead of the GPU, so a step lasts at least the last synchronized one.
+            # One collective per step: loss, non-finite loss and the stop decision (before the cap), alike on every
+            # rank. The host runs ahead of the GPU: a step lasts at least the last one up to its collective.
             step_s = max(time.perf_counter() - t0, last_step_s)
-            next_step_ends_late = cap > 0 and train_time + 2 * step_s > cap
             local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
-                                 torch.tensor(float(next_step_ends_late), device=d.device)])
+                                 torch.tensor(float(cap > 0 and train_time + 2 * step_s > cap), device=d.device)])
             all_reduce_(local)
             timer.mark("comm")
             loss_sum, nonfinite, time_up = local.tolist()  # synchronizes: every timer event has completed
@@ -4510,19 +4488,17 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 raise TrainingDiverged(f"step:{step} train_loss:{last_loss} is not finite; the run stopped",
                                        hint="lower MATRIX_LR/TIED_EMBED_LR/SCALAR_LR or set GRAD_CLIP_NORM")
             if progress_due(h, step, train_time, window_start[0], time_up > 0):
-                # Step-time breakdown: mean ms per step of each phase since the previous line.
-                phases = timer.summary_ms()
-                window_s, window_steps = train_time - window_start[0], step - window_start[1]
+                phases = timer.summary_ms()  # mean ms per step of each phase since the previous line
+                tok_s = h.train_batch_tokens * (step - window_start[1]) / (train_time - window_start[0])
                 window_start = (train_time, step)
                 log(format_kv(step=f"{step}/{h.iterations}", train_loss=f"{last_loss:.4f}",
                               train_time=f"{train_time * 1000:.0f}ms", step_avg=f"{train_time * 1000 / step:.2f}ms",
-                              tok_s=f"{h.train_batch_tokens * window_steps / window_s:.0f}", lr_scale=f"{scale:.4f}",
-                              looping=int(model.looping), data_wait=f"{loader.wait_seconds * 1000:.0f}ms",
+                              tok_s=f"{tok_s:.0f}", lr_scale=f"{scale:.4f}", looping=int(model.looping),
+                              data_wait=f"{loader.wait_seconds * 1000:.0f}ms",
                               **{f"{k}_ms": f"{v:.2f}" for k, v in phases.items()}))
                 history["train"].append({"step": step, "train_time_ms": round(train_time * 1000, 1),
                                          "train_loss": round(last_loss, 6), "lr_scale": round(scale, 6),
-                                         "looping": int(model.looping),
-                                         "tok_s": round(h.train_batch_tokens * window_steps / window_s),
+                                         "looping": int(model.looping), "tok_s": round(tok_s),
                                          **{f"{k}_ms": round(v, 3) for k, v in phases.items()}})
             if h.val_loss_every and step % h.val_loss_every == 0 and step < h.iterations:
                 r = evaluate()  # not counted in the training time
@@ -4561,15 +4537,12 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     h, d, data, log, clock = rc.h, rc.d, rc.data, rc.log, rc.clock
     graphs = Graphs.build(h, model)
     ctx = EvalContext.build(h, d, graphs, data)
-
-    def make_loader() -> TrainLoader:
-        return TrainLoader(data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, h.seed, h.vocab_size,
-                           d, packed=h.doc_packed_loader)
-
+    make_loader = functools.partial(TrainLoader, data.train_files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps,
+                                    h.seed, h.vocab_size, d, packed=h.doc_packed_loader)
+    end_looping = looping_due(h, h.iterations - 1, 1.0)  # the state calibration, evaluation and TTT run in
     clock.record("startup", clock.wall_seconds())
-    warm = warm_up_training(h, d, graphs, opt, make_loader, log)
-    warm.update(warm_up_graphs(h, d, graphs, ends_looping(h), training_run=True))
-    for name, seconds in warm.items():
+    for name, seconds in (warm_up_training(h, d, graphs, opt, make_loader, log)
+                          | warm_up_graphs(h, d, graphs, end_looping, training_run=True)).items():
         clock.record(f"warmup_{name}", seconds)
     stop_on_output_failure(rc, None, lambda: "nothing was trained yet")
     t0 = time.perf_counter()
@@ -4581,7 +4554,7 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
                   data_wait=f"{result.data_wait_ms:.0f}ms",
                   data_wait_frac=f"{result.data_wait_ms / max(result.train_time_ms, 1e-9):.4f}"))
     clock.record("training", result.train_time_ms / 1000, result.steps * h.train_batch_tokens)
-    if h.compile and model.looping != ends_looping(h):  # the wallclock stopped training before LOOPING_START_STEP
+    if h.compile and model.looping != end_looping:  # the wallclock stopped training before LOOPING_START_STEP
         warn(log, f"training ended with looping={int(model.looping)}, not the state the evaluation, TTT and "
                   f"calibration graphs were compiled for: they compile now, and evaluation time includes it")
     calib = calibrate_gptq(h, d, model, graphs.calibrate, make_loader)
@@ -4600,13 +4573,11 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     for line in compliance_block(h, result.train_time_ms, access_end * 1000, ev.seconds, bytes_total,
                                  data, ev.label, calib.source):
         log(line)
-    metrics = {
-        "pre_quant": {"val_loss": pre.val_loss, "val_bpb": pre.val_bpb}, "stopped_by": result.stopped_by,
-        "data_wait_ms": round(result.data_wait_ms), "gptq_reserve_s": reserve, "calib_ms": round(calib.seconds * 1000),
-        "train_data_access_end_ms": round(access_end * 1000), "quant": quant_report,
-        "bpb_check": dataclasses.asdict(data.check),
-        "artifact": str(rc.files.final(".ptz")), "history": result.history,
-    }
+    metrics = {"pre_quant": {"val_loss": pre.val_loss, "val_bpb": pre.val_bpb}, "stopped_by": result.stopped_by,
+               "data_wait_ms": round(result.data_wait_ms), "gptq_reserve_s": reserve,
+               "calib_ms": round(calib.seconds * 1000), "train_data_access_end_ms": round(access_end * 1000),
+               "quant": quant_report, "bpb_check": dataclasses.asdict(data.check),
+               "artifact": str(rc.files.final(".ptz")), "history": result.history}
     return finish(rc, ev, bytes_model, result.train_time_ms, result.steps, metrics)
 
 
@@ -4659,8 +4630,7 @@ def run(h: Hyperparameters) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (`timeout`, schedulers, torchrun stopping its workers): unwinds like SIGINT, so the
-    lock is released and the log says why. Exit code 128 + the signal's number."""
+    """SIGTERM or SIGHUP: unwinds like SIGINT (the lock is released, the log says why); exit code 128 + signum."""
 
     def __init__(self, signum: int):
         super().__init__(f"terminated ({signal.Signals(signum).name})")
@@ -4668,8 +4638,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def catch_termination() -> dict[int, Any]:
-    """Turn SIGTERM and SIGHUP into Terminated for this run; returns the handlers to restore. Off the main
-    thread Python can set none, and the defaults stay."""
+    """Turn SIGTERM and SIGHUP into Terminated (on the main thread only); returns the handlers to restore."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -4683,12 +4652,9 @@ def catch_termination() -> dict[int, Any]:
 
 
 def recovery_run(h: Hyperparameters) -> Any:
-    """pgolf.recover for an EVAL_ONLY or REQUANTIZE run (None for any other); refused before any work
-    where pgolf/ is not beside this file."""
-    if not (h.eval_only or h.requantize):
-        return None
-    recover = operations("recover")
-    if recover is None:
+    """pgolf.recover for an EVAL_ONLY or REQUANTIZE run, else None; refused where pgolf/ is not beside this file."""
+    recover = operations("recover") if h.eval_only or h.requantize else None
+    if recover is None and (h.eval_only or h.requantize):
         knob = "EVAL_ONLY=1" if h.eval_only else f"REQUANTIZE={h.requantize!r}"
         raise ConfigError(f"{knob} is not allowed: it needs the repository's pgolf/ beside {Path(__file__).name}",
                           hint="run the repository's train_gpt.py, or copy pgolf/ beside this file")
@@ -4698,9 +4664,8 @@ def recovery_run(h: Hyperparameters) -> Any:
 def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: float, steps: int,
            metrics: dict[str, Any]) -> int:
     """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
-    h, final, label, bytes_code = rc.h, ev.final, ev.label, len(rc.code)
+    h, final, label, bytes_code, wall = rc.h, ev.final, ev.label, len(rc.code), rc.clock.wall_seconds()
     bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
-    wall = rc.clock.wall_seconds()
     rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
     metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
@@ -4737,17 +4702,10 @@ def main(env: Mapping[str, str] | None = None) -> int:
     be written, 130: interrupted (SIGINT), 143 / 129: terminated (SIGTERM / SIGHUP))."""
     previous = catch_termination()
     try:
-        h = Hyperparameters.from_env(env)
-        return run(h)
-    except (ConfigError, ArtifactError) as exc:
+        return run(Hyperparameters.from_env(env))
+    except (ConfigError, ArtifactError, TrainingDiverged, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
-    except OutputError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 4
+        return 3 if isinstance(exc, TrainingDiverged) else 4 if isinstance(exc, OutputError) else 2
     except KeyboardInterrupt as exc:
         print(f"error: {failure_line(exc)}; outputs written so far are kept, nothing was finished", file=sys.stderr,
               flush=True)
