@@ -2205,10 +2205,6 @@ class GPT(nn.Module):
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
 
-    def logits(self, ids: Tensor) -> Tensor:
-        """Softcapped logits in fp32 (tests and analysis; the loss never materializes them)."""
-        return softcap(self.raw_logits(ids).float(), self.cfg.logit_softcap)
-
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
         z = self.raw_logits(ids, cu_seqlens=cu_seqlens)
