@@ -2119,9 +2119,8 @@ class GPT(nn.Module):
         # Sigmoid skip gates (PR #1089): g = 0 starts at an even mix of the stream and the skip.
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
         self.smear = SmearGate(cfg) if cfg.smear_gate_enabled else None
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         self.head_hessian: Tensor | None = None  # calibration tap of the head's input (attach_hessians)
         if cfg.ortho_init:  # OrthoInit (PR #65): orthogonal block matrices >= 64x64; output projections stay zero
@@ -2189,9 +2188,9 @@ class GPT(nn.Module):
         self.looping = bool(on) and self.cfg.num_loops > 0
 
     def layout_summary(self) -> str:
-        layout, half = self.layouts[self.looping], len(self.layouts[self.looping]) // 2
-        enc, dec, par = (str(part).replace(" ", "") for part in
-                         (layout[:half], layout[half:], layout[self.parallel_from[self.looping]:]))
+        layout = self.layouts[self.looping]
+        half, par = len(layout) // 2, self.parallel_from[self.looping]
+        enc, dec, par = (str(part).replace(" ", "") for part in (layout[:half], layout[half:], layout[par:]))
         return format_kv(virtual_layers=len(layout), encoder=enc, decoder=dec,
                          parallel=par if self.cfg.parallel_mode != "off" else "off")
 
