@@ -1470,8 +1470,12 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
 # ==== Model ====
 
 
-FA4_ARCHS = (9, 10, 11)  # compute-capability majors flash-attn-4's CuTe kernels support (Hopper, Blackwell)
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # FlashAttention 3, flash-attn-4
+CU_BUCKET = 64  # cu_seqlens are padded to a multiple of this (zero-length sequences at the end; PR #1855)
+_CUSTOM_OPS: dict[str, Callable] = {}  # fa4_attention's and doc_cu_seqlens' ops, built once per process
+# Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
+ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".mlp.fc.weight")
+Adapter = tuple[Tensor, Tensor, float]  # TTT LoRA: A (D, r, in), B (D, out, r), output scale; a row per document
 
 
 def importable(module: str) -> bool:
@@ -1481,21 +1485,8 @@ def importable(module: str) -> bool:
         return False
 
 
-def flash_import_error(backend: str) -> str | None:
-    """None when the backend's module imports, else why not. Being found is not enough: a wheel built for
-    another torch is found, then fails to load its extension (undefined symbol)."""
-    try:
-        importlib.import_module(FLASH_MODULES[backend])
-        return None
-    except Exception as exc:  # ImportError, OSError of a missing library, or whatever the module raises
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-
-
 def select_attention_backend(setting: str, device: torch.device) -> tuple[str, list[str]]:
-    """ATTN_BACKEND resolved for this device, with a note for each installed kernel auto passed over.
-    auto takes FlashAttention 3, else flash-attn-4 (Hopper/Blackwell), else PyTorch SDPA (same math, slower
-    on Hopper), and SDPA on a CPU; an explicit kernel that does not import is an error (on a CPU only the
-    tests' stand-ins import)."""
+    """ATTN_BACKEND for this device (auto: FA3, else FA4, else SDPA) and a note per installed kernel passed over."""
     cuda = device.type == "cuda"
     if setting == "sdpa" or (setting == "auto" and not cuda):
         return "sdpa", []
@@ -1503,9 +1494,13 @@ def select_attention_backend(setting: str, device: torch.device) -> tuple[str, l
     for backend in (setting,) if setting != "auto" else ("fa3", "fa4"):
         if setting == "auto" and not importable(FLASH_MODULES[backend]):
             continue  # not installed: nothing to report
-        why = flash_import_error(backend)
-        if why is None and backend == "fa4" and cuda and torch.cuda.get_device_capability(device)[0] not in FA4_ARCHS:
-            why = "needs a GPU of compute capability 9-11"
+        why = None
+        try:  # being found is not enough: a wheel built for another torch fails to load its extension
+            importlib.import_module(FLASH_MODULES[backend])
+        except Exception as exc:  # ImportError, OSError of a missing library, or whatever the module raises
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        if why is None and backend == "fa4" and cuda and torch.cuda.get_device_capability(device)[0] not in (9, 10, 11):
+            why = "needs a GPU of compute capability 9-11"  # the majors FA4's CuTe kernels support
         if why is None:
             return backend, notes
         if setting != "auto":
@@ -1515,17 +1510,10 @@ def select_attention_backend(setting: str, device: torch.device) -> tuple[str, l
     return "sdpa", notes
 
 
-_FA4_OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {}  # built once per process, on first use
-
-
 def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """flash-attn-4 causal attention (B, T, H, D) as a torch.library custom op with its backward, built when
-    the model is (never inside a compiled region: dynamo cannot trace an op's definition). FA4's own entry
-    point is an autograd.Function launching CuTe kernels that dynamo cannot trace, so under
-    torch.compile(fullgraph=True) it would break the graph; as a custom op it is one opaque call, and the
-    backward reuses the forward's log-sum-exp instead of recomputing attention."""
-    if "attention" in _FA4_OPS:
-        return _FA4_OPS["attention"]
+    """flash-attn-4 causal attention (B, T, H, D) as a custom op: FA4's autograd.Function is untraceable by dynamo."""
+    if "fa4" in _CUSTOM_OPS:
+        return _CUSTOM_OPS["fa4"]
     from flash_attn.cute import interface as fa4
 
     @torch.library.custom_op("pgolf::fa4_fwd", mutates_args=())
@@ -1541,8 +1529,7 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
     @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
     def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, 0.0)[:3]
-        return dq, dk, dv
+        return tuple(fa4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, 0.0)[:3])
 
     @bwd.register_fake
     def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -1556,34 +1543,28 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         return bwd(dout.contiguous(), q, k, v, out, lse)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _FA4_OPS["attention"] = lambda q, k, v: fwd(q, k, v)[0]
-    return _FA4_OPS["attention"]
+    _CUSTOM_OPS["fa4"] = lambda q, k, v: fwd(q, k, v)[0]
+    return _CUSTOM_OPS["fa4"]
 
 
 def doc_attention_kind(backend: str, device: torch.device, compiled: bool) -> str:
-    """How DOC_ISOLATION's attention runs: FA3's varlen call over cu_seqlens; else on CUDA, compiled,
-    FlexAttention with a document block mask (only the blocks a document touches are computed); else SDPA
-    under a dense (B, 1, T, T) mask, which rules out SDPA's fused kernels with GQA (the math path: fine on a
-    CPU, ~6 GB of fp32 scores per layer at the record's CUDA shape). Eager FlexAttention would materialize
-    the scores too, and has no backward on a CPU."""
+    """DOC_ISOLATION's attention: FA3's varlen call; compiled on CUDA, FlexAttention's block mask (eager, it has no
+    CPU backward); else SDPA's dense mask (math path with GQA: ~6 GB of fp32 scores/layer at the record's shape)."""
     if backend == "fa3":
         return "fa3_varlen"
     return "flex_block_mask" if device.type == "cuda" and compiled else "sdpa_document_mask"
 
 
-class Documents(NamedTuple):
-    """DOC_ISOLATION for one forward, in the form its attention kernel takes (doc_attention_kind)."""
+class Documents(NamedTuple):  # DOC_ISOLATION for one forward, in the form its attention kernel takes
     kind: str
     max_len: int  # no sequence is longer (FA3's max_seqlen; the RoPE span)
     cu_q: Tensor | None = None  # fa3_varlen: int32 cu_seqlens over the flattened batch
-    # The same values as a distinct tensor: dynamo refuses one tensor passed twice to an autograd.Function.
-    cu_k: Tensor | None = None
+    cu_k: Tensor | None = None  # a copy of cu_q: dynamo refuses one tensor passed twice to an autograd.Function
     mask: Any = None  # flex_block_mask: a BlockMask; sdpa_document_mask: (B, 1, T, T) bool
 
 
 def document_ids(ids: Tensor, bos_id: int, cu_seqlens: Tensor | None = None) -> Tensor:
-    """(B, T) index of each token's sequence: from cu_seqlens over the flattened batch where given, else
-    within its row, a row start or a BOS token starting one."""
+    """(B, T) sequence index of each token, from cu_seqlens over the flattened batch, else row starts and BOS."""
     if cu_seqlens is None:
         return (ids == bos_id).cumsum(1)
     flat = torch.arange(ids.numel(), device=ids.device, dtype=cu_seqlens.dtype)
@@ -1591,14 +1572,13 @@ def document_ids(ids: Tensor, bos_id: int, cu_seqlens: Tensor | None = None) -> 
 
 
 def document_mask(segment: Tensor) -> Tensor:
-    """(B, 1, T, T) bool from document_ids: query t attends to key s <= t of its own sequence (the SDPA form
-    of FA3's varlen attention)."""
+    """(B, 1, T, T) bool: query t sees keys s <= t of its own sequence (SDPA's form of FA3's varlen call)."""
     causal = torch.ones(segment.size(1), segment.size(1), dtype=torch.bool, device=segment.device).tril()
     return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
 
 
 def document_block_mask(segment: Tensor) -> Any:
-    """The FlexAttention BlockMask of document_mask: causal within each sequence."""
+    """The FlexAttention BlockMask of document_mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def same_document(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -1606,9 +1586,6 @@ def document_block_mask(segment: Tensor) -> Any:
 
     B, T = segment.shape
     return create_block_mask(same_document, B, None, T, T, device=segment.device)
-
-
-CU_BUCKET = 64  # cu_seqlens are padded to a multiple of this (zero-length sequences at the end; PR #1855)
 
 
 def document_starts(ids: Tensor, bos_id: int) -> Tensor:
@@ -1620,42 +1597,29 @@ def document_starts(ids: Tensor, bos_id: int) -> Tensor:
 
 
 def host_cu_seqlens(inputs: np.ndarray, bos_id: int) -> np.ndarray:
-    """document_starts on the host (the training loader's thread, so the compiled step never waits for a
-    device-to-host copy): int32, padded with the total to a multiple of CU_BUCKET."""
+    """document_starts in the loader's thread (no device-to-host wait), padded with the total to CU_BUCKET."""
     starts = inputs == bos_id
     starts[:, 0] = True
     flat = np.flatnonzero(starts)
-    n = flat.size + 1
-    cu = np.full(-(-n // CU_BUCKET) * CU_BUCKET, inputs.size, dtype=np.int32)
-    cu[: flat.size] = flat
-    return cu
+    return np.pad(flat, (0, -(flat.size + 1) % CU_BUCKET + 1), constant_values=inputs.size).astype(np.int32)
 
 
 def packed_cu_seqlens(inputs: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
-    """cu_seqlens of one packed stream as PR #1855's loader cuts it: a sequence starts at 0, at every BOS and
-    every `max_len` tokens from its document's start (a document is never cut where a row would end); int32,
-    padded with the total to a multiple of CU_BUCKET."""
+    """cu_seqlens of a packed stream cut as PR #1855's loader: at BOS and every `max_len` tokens of a document (never
+    where a row ends); int32, padded with the total to a multiple of CU_BUCKET."""
     n = inputs.size
     docs = np.union1d([0], np.flatnonzero(inputs == bos_id))
     counts = -(-np.diff(np.append(docs, n)) // max_len)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     starts = np.repeat(docs, counts) + (np.arange(first.size) - first) * max_len
-    cu = np.full(-(-(starts.size + 1) // CU_BUCKET) * CU_BUCKET, n, dtype=np.int32)
-    cu[: starts.size] = starts
-    return cu
-
-
-_DOC_OPS: dict[str, Callable[[Tensor, int], Tensor]] = {}  # built once per process, on first use
+    return np.pad(starts, (0, -(starts.size + 1) % CU_BUCKET + 1), constant_values=n).astype(np.int32)
 
 
 def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
-    """document_starts as a torch.library custom op whose output length is data-dependent, so one compiled
-    graph (fullgraph=True) serves every document layout without a recompile or a graph break. Its nonzero
-    waits for the device: evaluation forwards use it (as PR #1855's evaluation computes cu_seqlens from the
-    device), training steps take host_cu_seqlens from the loader. Built with the model, never inside a
-    compiled region."""
-    if "cu" in _DOC_OPS:
-        return _DOC_OPS["cu"]
+    """document_starts as a custom op of data-dependent length (one compiled graph for every layout); it waits for
+    the device, so only evaluation uses it (as PR #1855's); training takes host_cu_seqlens."""
+    if "doc_cu" in _CUSTOM_OPS:
+        return _CUSTOM_OPS["doc_cu"]
 
     @torch.library.custom_op("pgolf::doc_cu_seqlens", mutates_args=())
     def cu(ids: Tensor, bos_id: int) -> Tensor:
@@ -1665,7 +1629,7 @@ def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
     def _(ids: Tensor, bos_id: int) -> Tensor:
         return ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
 
-    _DOC_OPS["cu"] = cu
+    _CUSTOM_OPS["doc_cu"] = cu
     return cu
 
 
@@ -1714,8 +1678,7 @@ class ModelConfig:
 
 
 def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
-    """Virtual layer order: physical layers loop_start..loop_end run num_loops extra times, sharing
-    their parameters (depth recurrence, PR #1204 -> #1493). (11, 3, 5, 2) gives 17 virtual layers."""
+    """Virtual layer order: loop_start..loop_end run num_loops more times (depth recurrence, PR #1204 -> #1493)."""
     if num_loops <= 0:
         return list(range(num_layers))
     span = list(range(loop_start, loop_end + 1))
@@ -1723,9 +1686,7 @@ def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int
 
 
 def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
-    """Virtual index where parallel residuals begin: the longest suffix of the layout whose physical
-    layers are all >= start_layer (len(layout) when there is none or mode is off). The lanes never
-    start before the decoder half, where the U-Net skips are merged into the attention lane."""
+    """Where parallel lanes begin: the longest suffix of layers >= start_layer, never before the decoder half."""
     if mode == "off":
         return len(layout)
     i = len(layout)
@@ -1734,29 +1695,21 @@ def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
     return max(i, len(layout) // 2)
 
 
-# Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
-ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".mlp.fc.weight")
-
-
 def rms_norm(x: Tensor) -> Tensor:
-    # Parameter-free RMSNorm everywhere (as the naive baseline): nothing to learn, nothing to quantize. In x's dtype:
-    # since torch 2.12 CUDA autocast runs rms_norm in fp32 (the records' torch 2.9 did not), which made
-    # every normalized activation fp32 and the GPTQ Hessian taps take the fp32 path.
+    # Parameter-free, as the naive baseline's. In x's dtype: torch 2.12's CUDA autocast runs it in fp32 (2.9 did not).
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x, (x.size(-1),))
 
 
 def rope_base_for(seq_len: int, base: float, rope_dims: int, train_seq_len: int) -> float:
-    """NTK-aware base scaling for sequences longer than the training length (PR #265):
-    base * (seq_len / train_seq_len) ** (d / (d - 2)); unchanged up to train_seq_len."""
+    """NTK-aware base scaling past the training length (PR #265): base * (seq_len / train_seq_len) ** (d / (d - 2))."""
     if seq_len <= train_seq_len:
         return base
     return base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
 
 
 class Rotary(nn.Module):
-    """RoPE angle tables for the first `rope_dims` dims of a head, recomputed per forward (cheap, and no
-    cache that inference mode could poison: openai/parameter-golf PR #1643 hit that with a cached table)."""
+    """RoPE angles of a head's first `rope_dims` dims, recomputed per forward (PR #1643's cache broke in inference)."""
 
     def __init__(self, rope_dims: int, base: float, train_seq_len: int):
         super().__init__()
@@ -1767,25 +1720,19 @@ class Rotary(nn.Module):
     def forward(self, seq_len: int, device: torch.device, span: int | None = None) -> tuple[Tensor, Tensor]:
         """Angles of positions 0..seq_len-1, at the base for attention spans of up to `span` (seq_len) tokens."""
         base = rope_base_for(span or seq_len, self.base, self.rope_dims, self.train_seq_len)
-        inv_freq = base ** -self.exponents
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), base ** -self.exponents)
         return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, T, H, D); rotate the two halves of the first 2*cos.size(-1) dims, pass the rest through
-    # (partial RoPE: the unrotated dims attend by content only).
+    # x (B, T, H, D): rotate the halves of the first 2*cos.size(-1) dims; the rest attend by content (partial RoPE).
     half = cos.size(-1)
     x1, x2, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-Adapter = tuple[Tensor, Tensor, float]  # TTT LoRA: A (D, r, in), B (D, out, r), output scale; a row per document
-
-
-class LoRASlot(NamedTuple):
-    """One virtual layer's TTT adapters."""
+class LoRASlot(NamedTuple):  # one virtual layer's TTT adapters
     q: Adapter
     k: Adapter
     v: Adapter
@@ -1799,22 +1746,18 @@ def lora_delta(x: Tensor, adapter: Adapter) -> Tensor:
     return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
 
 
-class LoRAView(NamedTuple):
-    """TTT adapters for a batch of documents: one LoRASlot per virtual layer, and the head's."""
+class LoRAView(NamedTuple):  # TTT adapters for a batch of documents: a LoRASlot per virtual layer, the head's
     slots: list[LoRASlot]
     head: Adapter
 
 
-class LayerAux(NamedTuple):
-    """What a block needs beyond its input at one virtual layer: the document structure (DOC_ISOLATION) and
-    TTT's adapters."""
+class LayerAux(NamedTuple):  # a block's inputs beside x at one virtual layer
     docs: Documents | None = None
     lora: LoRASlot | None = None
 
 
 def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
-    """GPTQ calibration tap: H += x^T x over the rows of x; a no-op unless attach_hessians armed it. On CUDA
-    a bf16 GEMM with fp32 output (twice TF32's rate, and no fp32 copy of x); elsewhere in fp32."""
+    """GPTQ calibration tap: H += x^T x over x's rows; on CUDA a bf16 GEMM to fp32 (twice TF32's rate)."""
     if H is None:
         return
     x = x.detach().reshape(-1, x.size(-1))
@@ -1825,8 +1768,7 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
 
 
 class TappedLinear(nn.Linear):
-    """Bias-free nn.Linear whose input feeds GPTQ's Hessian: `hessian` is the calibration tap (None outside
-    calibration; attach_hessians arms it)."""
+    """Bias-free nn.Linear whose input feeds `hessian`, GPTQ's calibration tap (None unless attach_hessians)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -1838,8 +1780,7 @@ class TappedLinear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):
-    """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optionally XSA and a
-    per-head output gate."""
+    """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optional XSA and per-head gate."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -1847,8 +1788,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = TappedLinear(cfg.model_dim, cfg.model_dim)
-        self.c_k = TappedLinear(cfg.model_dim, kv_dim)
-        self.c_v = TappedLinear(cfg.model_dim, kv_dim)
+        self.c_k, self.c_v = TappedLinear(cfg.model_dim, kv_dim), TappedLinear(cfg.model_dim, kv_dim)
         self.proj = TappedLinear(cfg.model_dim, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
         # q_gain is an inverse temperature: with unit-RMS q and k the logit is gain*sqrt(D)*cos(q, k).
@@ -1862,7 +1802,6 @@ class CausalSelfAttention(nn.Module):
         self._varlen = None  # FA3's varlen call (total, H, D) over cu_seqlens, with DOC_ISOLATION
         if cfg.attn_backend == "fa3":
             from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
-
             self._flash = functools.partial(flash_attn_func, causal=True)
             if cfg.doc_isolation:
                 self._varlen = functools.partial(flash_attn_varlen_func, causal=True)
@@ -1870,8 +1809,6 @@ class CausalSelfAttention(nn.Module):
             self._flash = fa4_attention()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, aux: "LayerAux" = None) -> Tensor:
-        """`aux` (LayerAux): with documents attention stays inside each one; with LoRA adapters (TTT) their deltas
-        are added."""
         docs, lora = aux if aux is not None else (None, None)
         B, T, C = x.shape
         # One GEMM for q, k and v (their weights stay separate parameters); c_q's tap is the Hessian of all three.
@@ -1881,10 +1818,8 @@ class CausalSelfAttention(nn.Module):
         if lora is not None:
             q, k, v = q + lora_delta(x, lora.q), k + lora_delta(x, lora.k), v + lora_delta(x, lora.v)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = [t.unflatten(-1, (self.num_kv_heads, self.head_dim)) for t in (k, v)]
+        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if docs is not None and docs.kind == "fa3_varlen":
             y = self._varlen(q.flatten(0, 1).bfloat16(), k.flatten(0, 1).bfloat16(), v.flatten(0, 1).bfloat16(),
@@ -1892,7 +1827,6 @@ class CausalSelfAttention(nn.Module):
             y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.num_heads, self.head_dim).to(x.dtype)
         elif docs is not None and docs.kind == "flex_block_mask":
             from torch.nn.attention.flex_attention import flex_attention
-
             y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=docs.mask,
                                enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
         elif self._flash is not None and docs is None:
@@ -1901,46 +1835,35 @@ class CausalSelfAttention(nn.Module):
         else:  # SDPA: causal, or under a document mask
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=None if docs is None else docs.mask, is_causal=docs is None,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
-            y = y.transpose(1, 2)
+                                               enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate_w is not None:
             gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_window], self.attn_gate_w.to(x.dtype)))
             y = y * gate[..., None]  # (B, T, H, 1)
-        y = y.reshape(B, T, C)
-        out = self.proj(y)
+        out = self.proj(y.reshape(B, T, C))
         # TTT's O adapter reads the attention's input, as Q, K and V's do (PR #1855), not its output.
         return out if lora is None else out + lora_delta(x, lora.o)
 
 
-NORMALIZE_EPS = 1e-12  # F.normalize's default
-
-
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (PR #265/#478): remove from each head's output its component along the token's own
-    (normalized) value vector, so attention adds only what the token does not already carry.
-    GQA-aware without repeating K/V: y (B, T, H, D) is viewed as (B, T, Hkv, H/Hkv, D)."""
+    """XSA (PR #265/#478): y (B, T, H, D) minus its component along the token's own normalized value, so attention
+    adds only what the token lacks; GQA-aware without repeating v."""
     B, T, H, D = y.shape
-    Hkv = v.size(2)
-    yg = y.view(B, T, Hkv, H // Hkv, D)
-    # F.normalize(v) with the sum of squares accumulated in fp32 but every tensor of v's size kept in v's
-    # dtype: F.normalize runs on autocast's fp32 list and makes each XSA intermediate fp32 (~2 GiB per
-    # micro-step at the record shape), and a v.float() would be saved for the backward.
-    inv_norm = torch.rsqrt((v * v).sum(-1, keepdim=True, dtype=torch.float32).clamp_min(NORMALIZE_EPS ** 2))
+    yg = y.view(B, T, v.size(2), H // v.size(2), D)
+    # F.normalize(v) (eps 1e-12) in v's dtype: autocast's F.normalize makes XSA fp32 (~2 GiB per micro-step).
+    inv_norm = torch.rsqrt((v * v).sum(-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12 ** 2))
     vn = (v * inv_norm.to(v.dtype)).unsqueeze(3)  # (B, T, Hkv, 1, D)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
 class MLP(nn.Module):
-    """Squared-ReLU MLP with a float width multiplier: relu(x)^2 (the naive baseline) or leaky_relu(x, slope)^2,
-    which keeps a gradient for negative inputs (PR #549: -0.0021 BPB in its ablation)."""
+    """relu(x)^2 MLP (the naive baseline) or leaky_relu(x, slope)^2, a gradient for x < 0 too (PR #549: -0.0021 BPB)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.model_dim * cfg.mlp_mult)
-        self.fc = TappedLinear(cfg.model_dim, hidden)
-        self.proj = TappedLinear(hidden, cfg.model_dim)
+        self.fc, self.proj = TappedLinear(cfg.model_dim, hidden), TappedLinear(hidden, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)
         self.slope = cfg.leaky_slope if cfg.mlp_act == "leaky_relu2" else 0.0
         self._fused = fused_leaky_relu2_mlp() if cfg.fused_mlp_enabled else None  # made here: see GPT.__init__
@@ -1959,16 +1882,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        # Layerwise LN scale (PR #315): deeper blocks see smaller normalized inputs.
-        self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+        self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0  # layerwise LN scale (PR #315)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix mixes the running stream with the embedding stream x0 (the naive baseline's); init = (1, 0).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-        # Two-lane routing: lane <- r * lane + p[sub-layer, lane] * sub-layer output (rows: attention, MLP;
-        # columns: lane 0, lane 1); one r per lane, starting at 1.1 as PR #1855's.
+        # Lanes: lane <- r * lane + p[sub-layer, lane] * sub-layer output; r starts at 1.1 as PR #1855's.
         self.lane_r = self.lane_p = None
         if cfg.parallel_mode == "lanes" and layer_idx >= cfg.parallel_start_layer:
             self.lane_r = nn.Parameter(torch.full((2,), 1.1))
@@ -1985,25 +1906,15 @@ class Block(nn.Module):
 
     def forward_lanes(self, l0: Tensor, l1: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                       aux: "LayerAux" = None) -> tuple[Tensor, Tensor]:
-        """Two lanes as PR #1855 runs PR #1530's: attention reads lane 0 mixed with x0 (resid_mix feeds only
-        its input), the MLP reads lane 1 as it came in; each lane keeps r times itself plus what both
-        sub-layers write to it."""
+        """PR #1855's lanes (PR #1530): attention reads lane 0 mixed with x0, the MLP reads lane 1 unmixed."""
         r, p = self.lane_r.to(l0.dtype), self.lane_p.to(l0.dtype)
-        a = self.attn(rms_norm(self._mix(l0, x0)) * self.norm_scale, cos, sin, aux)
-        a = self.attn_scale.to(l0.dtype) * a
+        a = self.attn_scale.to(l0.dtype) * self.attn(rms_norm(self._mix(l0, x0)) * self.norm_scale, cos, sin, aux)
         m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
         return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
 
-def merge_skip(stream: Tensor, skip: Tensor, gate: Tensor | None) -> Tensor:
-    """U-Net skip merge: additive (the naive baseline) or the sigmoid-gated lerp(skip, stream, gate) (PR #1089)."""
-    return stream + skip if gate is None else torch.lerp(skip, stream, gate)
-
-
 class SmearGate(nn.Module):
-    """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1} (PR #1667), identity at init (w = 0, lam = 0).
-    The previous-token term is zeroed where token t is BOS, so the last token of one document never
-    leaks into the next (PR #1851 BOS fix)."""
+    """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1} (PR #1667), but not at BOS (PR #1851 BOS fix)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -2013,14 +1924,12 @@ class SmearGate(nn.Module):
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}; zeros at t = 0
-        gate = torch.sigmoid(x[..., : self.window] @ self.smear_w.to(x.dtype))  # (B, T)
-        gate = gate * (ids != self.bos_id).to(x.dtype)
+        gate = torch.sigmoid(x[..., : self.window] @ self.smear_w.to(x.dtype)) * (ids != self.bos_id).to(x.dtype)
         return x + (self.smear_lambda.to(x.dtype) * gate)[..., None] * prev
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT with U-Net skips: the first half of the blocks push their outputs, the
-    second half pops them in reverse and adds them with learned per-channel weights (the naive baseline)."""
+    """Tied-embedding GPT with the naive baseline's U-Net skips from encoder to decoder half."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -2046,21 +1955,17 @@ class GPT(nn.Module):
         # Sigmoid skip gates (PR #1089): g = 0 starts at an even mix of the stream and the skip.
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
         self.smear = SmearGate(cfg) if cfg.smear_gate_enabled else None
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         self.head_hessian: Tensor | None = None  # calibration tap of the head's input (attach_hessians)
-        if cfg.ortho_init:
-            # OrthoInit (PR #65): orthogonal block matrices >= 64x64; the zero-initialized output
-            # projections stay zero so every block still starts as the identity.
+        if cfg.ortho_init:  # OrthoInit (PR #65): orthogonal block matrices >= 64x64; output projections stay zero
             for name, p in self.blocks.named_parameters():
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
                     nn.init.orthogonal_(p, gain=1.0)
 
     def hidden(self, ids: Tensor, lora: LoRAView | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
-        """Final-norm hidden states; with `lora` (TTT), one batch row per document, each with its own adapters;
-        `cu_seqlens`: the training loader's host_cu_seqlens of `ids` (DOC_ISOLATION with FA3)."""
+        """Final-norm hidden states; `lora`: TTT's adapters, a row per document; `cu_seqlens`: host_cu_seqlens(ids)."""
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -2068,8 +1973,7 @@ class GPT(nn.Module):
         docs = self.documents(ids, cu_seqlens) if self.cfg.doc_isolation and lora is None else None
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
-            # The residual stream in the autocast dtype from here on, as PR #1394's .bfloat16() model runs it:
-            # an fp32 stream moves ~10% more bytes per step through every norm, mix and add.
+            # The stream in the autocast dtype, as PR #1394's .bfloat16() model (fp32 moves ~10% more bytes).
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         # RoPE is relative: a packed row (PR #1855) needs no NTK scaling for its length.
@@ -2078,16 +1982,15 @@ class GPT(nn.Module):
         num_encoder, parallel_from = len(layout) // 2, self.parallel_from[self.looping]
         skips, lanes = [], None
         for pos, layer in enumerate(layout):
-            block = self.blocks[layer]
             if pos == parallel_from:
                 lanes = (x, x)  # PR #1855 splits before this layer's skip: lane 1 never receives one
             if pos >= num_encoder and skips:  # U-Net: decoder position i adds the i-th last encoder output
                 x, lanes = self.merge_skip(pos - num_encoder, skips.pop(), x, lanes)
             aux = LayerAux(docs, None if lora is None else lora.slots[pos])
             if lanes is None:
-                x = block(x, x0, cos, sin, aux)
+                x = self.blocks[layer](x, x0, cos, sin, aux)
             else:
-                lanes = block.forward_lanes(lanes[0], lanes[1], x0, cos, sin, aux)
+                lanes = self.blocks[layer].forward_lanes(lanes[0], lanes[1], x0, cos, sin, aux)
             if pos < num_encoder:
                 skips.append(x)
         if lanes is not None:
@@ -2098,19 +2001,15 @@ class GPT(nn.Module):
 
     def merge_skip(self, i: int, skip: Tensor, x: Tensor,
                    lanes: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """The i-th skip (weighted, optionally gated) into the stream; once the lanes have split, into lane 0
-        only (as PR #1855)."""
+        """The i-th skip into the stream (lane 0 after the split, as PR #1855), added or sigmoid-gated (PR #1089)."""
         skip = self.skip_weights[i].to(x.dtype) * skip
-        gate = torch.sigmoid(self.skip_gates[i].to(x.dtype)) if self.skip_gates is not None else None
-        if lanes is None:
-            return merge_skip(x, skip, gate), None
-        return x, (merge_skip(lanes[0], skip, gate), lanes[1])
+        stream = x if lanes is None else lanes[0]
+        gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[i].to(x.dtype))
+        stream = stream + skip if gate is None else torch.lerp(skip, stream, gate)
+        return (stream, None) if lanes is None else (x, (stream, lanes[1]))
 
     def documents(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Documents:
-        """DOC_ISOLATION: what attention needs to stay inside documents (doc_attention_kind), from the
-        training loader's cu_seqlens over the flattened batch (no sequence longer than TRAIN_SEQ_LEN), else
-        computed here (every row start and BOS starts one). FA3 takes them as they are (PR #1530's varlen call);
-        FlexAttention and SDPA as a mask of the same sequences."""
+        """DOC_ISOLATION's sequences (the loader's cu_seqlens, else row starts and BOS), for FA3 as PR #1530's."""
         kind = doc_attention_kind(self.cfg.attn_backend, ids.device, torch.compiler.is_compiling())
         max_len = ids.size(1) if cu_seqlens is None else min(ids.size(1), self.cfg.train_seq_len)
         if kind == "fa3_varlen":
@@ -2126,26 +2025,20 @@ class GPT(nn.Module):
 
     def layout_summary(self) -> str:
         layout = self.layouts[self.looping]
-        enc, dec = layout[: len(layout) // 2], layout[len(layout) // 2:]
-        par = self.parallel_from[self.looping]
-        return format_kv(virtual_layers=len(layout), encoder=str(enc).replace(" ", ""),
-                         decoder=str(dec).replace(" ", ""),
-                         parallel=str(layout[par:]).replace(" ", "") if self.cfg.parallel_mode != "off" else "off")
+        half, par = len(layout) // 2, self.parallel_from[self.looping]
+        enc, dec, par = (str(part).replace(" ", "") for part in (layout[:half], layout[half:], layout[par:]))
+        return format_kv(virtual_layers=len(layout), encoder=enc, decoder=dec,
+                         parallel=par if self.cfg.parallel_mode != "off" else "off")
 
     def raw_logits(self, ids: Tensor, lora: LoRAView | None = None, cols: Tensor | None = None,
                    cu_seqlens: Tensor | None = None) -> Tensor:
-        """Head output before the softcap, in the compute dtype, at every position or at each row's positions
-        `cols` (B, M) only (TTT scores one chunk; with `lora`, plus each document's head adapter)."""
+        """Head output before the softcap, in the compute dtype; at each row's `cols` (B, M) only where given."""
         h = self.hidden(ids, lora, cu_seqlens)
         if cols is not None:
             h = h.gather(1, cols[..., None].expand(-1, -1, h.size(-1)))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
-
-    def logits(self, ids: Tensor) -> Tensor:
-        """Softcapped logits in fp32 (tests and analysis; the loss never materializes them)."""
-        return softcap(self.raw_logits(ids).float(), self.cfg.logit_softcap)
 
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
@@ -2158,8 +2051,7 @@ class GPT(nn.Module):
 
 
 def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) -> None:
-    """A packed row (one micro-batch) under SDPA's document mask, on CUDA without FA3 or compile, would hold a
-    (row, row) bool mask: refused before any work where it passes 4 GB."""
+    """Refuses, before any work, a packed row whose SDPA document mask (CUDA, no FA3 or compile) passes 4 GB."""
     n = h.micro_batch_seqs * h.train_seq_len
     if (h.doc_isolation and h.doc_packed_loader and device.type == "cuda" and n * n > 1 << 32
             and doc_attention_kind(backend, device, h.compile) == "sdpa_document_mask"):

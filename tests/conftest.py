@@ -90,6 +90,11 @@ def eval_ctx(model, val: np.ndarray, luts: tg.ByteLUTs, seq_len: int, stride: in
                           stride or seq_len, batch_seqs, rank, world_size, torch.device("cpu"), compute_dtype)
 
 
+def logits(model: "tg.GPT", ids: "tg.Tensor") -> "tg.Tensor":
+    """Softcapped logits in fp32 (the training loss never materializes them)."""
+    return tg.softcap(model.raw_logits(ids).float(), model.cfg.logit_softcap)
+
+
 # ---------------------------------------------------------------------------------------------
 # FlashAttention stand-ins (tests/stubs): mirror upstream's structure, computed on the CPU
 # ---------------------------------------------------------------------------------------------

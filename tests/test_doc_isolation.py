@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import eval_ctx, tg
+from conftest import eval_ctx, logits, tg
 from pgolf.shards import write_shard
 from scoring_trace import WindowTrace
 from test_eval import fake_luts, val_stream
@@ -55,14 +55,14 @@ def test_a_tokens_logits_do_not_change_when_any_other_document_changes():
     ids[0, 12], ids[0, 25] = BOS, BOS  # row 0 holds at least three documents
     docs = doc_of(ids)
     with torch.no_grad():
-        base = model.logits(ids)
+        base = logits(model, ids)
         for row, doc in [(0, docs[0, 12].item()), (1, 0), (2, docs[2, -1].item())]:
             changed = ids.clone()
             others = (torch.arange(3)[:, None] != row) | (docs != doc)
             g = torch.Generator().manual_seed(100 + row)  # not random_docs(seed=1)'s own draw
             fresh = torch.randint(2, 96, ids.shape, generator=g)
             changed[others & (ids != BOS)] = fresh[others & (ids != BOS)]  # every other document rewritten
-            out = model.logits(changed)
+            out = logits(model, changed)
             mine = (torch.arange(3)[:, None] == row) & (docs == doc)
             assert torch.allclose(out[mine], base[mine], atol=1e-5, rtol=0), (row, doc)
             assert not torch.allclose(out[~mine], base[~mine], atol=1e-3), "the rewrite changed nothing"
@@ -76,7 +76,7 @@ def test_without_isolation_the_same_rewrite_leaks_across_documents():
     changed = ids.clone()
     changed[0, 3] = (ids[0, 3] + 1) % 94 + 2
     with torch.no_grad():
-        assert not torch.allclose(model.logits(changed)[0, 20:], model.logits(ids)[0, 20:], atol=1e-5)
+        assert not torch.allclose(logits(model, changed)[0, 20:], logits(model, ids)[0, 20:], atol=1e-5)
 
 
 def test_document_mask_is_causal_and_cut_at_row_starts_and_bos():

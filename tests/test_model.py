@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import logits
 
 VOCAB = 96
 SEQ = 24
@@ -75,7 +76,7 @@ def test_forward_shapes_and_reductions():
     model = randomize_zero_inits(build())
     x, y = batch()
     with torch.no_grad():
-        z = model.logits(x)
+        z = logits(model, x)
         loss = model(x, y)
         per_tok = model(x, y, reduction="none")
     assert z.shape == (BATCH, SEQ, VOCAB)
@@ -98,7 +99,7 @@ def test_causality():
     x2[:, t + 1:] = (x[:, t + 1:] + torch.randint(1, VOCAB, x[:, t + 1:].shape, generator=g)) % VOCAB
     assert (x2[:, t + 1:] != x[:, t + 1:]).all()
     with torch.no_grad():
-        z1, z2 = model.logits(x), model.logits(x2)
+        z1, z2 = logits(model, x), logits(model, x2)
     torch.testing.assert_close(z1[:, : t + 1], z2[:, : t + 1], rtol=0.0, atol=1e-6)
     # non-vacuous: the logits where the input changed do change
     assert (z1[:, t + 1] - z2[:, t + 1]).abs().max() > 1e-2
@@ -115,7 +116,7 @@ def test_causality_through_attention_only():
     x2 = x.clone()
     x2[:, t + 1] = (x[:, t + 1] + 1) % VOCAB
     with torch.no_grad():
-        z1, z2 = model.logits(x), model.logits(x2)
+        z1, z2 = logits(model, x), logits(model, x2)
     torch.testing.assert_close(z1[:, : t + 1], z2[:, : t + 1], rtol=0.0, atol=1e-6)
     diff_after = (z1[:, t + 2:] - z2[:, t + 2:]).abs().amax(dim=(0, 2))
     assert (diff_after > 1e-4).all(), diff_after
@@ -143,7 +144,7 @@ def test_untied_head_zero_init_gives_exactly_log_vocab():
     assert torch.count_nonzero(model.lm_head.weight) == 0
     x, y = batch()
     with torch.no_grad():
-        z = model.logits(x)
+        z = logits(model, x)
         loss = model(x, y)
     assert torch.count_nonzero(z) == 0
     torch.testing.assert_close(loss, torch.tensor(math.log(VOCAB)), rtol=0.0, atol=1e-6)
@@ -163,12 +164,12 @@ def test_tied_head_uses_embedding():
         z_ref = F.linear(h, model.tok_emb.weight)
         c = model.cfg.logit_softcap
         z_ref = c * torch.tanh(z_ref / c)
-        torch.testing.assert_close(model.logits(x), z_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logits(model, x), z_ref, rtol=1e-6, atol=1e-6)
         # changing the embedding of a token not in the input changes only that logit column
         unused = sorted(set(range(VOCAB)) - set(x.unique().tolist()))[0]
-        before = model.logits(x)
+        before = logits(model, x)
         model.tok_emb.weight[unused] += 1.0
-        after = model.logits(x)
+        after = logits(model, x)
     changed = (before - after).abs().amax(dim=(0, 1)) > 0
     assert changed[unused]
     assert changed.sum() == 1
@@ -184,7 +185,7 @@ def test_logit_softcap_bounds_logits():
         model.lm_head.weight.normal_(0.0, 50.0)  # raw logits in the hundreds
     x, _ = batch()
     with torch.no_grad():
-        z = model.logits(x)
+        z = logits(model, x)
         raw = F.linear(model.hidden(x), model.lm_head.weight)
     assert raw.abs().max() > 10 * cap  # the cap is really exercised
     assert z.abs().max() <= cap
@@ -198,7 +199,7 @@ def test_logit_softcap_zero_disables_it():
         model.lm_head.weight.normal_(0.0, 50.0)
     x, _ = batch()
     with torch.no_grad():
-        z = model.logits(x)
+        z = logits(model, x)
         raw = F.linear(model.hidden(x), model.lm_head.weight)
     assert z.abs().max() > 100.0
     torch.testing.assert_close(z, raw, rtol=1e-6, atol=1e-5)
@@ -327,9 +328,9 @@ def test_skip_weights_affect_output(layers):
     model = randomize_zero_inits(build(NUM_LAYERS=str(layers)))
     x, _ = batch()
     with torch.no_grad():
-        z_ones = model.logits(x)
+        z_ones = logits(model, x)
         model.skip_weights.zero_()
-        z_zero = model.logits(x)
+        z_zero = logits(model, x)
     assert (z_ones - z_zero).abs().max() > 1e-2
 
 
@@ -398,7 +399,7 @@ def test_state_dict_round_trip():
     assert not result.missing_keys and not result.unexpected_keys
     x, y = batch()
     with torch.no_grad():
-        assert torch.equal(fresh.logits(x), model.logits(x))
+        assert torch.equal(logits(fresh, x), logits(model, x))
         assert torch.equal(fresh(x, y), model(x, y))
     # rotary tables are recomputed, not stored
     assert not any("inv_freq" in k for k in model.state_dict())
@@ -535,7 +536,7 @@ def test_ln_scale_scales_norm_outputs_by_layer():
     off.load_state_dict(on.state_dict())
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
-        assert not torch.allclose(on.logits(ids), off.logits(ids))
+        assert not torch.allclose(logits(on, ids), logits(off, ids))
 
 
 def test_ortho_init_makes_input_matrices_orthogonal_and_keeps_output_projections_zero():
@@ -577,7 +578,7 @@ def test_causality_with_every_feature_on():
     changed = ids.clone()
     changed[:, 14:] = torch.randint(2, VOCAB, (2, 10))
     with torch.no_grad():
-        a, b = model.logits(ids), model.logits(changed)
+        a, b = logits(model, ids), logits(model, changed)
     torch.testing.assert_close(a[:, :14], b[:, :14], rtol=0, atol=1e-6)
     assert not torch.allclose(a[:, 14:], b[:, 14:]), "the changed positions must see the change"
 
@@ -629,12 +630,12 @@ def test_skip_gates_lerp_between_stream_and_skip():
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
         model.skip_gates.fill_(-30.0)  # sigmoid -> 0: x = w * skip ... differs from the additive skip
-        assert not torch.allclose(model.logits(ids), plain.logits(ids))
+        assert not torch.allclose(logits(model, ids), logits(plain, ids))
         model.skip_gates.fill_(30.0)  # sigmoid -> 1: the skip is ignored entirely
         no_skip = build()
         no_skip.load_state_dict(plain.state_dict())
         no_skip.skip_weights.zero_()
-        torch.testing.assert_close(model.logits(ids), no_skip.logits(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(model, ids), logits(no_skip, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_smear_gate_is_identity_at_init_and_never_crosses_bos():
@@ -680,9 +681,9 @@ def test_looping_shares_parameters_and_keeps_the_count():
     n_before = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
-        plain = model.logits(ids)
+        plain = logits(model, ids)
         model.set_looping(True)
-        looped = model.logits(ids)
+        looped = logits(model, ids)
     assert sum(p.numel() for p in model.parameters()) == n_before
     assert model.layouts[True] == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
     assert len(list(model.blocks)) == 6  # physical blocks only: the loop reuses the same modules
@@ -690,7 +691,7 @@ def test_looping_shares_parameters_and_keeps_the_count():
     assert not torch.allclose(plain, looped)
     model.set_looping(False)
     with torch.no_grad():
-        torch.testing.assert_close(model.logits(ids), plain)
+        torch.testing.assert_close(logits(model, ids), plain)
     assert not build(NUM_LOOPS="0").layouts[True] != list(range(4))
 
 
@@ -715,15 +716,15 @@ def test_lanes_are_sequential_with_unit_routing_a_silent_mlp_and_no_skips():
     assert par.parallel_from[False] == 2 and par.blocks[1].lane_r is None and par.blocks[2].lane_r is not None
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
-        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)
+        assert not torch.allclose(logits(par, ids), logits(seq, ids), atol=1e-4)
         for model in (par, seq):
             model.skip_weights.zero_()  # a skip goes into lane 0 only
             for block in model.blocks[2:]:
                 block.mlp.proj.weight.zero_()  # the MLP reads lane 1, before attention wrote to it
-        assert not torch.allclose(par.logits(ids), seq.logits(ids), atol=1e-4)  # r = 1.1 as PR #1855's
+        assert not torch.allclose(logits(par, ids), logits(seq, ids), atol=1e-4)  # r = 1.1 as PR #1855's
         for block in par.blocks[2:]:
             block.lane_r.fill_(1.0)  # with every p = 1 both lanes stay equal: x + attn(x)
-        torch.testing.assert_close(par.logits(ids), seq.logits(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(par, ids), logits(seq, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_two_lane_tail_never_starts_in_the_encoder():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tg
+from conftest import ROOT, logits, tg
 from pgolf import knobs
 from top_harness import BOS, LOGIT_ATOL, SKIP_WITHOUT_TOP, documents, pair, top_logits
 
@@ -31,7 +31,7 @@ def test_forward_logits_and_loss_equal_the_tops(top, looping, varlen):
     x, y = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
         expected = top_logits(top_model, x, varlen)
-        got = ours.logits(x)
+        got = logits(ours, x)
         assert (got - expected).abs().max().item() <= LOGIT_ATOL
         cu = tg.document_starts(x, BOS) if varlen else None
         top_loss = top_model(x.reshape(1, -1) if varlen else x, y.reshape(1, -1) if varlen else y,
@@ -47,7 +47,7 @@ def test_the_forward_check_fails_for_another_parallel_tail(top, mutant):
     ours.set_looping(True)
     ids = documents(2, 40, seed=2)
     with torch.no_grad():
-        assert (ours.logits(ids) - top_logits(top_model, ids, False)).abs().max().item() > 100 * LOGIT_ATOL
+        assert (logits(ours, ids) - top_logits(top_model, ids, False)).abs().max().item() > 100 * LOGIT_ATOL
 
 
 def test_the_parameter_counts_differ_only_by_the_tops_unread_lambdas(top):
