@@ -90,7 +90,7 @@ def quantized_from_body(body: bytes) -> tuple[dict, dict]:
     header, payload = json.loads(body[4: 4 + hlen]), memoryview(body)[4 + hlen:]
 
     def seg(s: dict, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-        raw = tg.byte_unshuffle(bytes(payload[s["offset"]: s["offset"] + s["nbytes"]]), s["stride"])
+        raw = tg.byte_shuffle(bytes(payload[s["offset"]: s["offset"] + s["nbytes"]]), s["stride"], undo=True)
         return tg._bytes_tensor(raw, dtype, shape)
 
     out = {}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import tg
-from artifact_helpers import dequantize_rows, pack_artifact, unpack_artifact
+from artifact_helpers import dequantize_rows, pack_artifact, unpack_artifact, unpack_artifact_full
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -216,7 +216,7 @@ def test_lzma_compressor_round_trip_and_deterministic_gptq_pack():
     a = pack_artifact(state, spec, H, meta={"note": "x"})
     assert a == pack_artifact(state, spec, H, meta={"note": "x"}), "same input, same bytes"
     assert a[tg.ARTIFACT_PREFIX.size] == tg.ARTIFACT_COMPRESSOR_IDS["lzma"]
-    out, meta = tg.unpack_artifact_full(a)
+    out, meta = unpack_artifact_full(a)
     assert meta == {"note": "x"}
     ref = tg.quantize_state(state, spec, H)
     for name, qt in ref.items():
