@@ -3098,8 +3098,7 @@ def qmax(bits: int) -> int:
 
 
 def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
-    """SDClip (PR #1394): fp16 steps clipping each row at k (unbiased) std devs, k = 0: at its max (the naive
-    baseline's int8). Larger k -> fewer levels used -> lower entropy -> a smaller artifact."""
+    """SDClip (PR #1394): fp16 row steps clipping at k (unbiased) std devs; k = 0: at the row's max (naive int8)."""
     clip = k * w.float().std(dim=-1) if k > 0 else w.float().abs().amax(dim=-1)
     scale = (clip / qmax(bits)).half()
     return torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: scale 1
@@ -3111,10 +3110,8 @@ def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
-    """Full-Hessian GPTQ (PR #1019 -> PR #1394) on a fixed SDClip grid, act-order, of one matrix or of a stack
-    (k, rows, cols) with Hessians (k, cols, cols) and scales (k, rows) in one batched column loop (the per-column
-    launches are paid once per shape). Dead columns are zeroed; a damped Hessian that is not positive definite
-    raises torch.linalg.LinAlgError."""
+    """Full-Hessian act-order GPTQ (PR #1019 -> PR #1394) on a fixed SDClip grid, of a matrix or a stack (k, rows,
+    cols) in one batched column loop; dead columns zeroed; LinAlgError where a damped Hessian is not PD."""
     single = w.dim() == 2
     W, H, s = (t.detach().float().clone() for t in ((w[None], H[None], scale[None]) if single else (w, H, scale)))
     k, rows, n = W.shape
@@ -3229,8 +3226,7 @@ class QuantTensor:
 
 def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: QuantSpec, names: list[str],
                    log: Callable[[str], None] | None) -> tuple[Tensor, list[str]]:
-    """Codes of same-shape matrices and each one's method: batched GPTQ where Hessians are given, round to nearest
-    for a matrix whose Hessian is not positive definite."""
+    """Codes and methods of same-shape matrices: batched GPTQ given Hessians; RTN for one whose Hessian is not PD."""
     if H is None:
         return quantize_rtn(W, scale, bits), ["rtn"] * len(names)
     try:
@@ -3250,17 +3246,14 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
     """Quantize the matrices (GPTQ where a Hessian exists, else round to nearest; same-shape ones of a group
     batched) on their device, LQER on the `lqer_top_k` largest errors; codes on the CPU, other tensors as given."""
     hessians = hessians or {}
-    out: dict[str, QuantTensor | Tensor] = {}
-    stacks: dict[tuple, list[str]] = {}
-    errors = []
+    out, stacks, errors = {}, {}, []
     gates = "gate" in dict(spec.bits)  # GATED_ATTN_QUANT_GATE: the gates too, though they are control tensors
-    for name in sorted(state):
-        t = state[name].detach()
-        if not (is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate")):
-            out[name] = t
-            continue
-        gptq = spec.method == "gptq" and name in hessians
-        stacks.setdefault((tuple(t.shape), quant_group(name), gptq), []).append(name)
+    for name, t in sorted(state.items()):
+        if is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate"):
+            key = (tuple(t.shape), quant_group(name), spec.method == "gptq" and name in hessians)
+            stacks.setdefault(key, []).append(name)
+        else:
+            out[name] = t.detach()
     for (_, group, gptq), names in stacks.items():
         bits = spec.bits_of(group)
         W = torch.stack([state[n].detach().float() for n in names])
@@ -3335,10 +3328,8 @@ def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
 
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
     """fn over items on a thread per core: brotli, lzma and waits on lrzip release the GIL while they work."""
-    if len(items) <= 1:
-        return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1) or 1) as pool:
         return list(pool.map(fn, items))
 
 
@@ -3432,8 +3423,7 @@ def unpack_piece(chunk: bytes, source: str) -> bytes:
 
 
 def compress_body(body: bytes, compressor: str) -> bytes:
-    """prefix | compressor id | chunk count | chunk lengths | chunks: each COMPRESS_CHUNK_BYTES of the body
-    (pergroup: each of pergroup_pieces) compressed on its own, in parallel."""
+    """prefix | compressor id | chunk count | chunk lengths | chunks (pergroup_pieces, or COMPRESS_CHUNK_BYTES each)."""
     if compressor == "pergroup":
         chunks = _map_parallel(pack_piece, pergroup_pieces(body))
     else:
@@ -3478,7 +3468,7 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
                         meta: dict[str, Any] | None = None) -> bytes:
     """header length | JSON header | payload of raw little-endian arrays (no pickle: loading runs no code): codes
     first (like bytes together), then LQER factors, then scales and small tensors, byte-shuffled by element size."""
-    entries, segments = [], []
+    segments = []
 
     def add(t: Tensor) -> dict[str, int]:
         data = _tensor_bytes(t)
@@ -3606,10 +3596,9 @@ def fit_stuck(spec: QuantSpec, attempts: list[dict[str, Any]]) -> str:
 
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
-    """Quantize and pack; while over `budget_bytes`, widen the matrix groups' SDClip k by f. Code entropy falls
-    ~log2(f) bits per parameter (PR #1394), so f = 2^(excess bits / matrix params) x FIT_OVERSHOOT, or the slope
-    measured over the last two attempts where the bytes fall more slowly (low bit widths). An attempt is
-    compressed only when its size predicted from the code entropy (x PERGROUP_RATIO for pergroup) fits."""
+    """Quantize and pack; while over `budget_bytes`, widen the matrix groups' SDClip k by f: code entropy falls
+    ~log2(f) bits per parameter (PR #1394), or by the slope of the last two attempts where that is slower. An
+    attempt is compressed only when its size predicted from the code entropy (x PERGROUP_RATIO) fits."""
     t0 = time.perf_counter()
     attempts: list[dict[str, Any]] = []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
@@ -3689,8 +3678,7 @@ def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward:
                          make_loader: Callable[[], TrainLoader]) -> float:
     """GPTQ_RESERVE_SECONDS=auto: time one calibration batch (worst of two, with looping as it will be at
     the end) and reserve batches x that x GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S; ranks take the max."""
-    loader = make_loader()
-    looping = model.looping
+    loader, looping = make_loader(), model.looping
     model.set_looping(h.num_loops > 0)
     try:
         times = []
@@ -3719,8 +3707,7 @@ class Calibration:
 
 def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                    make_loader: Callable[[], TrainLoader]) -> Calibration:
-    """GPTQ Hessians of the trained model on GPTQ_CALIBRATION_BATCHES training batches (data access, so the
-    caller counts the seconds inside the training wallclock, PR #1868)."""
+    """GPTQ Hessians on GPTQ_CALIBRATION_BATCHES training batches: data access, inside the wallclock (PR #1868)."""
     if h.quant_method != "gptq":
         return Calibration(None, "off", 0.0, 0)
     synchronize(d.device)
@@ -3749,19 +3736,17 @@ def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logg
 
 
 def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, reserve: float) -> float:
-    """The calibration line and, when training data was read after the cap, a loud warning. Returns when
-    training data was last read (training time + calibration on training data), in seconds."""
-    h, log = rc.h, rc.log
-    access_end = train_time_s + calib.seconds
+    """Log calibration, loud when training data was read after the cap; returns when it was last read (s)."""
+    cap, access_end = rc.h.max_wallclock_seconds, train_time_s + calib.seconds
     if calib.source == "off":
         return access_end
     rc.clock.record("calibration", calib.seconds, calib.tokens)
-    log(format_kv(gptq_calibration=calib.source, tokens=calib.tokens, time=f"{calib.seconds * 1000:.0f}ms",
-                  train_data_access_end=f"{access_end * 1000:.0f}ms",
-                  cap=f"{h.max_wallclock_seconds * 1000:.0f}ms" if h.max_wallclock_seconds > 0 else "none"))
-    if h.max_wallclock_seconds > 0 and access_end > h.max_wallclock_seconds:
-        warn(log, f"training data was read until {access_end:.2f}s, after the {h.max_wallclock_seconds:g}s "
-                  f"cap: raise GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)", banner=True)
+    rc.log(format_kv(gptq_calibration=calib.source, tokens=calib.tokens, time=f"{calib.seconds * 1000:.0f}ms",
+                     train_data_access_end=f"{access_end * 1000:.0f}ms",
+                     cap=f"{cap * 1000:.0f}ms" if cap > 0 else "none"))
+    if cap > 0 and access_end > cap:
+        warn(rc.log, f"training data was read until {access_end:.2f}s, after the {cap:g}s cap: raise "
+                     f"GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)", banner=True)
     return access_end
 
 
@@ -3798,16 +3783,13 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
     budget = h.target_bytes - h.size_margin_bytes - len(code)
     log(format_kv(target_bytes=h.target_bytes, target_note="decimal bytes (TARGET_MB=15.9 means 15,900,000; "
                   "15.9 MiB would be over the 16,000,000 cap)", size_margin=h.size_margin_bytes, model_budget=budget))
-    report: dict[str, Any] = {}
-    failure = None
+    report, failure = {}, None
     if rc.d.is_main:
         config = {k: v for k, v in h.knob_values().items() if k.lower() not in EVAL_ONLY_ENV_KNOBS}
-        fp = rc.data.fingerprint
         meta = {"code_sha256": hashlib.sha256(code).hexdigest(), "config": config, "steps": steps,
                 "looping": model.looping, "preset": h.preset,  # EVAL_ONLY refuses other data, notes another PRESET
-                "data": {"tokenizer_sha256": fp["tokenizer_sha256"], "val_sha256": fp["val_sha256"]}}
-        spec = QuantSpec.from_hparams(h)
-        fit = fit_artifact(model.state_dict(), spec, hessians, budget, meta, log)
+                "data": {k: rc.data.fingerprint[k] for k in ("tokenizer_sha256", "val_sha256")}}
+        fit = fit_artifact(model.state_dict(), QuantSpec.from_hparams(h), hessians, budget, meta, log)
         try:
             atomic_write_bytes(artifact_path, fit.blob)
         except OSError as exc:
@@ -3816,7 +3798,7 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
         rc.clock.record("quantization", fit.quant_seconds)
         report.update(fits=fit.fits, attempts=fit.attempts, quant_seconds=fit.quant_seconds,
                       clip_sigmas=dict(fit.spec.clip), bits=dict(fit.spec.bits), entropy=fit.entropy)
-        log(format_kv(quant=spec.method, fits=int(fit.fits), attempts=len(fit.attempts),
+        log(format_kv(quant=fit.spec.method, fits=int(fit.fits), attempts=len(fit.attempts),
                       quant_time=f"{fit.quant_seconds * 1000:.0f}ms",
                       **{f"k_{g}": f"{k:.3f}" for g, k in fit.spec.clip}, **{f"bits_{g}": b for g, b in fit.spec.bits}))
         for group, e in fit.entropy.items():
