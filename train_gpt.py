@@ -3060,8 +3060,7 @@ PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorte
 ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
-# Chunks are compressed in parallel threads: brotli-11 of the record's body in one stream takes most of a minute;
-# 4 MiB chunks cost almost no bytes (bench/compress.py).
+# Chunks compressed in parallel: brotli-11 of the record's body in one stream takes most of a minute (bench/compress.py)
 COMPRESS_CHUNK_BYTES = 4 << 20
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
@@ -3093,7 +3092,6 @@ def is_quantized(name: str, t: Tensor) -> bool:
 
 
 def qmax(bits: int) -> int:
-    """Largest level of a symmetric `bits`-bit code: int6 -> 31."""
     return (1 << (bits - 1)) - 1
 
 
@@ -3192,16 +3190,6 @@ class QuantSpec:
                    lqer_factor_bits=h.lqer_factor_bits, lqer_asym_group=h.lqer_asym_group if h.lqer_asym_enabled else 0,
                    compressor=h.compressor)
 
-    def bits_of(self, group: str) -> int:
-        return dict(self.bits)[group]
-
-    def clip_of(self, group: str) -> float:
-        return dict(self.clip)[group]
-
-    def widened(self, factor: float) -> "QuantSpec":
-        """The matrix groups' k times `factor` (fit-to-size; the embedding keeps its k)."""
-        return dataclasses.replace(self, clip=tuple((g, k if g == "embed" else k * factor) for g, k in self.clip))
-
 
 @dataclass
 class QuantTensor:
@@ -3255,10 +3243,10 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
         else:
             out[name] = t.detach()
     for (_, group, gptq), names in stacks.items():
-        bits = spec.bits_of(group)
+        bits = dict(spec.bits)[group]
         W = torch.stack([state[n].detach().float() for n in names])
         H = torch.stack([hessians[n].to(W.device) for n in names]) if gptq else None
-        scale = sdclip_scales(W, bits, spec.clip_of(group))
+        scale = sdclip_scales(W, bits, dict(spec.clip)[group])
         codes, methods = quantize_stack(W, H, scale, bits, spec, names, log)
         for i, name in enumerate(names):
             out[name] = QuantTensor(group, bits, codes[i].cpu(), scale[i].cpu(), state[name].dtype, methods[i])
@@ -3304,16 +3292,6 @@ _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch
 FP16_MAX = 65504.0  # largest finite float16
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-
-
-def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
-    t = torch.frombuffer(bytearray(data), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
-    return t.view(dtype).reshape(shape).clone()
-
-
 def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
     """brotli, zlib or xz of data; undo: the inverse."""
     if compressor == "brotli":
@@ -3339,8 +3317,7 @@ def code_role(name: str) -> str:
 
 
 def similarity_order(q: np.ndarray) -> np.ndarray:
-    """Row order (uint16), greedy nearest L1 neighbour from row 0, ties to the lowest index: PR #1855's similarity
-    sort, so that a coder reading column by column sees neighbouring rows that differ little."""
+    """PR #1855's similarity sort: rows in greedy nearest-L1-neighbour order from row 0, so neighbours differ little."""
     d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1)
     order = [0]
     d[:, 0] = math.inf
@@ -3359,18 +3336,15 @@ def lrzip(data: bytes, *args: str) -> bytes:
 def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
     """(role, bytes, matrix shapes) in body order: each run of one role's codes (PERGROUP_MIN_BYTES or more) and
     the bytes between them (role ""); serialize_quantized's pergroup order makes each role one run."""
+    from itertools import groupby
     (hlen,) = struct.unpack_from("<I", body)
-    runs: list[list] = []  # [role, start, bytes, shapes]
-    for e in json.loads(body[4: 4 + hlen])["tensors"]:
-        if e["kind"] == "intq_row":
-            if not runs or runs[-1][0] != code_role(e["name"]):
-                runs.append([code_role(e["name"]), 4 + hlen + e["q"]["offset"], 0, []])
-            runs[-1][2] += e["q"]["nbytes"]
-            runs[-1][3].append(e["shape"])
+    codes = [e for e in json.loads(body[4: 4 + hlen])["tensors"] if e["kind"] == "intq_row"]
     pieces, pos = [], 0
-    for role, a, n, shapes in runs:
+    for role, run in groupby(codes, lambda e: code_role(e["name"])):
+        run = list(run)
+        a, n = 4 + hlen + run[0]["q"]["offset"], sum(e["q"]["nbytes"] for e in run)
         if n >= PERGROUP_MIN_BYTES:
-            pieces += [("", body[pos:a], []), (role, body[a:a + n], shapes)]
+            pieces += [("", body[pos:a], []), (role, body[a:a + n], [e["shape"] for e in run])]
             pos = a + n
     return [p for p in pieces + [("", body[pos:], [])] if p[1]]
 
@@ -3471,7 +3445,8 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
     segments = []
 
     def add(t: Tensor) -> dict[str, int]:
-        data = _tensor_bytes(t)
+        t = t.detach().cpu().contiguous()
+        data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()  # numpy has no bf16
         seg = {"offset": sum(map(len, segments)), "nbytes": len(data), "stride": t.element_size()}
         segments.append(byte_shuffle(data, t.element_size()))
         return seg
@@ -3536,7 +3511,8 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
         if seg["offset"] + seg["nbytes"] > len(payload):
             raise ArtifactError(f"{source}: corrupted artifact: segment past the end of the payload")
         raw = byte_shuffle(bytes(payload[seg["offset"]: seg["offset"] + seg["nbytes"]]), seg["stride"], undo=True)
-        return _bytes_tensor(raw, dtype, shape)
+        t = torch.frombuffer(bytearray(raw), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+        return t.view(dtype).reshape(shape).clone()
     state = {}
     for e in header["tensors"]:
         try:
@@ -3596,15 +3572,15 @@ def fit_stuck(spec: QuantSpec, attempts: list[dict[str, Any]]) -> str:
 
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
-    """Quantize and pack; while over `budget_bytes`, widen the matrix groups' SDClip k by f: code entropy falls
-    ~log2(f) bits per parameter (PR #1394), or by the slope of the last two attempts where that is slower. An
-    attempt is compressed only when its size predicted from the code entropy (x PERGROUP_RATIO) fits."""
+    """Quantize and pack; while over `budget_bytes`, widen the matrix groups' SDClip k (not the embedding's) by f:
+    code entropy falls ~log2(f) bits per parameter (PR #1394), or by the slope of the last two attempts where that
+    is slower. An attempt is compressed only when its size predicted from the code entropy (x PERGROUP_RATIO) fits."""
     t0 = time.perf_counter()
     attempts: list[dict[str, Any]] = []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
     for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
-        s = spec.widened(factor)
+        s = dataclasses.replace(spec, clip=tuple((g, k if g == "embed" else k * factor) for g, k in spec.clip))
         quantized = quantize_state(state, s, hessians, log)
         entropy = quant_entropy_bytes(quantized)
         ent = sum(g["entropy_bytes"] for g in entropy.values())
@@ -3773,8 +3749,7 @@ EVAL_ONLY_ENV_KNOBS = frozenset({
 
 
 def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> tuple[Path, dict]:
-    """Quantize to fit the budget and write <RUN_ID>.ptz atomically on rank 0 (the score always comes from what was
-    written); returns its path and the quantization report for the JSON."""
+    """Quantize to fit the budget, write <RUN_ID>.ptz atomically (rank 0); returns its path and the quant report."""
     h, log, code = rc.h, rc.log, rc.code
     # An incomplete log makes no valid run: no artifact, what was trained is kept for REQUANTIZE.
     stop_on_output_failure(rc, None, lambda: kept_weights(rc, model, hessians, steps))

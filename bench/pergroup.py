@@ -91,7 +91,8 @@ def quantized_from_body(body: bytes) -> tuple[dict, dict]:
 
     def seg(s: dict, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
         raw = tg.byte_shuffle(bytes(payload[s["offset"]: s["offset"] + s["nbytes"]]), s["stride"], undo=True)
-        return tg._bytes_tensor(raw, dtype, shape)
+        t = torch.frombuffer(bytearray(raw), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+        return t.view(dtype).reshape(shape).clone()
 
     out = {}
     for e in header["tensors"]:

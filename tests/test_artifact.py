@@ -102,7 +102,7 @@ def assert_close_to_original(name: str, orig: torch.Tensor, got: torch.Tensor) -
         assert torch.equal(got, orig), f"{name}: non-float tensor not restored exactly"
     elif is_quantized(name, orig):
         group = tg.quant_group(name)
-        assert_sdclip_bound(name, orig, got, SPEC.bits_of(group), SPEC.clip_of(group))
+        assert_sdclip_bound(name, orig, got, dict(SPEC.bits)[group], dict(SPEC.clip)[group])
     else:
         assert torch.equal(got, orig.half().to(orig.dtype)), f"{name}: small tensor != its fp16 rounding"
 
