@@ -3350,8 +3350,7 @@ def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
 
 
 def encode_role(role: str, raw: bytes, shapes: list) -> bytes:
-    """A role's codes as its coder reads them (PR #1855): PERGROUP_HEAD, the shapes, the row orders of a
-    PERGROUP_SORTED role, then each matrix transposed, rows in that order."""
+    """A role's codes as PR #1855's coder reads them: PERGROUP_HEAD, shapes, row orders if sorted, each transposed."""
     # At most 16,384 rows: similarity_order holds rows x rows fp32 distances (1 GiB there).
     sort = role in PERGROUP_SORTED and max(r for r, _ in shapes) <= 1 << 14
     mats = np.split(np.frombuffer(raw, np.int8), np.cumsum([r * c for r, c in shapes])[:-1])
