@@ -2690,12 +2690,10 @@ ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 4  # 4: asymmetric LQER and int8 gate rows (3: the body in independently compressed chunks)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
 ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2, "pergroup": 3}  # the compressed body's first byte
-# COMPRESSOR=pergroup (PR #1855): the code matrices of each role (every layer's c_q, ...; at least
-# PERGROUP_MIN_BYTES) transposed, PERGROUP_SORTED roles' rows in similarity order, each role one `lrzip -z -L 9`
-# stream (ZPAQ context mixing); the rest brotli. Each chunk starts with its coder's index in PERGROUP_CODERS.
+# COMPRESSOR=pergroup (PR #1855): each role's code matrices (every layer's c_q, ...; at least PERGROUP_MIN_BYTES)
+# transposed, one `lrzip -z -L 9` (ZPAQ) stream per role; the rest brotli. A chunk starts with its coder's index.
 PERGROUP_CODERS = ("brotli", "lrzip")
-# PR #1855 also sorts attn.c_q and mlp.fc: measured, that costs bytes here (their uint16 orders outweigh the gain:
-# +0.3-1.4% of those groups on a trained mini-track artifact and on the record-sized model; bench/RESULTS.md).
+# PR #1855 also sorts attn.c_q and mlp.fc: here that costs 0.3-1.4% of those groups' bytes (bench/RESULTS.md).
 PERGROUP_SORTED = ("tok_emb.weight",)
 PERGROUP_MIN_BYTES = 4096
 PERGROUP_RATIO = 0.99  # pergroup bytes / brotli-11 bytes of one model (0.986-0.992 measured: bench/RESULTS.md)
@@ -2703,9 +2701,7 @@ PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorte
 ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
-# The body is cut into chunks compressed in parallel threads (brotli and lzma release the GIL): brotli-11 of the
-# record's body as one stream takes most of a minute; 4 MiB chunks cost almost no bytes and a pod's cores
-# compress them at once (bench/compress.py measures both).
+# Chunks compressed in parallel: brotli-11 of the record's body in one stream takes most of a minute (bench/compress.py)
 COMPRESS_CHUNK_BYTES = 4 << 20
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
@@ -2723,8 +2719,7 @@ class ArtifactError(Hinted, ValueError):
 
 
 def quant_group(name: str) -> str:
-    """SDClip/bit-width group of a quantized tensor: embed (tables and an untied head), gate (the attention
-    output gates, GATED_ATTN_QUANT_GATE), attn, or mlp (the MLP matrices)."""
+    """SDClip/bit-width group: embed (tables, an untied head), gate (GATED_ATTN_QUANT_GATE), attn or mlp."""
     if name in ("tok_emb.weight", "lm_head.weight"):
         return "embed"
     if name.endswith(".attn_gate_w"):
@@ -2733,28 +2728,19 @@ def quant_group(name: str) -> str:
 
 
 def is_quantized(name: str, t: Tensor) -> bool:
-    """Block matrices, embedding tables and an untied head are quantized; control tensors (gates,
-    scales, skip weights: PARAM_GROUPS "scalar") stay fp16. At the record shape this is the records'
-    rule (every such matrix has > 65,536 elements); on small models it still quantizes the matrices."""
+    """Matrices, embedding tables and an untied head; control tensors (PARAM_GROUPS "scalar") stay fp16."""
     return t.is_floating_point() and t.ndim == 2 and classify_param(name) != "scalar"
 
 
 def qmax(bits: int) -> int:
-    """Largest level of a symmetric `bits`-bit code: int6 -> 31, int8 -> 127."""
     return (1 << (bits - 1)) - 1
 
 
 def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
-    """SDClip (PR #1394): clip each row at k standard deviations (k = 0: at its largest magnitude); the step
-    is clip / qmax, as fp16.
-    Larger k -> fewer distinct levels used -> lower entropy -> a smaller artifact (monotone).
-    w is a matrix or a stack of them (rows along the last-but-one dimension)."""
-    if k > 0:
-        scale = (k * w.float().std(dim=-1) / qmax(bits)).half()  # unbiased, as the records compute it
-    else:  # no clip: the row's largest magnitude (the naive baseline's per-row int8)
-        scale = (w.float().abs().amax(dim=-1) / qmax(bits)).half()
-    # A constant row (std 0, or below fp16's subnormals) gets scale 1: it quantizes to 0 (or its clip).
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    """SDClip (PR #1394): fp16 row steps clipping at k (unbiased) std devs; k = 0: at the row's max (naive int8)."""
+    clip = k * w.float().std(dim=-1) if k > 0 else w.float().abs().amax(dim=-1)
+    scale = (clip / qmax(bits)).half()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: scale 1
 
 
 def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -2763,15 +2749,8 @@ def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
-    """Full-Hessian GPTQ (Frantar et al.; PR #1019 -> PR #1394) on a fixed SDClip grid, of one matrix
-    (rows, cols) or of a stack of same-shape matrices (k, rows, cols) with their Hessians (k, cols, cols)
-    and scales (k, rows) in one batched column loop: the per-column launches are paid once per shape, not
-    once per matrix (the 66 record block matrices form 4 stacks; the embedding is a fifth).
-
-    Columns are quantized in act-order (largest Hessian diagonal first); each column's rounding error,
-    scaled by the inverse Hessian, is pushed onto the columns not yet quantized, in blocks of `block`
-    columns. Dead columns (zero diagonal: an input that never fired) are zeroed. Raises
-    torch.linalg.LinAlgError when a damped Hessian is not positive definite (caller falls back)."""
+    """Full-Hessian act-order GPTQ (PR #1019 -> PR #1394) on a fixed SDClip grid, of a matrix or a stack (k, rows,
+    cols) in one batched column loop; dead columns zeroed; LinAlgError where a damped Hessian is not PD."""
     single = w.dim() == 2
     W, H, s = (t.detach().float().clone() for t in ((w[None], H[None], scale[None]) if single else (w, H, scale)))
     k, rows, n = W.shape
@@ -2783,10 +2762,8 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
     perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
     W = W.gather(2, perm[:, None, :].expand(k, rows, n))
     H = H.gather(1, perm[:, :, None].expand(k, n, n)).gather(2, perm[:, None, :].expand(k, n, n))
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    s = s[:, :, None]
-    r = qmax(bits)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    s, r = s[:, :, None], qmax(bits)
     Q = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -2814,9 +2791,8 @@ def quantize_symmetric_factor(x: Tensor, bits: int, dim: int) -> tuple[Tensor, T
 
 
 def lqer_factors(A: Tensor, B: Tensor, spec: "QuantSpec") -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
-    """LQER codes of E ~ A @ B and their B group size (0: symmetric, `lqer_factor_bits` with a scale per row of
-    A and per row of B, as PR #1855's _lqer_pack). Asymmetric (PR #1797): A in [-2, 1] at one scale |A|max / 1.5,
-    B in [-8, 7] at a scale per `lqer_asym_group` values of B (row-major), |group|max / 7.5."""
+    """LQER codes of E ~ A @ B and their B group size: 0 = symmetric, a scale per row (PR #1855's _lqer_pack);
+    asymmetric (PR #1797): A in [-2, 1] at one scale, B in [-8, 7] at a scale per `lqer_asym_group` values."""
     g = spec.lqer_asym_group
     if not g or B.numel() % g:
         qa, sa = quantize_symmetric_factor(A, spec.lqer_factor_bits, dim=1)
@@ -2850,19 +2826,10 @@ class QuantSpec:
         groups = ("attn", "embed", "gate", "mlp") if h.gated_attn_quant_gate else ("attn", "embed", "mlp")
         bits = {"attn": h.matrix_bits, "embed": h.embed_bits, "gate": 8, "mlp": h.matrix_bits}
         return cls(method=h.quant_method, bits=tuple((g, bits[g]) for g in groups),
-                   clip=tuple((g, 0.0 if g == "gate" else h.clip_sigmas(g)) for g in groups), damp=h.gptq_damp, block=h.gptq_block, lqer_rank=h.lqer_rank if h.lqer_enabled else 0,
-                   lqer_top_k=h.lqer_top_k, lqer_factor_bits=h.lqer_factor_bits,
-                   lqer_asym_group=h.lqer_asym_group if h.lqer_asym_enabled else 0, compressor=h.compressor)
-
-    def bits_of(self, group: str) -> int:
-        return dict(self.bits)[group]
-
-    def clip_of(self, group: str) -> float:
-        return dict(self.clip)[group]
-
-    def widened(self, factor: float) -> "QuantSpec":
-        """The matrix groups' k times `factor` (fit-to-size; the embedding keeps its k)."""
-        return dataclasses.replace(self, clip=tuple((g, k if g == "embed" else k * factor) for g, k in self.clip))
+                   clip=tuple((g, 0.0 if g == "gate" else h.clip_sigmas(g)) for g in groups), damp=h.gptq_damp,
+                   block=h.gptq_block, lqer_rank=h.lqer_rank if h.lqer_enabled else 0, lqer_top_k=h.lqer_top_k,
+                   lqer_factor_bits=h.lqer_factor_bits, lqer_asym_group=h.lqer_asym_group if h.lqer_asym_enabled else 0,
+                   compressor=h.compressor)
 
 
 @dataclass
@@ -2888,165 +2855,110 @@ class QuantTensor:
 
 def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: QuantSpec, names: list[str],
                    log: Callable[[str], None] | None) -> tuple[Tensor, list[str]]:
-    """Codes of a stack of same-shape matrices and the method each got: GPTQ in one batch when Hessians
-    are given; if a Hessian is not positive definite, matrix by matrix with round to nearest for it."""
+    """Codes and methods of same-shape matrices: batched GPTQ given Hessians; RTN for one whose Hessian is not PD."""
     if H is None:
         return quantize_rtn(W, scale, bits), ["rtn"] * len(names)
     try:
         return gptq_quantize(W, H, scale, bits, spec.damp, spec.block), ["gptq"] * len(names)
     except torch.linalg.LinAlgError:
-        pass
-    codes, methods = [], []
-    for i, name in enumerate(names):
-        try:
-            codes.append(gptq_quantize(W[i], H[i], scale[i], bits, spec.damp, spec.block))
-            methods.append("gptq")
-        except torch.linalg.LinAlgError:
-            if log:
-                log(format_kv(gptq_fallback=name, reason="cholesky_failed", used="round_to_nearest"))
-            codes.append(quantize_rtn(W[i], scale[i], bits))
-            methods.append("rtn_fallback")
-    return torch.stack(codes), methods
+        if len(names) > 1:  # one matrix at a time: only the one that fails falls back
+            parts = [quantize_stack(W[i: i + 1], H[i: i + 1], scale[i: i + 1], bits, spec, [n], log)
+                     for i, n in enumerate(names)]
+            return torch.cat([codes for codes, _ in parts]), [method for _, (method,) in parts]
+    if log:
+        log(format_kv(gptq_fallback=names[0], reason="cholesky_failed", used="round_to_nearest"))
+    return quantize_rtn(W, scale, bits), ["rtn_fallback"]
 
 
 def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, QuantTensor | Tensor]:
-    """Quantize every large 2-D float tensor (GPTQ where a Hessian exists, else round to nearest), on the
-    tensors' device, same-shape matrices of a group batched; other tensors pass through unchanged. LQER
-    then corrects the `lqer_top_k` largest errors. Codes, scales and factors are returned on the CPU."""
+    """Quantize the matrices (GPTQ where a Hessian exists, else round to nearest; same-shape ones of a group
+    batched) on their device, LQER on the `lqer_top_k` largest errors; codes on the CPU, other tensors as given."""
     hessians = hessians or {}
-    out: dict[str, QuantTensor | Tensor] = {}
-    stacks: dict[tuple, list[str]] = {}
+    out, stacks, errors = {}, {}, []
     gates = "gate" in dict(spec.bits)  # GATED_ATTN_QUANT_GATE: the gates too, though they are control tensors
-    for name in sorted(state):
-        t = state[name].detach()
-        if not (is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate")):
-            out[name] = t
-            continue
-        gptq = spec.method == "gptq" and name in hessians
-        stacks.setdefault((tuple(t.shape), quant_group(name), gptq), []).append(name)
+    for name, t in sorted(state.items()):
+        if is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate"):
+            key = (tuple(t.shape), quant_group(name), spec.method == "gptq" and name in hessians)
+            stacks.setdefault(key, []).append(name)
+        else:
+            out[name] = t.detach()
     for (_, group, gptq), names in stacks.items():
-        bits = spec.bits_of(group)
+        bits = dict(spec.bits)[group]
         W = torch.stack([state[n].detach().float() for n in names])
         H = torch.stack([hessians[n].to(W.device) for n in names]) if gptq else None
-        scale = sdclip_scales(W, bits, spec.clip_of(group))
+        scale = sdclip_scales(W, bits, dict(spec.clip)[group])
         codes, methods = quantize_stack(W, H, scale, bits, spec, names, log)
         for i, name in enumerate(names):
-            out[name] = QuantTensor(group, bits, codes[i], scale[i], state[name].dtype, methods[i])
-    if spec.lqer_rank > 0:
-        errors = []
-        for name, qt in out.items():
-            if isinstance(qt, QuantTensor) and qt.group != "gate":
-                # In fp32 before any cast to the tensor's dtype (a bf16 tensor's residual is not rounded), as
-                # PR #1855 computes it: dequantization adds the factors in fp32 and casts the sum once.
-                err = state[name].detach().float() - qt.q.float() * qt.scale.float()[:, None]
+            out[name] = QuantTensor(group, bits, codes[i].cpu(), scale[i].cpu(), state[name].dtype, methods[i])
+            if spec.lqer_rank > 0 and group != "gate":
+                # In fp32, not the tensor's dtype, as PR #1855: dequantize adds the factors in fp32, casts once.
+                err = W[i] - codes[i].float() * scale[i].float()[:, None]
                 errors.append((float(err.norm()), name, err))
-        for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
-            U, S, Vh = torch.linalg.svd(err, full_matrices=False)
-            r = min(spec.lqer_rank, S.numel())
-            out[name].lqer, out[name].lqer_group = lqer_factors(U[:, :r] * S[:r], Vh[:r], spec)
-    for qt in out.values():
-        if isinstance(qt, QuantTensor):
-            qt.q, qt.scale = qt.q.cpu(), qt.scale.cpu()
-            qt.lqer = None if qt.lqer is None else tuple(t.cpu() for t in qt.lqer)
+    for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
+        U, S, Vh = torch.linalg.svd(err, full_matrices=False)
+        r = min(spec.lqer_rank, S.numel())
+        factors, out[name].lqer_group = lqer_factors(U[:, :r] * S[:r], Vh[:r], spec)
+        out[name].lqer = tuple(t.cpu() for t in factors)
     return out
 
 
 def quant_entropy_bytes(quantized: dict[str, QuantTensor | Tensor]) -> dict[str, dict[str, float]]:
-    """Zeroth-order entropy of the quantized codes per group (what an ideal coder would need), in bytes."""
-    stats: dict[str, dict[str, float]] = {}
+    """Zeroth-order entropy of the codes per group, in bytes (what an ideal coder would need)."""
+    counts: dict[str, Tensor] = {}
     for qt in quantized.values():
-        if not isinstance(qt, QuantTensor):
-            continue
-        g = stats.setdefault(qt.group, {"params": 0, "counts": torch.zeros(256, dtype=torch.float64)})
-        g["params"] += qt.q.numel()
-        g["counts"] += torch.bincount((qt.q.flatten().to(torch.int64) + 128), minlength=256).double()
+        if isinstance(qt, QuantTensor):
+            c = torch.bincount(qt.q.flatten().to(torch.int64) + 128, minlength=256).double()
+            counts[qt.group] = counts.get(qt.group, 0) + c
     result = {}
-    for group, g in sorted(stats.items()):
-        p = g["counts"][g["counts"] > 0] / g["params"]
-        bits_per = float(-(p * torch.log2(p)).sum())
-        result[group] = {"params": int(g["params"]), "entropy_bits_per_param": bits_per,
-                         "entropy_bytes": bits_per * g["params"] / 8}
+    for group, c in sorted(counts.items()):
+        n = int(c.sum())
+        p = c[c > 0] / n
+        bits = float(-(p * torch.log2(p)).sum())
+        result[group] = {"params": n, "entropy_bits_per_param": bits, "entropy_bytes": bits * n / 8}
     return result
 
 
-def byte_shuffle(data: bytes, stride: int) -> bytes:
-    """Group byte k of every `stride`-byte value together: similar bytes compress better (PR #1089).
-    A tail shorter than one value (len % stride bytes) is appended unchanged, so any length works."""
+def byte_shuffle(data: bytes, stride: int, undo: bool = False) -> bytes:
+    """Byte k of every `stride`-byte value together, a shorter tail as is (PR #1089); undo: the inverse."""
     if stride <= 1 or len(data) < stride:
         return data
     whole = len(data) - len(data) % stride
     arr = np.frombuffer(data, dtype=np.uint8, count=whole)
-    return arr.reshape(-1, stride).T.tobytes() + data[whole:]
+    return arr.reshape((stride, -1) if undo else (-1, stride)).T.tobytes() + data[whole:]
 
 
-def byte_unshuffle(data: bytes, stride: int) -> bytes:
-    """Inverse of byte_shuffle for every length."""
-    if stride <= 1 or len(data) < stride:
-        return data
-    whole = len(data) - len(data) % stride
-    arr = np.frombuffer(data, dtype=np.uint8, count=whole)
-    return arr.reshape(stride, -1).T.tobytes() + data[whole:]
-
-
-_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
-                                                          torch.int8, torch.uint8, torch.int32, torch.int64,
-                                                          torch.bool)}
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int8,
+                                                          torch.uint8, torch.int32, torch.int64, torch.bool)}
 FP16_MAX = 65504.0  # largest finite float16
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
-
-
-def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
-    if dtype == torch.bfloat16:
-        return torch.frombuffer(bytearray(data), dtype=torch.int16).view(torch.bfloat16).reshape(shape).clone()
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).clone()
-
-
-def _compress(body: bytes, compressor: str) -> bytes:
+def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
+    """brotli, zlib or xz of data; undo: the inverse."""
     if compressor == "brotli":
         import brotli
-        return brotli.compress(body, quality=BROTLI_QUALITY)
+        return brotli.decompress(data) if undo else brotli.compress(data, quality=BROTLI_QUALITY)
     if compressor == "zlib":
-        return zlib.compress(body, ZLIB_LEVEL)
+        return zlib.decompress(data) if undo else zlib.compress(data, ZLIB_LEVEL)
     import lzma
-    return lzma.compress(body, format=lzma.FORMAT_XZ, preset=LZMA_PRESET)
-
-
-def _decompress(data: bytes, compressor: str) -> bytes:
-    if compressor == "brotli":
-        import brotli
-        return brotli.decompress(data)
-    if compressor == "zlib":
-        return zlib.decompress(data)
-    import lzma
-    return lzma.decompress(data, format=lzma.FORMAT_XZ)
+    fmt = lzma.FORMAT_XZ
+    return lzma.decompress(data, format=fmt) if undo else lzma.compress(data, format=fmt, preset=LZMA_PRESET)
 
 
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
     """fn over items on a thread per core: brotli, lzma and waits on lrzip release the GIL while they work."""
-    if len(items) <= 1:
-        return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1) or 1) as pool:
         return list(pool.map(fn, items))
 
 
 def code_role(name: str) -> str:
-    """A code matrix's role, its name without the block index: PR #1855 codes every layer's c_q (mlp.fc, ...)
-    as one stream, since one coder's statistics fit them all."""
+    """The name without its block index: PR #1855 codes every layer's c_q (mlp.fc, ...) as one stream."""
     return re.sub(r"^blocks\.\d+\.", "", name)
 
 
 def similarity_order(q: np.ndarray) -> np.ndarray:
-    """The rows in greedy nearest-neighbour order by L1 distance from row 0 (PR #1855's similarity sort; ties to
-    the lowest index), as uint16: neighbouring rows then differ little, which a context-mixing coder reading the
-    matrix column by column turns into fewer bytes."""
+    """PR #1855's similarity sort: rows in greedy nearest-L1-neighbour order from row 0, so neighbours differ little."""
     d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1)
     order = [0]
     d[:, 0] = math.inf
@@ -3057,36 +2969,30 @@ def similarity_order(q: np.ndarray) -> np.ndarray:
 
 
 def lrzip(data: bytes, *args: str) -> bytes:
-    """lrzip (-z -L 9: its ZPAQ back end; -d: decompress) through a pipe: no temporary files of ours. At our
-    own nice value: lrzip's default, 19, starves it on a busy machine (a 32 KB piece took 13 s here)."""
+    """lrzip through a pipe, at our nice value: its default, 19, starves it on a busy machine (13 s for 32 KB)."""
     import subprocess
     return subprocess.run(["lrzip", "-N", str(os.nice(0)), *args], input=data, capture_output=True, check=True).stdout
 
 
 def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
-    """(role, bytes, matrix shapes) of a serialized body for COMPRESSOR=pergroup, in body order: each run of one
-    role's code matrices (PERGROUP_MIN_BYTES or more), and the bytes between them (role ""). Consecutive
-    entries' codes are adjacent in any body serialize_quantized writes; pergroup's order makes a role one run."""
+    """(role, bytes, matrix shapes) in body order: each run of one role's codes (PERGROUP_MIN_BYTES or more) and
+    the bytes between them (role ""); serialize_quantized's pergroup order makes each role one run."""
+    from itertools import groupby
     (hlen,) = struct.unpack_from("<I", body)
-    runs: list[list] = []  # [role, start, bytes, shapes]
-    for e in json.loads(body[4: 4 + hlen])["tensors"]:
-        if e["kind"] == "intq_row":
-            if not runs or runs[-1][0] != code_role(e["name"]):
-                runs.append([code_role(e["name"]), 4 + hlen + e["q"]["offset"], 0, []])
-            runs[-1][2] += e["q"]["nbytes"]
-            runs[-1][3].append(e["shape"])
+    codes = [e for e in json.loads(body[4: 4 + hlen])["tensors"] if e["kind"] == "intq_row"]
     pieces, pos = [], 0
-    for role, a, n, shapes in runs:
+    for role, run in groupby(codes, lambda e: code_role(e["name"])):
+        run = list(run)
+        a, n = 4 + hlen + run[0]["q"]["offset"], sum(e["q"]["nbytes"] for e in run)
         if n >= PERGROUP_MIN_BYTES:
-            pieces += [("", body[pos:a], []), (role, body[a:a + n], shapes)]
+            pieces += [("", body[pos:a], []), (role, body[a:a + n], [e["shape"] for e in run])]
             pos = a + n
     return [p for p in pieces + [("", body[pos:], [])] if p[1]]
 
 
 def encode_role(role: str, raw: bytes, shapes: list) -> bytes:
-    """A role's code matrices as its coder reads them (PR #1855): PERGROUP_HEAD and the shapes, the uint16 row
-    orders of a PERGROUP_SORTED role, then each matrix transposed (column by column), rows in that order."""
-    # At most 16,384 rows: similarity_order holds rows x rows fp32 distances (1 GiB there; uint16 allows 65,536).
+    """A role's codes as PR #1855's coder reads them: PERGROUP_HEAD, shapes, row orders if sorted, each transposed."""
+    # At most 16,384 rows: similarity_order holds rows x rows fp32 distances (1 GiB there).
     sort = role in PERGROUP_SORTED and max(r for r, _ in shapes) <= 1 << 14
     mats = np.split(np.frombuffer(raw, np.int8), np.cumsum([r * c for r, c in shapes])[:-1])
     mats = [m.reshape(shape) for m, shape in zip(mats, shapes)]
@@ -3122,7 +3028,7 @@ def unpack_piece(chunk: bytes, source: str) -> bytes:
     """Inverse of pack_piece; ArtifactError names the group that does not decode."""
     coder, (role, _, data) = chunk[0], chunk[1:].partition(b"\0")
     try:  # an unknown coder index is an IndexError
-        return decode_role(lrzip(data, "-d")) if coder == 1 else _decompress(data, PERGROUP_CODERS[coder])
+        return decode_role(lrzip(data, "-d")) if coder == 1 else _compress(data, PERGROUP_CODERS[coder], True)
     except Exception as exc:  # lrzip's exit status, a short or long piece, a bad row order: all mean corrupt
         group = role.decode(errors="replace") or "header, scales"
         raise ArtifactError(f"{source}: corrupted artifact: group {group!r} "
@@ -3131,9 +3037,7 @@ def unpack_piece(chunk: bytes, source: str) -> bytes:
 
 
 def compress_body(body: bytes, compressor: str) -> bytes:
-    """The artifact around a serialized body: prefix | compressor id | chunk count | chunk lengths | chunks,
-    each COMPRESS_CHUNK_BYTES of the body (pergroup: each of pergroup_pieces) compressed on its own (in
-    parallel), the same bytes every time."""
+    """prefix | compressor id | chunk count | chunk lengths | chunks (pergroup_pieces, or COMPRESS_CHUNK_BYTES each)."""
     if compressor == "pergroup":
         chunks = _map_parallel(pack_piece, pergroup_pieces(body))
     else:
@@ -3160,8 +3064,8 @@ def decompress_chunks(compressed: bytes, source: str) -> bytes:
         kind = compressors[compressed[0]]
         if kind == "pergroup" and b"\1" in {c[:1] for c in chunks} and not shutil.which("lrzip"):
             raise ArtifactError(f"{source}: COMPRESSOR=pergroup needs lrzip, not installed: apt-get install -y lrzip")
-        return b"".join(_map_parallel(lambda c: unpack_piece(c, source) if kind == "pergroup" else _decompress(c, kind),
-                                      chunks))
+        unpack = (lambda c: unpack_piece(c, source)) if kind == "pergroup" else (lambda c: _compress(c, kind, True))
+        return b"".join(_map_parallel(unpack, chunks))
     except ArtifactError:
         raise
     except Exception as exc:  # brotli.error / lzma.LZMAError / struct.error / ValueError: all mean corrupt
@@ -3176,46 +3080,31 @@ def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str =
 
 def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                         meta: dict[str, Any] | None = None) -> bytes:
-    """Serialize quantized tensors: header length | JSON header | payload (compress_body compresses it).
+    """header length | JSON header | payload of raw little-endian arrays (no pickle: loading runs no code): codes
+    first (like bytes together), then LQER factors, then scales and small tensors, byte-shuffled by element size."""
+    segments = []
 
-    No pickle: the header is JSON and the payload raw little-endian arrays, so loading runs no code.
-    Codes of every group come first (like bytes together), then LQER factors, then fp16 scales and
-    small tensors, byte-shuffled by element size. Deterministic: the same input gives the same bytes.
-    """
-    entries, segments, offset = [], [], 0
-
-    def add(t: Tensor, stride: int | None = None) -> dict[str, int]:
-        nonlocal offset
-        data = _tensor_bytes(t)
-        segments.append(byte_shuffle(data, t.element_size() if stride is None else stride))
-        seg = {"offset": offset, "nbytes": len(data), "stride": t.element_size() if stride is None else stride}
-        offset += len(data)
+    def add(t: Tensor) -> dict[str, int]:
+        t = t.detach().cpu().contiguous()
+        data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()  # numpy has no bf16
+        seg = {"offset": sum(map(len, segments)), "nbytes": len(data), "stride": t.element_size()}
+        segments.append(byte_shuffle(data, t.element_size()))
         return seg
-
-    names = sorted(quantized)
-    qnames = [n for n in names if isinstance(quantized[n], QuantTensor)]
+    qts = {n: t for n, t in quantized.items() if isinstance(t, QuantTensor)}
     # pergroup: by role, so that each role's codes are one contiguous run (pergroup_pieces)
-    by_group = sorted(qnames, key=lambda n: (code_role(n) if compressor == "pergroup" else quantized[n].group, n))
-    qentries = {}
-    for name in by_group:
-        qt = quantized[name]
-        qentries[name] = {"name": name, "kind": "intq_row", "group": qt.group, "bits": qt.bits, "method": qt.method,
-                          "dtype": str(qt.dtype).removeprefix("torch."), "shape": list(qt.q.shape), "q": add(qt.q)}
-    for name in by_group:
-        qt = quantized[name]
+    qts = dict(sorted(qts.items(), key=lambda e: (code_role(e[0]) if compressor == "pergroup" else e[1].group, e[0])))
+    entries = [{"name": n, "kind": "intq_row", "group": qt.group, "bits": qt.bits, "method": qt.method,
+                "dtype": str(qt.dtype).removeprefix("torch."), "shape": list(qt.q.shape), "q": add(qt.q)}
+               for n, qt in qts.items()]
+    for e, qt in zip(entries, qts.values()):
         if qt.lqer is not None:
-            qa, sa, qb, sb = qt.lqer
-            qentries[name]["lqer"] = {"rank": qa.shape[1], "group": qt.lqer_group, "a": add(qa), "b": add(qb)}
-    for name in by_group:
-        qt = quantized[name]
-        qentries[name]["scale"] = add(qt.scale)
+            qa, _, qb, _ = qt.lqer
+            e["lqer"] = {"rank": qa.shape[1], "group": qt.lqer_group, "a": add(qa), "b": add(qb)}
+    for e, qt in zip(entries, qts.values()):
+        e["scale"] = add(qt.scale)
         if qt.lqer is not None:
-            qentries[name]["lqer"]["a_scale"] = add(qt.lqer[1])
-            qentries[name]["lqer"]["b_scale"] = add(qt.lqer[3])
-        entries.append(qentries[name])
-    for name in names:
-        if name in qentries:
-            continue
+            e["lqer"].update(a_scale=add(qt.lqer[1]), b_scale=add(qt.lqer[3]))
+    for name in sorted(quantized.keys() - qts.keys()):
         t = quantized[name]
         if t.dtype not in _TORCH_DTYPES.values():
             raise ArtifactError(f"{name}: dtype {t.dtype} cannot be stored in an artifact")
@@ -3225,19 +3114,12 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
         entries.append({"name": name, "kind": kind, "dtype": str(t.dtype).removeprefix("torch."),
                         "shape": list(t.shape), "data": add(stored)})
     header = json.dumps({"format": "pgolf-artifact", "version": ARTIFACT_VERSION, "compressor": compressor,
-                         "tensors": entries, "meta": meta or {}},
-                        sort_keys=True, separators=(",", ":")).encode()
+                         "tensors": entries, "meta": meta or {}}, sort_keys=True, separators=(",", ":")).encode()
     return struct.pack("<I", len(header)) + header + b"".join(segments)
 
 
-def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Inverse of pack_quantized: (dequantized state in the original dtypes, metadata). ArtifactError
-    names `source` for every way an artifact can be unreadable."""
-    return unpack_body(artifact_body(blob, source), source)
-
-
 def artifact_body(blob: bytes, source: str = "artifact") -> bytes:
-    """An artifact's serialized body: its prefix checked (magic, version, length, CRC32), then decompressed."""
+    """The serialized body: prefix checked (magic, version, length, CRC32), then decompressed."""
     if len(blob) < ARTIFACT_PREFIX.size:
         raise ArtifactError(f"{source}: truncated artifact: {len(blob)} bytes, shorter than its {ARTIFACT_PREFIX.size}-byte prefix")
     magic, version, crc, length = ARTIFACT_PREFIX.unpack_from(blob)
@@ -3254,7 +3136,7 @@ def artifact_body(blob: bytes, source: str = "artifact") -> bytes:
 
 
 def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """unpack_artifact_full of the body artifact_body returned."""
+    """Inverse of serialize_quantized: (dequantized state in the original dtypes, metadata)."""
     try:
         (hlen,) = struct.unpack_from("<I", body)
         header = json.loads(body[4: 4 + hlen])
@@ -3268,16 +3150,15 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
     def segment(seg: dict[str, int], dtype: torch.dtype, shape: list[int]) -> Tensor:
         if seg["offset"] + seg["nbytes"] > len(payload):
             raise ArtifactError(f"{source}: corrupted artifact: segment past the end of the payload")
-        raw = byte_unshuffle(bytes(payload[seg["offset"]: seg["offset"] + seg["nbytes"]]), seg["stride"])
-        return _bytes_tensor(raw, dtype, shape)
-
+        raw = byte_shuffle(bytes(payload[seg["offset"]: seg["offset"] + seg["nbytes"]]), seg["stride"], undo=True)
+        t = torch.frombuffer(bytearray(raw), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+        return t.view(dtype).reshape(shape).clone()
     state = {}
     for e in header["tensors"]:
         try:
             dtype = _TORCH_DTYPES[e["dtype"]]
             if e["kind"] == "intq_row":
-                rows, cols = e["shape"]
-                lq = None
+                (rows, cols), lq, g = e["shape"], None, 0
                 if "lqer" in e:
                     r, g = e["lqer"]["rank"], e["lqer"].get("group", 0)
                     lq = (segment(e["lqer"]["a"], torch.int8, [rows, r]),
@@ -3285,8 +3166,7 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
                           segment(e["lqer"]["b"], torch.int8, [r, cols]),
                           segment(e["lqer"]["b_scale"], torch.float16, [r * cols // g, 1] if g else [r, 1]))
                 qt = QuantTensor(e["group"], e["bits"], segment(e["q"], torch.int8, e["shape"]),
-                                 segment(e["scale"], torch.float16, [rows]), dtype, e["method"], lq,
-                                 e.get("lqer", {}).get("group", 0))
+                                 segment(e["scale"], torch.float16, [rows]), dtype, e["method"], lq, g)
                 state[e["name"]] = qt.dequantize()
             elif e["kind"] == "fp16":
                 state[e["name"]] = segment(e["data"], torch.float16, e["shape"]).to(dtype)
@@ -3306,7 +3186,7 @@ def read_artifact(path: Path, with_meta: bool = False):
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact file not found")
-    state, meta = unpack_artifact_full(path.read_bytes(), source=str(path))
+    state, meta = unpack_body(artifact_body(path.read_bytes(), str(path)), str(path))
     return (state, meta) if with_meta else state
 
 
@@ -3332,30 +3212,22 @@ def fit_stuck(spec: QuantSpec, attempts: list[dict[str, Any]]) -> str:
 
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
-    """Quantize and pack; while the artifact is over `budget_bytes`, widen the matrix groups' SDClip k.
-
-    The entropy of SDClip codes falls by ~log2(f) bits per parameter when k grows by f (PR #1394's
-    argument), so an overshoot gives the factor directly: f = 2^(excess bits / matrix params), times
-    FIT_OVERSHOOT. At low bit widths most codes are already 0 or +-1 and the bytes fall more slowly than
-    that, so later attempts use the slope measured between the last two attempts (secant in log2 k).
-    Each attempt is a real GPTQ; compression, the slow part, runs only when the attempt's size predicted
-    from its code entropy (the last compressed size plus the change in entropy bytes, times the coder's
-    bytes per entropy byte: 1 for brotli, PERGROUP_RATIO for pergroup) is within the budget. The k values
-    only ever widen."""
+    """Quantize and pack; while over `budget_bytes`, widen the matrix groups' SDClip k (not the embedding's) by f:
+    code entropy falls ~log2(f) bits per parameter (PR #1394), or by the slope of the last two attempts where that
+    is slower. An attempt is compressed only when its size predicted from the code entropy (x PERGROUP_RATIO) fits."""
     t0 = time.perf_counter()
     attempts: list[dict[str, Any]] = []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
     for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
-        s = spec.widened(factor)
+        s = dataclasses.replace(spec, clip=tuple((g, k if g == "embed" else k * factor) for g, k in spec.clip))
         quantized = quantize_state(state, s, hessians, log)
         entropy = quant_entropy_bytes(quantized)
         ent = sum(g["entropy_bytes"] for g in entropy.values())
         predicted = None if last is None else last[1] + (ent - last[0]) * ratio
         blob = pack_quantized(quantized, s.compressor, meta) if predicted is None or predicted <= budget_bytes else None
         size = round(predicted) if blob is None else len(blob)
-        if blob is not None:
-            last = (ent, size)
+        last = last if blob is None else (ent, size)
         attempts.append({"attempt": attempt, "factor": factor, "bytes": size, "compressed": blob is not None})
         log(format_kv(fit_attempt=attempt, k_factor=f"{factor:.4f}", bytes_model=size, budget=budget_bytes,
                       size="packed" if blob is not None else "predicted", **{f"k_{g}": f"{k:.3f}" for g, k in s.clip}))
@@ -3379,54 +3251,31 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
     return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, False)
 
 
-def attach_hessians(model: "GPT") -> dict[str, Tensor]:
-    """Arm the model's calibration taps with zero fp32 Hessians, returned by the name of the weight each
-    belongs to: every quantized TappedLinear's input (c_k and c_v share c_q's tensor: one input, one GEMM)
-    and the head's input, the final-norm output (the tied embedding is the LM head, PR #1394)."""
-    device = model.tok_emb.weight.device
+@torch.no_grad()
+def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str,
+                     forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """By weight name, fp32 H = sum x^T x of every quantized matrix's input over `batches` (calibration taps; c_k
+    and c_v share c_q's; the head's input for a tied embedding, PR #1394). `forward`: the compiled model.hidden."""
+    at = model.tok_emb.weight.device
     hessians: dict[str, Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, TappedLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
-            m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=device)
+            m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=at)
     for name, m in model.named_modules():
         if isinstance(m, CausalSelfAttention):
             hessians[f"{name}.c_k.weight"] = hessians[f"{name}.c_v.weight"] = m.c_q.hessian
     head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
-    model.head_hessian = hessians[head] = torch.zeros(model.cfg.model_dim, model.cfg.model_dim, device=device)
-    return hessians
-
-
-def detach_hessians(model: "GPT") -> None:
-    for m in model.modules():
-        if isinstance(m, TappedLinear):
-            m.hessian = None
-    model.head_hessian = None
-
-
-@torch.no_grad()
-def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str,
-                     forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """H = sum x^T x of every quantized matrix's input over `batches` (the model's calibration taps; a
-    looped layer adds every pass). `forward` runs model.hidden (the compiled one, for its warmed shape)."""
+    model.head_hessian = hessians[head] = torch.zeros(model.cfg.model_dim, model.cfg.model_dim, device=at)
     forward = forward or model.hidden
-    hessians = attach_hessians(model)
     try:
         for ids in batches:
             with compute_autocast(device, compute_dtype):
                 forward(ids.contiguous())
-    finally:
-        detach_hessians(model)
-    return hessians
-
-
-def all_reduce_hessians(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sum every rank's Hessians (same names on every rank; sorted so the collectives line up; a tensor
-    shared by several names is reduced once)."""
-    seen: set[int] = set()
-    for name in sorted(hessians):
-        if id(hessians[name]) not in seen:
-            seen.add(id(hessians[name]))
-            all_reduce_(hessians[name])
+    finally:  # disarm the taps
+        for m in model.modules():
+            if isinstance(m, TappedLinear):
+                m.hessian = None
+        model.head_hessian = None
     return hessians
 
 
@@ -3435,15 +3284,17 @@ def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: Train
     """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
     # Rows of TRAIN_SEQ_LEN (a packed batch is one long row), attending across documents as PR #1855's.
     ids = (loader.next_batch()[0].reshape(-1, h.train_seq_len) for _ in range(batches * h.accum_steps))
-    return all_reduce_hessians(collect_hessians(model, ids, d.device, h.compute_dtype, forward))
+    hessians = collect_hessians(model, ids, d.device, h.compute_dtype, forward)
+    for t in {id(t): t for _, t in sorted(hessians.items())}.values():  # in name order, a shared tensor once
+        all_reduce_(t)
+    return hessians
 
 
 def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                          make_loader: Callable[[], TrainLoader]) -> float:
     """GPTQ_RESERVE_SECONDS=auto: time one calibration batch (worst of two, with looping as it will be at
     the end) and reserve batches x that x GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S; ranks take the max."""
-    loader = make_loader()
-    looping = model.looping
+    loader, looping = make_loader(), model.looping
     model.set_looping(h.num_loops > 0)
     try:
         times = []
@@ -3472,8 +3323,7 @@ class Calibration:
 
 def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                    make_loader: Callable[[], TrainLoader]) -> Calibration:
-    """GPTQ Hessians of the trained model on GPTQ_CALIBRATION_BATCHES training batches (data access, so the
-    caller counts the seconds inside the training wallclock, PR #1868)."""
+    """GPTQ Hessians on GPTQ_CALIBRATION_BATCHES training batches: data access, inside the wallclock (PR #1868)."""
     if h.quant_method != "gptq":
         return Calibration(None, "off", 0.0, 0)
     synchronize(d.device)
@@ -3502,24 +3352,20 @@ def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logg
 
 
 def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, reserve: float) -> float:
-    """The calibration line and, when training data was read after the cap, a loud warning. Returns when
-    training data was last read (training time + calibration on training data), in seconds."""
-    h, log = rc.h, rc.log
-    access_end = train_time_s + calib.seconds
+    """Log calibration, loud when training data was read after the cap; returns when it was last read (s)."""
+    cap, access_end = rc.h.max_wallclock_seconds, train_time_s + calib.seconds
     if calib.source == "off":
         return access_end
     rc.clock.record("calibration", calib.seconds, calib.tokens)
-    log(format_kv(gptq_calibration=calib.source, tokens=calib.tokens, time=f"{calib.seconds * 1000:.0f}ms",
-                  train_data_access_end=f"{access_end * 1000:.0f}ms",
-                  cap=f"{h.max_wallclock_seconds * 1000:.0f}ms" if h.max_wallclock_seconds > 0 else "none"))
-    if h.max_wallclock_seconds > 0 and access_end > h.max_wallclock_seconds:
-        warn(log, f"training data was read until {access_end:.2f}s, after the {h.max_wallclock_seconds:g}s "
-                  f"cap: raise GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)", banner=True)
+    rc.log(format_kv(gptq_calibration=calib.source, tokens=calib.tokens, time=f"{calib.seconds * 1000:.0f}ms",
+                     train_data_access_end=f"{access_end * 1000:.0f}ms",
+                     cap=f"{cap * 1000:.0f}ms" if cap > 0 else "none"))
+    if cap > 0 and access_end > cap:
+        warn(rc.log, f"training data was read until {access_end:.2f}s, after the {cap:g}s cap: raise "
+                     f"GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)", banner=True)
     return access_end
 
 
-# Knobs that name, place or check a run, or set its evaluation: an artifact's config leaves them out (the same
-# run twice writes the same bytes), and EVAL_ONLY (pgolf/recover.py) takes them from the environment.
 def available_compressor(h: Hyperparameters, code_bytes: int, log: Logger) -> Hyperparameters:
     """COMPRESSOR=pergroup where lrzip is installed; else brotli, with a warning of the bytes that costs."""
     if h.compressor != "pergroup" or h.eval_only or shutil.which("lrzip"):
@@ -3530,21 +3376,20 @@ def available_compressor(h: Hyperparameters, code_bytes: int, log: Logger) -> Hy
     return dataclasses.replace(h, compressor="brotli")
 
 
+# Knobs that name, place or check a run, or set its evaluation: an artifact's config leaves them out (the same
+# run twice writes the same bytes), and EVAL_ONLY (pgolf/recover.py) takes them from the environment.
 EVAL_ONLY_ENV_KNOBS = frozenset({
-    "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device",
-    "compute_dtype", "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite",
-    "requantize",
+    "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device", "compute_dtype",
+    "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite", "requantize",
     "eval_seq_len", "eval_stride", "eval_batch_seqs", "bpb_check_docs", "max_val_tokens", "eval_time_budget_seconds",
     "ttt_enabled", "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip", "ttt_lora_rank", "ttt_lora_alpha",
-    "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size", "ttt_chunk_size", "ttt_warm_start_a",
-    "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_epochs",
+    "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size", "ttt_chunk_size", "ttt_warm_start_a", "phased_ttt_prefix_docs",
+    "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_epochs",
 })
 
 
 def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> tuple[Path, dict]:
-    """Quantize to fit the budget and write <RUN_ID>.ptz atomically (rank 0: the artifact exists
-    even if a later phase dies, and the score always comes from what was written). Returns its path and
-    the quantization report for the JSON."""
+    """Quantize to fit the budget, write <RUN_ID>.ptz atomically (rank 0); returns its path and the quant report."""
     h, log, code = rc.h, rc.log, rc.code
     # An incomplete log makes no valid run: no artifact, what was trained is kept for REQUANTIZE.
     stop_on_output_failure(rc, None, lambda: kept_weights(rc, model, hessians, steps))
@@ -3553,29 +3398,27 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
     budget = h.target_bytes - h.size_margin_bytes - len(code)
     log(format_kv(target_bytes=h.target_bytes, target_note="decimal bytes (TARGET_MB=15.9 means 15,900,000; "
                   "15.9 MiB would be over the 16,000,000 cap)", size_margin=h.size_margin_bytes, model_budget=budget))
-    report: dict[str, Any] = {}
-    failure = None
+    report, failure = {}, None
     if rc.d.is_main:
-        # Only what decides the weights and their evaluation: the same run twice writes the same bytes.
         config = {k: v for k, v in h.knob_values().items() if k.lower() not in EVAL_ONLY_ENV_KNOBS}
-        fp = rc.data.fingerprint
         meta = {"code_sha256": hashlib.sha256(code).hexdigest(), "config": config, "steps": steps,
                 "looping": model.looping, "preset": h.preset,  # EVAL_ONLY refuses other data, notes another PRESET
-                "data": {"tokenizer_sha256": fp["tokenizer_sha256"], "val_sha256": fp["val_sha256"]}}
-        spec = QuantSpec.from_hparams(h)
-        fit = fit_artifact(model.state_dict(), spec, hessians, budget, meta, log)
+                "data": {k: rc.data.fingerprint[k] for k in ("tokenizer_sha256", "val_sha256")}}
+        fit = fit_artifact(model.state_dict(), QuantSpec.from_hparams(h), hessians, budget, meta, log)
         try:
             atomic_write_bytes(artifact_path, fit.blob)
         except OSError as exc:
-            failure = f"{artifact_path}: could not write the artifact ({exc.strerror or exc}); {kept_weights(rc, model, hessians, steps)}"
+            failure = (f"{artifact_path}: could not write the artifact ({exc.strerror or exc}); "
+                       f"{kept_weights(rc, model, hessians, steps)}")
         rc.clock.record("quantization", fit.quant_seconds)
         report.update(fits=fit.fits, attempts=fit.attempts, quant_seconds=fit.quant_seconds,
                       clip_sigmas=dict(fit.spec.clip), bits=dict(fit.spec.bits), entropy=fit.entropy)
-        log(format_kv(quant=spec.method, fits=int(fit.fits), attempts=len(fit.attempts),
+        log(format_kv(quant=fit.spec.method, fits=int(fit.fits), attempts=len(fit.attempts),
                       quant_time=f"{fit.quant_seconds * 1000:.0f}ms",
                       **{f"k_{g}": f"{k:.3f}" for g, k in fit.spec.clip}, **{f"bits_{g}": b for g, b in fit.spec.bits}))
         for group, e in fit.entropy.items():
-            log(format_kv(quant_group=group, params=e["params"], entropy_bits_per_param=f"{e['entropy_bits_per_param']:.4f}",
+            log(format_kv(quant_group=group, params=e["params"],
+                          entropy_bits_per_param=f"{e['entropy_bits_per_param']:.4f}",
                           entropy_bytes=round(e["entropy_bytes"])))
         if not fit.fits:
             warn(log, f"the artifact did not fit the budget of {budget:,} model bytes after {len(fit.attempts)} "

@@ -65,7 +65,7 @@ def time_gptq(state: dict[str, torch.Tensor], layers: int) -> tuple[float, float
     one = {}
     for n in names:
         w = state[n].float()
-        scale = tg.sdclip_scales(w, 6, spec.clip_of(tg.quant_group(n)))
+        scale = tg.sdclip_scales(w, 6, dict(spec.clip)[tg.quant_group(n)])
         one[n] = tg.gptq_quantize(w, H[n], scale, 6, spec.damp, spec.block)
     single_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -90,8 +90,9 @@ def quantized_from_body(body: bytes) -> tuple[dict, dict]:
     header, payload = json.loads(body[4: 4 + hlen]), memoryview(body)[4 + hlen:]
 
     def seg(s: dict, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-        raw = tg.byte_unshuffle(bytes(payload[s["offset"]: s["offset"] + s["nbytes"]]), s["stride"])
-        return tg._bytes_tensor(raw, dtype, shape)
+        raw = tg.byte_shuffle(bytes(payload[s["offset"]: s["offset"] + s["nbytes"]]), s["stride"], undo=True)
+        t = torch.frombuffer(bytearray(raw), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+        return t.view(dtype).reshape(shape).clone()
 
     out = {}
     for e in header["tensors"]:

@@ -151,7 +151,7 @@ def compare_methods(h, base, state, hessians, model, evaluate, pre, n_params) ->
         rt = evaluate()
         groups = {}
         for group, e in tg.quant_entropy_bytes(quantized).items():
-            codes = b"".join(tg._tensor_bytes(qt.q) for qt in quantized.values()
+            codes = b"".join(qt.q.contiguous().numpy().tobytes() for qt in quantized.values()
                              if isinstance(qt, tg.QuantTensor) and qt.group == group)
             compressed = len(tg._compress(codes, "brotli"))
             groups[group] = {**e, "brotli_bytes": compressed, "brotli_over_entropy": compressed / e["entropy_bytes"]}

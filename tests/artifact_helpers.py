@@ -16,9 +16,14 @@ def pack_artifact(state: dict[str, torch.Tensor], spec: Any = None, hessians: di
     return tg.pack_quantized(tg.quantize_state(state, spec, hessians), spec.compressor, meta)
 
 
+def unpack_artifact_full(blob: bytes, source: str = "artifact") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of pack_quantized: (dequantized state, metadata); ArtifactError names `source`."""
+    return tg.unpack_body(tg.artifact_body(blob, source), source)
+
+
 def unpack_artifact(blob: bytes, source: str = "artifact") -> dict[str, torch.Tensor]:
     """The state dict of a packed artifact (without its metadata)."""
-    return tg.unpack_artifact_full(blob, source)[0]
+    return unpack_artifact_full(blob, source)[0]
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,7 @@ Run:
     python -m pytest -q tests/test_artifact.py          # fast (< 30 s), no data files needed
 
 Everything here calls train_gpt.py in-process (importing it has no side effects): the quantizer
-(SDClip scales, range and error bound), byte_shuffle/byte_unshuffle, pack_artifact/unpack_artifact round trips of a
+(SDClip scales, range and error bound), byte_shuffle and its undo, pack_artifact/unpack_artifact round trips of a
 real tiny GPT and of a hand-made state dict, determinism of the packed bytes, the pickle-free body
 layout, ArtifactError for every kind of damaged artifact, and atomic_write_bytes under failures.
 """
@@ -102,7 +102,7 @@ def assert_close_to_original(name: str, orig: torch.Tensor, got: torch.Tensor) -
         assert torch.equal(got, orig), f"{name}: non-float tensor not restored exactly"
     elif is_quantized(name, orig):
         group = tg.quant_group(name)
-        assert_sdclip_bound(name, orig, got, SPEC.bits_of(group), SPEC.clip_of(group))
+        assert_sdclip_bound(name, orig, got, dict(SPEC.bits)[group], dict(SPEC.clip)[group])
     else:
         assert torch.equal(got, orig.half().to(orig.dtype)), f"{name}: small tensor != its fp16 rounding"
 
@@ -212,7 +212,7 @@ def test_quantize_zero_and_tiny_rows_are_finite():
 
 
 # ---------------------------------------------------------------------------------------------
-# byte_shuffle / byte_unshuffle
+# byte_shuffle
 # ---------------------------------------------------------------------------------------------
 
 
@@ -235,7 +235,7 @@ def test_byte_shuffle_roundtrip_whole_values(stride):
         shuffled = tg.byte_shuffle(data, stride)
         assert len(shuffled) == len(data)
         assert sorted(shuffled) == sorted(data)
-        assert tg.byte_unshuffle(shuffled, stride) == data
+        assert tg.byte_shuffle(shuffled, stride, undo=True) == data
 
 
 @pytest.mark.parametrize("stride", [2, 4])
@@ -247,7 +247,7 @@ def test_byte_shuffle_roundtrip_every_length_residue(stride):
             data = rng.integers(0, 256, k * stride + r, dtype=np.uint8).tobytes()
             shuffled = tg.byte_shuffle(data, stride)
             assert len(shuffled) == len(data), (len(data), stride)
-            assert tg.byte_unshuffle(shuffled, stride) == data, (len(data), stride)
+            assert tg.byte_shuffle(shuffled, stride, undo=True) == data, (len(data), stride)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from artifact_helpers import unpack_artifact_full
 from test_run import error_lines, run_script, tiny_env
 
 NEEDS_LRZIP = pytest.mark.skipif(shutil.which("lrzip") is None,
@@ -182,8 +183,8 @@ def test_pergroup_round_trip_gives_the_brotli_artifacts_tensors():
     coders = {c[1:].partition(b"\0")[0].decode(): tg.PERGROUP_CODERS[c[0]] for c in chunks_of(blob)}
     assert coders[""] == "brotli" and coders["mlp.fc.weight"] == coders["tok_emb.weight"] == "lrzip"
     assert tg.PERGROUP_SORTED == ("tok_emb.weight",)  # PR #1855 also sorts c_q and mlp.fc: bench/RESULTS.md
-    got, meta = tg.unpack_artifact_full(blob)
-    want, _ = tg.unpack_artifact_full(tg.pack_quantized(q, "brotli"))
+    got, meta = unpack_artifact_full(blob)
+    want, _ = unpack_artifact_full(tg.pack_quantized(q, "brotli"))
     assert meta == {"note": "x"} and got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import logits, tg
-from artifact_helpers import dequantize_rows, pack_artifact, unpack_artifact
+from artifact_helpers import dequantize_rows, pack_artifact, unpack_artifact, unpack_artifact_full
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -178,8 +178,8 @@ def test_fit_artifact_widens_matrix_k_until_it_fits():
     fit = tg.fit_artifact(state, spec, None, budget, {}, lines.append)
     assert fit.fits and len(fit.blob) <= budget
     assert len(fit.attempts) >= 2 and fit.attempts[0]["bytes"] == full
-    assert fit.spec.clip_of("mlp") > spec.clip_of("mlp") and fit.spec.clip_of("attn") > spec.clip_of("attn")
-    assert fit.spec.clip_of("embed") == spec.clip_of("embed"), "the embedding keeps its k"
+    assert dict(fit.spec.clip)["mlp"] > dict(spec.clip)["mlp"] and dict(fit.spec.clip)["attn"] > dict(spec.clip)["attn"]
+    assert dict(fit.spec.clip)["embed"] == dict(spec.clip)["embed"], "the embedding keeps its k"
     assert sum(line.startswith("fit_attempt:") for line in lines) == len(fit.attempts)
     # Already under budget: one attempt, k unchanged.
     easy = tg.fit_artifact(state, spec, None, full, {}, lines.append)
@@ -216,7 +216,7 @@ def test_lzma_compressor_round_trip_and_deterministic_gptq_pack():
     a = pack_artifact(state, spec, H, meta={"note": "x"})
     assert a == pack_artifact(state, spec, H, meta={"note": "x"}), "same input, same bytes"
     assert a[tg.ARTIFACT_PREFIX.size] == tg.ARTIFACT_COMPRESSOR_IDS["lzma"]
-    out, meta = tg.unpack_artifact_full(a)
+    out, meta = unpack_artifact_full(a)
     assert meta == {"note": "x"}
     ref = tg.quantize_state(state, spec, H)
     for name, qt in ref.items():

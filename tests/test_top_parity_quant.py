@@ -234,7 +234,7 @@ def _our_routing(state, spec):
     out = {}
     for name, qt in tg.quantize_state(state, spec).items():
         if isinstance(qt, tg.QuantTensor):
-            out[name] = ("gate" if qt.group == "gate" else "gptq", qt.bits, spec.clip_of(qt.group))
+            out[name] = ("gate" if qt.group == "gate" else "gptq", qt.bits, dict(spec.clip)[qt.group])
         else:
             out[name] = ("fp16", 16, None)
     return out
@@ -283,8 +283,8 @@ def test_gate_rows_equal_the_tops_int8(top):
     spec = our_spec()
     w = gates(3)
     q_top, s_top = top._quantize_gate_int8_row(w)
-    s = tg.sdclip_scales(w, spec.bits_of("gate"), spec.clip_of("gate"))
-    q = tg.quantize_rtn(w, s, spec.bits_of("gate"))
+    s = tg.sdclip_scales(w, dict(spec.bits)["gate"], dict(spec.clip)["gate"])
+    q = tg.quantize_rtn(w, s, dict(spec.bits)["gate"])
     assert torch.equal(q, q_top) and torch.equal(s, s_top)
     assert (q.abs().amax(dim=1) == 127).all()
     mutant = q.clamp(-126, 126)  # a gate clipped at 126
