@@ -67,7 +67,8 @@ def main() -> int:
     model = tg.GPT(tg.ModelConfig.from_hparams(h)).to(d.device)
     opt = tg.Optimizers(model, h)
 
-    ctx = tg.EvalContext.build(h, d, model, data)
+    graphs = tg.Graphs.build(h, model)
+    ctx = tg.EvalContext.build(h, d, graphs, data)
 
     def evaluate() -> tg.EvalResult:
         return tg.eval_windows(ctx, ctx.seq_len)
@@ -77,7 +78,6 @@ def main() -> int:
                               h.vocab_size, d)
 
     t0 = time.perf_counter()
-    graphs = tg.Graphs.build(h, model)
     result = tg.train(h, d, graphs, opt, make_loader, evaluate, 0.0, log)
     train_s = time.perf_counter() - t0
     calib = tg.calibrate_gptq(h, d, model, graphs.calibrate, make_loader)
@@ -147,7 +147,7 @@ def compare_methods(h, base, state, hessians, model, evaluate, pre, n_params) ->
         t1 = time.perf_counter()
         quantized = tg.quantize_state(state, fit.spec, hessians)
         quant_s = time.perf_counter() - t1
-        model.load_state_dict(tg.unpack_artifact(fit.blob), strict=True)
+        model.load_state_dict(tg.unpack_body(tg.artifact_body(fit.blob, name), name)[0], strict=True)
         rt = evaluate()
         groups = {}
         for group, e in tg.quant_entropy_bytes(quantized).items():

@@ -594,3 +594,30 @@ def test_every_test_module_has_tests_in_the_fast_tier():
         if not any(not slow(t) for t in tests):
             without.append(path.name)
     assert not without, without
+
+
+def missing_tg_names(paths: Iterable) -> list[str]:
+    """`tg.<name>` references (the repository's name for the imported train_gpt) to names train_gpt lacks."""
+    out = []
+    for path in paths:
+        for name in sorted(set(re.findall(r"\btg\.([A-Za-z_]\w*)", path.read_text(encoding="utf-8")))):
+            if not hasattr(tg, name):
+                out.append(f"{path.relative_to(ROOT)}: tg.{name}")
+    return out
+
+
+def test_every_tg_name_the_repository_uses_exists():
+    """bench/ scripts run by hand, so a renamed or moved function breaks them silently (bench/quant.py called
+    tg.unpack_artifact, a test helper, until this check)."""
+    folders = ("bench", "pgolf", "records", "data", "tests")
+    paths = [p for folder in folders for p in sorted((ROOT / folder).glob("*.py"))
+             if p.name != "test_static.py"]  # this file names missing ones on purpose
+    assert len(paths) > 40
+    assert missing_tg_names(paths) == []
+
+
+def test_the_tg_name_check_can_fail(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    script = tmp_path / "b.py"
+    script.write_text("tg.Hyperparameters\ntg.no_such_function_here(1)\n", encoding="utf-8")
+    assert missing_tg_names([script]) == ["b.py: tg.no_such_function_here"]

@@ -16,7 +16,7 @@ A. The schedule. The top computes it inside `train_model` (closures, not importa
 
 B. The training loader. The top's `DocumentPackingLoader` and ours (`TrainLoader`, packed=True as
    DOC_PACKED_LOADER=1 in PRESET=record), per rank, at WORLD_SIZE 1, 2 and 8, on three small synthetic shards
-   in the challenge format (tg.write_shard), the record's per-rank shape scaled down: TRAIN_SEQ_LEN 64,
+   in the challenge format (pgolf.shards.write_shard), the record's per-rank shape scaled down: TRAIN_SEQ_LEN 64,
    4 sequences per rank and micro-batch, GRAD_ACCUM_STEPS 8 // WORLD_SIZE (both scripts), 20 steps.
    They differ: the equality checks (tokens; cu_seqlens where the tokens agree) are xfail(strict=True) with
    the reason. Passing tests pin down how: each loader equals a rule stated here (which tokens each rank and
