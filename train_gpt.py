@@ -1519,8 +1519,7 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     @torch.library.custom_op("pgolf::fa4_fwd", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # flash-attn-4 >= 4.0.0b19 returns (out, lse, p, row_max); earlier betas (out, lse).
-        res = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)
-        return res[0], res[1]
+        return tuple(fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2])
 
     @fwd.register_fake
     def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -1541,7 +1540,6 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, out, lse = ctx.saved_tensors
         return bwd(dout.contiguous(), q, k, v, out, lse)
-
     fwd.register_autograd(backward, setup_context=setup_context)
     _CUSTOM_OPS["fa4"] = lambda q, k, v: fwd(q, k, v)[0]
     return _CUSTOM_OPS["fa4"]
@@ -1621,7 +1619,6 @@ def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
     @cu.register_fake
     def _(ids: Tensor, bos_id: int) -> Tensor:
         return ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
-
     _CUSTOM_OPS["doc_cu"] = cu
     return cu
 
@@ -1696,9 +1693,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 def rope_base_for(seq_len: int, base: float, rope_dims: int, train_seq_len: int) -> float:
     """NTK-aware base scaling past the training length (PR #265): base * (seq_len / train_seq_len) ** (d / (d - 2))."""
-    if seq_len <= train_seq_len:
-        return base
-    return base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    return base if seq_len <= train_seq_len else base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
 
 
 class Rotary(nn.Module):
@@ -1734,7 +1729,6 @@ class LoRASlot(NamedTuple):  # one virtual layer's TTT adapters
 
 
 def lora_delta(x: Tensor, adapter: Adapter) -> Tensor:
-    """x (D, T, in) through each row's own low-rank adapter: scale * (x A^T) B^T."""
     a, b, scale = adapter
     return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
 
@@ -1872,17 +1866,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0  # layerwise LN scale (PR #315)
-        self.attn = CausalSelfAttention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
-        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        # Mixes the running stream with the embedding stream x0 (the naive baseline's).
+        self.attn, self.mlp = CausalSelfAttention(cfg, layer_idx), MLP(cfg)
+        self.attn_scale, self.mlp_scale = (nn.Parameter(torch.ones(cfg.model_dim)) for _ in range(2))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         # Lanes: lane <- r * lane + p[sub-layer, lane] * sub-layer output; r starts at 1.1 as PR #1855's.
         self.lane_r = self.lane_p = None
         if cfg.parallel_mode == "lanes" and layer_idx >= cfg.parallel_start_layer:
-            self.lane_r = nn.Parameter(torch.full((2,), 1.1))
-            self.lane_p = nn.Parameter(torch.ones(2, 2))
+            self.lane_r, self.lane_p = nn.Parameter(torch.full((2,), 1.1)), nn.Parameter(torch.ones(2, 2))
 
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -1908,8 +1898,7 @@ class SmearGate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.window, self.bos_id = cfg.gate_window, cfg.bos_id
-        self.smear_w = nn.Parameter(torch.zeros(cfg.gate_window))
-        self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(cfg.gate_window)), nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}; zeros at t = 0
@@ -2056,8 +2045,7 @@ def softcap(z: Tensor, cap: float) -> Tensor:
 
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """Per-token fp32 nats, = F.cross_entropy of fp32 softcap(z), written for inductor to fuse (PR #1787 fused it by
-    hand): the backward recomputes softmax from z, and the target logit is a masked sum with a pointwise gradient."""
+    """Per-token F.cross_entropy of fp32 softcap(z), written for inductor to fuse (PR #1787 fused it by hand)."""
     s = softcap(z.float(), cap)
     hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
@@ -2129,7 +2117,6 @@ def softcap_ce_kernels() -> tuple[Any, Any]:
                 u, slope = x, x * 0.0 + 1.0
             d = g * (tl.exp(u - lse) - tl.where(cols == target, 1.0, 0.0)) * slope
             tl.store(dz + offs, d.to(dz.dtype.element_ty), mask=cols < V)
-
     return forward, backward
 
 
@@ -2181,7 +2168,6 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     def backward(ctx, grad: Tensor, _grad_lse: Tensor) -> tuple[Tensor, None, None]:
         z, targets, lse = ctx.saved_tensors
         return bwd(grad, z, targets, lse, ctx.cap), None, None
-
     fwd.register_autograd(backward, setup_context=setup_context)
     _CUSTOM_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
     return _CUSTOM_OPS["ce"]
@@ -2201,8 +2187,7 @@ MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
 
 @functools.cache
 def leaky_relu2_linear_kernel() -> Any:
-    """leaky_relu2_linear_reference as one Triton kernel (PR #1530's, trained by PR #1855): a tile of a b^T per
-    program, the activation or its derivative applied in registers (no hidden-width tensor round-trips)."""
+    """leaky_relu2_linear_reference as one Triton kernel (PR #1530, PR #1855): the activation applied in registers."""
     import triton
     import triton.language as tl
 
@@ -2234,7 +2219,6 @@ def leaky_relu2_linear_kernel() -> Any:
             z = tl.load(pre + offs, mask=mask, other=0.0).to(tl.float32)
             d = acc * tl.where(z > 0, 2.0 * z, 2.0 * SLOPE * SLOPE * z)
             tl.store(out + offs, d.to(out.dtype.element_ty), mask=mask)
-
     return kernel
 
 
@@ -2284,7 +2268,6 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
         d = bwd(grad, w2, pre, ctx.slope)
         nx, n1, n2 = ctx.needs_input_grad[:3]
         return d @ w1 if nx else None, d.T @ x if n1 else None, grad.T @ post if n2 else None, None
-
     fwd.register_autograd(backward, setup_context=setup_context)
     _CUSTOM_OPS["mlp"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
                                                        float(slope))[0].view(*x.shape[:-1], -1)
@@ -2294,8 +2277,7 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 
 def flatten_parameters(model: nn.Module) -> Tensor | None:
-    """Re-home every parameter as a view of one flat buffer, so the EMA is one lerp (PR #1584); None (nothing done)
-    unless they share one dtype and device. Call after .to(device), before optimizers."""
+    """Re-home parameters as views of one flat buffer (PR #1584's one-lerp EMA) after .to(device); None if mixed."""
     params = list(model.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) != 1:
         return None
@@ -2345,13 +2327,9 @@ MATRIX_SUFFIXES = ORTHO_INIT_SUFFIXES + (".attn.proj.weight", ".mlp.proj.weight"
 
 
 def classify_param(name: str) -> str:
-    if name == "tok_emb.weight":
-        return "embed"
-    if name == "lm_head.weight":
-        return "head"
     if name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):
         return "matrix"
-    return "scalar"  # resid_mix, attn/mlp scales, q_gain, skip_weights, ...
+    return {"tok_emb.weight": "embed", "lm_head.weight": "head"}.get(name, "scalar")  # scalar: q_gain, scales, ...
 
 
 def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "classic") -> Tensor:
@@ -2407,13 +2385,11 @@ def muon_apply(params: list[Tensor], X: Tensor, lr: Tensor, wd: Tensor) -> None:
 
 def muon_fused_step(params: list[Tensor], G: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, wd: Tensor,
                     ns: NewtonSchulz, scale: float) -> None:
-    """One process: a stacked group's whole update in one compiled graph."""
     muon_apply(params, muon_direction(G, buf, mu, ns, scale), lr, wd)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon batched as PR #1584: same-shape matrices form a bucket, split over ranks into zero-padded shares; one
-    reduce-scatter gives each rank its shares' gradients (and momentum), one all-gather every rank the update."""
+    """Muon batched as PR #1584: same-shape buckets, split over ranks by one reduce-scatter and one all-gather."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns: NewtonSchulz,
                  compile: bool = False, world: tuple[int, int] = (0, 1)):
@@ -2441,14 +2417,11 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def shard_grads(self) -> list[Tensor]:
         """Per bucket, this rank's (share, m, n) slice of the rank-averaged stacked gradients (one reduce-scatter)."""
-        stacks = []
-        for b, (_, ps) in enumerate(self.buckets):
-            pad = [torch.zeros_like(ps[0].grad)] * (self.share[b] * self.world_size - len(ps))
-            stacks.append(torch.stack([p.grad for p in ps] + pad))
+        stacks = [torch.stack([p.grad for p in ps] + [torch.zeros_like(ps[0].grad)] * (n * self.world_size - len(ps)))
+                  for (_, ps), n in zip(self.buckets, self.share)]
         if self.world_size == 1:
             return stacks
-        # Rank-major layout: row r of (W, total) is rank r's shares of every bucket, back to back.
-        flat = torch.cat([G.reshape(self.world_size, -1) for G in stacks], dim=1)
+        flat = torch.cat([G.reshape(self.world_size, -1) for G in stacks], dim=1)  # row r: rank r's shares
         out = flat.new_empty(flat.size(1))
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
         scatter(out, flat.reshape(-1))
@@ -2493,14 +2466,12 @@ def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """LR multiplier at training progress `frac` in [0, 1]: 1, then linear warmdown to a MIN_LR floor."""
     if warmdown_frac <= 0.0 or frac < 1.0 - warmdown_frac:
         return 1.0
-    # min(.., 1): (1 - frac) / W can round to 1 + 1 ulp exactly at the warmdown start.
-    return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)
+    return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)  # min(): the ratio may be 1 + 1 ulp at warmdown start
 
 
 def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float,
                    warmdown_iters: int, min_lr: float) -> float:
-    """WARMDOWN_ITERS (the naive baseline; PR #1290): linear decay over the last `warmdown_iters` steps, or over
-    their time at the mean step so far under a wallclock cap, if sooner."""
+    """WARMDOWN_ITERS (PR #1290): linear decay over the last `warmdown_iters` steps, or their mean time if capped."""
     remaining = (iterations - step) / warmdown_iters
     if max_wallclock_seconds > 0 and step > 0:
         remaining = min(remaining, (max_wallclock_seconds - elapsed_s) / (warmdown_iters * (elapsed_s / step)))
@@ -2541,10 +2512,9 @@ class Optimizers:
 
     def set_schedule(self, scale: float, step: int) -> None:
         h = self.h
+        mu = muon_momentum_at(step, h.muon_momentum_warmup_start, h.muon_momentum, h.muon_momentum_warmup_steps)
         for group in self.muon.param_groups:
-            group["lr"] = self.base_lr["matrix"] * scale
-            group["momentum"] = muon_momentum_at(step, h.muon_momentum_warmup_start, h.muon_momentum,
-                                                 h.muon_momentum_warmup_steps)
+            group["lr"], group["momentum"] = self.base_lr["matrix"] * scale, mu
         for group in self.adam.param_groups:
             group["lr"] = self.base_lr[group["name"]] * scale
 
@@ -2602,16 +2572,15 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
 
 
 class EMA:
-    """fp32 EMA of every parameter, one (foreach) lerp (PR #1584); bias-corrected like Adam's moments, so the initial
-    weights do not linger (0.99**48 = 62% of them after a 48-step smoke run)."""
+    """fp32 EMA of all parameters in one lerp (PR #1584), bias-corrected as Adam's so initial weights do not linger."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.steps = decay, 0
         self.params = list(model.parameters())
-        # fp32 parameters are read in place; others are copied to fp32 per step.
-        self._fp32 = all(p.dtype == torch.float32 for p in self.params)
-        self._sources = [p.detach() for p in self.params] if self._fp32 else None
-        self._flat = flat_buffer(self.params) if self._fp32 else None
+        # fp32 parameters are read in place (_sources); others are copied to fp32 per step.
+        fp32 = all(p.dtype == torch.float32 for p in self.params)
+        self._sources = [p.detach() for p in self.params] if fp32 else None
+        self._flat = flat_buffer(self.params) if fp32 else None
         if self._flat is not None:
             self._shadow_flat = torch.zeros_like(self._flat)
             self.shadow = [v.view_as(p) for v, p in zip(self._shadow_flat.split([p.numel() for p in self.params]),
@@ -2627,7 +2596,7 @@ class EMA:
         if self._flat is not None:
             self._shadow_flat.lerp_(self._flat, 1.0 - self.decay)
         else:
-            sources = self._sources if self._fp32 else [p.detach().float() for p in self.params]
+            sources = self._sources if self._sources is not None else [p.detach().float() for p in self.params]
             torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
         self.steps += 1
 
