@@ -1472,9 +1472,9 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
 
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # FlashAttention 3, flash-attn-4
 CU_BUCKET = 64  # cu_seqlens are padded to a multiple of this (zero-length sequences at the end; PR #1855)
-_CUSTOM_OPS: dict[str, Callable] = {}  # fa4_attention's and doc_cu_seqlens' ops, built once per process
-# Input-side block matrices that OrthoInit re-initializes (output projections start at zero).
-ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".mlp.fc.weight")
+# The custom ops, built once per process; not functools.cache, which dynamo would trace into the builder.
+_CUSTOM_OPS: dict[str, Callable] = {}
+ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".mlp.fc.weight")  # input side
 Adapter = tuple[Tensor, Tensor, float]  # TTT LoRA: A (D, r, in), B (D, out, r), output scale; a row per document
 
 
@@ -1519,8 +1519,7 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     @torch.library.custom_op("pgolf::fa4_fwd", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # flash-attn-4 >= 4.0.0b19 returns (out, lse, p, row_max); earlier betas (out, lse).
-        res = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)
-        return res[0], res[1]
+        return tuple(fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2])
 
     @fwd.register_fake
     def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -1541,15 +1540,13 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, out, lse = ctx.saved_tensors
         return bwd(dout.contiguous(), q, k, v, out, lse)
-
     fwd.register_autograd(backward, setup_context=setup_context)
     _CUSTOM_OPS["fa4"] = lambda q, k, v: fwd(q, k, v)[0]
     return _CUSTOM_OPS["fa4"]
 
 
 def doc_attention_kind(backend: str, device: torch.device, compiled: bool) -> str:
-    """DOC_ISOLATION's attention: FA3's varlen call; compiled on CUDA, FlexAttention's block mask (eager, it has no
-    CPU backward); else SDPA's dense mask (math path with GQA: ~6 GB of fp32 scores/layer at the record's shape)."""
+    """DOC_ISOLATION's attention: FA3 varlen; compiled on CUDA FlexAttention (eager has no CPU backward); else SDPA."""
     if backend == "fa3":
         return "fa3_varlen"
     return "flex_block_mask" if device.type == "cuda" and compiled else "sdpa_document_mask"
@@ -1578,14 +1575,10 @@ def document_mask(segment: Tensor) -> Tensor:
 
 
 def document_block_mask(segment: Tensor) -> Any:
-    """The FlexAttention BlockMask of document_mask."""
     from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_document(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        return (q >= kv) & (segment[b, q] == segment[b, kv])
-
     B, T = segment.shape
-    return create_block_mask(same_document, B, None, T, T, device=segment.device)
+    return create_block_mask(lambda b, h, q, kv: (q >= kv) & (segment[b, q] == segment[b, kv]), B, None, T, T,
+                             device=segment.device)
 
 
 def document_starts(ids: Tensor, bos_id: int) -> Tensor:
@@ -1605,8 +1598,7 @@ def host_cu_seqlens(inputs: np.ndarray, bos_id: int) -> np.ndarray:
 
 
 def packed_cu_seqlens(inputs: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
-    """cu_seqlens of a packed stream cut as PR #1855's loader: at BOS and every `max_len` tokens of a document (never
-    where a row ends); int32, padded with the total to a multiple of CU_BUCKET."""
+    """host_cu_seqlens of a packed stream cut as PR #1855's loader: at BOS and every `max_len` tokens of a document."""
     n = inputs.size
     docs = np.union1d([0], np.flatnonzero(inputs == bos_id))
     counts = -(-np.diff(np.append(docs, n)) // max_len)
@@ -1616,8 +1608,7 @@ def packed_cu_seqlens(inputs: np.ndarray, bos_id: int, max_len: int) -> np.ndarr
 
 
 def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
-    """document_starts as a custom op of data-dependent length (one compiled graph for every layout); it waits for
-    the device, so only evaluation uses it (as PR #1855's); training takes host_cu_seqlens."""
+    """document_starts as a custom op of dynamic length (one graph for all layouts); it syncs: eval only (PR #1855)."""
     if "doc_cu" in _CUSTOM_OPS:
         return _CUSTOM_OPS["doc_cu"]
 
@@ -1628,7 +1619,6 @@ def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
     @cu.register_fake
     def _(ids: Tensor, bos_id: int) -> Tensor:
         return ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
-
     _CUSTOM_OPS["doc_cu"] = cu
     return cu
 
@@ -1703,9 +1693,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 def rope_base_for(seq_len: int, base: float, rope_dims: int, train_seq_len: int) -> float:
     """NTK-aware base scaling past the training length (PR #265): base * (seq_len / train_seq_len) ** (d / (d - 2))."""
-    if seq_len <= train_seq_len:
-        return base
-    return base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    return base if seq_len <= train_seq_len else base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
 
 
 class Rotary(nn.Module):
@@ -1741,7 +1729,6 @@ class LoRASlot(NamedTuple):  # one virtual layer's TTT adapters
 
 
 def lora_delta(x: Tensor, adapter: Adapter) -> Tensor:
-    """x (D, T, in) through each row's own low-rank adapter: scale * (x A^T) B^T."""
     a, b, scale = adapter
     return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
 
@@ -1768,11 +1755,9 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
 
 
 class TappedLinear(nn.Linear):
-    """Bias-free nn.Linear whose input feeds `hessian`, GPTQ's calibration tap (None unless attach_hessians)."""
-
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.hessian: Tensor | None = None
+        self.hessian: Tensor | None = None  # GPTQ's calibration tap of the input (attach_hessians)
 
     def forward(self, x: Tensor) -> Tensor:
         accumulate_hessian(self.hessian, x)
@@ -1799,12 +1784,11 @@ class CausalSelfAttention(nn.Module):
         self.attn_gate_w = (nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window))
                             if cfg.sparse_attn_gate_enabled else None)
         self._flash = None  # FlashAttention (B, T, H, D) in bf16, when the backend is fa3 or fa4
-        self._varlen = None  # FA3's varlen call (total, H, D) over cu_seqlens, with DOC_ISOLATION
+        self._varlen = None  # FA3's varlen call (total, H, D) over cu_seqlens, for DOC_ISOLATION
         if cfg.attn_backend == "fa3":
             from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
             self._flash = functools.partial(flash_attn_func, causal=True)
-            if cfg.doc_isolation:
-                self._varlen = functools.partial(flash_attn_varlen_func, causal=True)
+            self._varlen = functools.partial(flash_attn_varlen_func, causal=True)
         elif cfg.attn_backend == "fa4":
             self._flash = fa4_attention()
 
@@ -1847,8 +1831,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (PR #265/#478): y (B, T, H, D) minus its component along the token's own normalized value, so attention
-    adds only what the token lacks; GQA-aware without repeating v."""
+    """XSA (PR #265/#478): y (B, T, H, D) minus its component along the token's own value; GQA without repeating v."""
     B, T, H, D = y.shape
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     # F.normalize(v) (eps 1e-12) in v's dtype: autocast's F.normalize makes XSA fp32 (~2 GiB per micro-step).
@@ -1883,17 +1866,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0  # layerwise LN scale (PR #315)
-        self.attn = CausalSelfAttention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
-        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        # resid_mix mixes the running stream with the embedding stream x0 (the naive baseline's); init = (1, 0).
+        self.attn, self.mlp = CausalSelfAttention(cfg, layer_idx), MLP(cfg)
+        self.attn_scale, self.mlp_scale = (nn.Parameter(torch.ones(cfg.model_dim)) for _ in range(2))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         # Lanes: lane <- r * lane + p[sub-layer, lane] * sub-layer output; r starts at 1.1 as PR #1855's.
         self.lane_r = self.lane_p = None
         if cfg.parallel_mode == "lanes" and layer_idx >= cfg.parallel_start_layer:
-            self.lane_r = nn.Parameter(torch.full((2,), 1.1))
-            self.lane_p = nn.Parameter(torch.ones(2, 2))
+            self.lane_r, self.lane_p = nn.Parameter(torch.full((2,), 1.1)), nn.Parameter(torch.ones(2, 2))
 
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -1919,8 +1898,7 @@ class SmearGate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.window, self.bos_id = cfg.gate_window, cfg.bos_id
-        self.smear_w = nn.Parameter(torch.zeros(cfg.gate_window))
-        self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(cfg.gate_window)), nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}; zeros at t = 0
@@ -2020,7 +1998,6 @@ class GPT(nn.Module):
         return Documents(kind, max_len, mask=mask)
 
     def set_looping(self, on: bool) -> None:
-        """Depth recurrence on/off; torch.compile keeps one graph for each state."""
         self.looping = bool(on) and self.cfg.num_loops > 0
 
     def layout_summary(self) -> str:
@@ -2064,14 +2041,11 @@ def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) ->
 
 
 def softcap(z: Tensor, cap: float) -> Tensor:
-    """cap * tanh(z / cap): logits bounded to (-cap, cap) (0 = off)."""
     return cap * torch.tanh(z / cap) if cap > 0 else z
 
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """Per-token fp32 nats of softmax(softcap(z)) at `targets`, equal to F.cross_entropy on fp32 softcapped logits
-    but written for inductor to fuse (PR #1787 fused it by hand): the backward recomputes softmax from z instead of
-    keeping fp32 log-probabilities, and the target logit is a masked sum, so its gradient is pointwise."""
+    """Per-token F.cross_entropy of fp32 softcap(z), written for inductor to fuse (PR #1787 fused it by hand)."""
     s = softcap(z.float(), cap)
     hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
@@ -2099,8 +2073,7 @@ CE_BLOCK = 1024  # logits per program step of the fused kernels (8 steps over an
 
 @functools.cache
 def softcap_ce_kernels() -> tuple[Any, Any]:
-    """PR #1787's fused softcapped CE as Triton kernels, one program per contiguous row of z (N, V), built on first
-    use: the forward reads z once and writes (loss, lse) per row, the backward reads it again and writes dz."""
+    """PR #1787's fused softcapped CE, a program per row of z (N, V): forward writes (loss, lse), backward dz."""
     import triton  # here, not at import: importing Triton reads the environment (and CPU builds lack it)
     import triton.language as tl
 
@@ -2144,7 +2117,6 @@ def softcap_ce_kernels() -> tuple[Any, Any]:
                 u, slope = x, x * 0.0 + 1.0
             d = g * (tl.exp(u - lse) - tl.where(cols == target, 1.0, 0.0)) * slope
             tl.store(dz + offs, d.to(dz.dtype.element_ty), mask=cols < V)
-
     return forward, backward
 
 
@@ -2164,20 +2136,13 @@ def softcap_ce_triton_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor
 
 
 def on_triton(t: Tensor) -> bool:
-    """The fused ops' Triton kernels run on CUDA tensors where Triton is installed; elsewhere their PyTorch form."""
     return t.is_cuda and importable("triton")
 
 
-# The custom ops, built once per process. Not functools.cache: dynamo traces through its wrapper into the builder,
-# where a dict lookup hands compiled code the built op.
-_FUSED_OPS: dict[str, Any] = {}
-
-
 def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
-    """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for z (N, V) as the custom op pgolf::softcap_ce with
-    its backward (Triton on CUDA, PyTorch elsewhere); opaque to torch.compile."""
-    if "ce" in _FUSED_OPS:
-        return _FUSED_OPS["ce"]
+    """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for z (N, V), a custom op opaque to torch.compile."""
+    if "ce" in _CUSTOM_OPS:
+        return _CUSTOM_OPS["ce"]
 
     @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
     def fwd(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -2203,15 +2168,13 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     def backward(ctx, grad: Tensor, _grad_lse: Tensor) -> tuple[Tensor, None, None]:
         z, targets, lse = ctx.saved_tensors
         return bwd(grad, z, targets, lse, ctx.cap), None, None
-
     fwd.register_autograd(backward, setup_context=setup_context)
-    _FUSED_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
-    return _FUSED_OPS["ce"]
+    _CUSTOM_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
+    return _CUSTOM_OPS["ce"]
 
 
 def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
-    """z = a b^T: (z, leaky_relu(z, slope)^2) without `pre`, else z * d leaky_relu(pre)^2 / d pre (the MLP's
-    pre-activation gradient when a is the output's gradient and b = W2^T). The fused op off CUDA; test reference."""
+    """z = a b^T: (z, leaky_relu(z)^2), or with `pre` the MLP's backward z * d leaky_relu(pre)^2/d pre (b = W2^T)."""
     z = a @ b.T
     if pre is None:
         h = F.leaky_relu(z, slope)
@@ -2224,8 +2187,7 @@ MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
 
 @functools.cache
 def leaky_relu2_linear_kernel() -> Any:
-    """leaky_relu2_linear_reference as one Triton kernel (PR #1530's, as PR #1855 trains with it): a tile of a b^T
-    per program with the activation or its derivative applied in registers, so no hidden-width tensor round-trips."""
+    """leaky_relu2_linear_reference as one Triton kernel (PR #1530, PR #1855): the activation applied in registers."""
     import triton
     import triton.language as tl
 
@@ -2257,7 +2219,6 @@ def leaky_relu2_linear_kernel() -> Any:
             z = tl.load(pre + offs, mask=mask, other=0.0).to(tl.float32)
             d = acc * tl.where(z > 0, 2.0 * z, 2.0 * SLOPE * SLOPE * z)
             tl.store(out + offs, d.to(out.dtype.element_ty), mask=mask)
-
     return kernel
 
 
@@ -2273,14 +2234,12 @@ def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | 
 
 
 def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]:
-    """FUSED_MLP_ENABLED: leaky_relu(x W1^T, slope)^2 W2^T for x (..., D) as the custom op pgolf::leaky_relu2_mlp,
-    fused both ways as PR #1855's FusedLinearLeakyReLUSquareFunction; weight gradients only where required (TTT)."""
-    if "mlp" in _FUSED_OPS:
-        return _FUSED_OPS["mlp"]
+    """FUSED_MLP_ENABLED: leaky_relu(x W1^T)^2 W2^T as a custom op, fused both ways as PR #1855's MLP function."""
+    if "mlp" in _CUSTOM_OPS:
+        return _CUSTOM_OPS["mlp"]
 
     def linear(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
-        fn = leaky_relu2_linear_triton if on_triton(a) else leaky_relu2_linear_reference
-        return fn(a, b, slope, pre)
+        return (leaky_relu2_linear_triton if on_triton(a) else leaky_relu2_linear_reference)(a, b, slope, pre)
 
     @torch.library.custom_op("pgolf::leaky_relu2_mlp", mutates_args=())
     def fwd(x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -2309,18 +2268,16 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
         d = bwd(grad, w2, pre, ctx.slope)
         nx, n1, n2 = ctx.needs_input_grad[:3]
         return d @ w1 if nx else None, d.T @ x if n1 else None, grad.T @ post if n2 else None, None
-
     fwd.register_autograd(backward, setup_context=setup_context)
-    _FUSED_OPS["mlp"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
-                                                     float(slope))[0].view(*x.shape[:-1], -1)
-    return _FUSED_OPS["mlp"]
+    _CUSTOM_OPS["mlp"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
+                                                       float(slope))[0].view(*x.shape[:-1], -1)
+    return _CUSTOM_OPS["mlp"]
 
 # ==== Optimizers ====
 
 
 def flatten_parameters(model: nn.Module) -> Tensor | None:
-    """Re-home every parameter as a consecutive view of one flat buffer, so the EMA is one lerp (PR #1584's batched
-    EMA); None (nothing done) unless they share one dtype and device. Call after .to(device), before optimizers."""
+    """Re-home parameters as views of one flat buffer (PR #1584's one-lerp EMA) after .to(device); None if mixed."""
     params = list(model.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) != 1:
         return None
@@ -2346,9 +2303,8 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (offset,), (1,))
 
 
-# Newton-Schulz quintic coefficients (a, b, c) per iteration, the last reused: classic is Keller Jordan's (the naive
-# baseline to PR #1769); polar_express PR #1344's (PRs #1787 to #1855, input divided by its norm alone);
-# polar_express_safe PR #1514's form, the norm times a 1.02 safety factor.
+# Newton-Schulz (a, b, c) per iteration, the last reused: classic Keller Jordan's (the naive baseline to PR #1769);
+# polar_express PR #1344's (PRs #1787 to #1855); polar_express_safe PR #1514's, the norm times 1.02.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -2367,18 +2323,13 @@ PARAM_GROUPS: dict[str, tuple[str, str, str]] = {
     "head": ("adamw", "head_lr", "embed_wd"),  # untied output head
     "scalar": ("adamw", "scalar_lr", "adam_wd"),  # vectors, scalars and control tensors
 }
-MATRIX_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".attn.proj.weight",
-                   ".mlp.fc.weight", ".mlp.proj.weight")
+MATRIX_SUFFIXES = ORTHO_INIT_SUFFIXES + (".attn.proj.weight", ".mlp.proj.weight")
 
 
 def classify_param(name: str) -> str:
-    if name == "tok_emb.weight":
-        return "embed"
-    if name == "lm_head.weight":
-        return "head"
     if name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):
         return "matrix"
-    return "scalar"  # resid_mix, attn/mlp scales, q_gain, skip_weights, ...
+    return {"tok_emb.weight": "embed", "lm_head.weight": "head"}.get(name, "scalar")  # scalar: q_gain, scales, ...
 
 
 def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "classic") -> Tensor:
@@ -2405,16 +2356,13 @@ def row_normalize(U: Tensor) -> Tensor:
 
 def resolve_ns_dtype(setting: str, device: torch.device) -> torch.dtype:
     """MUON_NS_DTYPE. auto: bf16 on CUDA and on CPUs with AMX tiles (3-5x fp32 there), else fp32 (emulated bf16)."""
-    if setting != "auto":
-        return torch.bfloat16 if setting == "bf16" else torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
-    return torch.bfloat16 if amx is not None and amx() else torch.float32
+    if setting == "auto":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
+        setting = "bf16" if device.type == "cuda" or (amx is not None and amx()) else "fp32"
+    return torch.bfloat16 if setting == "bf16" else torch.float32
 
 
-class NewtonSchulz(NamedTuple):
-    """MUON_BACKEND_STEPS, MUON_NS, MUON_ROW_NORMALIZE and the dtype (a MUON_NS_DTYPE setting in Muon's init)."""
+class NewtonSchulz(NamedTuple):  # MUON_BACKEND_STEPS, MUON_NS, MUON_ROW_NORMALIZE, MUON_NS_DTYPE
     steps: int = 5
     coeffs: str = "classic"
     row_norm: bool = False
@@ -2431,22 +2379,17 @@ def muon_direction(G: Tensor, buf: Tensor, mu: Tensor, ns: NewtonSchulz, scale: 
 
 
 def muon_apply(params: list[Tensor], X: Tensor, lr: Tensor, wd: Tensor) -> None:
-    """Decoupled weight decay then p -= lr * X[i] for every matrix of a stack, as foreach ops."""
     torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_sub_(params, list((X.to(params[0].dtype) * lr).unbind(0)))
 
 
 def muon_fused_step(params: list[Tensor], G: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, wd: Tensor,
                     ns: NewtonSchulz, scale: float) -> None:
-    """One process: the whole update of a stacked group (momentum .. parameter update), one compiled graph."""
     muon_apply(params, muon_direction(G, buf, mu, ns, scale), lr, wd)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Nesterov, optional MuonEq-R, Newton-Schulz, decoupled weight decay), batched as PR #1584: same-shape
-    matrices form a bucket orthogonalized in one call, split over W ranks into zero-padded shares; one reduce-scatter
-    gives each rank its shares' gradients (it keeps their momentum), one all-gather every rank the whole update
-    (fewer bytes than two all-reduces). `compile=True`: one compiled graph per bucket."""
+    """Muon batched as PR #1584: same-shape buckets, split over ranks by one reduce-scatter and one all-gather."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns: NewtonSchulz,
                  compile: bool = False, world: tuple[int, int] = (0, 1)):
@@ -2474,14 +2417,11 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def shard_grads(self) -> list[Tensor]:
         """Per bucket, this rank's (share, m, n) slice of the rank-averaged stacked gradients (one reduce-scatter)."""
-        stacks = []
-        for b, (_, ps) in enumerate(self.buckets):
-            pad = [torch.zeros_like(ps[0].grad)] * (self.share[b] * self.world_size - len(ps))
-            stacks.append(torch.stack([p.grad for p in ps] + pad))
+        stacks = [torch.stack([p.grad for p in ps] + [torch.zeros_like(ps[0].grad)] * (n * self.world_size - len(ps)))
+                  for (_, ps), n in zip(self.buckets, self.share)]
         if self.world_size == 1:
             return stacks
-        # Rank-major layout: row r of (W, total) is rank r's shares of every bucket, back to back.
-        flat = torch.cat([G.reshape(self.world_size, -1) for G in stacks], dim=1)
+        flat = torch.cat([G.reshape(self.world_size, -1) for G in stacks], dim=1)  # row r: rank r's shares
         out = flat.new_empty(flat.size(1))
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
         scatter(out, flat.reshape(-1))
@@ -2492,8 +2432,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, shards: list[Tensor] | None = None, comm: Callable[[], None] | None = None) -> None:
         """One update from shard_grads() (e.g. clipped; computed here when None); `comm()` after the all-gather."""
-        if shards is None:
-            shards = self.shard_grads()
+        shards = self.shard_grads() if shards is None else shards
         if not shards:
             return
         dev = shards[0].device
@@ -2527,14 +2466,12 @@ def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """LR multiplier at training progress `frac` in [0, 1]: 1, then linear warmdown to a MIN_LR floor."""
     if warmdown_frac <= 0.0 or frac < 1.0 - warmdown_frac:
         return 1.0
-    # min(.., 1): (1 - frac) / W can round to 1 + 1 ulp exactly at the warmdown start.
-    return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)
+    return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)  # min(): the ratio may be 1 + 1 ulp at warmdown start
 
 
 def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float,
                    warmdown_iters: int, min_lr: float) -> float:
-    """WARMDOWN_ITERS (the naive baseline; PR #1290 commands): linear decay over the last `warmdown_iters` steps, or
-    under a wallclock cap over their time at the average step so far (warmdown_ms = iters * step_ms), if sooner."""
+    """WARMDOWN_ITERS (PR #1290): linear decay over the last `warmdown_iters` steps, or their mean time if capped."""
     remaining = (iterations - step) / warmdown_iters
     if max_wallclock_seconds > 0 and step > 0:
         remaining = min(remaining, (max_wallclock_seconds - elapsed_s) / (warmdown_iters * (elapsed_s / step)))
@@ -2548,10 +2485,8 @@ def muon_momentum_at(step: int, start: float, final: float, warmup_steps: int) -
 
 def training_progress(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float) -> float:
     """Fraction of the run done: whichever of the step budget and the wallclock cap is closer to its end."""
-    frac = step / iterations
-    if max_wallclock_seconds > 0:
-        frac = max(frac, elapsed_s / max_wallclock_seconds)
-    return min(frac, 1.0)
+    wall = elapsed_s / max_wallclock_seconds if max_wallclock_seconds > 0 else 0.0
+    return min(max(step / iterations, wall), 1.0)
 
 
 class Optimizers:
@@ -2559,13 +2494,9 @@ class Optimizers:
 
     def __init__(self, model: nn.Module, h: Hyperparameters, rank: int = 0, world_size: int = 1):
         self.h, self.world_size = h, world_size
-        self.table: list[tuple[str, str, int]] = []
-        grouped: dict[str, list[nn.Parameter]] = {g: [] for g in PARAM_GROUPS}
-        for name, p in model.named_parameters():
-            g = classify_param(name)
-            grouped[g].append(p)
-            self.table.append((name, g, p.numel()))
+        self.table = [(name, classify_param(name), p.numel()) for name, p in model.named_parameters()]
         self.params = list(model.parameters())
+        grouped = {g: [p for p, row in zip(self.params, self.table) if row[1] == g] for g in PARAM_GROUPS}
         self.base_lr = {g: getattr(h, PARAM_GROUPS[g][1]) for g in PARAM_GROUPS}
         ns = NewtonSchulz(h.muon_backend_steps, h.muon_ns, h.muon_row_normalize, h.muon_ns_dtype)
         self.muon = Muon(grouped["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd, ns=ns,
@@ -2581,17 +2512,15 @@ class Optimizers:
 
     def set_schedule(self, scale: float, step: int) -> None:
         h = self.h
+        mu = muon_momentum_at(step, h.muon_momentum_warmup_start, h.muon_momentum, h.muon_momentum_warmup_steps)
         for group in self.muon.param_groups:
-            group["lr"] = self.base_lr["matrix"] * scale
-            group["momentum"] = muon_momentum_at(step, h.muon_momentum_warmup_start, h.muon_momentum,
-                                                 h.muon_momentum_warmup_steps)
+            group["lr"], group["momentum"] = self.base_lr["matrix"] * scale, mu
         for group in self.adam.param_groups:
             group["lr"] = self.base_lr[group["name"]] * scale
 
     @torch.no_grad()
     def step(self, timer: StepTimer | None = None) -> None:
-        """Average gradients over ranks (AdamW's all-reduced, Muon's reduce-scattered into shares), clip their
-        global norm (GRAD_CLIP_NORM) from both parts, then step Muon and AdamW."""
+        """Average gradients over ranks, clip their global norm (GRAD_CLIP_NORM), then step Muon and AdamW."""
         mark = timer.mark if timer is not None else (lambda phase: None)
         sync_gradients(self.adam_params, self.world_size)
         shards = self.muon.shard_grads()
@@ -2616,8 +2545,7 @@ class Optimizers:
 
 
 def clip_global_norm_(replicated: list[Tensor], sharded: list[Tensor], max_norm: float, world_size: int) -> None:
-    """clip_grad_norm_ over gradients split in two: `replicated` (equal on every rank) and `sharded`
-    (disjoint slices on each rank, zero padding allowed). Same coefficient as torch's, no host sync."""
+    """clip_grad_norm_ (same coefficient, no host sync) over gradients `replicated` on all ranks and `sharded`."""
     local = (torch.stack([t.float().pow(2).sum() for t in sharded]).sum() if sharded
              else torch.zeros((), device=replicated[0].device))
     if world_size > 1:
@@ -2632,7 +2560,6 @@ def clip_global_norm_(replicated: list[Tensor], sharded: list[Tensor], max_norm:
 
 
 def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = True) -> None:
-    """Average (or sum) gradients over ranks with one flat all-reduce."""
     if world_size <= 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -2645,17 +2572,15 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
 
 
 class EMA:
-    """fp32 exponential moving average of every parameter: one lerp over the flat buffer (flatten_parameters), else
-    one foreach lerp (PR #1584). Bias-corrected like Adam's moments (zero start, divided by 1 - decay**steps), so
-    the initial weights do not linger (they would keep 0.99**48 = 62% after a 48-step smoke run)."""
+    """fp32 EMA of all parameters in one lerp (PR #1584), bias-corrected as Adam's so initial weights do not linger."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.steps = decay, 0
         self.params = list(model.parameters())
-        # fp32 parameters are read in place; others are copied to fp32 per step.
-        self._fp32 = all(p.dtype == torch.float32 for p in self.params)
-        self._sources = [p.detach() for p in self.params] if self._fp32 else None
-        self._flat = flat_buffer(self.params) if self._fp32 else None
+        # fp32 parameters are read in place (_sources); others are copied to fp32 per step.
+        fp32 = all(p.dtype == torch.float32 for p in self.params)
+        self._sources = [p.detach() for p in self.params] if fp32 else None
+        self._flat = flat_buffer(self.params) if fp32 else None
         if self._flat is not None:
             self._shadow_flat = torch.zeros_like(self._flat)
             self.shadow = [v.view_as(p) for v, p in zip(self._shadow_flat.split([p.numel() for p in self.params]),
@@ -2665,14 +2590,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        # e = d*e + (1-d)*w  ==  lerp(e, w, 1-d)
         if self._sources is not None and self.params[-1].data_ptr() != self._sources[-1].data_ptr():
             # The parameters were re-bound (e.g. moved) after the EMA was built: read them afresh.
             self._sources, self._flat = [p.detach() for p in self.params], None
         if self._flat is not None:
             self._shadow_flat.lerp_(self._flat, 1.0 - self.decay)
         else:
-            sources = self._sources if self._fp32 else [p.detach().float() for p in self.params]
+            sources = self._sources if self._sources is not None else [p.detach().float() for p in self.params]
             torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
         self.steps += 1
 
