@@ -1757,7 +1757,7 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
 class TappedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.hessian: Tensor | None = None  # GPTQ's calibration tap of the input (attach_hessians)
+        self.hessian: Tensor | None = None  # GPTQ's calibration tap of the input (collect_hessians)
 
     def forward(self, x: Tensor) -> Tensor:
         accumulate_hessian(self.hessian, x)
@@ -1936,7 +1936,7 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
-        self.head_hessian: Tensor | None = None  # calibration tap of the head's input (attach_hessians)
+        self.head_hessian: Tensor | None = None  # calibration tap of the head's input (collect_hessians)
         if cfg.ortho_init:  # OrthoInit (PR #65): orthogonal block matrices >= 64x64; output projections stay zero
             for name, p in self.blocks.named_parameters():
                 if name.endswith(ORTHO_INIT_SUFFIXES) and min(p.shape) >= 64:
