@@ -1361,22 +1361,6 @@ def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
     return (nats / tokens) / math.log(2.0) * (tokens / n_bytes)
 
 
-def ensure_sample_data(h: Hyperparameters, d: DistInfo, log: Logger) -> None:
-    """SAMPLE_DATA=1: build the embedded sample dataset (data/make_sample.py) on first use, on rank 0."""
-    if d.is_main:
-        root = Path(__file__).resolve().parent
-        script = root / "data" / "make_sample.py"
-        for need in (script, root / "pgolf"):  # the builder, and the shard writer and lock helper it uses
-            if not need.exists():
-                raise DataError(f"{need}: not found; SAMPLE_DATA=1 needs the repository's data/make_sample.py and "
-                                f"pgolf/ beside {Path(__file__).name}")
-        spec = importlib.util.spec_from_file_location("make_sample", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.build_sample(h.data_dir, vocab_size=h.vocab_size, log=log)
-    barrier()
-
-
 @dataclass
 class DataBundle:
     train_files: list[Path]
@@ -1393,8 +1377,13 @@ class DataBundle:
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     """Tokenizer, byte tables, shard lists and the validation split, all checked before training."""
-    if h.sample_data:
-        ensure_sample_data(h, d, log)
+    tg = sys.modules[__name__]  # the running module, as pgolf's functions take it
+    if h.sample_data:  # pgolf.sample builds it on first use (data/make_sample.py writes through pgolf/)
+        sample = operations("sample")
+        if sample is None:
+            raise DataError(f"{Path(__file__).resolve().parent / 'pgolf'}: not found; SAMPLE_DATA=1 needs the "
+                            f"repository's data/make_sample.py and pgolf/ beside {Path(__file__).name}")
+        sample.ensure(tg, h, d, log)
     sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
     byte_luts = build_byte_luts(sp, h.tokenizer_file)
     luts = byte_luts.to(d.device)
@@ -1403,7 +1392,6 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     provenance = operations("provenance")  # the manifest beside the shards, its sha256s (not in a shipped copy)
     identity, shards = NO_MANIFEST, "unchecked"
     if provenance is not None:
-        tg = sys.modules[__name__]
         identity = provenance.dataset_identity(tg, h.dataset_dir, h.tokenizer_file, fingerprint["tokenizer_sha256"])
         shards = provenance.verify_shards(tg, h.dataset_dir, d.rank, d.world_size)
     fingerprint.update(identity)
