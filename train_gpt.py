@@ -662,7 +662,6 @@ def sha256_file(*paths: Path) -> str:
 
 def package_version(*names: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
-
     for name in names:
         try:
             return version(name)
@@ -1101,7 +1100,6 @@ class ByteLUTs:
 
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file not found (set TOKENIZER_PATH or DATA_DIR)")
