@@ -178,8 +178,7 @@ class Hyperparameters:
                                 "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)", NON_NEGATIVE)
     eval_batch_seqs: int = knob(32, "windows per forward and rank in the plain and sliding evals (one compiled "
                                     "shape); at most this many sequences per phase SGD step and rank", POSITIVE)
-    bpb_check_docs: str = knob("1000", "validation documents whose byte count is checked against their decoded "
-                                       "text before training (all = every one)",
+    bpb_check_docs: str = knob("1000", "val documents whose byte count is checked against their decoded text (or all)",
                                (lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0"))
     max_val_tokens: int = knob(0, "score only the first N val targets (0 = all; else NOT reportable)", NON_NEGATIVE)
     eval_time_budget_seconds: float = knob(600.0, "TTT trains less (LoRA steps every 2nd chunk, then none; no "
@@ -492,7 +491,7 @@ RUN_OUTPUTS = (".txt", ".json", ".ptz")
 
 @dataclass(frozen=True)
 class RunFiles:
-    """A shipped copy's LOG_DIR/<RUN_ID>.txt/.json/.ptz; pgolf/runs.py adds a lock and OVERWRITE staged to the end."""
+    """A shipped copy's LOG_DIR/<RUN_ID>.txt/.json/.ptz; pgolf/runs.py adds a lock and OVERWRITE staging."""
     log_dir: Path
     run_id: str
     note: str = ""  # what claiming did
@@ -937,12 +936,11 @@ def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_va
     if expected is None:
         return False, f"no published challenge validation split for VOCAB_SIZE={vocab_size}"
     targets = (val_tokens_raw - 1) // CHALLENGE_SEQ_LEN * CHALLENGE_SEQ_LEN
-    if (documents, targets) != (CHALLENGE_VAL_DOCUMENTS, expected):
+    docs = CHALLENGE_VAL_DOCUMENTS
+    if (documents, targets) != (docs, expected):
         return False, (f"not the challenge's validation split: {documents:,} documents and {targets:,} targets at "
-                       f"{CHALLENGE_SEQ_LEN}, the sp{vocab_size} split has {CHALLENGE_VAL_DOCUMENTS:,} and "
-                       f"{expected:,}")
-    return True, (f"the challenge's sp{vocab_size} validation split ({CHALLENGE_VAL_DOCUMENTS:,} documents, "
-                  f"{expected:,} targets)")
+                       f"{CHALLENGE_SEQ_LEN}, the sp{vocab_size} split has {docs:,} and {expected:,}")
+    return True, f"the challenge's sp{vocab_size} validation split ({docs:,} documents, {expected:,} targets)"
 
 
 class TrainLoader:
@@ -1077,8 +1075,7 @@ class TrainLoader:
             self._copied[item].record()
         else:  # a copy, as the slot is refilled later (numpy's is single-threaded; torch's clone stalls on a busy core)
             batch = torch.from_numpy(buf.numpy().copy())
-        if self.packed:
-            batch = batch[None]
+        batch = batch[None] if self.packed else batch
         return batch[:, :-1], batch[:, 1:], cu
 
     def close(self) -> None:
