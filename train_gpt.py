@@ -57,9 +57,8 @@ from torch import Tensor, nn
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes, not MiB: code + compressed model (challenge rule)
 CANONICAL_WORLD = 8  # the record track's GPU count; grad accumulation reproduces its batch
 
-# Presets are named defaults; an explicit environment variable always wins. `record` is the dataclass default, the
-# best public configuration; `baseline` the reference naive baseline in full (records/.../NaiveBaseline, 1.2244 BPB);
-# `smoke` that baseline at a size a 2-core CPU trains in a minute on the embedded sample (data/make_sample.py).
+# Named defaults (an environment variable wins): `record` = the dataclass's (PR #1855), `baseline` = the naive baseline
+# (records/.../NaiveBaseline, 1.2244 BPB), `smoke` = that baseline small enough for a 2-core CPU minute on the sample.
 BASELINE: dict[str, Any] = {
     "vocab_size": 1024, "num_layers": 9, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4, "mlp_mult": 2.0,
     "train_batch_tokens": 524_288, "train_seq_len": 1024, "eval_seq_len": 1024, "qk_gain_init": 1.5, "matrix_lr": 0.04,
@@ -87,12 +86,11 @@ SMOKE_SIZES: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"record": {}, "baseline": BASELINE, "smoke": {**BASELINE, **SMOKE_SIZES}}
 
 # Variables torchrun (or the shell) sets that are ours to read but are not knobs.
-LAUNCHER_VARS = frozenset({
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
-    "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS",
-})
+LAUNCHER_VARS = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                           "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                           "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                           "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                           "OMP_NUM_THREADS"})
 
 COMPRESSORS = ("pergroup", "brotli", "lzma", "zlib")
 
@@ -180,8 +178,7 @@ class Hyperparameters:
                                 "context (0 or >= EVAL_SEQ_LEN = off; legacy SLIDING_WINDOW_ENABLED=0)", NON_NEGATIVE)
     eval_batch_seqs: int = knob(32, "windows per forward and rank in the plain and sliding evals (one compiled "
                                     "shape); at most this many sequences per phase SGD step and rank", POSITIVE)
-    bpb_check_docs: str = knob("1000", "validation documents whose byte count is checked against the decoded text "
-                                       "before training (all = every one)",
+    bpb_check_docs: str = knob("1000", "val documents whose byte count is checked against their decoded text (or all)",
                                (lambda v: v == "all" or (v.isdigit() and int(v) > 0), "all or an integer > 0"))
     max_val_tokens: int = knob(0, "score only the first N val targets (0 = all; else NOT reportable)", NON_NEGATIVE)
     eval_time_budget_seconds: float = knob(600.0, "TTT trains less (LoRA steps every 2nd chunk, then none; no "
@@ -199,9 +196,8 @@ class Hyperparameters:
     ttt_batch_size: int = knob(64, "documents per LoRA batch (one row and one set of adapters each)", POSITIVE)
     ttt_chunk_size: int = knob(48, "LoRA TTT: tokens of each document scored, then trained on, per step", POSITIVE)
     ttt_warm_start_a: bool = knob(True, "keep LoRA A from one document batch to the next, zero only B (PR #1767)")
-    phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last phase SGD pause (pauses at equal shares)",
-                                       NON_NEGATIVE)
-    phased_ttt_num_phases: int = knob(3, "phase SGD pauses over the prefix (0 = LoRA only)", NON_NEGATIVE)
+    phased_ttt_prefix_docs: int = knob(2500, "documents scored by the last phase SGD pause", NON_NEGATIVE)
+    phased_ttt_num_phases: int = knob(3, "phase SGD pauses at equal shares of the prefix (0 = LoRA only)", NON_NEGATIVE)
     global_ttt_lr: float = knob(0.001, "phase SGD learning rate (cosine over TTT_CHUNK_TOKENS chunks)", NON_NEGATIVE)
     global_ttt_epochs: int = knob(1, "phase SGD epochs over a phase's documents", NON_NEGATIVE)
 
@@ -223,8 +219,7 @@ class Hyperparameters:
     doc_isolation: bool = knob(True, "attention stays inside each document, a BOS starting one (PR #1530): FA3's "
                                       "varlen call, else FlexAttention (CUDA, compiled), else SDPA with a mask")
     doc_packed_loader: bool = knob(True, "a micro-batch is one row of documents read in order from each shard's first "
-                                         "BOS, cut at every BOS and TRAIN_SEQ_LEN tokens (PR #1855's loader, with "
-                                         "DOC_ISOLATION)")
+                                         "BOS, cut at each BOS and TRAIN_SEQ_LEN tokens (PR #1855, with DOC_ISOLATION)")
     rope_base: float = knob(10000.0, "RoPE base frequency", POSITIVE)
     qk_gain_init: float = knob(5.0, "initial per-head query gain after QK RMS-norm (PR #1276)", POSITIVE)
     rope_dims: int = knob(16, "rotate the first N dims of each head (0 or >= head dim = all; PR #315)", NON_NEGATIVE)
@@ -233,11 +228,9 @@ class Hyperparameters:
     leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", NON_NEGATIVE)
     ln_scale: bool = knob(True, "scale each block's norm outputs by 1/sqrt(layer index + 1) (PR #315)")
     ortho_init: bool = knob(True, "orthogonal init of block matrices >= 64x64 (PR #65); output projections stay zero")
-    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off, >= NUM_LAYERS = all; PR #265)",
-                           NON_NEGATIVE)
+    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off; PR #265)", NON_NEGATIVE)
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)) (PR #1089)")
-    smear_gate_enabled: bool = knob(True, "SmearGate: input-gated mix of the previous token's embedding, "
-                                          "masked at BOS (PR #1667, BOS fix #1851)")
+    smear_gate_enabled: bool = knob(True, "SmearGate (PR #1667): gated previous-token mix, masked at BOS (PR #1851)")
     gate_window: int = knob(12, "input dims the SmearGate and the attention output gate read", POSITIVE)
     sparse_attn_gate_enabled: bool = knob(True, "per-head sigmoid gate on the attention output (PR #1787)")
     sparse_attn_gate_scale: float = knob(0.5, "logit scale of the attention output gate", POSITIVE)
@@ -274,8 +267,7 @@ class Hyperparameters:
     ema_decay: float = knob(0.9965, "EMA decay of the weights applied at the end (0 = off)", BELOW_ONE)
 
     # --- Quantization and artifact ---
-    quant_method: str = knob("gptq", "matrix quantizer: gptq (full-Hessian, PR #1019) / rtn (round to nearest); "
-                                     "legacy USE_GPTQ=0/1", one_of("gptq", "rtn"))
+    quant_method: str = knob("gptq", "gptq (full-Hessian, PR #1019) / rtn; legacy USE_GPTQ=0/1", one_of("gptq", "rtn"))
     matrix_bits: int = knob(6, "bits of attention and MLP matrices", BITS)
     embed_bits: int = knob(7, "bits of the embedding tables (and an untied head; PR #1586)", BITS)
     mlp_clip_sigmas: float = knob(11.5, "SDClip k of MLP matrices: clip = k * std(row) (PR #1394); 0 = no clip, "
@@ -285,8 +277,7 @@ class Hyperparameters:
     matrix_clip_sigmas: float = knob(0.0, "when > 0, sets both MLP_CLIP_SIGMAS and ATTN_CLIP_SIGMAS", NON_NEGATIVE)
     gptq_damp: float = knob(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal", POSITIVE)
     gptq_block: int = knob(128, "GPTQ columns updated per block", POSITIVE)
-    gptq_calibration_batches: int = knob(16, "training batches (TRAIN_BATCH_TOKENS each) for the GPTQ Hessians; "
-                                             "alias GPTQ_CALIB_BATCHES", POSITIVE)
+    gptq_calibration_batches: int = knob(16, "training batches for GPTQ Hessians (alias GPTQ_CALIB_BATCHES)", POSITIVE)
     gptq_reserve_seconds: str = knob("auto", "training seconds kept for Hessian collection: a number, or auto = "
                                              "measured time of one batch x batches (+margin)",
                                      (lambda v: v == "auto" or _is_non_negative_number(v), "auto or a number >= 0"))
@@ -298,12 +289,10 @@ class Hyperparameters:
                                          "of LQER_ASYM_GROUP (symmetric where B does not divide into groups)")
     lqer_asym_group: int = knob(64, "values of B per fp16 scale in asymmetric LQER", POSITIVE)
     gated_attn_quant_gate: bool = knob(True, "attention output gate rows as int8, a scale each, not fp16 (PR #1736)")
-    target_bytes: int = knob(ARTIFACT_LIMIT_BYTES, "fit code + compressed model under this many decimal bytes "
-                                                   "(TARGET_MB = millions of bytes)", POSITIVE)
+    target_bytes: int = knob(ARTIFACT_LIMIT_BYTES, "code + compressed model byte limit (TARGET_MB: millions)", POSITIVE)
     size_margin_bytes: int = knob(8000, "safety margin under TARGET_BYTES for run-to-run size jitter", NON_NEGATIVE)
-    compressor: str = knob("pergroup", "pergroup (PR #1855: each role's code matrices by lrzip's ZPAQ back end, the "
-                                       "rest brotli; brotli, with a warning, without lrzip) / brotli (quality 11) / "
-                                       "lzma (preset 9) / zlib (level 9, the naive baseline's)", one_of(*COMPRESSORS))
+    compressor: str = knob("pergroup", "pergroup (PR #1855: each role's code matrices by lrzip's ZPAQ, the rest "
+                                       "brotli; no lrzip: brotli, warned) / brotli / lzma / zlib", one_of(*COMPRESSORS))
     eval_only: bool = knob(False, "1 = no training: load ARTIFACT and evaluate it (re-scoring)")
     artifact: str = knob("", "artifact to evaluate with EVAL_ONLY=1")
     requantize: str = knob("", "a <RUN_ID>.weights.pt kept by a run that could not write its artifact: instead of "
@@ -334,9 +323,8 @@ class Hyperparameters:
         values: dict[str, Any] = dict(PRESETS[preset])
         env, warnings, known = other_names(env)
         env_set = frozenset(f.name for f in cls.knob_fields() if f.name.upper() in env) - {"preset"}
-        for f in cls.knob_fields():
-            if f.name in env_set:
-                values[f.name] = _parse_value(f.name.upper(), env[f.name.upper()], type(f.default))
+        values.update({f.name: _parse_value(f.name.upper(), env[f.name.upper()], type(f.default))
+                       for f in cls.knob_fields() if f.name in env_set})
         values["preset"] = preset
         warnings += _check_unknown_vars(env, known, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
@@ -360,9 +348,8 @@ class Hyperparameters:
         if self.rope_dims % 2 or self.rope_dims == 2:  # halves of an even width; NTK needs d > 2
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
         if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
-            raise ConfigError(f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} is not allowed: need "
-                              f"LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}",
-                              hint="NUM_LOOPS=0 for no looping")
+            raise ConfigError(f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} is not allowed: need LOOP_START "
+                              f"<= LOOP_END < NUM_LAYERS={self.num_layers}", hint="NUM_LOOPS=0 for no looping")
         if self.gate_window > dim:
             raise ConfigError(f"GATE_WINDOW={self.gate_window} is not allowed: must be <= MODEL_DIM={dim}")
         if heads % self.num_kv_heads:
@@ -376,10 +363,9 @@ class Hyperparameters:
             raise ConfigError("EVAL_ONLY=1 is not allowed without ARTIFACT=<path of a .ptz artifact>")
         chunk = self.world_size * self.accum_steps * self.train_seq_len
         if self.train_batch_tokens % chunk:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not allowed: must be a multiple of "
-                f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {self.world_size}*{self.accum_steps}*"
-                f"{self.train_seq_len} = {chunk}", hint="whole sequences per rank and micro-batch")
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not allowed: must be a multiple of "
+                              f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {self.world_size}*{self.accum_steps}*"
+                              f"{self.train_seq_len} = {chunk}", hint="whole sequences per rank and micro-batch")
 
     # Derived values are properties, never extra environment variables.
     @property
@@ -417,8 +403,7 @@ class Hyperparameters:
         return self.attn_clip_sigmas if group == "attn" else self.mlp_clip_sigmas
 
     @property
-    def gptq_reserve(self) -> float | None:
-        """Fixed GPTQ reserve in seconds, or None for auto (measured during warmup)."""
+    def gptq_reserve(self) -> float | None:  # None: auto, measured during warmup
         return None if self.gptq_reserve_seconds == "auto" else float(self.gptq_reserve_seconds)
 
     def knob_values(self) -> dict[str, Any]:
@@ -478,16 +463,13 @@ def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozens
 def _check_unknown_vars(env: Mapping[str, str], known: frozenset[str], strict: bool) -> list[str]:
     """Variables that look like a misspelt knob: a warning each, or (STRICT_ENV=1) one error naming them all."""
     candidates = Hyperparameters.knob_names()
-    warnings, typos = [], []
+    typos = []  # (NAME='value', (did you mean KNOB?))
     for name in sorted(set(env) - set(candidates) - LAUNCHER_VARS - known):
-        close = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) and closest_knob(name, candidates)
-        if close:
-            set_to = f"{name}={env[name]!r}"
-            typos.append(f"{set_to} (did you mean {close}?)")
-            warnings.append(f"{set_to} is not a knob of train_gpt.py and is ignored (did you mean {close}?)")
+        if close := re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) and closest_knob(name, candidates):
+            typos.append((f"{name}={env[name]!r}", f"(did you mean {close}?)"))
     if strict and typos:  # every typo at once: fixing them one run at a time wastes a start-up each
-        raise ConfigError(f"unknown knobs: {', '.join(typos)}; STRICT_ENV=1 refuses them")
-    return warnings
+        raise ConfigError(f"unknown knobs: {', '.join(' '.join(t) for t in typos)}; STRICT_ENV=1 refuses them")
+    return [f"{set_to} is not a knob of train_gpt.py and is ignored {mean}" for set_to, mean in typos]
 
 
 # The seed and the knobs that name or place a run or only check its inputs: one sweep shares a config hash.
@@ -509,22 +491,20 @@ RUN_OUTPUTS = (".txt", ".json", ".ptz")
 
 @dataclass(frozen=True)
 class RunFiles:
-    """LOG_DIR/<RUN_ID>.txt, .json and .ptz (`path`: now, `final`: once `publish`ed) in a shipped copy; pgolf/runs.py
-    adds a lock, OVERWRITE staged until the run finishes and a failed run's log set aside. `note`: what claiming did."""
+    """A shipped copy's LOG_DIR/<RUN_ID>.txt/.json/.ptz; pgolf/runs.py adds a lock and OVERWRITE staging."""
     log_dir: Path
     run_id: str
-    note: str = ""
+    note: str = ""  # what claiming did
 
-    def path(self, suffix: str) -> Path:
+    def path(self, suffix: str) -> Path:  # now; `final(suffix)`: once `publish`ed
         return self.log_dir / f"{self.run_id}{suffix}"
 
-    final = path  # nothing is staged
+    final = path  # nothing is staged or locked
 
     def publish(self) -> None:
         pass
 
-    def release(self) -> None:
-        pass
+    release = publish
 
 
 def claim_run_files(h: Hyperparameters) -> RunFiles:
@@ -545,8 +525,7 @@ def claim_run_files(h: Hyperparameters) -> RunFiles:
 
 
 class Logger:
-    """Rank 0 prints and appends to one open file; other ranks stay silent. A failed write (a full disk) drops the
-    file, not the training: the console keeps every line and `failure` stops the run at stop_on_output_failure."""
+    """Rank 0 prints and appends to a file; a failed write (full disk) drops the file and sets `failure`, not raises."""
 
     def __init__(self, path: Path | None, enabled: bool = True):
         self.enabled, self.path, self.file, self.failure = enabled, path, None, None
@@ -558,11 +537,9 @@ class Logger:
                 self._failed(exc)
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
-        if not self.enabled:
-            return
-        if console:
+        if console and self.enabled:
             print(msg, flush=True)
-        if self.file is not None:
+        if self.file is not None:  # never opened unless enabled
             try:
                 self.file.write(msg + "\n")
                 self.file.flush()
@@ -590,8 +567,7 @@ def warn(log: Callable[[str], None], message: str, banner: bool = False) -> None
         log(line)
 
 
-def format_kv(**items: Any) -> str:
-    """One schema for every progress line: space-separated `key:value` tokens."""
+def format_kv(**items: Any) -> str:  # the schema of every progress line
     return " ".join(f"{k}:{v}" for k, v in items.items())
 
 
@@ -599,8 +575,7 @@ STEP_PHASES = ("data", "fwd_bwd", "comm", "optimizer", "ema", "other")
 
 
 class StepTimer:
-    """Where a step's time goes: `mark(phase)` closes the interval since the previous mark. On CUDA, stream events
-    that `collect()` reads after the step's all-reduce has synchronized anyway (no added sync); else perf_counter."""
+    """Step time per phase: `mark(phase)` ends an interval; CUDA events read after the step's all-reduce (no sync)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -638,8 +613,7 @@ class StepTimer:
 
 
 class PhaseClock:
-    """Where a run's seconds go: `record` logs a `phase:` line (seconds; tokens and tokens/s when it has tokens; peak
-    CUDA memory since the previous phase) and keeps its row for the JSON's `phases` list."""
+    """Logs a `phase:` line (seconds, tokens/s, peak CUDA memory) per phase; `rows` become the JSON's `phases`."""
 
     def __init__(self, device: torch.device, log: "Logger"):
         self.device, self.log = device, log
@@ -675,18 +649,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(*paths: Path) -> str:
+    """sha256 of the files' bytes one after the other."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
 def package_version(*names: str) -> str:
-    """The installed version of the first distribution found among `names`, else "absent"."""
     from importlib.metadata import PackageNotFoundError, version
-
     for name in names:
         try:
             return version(name)
@@ -699,9 +673,8 @@ def environment_versions(device: torch.device) -> dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "cuda": str(torch.version.cuda), "platform": platform.platform(), "device": str(device)}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_count"] = str(torch.cuda.device_count())
-        info["flash_attn"] = package_version("flash_attn_3", "flash-attn-3", "flash_attn_interface", "flash_attn")
+        info.update(gpu=torch.cuda.get_device_name(device), gpu_count=str(torch.cuda.device_count()),
+                    flash_attn=package_version("flash_attn_3", "flash-attn-3", "flash_attn_interface", "flash_attn"))
     else:
         info["cpu_threads"] = str(torch.get_num_threads())
     return info
@@ -837,8 +810,7 @@ def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     return t
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wallclock timings measure it (no-op on CPU)."""
+def synchronize(device: torch.device) -> None:  # so wallclock timings measure the queued GPU work
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -857,14 +829,12 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def compute_autocast(device: torch.device, compute_dtype: str):
-    """bf16 autocast on CUDA by default; CPU runs fp32 unless COMPUTE_DTYPE=bf16."""
     use_bf16 = compute_dtype == "bf16" or (compute_dtype == "auto" and device.type == "cuda")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 # ==== Data and BPB ====
 
-# Challenge shard format (data/cached_challenge_fineweb.py in openai/parameter-golf): a header of
-# 256 little-endian int32 (magic, version, token count, zeros), then the tokens as uint16.
+# Challenge shard format (openai/parameter-golf's data/cached_challenge_fineweb.py): 256 int32, then uint16 tokens.
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
@@ -883,7 +853,8 @@ def read_shard_header(path: Path) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
-        raise DataError(f"{path}: truncated shard: {size} bytes, expected at least the {SHARD_HEADER_BYTES}-byte header")
+        raise DataError(f"{path}: truncated shard: {size} bytes, expected at least the {SHARD_HEADER_BYTES}-byte "
+                        "header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad shard magic: expected {SHARD_MAGIC}, found {header[0]}")
@@ -892,7 +863,8 @@ def read_shard_header(path: Path) -> int:
     n = int(header[2])
     expected = SHARD_HEADER_BYTES + n * SHARD_TOKEN_DTYPE.itemsize
     if n < 0 or size != expected:
-        raise DataError(f"{path}: shard size mismatch: header says {n} tokens = {expected} bytes, file has {size} bytes")
+        raise DataError(f"{path}: shard size mismatch: header says {n} tokens = {expected} bytes, file has {size} "
+                        "bytes")
     return n
 
 
@@ -915,8 +887,7 @@ def list_shards(dataset_dir: Path, split: str) -> list[Path]:
 
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
-    """Every id must index the embedding: a larger id means the data and VOCAB_SIZE disagree (pg#1723).
-    `offset`: the position of tokens[0] in the file, so the message gives the token's place there."""
+    """An id >= vocab_size means data and VOCAB_SIZE disagree (pg#1723); `offset`: tokens[0]'s position in the file."""
     flat = tokens.reshape(-1)
     if flat.size and int(flat.max()) >= vocab_size:
         bad = offset + int(np.argmax(flat >= vocab_size))
@@ -930,8 +901,6 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max
     for f in files:
         parts.append(np.asarray(load_shard(f)))
         check_token_range(parts[-1], vocab_size, str(f))
-    if not parts:
-        raise DataError("fineweb_val_*.bin: no validation shards given")
     tokens = np.concatenate(parts)[: max_tokens + 1 if max_tokens else None]
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
@@ -942,19 +911,14 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max
 
 def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenizer: Path) -> dict[str, Any]:
     """Which data a run saw: shard and token counts, the hash of the validation shards and of the tokenizer."""
-    val_hash = hashlib.sha256()
-    for f in val_files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                val_hash.update(block)
     return {"train_shards": len(train_files), "train_tokens": sum(read_shard_header(f) for f in train_files),
             "val_shards": len(val_files), "val_tokens_raw": sum(read_shard_header(f) for f in val_files),
-            "val_sha256": val_hash.hexdigest(), "tokenizer": str(tokenizer), "tokenizer_sha256": sha256_file(tokenizer)}
+            "val_sha256": sha256_file(*val_files), "tokenizer": str(tokenizer),
+            "tokenizer_sha256": sha256_file(tokenizer)}
 
 
-# The challenge's validation split (the first 50,000 documents of docs_selected.jsonl) in targets after truncation
-# to 2048-token sequences, per published tokenizer, from the records' logs (sp1024: willdepueoai/parameter-golf;
-# sp4096, sp8192: kevclark/parameter-golf; CaseOps sp8192: PR #1729).
+# The challenge's val split (first 50,000 documents of docs_selected.jsonl) in targets at 2048-token sequences, from
+# the records' logs (sp1024: willdepueoai/parameter-golf; sp4096, sp8192: kevclark/parameter-golf; CaseOps: PR #1729).
 CHALLENGE_VAL_DOCUMENTS = 50_000
 CHALLENGE_SEQ_LEN = 2048
 CHALLENGE_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
@@ -972,21 +936,15 @@ def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_va
     if expected is None:
         return False, f"no published challenge validation split for VOCAB_SIZE={vocab_size}"
     targets = (val_tokens_raw - 1) // CHALLENGE_SEQ_LEN * CHALLENGE_SEQ_LEN
-    if (documents, targets) != (CHALLENGE_VAL_DOCUMENTS, expected):
+    docs = CHALLENGE_VAL_DOCUMENTS
+    if (documents, targets) != (docs, expected):
         return False, (f"not the challenge's validation split: {documents:,} documents and {targets:,} targets at "
-                       f"{CHALLENGE_SEQ_LEN}, the sp{vocab_size} split has {CHALLENGE_VAL_DOCUMENTS:,} and {expected:,}")
-    return True, f"the challenge's sp{vocab_size} validation split ({CHALLENGE_VAL_DOCUMENTS:,} documents, {expected:,} targets)"
+                       f"{CHALLENGE_SEQ_LEN}, the sp{vocab_size} split has {docs:,} and {expected:,}")
+    return True, f"the challenge's sp{vocab_size} validation split ({docs:,} documents, {expected:,} targets)"
 
 
 class TrainLoader:
-    """Training batches, prefetched on a background thread, each with its cu_seqlens (DOC_ISOLATION reads them).
-
-    Default: each epoch (seeded by SEED and the epoch) permutes the TRAIN_SEQ_LEN+1 windows of all shards (random
-    phase per shard); rank r's micro-batch m takes chunk r*accum + m of a step's windows: the same tokens at any world
-    size. `packed` (DOC_PACKED_LOADER, PR #1855): shards in order from their first BOS, each micro-batch one row of
-    micro_seqs * seq_len tokens (+ the target after them), rank r reading span r of the next world_size spans (so
-    these tokens depend on the world size).
-    """
+    """Prefetched batches, cu_seqlens: a seeded window order per epoch, world-size free, or `packed` (PR #1855)."""
 
     PREFETCH = 4  # batches the producer thread keeps ready
 
@@ -994,9 +952,8 @@ class TrainLoader:
                  d: DistInfo, packed: bool = False):
         self.files = list(files)
         self.shards = [load_shard(f) for f in self.files]
-        self.packed = packed
         self._first_bos = [int(np.argmax(s == BOS_ID)) if packed else 0 for s in self.shards]
-        self.seq_len, self.micro_seqs, self.accum = seq_len, micro_seqs, accum
+        self.seq_len, self.micro_seqs, self.accum, self.packed = seq_len, micro_seqs, accum, packed
         self.rank, self.world_size, self.seed, self.vocab_size = d.rank, d.world_size, seed, vocab_size
         self.global_seqs = micro_seqs * accum * d.world_size
         self.device = device = d.device
@@ -1101,8 +1058,7 @@ class TrainLoader:
             self._queue.put(exc)
 
     def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(inputs, targets) of shape (micro_seqs, seq_len), packed (1, micro_seqs * seq_len), and their
-        cu_seqlens, on the device; time blocked is accumulated."""
+        """(inputs, targets, cu_seqlens) on the device; (micro_seqs, seq_len) each, packed (1, micro_seqs * seq_len)."""
         if self._error is not None:
             raise self._error
         t0 = time.perf_counter()
@@ -1115,13 +1071,11 @@ class TrainLoader:
         if self.device.type == "cuda":
             batch = buf.to(self.device, non_blocking=True)
             cu = cu.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._copied[item] = event
+            self._copied[item] = torch.cuda.Event()
+            self._copied[item].record()
         else:  # a copy, as the slot is refilled later (numpy's is single-threaded; torch's clone stalls on a busy core)
             batch = torch.from_numpy(buf.numpy().copy())
-        if self.packed:
-            batch = batch[None]
+        batch = batch[None] if self.packed else batch
         return batch[:, :-1], batch[:, 1:], cu
 
     def close(self) -> None:
@@ -1143,7 +1097,6 @@ class ByteLUTs:
 
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file not found (set TOKENIZER_PATH or DATA_DIR)")
@@ -1162,22 +1115,23 @@ def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
     """Byte tables from a SentencePiece model. Refuses one without a standalone '▁' piece: it spells every space
     as 3 byte-fallback tokens counted as 3 bytes, and BPB comes out ~20% too low (openai/parameter-golf#897)."""
     if sp.piece_to_id(LEADING_SPACE) == sp.unk_id():
-        raise DataError(f"{path}: tokenizer has no standalone '\u2581' piece; its byte counts would be wrong (issue #897)")
+        raise DataError(f"{path}: tokenizer has no standalone '\u2581' piece; its byte counts would be wrong "
+                        "(issue #897)")
     V = sp.vocab_size()
     base, space, boundary = np.zeros(V, dtype=np.int16), np.zeros(V, dtype=bool), np.zeros(V, dtype=bool)
     for i in range(V):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
-            continue
-        if sp.is_byte(i):
+        elif sp.is_byte(i):
             base[i] = 1  # <0xNN> byte-fallback piece = exactly one byte of the document
-            continue
-        try:
-            piece = sp.id_to_piece(i)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: piece {i} is not UTF-8: a damaged tokenizer file; fetch or build it again") from None
-        space[i] = piece.startswith(LEADING_SPACE)
-        base[i] = len(piece.removeprefix(LEADING_SPACE).encode("utf-8"))
+        else:
+            try:
+                piece = sp.id_to_piece(i)
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: piece {i} is not UTF-8: a damaged tokenizer file; fetch or build it "
+                                "again") from None
+            space[i] = piece.startswith(LEADING_SPACE)
+            base[i] = len(piece.removeprefix(LEADING_SPACE).encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base).long(), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
@@ -1231,9 +1185,7 @@ def decoded_bytes(sp, ids: list[int], boundary: list[bool]) -> int:
 
 def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None, source: str = "validation",
                    sidecar: np.ndarray | None = None) -> BPBCheck:
-    """A document's bytes by the lookup tables (by a CaseOps `sidecar`: of its text with the transform inverted, up
-    to CASEOPS_CHECK_TOLERANCE) must equal the UTF-8 bytes of its decoded text, for `max_docs` documents spread
-    evenly (None: all); catches a leading space counted twice, byte fallbacks as 3 bytes, ... DataError names it."""
+    """Each checked document's bytes by the tables (CaseOps: `sidecar`) must be its decoded text's, else DataError."""
     boundary = luts.is_boundary.tolist()
 
     def target_bytes(lo: int, hi: int) -> Tensor:  # targets lo..hi-1 (target j is tokens[j + 1])
@@ -1272,9 +1224,8 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
     return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown, normalized)
 
 
-# The byte tables and the self-check trust the tokenizer given; a wrong one of the same size is caught by re-encoding:
-# encode(decode(document)) == document held for all of 900 FineWeb and Wikipedia documents under each of 7 tokenizers
-# (1,024-8,192 pieces, CaseOps included), for 0-2.5% under another. The last, maybe cut short, document is left out.
+# A wrong tokenizer of the right size is caught by re-encoding: encode(decode(doc)) == doc held for all 900 FineWeb and
+# Wikipedia documents under each of 7 tokenizers (sp1024-sp8192, CaseOps), for 0-2.5% under another.
 TOKENIZER_CHECK_MIN = 0.9  # of the checked documents must re-encode to themselves
 TOKENIZER_CHECK_DOCS = 1000  # at most this many of the self-check's documents (~1-3 ms each)
 
@@ -1290,7 +1241,7 @@ def tokenizer_check(tokens: np.ndarray, sp, boundary: np.ndarray, max_docs: int 
                     source: str) -> ReencodeCheck:
     """TOKENIZER_CHECK_MIN of the documents must re-encode to themselves, or DataError names both and the count."""
     t0 = time.perf_counter()
-    spans = [(s, e) for s, e in document_spans(tokens) if e > s][:-1]
+    spans = [(s, e) for s, e in document_spans(tokens) if e > s][:-1]  # the last may be cut short
     pick = checked_documents(len(spans), min(max_docs or TOKENIZER_CHECK_DOCS, TOKENIZER_CHECK_DOCS))
     docs = [d.tolist() for d in (tokens[spans[k][0]:spans[k][1]] for k in pick)
             if not boundary[d].any()]  # an <unk> decodes to ' ⁇ ', not to the text it stands for
@@ -1304,8 +1255,7 @@ def tokenizer_check(tokens: np.ndarray, sp, boundary: np.ndarray, max_docs: int 
 
 
 def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
-    """CASEOPS_ENABLED: each validation token's bytes of the original text, from the sidecar beside each
-    shard (PR #1729's fineweb_val_bytes_*.bin), cut like the tokens; checked to align with them."""
+    """CASEOPS_ENABLED: each val token's original-text bytes, from PR #1729's fineweb_val_bytes_*.bin sidecars."""
     parts = []
     for f in val_files:
         side = f.with_name(f.name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
@@ -1345,9 +1295,8 @@ def caseops_decode(text: str) -> str:
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Window starts and each window's first scored offset, so that each target (token indices 1..n_targets) is
-    scored exactly once: the first window scores all its targets, each later one its last `stride` (so at least
-    seq_len - stride tokens of context), a last window aligned to the stream's end the rest. stride = seq_len: plain."""
+    """Window starts and first scored offsets: each target scored once, after the first window with >= seq_len - stride
+    tokens of context (a last window ends at the stream's end); stride = seq_len: plain."""
     if n_targets < seq_len:
         raise ValueError(f"{n_targets} targets are fewer than one window of {seq_len}")
     starts = list(range(0, n_targets - seq_len + 1, stride))
@@ -1359,22 +1308,6 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarr
 
 def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
     return (nats / tokens) / math.log(2.0) * (tokens / n_bytes)
-
-
-def ensure_sample_data(h: Hyperparameters, d: DistInfo, log: Logger) -> None:
-    """SAMPLE_DATA=1: build the embedded sample dataset (data/make_sample.py) on first use, on rank 0."""
-    if d.is_main:
-        root = Path(__file__).resolve().parent
-        script = root / "data" / "make_sample.py"
-        for need in (script, root / "pgolf"):  # the builder, and the shard writer and lock helper it uses
-            if not need.exists():
-                raise DataError(f"{need}: not found; SAMPLE_DATA=1 needs the repository's data/make_sample.py and "
-                                f"pgolf/ beside {Path(__file__).name}")
-        spec = importlib.util.spec_from_file_location("make_sample", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.build_sample(h.data_dir, vocab_size=h.vocab_size, log=log)
-    barrier()
 
 
 @dataclass
@@ -1393,8 +1326,13 @@ class DataBundle:
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     """Tokenizer, byte tables, shard lists and the validation split, all checked before training."""
-    if h.sample_data:
-        ensure_sample_data(h, d, log)
+    tg = sys.modules[__name__]  # the running module, as pgolf's functions take it
+    if h.sample_data:  # pgolf.sample builds it on first use (data/make_sample.py writes through pgolf/)
+        sample = operations("sample")
+        if sample is None:
+            raise DataError(f"{Path(__file__).resolve().parent / 'pgolf'}: not found; SAMPLE_DATA=1 needs the "
+                            f"repository's data/make_sample.py and pgolf/ beside {Path(__file__).name}")
+        sample.ensure(tg, h, d, log)
     sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
     byte_luts = build_byte_luts(sp, h.tokenizer_file)
     luts = byte_luts.to(d.device)
@@ -1403,7 +1341,6 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     provenance = operations("provenance")  # the manifest beside the shards, its sha256s (not in a shipped copy)
     identity, shards = NO_MANIFEST, "unchecked"
     if provenance is not None:
-        tg = sys.modules[__name__]
         identity = provenance.dataset_identity(tg, h.dataset_dir, h.tokenizer_file, fingerprint["tokenizer_sha256"])
         shards = provenance.verify_shards(tg, h.dataset_dir, d.rank, d.world_size)
     fingerprint.update(identity)
@@ -1415,17 +1352,15 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     sidecar = load_byte_sidecar(val_files, val_tokens) if h.caseops_enabled else None
     reencode = tokenizer_check(val_tokens, sp, byte_luts.is_boundary.numpy(), max_docs, h.tokenizer_file, source)
     check = bpb_self_check(val_tokens, sp, byte_luts, max_docs, source, sidecar)
-    fingerprint["val_documents"] = check.documents
-    fingerprint["byte_accounting"] = "caseops_sidecar" if h.caseops_enabled else "tokenizer_luts"
     reportable, reason = challenge_split(h.vocab_size, fingerprint["val_tokens_raw"], check.documents, h.max_val_tokens,
                                          h.caseops_enabled)
-    fingerprint["challenge_split"] = reportable
+    accounting = "caseops_sidecar" if h.caseops_enabled else "tokenizer_luts"
+    fingerprint.update(val_documents=check.documents, byte_accounting=accounting, challenge_split=reportable)
     return DataBundle(train_files, val_tokens, sidecar, luts, fingerprint, check, reportable, reason, reencode, shards)
 
 
 def check_transform(h: Hyperparameters, transform: str | None, manifest: str | None) -> None:
-    """The manifest's text transform (or byte sidecars beside the shards) and CASEOPS_ENABLED must agree:
-    CaseOps shards scored with the byte tables would count the transformed text's bytes, not the original's."""
+    """CASEOPS_ENABLED must match the manifest's text transform (or sidecars), or the wrong text's bytes are counted."""
     sidecars = sorted(h.dataset_dir.glob("fineweb_val_bytes_*.bin"))
     if (transform == CASEOPS_TRANSFORM or sidecars) and not h.caseops_enabled:
         what = (f"{manifest}: text_transform {transform}" if transform == CASEOPS_TRANSFORM

@@ -12,6 +12,7 @@ beside it and runs without it when copied into a records folder.
 - `pgolf.provenance`: the dataset manifest beside the shards: the tokenizer it records, each shard's size and
   sha256 (hashed once, then checked by size and modification time).
 - `pgolf.shards`: writing the challenge shard format (the data tools and the tests; train_gpt.py only reads it).
+- `pgolf.sample`: SAMPLE_DATA=1's embedded sample dataset, built on first use by data/make_sample.py.
 
 Nothing here imports train_gpt: when train_gpt.py runs as a script it is `__main__`, and a second import would
 make a second copy of its classes.

@@ -595,3 +595,15 @@ def test_sample_data_beside_a_copy_without_pgolf_is_one_line(tmp_path):
     assert run.rc == 2, run.describe()
     assert error_lines(run) == [f"error: {tmp_path / 'pgolf'}: not found; SAMPLE_DATA=1 needs the repository's "
                                 f"data/make_sample.py and pgolf/ beside train_gpt.py"], run.describe()
+
+
+def test_sample_data_without_the_builder_is_one_line(tmp_path):
+    """pgolf.sample beside a train_gpt.py with no data/make_sample.py: the same one-line DataError, naming the script."""
+    from pgolf import sample
+
+    fake = SimpleNamespace(__file__=str(tmp_path / "train_gpt.py"), DataError=tg.DataError, barrier=lambda: None)
+    h = tg.Hyperparameters.from_env({"PRESET": "smoke", "DATA_DIR": str(tmp_path / "data")})
+    with pytest.raises(tg.DataError) as exc:
+        sample.ensure(fake, h, SimpleNamespace(is_main=True), print)
+    assert str(exc.value) == (f"{tmp_path.resolve() / 'data' / 'make_sample.py'}: not found; SAMPLE_DATA=1 needs the "
+                              "repository's data/make_sample.py and pgolf/ beside train_gpt.py")
