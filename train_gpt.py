@@ -13,7 +13,8 @@ Run:
 Every knob is an UPPER_CASE environment variable read by `Hyperparameters.from_env`; docs/knobs.md
 lists them all. Importing this file has no side effects: the environment is read, devices are
 touched and files are written only inside `main()`. Beside it in the repository, pgolf/ (not shipped)
-adds run locks, OVERWRITE staging, other scripts' knob names, dataset manifest checks, EVAL_ONLY and REQUANTIZE.
+adds run locks, OVERWRITE staging, other scripts' knob names, dataset manifest checks, the embedded sample
+(SAMPLE_DATA), EVAL_ONLY and REQUANTIZE.
 
 Sections, in order (`grep -n '^# ====' train_gpt.py`): config, logging, distributed, data and BPB,
 model, kernels, optimizers, quantization and packing, evaluation, training, main.
