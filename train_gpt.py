@@ -3662,8 +3662,7 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Te
 
 @torch.no_grad()
 def eval_windows(ctx: EvalContext, stride: int) -> EvalResult:
-    """Score every validation target exactly once, in windows of seq_len every `stride` tokens (PR #50 sliding eval;
-    stride = seq_len is the plain evaluation), split contiguously across ranks."""
+    """Each target scored exactly once, seq_len windows every `stride` tokens (PR #50; stride = seq_len: plain eval)."""
     t0 = time.perf_counter()
     starts, first = sliding_windows(ctx.n_targets, ctx.seq_len, stride)
     lo, hi = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
@@ -3689,8 +3688,7 @@ TTT_LORA_EPS = 1e-10
 
 
 class DocLoRA:
-    """TTT's per-document LoRA adapters (PR #1530) on Q, K, V, O and the MLP of every virtual layer and on the head,
-    one row per document. B starts at zero (the base model scores first); TTT_WARM_START_A keeps A (PR #1767)."""
+    """Per-document LoRA (PR #1530) on Q, K, V, O, MLP of every virtual layer and the head; B = 0: base scores first."""
 
     def __init__(self, model: GPT, docs: int, rank: int, alpha: float, seed: int):
         cfg, device, self.scale = model.cfg, model.tok_emb.weight.device, alpha / rank
@@ -3716,7 +3714,7 @@ class DocLoRA:
 
     @torch.no_grad()
     def reset(self, warm_a: bool) -> None:
-        """A new batch of documents: B = 0 (the base model again); A re-drawn unless kept (warm start)."""
+        """New documents: B = 0 (the base model again); A re-drawn unless kept (TTT_WARM_START_A, PR #1767)."""
         for a, b in zip(self.params[0::2], self.params[1::2]):
             b.zero_()
             if not warm_a:  # nn.Linear's init range for A, drawn on the CPU so every device gets the same A
@@ -3776,9 +3774,9 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
         while busy:
             t, r, j = heapq.heappop(busy)
             done += sizes[j]
-            if not paused and len(pauses) < len(bounds) and done >= bounds[len(pauses)]:
-                paused = True
-            elif not paused and q < len(costs):
+            paused = paused or (len(pauses) < len(bounds) and done >= bounds[len(pauses)])
+            if not paused and q < len(costs):
+
                 heapq.heappush(busy, (t + costs[q], r, q))
                 share[r].append(q)
                 q += 1
@@ -3794,9 +3792,8 @@ def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: i
 
 
 class LoRAWalk(NamedTuple):
-    """Host-side plan of one LoRA batch (longest document first): chunk c runs rows[c] rows (>= 2) over windows of
-    width[c] (>= 3, see lora_nll); row r's starts at stream position start[c, r], its n[c, r] targets after column
-    col[c, r]; a last chunk's window ends at its document's end (PR #1855)."""
+    """Plan of one LoRA batch, longest document first (PR #1855): chunk c runs rows[c] >= 2 windows of width[c] >= 3
+    (lora_nll); row r's starts at stream position start[c, r], its n[c, r] targets after column col[c, r]."""
     rows: list[int]
     width: list[int]
     start: np.ndarray  # (chunks, rows)
@@ -3826,13 +3823,12 @@ class LoRAWalk(NamedTuple):
 
 def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAView) -> Tensor:
     """Nats of the targets y (rows, M) at window positions cols: only they reach the head."""
-    z = model.raw_logits(x, lora=lora, cols=cols)
-    return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
+    return softcapped_cross_entropy(model.raw_logits(x, lora=lora, cols=cols).float(), y, model.cfg.logit_softcap)
+
 
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
-    """lora_chunk_nll, compiled where ctx.lora is: one graph for every chunk, rows and width marked dynamic (at
-    least 2 rows and 3 tokens, sizes no graph specializes on)."""
+    """lora_chunk_nll, compiled where ctx.lora is: one graph, rows >= 2 and width >= 3 dynamic (never specialized)."""
     if ctx.lora is None:
         with ctx.autocast():
             return lora_chunk_nll(model, x, cols, y, lora)
@@ -3852,9 +3848,8 @@ def row_groups(k: int, group: int) -> list[tuple[int, int]]:
 
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
                      cfg: LoRATTTConfig, every: int, group: int = 1 << 30) -> Tensor:
-    """Score a batch in chunks of cfg.chunk targets (LoRAWalk), one forward each: the losses are scored, then (every
-    `every` chunks, 0: never) one AdamW step of each document's adapters on its chunk's mean loss if it has a later
-    chunk (PR #1855). Rows run `group` at a time (memory), gradients summed: the same step."""
+    """Score a batch chunk by chunk (LoRAWalk); every `every` chunks (0: never) step each document's adapters on its
+    chunk's mean loss if a later chunk follows (PR #1855). `group` rows a forward, gradients summed: the same step."""
     walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
     start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
@@ -3962,8 +3957,7 @@ class PhasedTTT:
         self.lora = self.adapters(self.cfg.batch_docs)
 
     def sgd_step(self, opt: torch.optim.Optimizer, tokens: Tensor, inputs: np.ndarray, weight: float) -> None:
-        """One SGD step on this rank's tokens (none: zero gradient), cut at every BOS and EVAL_SEQ_LEN (PR #1855's
-        cu_seqlens; plain rows without DOC_ISOLATION), weighted to average over the ranks with rows."""
+        """SGD step on this rank's tokens (none: zero grad), cut at BOS and EVAL_SEQ_LEN (PR #1855), ranks averaged."""
         ctx, cfg = self.ctx, self.model.cfg
         for p in self.base:
             p.grad = torch.zeros_like(p)
@@ -3984,8 +3978,7 @@ class PhasedTTT:
 
 @dataclass
 class TTTGuard:
-    """Phased TTT's time budget: a rank whose projected finish passes it steps its adapters down (local: scoring has
-    no collectives); a phase runs only if the slowest rank's projection plus its SGD fits."""
+    """Phased TTT's time budget: a rank projected past it steps LoRA down (locally); a phase runs if all ranks fit."""
     budget_s: float
     log: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
@@ -4013,9 +4006,8 @@ class TTTGuard:
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
-    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order): batches
-    scored longest first, claimed by the ranks as they come free; at each pause the base model takes SGD on scored
-    documents, then fresh adapters. No token is trained on before it is scored."""
+    """Phased score-first LoRA TTT (PR #1530 LoRA; PR #1610/#1626 phases; PR #1855 order): batches longest first; each
+    pause, SGD of the base model on scored documents, then new adapters. No token is trained on before it is scored."""
     tokens = ctx.tokens.cpu().numpy()
     docs = ttt_documents(tokens, ctx.n_targets)
     lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
@@ -4081,8 +4073,7 @@ def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
 
 
 def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path: Path) -> Evaluations:
-    """Everything timed as evaluation (graphs compiled in the warm-up): read the artifact, score its round trip, then
-    sliding windows and score-first TTT when enabled; the last evaluation is the score."""
+    """Timed evaluation: read the artifact, score its round trip, sliding windows, then TTT; the last is the score."""
     h, log, clock = rc.h, rc.log, rc.clock
     t0, blob = time.perf_counter(), artifact_path.read_bytes()
     body = artifact_body(blob, str(artifact_path))  # pergroup: 20-24 s in PR #1855's logs
@@ -4200,12 +4191,10 @@ def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
 
 @dataclass(frozen=True)
 class Graphs:
-    """`model` trains and evaluates, `calibrate` is GPTQ's forward (model.hidden, compiled for the micro-batch shape
-    only), `base` the module whose weights they share, `lora` TTT's chunk forward (lora_chunk_nll; None: eager)."""
-    model: Callable[..., Tensor]
-    calibrate: Callable[[Tensor], Tensor]
-    base: GPT
-    lora: Callable[..., Tensor] | None = None
+    model: Callable[..., Tensor]  # trains and evaluates
+    calibrate: Callable[[Tensor], Tensor]  # GPTQ's forward: model.hidden, compiled for the micro-batch shape only
+    base: GPT  # the module whose weights they share
+    lora: Callable[..., Tensor] | None = None  # TTT's chunk forward (lora_chunk_nll); None: eager
 
     @classmethod
     def build(cls, h: Hyperparameters, model: GPT) -> "Graphs":
@@ -4221,8 +4210,7 @@ class Graphs:
 
 def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers,
                      make_loader: Callable[[], TrainLoader], log: Logger) -> dict[str, float]:
-    """Untimed: WARMUP_STEPS steps per looping state compile the graphs and grow the allocator, then model and
-    optimizer are restored so the timed run starts from step 0 (as every record does). Returns seconds per state."""
+    """Untimed WARMUP_STEPS per looping state to compile, then model and optimizer restored: timing starts at step 0."""
     seconds: dict[str, float] = {}
     model = graphs.base
     model_state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -4249,9 +4237,8 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
 
 def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: bool,
                    training_run: bool) -> dict[str, float]:
-    """Untimed, with COMPILE=1, on random tokens (PR #1530's warm-up on validation tokens was flagged): compile the
-    evaluation forward in `looping`, the state training ends in (both if VAL_LOSS_EVERY evaluates in training), TTT's
-    chunk step and (training run) the calibration forward. Returns seconds per graph."""
+    """Untimed (COMPILE=1) on random tokens (PR #1530's warm-up on validation tokens was flagged): the eval forward in
+    `looping` (both states if VAL_LOSS_EVERY), TTT's chunk step and, in a training run, the calibration forward."""
     model = graphs.base
     seconds: dict[str, float] = {}
     if not h.compile:
@@ -4304,8 +4291,8 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
 
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
-    """Training seconds kept back so GPTQ's Hessians, which read training data, end inside the wallclock
-    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 without GPTQ or without a cap."""
+    """Seconds kept so GPTQ's Hessians (training data) end inside the wallclock (PR #1868); 0 without GPTQ or a cap."""
+
     if h.quant_method != "gptq" or h.max_wallclock_seconds <= 0:
         return 0.0
     reserve = (h.gptq_reserve if h.gptq_reserve is not None
@@ -4324,7 +4311,6 @@ PROGRESS_POINTS = 20  # and at least this many over ITERATIONS: the JSON's loss 
 
 
 def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_time: float, last_step: bool) -> bool:
-    """Whether step `step` gets a progress line."""
     return (step <= 2 or last_step or step == h.iterations or bool(h.train_log_every and step % h.train_log_every == 0)
             or step % max(1, h.iterations // PROGRESS_POINTS) == 0 or train_time - last_line_time >= PROGRESS_SECONDS)
 
@@ -4583,15 +4569,14 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
     rc.log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:{label} bytes_total:{bytes_total} "
            f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
            f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
-    # Leave together: a rank that exits right after its last all-reduce can abort in interpreter
-    # finalization while Gloo's worker thread still releases that collective's tensors (needs the GIL).
+    # Leave together: a rank exiting right after its last all-reduce can abort in finalization (Gloo needs the GIL).
+
     barrier()
     return 0
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
-    """Entry point; returns the process exit code (2: bad input, 3: training diverged, 4: an output could not
-    be written, 130: interrupted (SIGINT), 143 / 129: terminated (SIGTERM / SIGHUP))."""
+    """Exit code: 2 bad input, 3 training diverged, 4 an output not written, 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
     previous = catch_termination()
     try:
         return run(Hyperparameters.from_env(env))
