@@ -3776,7 +3776,6 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
             done += sizes[j]
             paused = paused or (len(pauses) < len(bounds) and done >= bounds[len(pauses)])
             if not paused and q < len(costs):
-
                 heapq.heappush(busy, (t + costs[q], r, q))
                 share[r].append(q)
                 q += 1
@@ -3824,7 +3823,6 @@ class LoRAWalk(NamedTuple):
 def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAView) -> Tensor:
     """Nats of the targets y (rows, M) at window positions cols: only they reach the head."""
     return softcapped_cross_entropy(model.raw_logits(x, lora=lora, cols=cols).float(), y, model.cfg.logit_softcap)
-
 
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
@@ -3894,9 +3892,15 @@ def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: Lo
     return max(2, min(cfg.batch_docs, int(0.8 * free / per_row))), per_row / 2**20
 
 
-def set_requires_grad(params: list[nn.Parameter], on: bool) -> None:
+def with_frozen(params: list[nn.Parameter], fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with params' requires_grad off: a LoRA backward skips their gradients (and it guards the graph)."""
     for p in params:
-        p.requires_grad_(on)
+        p.requires_grad_(False)
+    try:
+        return fn(*args)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -3914,11 +3918,8 @@ class PhasedTTT:
         self.made = 0
         self.lora = self.adapters(self.cfg.batch_docs)
         self.base = [p for p in self.model.parameters() if p.requires_grad]
-        set_requires_grad(self.base, False)
-        try:
-            self.group, self.mib_per_row = lora_rows_per_forward(self.ctx, self.model, self.lora, self.cfg)
-        finally:
-            set_requires_grad(self.base, True)
+        self.group, self.mib_per_row = with_frozen(self.base, lora_rows_per_forward, self.ctx, self.model,
+                                                   self.lora, self.cfg)
 
     def adapters(self, docs: int) -> DocLoRA:
         """A new adapter set (at least 2 rows, see LoRAWalk), drawn from a seed of its own: a run is reproducible."""
@@ -3930,12 +3931,8 @@ class PhasedTTT:
         lora = self.lora if len(batch) == self.cfg.batch_docs else self.adapters(len(batch))
         if lora is self.lora:
             lora.reset(warm_a=self.cfg.warm_start_a)
-        set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
-        try:
-            return score_lora_batch(self.model, lora, self.ctx, [self.docs[d] for d in batch], self.cfg,
-                                    self.every, self.group)
-        finally:
-            set_requires_grad(self.base, True)
+        return with_frozen(self.base, score_lora_batch, self.model, lora, self.ctx, [self.docs[d] for d in batch],
+                           self.cfg, self.every, self.group)
 
     def global_sgd(self, doc_ids: list[int]) -> None:
         """All ranks: SGD on the base weights over scored documents (each with the next one's BOS), then new adapters
@@ -4281,18 +4278,14 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
     cols = cols.expand(rows, -1).contiguous()
     ctx = EvalContext(graphs.model, win.flatten(), None, width, width, 1, d.rank, d.world_size, d.device,
                       h.compute_dtype, None, graphs.lora)
-    base = [p for p in model.parameters() if p.requires_grad]
-    set_requires_grad(base, False)  # frozen base weights are a guard of the graph
-    try:
-        lora_nll(model, lora.rows(rows), win[:, :-1], cols, win.gather(1, cols + 1), ctx).mean().backward()
-    finally:
-        set_requires_grad(base, True)
+    x, y = win[:, :-1], win.gather(1, cols + 1)
+    with_frozen([p for p in model.parameters() if p.requires_grad],
+                lambda: lora_nll(model, lora.rows(rows), x, cols, y, ctx).mean().backward())
 
 
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
     """Seconds kept so GPTQ's Hessians (training data) end inside the wallclock (PR #1868); 0 without GPTQ or a cap."""
-
     if h.quant_method != "gptq" or h.max_wallclock_seconds <= 0:
         return 0.0
     reserve = (h.gptq_reserve if h.gptq_reserve is not None
@@ -4570,7 +4563,6 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
            f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
            f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
     # Leave together: a rank exiting right after its last all-reduce can abort in finalization (Gloo needs the GIL).
-
     barrier()
     return 0
 
