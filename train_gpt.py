@@ -3697,10 +3697,9 @@ class DocLoRA:
         self.params: list[Tensor] = []
 
         def adapter(n_in: int, n_out: int) -> Adapter:
-            a = torch.zeros(docs, rank, n_in, device=device, requires_grad=True)
-            b = torch.zeros(docs, n_out, rank, device=device, requires_grad=True)
-            self.params += [a, b]
-            return a, b, self.scale
+            self.params += [torch.zeros(docs, rank, n_in, device=device, requires_grad=True),
+                            torch.zeros(docs, n_out, rank, device=device, requires_grad=True)]
+            return self.params[-2], self.params[-1], self.scale
 
         self.slots = [LoRASlot(adapter(C, C), adapter(C, kv), adapter(C, kv), adapter(C, C), adapter(C, C))
                       for _ in model.layouts[model.looping]]
@@ -3935,8 +3934,7 @@ class PhasedTTT:
                            self.cfg, self.every, self.group)
 
     def global_sgd(self, doc_ids: list[int]) -> None:
-        """All ranks: SGD on the base weights over scored documents (each with the next one's BOS), then new adapters
-        (PR #1855); chunks of TTT_CHUNK_TOKENS at cosine LR (the last not trained), their rows split over the ranks."""
+        """All ranks: cosine-LR SGD of the base on scored docs by TTT_CHUNK_TOKENS, then new adapters (PR #1855)."""
         idx = np.concatenate([np.arange(lo, hi + 1) for lo, hi in (self.docs[d] for d in doc_ids)] or [[0]])
         stream, host = self.ctx.tokens[torch.from_numpy(idx).to(self.ctx.device)], self.tokens[idx]
         S, chunk, world = self.ctx.seq_len, self.sgd.chunk_tokens, self.ctx.world_size
@@ -4003,8 +4001,7 @@ class TTTGuard:
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
-    """Phased score-first LoRA TTT (PR #1530 LoRA; PR #1610/#1626 phases; PR #1855 order): batches longest first; each
-    pause, SGD of the base model on scored documents, then new adapters. No token is trained on before it is scored."""
+    """Phased score-first LoRA TTT (PR #1530 LoRA, PR #1610/#1626 phases, PR #1855 order): no token trained unscored."""
     tokens = ctx.tokens.cpu().numpy()
     docs = ttt_documents(tokens, ctx.n_targets)
     lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
@@ -4058,10 +4055,6 @@ class Evaluations:
     @property
     def label(self) -> str:
         return list(self.results)[-1]
-
-    @property
-    def final(self) -> EvalResult:
-        return self.results[self.label]
 
 
 def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
@@ -4234,8 +4227,7 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
 
 def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: bool,
                    training_run: bool) -> dict[str, float]:
-    """Untimed (COMPILE=1) on random tokens (PR #1530's warm-up on validation tokens was flagged): the eval forward in
-    `looping` (both states if VAL_LOSS_EVERY), TTT's chunk step and, in a training run, the calibration forward."""
+    """Untimed COMPILE=1 warm-up of eval, TTT and calibration graphs on random tokens (PR #1530 used val: flagged)."""
     model = graphs.base
     seconds: dict[str, float] = {}
     if not h.compile:
@@ -4343,8 +4335,7 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 ema.update()
                 timer.mark("ema")
             step += 1
-            # One collective per step: loss, non-finite loss and the stop decision (before the cap), alike on every
-            # rank. The host runs ahead of the GPU: a step lasts at least the last one up to its collective.
+            # One collective: loss, non-finite flag, a stop alike on all ranks; the host runs ahead: step >= last.
             step_s = max(time.perf_counter() - t0, last_step_s)
             local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
                                  torch.tensor(float(cap > 0 and train_time + 2 * step_s > cap), device=d.device)])
@@ -4535,7 +4526,8 @@ def recovery_run(h: Hyperparameters) -> Any:
 def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: float, steps: int,
            metrics: dict[str, Any]) -> int:
     """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
-    h, final, label, bytes_code, wall = rc.h, ev.final, ev.label, len(rc.code), rc.clock.wall_seconds()
+    h, label, bytes_code, wall = rc.h, ev.label, len(rc.code), rc.clock.wall_seconds()
+    final = ev.results[label]
     bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
     rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
