@@ -3645,8 +3645,7 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Te
     """Sum of (nats, targets, bytes) over the windows, batch_seqs a forward (the last batch padded: one graph)."""
     sums, n = torch.zeros(3, dtype=torch.float64, device=ctx.device), starts.size
     starts_t, first_t = (torch.from_numpy(a).to(ctx.device) for a in (starts, first))
-    offsets = torch.arange(ctx.seq_len + 1, device=ctx.device)
-    rows = torch.arange(ctx.batch_seqs, device=ctx.device)
+    offsets, rows = (torch.arange(v, device=ctx.device) for v in (ctx.seq_len + 1, ctx.batch_seqs))
     for b in range(0, n, ctx.batch_seqs):
         idx = (b + rows).clamp_max(n - 1)
         pos = starts_t[idx][:, None] + offsets  # each window's stream positions
@@ -3765,17 +3764,14 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
     segments, pauses, q, done = [], [], 0, 0
     while q < len(costs):
         share: list[list[int]] = [[] for _ in range(world)]
-        busy, paused = [], False
-        for r in range(min(world, len(costs) - q)):
-            heapq.heappush(busy, (costs[q], r, q))
-            share[r].append(q)
-            q += 1
+        busy, paused = [(-1, r, -1) for r in range(world)], False  # (time free, rank, batch done): all free first
         while busy:
             t, r, j = heapq.heappop(busy)
-            done += sizes[j]
-            paused = paused or (len(pauses) < len(bounds) and done >= bounds[len(pauses)])
+            if j >= 0:
+                done += sizes[j]
+                paused = paused or (len(pauses) < len(bounds) and done >= bounds[len(pauses)])
             if not paused and q < len(costs):
-                heapq.heappush(busy, (t + costs[q], r, q))
+                heapq.heappush(busy, (max(t, 0) + costs[q], r, q))
                 share[r].append(q)
                 q += 1
         segments.append(share)
@@ -3790,13 +3786,12 @@ def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: i
 
 
 class LoRAWalk(NamedTuple):
-    """Plan of one LoRA batch, longest document first (PR #1855): chunk c runs rows[c] >= 2 windows of width[c] >= 3
-    (lora_nll); row r's starts at stream position start[c, r], its n[c, r] targets after column col[c, r]."""
-    rows: list[int]
-    width: list[int]
-    start: np.ndarray  # (chunks, rows)
-    col: np.ndarray
-    n: np.ndarray
+    """Plan of one LoRA batch, longest document first (PR #1855); c: chunk, r: row (a document)."""
+    rows: list[int]  # per chunk: its rows (>= 2, see lora_nll)
+    width: list[int]  # per chunk: its window width (>= 3)
+    start: np.ndarray  # (chunks, rows): the window's first stream position
+    col: np.ndarray  # (chunks, rows): the column its targets start after
+    n: np.ndarray  # (chunks, rows): how many targets it scores
     learn: np.ndarray  # (chunks, rows): the document has a later chunk, so this one is trained on
 
     @classmethod
@@ -3826,14 +3821,12 @@ def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAVie
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
     """lora_chunk_nll, compiled where ctx.lora is: one graph, rows >= 2 and width >= 3 dynamic (never specialized)."""
-    if ctx.lora is None:
-        with ctx.autocast():
-            return lora_chunk_nll(model, x, cols, y, lora)
-    for t in (x, cols, y, *(w for ad in [*(a for s in lora.slots for a in s), lora.head] for w in ad[:2])):
-        torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 30)
-    torch._dynamo.mark_dynamic(x, 1, min=3, max=ctx.seq_len)  # the RoPE base is fixed up to ROPE_TRAIN_SEQ_LEN
+    if ctx.lora is not None:
+        for t in (x, cols, y, *(w for ad in [*(a for s in lora.slots for a in s), lora.head] for w in ad[:2])):
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 30)
+        torch._dynamo.mark_dynamic(x, 1, min=3, max=ctx.seq_len)  # the RoPE base is fixed up to ROPE_TRAIN_SEQ_LEN
     with ctx.autocast():
-        return ctx.lora(x, cols, y, lora)
+        return lora_chunk_nll(model, x, cols, y, lora) if ctx.lora is None else ctx.lora(x, cols, y, lora)
 
 
 def row_groups(k: int, group: int) -> list[tuple[int, int]]:
@@ -4161,10 +4154,10 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
         mark("data")
         if h.doc_isolation:  # one compiled graph for every document count (no recompile per count)
             torch._dynamo.mark_dynamic(cu, 0)
+        else:  # a packed row attends in rows of TRAIN_SEQ_LEN, not across its whole length
+            x, y, cu = x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len), None
         with compute_autocast(device, h.compute_dtype):
-            # Without isolation a packed row attends in rows of TRAIN_SEQ_LEN (not across its whole length).
-            loss = (model(x, y, cu_seqlens=cu) if h.doc_isolation
-                    else model(x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)))
+            loss = model(x, y, cu_seqlens=cu)
         (loss / h.accum_steps).backward()
         total += loss.detach()
         mark("fwd_bwd")
@@ -4527,8 +4520,7 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
            metrics: dict[str, Any]) -> int:
     """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
     h, label, bytes_code, wall = rc.h, ev.label, len(rc.code), rc.clock.wall_seconds()
-    final = ev.results[label]
-    bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
+    final, bytes_total, eval_time_ms = ev.results[label], bytes_model + bytes_code, ev.seconds * 1000
     rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
     metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
