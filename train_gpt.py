@@ -3742,8 +3742,7 @@ class LoRATTTConfig:
 def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
     """[lo, hi) input positions of each document, from its BOS (or 0) to the next one's, covering 0..n_targets."""
     starts = np.union1d([0], np.flatnonzero(tokens[:n_targets] == BOS_ID))
-    ends = np.append(starts[1:], n_targets)
-    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+    return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], n_targets))]
 
 
 def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[int]]]:
@@ -4041,13 +4040,10 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
 
 @dataclass
 class Evaluations:
-    results: dict[str, EvalResult]  # label -> result, in the order they ran; the last one is the score
+    results: dict[str, EvalResult]  # label -> result, in the order they ran
     seconds: float  # total eval time: artifact read + every evaluation + TTT
     ttt: dict[str, Any] | None
-
-    @property
-    def label(self) -> str:
-        return list(self.results)[-1]
+    label: str  # the score's: the last evaluation
 
 
 def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
@@ -4079,7 +4075,7 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
                    phases=f"{ttt_info['phases_run']}/{ttt_info['phases_set']}")
         results["ttt"] = r
         clock.record("eval_ttt", r.seconds, r.tokens)
-    ev = Evaluations(results, time.perf_counter() - t0, ttt_info)
+    ev = Evaluations(results, time.perf_counter() - t0, ttt_info, list(results)[-1])
     check = rc.data.check  # every target of the scored stream exactly once, with the verified bytes
     for label, r in results.items():
         if (r.tokens, r.bytes) != (check.targets, check.bytes):
@@ -4311,10 +4307,9 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
     """Steps until ITERATIONS or the wallclock cap minus the GPTQ reserve; then the EMA weights are applied."""
     model = graphs.base
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    loader = make_loader()
+    loader, timer = make_loader(), StepTimer(d.device)
     cap = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
     train_time, step, stopped_by, last_step_s = 0.0, 0, "iterations", 0.0
-    timer = StepTimer(d.device)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     window_start = (0.0, 0)  # (train time, step) at the previous progress line
     try:
@@ -4523,17 +4518,15 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
     final, bytes_total, eval_time_ms = ev.results[label], bytes_model + bytes_code, ev.seconds * 1000
     rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
-    metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
-                    "val_tokens": final.tokens, "val_bytes": final.bytes, "bytes_total": bytes_total,
-                    "bytes_model": bytes_model, "bytes_code": bytes_code,
-                    "over_limit": bytes_total > ARTIFACT_LIMIT_BYTES, "train_time_ms": round(train_time_ms),
-                    "eval_time_ms": round(eval_time_ms), "steps": steps, "world_size": rc.d.world_size,
-                    "config": h.knob_values(), "config_hash": config_hash(h.knob_values()),
-                    "code_sha256": hashlib.sha256(rc.code).hexdigest(), "versions": rc.versions,
-                    "attention_backend": rc.backend, "dataset": rc.data.fingerprint, "reportable": rc.data.reportable,
-                    "reportable_reason": rc.data.reportable_reason,
-                    "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
-                    "phases": rc.clock.rows, "wall_seconds": round(wall, 3)})
+    metrics.update(run_id=h.run_id, eval=label, val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.tokens,
+                   val_bytes=final.bytes, bytes_total=bytes_total, bytes_model=bytes_model, bytes_code=bytes_code,
+                   over_limit=bytes_total > ARTIFACT_LIMIT_BYTES, train_time_ms=round(train_time_ms),
+                   eval_time_ms=round(eval_time_ms), steps=steps, world_size=rc.d.world_size, config=h.knob_values(),
+                   config_hash=config_hash(h.knob_values()), code_sha256=hashlib.sha256(rc.code).hexdigest(),
+                   versions=rc.versions, attention_backend=rc.backend, dataset=rc.data.fingerprint,
+                   reportable=rc.data.reportable, reportable_reason=rc.data.reportable_reason,
+                   evaluations={k: dataclasses.asdict(v) for k, v in ev.results.items()}, ttt=ev.ttt,
+                   phases=rc.clock.rows, wall_seconds=round(wall, 3))
     failure = None
     if rc.d.is_main and not rc.log.failure:  # no JSON for a run whose log is incomplete
         try:
