@@ -3843,8 +3843,7 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
     start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    j = torch.arange(cfg.chunk, device=ctx.device)
+    sums, j = torch.zeros(3, dtype=torch.float64, device=ctx.device), torch.arange(cfg.chunk, device=ctx.device)
     for c, (k, width) in enumerate(zip(walk.rows, walk.width)):
         step = every and c % every == 0 and c + 1 < len(walk.rows)
         for a, b in row_groups(k, group):
