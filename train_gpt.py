@@ -3348,8 +3348,7 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Te
     """Sum of (nats, targets, bytes) over the windows, batch_seqs a forward (the last batch padded: one graph)."""
     sums, n = torch.zeros(3, dtype=torch.float64, device=ctx.device), starts.size
     starts_t, first_t = (torch.from_numpy(a).to(ctx.device) for a in (starts, first))
-    offsets = torch.arange(ctx.seq_len + 1, device=ctx.device)
-    rows = torch.arange(ctx.batch_seqs, device=ctx.device)
+    offsets, rows = (torch.arange(v, device=ctx.device) for v in (ctx.seq_len + 1, ctx.batch_seqs))
     for b in range(0, n, ctx.batch_seqs):
         idx = (b + rows).clamp_max(n - 1)
         pos = starts_t[idx][:, None] + offsets  # each window's stream positions
@@ -3365,8 +3364,7 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Te
 
 @torch.no_grad()
 def eval_windows(ctx: EvalContext, stride: int) -> EvalResult:
-    """Score every validation target exactly once, in windows of seq_len every `stride` tokens (PR #50 sliding eval;
-    stride = seq_len is the plain evaluation), split contiguously across ranks."""
+    """Each target scored exactly once, seq_len windows every `stride` tokens (PR #50; stride = seq_len: plain eval)."""
     t0 = time.perf_counter()
     starts, first = sliding_windows(ctx.n_targets, ctx.seq_len, stride)
     lo, hi = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
@@ -3392,8 +3390,7 @@ TTT_LORA_EPS = 1e-10
 
 
 class DocLoRA:
-    """TTT's per-document LoRA adapters (PR #1530) on Q, K, V, O and the MLP of every virtual layer and on the head,
-    one row per document. B starts at zero (the base model scores first); TTT_WARM_START_A keeps A (PR #1767)."""
+    """Per-document LoRA (PR #1530) on Q, K, V, O, MLP of every virtual layer and the head; B = 0: base scores first."""
 
     def __init__(self, model: GPT, docs: int, rank: int, alpha: float, seed: int):
         cfg, device, self.scale = model.cfg, model.tok_emb.weight.device, alpha / rank
@@ -3402,10 +3399,9 @@ class DocLoRA:
         self.params: list[Tensor] = []
 
         def adapter(n_in: int, n_out: int) -> Adapter:
-            a = torch.zeros(docs, rank, n_in, device=device, requires_grad=True)
-            b = torch.zeros(docs, n_out, rank, device=device, requires_grad=True)
-            self.params += [a, b]
-            return a, b, self.scale
+            self.params += [torch.zeros(docs, rank, n_in, device=device, requires_grad=True),
+                            torch.zeros(docs, n_out, rank, device=device, requires_grad=True)]
+            return self.params[-2], self.params[-1], self.scale
 
         self.slots = [LoRASlot(adapter(C, C), adapter(C, kv), adapter(C, kv), adapter(C, C), adapter(C, C))
                       for _ in model.layouts[model.looping]]
@@ -3419,7 +3415,7 @@ class DocLoRA:
 
     @torch.no_grad()
     def reset(self, warm_a: bool) -> None:
-        """A new batch of documents: B = 0 (the base model again); A re-drawn unless kept (warm start)."""
+        """New documents: B = 0 (the base model again); A re-drawn unless kept (TTT_WARM_START_A, PR #1767)."""
         for a, b in zip(self.params[0::2], self.params[1::2]):
             b.zero_()
             if not warm_a:  # nn.Linear's init range for A, drawn on the CPU so every device gets the same A
@@ -3449,8 +3445,7 @@ class LoRATTTConfig:
 def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
     """[lo, hi) input positions of each document, from its BOS (or 0) to the next one's, covering 0..n_targets."""
     starts = np.union1d([0], np.flatnonzero(tokens[:n_targets] == BOS_ID))
-    ends = np.append(starts[1:], n_targets)
-    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+    return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], n_targets))]
 
 
 def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[int]]]:
@@ -3471,18 +3466,14 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
     segments, pauses, q, done = [], [], 0, 0
     while q < len(costs):
         share: list[list[int]] = [[] for _ in range(world)]
-        busy, paused = [], False
-        for r in range(min(world, len(costs) - q)):
-            heapq.heappush(busy, (costs[q], r, q))
-            share[r].append(q)
-            q += 1
+        busy, paused = [(-1, r, -1) for r in range(world)], False  # (time free, rank, batch done): all free first
         while busy:
             t, r, j = heapq.heappop(busy)
-            done += sizes[j]
-            if not paused and len(pauses) < len(bounds) and done >= bounds[len(pauses)]:
-                paused = True
-            elif not paused and q < len(costs):
-                heapq.heappush(busy, (t + costs[q], r, q))
+            if j >= 0:
+                done += sizes[j]
+                paused = paused or (len(pauses) < len(bounds) and done >= bounds[len(pauses)])
+            if not paused and q < len(costs):
+                heapq.heappush(busy, (max(t, 0) + costs[q], r, q))
                 share[r].append(q)
                 q += 1
         segments.append(share)
@@ -3497,14 +3488,12 @@ def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: i
 
 
 class LoRAWalk(NamedTuple):
-    """Host-side plan of one LoRA batch (longest document first): chunk c runs rows[c] rows (>= 2) over windows of
-    width[c] (>= 3, see lora_nll); row r's starts at stream position start[c, r], its n[c, r] targets after column
-    col[c, r]; a last chunk's window ends at its document's end (PR #1855)."""
-    rows: list[int]
-    width: list[int]
-    start: np.ndarray  # (chunks, rows)
-    col: np.ndarray
-    n: np.ndarray
+    """Plan of one LoRA batch, longest document first (PR #1855); c: chunk, r: row (a document)."""
+    rows: list[int]  # per chunk: its rows (>= 2, see lora_nll)
+    width: list[int]  # per chunk: its window width (>= 3)
+    start: np.ndarray  # (chunks, rows): the window's first stream position
+    col: np.ndarray  # (chunks, rows): the column its targets start after
+    n: np.ndarray  # (chunks, rows): how many targets it scores
     learn: np.ndarray  # (chunks, rows): the document has a later chunk, so this one is trained on
 
     @classmethod
@@ -3529,21 +3518,17 @@ class LoRAWalk(NamedTuple):
 
 def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAView) -> Tensor:
     """Nats of the targets y (rows, M) at window positions cols: only they reach the head."""
-    z = model.raw_logits(x, lora=lora, cols=cols)
-    return softcapped_cross_entropy(z.float(), y, model.cfg.logit_softcap)
+    return softcapped_cross_entropy(model.raw_logits(x, lora=lora, cols=cols).float(), y, model.cfg.logit_softcap)
 
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
-    """lora_chunk_nll, compiled where ctx.lora is: one graph for every chunk, rows and width marked dynamic (at
-    least 2 rows and 3 tokens, sizes no graph specializes on)."""
-    if ctx.lora is None:
-        with ctx.autocast():
-            return lora_chunk_nll(model, x, cols, y, lora)
-    for t in (x, cols, y, *(w for ad in [*(a for s in lora.slots for a in s), lora.head] for w in ad[:2])):
-        torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 30)
-    torch._dynamo.mark_dynamic(x, 1, min=3, max=ctx.seq_len)  # the RoPE base is fixed up to ROPE_TRAIN_SEQ_LEN
+    """lora_chunk_nll, compiled where ctx.lora is: one graph, rows >= 2 and width >= 3 dynamic (never specialized)."""
+    if ctx.lora is not None:
+        for t in (x, cols, y, *(w for ad in [*(a for s in lora.slots for a in s), lora.head] for w in ad[:2])):
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 30)
+        torch._dynamo.mark_dynamic(x, 1, min=3, max=ctx.seq_len)  # the RoPE base is fixed up to ROPE_TRAIN_SEQ_LEN
     with ctx.autocast():
-        return ctx.lora(x, cols, y, lora)
+        return lora_chunk_nll(model, x, cols, y, lora) if ctx.lora is None else ctx.lora(x, cols, y, lora)
 
 
 def row_groups(k: int, group: int) -> list[tuple[int, int]]:
@@ -3555,15 +3540,13 @@ def row_groups(k: int, group: int) -> list[tuple[int, int]]:
 
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
                      cfg: LoRATTTConfig, every: int, group: int = 1 << 30) -> Tensor:
-    """Score a batch in chunks of cfg.chunk targets (LoRAWalk), one forward each: the losses are scored, then (every
-    `every` chunks, 0: never) one AdamW step of each document's adapters on its chunk's mean loss if it has a later
-    chunk (PR #1855). Rows run `group` at a time (memory), gradients summed: the same step."""
+    """Score a batch chunk by chunk (LoRAWalk); every `every` chunks (0: never) step each document's adapters on its
+    chunk's mean loss if a later chunk follows (PR #1855). `group` rows a forward, gradients summed: the same step."""
     walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
     start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
                             weight_decay=cfg.weight_decay)
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    j = torch.arange(cfg.chunk, device=ctx.device)
+    sums, j = torch.zeros(3, dtype=torch.float64, device=ctx.device), torch.arange(cfg.chunk, device=ctx.device)
     for c, (k, width) in enumerate(zip(walk.rows, walk.width)):
         step = every and c % every == 0 and c + 1 < len(walk.rows)
         for a, b in row_groups(k, group):
@@ -3602,9 +3585,15 @@ def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: Lo
     return max(2, min(cfg.batch_docs, int(0.8 * free / per_row))), per_row / 2**20
 
 
-def set_requires_grad(params: list[nn.Parameter], on: bool) -> None:
+def with_frozen(params: list[nn.Parameter], fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with params' requires_grad off: a LoRA backward skips their gradients (and it guards the graph)."""
     for p in params:
-        p.requires_grad_(on)
+        p.requires_grad_(False)
+    try:
+        return fn(*args)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -3622,11 +3611,8 @@ class PhasedTTT:
         self.made = 0
         self.lora = self.adapters(self.cfg.batch_docs)
         self.base = [p for p in self.model.parameters() if p.requires_grad]
-        set_requires_grad(self.base, False)
-        try:
-            self.group, self.mib_per_row = lora_rows_per_forward(self.ctx, self.model, self.lora, self.cfg)
-        finally:
-            set_requires_grad(self.base, True)
+        self.group, self.mib_per_row = with_frozen(self.base, lora_rows_per_forward, self.ctx, self.model,
+                                                   self.lora, self.cfg)
 
     def adapters(self, docs: int) -> DocLoRA:
         """A new adapter set (at least 2 rows, see LoRAWalk), drawn from a seed of its own: a run is reproducible."""
@@ -3638,16 +3624,11 @@ class PhasedTTT:
         lora = self.lora if len(batch) == self.cfg.batch_docs else self.adapters(len(batch))
         if lora is self.lora:
             lora.reset(warm_a=self.cfg.warm_start_a)
-        set_requires_grad(self.base, False)  # the adapters' backward skips every base weight's gradient
-        try:
-            return score_lora_batch(self.model, lora, self.ctx, [self.docs[d] for d in batch], self.cfg,
-                                    self.every, self.group)
-        finally:
-            set_requires_grad(self.base, True)
+        return with_frozen(self.base, score_lora_batch, self.model, lora, self.ctx, [self.docs[d] for d in batch],
+                           self.cfg, self.every, self.group)
 
     def global_sgd(self, doc_ids: list[int]) -> None:
-        """All ranks: SGD on the base weights over scored documents (each with the next one's BOS), then new adapters
-        (PR #1855); chunks of TTT_CHUNK_TOKENS at cosine LR (the last not trained), their rows split over the ranks."""
+        """All ranks: cosine-LR SGD of the base on scored docs by TTT_CHUNK_TOKENS, then new adapters (PR #1855)."""
         idx = np.concatenate([np.arange(lo, hi + 1) for lo, hi in (self.docs[d] for d in doc_ids)] or [[0]])
         stream, host = self.ctx.tokens[torch.from_numpy(idx).to(self.ctx.device)], self.tokens[idx]
         S, chunk, world = self.ctx.seq_len, self.sgd.chunk_tokens, self.ctx.world_size
@@ -3665,8 +3646,7 @@ class PhasedTTT:
         self.lora = self.adapters(self.cfg.batch_docs)
 
     def sgd_step(self, opt: torch.optim.Optimizer, tokens: Tensor, inputs: np.ndarray, weight: float) -> None:
-        """One SGD step on this rank's tokens (none: zero gradient), cut at every BOS and EVAL_SEQ_LEN (PR #1855's
-        cu_seqlens; plain rows without DOC_ISOLATION), weighted to average over the ranks with rows."""
+        """SGD step on this rank's tokens (none: zero grad), cut at BOS and EVAL_SEQ_LEN (PR #1855), ranks averaged."""
         ctx, cfg = self.ctx, self.model.cfg
         for p in self.base:
             p.grad = torch.zeros_like(p)
@@ -3687,8 +3667,7 @@ class PhasedTTT:
 
 @dataclass
 class TTTGuard:
-    """Phased TTT's time budget: a rank whose projected finish passes it steps its adapters down (local: scoring has
-    no collectives); a phase runs only if the slowest rank's projection plus its SGD fits."""
+    """Phased TTT's time budget: a rank projected past it steps LoRA down (locally); a phase runs if all ranks fit."""
     budget_s: float
     log: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
@@ -3716,9 +3695,7 @@ class TTTGuard:
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
-    """Phased score-first LoRA TTT (PR #1530 per-document LoRA; PR #1610/#1626 phases; PR #1855's order): batches
-    scored longest first, claimed by the ranks as they come free; at each pause the base model takes SGD on scored
-    documents, then fresh adapters. No token is trained on before it is scored."""
+    """Phased score-first LoRA TTT (PR #1530 LoRA, PR #1610/#1626 phases, PR #1855 order): no token trained unscored."""
     tokens = ctx.tokens.cpu().numpy()
     docs = ttt_documents(tokens, ctx.n_targets)
     lengths = np.array([hi - lo for lo, hi in docs], dtype=np.int64)
@@ -3765,17 +3742,10 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
 
 @dataclass
 class Evaluations:
-    results: dict[str, EvalResult]  # label -> result, in the order they ran; the last one is the score
+    results: dict[str, EvalResult]  # label -> result, in the order they ran
     seconds: float  # total eval time: artifact read + every evaluation + TTT
     ttt: dict[str, Any] | None
-
-    @property
-    def label(self) -> str:
-        return list(self.results)[-1]
-
-    @property
-    def final(self) -> EvalResult:
-        return self.results[self.label]
+    label: str  # the score's: the last evaluation
 
 
 def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
@@ -3784,8 +3754,7 @@ def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
 
 
 def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path: Path) -> Evaluations:
-    """Everything timed as evaluation (graphs compiled in the warm-up): read the artifact, score its round trip, then
-    sliding windows and score-first TTT when enabled; the last evaluation is the score."""
+    """Timed evaluation: read the artifact, score its round trip, sliding windows, then TTT; the last is the score."""
     h, log, clock = rc.h, rc.log, rc.clock
     t0, blob = time.perf_counter(), artifact_path.read_bytes()
     body = artifact_body(blob, str(artifact_path))  # pergroup: 20-24 s in PR #1855's logs
@@ -3808,7 +3777,7 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
                    phases=f"{ttt_info['phases_run']}/{ttt_info['phases_set']}")
         results["ttt"] = r
         clock.record("eval_ttt", r.seconds, r.tokens)
-    ev = Evaluations(results, time.perf_counter() - t0, ttt_info)
+    ev = Evaluations(results, time.perf_counter() - t0, ttt_info, list(results)[-1])
     check = rc.data.check  # every target of the scored stream exactly once, with the verified bytes
     for label, r in results.items():
         if (r.tokens, r.bytes) != (check.targets, check.bytes):
@@ -3883,10 +3852,10 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
         mark("data")
         if h.doc_isolation:  # one compiled graph for every document count (no recompile per count)
             torch._dynamo.mark_dynamic(cu, 0)
+        else:  # a packed row attends in rows of TRAIN_SEQ_LEN, not across its whole length
+            x, y, cu = x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len), None
         with compute_autocast(device, h.compute_dtype):
-            # Without isolation a packed row attends in rows of TRAIN_SEQ_LEN (not across its whole length).
-            loss = (model(x, y, cu_seqlens=cu) if h.doc_isolation
-                    else model(x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)))
+            loss = model(x, y, cu_seqlens=cu)
         (loss / h.accum_steps).backward()
         total += loss.detach()
         mark("fwd_bwd")
@@ -3903,12 +3872,10 @@ def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
 
 @dataclass(frozen=True)
 class Graphs:
-    """`model` trains and evaluates, `calibrate` is GPTQ's forward (model.hidden, compiled for the micro-batch shape
-    only), `base` the module whose weights they share, `lora` TTT's chunk forward (lora_chunk_nll; None: eager)."""
-    model: Callable[..., Tensor]
-    calibrate: Callable[[Tensor], Tensor]
-    base: GPT
-    lora: Callable[..., Tensor] | None = None
+    model: Callable[..., Tensor]  # trains and evaluates
+    calibrate: Callable[[Tensor], Tensor]  # GPTQ's forward: model.hidden, compiled for the micro-batch shape only
+    base: GPT  # the module whose weights they share
+    lora: Callable[..., Tensor] | None = None  # TTT's chunk forward (lora_chunk_nll); None: eager
 
     @classmethod
     def build(cls, h: Hyperparameters, model: GPT) -> "Graphs":
@@ -3924,8 +3891,7 @@ class Graphs:
 
 def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers,
                      make_loader: Callable[[], TrainLoader], log: Logger) -> dict[str, float]:
-    """Untimed: WARMUP_STEPS steps per looping state compile the graphs and grow the allocator, then model and
-    optimizer are restored so the timed run starts from step 0 (as every record does). Returns seconds per state."""
+    """Untimed WARMUP_STEPS per looping state to compile, then model and optimizer restored: timing starts at step 0."""
     seconds: dict[str, float] = {}
     model = graphs.base
     model_state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -3952,9 +3918,7 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
 
 def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: bool,
                    training_run: bool) -> dict[str, float]:
-    """Untimed, with COMPILE=1, on random tokens (PR #1530's warm-up on validation tokens was flagged): compile the
-    evaluation forward in `looping`, the state training ends in (both if VAL_LOSS_EVERY evaluates in training), TTT's
-    chunk step and (training run) the calibration forward. Returns seconds per graph."""
+    """Untimed COMPILE=1 warm-up of eval, TTT and calibration graphs on random tokens (PR #1530 used val: flagged)."""
     model = graphs.base
     seconds: dict[str, float] = {}
     if not h.compile:
@@ -3997,18 +3961,14 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
     cols = cols.expand(rows, -1).contiguous()
     ctx = EvalContext(graphs.model, win.flatten(), None, width, width, 1, d.rank, d.world_size, d.device,
                       h.compute_dtype, None, graphs.lora)
-    base = [p for p in model.parameters() if p.requires_grad]
-    set_requires_grad(base, False)  # frozen base weights are a guard of the graph
-    try:
-        lora_nll(model, lora.rows(rows), win[:, :-1], cols, win.gather(1, cols + 1), ctx).mean().backward()
-    finally:
-        set_requires_grad(base, True)
+    x, y = win[:, :-1], win.gather(1, cols + 1)
+    with_frozen([p for p in model.parameters() if p.requires_grad],
+                lambda: lora_nll(model, lora.rows(rows), x, cols, y, ctx).mean().backward())
 
 
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
-    """Training seconds kept back so GPTQ's Hessians, which read training data, end inside the wallclock
-    (PR #1868): GPTQ_RESERVE_SECONDS, or measured (auto). 0 without GPTQ or without a cap."""
+    """Seconds kept so GPTQ's Hessians (training data) end inside the wallclock (PR #1868); 0 without GPTQ or a cap."""
     if h.quant_method != "gptq" or h.max_wallclock_seconds <= 0:
         return 0.0
     reserve = (h.gptq_reserve if h.gptq_reserve is not None
@@ -4027,7 +3987,6 @@ PROGRESS_POINTS = 20  # and at least this many over ITERATIONS: the JSON's loss 
 
 
 def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_time: float, last_step: bool) -> bool:
-    """Whether step `step` gets a progress line."""
     return (step <= 2 or last_step or step == h.iterations or bool(h.train_log_every and step % h.train_log_every == 0)
             or step % max(1, h.iterations // PROGRESS_POINTS) == 0 or train_time - last_line_time >= PROGRESS_SECONDS)
 
@@ -4050,10 +4009,9 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
     """Steps until ITERATIONS or the wallclock cap minus the GPTQ reserve; then the EMA weights are applied."""
     model = graphs.base
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    loader = make_loader()
+    loader, timer = make_loader(), StepTimer(d.device)
     cap = h.max_wallclock_seconds - reserve if h.max_wallclock_seconds > 0 else 0.0
     train_time, step, stopped_by, last_step_s = 0.0, 0, "iterations", 0.0
-    timer = StepTimer(d.device)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     window_start = (0.0, 0)  # (train time, step) at the previous progress line
     try:
@@ -4067,8 +4025,7 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
                 ema.update()
                 timer.mark("ema")
             step += 1
-            # One collective per step: loss, non-finite loss and the stop decision (before the cap), alike on every
-            # rank. The host runs ahead of the GPU: a step lasts at least the last one up to its collective.
+            # One collective: loss, non-finite flag, a stop alike on all ranks; the host runs ahead: step >= last.
             step_s = max(time.perf_counter() - t0, last_step_s)
             local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
                                  torch.tensor(float(cap > 0 and train_time + 2 * step_s > cap), device=d.device)])
@@ -4259,21 +4216,19 @@ def recovery_run(h: Hyperparameters) -> Any:
 def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: float, steps: int,
            metrics: dict[str, Any]) -> int:
     """Write the metrics JSON and print the one `final ...` line reviewers and tools read."""
-    h, final, label, bytes_code, wall = rc.h, ev.final, ev.label, len(rc.code), rc.clock.wall_seconds()
-    bytes_total, eval_time_ms = bytes_model + bytes_code, ev.seconds * 1000
+    h, label, bytes_code, wall = rc.h, ev.label, len(rc.code), rc.clock.wall_seconds()
+    final, bytes_total, eval_time_ms = ev.results[label], bytes_model + bytes_code, ev.seconds * 1000
     rc.log(format_kv(wall_time=f"{wall:.1f}s", phases_seconds=f"{sum(r['seconds'] for r in rc.clock.rows):.1f}",
                      covers="from the start of main() to here; the phase lines above say where it went"))
-    metrics.update({"run_id": h.run_id, "eval": label, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
-                    "val_tokens": final.tokens, "val_bytes": final.bytes, "bytes_total": bytes_total,
-                    "bytes_model": bytes_model, "bytes_code": bytes_code,
-                    "over_limit": bytes_total > ARTIFACT_LIMIT_BYTES, "train_time_ms": round(train_time_ms),
-                    "eval_time_ms": round(eval_time_ms), "steps": steps, "world_size": rc.d.world_size,
-                    "config": h.knob_values(), "config_hash": config_hash(h.knob_values()),
-                    "code_sha256": hashlib.sha256(rc.code).hexdigest(), "versions": rc.versions,
-                    "attention_backend": rc.backend, "dataset": rc.data.fingerprint, "reportable": rc.data.reportable,
-                    "reportable_reason": rc.data.reportable_reason,
-                    "evaluations": {k: dataclasses.asdict(v) for k, v in ev.results.items()}, "ttt": ev.ttt,
-                    "phases": rc.clock.rows, "wall_seconds": round(wall, 3)})
+    metrics.update(run_id=h.run_id, eval=label, val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.tokens,
+                   val_bytes=final.bytes, bytes_total=bytes_total, bytes_model=bytes_model, bytes_code=bytes_code,
+                   over_limit=bytes_total > ARTIFACT_LIMIT_BYTES, train_time_ms=round(train_time_ms),
+                   eval_time_ms=round(eval_time_ms), steps=steps, world_size=rc.d.world_size, config=h.knob_values(),
+                   config_hash=config_hash(h.knob_values()), code_sha256=hashlib.sha256(rc.code).hexdigest(),
+                   versions=rc.versions, attention_backend=rc.backend, dataset=rc.data.fingerprint,
+                   reportable=rc.data.reportable, reportable_reason=rc.data.reportable_reason,
+                   evaluations={k: dataclasses.asdict(v) for k, v in ev.results.items()}, ttt=ev.ttt,
+                   phases=rc.clock.rows, wall_seconds=round(wall, 3))
     failure = None
     if rc.d.is_main and not rc.log.failure:  # no JSON for a run whose log is incomplete
         try:
@@ -4286,15 +4241,13 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
     rc.log(f"final val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval:{label} bytes_total:{bytes_total} "
            f"bytes_model:{bytes_model} bytes_code:{bytes_code} train_time_ms:{round(train_time_ms)} "
            f"eval_time_ms:{round(eval_time_ms)} steps:{steps}")
-    # Leave together: a rank that exits right after its last all-reduce can abort in interpreter
-    # finalization while Gloo's worker thread still releases that collective's tensors (needs the GIL).
+    # Leave together: a rank exiting right after its last all-reduce can abort in finalization (Gloo needs the GIL).
     barrier()
     return 0
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
-    """Entry point; returns the process exit code (2: bad input, 3: training diverged, 4: an output could not
-    be written, 130: interrupted (SIGINT), 143 / 129: terminated (SIGTERM / SIGHUP))."""
+    """Exit code: 2 bad input, 3 training diverged, 4 an output not written, 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
     previous = catch_termination()
     try:
         return run(Hyperparameters.from_env(env))
