@@ -2701,8 +2701,7 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
 
 
 def lqer_factors(A: Tensor, B: Tensor, spec: "QuantSpec") -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
-    """LQER codes of E ~ A @ B and their B group size: 0 = symmetric, a scale per row (PR #1855's _lqer_pack);
-    asymmetric (PR #1797): A in [-2, 1] at one scale, B in [-8, 7] at a scale per `lqer_asym_group` values."""
+    """LQER codes of E ~ A @ B and B's scale group: asymmetric int2 A, int4 B (PR #1797), else 0: by row (PR #1855)."""
     g, bits = spec.lqer_asym_group, spec.lqer_factor_bits
     if not g or B.numel() % g:  # symmetric: each row clipped at its max (SDClip k = 0)
         sa, sb = sdclip_scales(A, bits, 0), sdclip_scales(B, bits, 0)
@@ -2781,12 +2780,11 @@ def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: 
 def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, QuantTensor | Tensor]:
     """QuantTensors (codes on the CPU) of the matrices, batched by shape and group; LQER on the lqer_top_k worst."""
-    hessians = hessians or {}
     out, stacks, errors = {}, {}, []
     gates = "gate" in dict(spec.bits)  # GATED_ATTN_QUANT_GATE: the gates too, though they are control tensors
     for name, t in sorted(state.items()):
         if is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate"):
-            key = (tuple(t.shape), quant_group(name), spec.method == "gptq" and name in hessians)
+            key = (tuple(t.shape), quant_group(name), spec.method == "gptq" and name in (hessians or {}))
             stacks.setdefault(key, []).append(name)
         else:
             out[name] = t.detach()
@@ -2864,12 +2862,10 @@ def code_role(name: str) -> str:
 
 def similarity_order(q: np.ndarray) -> np.ndarray:
     """PR #1855's similarity sort: rows in greedy nearest-L1-neighbour order from row 0, so neighbours differ little."""
-    d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1)
-    order = [0]
-    d[:, 0] = math.inf
-    for _ in range(len(q) - 1):
-        order.append(int(d[order[-1]].argmin()))
+    d, order = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1), [0]
+    while len(order) < len(q):
         d[:, order[-1]] = math.inf
+        order.append(int(d[order[-1]].argmin()))
     return np.array(order, dtype=np.uint16)
 
 
@@ -2911,13 +2907,10 @@ def decode_role(raw: bytes) -> bytes:
     pos, rows = PERGROUP_HEAD.size + 8 * n, shapes[:, 0]
     orders = np.split(np.frombuffer(raw, "<u2", rows.sum() * sort, pos), np.cumsum(rows)[:-1])
     mats = np.split(np.frombuffer(raw, np.int8, -1, pos + 2 * rows.sum() * sort), np.cumsum(shapes.prod(1))[:-1])
-    out = []
-    for (r, c), o, m in zip(shapes, orders, mats):
-        m = m.reshape(c, r).T  # a short or long piece fails here (the last matrix takes what is left)
-        if sort and (np.sort(o) != np.arange(r)).any():
-            raise ValueError("a row order is not a permutation")
-        out.append((m[np.argsort(o)] if sort else m).tobytes())
-    return b"".join(out)
+    mats = [m.reshape(c, r).T for (r, c), m in zip(shapes, mats)]  # a short or long piece fails here (the last one)
+    if sort and any((np.sort(o) != np.arange(r)).any() for o, r in zip(orders, rows)):
+        raise ValueError("a row order is not a permutation")
+    return b"".join((m[np.argsort(o)] if sort else m).tobytes() for m, o in zip(mats, orders))
 
 
 def pack_piece(piece: tuple[str, bytes, list]) -> bytes:
@@ -2953,8 +2946,8 @@ def compress_body(body: bytes, compressor: str) -> bytes:
 
 def decompress_chunks(compressed: bytes, source: str) -> bytes:
     """Inverse of compress_body's part after the prefix (checked by the caller): the serialized body."""
-    compressors = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}
-    if not compressed or compressed[0] not in compressors:
+    kind = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}.get(compressed[0] if compressed else None)
+    if kind is None:
         raise ArtifactError(f"{source}: corrupted artifact: unknown compressor id")
     try:
         (n,) = CHUNK_COUNT.unpack_from(compressed, 1)
@@ -2964,7 +2957,6 @@ def decompress_chunks(compressed: bytes, source: str) -> bytes:
             raise ValueError(f"{n} chunks of {sum(lengths)} bytes do not fill the {len(compressed) - offset}-byte body")
         bounds = np.cumsum([offset, *lengths]).tolist()
         chunks = [compressed[a:b] for a, b in zip(bounds, bounds[1:])]
-        kind = compressors[compressed[0]]
         if kind == "pergroup" and b"\1" in {c[:1] for c in chunks} and not shutil.which("lrzip"):
             raise ArtifactError(f"{source}: COMPRESSOR=pergroup needs lrzip, not installed: apt-get install -y lrzip")
         unpack = (lambda c: unpack_piece(c, source)) if kind == "pergroup" else (lambda c: _compress(c, kind, True))
@@ -2989,9 +2981,8 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
     def add(t: Tensor) -> dict[str, int]:
         t = t.detach().cpu().contiguous()
         data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()  # numpy has no bf16
-        seg = {"offset": sum(map(len, segments)), "nbytes": len(data), "stride": t.element_size()}
         segments.append(byte_shuffle(data, t.element_size()))
-        return seg
+        return {"offset": sum(map(len, segments[:-1])), "nbytes": len(data), "stride": t.element_size()}
     qts = {n: t for n, t in quantized.items() if isinstance(t, QuantTensor)}
     # pergroup: by role, so that each role's codes are one contiguous run (pergroup_pieces)
     qts = dict(sorted(qts.items(), key=lambda e: (code_role(e[0]) if compressor == "pergroup" else e[1].group, e[0])))
@@ -3104,8 +3095,7 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
     """Quantize and pack, widening the matrix groups' SDClip k while over `budget_bytes`: entropy falls ~log2(factor)
     bits per parameter (PR #1394), or the last two attempts' slope; an attempt is packed only if its prediction fits."""
-    t0 = time.perf_counter()
-    attempts: list[dict[str, Any]] = []
+    t0, attempts = time.perf_counter(), []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
     for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
@@ -3193,10 +3183,8 @@ def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward:
     finally:
         loader.close()
         model.set_looping(looping)
-    reserve = torch.tensor(worst * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S,
-                           device=d.device)
-    all_reduce_(reserve, op="max")
-    return float(reserve)
+    reserve = worst * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S
+    return float(all_reduce_(torch.tensor(reserve, device=d.device), op="max"))  # the slowest rank's
 
 
 @dataclass
