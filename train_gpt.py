@@ -2907,7 +2907,7 @@ def decode_role(raw: bytes) -> bytes:
     pos, rows = PERGROUP_HEAD.size + 8 * n, shapes[:, 0]
     orders = np.split(np.frombuffer(raw, "<u2", rows.sum() * sort, pos), np.cumsum(rows)[:-1])
     mats = np.split(np.frombuffer(raw, np.int8, -1, pos + 2 * rows.sum() * sort), np.cumsum(shapes.prod(1))[:-1])
-    mats = [m.reshape(c, r).T for (r, c), m in zip(shapes, mats)]  # a short or long piece fails here (the last one)
+    mats = [m.reshape(c, r).T for (r, c), m in zip(shapes, mats)]  # a short or long piece fails: the last has the rest
     if sort and any((np.sort(o) != np.arange(r)).any() for o, r in zip(orders, rows)):
         raise ValueError("a row order is not a permutation")
     return b"".join((m[np.argsort(o)] if sort else m).tobytes() for m, o in zip(mats, orders))
@@ -3125,7 +3125,7 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
         if stuck or matrix_params == 0:
             break
         step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / ratio / matrix_params  # log2 k to add (entropy rule)
-        if len(attempts) >= 2:  # or as the last two attempts' bytes saved per doubling of k (> 0: not stuck) say
+        if len(attempts) >= 2:  # or more, where the last two attempts' bytes saved per doubling of k (> 0) ask it
             (f0, b0), (f1, b1) = [(a["factor"], a["bytes"]) for a in attempts[-2:]]
             step = max(step, FIT_OVERSHOOT * (size - budget_bytes) / ((b0 - b1) / (math.log2(f1) - math.log2(f0))))
         factor *= 2.0 ** step
@@ -3161,7 +3161,7 @@ def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.devi
 
 def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: TrainLoader, batches: int,
                     forward: Callable[[Tensor], Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
-    """GPTQ Hessians from `batches` training batches (each rank its share of each), summed over ranks; the seconds."""
+    """GPTQ Hessians of `batches` training batches (each rank its share of each) summed over ranks, and the seconds."""
     # Rows of TRAIN_SEQ_LEN (a packed batch is one long row), attending across documents as PR #1855's.
     ids = (loader.next_batch()[0].reshape(-1, h.train_seq_len) for _ in range(batches * h.accum_steps))
     synchronize(d.device)
@@ -3175,7 +3175,7 @@ def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: Train
 
 def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                          make_loader: Callable[[], TrainLoader]) -> float:
-    """GPTQ_RESERVE_SECONDS=auto: the slower of two calibration batches x batches x GPTQ_RESERVE_SAFETY + pad."""
+    """GPTQ_RESERVE_SECONDS=auto: the slower of two timed batches x batches x GPTQ_RESERVE_SAFETY + a pad."""
     loader, looping = make_loader(), model.looping
     model.set_looping(h.num_loops > 0)  # as at the end of training
     try:
