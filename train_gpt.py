@@ -2550,19 +2550,16 @@ ARTIFACT_MAGIC = b"PGOLFART"
 ARTIFACT_VERSION = 4  # 4: asymmetric LQER and int8 gate rows (3: the body in independently compressed chunks)
 ARTIFACT_PREFIX = struct.Struct("<8sHIQ")  # magic, version, crc32 of the compressed body, its length
 ARTIFACT_COMPRESSOR_IDS = {"brotli": 0, "lzma": 1, "zlib": 2, "pergroup": 3}  # the compressed body's first byte
-# COMPRESSOR=pergroup (PR #1855): each role's code matrices (every layer's c_q, ...; at least PERGROUP_MIN_BYTES)
-# transposed, one `lrzip -z -L 9` (ZPAQ) stream per role; the rest brotli. A chunk starts with its coder's index.
-PERGROUP_CODERS = ("brotli", "lrzip")
-# PR #1855 also sorts attn.c_q and mlp.fc: here that costs 0.3-1.4% of those groups' bytes (bench/RESULTS.md).
-PERGROUP_SORTED = ("tok_emb.weight",)
+# COMPRESSOR=pergroup (PR #1855): one `lrzip -z -L 9` (ZPAQ) stream per role of transposed codes, the rest brotli.
+PERGROUP_CODERS = ("brotli", "lrzip")  # a chunk's first byte: its coder's index
+PERGROUP_SORTED = ("tok_emb.weight",)  # PR #1855 also sorts attn.c_q, mlp.fc: here 0.3-1.4% more of their bytes
 PERGROUP_MIN_BYTES = 4096
 PERGROUP_RATIO = 0.99  # pergroup bytes / brotli-11 bytes of one model (0.986-0.992 measured: bench/RESULTS.md)
 PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorted?; then (rows, cols) uint32 each
 ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
 LZMA_PRESET = 9  # PR #1290
-# Chunks compressed in parallel: brotli-11 of the record's body in one stream takes most of a minute (bench/compress.py)
-COMPRESS_CHUNK_BYTES = 4 << 20
+COMPRESS_CHUNK_BYTES = 4 << 20  # compressed in parallel: brotli-11 of the whole record body takes most of a minute
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
 FIT_OVERSHOOT = 1.15  # widen k a little more than the entropy estimate asks, so one more pack fits
@@ -2582,9 +2579,7 @@ def quant_group(name: str) -> str:
     """SDClip/bit-width group: embed (tables, an untied head), gate (GATED_ATTN_QUANT_GATE), attn or mlp."""
     if name in ("tok_emb.weight", "lm_head.weight"):
         return "embed"
-    if name.endswith(".attn_gate_w"):
-        return "gate"
-    return "attn" if ".attn." in name else "mlp"
+    return "gate" if name.endswith(".attn_gate_w") else "attn" if ".attn." in name else "mlp"
 
 
 def is_quantized(name: str, t: Tensor) -> bool:
@@ -2609,8 +2604,7 @@ def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
-    """Full-Hessian act-order GPTQ (PR #1019 -> PR #1394) on a fixed SDClip grid, of a matrix or a stack (k, rows,
-    cols) in one batched column loop; dead columns zeroed; LinAlgError where a damped Hessian is not PD."""
+    """Full-Hessian act-order GPTQ (PR #1019 -> PR #1394) on a fixed SDClip grid, of a matrix or a stack of them."""
     single = w.dim() == 2
     W, H, s = (t.detach().float().clone() for t in ((w[None], H[None], scale[None]) if single else (w, H, scale)))
     k, rows, n = W.shape
@@ -2642,22 +2636,12 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
     return Q[0] if single else Q
 
 
-def quantize_symmetric_factor(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:
-    """LQER factor codes: symmetric max-abs scaling along `dim` (fp16 scales)."""
-    r = qmax(bits)
-    scale = (x.abs().amax(dim=dim, keepdim=True) / r).half()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(torch.round(x / scale.float()), -r, r).to(torch.int8), scale
-
-
 def lqer_factors(A: Tensor, B: Tensor, spec: "QuantSpec") -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
-    """LQER codes of E ~ A @ B and their B group size: 0 = symmetric, a scale per row (PR #1855's _lqer_pack);
-    asymmetric (PR #1797): A in [-2, 1] at one scale, B in [-8, 7] at a scale per `lqer_asym_group` values."""
-    g = spec.lqer_asym_group
-    if not g or B.numel() % g:
-        qa, sa = quantize_symmetric_factor(A, spec.lqer_factor_bits, dim=1)
-        qb, sb = quantize_symmetric_factor(B, spec.lqer_factor_bits, dim=1)
-        return (qa, sa, qb, sb), 0
+    """LQER codes of E ~ A @ B and B's scale group: asymmetric int2 A, int4 B (PR #1797), else 0: by row (PR #1855)."""
+    g, bits = spec.lqer_asym_group, spec.lqer_factor_bits
+    if not g or B.numel() % g:  # symmetric: each row clipped at its max (SDClip k = 0)
+        sa, sb = sdclip_scales(A, bits, 0), sdclip_scales(B, bits, 0)
+        return (quantize_rtn(A, sa, bits), sa[:, None], quantize_rtn(B, sb, bits), sb[:, None]), 0
     sa = (A.abs().amax().clamp_min(1e-10) / 1.5).half().reshape(1, 1)
     groups = B.reshape(-1, g)
     sb = (groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 7.5).half()
@@ -2707,8 +2691,7 @@ class QuantTensor:
         w = self.q.float() * self.scale.float()[:, None]
         if self.lqer is not None:
             qa, sa, qb, sb = self.lqer
-            b = qb.float()
-            b = (b.reshape(-1, self.lqer_group) * sb.float()).reshape(b.shape) if self.lqer_group else b * sb.float()
+            b = (qb.float().reshape(-1, self.lqer_group or qb.shape[1]) * sb.float()).reshape(qb.shape)
             w = w + (qa.float() * sa.float()) @ b
         return w.to(self.dtype)
 
@@ -2732,14 +2715,12 @@ def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: 
 
 def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, QuantTensor | Tensor]:
-    """Quantize the matrices (GPTQ where a Hessian exists, else round to nearest; same-shape ones of a group
-    batched) on their device, LQER on the `lqer_top_k` largest errors; codes on the CPU, other tensors as given."""
-    hessians = hessians or {}
+    """QuantTensors (codes on the CPU) of the matrices, batched by shape and group; LQER on the lqer_top_k worst."""
     out, stacks, errors = {}, {}, []
     gates = "gate" in dict(spec.bits)  # GATED_ATTN_QUANT_GATE: the gates too, though they are control tensors
     for name, t in sorted(state.items()):
         if is_quantized(name, t) or (gates and t.ndim == 2 and quant_group(name) == "gate"):
-            key = (tuple(t.shape), quant_group(name), spec.method == "gptq" and name in hessians)
+            key = (tuple(t.shape), quant_group(name), spec.method == "gptq" and name in (hessians or {}))
             stacks.setdefault(key, []).append(name)
         else:
             out[name] = t.detach()
@@ -2790,7 +2771,6 @@ def byte_shuffle(data: bytes, stride: int, undo: bool = False) -> bytes:
 
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int8,
                                                           torch.uint8, torch.int32, torch.int64, torch.bool)}
-FP16_MAX = 65504.0  # largest finite float16
 
 
 def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
@@ -2801,8 +2781,7 @@ def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
     if compressor == "zlib":
         return zlib.decompress(data) if undo else zlib.compress(data, ZLIB_LEVEL)
     import lzma
-    fmt = lzma.FORMAT_XZ
-    return lzma.decompress(data, format=fmt) if undo else lzma.compress(data, format=fmt, preset=LZMA_PRESET)
+    return lzma.decompress(data, lzma.FORMAT_XZ) if undo else lzma.compress(data, lzma.FORMAT_XZ, preset=LZMA_PRESET)
 
 
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
@@ -2819,12 +2798,10 @@ def code_role(name: str) -> str:
 
 def similarity_order(q: np.ndarray) -> np.ndarray:
     """PR #1855's similarity sort: rows in greedy nearest-L1-neighbour order from row 0, so neighbours differ little."""
-    d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1)
-    order = [0]
-    d[:, 0] = math.inf
-    for _ in range(len(q) - 1):
-        order.append(int(d[order[-1]].argmin()))
+    d, order = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1), [0]
+    while len(order) < len(q):
         d[:, order[-1]] = math.inf
+        order.append(int(d[order[-1]].argmin()))
     return np.array(order, dtype=np.uint16)
 
 
@@ -2835,8 +2812,7 @@ def lrzip(data: bytes, *args: str) -> bytes:
 
 
 def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
-    """(role, bytes, matrix shapes) in body order: each run of one role's codes (PERGROUP_MIN_BYTES or more) and
-    the bytes between them (role ""); serialize_quantized's pergroup order makes each role one run."""
+    """(role, bytes, shapes) in body order: each role's run of codes (PERGROUP_MIN_BYTES or more), the rest as ""."""
     from itertools import groupby
     (hlen,) = struct.unpack_from("<I", body)
     codes = [e for e in json.loads(body[4: 4 + hlen])["tensors"] if e["kind"] == "intq_row"]
@@ -2852,8 +2828,7 @@ def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
 
 def encode_role(role: str, raw: bytes, shapes: list) -> bytes:
     """A role's codes as PR #1855's coder reads them: PERGROUP_HEAD, shapes, row orders if sorted, each transposed."""
-    # At most 16,384 rows: similarity_order holds rows x rows fp32 distances (1 GiB there).
-    sort = role in PERGROUP_SORTED and max(r for r, _ in shapes) <= 1 << 14
+    sort = role in PERGROUP_SORTED and max(r for r, _ in shapes) <= 1 << 14  # similarity_order: rows^2 fp32, 1 GiB
     mats = np.split(np.frombuffer(raw, np.int8), np.cumsum([r * c for r, c in shapes])[:-1])
     mats = [m.reshape(shape) for m, shape in zip(mats, shapes)]
     orders = [similarity_order(m) for m in mats] if sort else [slice(None)] * len(mats)
@@ -2868,13 +2843,10 @@ def decode_role(raw: bytes) -> bytes:
     pos, rows = PERGROUP_HEAD.size + 8 * n, shapes[:, 0]
     orders = np.split(np.frombuffer(raw, "<u2", rows.sum() * sort, pos), np.cumsum(rows)[:-1])
     mats = np.split(np.frombuffer(raw, np.int8, -1, pos + 2 * rows.sum() * sort), np.cumsum(shapes.prod(1))[:-1])
-    out = []
-    for (r, c), o, m in zip(shapes, orders, mats):
-        m = m.reshape(c, r).T  # a short or long piece fails here (the last matrix takes what is left)
-        if sort and (np.sort(o) != np.arange(r)).any():
-            raise ValueError("a row order is not a permutation")
-        out.append((m[np.argsort(o)] if sort else m).tobytes())
-    return b"".join(out)
+    mats = [m.reshape(c, r).T for (r, c), m in zip(shapes, mats)]  # a short or long piece fails: the last has the rest
+    if sort and any((np.sort(o) != np.arange(r)).any() for o, r in zip(orders, rows)):
+        raise ValueError("a row order is not a permutation")
+    return b"".join((m[np.argsort(o)] if sort else m).tobytes() for m, o in zip(mats, orders))
 
 
 def pack_piece(piece: tuple[str, bytes, list]) -> bytes:
@@ -2910,8 +2882,8 @@ def compress_body(body: bytes, compressor: str) -> bytes:
 
 def decompress_chunks(compressed: bytes, source: str) -> bytes:
     """Inverse of compress_body's part after the prefix (checked by the caller): the serialized body."""
-    compressors = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}
-    if not compressed or compressed[0] not in compressors:
+    kind = {v: k for k, v in ARTIFACT_COMPRESSOR_IDS.items()}.get(compressed[0] if compressed else None)
+    if kind is None:
         raise ArtifactError(f"{source}: corrupted artifact: unknown compressor id")
     try:
         (n,) = CHUNK_COUNT.unpack_from(compressed, 1)
@@ -2921,7 +2893,6 @@ def decompress_chunks(compressed: bytes, source: str) -> bytes:
             raise ValueError(f"{n} chunks of {sum(lengths)} bytes do not fill the {len(compressed) - offset}-byte body")
         bounds = np.cumsum([offset, *lengths]).tolist()
         chunks = [compressed[a:b] for a, b in zip(bounds, bounds[1:])]
-        kind = compressors[compressed[0]]
         if kind == "pergroup" and b"\1" in {c[:1] for c in chunks} and not shutil.which("lrzip"):
             raise ArtifactError(f"{source}: COMPRESSOR=pergroup needs lrzip, not installed: apt-get install -y lrzip")
         unpack = (lambda c: unpack_piece(c, source)) if kind == "pergroup" else (lambda c: _compress(c, kind, True))
@@ -2934,7 +2905,6 @@ def decompress_chunks(compressed: bytes, source: str) -> bytes:
 
 def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                    meta: dict[str, Any] | None = None) -> bytes:
-    """The compressed artifact of quantized tensors (compress_body of serialize_quantized)."""
     return compress_body(serialize_quantized(quantized, compressor, meta), compressor)
 
 
@@ -2947,9 +2917,8 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
     def add(t: Tensor) -> dict[str, int]:
         t = t.detach().cpu().contiguous()
         data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()  # numpy has no bf16
-        seg = {"offset": sum(map(len, segments)), "nbytes": len(data), "stride": t.element_size()}
         segments.append(byte_shuffle(data, t.element_size()))
-        return seg
+        return {"offset": sum(map(len, segments[:-1])), "nbytes": len(data), "stride": t.element_size()}
     qts = {n: t for n, t in quantized.items() if isinstance(t, QuantTensor)}
     # pergroup: by role, so that each role's codes are one contiguous run (pergroup_pieces)
     qts = dict(sorted(qts.items(), key=lambda e: (code_role(e[0]) if compressor == "pergroup" else e[1].group, e[0])))
@@ -2965,12 +2934,11 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
         if qt.lqer is not None:
             e["lqer"].update(a_scale=add(qt.lqer[1]), b_scale=add(qt.lqer[3]))
     for name in sorted(quantized.keys() - qts.keys()):
-        t = quantized[name]
+        t = quantized[name].detach()
         if t.dtype not in _TORCH_DTYPES.values():
             raise ArtifactError(f"{name}: dtype {t.dtype} cannot be stored in an artifact")
-        # Small float tensors go to fp16, unless a value would overflow it: then they stay exact.
-        to_fp16 = t.is_floating_point() and (t.numel() == 0 or t.detach().abs().max().item() <= FP16_MAX)
-        kind, stored = ("fp16", t.detach().half()) if to_fp16 else ("raw", t.detach())
+        to_fp16 = t.is_floating_point() and (t.numel() == 0 or t.abs().max().item() <= torch.finfo(torch.float16).max)
+        kind, stored = ("fp16", t.half()) if to_fp16 else ("raw", t)  # exact where fp16 would overflow
         entries.append({"name": name, "kind": kind, "dtype": str(t.dtype).removeprefix("torch."),
                         "shape": list(t.shape), "data": add(stored)})
     header = json.dumps({"format": "pgolf-artifact", "version": ARTIFACT_VERSION, "compressor": compressor,
@@ -3028,10 +2996,9 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
                 qt = QuantTensor(e["group"], e["bits"], segment(e["q"], torch.int8, e["shape"]),
                                  segment(e["scale"], torch.float16, [rows]), dtype, e["method"], lq, g)
                 state[e["name"]] = qt.dequantize()
-            elif e["kind"] == "fp16":
-                state[e["name"]] = segment(e["data"], torch.float16, e["shape"]).to(dtype)
-            elif e["kind"] == "raw":
-                state[e["name"]] = segment(e["data"], dtype, e["shape"])
+            elif e["kind"] in ("fp16", "raw"):
+                stored = torch.float16 if e["kind"] == "fp16" else dtype
+                state[e["name"]] = segment(e["data"], stored, e["shape"]).to(dtype)
             else:
                 raise ValueError(f"unknown tensor kind {e['kind']!r}")
         except ArtifactError:
@@ -3060,23 +3027,11 @@ class FitResult:
     fits: bool
 
 
-def fit_stuck(spec: QuantSpec, attempts: list[dict[str, Any]]) -> str:
-    """Why widening the matrix groups' k cannot shrink the artifact any more ("" while it can)."""
-    if not any(k > 0 for g, k in spec.clip if g in ("attn", "mlp")):
-        return ("MLP_CLIP_SIGMAS=ATTN_CLIP_SIGMAS=0 clip at each row's max, which no factor widens "
-                "(MATRIX_CLIP_SIGMAS > 0 clips at k sigmas)")
-    if len(attempts) >= 2 and attempts[-1]["bytes"] >= attempts[-2]["bytes"]:
-        return f"k_factor {attempts[-1]['factor']:.4g} no longer shrinks the artifact"
-    return ""
-
-
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
-    """Quantize and pack; while over `budget_bytes`, widen the matrix groups' SDClip k (not the embedding's) by f:
-    code entropy falls ~log2(f) bits per parameter (PR #1394), or by the slope of the last two attempts where that
-    is slower. An attempt is compressed only when its size predicted from the code entropy (x PERGROUP_RATIO) fits."""
-    t0 = time.perf_counter()
-    attempts: list[dict[str, Any]] = []
+    """Quantize and pack, widening the matrix groups' SDClip k while over `budget_bytes`: entropy falls ~log2(factor)
+    bits per parameter (PR #1394), or the last two attempts' slope; an attempt is packed only if its prediction fits."""
+    t0, attempts = time.perf_counter(), []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
     for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
@@ -3093,19 +3048,22 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
                       size="packed" if blob is not None else "predicted", **{f"k_{g}": f"{k:.3f}" for g, k in s.clip}))
         if blob is not None and size <= budget_bytes:
             return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, True)
+        stuck = ""  # where a wider factor changes nothing: say so once rather than run k_factor off to 1e23
+        if not any(k > 0 for g, k in s.clip if g in ("attn", "mlp")):
+            stuck = ("MLP_CLIP_SIGMAS=ATTN_CLIP_SIGMAS=0 clip at each row's max, which no factor widens "
+                     "(MATRIX_CLIP_SIGMAS > 0 clips at k sigmas)")
+        elif len(attempts) >= 2 and size >= attempts[-2]["bytes"]:
+            stuck = f"k_factor {factor:.4g} no longer shrinks the artifact"
+        if stuck:
+            warn(log, f"fit-to-size stops at {size:,} model bytes, over the budget of {budget_bytes:,}: {stuck}; "
+                      f"lower MATRIX_BITS or raise TARGET_BYTES")
         matrix_params = sum(v["params"] for g, v in entropy.items() if g not in ("embed", "gate"))
-        stuck = fit_stuck(s, attempts)
-        if matrix_params == 0 or stuck:
-            if stuck:  # a wider factor would change nothing: say so once rather than run k_factor off to 1e23
-                warn(log, f"fit-to-size stops at {size:,} model bytes, over the budget of {budget_bytes:,}: {stuck}; "
-                          f"lower MATRIX_BITS or raise TARGET_BYTES")
+        if stuck or matrix_params == 0:
             break
         step = FIT_OVERSHOOT * 8 * (size - budget_bytes) / ratio / matrix_params  # log2 k to add (entropy rule)
-        if len(attempts) >= 2:
+        if len(attempts) >= 2:  # or more, where the last two attempts' bytes saved per doubling of k (> 0) ask it
             (f0, b0), (f1, b1) = [(a["factor"], a["bytes"]) for a in attempts[-2:]]
-            slope = (b1 - b0) / (math.log2(f1) - math.log2(f0))  # bytes per doubling of k (negative)
-            if slope < 0:
-                step = max(step, FIT_OVERSHOOT * (size - budget_bytes) / -slope)
+            step = max(step, FIT_OVERSHOOT * (size - budget_bytes) / ((b0 - b1) / (math.log2(f1) - math.log2(f0))))
         factor *= 2.0 ** step
     blob = blob if blob is not None else pack_quantized(quantized, s.compressor, meta)
     return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, False)
@@ -3114,16 +3072,14 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
 @torch.no_grad()
 def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str,
                      forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """By weight name, fp32 H = sum x^T x of every quantized matrix's input over `batches` (calibration taps; c_k
-    and c_v share c_q's; the head's input for a tied embedding, PR #1394). `forward`: the compiled model.hidden."""
+    """fp32 H = sum x^T x of each quantized matrix's input over `batches` (tied embedding: the head's, PR #1394)."""
     at = model.tok_emb.weight.device
     hessians: dict[str, Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, TappedLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
             m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=at)
-    for name, m in model.named_modules():
-        if isinstance(m, CausalSelfAttention):
-            hessians[f"{name}.c_k.weight"] = hessians[f"{name}.c_v.weight"] = m.c_q.hessian
+    hessians.update({f"{name}.{kv}.weight": m.c_q.hessian for name, m in model.named_modules()
+                     if isinstance(m, CausalSelfAttention) for kv in ("c_k", "c_v")})
     head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
     model.head_hessian = hessians[head] = torch.zeros(model.cfg.model_dim, model.cfg.model_dim, device=at)
     forward = forward or model.hidden
@@ -3140,37 +3096,31 @@ def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.devi
 
 
 def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: TrainLoader, batches: int,
-                    forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """GPTQ Hessians from `batches` training batches (each rank its share of every batch), summed over ranks."""
+                    forward: Callable[[Tensor], Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
+    """GPTQ Hessians of `batches` training batches (each rank its share of each) summed over ranks, and the seconds."""
     # Rows of TRAIN_SEQ_LEN (a packed batch is one long row), attending across documents as PR #1855's.
     ids = (loader.next_batch()[0].reshape(-1, h.train_seq_len) for _ in range(batches * h.accum_steps))
+    synchronize(d.device)
+    t0 = time.perf_counter()
     hessians = collect_hessians(model, ids, d.device, h.compute_dtype, forward)
     for t in {id(t): t for _, t in sorted(hessians.items())}.values():  # in name order, a shared tensor once
         all_reduce_(t)
-    return hessians
+    synchronize(d.device)
+    return hessians, time.perf_counter() - t0
 
 
 def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                          make_loader: Callable[[], TrainLoader]) -> float:
-    """GPTQ_RESERVE_SECONDS=auto: time one calibration batch (worst of two, with looping as it will be at
-    the end) and reserve batches x that x GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S; ranks take the max."""
+    """GPTQ_RESERVE_SECONDS=auto: the slower of two timed batches x batches x GPTQ_RESERVE_SAFETY + a pad."""
     loader, looping = make_loader(), model.looping
-    model.set_looping(h.num_loops > 0)
+    model.set_looping(h.num_loops > 0)  # as at the end of training
     try:
-        times = []
-        for _ in range(2):
-            synchronize(d.device)
-            t0 = time.perf_counter()
-            gather_hessians(h, d, model, loader, 1, forward)
-            synchronize(d.device)
-            times.append(time.perf_counter() - t0)
+        worst = max(gather_hessians(h, d, model, loader, 1, forward)[1] for _ in range(2))
     finally:
         loader.close()
         model.set_looping(looping)
-    reserve = torch.tensor(max(times) * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S,
-                           device=d.device)
-    all_reduce_(reserve, op="max")
-    return float(reserve)
+    reserve = worst * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S
+    return float(all_reduce_(torch.tensor(reserve, device=d.device), op="max"))  # the slowest rank's
 
 
 @dataclass
@@ -3190,7 +3140,7 @@ def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Calla
     t0 = time.perf_counter()
     loader = make_loader()
     try:
-        hessians = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
+        hessians, _ = gather_hessians(h, d, model, loader, h.gptq_calibration_batches, forward)
     finally:
         loader.close()
     synchronize(d.device)
@@ -3236,8 +3186,7 @@ def available_compressor(h: Hyperparameters, code_bytes: int, log: Logger) -> Hy
     return dataclasses.replace(h, compressor="brotli")
 
 
-# Knobs that name, place or check a run, or set its evaluation: an artifact's config leaves them out (the same
-# run twice writes the same bytes), and EVAL_ONLY (pgolf/recover.py) takes them from the environment.
+# Left out of an artifact's config (the same run twice writes the same bytes); EVAL_ONLY reads them from the env.
 EVAL_ONLY_ENV_KNOBS = frozenset({
     "preset", "data_dir", "data_path", "tokenizer_path", "sample_data", "run_id", "log_dir", "device", "compute_dtype",
     "compile", "dry_run", "strict_env", "eval_only", "artifact", "attn_backend", "overwrite", "requantize",
