@@ -25,9 +25,10 @@ KNOBS_DOC = ROOT / "docs" / "knobs.md"
 SECTIONS = ["Config", "Logging", "Distributed", "Data and BPB", "Model", "Kernels", "Optimizers",
             "Quantization and packing", "Evaluation", "Training", "Main"]
 MAIN_MAX_LINES = 150  # the run's outline and the process's exit codes; the parts live in their sections
-# train_gpt.py holds training and what guards a score; the operations layer is pgolf/ and tests/, and the
-# alternatives public records dropped are out. A ceiling, not a goal: 5,503 lines before the last of that moved.
-SCRIPT_MAX_LINES = 5_100
+# train_gpt.py holds training and what guards a score; the operations layer is pgolf/ and tests/, the
+# alternatives public records dropped are out, and docstrings say what and why in a line. A ceiling, not a goal:
+# 5,503 lines before the last of the operations layer moved, 5,076 before the sections were condensed.
+SCRIPT_MAX_LINES = 4_250
 
 
 @pytest.fixture(scope="module")
