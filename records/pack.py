@@ -113,7 +113,8 @@ ANNOTATION_READERS = frozenset({"__annotations__", "get_type_hints", "signature"
 ANNOTATION_DECORATORS = frozenset({"custom_op", "register_fake", "jit", "infer_schema", "singledispatch",
                                    "singledispatchmethod"})  # "jit": triton.jit, torch.jit.script
 SAFE_DECORATORS = frozenset({"staticmethod", "classmethod", "property", "torch.no_grad()",
-                             "torch.inference_mode()"})  # as ast.unparse writes them; none reads annotations
+                             "torch.inference_mode()", "functools.cache"})  # as ast.unparse writes them; none
+# reads annotations (functools.cache copies __annotations__ onto its wrapper, which nothing reads)
 SAFE_DECORATOR_ATTRS = frozenset({"setter", "getter", "deleter"})  # `@<name>.setter` of a property
 KNOB_FUNCTION = "knob"  # the module-level def whose string argument KNOB_HELP_PARAM strip blanks
 KNOB_HELP_PARAM = "help"
