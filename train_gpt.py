@@ -2979,7 +2979,8 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
         if seg["offset"] + seg["nbytes"] > len(payload):
             raise ArtifactError(f"{source}: corrupted artifact: segment past the end of the payload")
         raw = byte_shuffle(bytes(payload[seg["offset"]: seg["offset"] + seg["nbytes"]]), seg["stride"], undo=True)
-        t = torch.frombuffer(bytearray(raw), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+        as_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+        t = torch.frombuffer(bytearray(raw), dtype=as_dtype) if raw else torch.empty(0, dtype=as_dtype)  # 0 bytes
         return t.view(dtype).reshape(shape).clone()
     state = {}
     for e in header["tensors"]:

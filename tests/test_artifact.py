@@ -596,3 +596,11 @@ def test_the_naive_baselines_artifact_int8_at_each_rows_max_and_zlib_round_trips
     header = json.loads(body[4: 4 + hlen].decode("utf-8"))
     assert header["compressor"] == "zlib"
     assert {e.get("bits") for e in header["tensors"] if e["kind"] == "intq_row"} == {8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_an_empty_tensor_round_trips(dtype):
+    """A zero-size tensor packs to a 0-byte segment; unpacking it used to fail (torch.frombuffer refuses 0 bytes)."""
+    state = {"w": torch.randn(4, 8), "empty": torch.zeros(0, 3, dtype=dtype)}
+    out = unpack_artifact(pack_artifact(state, tg.QuantSpec(method="rtn", compressor="brotli")))
+    assert out["empty"].dtype == dtype and out["empty"].shape == (0, 3)
