@@ -229,7 +229,8 @@ class Hyperparameters:
     leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", NON_NEGATIVE)
     ln_scale: bool = knob(True, "scale each block's norm outputs by 1/sqrt(layer index + 1) (PR #315)")
     ortho_init: bool = knob(True, "orthogonal init of block matrices >= 64x64 (PR #65); output projections stay zero")
-    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off; PR #265)", NON_NEGATIVE)
+    xsa_last_n: int = knob(11, "exclusive self-attention in the last N layers (0 = off, >= NUM_LAYERS = all; "
+                               "PR #265)", NON_NEGATIVE)
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)) (PR #1089)")
     smear_gate_enabled: bool = knob(True, "SmearGate (PR #1667): gated previous-token mix, masked at BOS (PR #1851)")
     gate_window: int = knob(12, "input dims the SmearGate and the attention output gate read", POSITIVE)
