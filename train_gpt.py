@@ -3696,7 +3696,10 @@ class Evaluations:
     results: dict[str, EvalResult]  # label -> result, in the order they ran
     seconds: float  # total eval time: artifact read + every evaluation + TTT
     ttt: dict[str, Any] | None
-    label: str  # the score's: the last evaluation
+
+    @property
+    def label(self) -> str:  # the score's: the last evaluation
+        return list(self.results)[-1]
 
 
 def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
@@ -3728,7 +3731,7 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
                    phases=f"{ttt_info['phases_run']}/{ttt_info['phases_set']}")
         results["ttt"] = r
         clock.record("eval_ttt", r.seconds, r.tokens)
-    ev = Evaluations(results, time.perf_counter() - t0, ttt_info, list(results)[-1])
+    ev = Evaluations(results, time.perf_counter() - t0, ttt_info)
     check = rc.data.check  # every target of the scored stream exactly once, with the verified bytes
     for label, r in results.items():
         if (r.tokens, r.bytes) != (check.targets, check.bytes):
