@@ -1954,7 +1954,8 @@ class GPT(nn.Module):
         z = F.linear(h, weight.to(h.dtype))
         return z if lora is None else z + lora_delta(h, lora.head)
 
-    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean",
+                cu_seqlens: Tensor | None = None) -> Tensor:
         """Cross-entropy in nats (fp32); reduction='none' gives per-token losses of shape ids.shape."""
         z = self.raw_logits(ids, cu_seqlens=cu_seqlens)
         if self._ce is not None:
@@ -1986,6 +1987,7 @@ def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     s = softcap(z.float(), cap)
     hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
+
 
 def softcap_ce_reference(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     """(per-row nats, log-sum-exp) of softmax(softcap(z)) for z (N, V): the fused op off CUDA; test reference."""
@@ -2950,15 +2952,18 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
 def artifact_body(blob: bytes, source: str = "artifact") -> bytes:
     """The serialized body: prefix checked (magic, version, length, CRC32), then decompressed."""
     if len(blob) < ARTIFACT_PREFIX.size:
-        raise ArtifactError(f"{source}: truncated artifact: {len(blob)} bytes, shorter than its {ARTIFACT_PREFIX.size}-byte prefix")
+        raise ArtifactError(f"{source}: truncated artifact: {len(blob)} bytes, shorter than its "
+                            f"{ARTIFACT_PREFIX.size}-byte prefix")
     magic, version, crc, length = ARTIFACT_PREFIX.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise ArtifactError(f"{source}: not a train_gpt.py artifact (magic {magic!r}, expected {ARTIFACT_MAGIC!r})")
     if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"{source}: unsupported artifact version {version} (this script reads version {ARTIFACT_VERSION})")
+        raise ArtifactError(f"{source}: unsupported artifact version {version} (this script reads version "
+                            f"{ARTIFACT_VERSION})")
     compressed = blob[ARTIFACT_PREFIX.size:]
     if len(compressed) != length:
-        raise ArtifactError(f"{source}: truncated or padded artifact: body is {len(compressed)} bytes, prefix says {length}")
+        raise ArtifactError(f"{source}: truncated or padded artifact: body is {len(compressed)} bytes, prefix says "
+                            f"{length}")
     if zlib.crc32(compressed) != crc:
         raise ArtifactError(f"{source}: corrupted artifact: CRC32 mismatch")
     return decompress_chunks(compressed, source)
@@ -2973,7 +2978,8 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
         raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
     if (4 + hlen > len(body) or not isinstance(header, dict) or header.get("format") != "pgolf-artifact"
             or header.get("version") != ARTIFACT_VERSION or not isinstance(header.get("tensors"), list)):
-        raise ArtifactError(f"{source}: corrupted artifact: header is not a version-{ARTIFACT_VERSION} pgolf-artifact header")
+        raise ArtifactError(f"{source}: corrupted artifact: header is not a version-{ARTIFACT_VERSION} pgolf-artifact "
+                            "header")
     payload = memoryview(body)[4 + hlen:]
 
     def segment(seg: dict[str, int], dtype: torch.dtype, shape: list[int]) -> Tensor:
@@ -3078,7 +3084,8 @@ def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.devi
     at = model.tok_emb.weight.device
     hessians: dict[str, Tensor] = {}
     for name, m in model.named_modules():
-        if isinstance(m, TappedLinear) and is_quantized(f"{name}.weight", m.weight) and not name.endswith((".c_k", ".c_v")):
+        shares_q = name.endswith((".c_k", ".c_v"))  # c_q's input, tapped once (below)
+        if isinstance(m, TappedLinear) and is_quantized(f"{name}.weight", m.weight) and not shares_q:
             m.hessian = hessians[f"{name}.weight"] = torch.zeros(m.in_features, m.in_features, device=at)
     hessians.update({f"{name}.{kv}.weight": m.c_q.hessian for name, m in model.named_modules()
                      if isinstance(m, CausalSelfAttention) for kv in ("c_k", "c_v")})

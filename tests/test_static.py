@@ -526,6 +526,18 @@ def test_no_backslash_continuations(source):
     assert backslash_continuations("x = 1 + \\\n    2\n") == [1]  # the checker finds one
 
 
+MAX_LINE_CHARS = 120  # the width the script is wrapped to; a longer line hides its end off a review pane
+
+
+def long_lines(text: str) -> list[int]:
+    return [i for i, line in enumerate(text.splitlines(), 1) if len(line) > MAX_LINE_CHARS]
+
+
+def test_no_line_is_wider_than_the_wrap_width(source):
+    assert long_lines(source) == []
+    assert long_lines("x = 1\n" + "y" * (MAX_LINE_CHARS + 1) + "\n") == [2]  # the checker finds one
+
+
 # ---------------------------------------------------------------- function size
 
 MAX_PARAMS = 8  # per function, not counting self/cls
