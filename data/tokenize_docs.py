@@ -697,14 +697,14 @@ def run(args: argparse.Namespace) -> int:
             "validation document (duplicates in --docs); --drop-val-duplicates leaves them out")
     tok = manifest["tokenizer"]
     tok_path = out / Path(tok["path"]).name if tok["trained"] else Path(tok["path"])
-    how = "train on it with"
+    how, caseops = "train on it with", 0
     sidecar = manifest["byte_sidecar"]
     if sidecar is not None:
         print(f"tokenize_docs: byte_sidecar shards:{len(sidecar['shards'])} original_bytes:{sidecar['original_bytes']} "
               f"(= the validation documents' UTF-8 bytes) transform:{manifest['text_transform']}")
-        how = "CaseOps data: BPB must count the bytes in fineweb_val_bytes_*.bin; train on it with a train_gpt.py that does"
+        how, caseops = "CaseOps data (BPB counts the bytes in fineweb_val_bytes_*.bin); train on it with", 1
     print(f"tokenize_docs: wrote {out} ({MANIFEST_NAME}); {how}: DATA_PATH={out} "
-          f"TOKENIZER_PATH={tok_path} VOCAB_SIZE={tok['vocab_size']} python train_gpt.py")
+          f"TOKENIZER_PATH={tok_path} VOCAB_SIZE={tok['vocab_size']} CASEOPS_ENABLED={caseops} python train_gpt.py")
     return 0
 
 

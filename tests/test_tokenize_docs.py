@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,26 @@ def test_shards_are_the_documents_and_the_splits_are_disjoint(export):
     assert m["tokenizer"]["sha256"] == tg.sha256_file(CANONICAL_TOKENIZER)
     assert m["docs"]["documents"] == N_DOCS and m["docs"]["sha256"] == tg.sha256_file(export["docs"])
     assert "tokens_per_s:" in export["stdout"] and "shared_documents:0" in export["stdout"]
+
+
+def printed_train_env(stdout: str) -> dict[str, str]:
+    """The variables of the `... python train_gpt.py` command a tool prints last."""
+    line = [row for row in stdout.splitlines() if row.endswith("python train_gpt.py")][-1]
+    words = line.removesuffix("python train_gpt.py").split()
+    return dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=\S+", w))
+
+
+def check_printed_command(stdout: str, out: Path) -> tg.Hyperparameters:
+    """Under the default preset, the printed command reads these shards and passes their text-transform check."""
+    h = tg.Hyperparameters.from_env(printed_train_env(stdout))
+    m = json.loads((out / "manifest.json").read_text())
+    tg.check_transform(h, m["text_transform"], str(out / "manifest.json"))  # raises DataError on a mismatch
+    assert h.dataset_dir == out and h.tokenizer_file.is_file() and h.vocab_size == m["tokenizer"]["vocab_size"]
+    return h
+
+
+def test_the_printed_train_command_runs_on_the_export(export):
+    assert not check_printed_command(export["stdout"], export["dir"]).caseops_enabled  # plain text, sp1024
 
 
 @pytest.mark.slow
@@ -437,6 +458,7 @@ def test_caseops_export_writes_the_transformed_shards_and_the_byte_sidecar(tiny_
     assert len(sidecar_shards(out)) > 1  # documents cross shard boundaries, sidecars follow
     m = check_caseops_export(out, tiny_caseops["texts"], CASEOPS_VAL, tiny_caseops["model"])
     assert f"byte_sidecar shards:{len(sidecar_shards(out))} original_bytes:{m['val']['text_bytes']} " in printed
+    assert check_printed_command(printed, out).caseops_enabled
 
     # A spec with text_transform trains the CaseOps tokenizer and exports with it (--caseops implied).
     specs = json.loads(tokenize_docs.DEFAULT_SPECS.read_text())
