@@ -518,7 +518,11 @@ def claim_run_files(h: Hyperparameters) -> RunFiles:
         if existing and not h.overwrite:
             raise ConfigError(f"RUN_ID={h.run_id!r} is not allowed: {existing[0]} exists",
                               hint="choose another RUN_ID, or OVERWRITE=1")
-        files.log_dir.mkdir(parents=True, exist_ok=True)
+        try:  # the log opens next: a LOG_DIR that cannot take it is refused now, not after the warm-up
+            files.log_dir.mkdir(parents=True, exist_ok=True)
+            files.path(".txt").touch()
+        except OSError as exc:
+            raise ConfigError(f"LOG_DIR={h.log_dir!r} is not allowed: cannot write there ({exc.strerror or exc})")
         return files
     try:
         return runs.claim(Path(h.log_dir), h.run_id, h.overwrite, 0 if h.eval_only else h.target_bytes)

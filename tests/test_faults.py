@@ -162,6 +162,19 @@ def test_a_shipped_copy_without_pgolf_refuses_existing_outputs(dataset, tmp_path
     with pytest.raises(tg.ConfigError, match=r"^RUN_ID='r' is not allowed: .*r\.txt exists"):
         tg.claim_run_files(h)
     assert tg.claim_run_files(dataclasses.replace(h, overwrite=True)).path(".json") == tmp_path / "logs" / "r.json"
+    # A LOG_DIR that cannot take the log is refused before any work, as the repository's pgolf/runs.py does.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(tg.ConfigError, match=rf"^LOG_DIR='{blocker / 'logs'}' is not allowed: cannot write there \("):
+        tg.claim_run_files(dataclasses.replace(h, log_dir=str(blocker / "logs")))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(type(ro), "touch", read_only)
+    with pytest.raises(tg.ConfigError, match=r"is not allowed: cannot write there \(Read-only file system\)$"):
+        tg.claim_run_files(dataclasses.replace(h, log_dir=str(ro), run_id="q"))
 
 
 def test_a_shipped_copy_without_pgolf_refuses_eval_only_and_requantize_and_keeps_no_weights(tmp_path, monkeypatch,
