@@ -412,7 +412,7 @@ def build_sample(
     """
     if not 256 + 4 < vocab_size < MAX_UINT16_VOCAB:
         # byte_fallback needs 256 byte pieces + 4 specials; shards are uint16.
-        raise ValueError(f"vocab_size must be in (260, {MAX_UINT16_VOCAB}), got {vocab_size}")
+        raise ValueError(f"expected an integer in (260, {MAX_UINT16_VOCAB})")
     data_dir = Path(data_dir).resolve()
     dataset_dir, tokenizer_path = _paths(data_dir, vocab_size)
     manifest_path = dataset_dir / MANIFEST_NAME
@@ -530,7 +530,7 @@ def _install(tmp_dir: Path, data_dir: Path, dataset_dir: Path, tokenizer_path: P
     log(f"make_sample: wrote {dataset_dir} and {tokenizer_path}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=CLI_DESCRIPTION)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help=f"output root (default: {DEFAULT_DATA_DIR})")
@@ -538,10 +538,15 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"tokenizer vocabulary size (default: {DEFAULT_VOCAB_SIZE})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     args = parser.parse_args(argv)
-    dataset_dir, tokenizer_path = build_sample(args.data_dir, args.vocab_size, force=args.force)
+    try:
+        dataset_dir, tokenizer_path = build_sample(args.data_dir, args.vocab_size, force=args.force)
+    except (ValueError, RuntimeError) as exc:  # a vocabulary the sample cannot hold: one line, as the other tools
+        print(f"error: --vocab-size={args.vocab_size} is not allowed: {exc}", file=sys.stderr)
+        return 2
     print(f"dataset:   {dataset_dir}")
     print(f"tokenizer: {tokenizer_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -480,3 +480,16 @@ def test_the_writer_in_pgolf_and_the_reader_in_train_gpt_agree_on_the_format(tmp
     tokens = np.array([1, 0, 65535, 7], dtype=np.uint16)
     write_shard(tmp_path / "s.bin", tokens)
     assert tg.read_shard_header(tmp_path / "s.bin") == 4 and np.array_equal(tg.load_shard(tmp_path / "s.bin"), tokens)
+
+
+def test_make_sample_refuses_a_vocabulary_it_cannot_hold_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    tool = Path(tg.__file__).parent / "data" / "make_sample.py"
+    for vocab in ("100000", "200"):  # past uint16 shards; fewer pieces than the 256 byte pieces + 4 specials
+        r = subprocess.run([sys.executable, str(tool), "--vocab-size", vocab, "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.splitlines() == [
+            f"error: --vocab-size={vocab} is not allowed: expected an integer in (260, 65536)"], r.stderr
+    assert not (tmp_path / "datasets").exists()

@@ -330,6 +330,7 @@ def test_verifier_refuses_a_tokenizer_that_is_not_the_one_the_manifest_records(e
         pytest.fail(capsys.readouterr().out)
     err = capsys.readouterr().err
     assert f"{other}: sha256 {tg.sha256_file(other)} is not the tokenizer {tg.sha256_file(CANONICAL_TOKENIZER)}" in err
+    assert "set --tokenizer to the tokenizer" in err and "TOKENIZER_PATH" not in err  # the tool's flag, not the knob
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +460,10 @@ def test_caseops_export_writes_the_transformed_shards_and_the_byte_sidecar(tiny_
     m = check_caseops_export(out, tiny_caseops["texts"], CASEOPS_VAL, tiny_caseops["model"])
     assert f"byte_sidecar shards:{len(sidecar_shards(out))} original_bytes:{m['val']['text_bytes']} " in printed
     assert check_printed_command(printed, out).caseops_enabled
+    # The byte-table verifier does not apply to CaseOps shards: it says so instead of a byte count BPB does not use.
+    assert verify_tokenizer.main(["--tokenizer", str(tiny_caseops["model"]), "--data", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --data={out}: CaseOps shards: their BPB counts the byte "), err
 
     # A spec with text_transform trains the CaseOps tokenizer and exports with it (--caseops implied).
     specs = json.loads(tokenize_docs.DEFAULT_SPECS.read_text())
