@@ -365,6 +365,8 @@ def data_place(run: runlog.Run) -> DataPlace:
     tokenizer = ((lg.config.get("dataset_tokenizer") if lg is not None else None)
                  or ((run.metrics or {}).get("dataset") or {}).get("tokenizer") or str(config.get("TOKENIZER_PATH") or "")
                  or (f"sample_{vocab}_bpe.model" if sample else f"fineweb_{vocab}_bpe{caseops}.model"))
+    # The sample builder's folder read through DATA_PATH (SAMPLE_DATA=0) is the sample too, not challenge data.
+    sample = sample or re.fullmatch(r"sample_sp\d+", Path(dataset).name) is not None
     return DataPlace(Path(dataset).name, Path(tokenizer).name, sample)
 
 

@@ -442,6 +442,8 @@ def load_run(path: Path) -> Run:
         metrics = load_json(path)
         if not isinstance(metrics, dict):
             raise RecordError(f"{path}: expected a JSON object (a run's metrics), got {type(metrics).__name__}")
+        if not {"config", "val_loss"} <= set(metrics):
+            raise RecordError(f"{path}: not a train_gpt.py run JSON (no `config` and `val_loss`)")
         log_path = sibling_log(path)
         log = read_log(log_path) if log_path else None
         problems = pairing_problems(metrics, log) if log is not None else []
@@ -451,6 +453,8 @@ def load_run(path: Path) -> Run:
                               f"behind): re-run, or give {log_path.name} to read the log alone")
         return Run(str(path), path, log_path, metrics, log)
     log = read_log(path)
+    if not log.config and log.final is None and not log.errors:  # ours has one of them from its first lines
+        raise RecordError(f"{path}: not a train_gpt.py log (no `config:` block, no `final` line, no `error:` line)")
     json_path = path.with_suffix(".json")
     metrics, warnings = None, []
     if json_path.is_file():

@@ -374,6 +374,10 @@ def test_run_command_reads_the_sample_data_by_path():
            "name": "Smoke"}
     text = "\n".join(make_submission.run_command_text(sub, "records/track_non_record_16mb/2026-05-01_Smoke", cmd))
     assert "python data/make_sample.py --vocab-size 1024" in text and "embedded sample" in text
+    # The same sample read through DATA_PATH with SAMPLE_DATA=0 (a shipped copy's run) is still the sample.
+    by_path = {**config, "SAMPLE_DATA": False, "DATA_PATH": "/data/datasets/sample_sp1024"}
+    cmd = make_submission.run_command([runlog.Run("ship_s1", metrics={"config": by_path}, log=log)], tg)
+    assert cmd.place == make_submission.DataPlace("sample_sp1024", "sample_1024_bpe.model", True)
     # The challenge data (the record preset): no SAMPLE_DATA in the command at all.
     h = tg.Hyperparameters.from_env({})
     config = json.loads(json.dumps(h.knob_values(), default=str))
@@ -1213,3 +1217,19 @@ def test_a_folder_never_yields_the_staging_files_of_an_overwrite_rerun(tmp_path)
     assert [p.name for p in runlog.expand_inputs([tmp_path])] == ["seed1.txt", "seed2.txt"]
     (tmp_path / "seed1.new.json").write_text("{}")
     assert [p.name for p in runlog.expand_inputs([tmp_path])] == ["seed1.txt", "seed2.txt"]
+
+
+def test_files_that_are_not_runs_are_refused_in_one_line(tmp_path):
+    """compare/stats/check read runs through runlog.load_run: a file that is no run of this script is named, not
+    listed as a run with every metric missing (another script's seed log, a stray JSON, any text file)."""
+    other = tmp_path / "train_seed42.log"
+    other.write_text("Hyperparameters:\n  seed: 42\nquantized_ttt_phased val_loss:2.31944212 val_bpb:1.05989454\n")
+    with pytest.raises(runlog.RecordError, match=r"train_seed42\.log: not a train_gpt\.py log \(no `config:` block"):
+        runlog.load_run(other)
+    stray = tmp_path / "x.json"
+    stray.write_text("{}")
+    with pytest.raises(runlog.RecordError, match=r"x\.json: not a train_gpt\.py run JSON \(no `config` and `val_loss`\)"):
+        runlog.load_run(stray)
+    failed = tmp_path / "f.txt"
+    failed.write_text("error: RUN_ID='f' is not allowed: logs/f.txt exists\n")
+    assert not runlog.load_run(failed).log.complete  # ours, failed before its config: read, and incomplete
