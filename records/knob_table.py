@@ -40,7 +40,8 @@ def knob_table_markdown() -> str:
     """One row per knob: its value in each preset of COLUMNS and its help text."""
     rows = ["| Variable | record (default) | baseline | smoke | Meaning |", "|---|---|---|---|---|"]
     for f in tg.Hyperparameters.knob_fields():
-        cells = [format_default(tg.PRESETS[preset].get(f.name, f.default)) for preset in COLUMNS]
+        cells = [format_default(preset if f.name == "preset" else tg.PRESETS[preset].get(f.name, f.default))
+                 for preset in COLUMNS]  # a preset's own column names it
         rows.append(f"| `{f.name.upper()}` | {' | '.join(cells)} | {f.metadata['help'].replace('|', '/')} |")
     return "\n".join(rows)
 

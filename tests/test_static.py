@@ -479,6 +479,12 @@ def test_knob_table_markdown_covers_every_knob():
     assert names == tg.Hyperparameters.knob_names()
     width = table[0].count("|")
     assert all(row.count("|") == width for row in table), "a cell contains an unescaped '|'"
+    # Each preset's column is what that preset resolves to (PRESET's own row included).
+    kt = knob_table()
+    for col, preset in enumerate(kt.COLUMNS, start=2):
+        resolved = tg.Hyperparameters.from_env({"PRESET": preset}).knob_values()
+        cells = [row.split(" | ")[col - 1] for row in table[2:]]
+        assert cells == [kt.format_default(v) for v in resolved.values()], preset
 
 
 def test_knobs_doc_table_is_current():
