@@ -137,7 +137,8 @@ def knob(default: Any, help: str, check: Check | None = None) -> Any:
 class Hyperparameters:
     # --- Run and data ---
     preset: str = knob("record", "named defaults: record | baseline | smoke", one_of(*PRESETS))
-    data_dir: str = knob("./data", "root of datasets/ and tokenizers/ (relative to the working directory)")
+    data_dir: str = knob("./data", "root of datasets/ and tokenizers/ (relative to the working directory)",
+                         (bool, "a folder ('.' for the working directory)"))
     data_path: str = knob("", "shard folder; empty = DATA_DIR/datasets/fineweb10B_sp<VOCAB_SIZE>, with "
                               "_lossless_caps_caseops_v1_reserved under CASEOPS_ENABLED")
     tokenizer_path: str = knob("", "SentencePiece model; empty = DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model, "

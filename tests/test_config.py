@@ -260,6 +260,8 @@ MALFORMED = [
     ({"RANK": "zero"}, ["RANK", "zero"]),
     ({"LOG_DIR": ""}, ["LOG_DIR=''", "'.' for the working directory"]),  # not silently the working directory
     ({"LOG_DIR": "  "}, ["LOG_DIR=''"]),
+    ({"DATA_DIR": ""}, ["DATA_DIR=''", "'.' for the working directory"]),  # it would build the sample in '.'
+
 ]
 
 
