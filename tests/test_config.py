@@ -261,7 +261,6 @@ MALFORMED = [
     ({"LOG_DIR": ""}, ["LOG_DIR=''", "'.' for the working directory"]),  # not silently the working directory
     ({"LOG_DIR": "  "}, ["LOG_DIR=''"]),
     ({"DATA_DIR": ""}, ["DATA_DIR=''", "'.' for the working directory"]),  # it would build the sample in '.'
-
 ]
 
 
