@@ -1123,7 +1123,7 @@ def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
     as 3 byte-fallback tokens counted as 3 bytes, and BPB comes out ~20% too low (openai/parameter-golf#897)."""
     if sp.piece_to_id(LEADING_SPACE) == sp.unk_id():
         raise DataError(f"{path}: tokenizer has no standalone '\u2581' piece; its byte counts would be wrong "
-                        "(issue #897)")
+                        "(openai/parameter-golf#897)")
     V = sp.vocab_size()
     base, space, boundary = np.zeros(V, dtype=np.int16), np.zeros(V, dtype=bool), np.zeros(V, dtype=bool)
     for i in range(V):

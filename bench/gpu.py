@@ -9,10 +9,11 @@
 
 The kit (--kit, git-ignored) holds everything a bare pod needs: the dataset (val = the --val-docs JSONL, the
 200 challenge documents; train = the first --train-docs documents of --docs, 1,200 FineWeb documents;
-tokenized with --tokenizer, the sp8192 one in parameter-golf main), copies of the R0405 and leaderboard-top
-anchors (../shared/anchors), a Brotli wheel for the pod's Python (the device image has none) and kit.json:
-the sha256 of every kit file and of the sources it was built from. On the pod the sources are absent and the
-kit is used as it is (its files checked against kit.json); beside changed sources its data is rebuilt.
+tokenized with --tokenizer, the sp8192 one in parameter-golf main), copies of the PR #1394 record's and the
+leaderboard top's (PR #1855) scripts (../shared/anchors), a Brotli wheel for the pod's Python (the device image
+has none) and kit.json: the sha256 of every kit file and of the sources it was built from. On the pod the
+sources are absent and the kit is used as it is (its files checked against kit.json); beside changed sources
+its data is rebuilt.
 --cpu keeps its own kit and outputs (kit-cpu, gpu-cpu): a tiny CPU dataset never replaces a pod's.
 
 Parts, in this order, each with its own time budget (--budget PART=SECONDS), so a slow one cannot starve the
@@ -26,10 +27,10 @@ verdict:
    token count): its cost per chunk step and per window token is fitted on this run's TTT segments (the phase
    prefix scaled to this dataset, so most documents fall after it as in the real split), then summed over the
    busiest rank's batches of the real split. Compile warm-ups and quantization do not shrink.
-2. step: our step with R0405's architecture (bench/step.py --both, the knobs in ANCHOR_ARCH), without and
+2. step: our step with PR #1394's architecture (bench/step.py --both, the knobs in ANCHOR_ARCH), without and
    with depth recurrence: ms/step, tokens/s, MFU, peak memory.
 3. variant: the step again with each --step-variant's knobs (e.g. FUSED_CE_ENABLED=1).
-4. anchor: R0405's own script (the kit's copy, or --anchor) trained on the same data, its tokens/s read
+4. anchor: PR #1394's own script (the kit's copy, or --anchor) trained on the same data, its tokens/s read
    from its log, and the ratio ours/anchor.
 
 Everything goes to one JSON (--out, default <cache>/preflight.json); a short table is printed last. A part
@@ -76,7 +77,7 @@ DEFAULT_DOCS = SHARED / "data" / "corpus" / "fineweb_legal_pilot_2800.jsonl"
 ANCHORS = ("r0405", "top1855")  # folders of ../shared/anchors copied into the kit
 TOP = "top1855"  # the leaderboard top's folder: its seed logs give the real split's document lengths
 CACHE = ROOT / "bench" / ".cache"
-FULL_VAL_TOKENS = 40_540_160  # sp8192 validation targets after truncation (techniques.md 2.1)
+FULL_VAL_TOKENS = 40_540_160  # sp8192 validation targets after truncation (the published sp8192 split)
 FULL_VAL_DOCS = 50_000
 TRAIN_BUDGET_S = EVAL_BUDGET_S = 600.0
 RECORD_GPUS = 8
@@ -85,7 +86,7 @@ PARTS = ("pipeline", "step", "variant", "anchor")
 # Seconds per part on a pod: the pipeline first and largest (its compiles alone take about two minutes).
 BUDGETS = {"pipeline": 330.0, "step": 90.0, "variant": 60.0, "anchor": 120.0}
 CPU_BUDGETS = {"pipeline": 900.0, "step": 300.0, "variant": 300.0, "anchor": 60.0}
-# Our knobs for R0405's architecture (../shared/anchors/README.md): same model, forward equal to 5e-6.
+# Our knobs for PR #1394's architecture (the 2026-04-05 SP8192 record): same model, our forward equals its to 5e-6.
 ANCHOR_ARCH = {"PRESET": "record", "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0", "PARALLEL_MODE": "off",
                "LOOP_START": "4", "LOOP_END": "5", "ENABLE_LOOPING_AT": "0.5", "QK_GAIN_INIT": "4.0"}
 # --cpu: a model small enough that the whole harness runs in about a minute on two cores.
@@ -355,7 +356,8 @@ def knobs_label(knobs: dict[str, str]) -> str:
 
 
 def parse_anchor_lines(lines: list[str], tokens_per_step: int) -> dict:
-    """R0405 logs `N/T train_loss: .. tok/s: X` with X the mean over steps 1..N; its looping starts at T/2.
+    """PR #1394's script logs `N/T train_loss: .. tok/s: X` with X the mean over steps 1..N; its looping starts
+    at T/2.
     Returns tokens/s over the plain half and over the looped half (from the elapsed times X implies)."""
     points = {}
     for line in lines:
@@ -577,13 +579,13 @@ def project_ttt(run: dict, own_lengths: np.ndarray, split: np.ndarray, world: in
 
 
 # ---------------------------------------------------------------------------------------------
-# The record preset's evaluation on 8xH100, calibrated on PR #1855's seed logs (issue 25)
+# The record preset's evaluation on 8xH100, calibrated on PR #1855's seed logs
 # ---------------------------------------------------------------------------------------------
 
-# Our one H100 measurement (issue 14, quoted in bench/RESULTS.md's header): PRESET=record under torchrun on one
+# Our one H100 measurement (the 2026-11-26 H100 measurement): PRESET=record under torchrun on one
 # H100 80GB HBM3, torch 2.11.0+cu130, PyTorch SDPA (no FA3), 786,432 tokens per step, 40 steps.
 OUR_H100 = {"plain_tok_s": 770_000.0, "looped_tok_s": 524_000.0,
-            "source": "issue 14: PRESET=record on one H100 80GB HBM3 (torch 2.11.0+cu130, SDPA, no FA3)"}
+            "source": "PRESET=record on one H100 80GB HBM3 (torch 2.11.0+cu130, SDPA, no FA3)"}
 TOP_KNOB_LINE = re.compile(r"^  (?P<key>[a-z][a-z0-9_]*): (?P<value>\S+)$")
 TOP_PAUSE_LINE = re.compile(r"^ttpp: phase:(?P<k>\d+)/\d+ pd:(?P<pd>\d+) gd:(?P<gd>\d+) t:(?P<t>[\d.]+)s")
 TOP_RESUME_LINE = re.compile(r"^ttpr: phase:(?P<k>\d+)/\d+ t:(?P<t>[\d.]+)s")
@@ -916,7 +918,7 @@ def step_table(report: dict) -> list[str]:
         a = anchor.get(f"{state}_tok_s")
         if a:
             ms = report["tokens_per_step"] / a * 1000
-            lines.append(f"| anchor R0405 script | {state} | {ms:.1f} | {a:,.0f} | – | – | 1.000x |")
+            lines.append(f"| anchor PR #1394 script | {state} | {ms:.1f} | {a:,.0f} | – | – | 1.000x |")
     for key in ("error", "skipped"):
         for name, part in (("step", ours), ("anchor", anchor), *report.get("step_variants", {}).items()):
             if key in part:
@@ -964,7 +966,7 @@ def pipeline_table(report: dict) -> list[str]:
     if proj:
         lines += ["", f"- training budget: {proj['train_seconds']:.1f} s of steps + {proj['calibration_seconds']:.1f} s "
                       f"calibration = {proj['train_data_access_end']:.1f} s of 600 (reserve {proj['reserve_seconds']:.1f} s)"
-                      f", ~{fmt(proj['steps_in_600s'])} steps (R0405 made 4,986-4,992 on 8xH100 with FA3): "
+                      f", ~{fmt(proj['steps_in_600s'])} steps (PR #1394 made 4,986-4,992 on 8xH100 with FA3): "
                       f"{budget_verdict(proj['train_pass'], cpu)}",
                   f"- eval budget: {proj['eval_seconds']:.1f} s of 600 (artifact read + "
                   f"{', '.join(p for p in EVAL_PHASES[1:] if p in proj['phases'])}): "
@@ -994,8 +996,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kit", type=Path, help="the kit folder (default bench/.cache/kit, --cpu: kit-cpu)")
     ap.add_argument("--cache", type=Path, help="runs and JSON (default bench/.cache/gpu, --cpu: gpu-cpu)")
     ap.add_argument("--out", type=Path, help="the JSON report (default <cache>/preflight.json)")
-    ap.add_argument("--anchor", type=Path, help="a copy of ../shared/anchors/r0405 to time side by side (default: the "
-                                                "kit's; none on --cpu)")
+    ap.add_argument("--anchor", type=Path, help="a copy of ../shared/anchors/r0405 (the readable script of the "
+                    "PR #1394 record, with its SDPA launcher run_anchor.py) to time side by side (default: the kit's; "
+                    "none on --cpu)")
     ap.add_argument("--anchors-from", type=Path, default=SHARED / "anchors", help="--prepare: where the anchors are")
     ap.add_argument("--pod-python", help="--prepare: Python of the pod for the Brotli wheel (default 3.12, the device "
                                          "image's; --cpu: none = no wheel)")

@@ -1,6 +1,6 @@
 """Compiled-graph comparison on the CPU: a training micro-step (forward + backward, bf16 autocast,
-torch.compile fullgraph, inductor) of this script's model against R0405's, as ../shared/docs/gpu-gap.md
-analysed the GPU gap, with numbers a CPU can produce:
+torch.compile fullgraph, inductor) of this script's model against PR #1394's (the 2026-04-05 SP8192 record),
+to explain why our step was slower than that script's on one H100 (2026-11-26), with numbers a CPU can produce:
 
 - dynamo: graphs compiled and graph breaks;
 - inductor's generated code, forward and backward: fused kernels, external calls (GEMMs, attention,
@@ -23,11 +23,11 @@ imported with an SDPA stand-in for flash_attn_interface (written to a temporary 
 values that touch the model), imported with the FlashAttention 3 stand-in of tests/stubs/fa3 (custom ops and
 autograd.Functions as upstream's interface; dense here: no cu_seqlens) and the CPU patches of TOP_PATCHES.
 Ours is then also built at PRESET=record (RECORD_ARCH: dense SDPA, no document masks, no Triton), so the
-two rows compare the two scripts' own models; the R0405 comparison keeps its ANCHOR_ARCH row. Buffers an
+two rows compare the two scripts' own models; the PR #1394 comparison keeps its ANCHOR_ARCH row. Buffers an
 extern op allocates itself are not in the generated code, so not counted: both attention forwards' outputs,
 and SDPA's dq, dk, dv in our backward, where the FA3 stand-in's backward writes into dq, dk, dv buffers the
-generated code allocates (counted in the top's row; ours with the same stand-in is bench/RESULTS.md's
-issue 24 diagnostic).
+generated code allocates (counted in the top's row; ours with the same stand-in is in bench/RESULTS.md's
+2026-12-06 compiled-step section).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from gpu import ANCHOR_ARCH  # noqa: E402  (our knobs for R0405's architecture: one definition)
+from gpu import ANCHOR_ARCH  # noqa: E402  (our knobs for PR #1394's architecture: one definition)
 
 SHIM = '''import torch.nn.functional as F
 def flash_attn_func(q, k, v, causal=True):
@@ -57,7 +57,7 @@ BUFFER = re.compile(r"empty_strided_cpu\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)"
 # Extern calls, counted as before: GEMMs and aten ops (each mention in the call, asserts and comments included).
 EXTERN = re.compile(r"extern_kernels\.\w+\(|torch\.ops\.aten\.\w+")
 # Custom ops of other namespaces, counted the same way and apart: the FA3 stand-in's attention in the top's graphs
-# (ours with SDPA has none there), and ours' fused CE / MLP ops where its defaults turn them on (R0405 knobs).
+# (ours with SDPA has none there), and ours' fused CE / MLP ops where its defaults turn them on (PR #1394 knobs).
 CUSTOM = re.compile(r"torch\.ops\.(?!aten\.|inductor\.)\w+\.\w+")
 STUBS_FA3 = ROOT / "tests" / "stubs" / "fa3"  # FlashAttention 3's interface as upstream has it, on the CPU
 # PR #1855's README ("## Reproducing"): the values that touch the model (the others are data, optimizer,
@@ -72,7 +72,7 @@ TOP_PATCHES = ("BOS_ID=1 (its loader sets it on the first shard)",
 # Ours for the comparison with the top: the record preset, dense attention as the top's without cu_seqlens, and
 # no Triton (FUSED_MLP_ENABLED only where this version of the script has the knob).
 RECORD_ARCH = {"PRESET": "record", "FUSED_CE_ENABLED": "0", "FUSED_MLP_ENABLED": "0", "DOC_ISOLATION": "0"}
-CONFIGS = {"r0405": ("R0405 knobs", ANCHOR_ARCH), "record": ("PRESET=record", RECORD_ARCH)}
+CONFIGS = {"pr1394": ("PR #1394 knobs", ANCHOR_ARCH), "record": ("PRESET=record", RECORD_ARCH)}
 ITEM = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 
 
@@ -92,8 +92,8 @@ def shape_knobs(layers: int) -> dict[str, str]:
             "LOOP_END": str(layers // 2)}
 
 
-def build_ours(path: Path, tag: str, looping: bool, layers: int, config: str = "r0405") -> torch.nn.Module:
-    """This script's model: with R0405's architecture (config r0405, ANCHOR_ARCH) or its own record preset
+def build_ours(path: Path, tag: str, looping: bool, layers: int, config: str = "pr1394") -> torch.nn.Module:
+    """This script's model: with PR #1394's architecture (config pr1394, ANCHOR_ARCH) or its own record preset
     (config record, RECORD_ARCH), SDPA attention either way."""
     tg = load(path, f"ours_{tag}")
     env = dict(CONFIGS[config][1], **shape_knobs(layers))
@@ -113,7 +113,7 @@ def build_anchor(path: Path, looping: bool, layers: int) -> torch.nn.Module:
     shim = Path(tempfile.mkdtemp()) / "flash_attn_interface.py"
     shim.write_text(SHIM)
     sys.path.insert(0, str(shim.parent))
-    os.environ.update(shape_knobs(layers))  # R0405 reads these names too
+    os.environ.update(shape_knobs(layers))  # PR #1394's script reads these names too
     an = load(path, "anchor_under_test")
     torch.manual_seed(0)
     model = an.GPT(an.Hyperparameters()).bfloat16()
@@ -131,7 +131,7 @@ def build_top(path: Path, looping: bool, layers: int) -> torch.nn.Module:
     env = dict(TOP_ENV, **shape_knobs(layers))
     saved_env = {k: os.environ.get(k) for k in env}
     # The stand-in stays importable under its name: dynamo re-imports the module of the autograd.Function it
-    # traces for its guards. R0405's SDPA shim (same name) is dropped first, from sys.modules and from dynamo's
+    # traces for its guards. PR #1394's SDPA shim (same name) is dropped first, from sys.modules and from dynamo's
     # cache of imported modules (functools.cache): its model is analysed before this one is built.
     sys.modules.pop("flash_attn_interface", None)
     import torch._dynamo.symbolic_convert as dynamo_convert
@@ -226,7 +226,8 @@ def model_dim(model: torch.nn.Module) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--anchor", type=Path, help="R0405's train_gpt_human.py (../shared/anchors/r0405)")
+    ap.add_argument("--anchor", type=Path, help="train_gpt_human.py, the readable script of the PR #1394 record "
+                                                "(../shared/anchors/r0405)")
     ap.add_argument("--train-gpt", type=Path, nargs="+", default=[ROOT / "train_gpt.py"],
                     help="one or more versions of this script to compare (e.g. an older commit's file)")
     ap.add_argument("--batch", type=int, default=2)
@@ -240,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    # Our rows: R0405's architecture for the R0405 comparison (and alone, as before), the record preset for the top.
-    configs = (["r0405"] if args.anchor or not args.top else []) + (["record"] if args.top else [])
+    # Our rows: PR #1394's architecture for the PR #1394 comparison (and alone, as before), the record preset for
+    # the top.
+    configs = (["pr1394"] if args.anchor or not args.top else []) + (["record"] if args.top else [])
     rows, ours_record = {}, None
     for config in configs:
         for i, path in enumerate(args.train_gpt):
@@ -253,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             ours_record = ours_record or (label if config == "record" else None)
             print(f"{label}: {json.dumps(rows[label])}", file=sys.stderr, flush=True)
     if args.anchor:
-        rows["anchor R0405"] = analyse(build_anchor(args.anchor, args.looping, args.layers), args.batch, args.seq_len,
-                                       8192, args.code_dir, "anchor R0405")
-        print(f"anchor R0405: {json.dumps(rows['anchor R0405'])}", file=sys.stderr, flush=True)
+        rows["anchor PR #1394"] = analyse(build_anchor(args.anchor, args.looping, args.layers), args.batch,
+                                          args.seq_len, 8192, args.code_dir, "anchor PR #1394")
+        print(f"anchor PR #1394: {json.dumps(rows['anchor PR #1394'])}", file=sys.stderr, flush=True)
     if args.top:
         rows["top PR #1855"] = analyse(build_top(args.top, args.looping, args.layers), args.batch, args.seq_len, 8192,
                                        args.code_dir, "top PR #1855")
@@ -265,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"# bench/graphs.py: CPU inductor, torch {torch.__version__}, batch {args.batch} x {args.seq_len}, "
           f"{args.layers} layers, looping {'on' if args.looping else 'off'}, bf16 autocast")
-    if "r0405" in configs:
-        print("# ours (R0405 knobs): " + " ".join(f"{k}={v}" for k, v in ANCHOR_ARCH.items()))
+    if "pr1394" in configs:
+        print("# ours (PR #1394 knobs): " + " ".join(f"{k}={v}" for k, v in ANCHOR_ARCH.items()))
     if args.top:
         print("# ours (PRESET=record): " + " ".join(f"{k}={v}" for k, v in RECORD_ARCH.items()) + ", SDPA")
         print("# top PR #1855: its Hyperparameters with " + " ".join(f"{k}={v}" for k, v in TOP_ENV.items()) +

@@ -1,5 +1,5 @@
-"""Per-group compression of a model (issues 16 and 26): COMPRESSOR=pergroup's coders side by side with today's
-brotli container, on the same quantized codes.
+"""Per-group compression of a model (measured 2026-11-26 and 2026-12-06): COMPRESSOR=pergroup's coders side by
+side with today's brotli container, on the same quantized codes.
 
     python bench/pergroup.py logs/<run>.ptz            # a trained artifact (e.g. a mini-track run)
     python bench/pergroup.py --record                  # the record-sized model, init + noise (no training)

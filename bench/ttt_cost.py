@@ -1,4 +1,5 @@
-"""Phased score-first LoRA TTT, ours against the leaderboard top's (PR #1855), side by side on this CPU (issue 25).
+"""Phased score-first LoRA TTT, ours against the leaderboard top's (PR #1855), side by side on this CPU
+(bench/RESULTS.md, 2026-12-06).
 
     python bench/ttt_cost.py                      # 24 documents, best of 3 timed runs per side
     python bench/ttt_cost.py --docs 36 --repeats 5 --ops 25

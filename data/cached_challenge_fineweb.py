@@ -4,7 +4,7 @@ The reference repository's downloader (openai/parameter-golf `data/cached_challe
 skips any file that exists, so a half-copied shard survives forever; it caches `manifest.json`
 forever, so pointing it at another repository (`MATCHED_FINEWEB_REPO_ID`) reads the old one and
 reports sp4096/sp8192 as missing; it does not retry rate limits; and the variants live in
-different dataset repositories (pitfalls.md §M). This tool:
+different dataset repositories (sp1024, sp4096/sp8192 and CaseOps each in its own). This tool:
 
   * picks the repository per variant (sp1024: willdepueoai/parameter-golf, sp4096/sp8192:
     kevclark/parameter-golf, the CaseOps sp8192_lossless_caps_caseops_v1_reserved of PR #1729:
@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent
 
-# Where each published variant lives (pitfalls.md §M; data/README.md).
+# Where each published variant lives (three hub repositories hold them; data/README.md).
 CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"  # PR #1729's export (records 2026-04-18 on)
 VARIANT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",

@@ -3,8 +3,8 @@ training = every document after them.
 
 The challenge's validation split is the first 50,000 documents of `docs_selected.jsonl`. A prep
 script whose default split point is anything else puts validation documents into the training
-shards (pitfalls.md §B: `--val-docs 10000` leaked 80% of val into train in 15 of 34 audited
-CaseOps-lineage PRs). Here the split is structural: document i goes to val when i < --val-docs and
+shards (openai/parameter-golf#2127: `--val-docs 10000` leaked 80% of val into train in 15 of 34
+audited CaseOps-lineage PRs). Here the split is structural: document i goes to val when i < --val-docs and
 to train otherwise, there is no other path, the default is the challenge's 50,000, and the
 manifest states the document ranges, counts, token counts, hashes, and how many training documents
 repeat a validation document's exact text (duplicates inside the source file). A --val-docs that

@@ -1,7 +1,7 @@
 """Prove that a tokenizer and its validation shards score bits per byte correctly.
 
 A submission that changes the tokenizer or the data must show that val_bpb is still measured over
-the original text (challenge README rule; pitfalls.md §B). This tool:
+the original text (the challenge README's rule 2). This tool:
 
   1. loads the tokenizer the way train_gpt.py does (BOS id 1, a standalone '▁' piece) and builds
      the same byte tables (train_gpt.build_byte_luts);

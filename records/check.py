@@ -6,7 +6,7 @@ Usage:
 
 Prints one line per check, `PASS`, `WARN` or `FAIL`, then a summary; exits 1 when any check fails.
 
-Checks (pitfalls.md F-H, N, P; techniques.md 12-14):
+Checks (the challenge README's rules, and what reviewers of public record PRs check):
 - files: train_gpt.py, submission.json, README.md, one log per seed (train_seed<S>.log), requirements.txt;
 - the script compiles; a packed (self-extracting) script's wrapper is run in a subprocess with `exec` and
   `compile` intercepted, so its payload is decompressed exactly as `python train_gpt.py` would (a payload

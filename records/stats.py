@@ -18,7 +18,7 @@ degrees of freedom, p = P(T_df >= t)):
 - challenge rule (README): improvement >= 0.005 nats at p < 0.01;
 - frontier rule (leaderboard curation, PR #1902): improvement > 0 at p < 0.25.
 
-The 0.005 margin is in nats per token (pitfalls.md H, techniques.md 14). Nats per token compare only
+The 0.005 margin is in nats per token (the challenge README's rule). Nats per token compare only
 runs with the same tokens per byte (same tokenizer and validation text); when the two sides' ratios
 differ, the test runs in BPB with the margin converted with the new runs' ratio
 (0.005 x tokens/bytes / ln 2, e.g. 0.00194 BPB for sp8192) and says so. A baseline with one seed is

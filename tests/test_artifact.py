@@ -174,7 +174,7 @@ def test_sdclip_rtn_range_scale_and_error(dtype, bits, k):
     assert q.dtype == torch.int8 and tuple(q.shape) == tuple(w.shape)
     assert scale.dtype == torch.float16 and tuple(scale.shape) == (w.shape[0],)
     assert int(q.min()) >= -r and int(q.max()) <= r, f"values must stay in [-{r}, {r}]"
-    # The step is k * std(row) / qmax, rounded to fp16, with the unbiased std the records use (R0405, PR #1855).
+    # The step is k * std(row) / qmax, rounded to fp16, with the unbiased std the records use (PR #1394, PR #1855).
     assert torch.equal(scale, (k * w.float().std(dim=1) / r).half())
     deq = dequantize_rows(q, scale, torch.float32)
     assert deq.dtype == torch.float32 and dequantize_rows(q, scale, dtype).dtype == dtype

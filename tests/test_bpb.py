@@ -216,7 +216,7 @@ def test_variant_tokenizer_luts(shared_data, real_texts, model):
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
     if sp.piece_to_id(SPACE) == sp.unk_id():
-        # No standalone '▁': build_byte_luts must refuse it (issue #897), not silently pass.
+        # No standalone '▁': build_byte_luts must refuse it (openai/parameter-golf#897), not silently pass.
         with pytest.raises(tg.DataError, match=SPACE):
             tg.build_byte_luts(sp, model)
         pytest.skip(f"{model}: no standalone '{SPACE}' piece; build_byte_luts refuses it (asserted)")
@@ -271,7 +271,7 @@ def test_dummy_prefix_decode_rule(shared_data):
 
 def test_build_byte_luts_refuses_tokenizer_without_space_piece(tmp_path):
     """A real SentencePiece model trained in-process on text without whitespace has no '▁' piece;
-    with byte_fallback it then spells every space as 3 byte tokens (issue #897)."""
+    with byte_fallback it then spells every space as 3 byte tokens (openai/parameter-golf#897)."""
     import sentencepiece as spm
 
     rng = random.Random(0)

@@ -1,5 +1,5 @@
-"""DOC_ISOLATION: attention that never crosses a BOS (PR #1530, R0410), its FA3 varlen and SDPA-mask
-forms, the document-packed training order, and evaluation under isolation.
+"""DOC_ISOLATION: attention that never crosses a BOS (PR #1530, the 2026-04-10 VarLenAttn record), its FA3
+varlen and SDPA-mask forms, the document-packed training order, and evaluation under isolation.
 
 The FA3 path runs against the stand-in `flash_attn_interface` in tests/stubs/fa3, whose varlen call attends one
 sequence of cu_seqlens at a time (the varlen semantics, written independently of document_mask), so "the

@@ -380,7 +380,8 @@ def test_manifest_follows_the_repository_and_revision(hub, payload, tmp_path):
     assert run_tool(hub, tmp_path, "--variant", "sp1024", "--train-shards", "3").returncode == 0
     r = run_tool(hub, tmp_path, "--variant", "sp1024", "--train-shards", "4")
     assert r.returncode == 2 and "--train-shards=4" in r.stderr and "has 3 train shards" in r.stderr
-    # A new commit adds a fourth shard: the cached manifest must not hide it (pitfalls §M).
+    # A new commit adds a fourth shard: the cached manifest must not hide it (the reference downloader's
+    # cached manifest.json did).
     hub.publish(SP1024_REPO, sp1024_files(payload, train=4))
     r = run_tool(hub, tmp_path, "--variant", "sp1024", "--train-shards", "4")
     assert r.returncode == 0, r.stderr

@@ -109,7 +109,7 @@ def test_self_check_catches_byte_fallback_counted_as_three_bytes(canonical):
     base = luts.base_bytes.clone()
     for i in range(sp.vocab_size()):
         if sp.is_byte(i):
-            base[i] = 3  # the U+FFFD mistake (pitfalls A)
+            base[i] = 3  # the U+FFFD mistake (byte fallback counted as 3 bytes, PR #1289)
     with pytest.raises(tg.DataError, match="BPB self-check failed"):
         tg.bpb_self_check(tokens, sp, tg.ByteLUTs(base, luts.has_leading_space, luts.is_boundary), None)
 

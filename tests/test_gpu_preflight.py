@@ -28,7 +28,7 @@ TOP = ROOT.parent / "shared" / "anchors" / gpu.TOP
 
 
 def test_anchor_log_parser_splits_the_plain_and_looped_halves():
-    # Mean tok/s over steps 1..N as R0405 prints it: 10 plain steps of 1 s, then 10 looped steps of 2 s.
+    # Mean tok/s over steps 1..N as PR #1394's script prints it: 10 plain steps of 1 s, then 10 looped steps of 2 s.
     tps = 1000
     elapsed = {n: (n if n <= 10 else 10 + 2 * (n - 10)) for n in range(1, 21)}
     lines = ["warmup_step: 1/3", "layer_loop:enabled step:10 frac:0.500"]

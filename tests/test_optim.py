@@ -552,8 +552,9 @@ def test_warmdown_iters_by_steps_and_by_wallclock_estimate():
     assert f(900, 0.0, 1000, 0.0, 200, 0.0) == 0.5
     assert f(1000, 0.0, 1000, 0.0, 200, 0.0) == 0.0
     assert f(990, 0.0, 1000, 0.0, 200, 0.1) == 0.1
-    # Under a 600 s cap at 0.1 s/step the run will end near step 6000 (BASE: warmdown_ms = iters * step_ms):
-    # 4000 warmdown iters are 400 s, so the decay starts at 200 s, long before ITERATIONS=20000.
+    # Under a 600 s cap at 0.1 s/step the run will end near step 6000 (the naive baseline record's rule:
+    # warmdown_ms = iters * step_ms): 4000 warmdown iters are 400 s, so the decay starts at 200 s, long before
+    # ITERATIONS=20000.
     assert f(1000, 100.0, 20000, 600.0, 4000, 0.0) == 1.0
     assert abs(f(3000, 300.0, 20000, 600.0, 4000, 0.0) - 0.75) < 1e-12
     assert abs(f(5900, 590.0, 20000, 600.0, 4000, 0.0) - 0.025) < 1e-12

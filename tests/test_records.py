@@ -1006,7 +1006,7 @@ def test_challenge_margin_is_in_nats_and_converted_for_other_tokenizers():
     res = stats.compare(new, side("old", [2.0, 2.001, 2.002], 0.41))
     assert res.unit == "bpb" and res.rules[0].margin == pytest.approx(0.005 * 0.30 / ln2)
     assert "do not compare" in res.note
-    # sp8192's ratio (~0.269 tokens/byte in techniques.md 14) gives ~0.00194 BPB.
+    # sp8192's ratio (~0.269 tokens/byte on its validation text) gives ~0.00194 BPB.
     assert 0.005 * 0.2690 / ln2 == pytest.approx(0.00194, abs=1e-5)
 
 

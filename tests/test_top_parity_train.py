@@ -313,7 +313,8 @@ def test_the_lr_check_fails_for_another_floor(top):
 def test_schedule_equals_the_tops_at_every_step_of_a_600s_run(top, top_schedule, times):
     """Same step times: the LR multiplier (<= 1e-12), the Muon momentum (exact) and looping (exact) agree at
     every step both run. Both stop on the wallclock: the top after the first step that ends at or past
-    600 - 0.5 s, ours one step earlier, the last step that ends before it (pitfalls E; a known deviation)."""
+    600 - 0.5 s, ours one step earlier, the last step that ends before it (a known
+    deviation: a cap checked only after each step lets runs end past 600 s)."""
     ours = run_our_schedule(times)
     t_rows, o_rows = top_schedule["rows"], ours["rows"]
     cap = 600.0 - 0.5
@@ -579,7 +580,7 @@ def test_the_world_size_changes_the_tokens_at_a_shard_end_in_both(top, shards):
     """Both read the same tokens per step at WORLD_SIZE 1, 2 and 8 until a shard ends: a loader leaves a shard
     once a micro-step's span over all ranks (WORLD_SIZE * 257 tokens here) no longer fits, so at 8 ranks both
     leave shard 0 (16,411 tokens) after 7 steps (7 * 2056 + 2056 > 16,411), at 1 rank they read 257-token blocks
-    on into step 7 (PR #1855's rule, which ours now follows; pitfalls K's world-size invariance holds between
+    on into step 7 (PR #1855's rule, which ours now follows; the data order is world-size invariant between
     shard ends)."""
     def streams(who):
         return {ws: step_stream(batches(top, shards, who, ws), ws, lambda k, w=ws: k[2] * w + k[1]) for ws in (1, 2, 8)}
