@@ -87,8 +87,10 @@ PARTS = ("pipeline", "step", "variant", "anchor")
 BUDGETS = {"pipeline": 330.0, "step": 90.0, "variant": 60.0, "anchor": 120.0}
 CPU_BUDGETS = {"pipeline": 900.0, "step": 300.0, "variant": 300.0, "anchor": 60.0}
 # Our knobs for PR #1394's architecture (the 2026-04-05 SP8192 record): same model, our forward equals its to 5e-6.
+# The record preset's later additions are off: PR #1394 has no document isolation or packing and no fused ops.
 ANCHOR_ARCH = {"PRESET": "record", "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0", "PARALLEL_MODE": "off",
-               "LOOP_START": "4", "LOOP_END": "5", "ENABLE_LOOPING_AT": "0.5", "QK_GAIN_INIT": "4.0"}
+               "LOOP_START": "4", "LOOP_END": "5", "ENABLE_LOOPING_AT": "0.5", "QK_GAIN_INIT": "4.0",
+               "DOC_ISOLATION": "0", "DOC_PACKED_LOADER": "0", "FUSED_CE_ENABLED": "0", "FUSED_MLP_ENABLED": "0"}
 # --cpu: a model small enough that the whole harness runs in about a minute on two cores.
 CPU_KNOBS = {"DEVICE": "cpu", "COMPILE": "0", "NUM_LAYERS": "6", "MODEL_DIM": "64", "NUM_HEADS": "2",
              "NUM_KV_HEADS": "1", "MLP_MULT": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",

@@ -504,3 +504,17 @@ def test_the_record_eval_projection_on_the_tops_own_logs_models_its_ttt():
         measured = p["fit"]["measured_s"][k::4]
         assert min(measured) * 0.9 <= p["fit"]["predicted_s"][k] <= max(measured) * 1.1
     assert p["top_lora_model_s"] + p["sgd_s_per_chunk"] * p["sgd_chunks_logged"] / 3 < min(p["top_ttt_logged_s"])
+
+
+def test_the_anchor_architecture_is_pr_1394s_whatever_the_record_preset_adds():
+    """The step part times ours against PR #1394's script on its architecture: ANCHOR_ARCH starts from the record
+    preset, so every later addition that changes what a step computes must be off there (PR #1394 has plain
+    causal attention over shuffled windows, the inductor-fused loss and MLP, no gates, no lanes)."""
+    h = tg.Hyperparameters.from_env(gpu.ANCHOR_ARCH)
+    assert not (h.doc_isolation or h.doc_packed_loader or h.fused_ce_enabled or h.fused_mlp_enabled)
+    assert not (h.smear_gate_enabled or h.sparse_attn_gate_enabled) and h.parallel_mode == "off"
+    assert (h.loop_start, h.loop_end, h.enable_looping_at, h.qk_gain_init) == (4, 5, 0.5, 4.0)
+    # A variant that turns a feature on differs from the base (the documented GPU command's variants).
+    for variant in ("FUSED_CE_ENABLED=1,FUSED_MLP_ENABLED=1", "DOC_ISOLATION=1,DOC_PACKED_LOADER=1"):
+        knobs = dict(kv.split("=") for kv in variant.split(","))
+        assert tg.Hyperparameters.from_env({**gpu.ANCHOR_ARCH, **knobs}).knob_values() != h.knob_values(), variant
