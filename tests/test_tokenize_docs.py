@@ -495,7 +495,8 @@ def test_caseops_export_with_the_record_tokenizer(shared_data, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     check_caseops_export(out, texts, VAL_DOCS, model)
-    assert "BPB must count the bytes in fineweb_val_bytes_*.bin" in r.stdout
+    assert "CaseOps data (BPB counts the bytes in fineweb_val_bytes_*.bin)" in r.stdout
+    assert check_printed_command(r.stdout, out).caseops_enabled  # the record's own knobs read it as printed
 
 
 @pytest.mark.parametrize("case", ["plain_tokenizer", "plain_spec", "unattributable"])
