@@ -115,12 +115,13 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     if not args.data.is_dir():
         raise UsageError(f"--data={args.data}: not a folder")
     try:  # the tokenizer the shards were made with, as their manifest records it (what train_gpt.py checks)
-        identity = provenance().dataset_identity(tg, args.data, args.tokenizer, tg.sha256_file(args.tokenizer))
+        identity = provenance().dataset_identity(tg, args.data, args.tokenizer, tg.sha256_file(args.tokenizer),
+                                                 setting="--tokenizer")
         files = tg.list_shards(args.data, "val")
         tokens = np.concatenate([np.asarray(tg.load_shard(f)) for f in files])
         tg.check_token_range(tokens, vocab, f"{args.data}/fineweb_val_*.bin")
     except tg.DataError as exc:
-        raise UsageError(f"--data: {exc}".replace("set TOKENIZER_PATH to", "set --tokenizer to")) from None
+        raise UsageError(f"--data: {exc}") from None
     if identity["text_transform"] == tg.CASEOPS_TRANSFORM or any(args.data.glob("fineweb_val_bytes_*.bin")):
         raise UsageError(f"--data={args.data}: CaseOps shards: their BPB counts the byte sidecars "
                          "(fineweb_val_bytes_*.bin), not the lookup tables this tool checks; train_gpt.py's BPB "

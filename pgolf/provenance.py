@@ -44,10 +44,12 @@ def read_manifest(tg: Any, dataset_dir: Path) -> tuple[Path | None, Any]:
         raise tg.DataError(f"{path}: unreadable dataset manifest ({type(exc).__name__}: {exc})") from None
 
 
-def dataset_identity(tg: Any, dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str) -> dict[str, Any]:
+def dataset_identity(tg: Any, dataset_dir: Path, tokenizer: Path, tokenizer_sha256: str,
+                     setting: str = "TOKENIZER_PATH") -> dict[str, Any]:
     """The manifest beside the shards and the tokenizer it records. A tokenizer other than the one the shards
-    were made with is refused: its byte tables would count the wrong bytes, and the BPB self-check, which
-    decodes with that same tokenizer, cannot notice."""
+    were made with is refused (the error tells to fix `setting`, the caller's name for the tokenizer): its byte
+    tables would count the wrong bytes, and the BPB self-check, which decodes with that same tokenizer, cannot
+    notice."""
     path, manifest = read_manifest(tg, dataset_dir)
     if path is None:
         return dict(tg.NO_MANIFEST)
@@ -57,7 +59,7 @@ def dataset_identity(tg: Any, dataset_dir: Path, tokenizer: Path, tokenizer_sha2
                  if isinstance(manifest, dict) else None)
     if recorded is not None and recorded != tokenizer_sha256:
         raise tg.DataError(f"{tokenizer}: sha256 {tokenizer_sha256} is not the tokenizer {recorded} that {path} "
-                           f"records for these shards", hint="the byte counts would be wrong; set TOKENIZER_PATH to "
+                           f"records for these shards", hint=f"the byte counts would be wrong; set {setting} to "
                            "the tokenizer the data was made with")
     return {"manifest": str(path), "manifest_sha256": tg.sha256_file(path), "manifest_tokenizer_sha256": recorded,
             "text_transform": transform}
