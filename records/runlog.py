@@ -389,6 +389,11 @@ def sibling_log(json_path: Path) -> Path | None:
     return None
 
 
+def is_run_json(data: Any) -> bool:
+    """A run's metrics JSON as train_gpt.py writes it (a submission.json or a stray object is not one)."""
+    return isinstance(data, dict) and "config" in data and "val_loss" in data
+
+
 def load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -442,7 +447,7 @@ def load_run(path: Path) -> Run:
         metrics = load_json(path)
         if not isinstance(metrics, dict):
             raise RecordError(f"{path}: expected a JSON object (a run's metrics), got {type(metrics).__name__}")
-        if not {"config", "val_loss"} <= set(metrics):
+        if not is_run_json(metrics):
             raise RecordError(f"{path}: not a train_gpt.py run JSON (no `config` and `val_loss`)")
         log_path = sibling_log(path)
         log = read_log(log_path) if log_path else None
@@ -459,7 +464,7 @@ def load_run(path: Path) -> Run:
     metrics, warnings = None, []
     if json_path.is_file():
         data = load_json(json_path)
-        metrics = data if isinstance(data, dict) and "val_loss" in data and "config" in data else None
+        metrics = data if is_run_json(data) else None
         problems = pairing_problems(metrics, log) if metrics is not None else []
         if problems:
             warnings.append(f"{json_path}: ignored, it does not belong to {path}: {'; '.join(problems[:4])}; "

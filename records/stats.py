@@ -305,7 +305,7 @@ def load_side(items: list[str], name: str) -> Side:
                 raise RecordError(f"{path}: no complete run logs and no submission.json")
         elif path.suffix == ".json" and path.is_file():
             data = runlog.load_json(path)
-            if isinstance(data, dict) and "config" in data and "val_loss" in data:
+            if runlog.is_run_json(data):
                 side.scores.append(score_of_run(runlog.load_run(path)))
             elif isinstance(data, dict):
                 sub = side_from_submission(data, str(path))
