@@ -32,7 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 import train_gpt as tg  # noqa: E402
+from gpu import prefix_docs_for  # noqa: E402  (one definition of the scaled phase prefix)
 
 
 def main() -> int:
@@ -91,10 +93,10 @@ def main() -> int:
             rows.append({"eval": "sliding", "stride": stride, "batch_seqs": bs, "scored": r.tokens, "seconds": sec,
                          "scored_per_s": r.tokens / sec, "cost_ratio": sec / plain_s,
                          "ideal_ratio": args.seq_len / stride})
-    # The record's phase prefix (2,500 of the 50,000 validation documents) scaled to these documents, one per
-    # phase at least: at the record's 2,500 no phase would ever run on a benchmark-sized stream.
+    # The record's phase prefix scaled to these documents, as the GPU preflight scales it: at the record's 2,500
+    # no phase would ever run on a benchmark-sized stream.
     n_docs = len(tg.ttt_documents(tokens, tokens.size - 1))
-    prefix = max(h.phased_ttt_num_phases, round(n_docs * h.phased_ttt_prefix_docs / tg.CHALLENGE_VAL_DOCUMENTS))
+    prefix = prefix_docs_for(n_docs, h.phased_ttt_num_phases)
     lora = dataclasses.replace(tg.LoRATTTConfig.from_hparams(h), prefix_docs=prefix)
     sgd = tg.TTTConfig.global_phase(h)
     (r, info), sec = timed(lambda: tg.eval_ttt_lora(ctx(args.seq_len, max(args.batch_seqs)), model, lora, sgd, 1e9,
