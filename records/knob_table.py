@@ -39,9 +39,9 @@ def format_default(value: Any) -> str:
 def knob_table_markdown() -> str:
     """One row per knob: its value in each preset of COLUMNS and its help text."""
     rows = ["| Variable | record (default) | baseline | smoke | Meaning |", "|---|---|---|---|---|"]
+    resolved = [tg.Hyperparameters.from_env({"PRESET": preset}).knob_values() for preset in COLUMNS]
     for f in tg.Hyperparameters.knob_fields():
-        cells = [format_default(preset if f.name == "preset" else tg.PRESETS[preset].get(f.name, f.default))
-                 for preset in COLUMNS]  # a preset's own column names it
+        cells = [format_default(values[f.name.upper()]) for values in resolved]
         rows.append(f"| `{f.name.upper()}` | {' | '.join(cells)} | {f.metadata['help'].replace('|', '/')} |")
     return "\n".join(rows)
 
