@@ -523,7 +523,8 @@ def claim_run_files(h: Hyperparameters) -> RunFiles:
             files.log_dir.mkdir(parents=True, exist_ok=True)
             files.path(".txt").touch()
         except OSError as exc:
-            raise ConfigError(f"LOG_DIR={h.log_dir!r} is not allowed: cannot write there ({exc.strerror or exc})")
+            raise ConfigError(f"LOG_DIR={h.log_dir!r} is not allowed: cannot write there "
+                              f"({exc.strerror or exc})") from None
         return files
     try:
         return runs.claim(Path(h.log_dir), h.run_id, h.overwrite, 0 if h.eval_only else h.target_bytes)

@@ -584,7 +584,7 @@ def project_ttt(run: dict, own_lengths: np.ndarray, split: np.ndarray, world: in
 # The record preset's evaluation on 8xH100, calibrated on PR #1855's seed logs
 # ---------------------------------------------------------------------------------------------
 
-# Our one H100 measurement (the 2026-11-26 H100 measurement): PRESET=record under torchrun on one
+# Our one H100 measurement (2026-11-26): PRESET=record under torchrun on one
 # H100 80GB HBM3, torch 2.11.0+cu130, PyTorch SDPA (no FA3), 786,432 tokens per step, 40 steps.
 OUR_H100 = {"plain_tok_s": 770_000.0, "looped_tok_s": 524_000.0,
             "source": "PRESET=record on one H100 80GB HBM3 (torch 2.11.0+cu130, SDPA, no FA3)"}
