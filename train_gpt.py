@@ -95,17 +95,14 @@ LAUNCHER_VARS = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE
 
 COMPRESSORS = ("pergroup", "brotli", "lzma", "zlib")
 
-
 class Hinted(Exception):
     """An error whose message may end in a `hint` saying what to do (records/pack.py drops `hint=` when shipping)."""
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(f"{message}; {hint}" if hint else message)
 
-
 class ConfigError(Hinted, ValueError):
     """A bad environment variable or input file: the message is one line naming it."""
-
 
 # A knob's check: (test of the parsed value, what is allowed, for the error).
 Check = tuple[Callable[[Any], bool], str]
@@ -115,10 +112,8 @@ FRACTION: Check = (lambda v: 0.0 <= v <= 1.0), "a number in [0, 1]"
 BELOW_ONE: Check = (lambda v: 0.0 <= v < 1.0), "in [0, 1)"  # decays, momenta, betas: at 1.0 an average never moves
 BITS: Check = (lambda v: 2 <= v <= 8), "an integer in [2, 8]"
 
-
 def one_of(*values: str) -> Check:
     return (lambda v: v in values), f"{', '.join(values[:-1])} or {values[-1]}"
-
 
 def _is_non_negative_number(v: str) -> bool:
     try:
@@ -126,12 +121,10 @@ def _is_non_negative_number(v: str) -> bool:
     except ValueError:
         return False
 
-
 def knob(default: Any, help: str, check: Check | None = None) -> Any:
     """A dataclass field that is an environment knob (`FIELD_NAME` upper-cased)."""
     test, allowed = check or (None, "")
     return field(default=default, metadata={"knob": True, "help": help, "check": test, "allowed": allowed})
-
 
 @dataclass(frozen=True)
 class Hyperparameters:
@@ -412,7 +405,6 @@ class Hyperparameters:
     def knob_values(self) -> dict[str, Any]:
         return {f.name.upper(): getattr(self, f.name) for f in self.knob_fields()}
 
-
 def _parse_value(name: str, raw: str, kind: type) -> Any:
     text = raw.strip()
     try:
@@ -429,7 +421,6 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
     allowed = {bool: "0 or 1", int: "an integer", float: "a finite number"}[kind]
     raise ConfigError(f"{name}={raw!r} is not allowed: expected {allowed}")
 
-
 def closest_knob(name: str, candidates: list[str]) -> str | None:
     """The knob `name` looks like a misspelling of (case, underscores or a letter off: seed, SEEED -> SEED), or None."""
     key = name.upper()
@@ -439,7 +430,6 @@ def closest_knob(name: str, candidates: list[str]) -> str | None:
     close = (difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
              or difflib.get_close_matches(key.replace("_", ""), list(squashed), n=1, cutoff=0.8))
     return (squashed.get(close[0], close[0])) if close else None
-
 
 def operations(name: str) -> Any:
     """pgolf.<name> where the unshipped pgolf/ sits beside this file, else None (a broken pgolf module raises)."""
@@ -451,7 +441,6 @@ def operations(name: str) -> Any:
             raise
         return None
 
-
 def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozenset[str]]:
     """Other scripts' knob names (aliases, retired ones, ...) rewritten, refused or warned about by pgolf.knobs."""
     knobs = operations("knobs")
@@ -461,7 +450,6 @@ def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozens
         return knobs.rewrite(env)
     except knobs.Refused as exc:
         raise ConfigError(str(exc)) from None
-
 
 def _check_unknown_vars(env: Mapping[str, str], known: frozenset[str], strict: bool) -> list[str]:
     """Variables that look like a misspelt knob: a warning each, or (STRICT_ENV=1) one error naming them all."""
@@ -474,23 +462,18 @@ def _check_unknown_vars(env: Mapping[str, str], known: frozenset[str], strict: b
         raise ConfigError(f"unknown knobs: {', '.join(' '.join(t) for t in typos)}; STRICT_ENV=1 refuses them")
     return [f"{set_to} is not a knob of train_gpt.py and is ignored {mean}" for set_to, mean in typos]
 
-
 # The seed and the knobs that name or place a run or only check its inputs: one sweep shares a config hash.
 CONFIG_HASH_IGNORED = frozenset({"SEED", "RUN_ID", "LOG_DIR", "OVERWRITE", "REQUANTIZE", "STRICT_ENV",
                                  "BPB_CHECK_DOCS"})
-
 
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 of a resolved config (`knob_values()` or a run JSON's `config`) without CONFIG_HASH_IGNORED."""
     kept = {k: config[k] for k in sorted(config) if k not in CONFIG_HASH_IGNORED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
-
 # ==== Logging ====
 
-
 RUN_OUTPUTS = (".txt", ".json", ".ptz")
-
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -508,7 +491,6 @@ class RunFiles:
         pass
 
     release = publish
-
 
 def claim_run_files(h: Hyperparameters) -> RunFiles:
     """Rank 0, before any work: pgolf.runs.claim, or (a shipped copy) refuse outputs that exist unless OVERWRITE=1."""
@@ -530,7 +512,6 @@ def claim_run_files(h: Hyperparameters) -> RunFiles:
         return runs.claim(Path(h.log_dir), h.run_id, h.overwrite, 0 if h.eval_only else h.target_bytes)
     except runs.Refused as exc:
         raise ConfigError(str(exc)) from None
-
 
 class Logger:
     """Rank 0 prints and appends to a file; a failed write (full disk) drops the file and sets `failure`, not raises."""
@@ -567,20 +548,16 @@ class Logger:
         except OSError:
             pass
 
-
 def warn(log: Callable[[str], None], message: str, banner: bool = False) -> None:
     """Every warning of the log: `WARNING: message`, framed by lines of '!' when `banner` (it must not be missed)."""
     rule = [f"WARNING: {'!' * 60}"] if banner else []
     for line in rule + [f"WARNING: {message}"] + rule:
         log(line)
 
-
 def format_kv(**items: Any) -> str:  # the schema of every progress line
     return " ".join(f"{k}:{v}" for k, v in items.items())
 
-
 STEP_PHASES = ("data", "fwd_bwd", "comm", "optimizer", "ema", "other")
-
 
 class StepTimer:
     """Step time per phase: `mark(phase)` ends an interval; CUDA events read after the step's all-reduce (no sync)."""
@@ -619,7 +596,6 @@ class StepTimer:
         self.totals, self.steps = dict.fromkeys(STEP_PHASES, 0.0), 0
         return out
 
-
 class PhaseClock:
     """Logs a `phase:` line (seconds, tokens/s, peak CUDA memory) per phase; `rows` become the JSON's `phases`."""
 
@@ -641,7 +617,6 @@ class PhaseClock:
     def wall_seconds(self) -> float:
         return time.perf_counter() - self.start
 
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -656,7 +631,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if tmp.exists():
             tmp.unlink()
 
-
 def sha256_file(*paths: Path) -> str:
     """sha256 of the files' bytes one after the other."""
     h = hashlib.sha256()
@@ -665,7 +639,6 @@ def sha256_file(*paths: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
 
 def package_version(*names: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -676,7 +649,6 @@ def package_version(*names: str) -> str:
             continue
     return "absent"
 
-
 def environment_versions(device: torch.device) -> dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "cuda": str(torch.version.cuda), "platform": platform.platform(), "device": str(device)}
@@ -686,7 +658,6 @@ def environment_versions(device: torch.device) -> dict[str, str]:
     else:
         info["cpu_threads"] = str(torch.get_num_threads())
     return info
-
 
 def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, fingerprint: dict[str, Any],
                log: Logger) -> dict[str, str]:
@@ -712,7 +683,6 @@ def log_header(h: Hyperparameters, d: DistInfo, code: bytes, backend: str, finge
                   "runs on PyTorch SDPA, ~15-20% fewer steps in 600 s. See README 'FlashAttention'.", banner=True)
     return versions
 
-
 def log_model(h: Hyperparameters, model: GPT, opt: Optimizers, log: Logger) -> None:
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(format_kv(layers="plain") + " " + model.layout_summary())
@@ -727,11 +697,9 @@ def log_model(h: Hyperparameters, model: GPT, opt: Optimizers, log: Logger) -> N
     for name, group, numel in opt.table:
         log(format_kv(param=name, group=group, numel=numel), console=False)
 
-
 def default_run_id(preset: str) -> str:
     """<preset>_<UTC time to the microsecond>_<pid>: two runs started in the same second differ."""
     return f"{preset}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S_%f}_{os.getpid()}"
-
 
 def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
     """Rank 0 checks LOG_DIR and takes the RUN_ID (claim_run_files); every rank gets its answer."""
@@ -748,14 +716,12 @@ def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
         raise ConfigError(error)
     return files
 
-
 def stop_on_output_failure(rc: RunContext, failure: str | None, kept: Callable[[], str]) -> None:
     """When the log or the output `failure` names failed, every rank raises OutputError saying what was kept."""
     failure = rc.log.failure or failure
     failure = broadcast_object(failure and f"{failure}; {kept()}")
     if failure:
         raise OutputError(failure)
-
 
 def failure_line(exc: BaseException) -> str:
     """Why a run stopped: the message of a failure main() maps to an exit code, else the type and first line."""
@@ -765,7 +731,6 @@ def failure_line(exc: BaseException) -> str:
         return "interrupted (SIGINT)"
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
-
 def kept_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> str:
     """An output failed before the artifact was written: what pgolf.recover kept, as a sentence."""
     recover = operations("recover")
@@ -773,15 +738,12 @@ def kept_weights(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None,
         return f"the trained weights were not kept (no pgolf/ beside {Path(__file__).name})"
     return recover.keep_weights(sys.modules[__name__], rc, model, hessians, steps)
 
-
 def kept_artifact(rc: RunContext) -> str:
     """The metrics failed: the artifact is there (pgolf.recover says how to score it again)."""
     recover = operations("recover")
     return recover.kept_artifact(rc) if recover else f"the artifact is kept in {rc.files.path('.ptz')}"
 
-
 # ==== Distributed ====
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -793,7 +755,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
 
 def setup_distributed(h: Hyperparameters) -> DistInfo:
     """Pick the device and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
@@ -810,23 +771,19 @@ def setup_distributed(h: Hyperparameters) -> DistInfo:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30), **kwargs)
     return DistInfo(h.rank, h.world_size, h.local_rank, device)
 
-
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     """In-place all-reduce that is a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
 
-
 def synchronize(device: torch.device) -> None:  # so wallclock timings measure the queued GPU work
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's value on every rank (e.g. a generated run id)."""
@@ -834,7 +791,6 @@ def broadcast_object(obj: Any) -> Any:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
-
 
 def compute_autocast(device: torch.device, compute_dtype: str):
     use_bf16 = compute_dtype == "bf16" or (compute_dtype == "auto" and device.type == "cuda")
@@ -851,10 +807,8 @@ SHARD_TOKEN_DTYPE = np.dtype("<u2")
 LEADING_SPACE = "\u2581"  # SentencePiece's word-boundary marker; counts as ONE byte (a space)
 BOS_ID = 1  # the challenge recipe's bos id: every document starts with it (pad/bos/eos/unk = 0/1/2/3)
 
-
 class DataError(ConfigError):
     """A bad shard or tokenizer file: the message names the file, what was expected and what was found."""
-
 
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
@@ -875,14 +829,12 @@ def read_shard_header(path: Path) -> int:
                         "bytes")
     return n
 
-
 def load_shard(path: Path) -> np.ndarray:
     """Memory-map a validated shard as uint16 tokens (pages are read on demand)."""
     n = read_shard_header(path)
     if n == 0:  # np.memmap refuses an empty mapping
         return np.zeros(0, dtype=SHARD_TOKEN_DTYPE)
     return np.memmap(path, dtype=SHARD_TOKEN_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
-
 
 def list_shards(dataset_dir: Path, split: str) -> list[Path]:
     pattern = f"fineweb_{split}_*.bin"
@@ -893,7 +845,6 @@ def list_shards(dataset_dir: Path, split: str) -> list[Path]:
                         hint="set DATA_PATH or DATA_DIR; see data/README.md to download or build a dataset")
     return files
 
-
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
     """An id >= vocab_size means data and VOCAB_SIZE disagree (pg#1723); `offset`: tokens[0]'s position in the file."""
     flat = tokens.reshape(-1)
@@ -901,7 +852,6 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: i
         bad = offset + int(np.argmax(flat >= vocab_size))
         raise DataError(f"{where}: token id {int(flat[bad - offset])} at token {bad} of the file (byte "
                         f"{SHARD_HEADER_BYTES + bad * SHARD_TOKEN_DTYPE.itemsize}) is >= VOCAB_SIZE={vocab_size}")
-
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
     """The validation tokens (MAX_VAL_TOKENS: the first `max_tokens` targets), cut to whole sequences + 1 token."""
@@ -916,14 +866,12 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max
                         f"shorter than one sequence of EVAL_SEQ_LEN={seq_len} + 1")
     return np.ascontiguousarray(tokens[: usable + 1])
 
-
 def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenizer: Path) -> dict[str, Any]:
     """Which data a run saw: shard and token counts, the hash of the validation shards and of the tokenizer."""
     return {"train_shards": len(train_files), "train_tokens": sum(read_shard_header(f) for f in train_files),
             "val_shards": len(val_files), "val_tokens_raw": sum(read_shard_header(f) for f in val_files),
             "val_sha256": sha256_file(*val_files), "tokenizer": str(tokenizer),
             "tokenizer_sha256": sha256_file(tokenizer)}
-
 
 # The challenge's val split (first 50,000 documents of docs_selected.jsonl) in targets at 2048-token sequences, from
 # the records' logs (sp1024: willdepueoai/parameter-golf; sp4096, sp8192: kevclark/parameter-golf; CaseOps: PR #1729).
@@ -933,7 +881,6 @@ CHALLENGE_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
 CHALLENGE_CASEOPS_VAL_TARGETS = {8192: 47_851_520}  # romeerp/parameter-golf-caseops-v1 (PR #1729)
 CASEOPS_TRANSFORM = "lossless_caps_caseops_v1"
 NO_MANIFEST = {"manifest": None, "manifest_sha256": None, "manifest_tokenizer_sha256": None, "text_transform": None}
-
 
 def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_val_tokens: int,
                     caseops: bool = False) -> tuple[bool, str]:
@@ -949,7 +896,6 @@ def challenge_split(vocab_size: int, val_tokens_raw: int, documents: int, max_va
         return False, (f"not the challenge's validation split: {documents:,} documents and {targets:,} targets at "
                        f"{CHALLENGE_SEQ_LEN}, the sp{vocab_size} split has {docs:,} and {expected:,}")
     return True, f"the challenge's sp{vocab_size} validation split ({docs:,} documents, {expected:,} targets)"
-
 
 class TrainLoader:
     """Prefetched batches, cu_seqlens: a seeded window order per epoch, world-size free, or `packed` (PR #1855)."""
@@ -1090,7 +1036,6 @@ class TrainLoader:
         self._stop.set()
         self._thread.join(timeout=5)
 
-
 @dataclass(frozen=True)
 class ByteLUTs:
     """Per-token UTF-8 byte counts for BPB (the rule of every record since the naive baseline)."""
@@ -1101,7 +1046,6 @@ class ByteLUTs:
 
     def to(self, device: torch.device) -> "ByteLUTs":
         return ByteLUTs(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
-
 
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
@@ -1117,7 +1061,6 @@ def load_tokenizer(path: Path, vocab_size: int):
     if sp.bos_id() != BOS_ID:  # document boundaries (BPB, SmearGate) are found by this id
         raise DataError(f"{path}: tokenizer bos_id={sp.bos_id()}, expected {BOS_ID} (the challenge recipe)")
     return sp
-
 
 def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
     """Byte tables from a SentencePiece model. Refuses one without a standalone '▁' piece: it spells every space
@@ -1142,19 +1085,16 @@ def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
             base[i] = len(piece.removeprefix(LEADING_SPACE).encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base).long(), torch.from_numpy(space), torch.from_numpy(boundary))
 
-
 def count_target_bytes(prev_ids: Tensor, target_ids: Tensor, luts: ByteLUTs) -> Tensor:
     """Each target's bytes: its piece's, +1 for its '▁' unless after a boundary (BOS). Every evaluation uses it."""
     extra = luts.has_leading_space[target_ids] & ~luts.is_boundary[prev_ids]
     return luts.base_bytes[target_ids].to(torch.int64) + extra.to(torch.int64)
-
 
 def document_spans(tokens: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) of each document's tokens after its BOS; a leading fragment without a BOS is no document."""
     starts = np.flatnonzero(tokens == BOS_ID)
     ends = np.append(starts[1:], tokens.size)
     return [(int(s) + 1, int(e)) for s, e in zip(starts, ends)]
-
 
 @dataclass(frozen=True)
 class BPBCheck:
@@ -1165,19 +1105,16 @@ class BPBCheck:
     unknown_tokens: int  # <unk> tokens in the checked documents (0 bytes each: no byte fallback)
     normalized: int = 0  # CaseOps: checked documents whose decoded text the tokenizer's normalization changed
 
-
 SELF_CHECK_CHUNK = 1 << 22  # targets per slice when totalling the validation bytes
 # SentencePiece decodes normalized text (NFKC, single spaces): a CaseOps document's decoded original differs from the
 # one its sidecar counts by at most 1.35% on FineWeb (33 of 200 documents differ); a wrong sidecar by far more.
 CASEOPS_CHECK_TOLERANCE = 0.02
-
 
 def checked_documents(n_docs: int, max_docs: int | None) -> list[int]:
     """Which documents the BPB self-check decodes: all, or `max_docs` spread evenly over the stream."""
     if max_docs is None or max_docs >= n_docs:
         return list(range(n_docs))
     return sorted(set(np.linspace(0, n_docs - 1, max_docs).round().astype(int).tolist()))
-
 
 def decoded_bytes(sp, ids: list[int], boundary: list[bool]) -> int:
     """UTF-8 bytes of the decoded document; control/unknown tokens stand for no text (an <unk> decodes to ' ⁇ ')."""
@@ -1189,7 +1126,6 @@ def decoded_bytes(sp, ids: list[int], boundary: list[bool]) -> int:
         else:
             piece.append(i)
     return total
-
 
 def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None, source: str = "validation",
                    sidecar: np.ndarray | None = None) -> BPBCheck:
@@ -1231,19 +1167,16 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
                             f"{ids[j - 1]} piece {sp.id_to_piece(ids[j - 1])!r}")
     return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown, normalized)
 
-
 # A wrong tokenizer of the right size is caught by re-encoding: encode(decode(doc)) == doc held for all 900 FineWeb and
 # Wikipedia documents under each of 7 tokenizers (sp1024-sp8192, CaseOps), for 0-2.5% under another.
 TOKENIZER_CHECK_MIN = 0.9  # of the checked documents must re-encode to themselves
 TOKENIZER_CHECK_DOCS = 1000  # at most this many of the self-check's documents (~1-3 ms each)
-
 
 @dataclass(frozen=True)
 class ReencodeCheck:
     reencoded: int  # documents with encode(decode(document)) == document
     checked: int  # the self-check's documents but the last and those with control or <unk> ids
     seconds: float
-
 
 def tokenizer_check(tokens: np.ndarray, sp, boundary: np.ndarray, max_docs: int | None, tokenizer: Path,
                     source: str) -> ReencodeCheck:
@@ -1260,7 +1193,6 @@ def tokenizer_check(tokens: np.ndarray, sp, boundary: np.ndarray, max_docs: int 
                         f"needed)", hint="the byte counts would be wrong; set TOKENIZER_PATH to the tokenizer the "
                         "shards were made with")
     return ReencodeCheck(same, len(docs), time.perf_counter() - t0)
-
 
 def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
     """CASEOPS_ENABLED: each val token's original-text bytes, from PR #1729's fineweb_val_bytes_*.bin sidecars."""
@@ -1282,9 +1214,7 @@ def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
                         f"{int(bad[0])} (a BOS stands for no text): the sidecars do not match the shards")
     return sidecar
 
-
 CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
-
 
 def caseops_decode(text: str) -> str:
     """The original text of a lossless_caps_caseops_v1 string (PR #1729; data/caseops.py has the transform):
@@ -1301,7 +1231,6 @@ def caseops_decode(text: str) -> str:
     pattern = f"{CASEOPS_ESC}(.)|([{CASEOPS_TITLE}{CASEOPS_ALLCAPS}]?)((?:{CASEOPS_CAPNEXT}?[A-Za-z])+)"
     return re.sub(pattern, word, text, flags=re.DOTALL)
 
-
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Window starts and first scored offsets: each target scored once, after the first window with >= seq_len - stride
     tokens of context (a last window ends at the stream's end); stride = seq_len: plain."""
@@ -1313,10 +1242,8 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarr
     first = [0] + [prev + seq_len - cur for prev, cur in zip(starts, starts[1:])]
     return np.asarray(starts, dtype=np.int64), np.asarray(first, dtype=np.int64)
 
-
 def bpb_from_sums(nats: float, tokens: float, n_bytes: float) -> float:
     return (nats / tokens) / math.log(2.0) * (tokens / n_bytes)
-
 
 @dataclass
 class DataBundle:
@@ -1330,7 +1257,6 @@ class DataBundle:
     reportable_reason: str
     reencode: ReencodeCheck | None = None  # the tokenizer reproduces the validation shards
     shards: dict[str, Any] | str | None = None  # sha256s against the manifest's: None = none listed, "unchecked"
-
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     """Tokenizer, byte tables, shard lists and the validation split, all checked before training."""
@@ -1366,7 +1292,6 @@ def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     fingerprint.update(val_documents=check.documents, byte_accounting=accounting, challenge_split=reportable)
     return DataBundle(train_files, val_tokens, sidecar, luts, fingerprint, check, reportable, reason, reencode, shards)
 
-
 def check_transform(h: Hyperparameters, transform: str | None, manifest: str | None) -> None:
     """CASEOPS_ENABLED must match the manifest's text transform (or sidecars), or the wrong text's bytes are counted."""
     sidecars = sorted(h.dataset_dir.glob("fineweb_val_bytes_*.bin"))
@@ -1378,7 +1303,6 @@ def check_transform(h: Hyperparameters, transform: str | None, manifest: str | N
     if h.caseops_enabled and transform not in (None, CASEOPS_TRANSFORM):
         raise DataError(f"{manifest}: text_transform {transform}: CASEOPS_ENABLED=1 is not allowed for these "
                         f"shards (they are not CaseOps)")
-
 
 def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
     c = data.check
@@ -1409,9 +1333,7 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
     if not data.reportable:
         warn(log, f"this run is NOT reportable: {data.reportable_reason}")
 
-
 # ==== Model ====
-
 
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # FlashAttention 3, flash-attn-4
 CU_BUCKET = 64  # cu_seqlens are padded to a multiple of this (zero-length sequences at the end; PR #1855)
@@ -1420,13 +1342,11 @@ _CUSTOM_OPS: dict[str, Callable] = {}
 ORTHO_INIT_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".mlp.fc.weight")  # input side
 Adapter = tuple[Tensor, Tensor, float]  # TTT LoRA: A (D, r, in), B (D, out, r), output scale; a row per document
 
-
 def importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except Exception:  # a dotted name's parent package is missing, or fails to import (flash_attn of FA2)
         return False
-
 
 def select_attention_backend(setting: str, device: torch.device) -> tuple[str, list[str]]:
     """ATTN_BACKEND for this device (auto: FA3, else FA4, else SDPA) and a note per installed kernel passed over."""
@@ -1451,7 +1371,6 @@ def select_attention_backend(setting: str, device: torch.device) -> tuple[str, l
                               hint="use auto or sdpa")
         notes.append(f"{backend} ({FLASH_MODULES[backend]}) is installed but not used: {why}")
     return "sdpa", notes
-
 
 def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """flash-attn-4 causal attention (B, T, H, D) as a custom op: FA4's autograd.Function is untraceable by dynamo."""
@@ -1487,13 +1406,11 @@ def fa4_attention() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     _CUSTOM_OPS["fa4"] = lambda q, k, v: fwd(q, k, v)[0]
     return _CUSTOM_OPS["fa4"]
 
-
 def doc_attention_kind(backend: str, device: torch.device, compiled: bool) -> str:
     """DOC_ISOLATION's attention: FA3 varlen; compiled on CUDA FlexAttention (eager has no CPU backward); else SDPA."""
     if backend == "fa3":
         return "fa3_varlen"
     return "flex_block_mask" if device.type == "cuda" and compiled else "sdpa_document_mask"
-
 
 class Documents(NamedTuple):  # DOC_ISOLATION for one forward, in the form its attention kernel takes
     kind: str
@@ -1502,7 +1419,6 @@ class Documents(NamedTuple):  # DOC_ISOLATION for one forward, in the form its a
     cu_k: Tensor | None = None  # a copy of cu_q: dynamo refuses one tensor passed twice to an autograd.Function
     mask: Any = None  # flex_block_mask: a BlockMask; sdpa_document_mask: (B, 1, T, T) bool
 
-
 def document_ids(ids: Tensor, bos_id: int, cu_seqlens: Tensor | None = None) -> Tensor:
     """(B, T) sequence index of each token, from cu_seqlens over the flattened batch, else row starts and BOS."""
     if cu_seqlens is None:
@@ -1510,19 +1426,16 @@ def document_ids(ids: Tensor, bos_id: int, cu_seqlens: Tensor | None = None) -> 
     flat = torch.arange(ids.numel(), device=ids.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens, flat, right=True).view(ids.shape)
 
-
 def document_mask(segment: Tensor) -> Tensor:
     """(B, 1, T, T) bool: query t sees keys s <= t of its own sequence (SDPA's form of FA3's varlen call)."""
     causal = torch.ones(segment.size(1), segment.size(1), dtype=torch.bool, device=segment.device).tril()
     return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
-
 
 def document_block_mask(segment: Tensor) -> Any:
     from torch.nn.attention.flex_attention import create_block_mask
     B, T = segment.shape
     return create_block_mask(lambda b, h, q, kv: (q >= kv) & (segment[b, q] == segment[b, kv]), B, None, T, T,
                              device=segment.device)
-
 
 def document_starts(ids: Tensor, bos_id: int) -> Tensor:
     """cu_seqlens (int32) of the flattened batch: every row start and every BOS starts a sequence."""
@@ -1531,14 +1444,12 @@ def document_starts(ids: Tensor, bos_id: int) -> Tensor:
     flat = starts.flatten().nonzero().flatten()
     return torch.cat((flat, flat.new_tensor([ids.numel()]))).int()
 
-
 def host_cu_seqlens(inputs: np.ndarray, bos_id: int) -> np.ndarray:
     """document_starts in the loader's thread (no device-to-host wait), padded with the total to CU_BUCKET."""
     starts = inputs == bos_id
     starts[:, 0] = True
     flat = np.flatnonzero(starts)
     return np.pad(flat, (0, -(flat.size + 1) % CU_BUCKET + 1), constant_values=inputs.size).astype(np.int32)
-
 
 def packed_cu_seqlens(inputs: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
     """host_cu_seqlens of a packed stream cut as PR #1855's loader: at BOS and every `max_len` tokens of a document."""
@@ -1548,7 +1459,6 @@ def packed_cu_seqlens(inputs: np.ndarray, bos_id: int, max_len: int) -> np.ndarr
     first = np.repeat(np.cumsum(counts) - counts, counts)
     starts = np.repeat(docs, counts) + (np.arange(first.size) - first) * max_len
     return np.pad(starts, (0, -(starts.size + 1) % CU_BUCKET + 1), constant_values=n).astype(np.int32)
-
 
 def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
     """document_starts as a custom op of dynamic length (one graph for all layouts); it syncs: eval only (PR #1855)."""
@@ -1564,7 +1474,6 @@ def doc_cu_seqlens() -> Callable[[Tensor, int], Tensor]:
         return ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
     _CUSTOM_OPS["doc_cu"] = cu
     return cu
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -1609,14 +1518,12 @@ class ModelConfig:
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("attn_backend", "bos_id")]
         return cls(**{n: getattr(h, n) for n in names}, attn_backend=attn_backend)
 
-
 def layer_layout(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
     """Virtual layer order: loop_start..loop_end run num_loops more times (depth recurrence, PR #1204 -> #1493)."""
     if num_loops <= 0:
         return list(range(num_layers))
     span = list(range(loop_start, loop_end + 1))
     return list(range(loop_start)) + span * (num_loops + 1) + list(range(loop_end + 1, num_layers))
-
 
 def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
     """Where parallel lanes begin: the longest suffix of layers >= start_layer, never before the decoder half."""
@@ -1627,17 +1534,14 @@ def parallel_tail_start(layout: list[int], start_layer: int, mode: str) -> int:
         i -= 1
     return max(i, len(layout) // 2)
 
-
 def rms_norm(x: Tensor) -> Tensor:
     # Parameter-free, as the naive baseline's. In x's dtype: torch 2.12's CUDA autocast runs it in fp32 (2.9 did not).
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x, (x.size(-1),))
 
-
 def rope_base_for(seq_len: int, base: float, rope_dims: int, train_seq_len: int) -> float:
     """NTK-aware base scaling past the training length (PR #265): base * (seq_len / train_seq_len) ** (d / (d - 2))."""
     return base if seq_len <= train_seq_len else base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
-
 
 class Rotary(nn.Module):
     """RoPE angles of a head's first `rope_dims` dims, recomputed per forward (PR #1643's cache broke in inference)."""
@@ -1654,14 +1558,12 @@ class Rotary(nn.Module):
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), base ** -self.exponents)
         return freqs.cos(), freqs.sin()
 
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x (B, T, H, D): rotate the halves of the first 2*cos.size(-1) dims; the rest attend by content (partial RoPE).
     half = cos.size(-1)
     x1, x2, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
-
 
 class LoRASlot(NamedTuple):  # one virtual layer's TTT adapters
     q: Adapter
@@ -1670,21 +1572,17 @@ class LoRASlot(NamedTuple):  # one virtual layer's TTT adapters
     o: Adapter
     mlp: Adapter
 
-
 def lora_delta(x: Tensor, adapter: Adapter) -> Tensor:
     a, b, scale = adapter
     return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
-
 
 class LoRAView(NamedTuple):  # TTT adapters for a batch of documents: a LoRASlot per virtual layer, the head's
     slots: list[LoRASlot]
     head: Adapter
 
-
 class LayerAux(NamedTuple):  # a block's inputs beside x at one virtual layer
     docs: Documents | None = None
     lora: LoRASlot | None = None
-
 
 def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
     """GPTQ calibration tap: H += x^T x over x's rows; on CUDA a bf16 GEMM to fp32 (twice TF32's rate)."""
@@ -1696,7 +1594,6 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> None:
     else:
         H.addmm_(x.T.float(), x.float())
 
-
 class TappedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -1705,7 +1602,6 @@ class TappedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         accumulate_hessian(self.hessian, x)
         return F.linear(x, self.weight)
-
 
 class CausalSelfAttention(nn.Module):
     """GQA with per-head QK RMS-norm, a learned per-head query gain and RoPE; optional XSA and per-head gate."""
@@ -1772,7 +1668,6 @@ class CausalSelfAttention(nn.Module):
         # TTT's O adapter reads the attention's input, as Q, K and V's do (PR #1855), not its output.
         return out if lora is None else out + lora_delta(x, lora.o)
 
-
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (PR #265/#478): y (B, T, H, D) minus its component along the token's own value; GQA without repeating v."""
     B, T, H, D = y.shape
@@ -1781,7 +1676,6 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     inv_norm = torch.rsqrt((v * v).sum(-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12 ** 2))
     vn = (v * inv_norm.to(v.dtype)).unsqueeze(3)  # (B, T, Hkv, 1, D)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-
 
 class MLP(nn.Module):
     """relu(x)^2 MLP (the naive baseline) or leaky_relu(x, slope)^2, a gradient for x < 0 too (PR #549: -0.0021 BPB)."""
@@ -1803,7 +1697,6 @@ class MLP(nn.Module):
             out = self.proj(h * h)  # not h.square(): CUDA autocast runs pow in fp32; h * h stays bf16 (same bits)
         # TTT's MLP adapter runs beside the MLP, from its input (the hidden width would make A 4x larger).
         return out if aux is None or aux.lora is None else out + lora_delta(x, aux.lora.mlp)
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -1834,7 +1727,6 @@ class Block(nn.Module):
         m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.norm_scale, aux)
         return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
-
 class SmearGate(nn.Module):
     """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1} (PR #1667), but not at BOS (PR #1851 BOS fix)."""
 
@@ -1847,7 +1739,6 @@ class SmearGate(nn.Module):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}; zeros at t = 0
         gate = torch.sigmoid(x[..., : self.window] @ self.smear_w.to(x.dtype)) * (ids != self.bos_id).to(x.dtype)
         return x + (self.smear_lambda.to(x.dtype) * gate)[..., None] * prev
-
 
 class GPT(nn.Module):
     """Tied-embedding GPT with the naive baseline's U-Net skips from encoder to decoder half."""
@@ -1970,7 +1861,6 @@ class GPT(nn.Module):
             nll = softcapped_cross_entropy(z, targets, self.cfg.logit_softcap)
         return nll.mean() if reduction == "mean" else nll
 
-
 def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) -> None:
     """Refuses, before any work, a packed row whose SDPA document mask (CUDA, no FA3 or compile) passes 4 GB."""
     n = h.micro_batch_seqs * h.train_seq_len
@@ -1980,13 +1870,10 @@ def check_packed_mask(h: Hyperparameters, backend: str, device: torch.device) ->
                           f"attention on {backend}: the document mask of a {n}-token row takes {n * n / 1e9:.0f} GB",
                           hint="COMPILE=1 (FlexAttention), FA3, or DOC_PACKED_LOADER=0")
 
-
 # ==== Kernels ====
-
 
 def softcap(z: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(z / cap) if cap > 0 else z
-
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Per-token F.cross_entropy of fp32 softcap(z), written for inductor to fuse (PR #1787 fused it by hand)."""
@@ -1994,13 +1881,11 @@ def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     hit = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     return torch.logsumexp(s, dim=-1) - torch.where(hit, s, 0.0).sum(-1)
 
-
 def softcap_ce_reference(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     """(per-row nats, log-sum-exp) of softmax(softcap(z)) for z (N, V): the fused op off CUDA; test reference."""
     s = softcap(z.float(), cap)
     lse = torch.logsumexp(s, dim=-1)
     return lse - s.gather(-1, targets[:, None])[:, 0], lse
-
 
 def softcap_ce_reference_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
     """dLoss/dz of softcap_ce_reference: (softmax - onehot) * grad * (1 - tanh^2), in z's dtype."""
@@ -2012,9 +1897,7 @@ def softcap_ce_reference_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Ten
         d *= 1.0 - (s / cap).square()
     return d.to(z.dtype)
 
-
 CE_BLOCK = 1024  # logits per program step of the fused kernels (8 steps over an 8192 vocabulary)
-
 
 @functools.cache
 def softcap_ce_kernels() -> tuple[Any, Any]:
@@ -2064,7 +1947,6 @@ def softcap_ce_kernels() -> tuple[Any, Any]:
             tl.store(dz + offs, d.to(dz.dtype.element_ty), mask=cols < V)
     return forward, backward
 
-
 def softcap_ce_triton(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     z, targets = z.contiguous(), targets.contiguous()  # the kernels index row r at r * V and targets + r
     loss = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
@@ -2072,17 +1954,14 @@ def softcap_ce_triton(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, T
     softcap_ce_kernels()[0][(z.size(0),)](z, targets, loss, lse, z.size(1), CAP=cap, BLOCK=CE_BLOCK)
     return loss, lse
 
-
 def softcap_ce_triton_grad(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
     z, targets, lse = z.contiguous(), targets.contiguous(), lse.contiguous()
     dz = torch.empty_like(z)
     softcap_ce_kernels()[1][(z.size(0),)](z, targets, lse, grad.contiguous(), dz, z.size(1), CAP=cap, BLOCK=CE_BLOCK)
     return dz
 
-
 def on_triton(t: Tensor) -> bool:
     return t.is_cuda and importable("triton")
-
 
 def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     """FUSED_CE_ENABLED: per-row nats of softmax(softcap(z)) for z (N, V), a custom op opaque to torch.compile."""
@@ -2117,7 +1996,6 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
     _CUSTOM_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
     return _CUSTOM_OPS["ce"]
 
-
 def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
     """z = a b^T: (z, leaky_relu(z)^2), or with `pre` the MLP's backward z * d leaky_relu(pre)^2/d pre (b = W2^T)."""
     z = a @ b.T
@@ -2126,9 +2004,7 @@ def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor
         return z, h * h
     return z * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
 
-
 MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
-
 
 @functools.cache
 def leaky_relu2_linear_kernel() -> Any:
@@ -2166,7 +2042,6 @@ def leaky_relu2_linear_kernel() -> Any:
             tl.store(out + offs, d.to(out.dtype.element_ty), mask=mask)
     return kernel
 
-
 def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
     (M, K), N = a.shape, b.size(0)
     BM, BN, BK = MLP_BLOCKS
@@ -2176,7 +2051,6 @@ def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | 
                                                              SLOPE=slope, FORWARD=pre is None, BM=BM, BN=BN, BK=BK,
                                                              num_warps=8, num_stages=3)
     return (z, out) if pre is None else out
-
 
 def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]:
     """FUSED_MLP_ENABLED: leaky_relu(x W1^T)^2 W2^T as a custom op, fused both ways as PR #1855's MLP function."""
@@ -2220,7 +2094,6 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 # ==== Optimizers ====
 
-
 def flatten_parameters(model: nn.Module) -> Tensor | None:
     """Re-home parameters as views of one flat buffer (PR #1584's one-lerp EMA) after .to(device); None if mixed."""
     params = list(model.parameters())
@@ -2230,7 +2103,6 @@ def flatten_parameters(model: nn.Module) -> Tensor | None:
     for p, view in zip(params, flat.split([p.numel() for p in params])):
         p.data = view.view_as(p)
     return flat
-
 
 def flat_buffer(params: list[Tensor]) -> Tensor | None:
     """The flat buffer `params` are consecutive contiguous views of (flatten_parameters), else None."""
@@ -2246,7 +2118,6 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
     if storage.nbytes() != offset * item:
         return None
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (offset,), (1,))
-
 
 # Newton-Schulz (a, b, c) per iteration, the last reused: classic Keller Jordan's (the naive baseline to PR #1769);
 # polar_express PR #1344's (PRs #1787 to #1855); polar_express_safe PR #1514's, the norm times 1.02.
@@ -2270,12 +2141,10 @@ PARAM_GROUPS: dict[str, tuple[str, str, str]] = {
 }
 MATRIX_SUFFIXES = ORTHO_INIT_SUFFIXES + (".attn.proj.weight", ".mlp.proj.weight")
 
-
 def classify_param(name: str) -> str:
     if name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):
         return "matrix"
     return {"tok_emb.weight": "embed", "lm_head.weight": "head"}.get(name, "scalar")  # scalar: q_gain, scales, ...
-
 
 def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "classic") -> Tensor:
     """Quintic Newton-Schulz approximation of the polar factor U V^T of G (m, n), or of each matrix of G (k, m, n)."""
@@ -2293,11 +2162,9 @@ def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: str = "clas
         X = addmm(X, B, X, beta=a, alpha=1.0)  # a*X + B@X
     return X.mT if transposed else X
 
-
 def row_normalize(U: Tensor) -> Tensor:
     """MuonEq-R (PR #1217/#1260): give every row of the update unit L2 norm before orthogonalizing."""
     return U / U.norm(dim=-1, keepdim=True).clamp_min(NS_EPS)
-
 
 def resolve_ns_dtype(setting: str, device: torch.device) -> torch.dtype:
     """MUON_NS_DTYPE. auto: bf16 on CUDA and on CPUs with AMX tiles (3-5x fp32 there), else fp32 (emulated bf16)."""
@@ -2306,13 +2173,11 @@ def resolve_ns_dtype(setting: str, device: torch.device) -> torch.dtype:
         setting = "bf16" if device.type == "cuda" or (amx is not None and amx()) else "fp32"
     return torch.bfloat16 if setting == "bf16" else torch.float32
 
-
 class NewtonSchulz(NamedTuple):  # MUON_BACKEND_STEPS, MUON_NS, MUON_ROW_NORMALIZE, MUON_NS_DTYPE
     steps: int = 5
     coeffs: str = "classic"
     row_norm: bool = False
     dtype: Any = "auto"
-
 
 def muon_direction(G: Tensor, buf: Tensor, mu: Tensor, ns: NewtonSchulz, scale: float) -> Tensor:
     """Muon's direction (in ns.dtype) for gradients G (k, m, n), momentum into `buf` in place; `scale` = sqrt(m/n)."""
@@ -2322,16 +2187,13 @@ def muon_direction(G: Tensor, buf: Tensor, mu: Tensor, ns: NewtonSchulz, scale: 
         U = row_normalize(U)
     return newton_schulz(U, ns.steps, ns.dtype, ns.coeffs) * scale
 
-
 def muon_apply(params: list[Tensor], X: Tensor, lr: Tensor, wd: Tensor) -> None:
     torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_sub_(params, list((X.to(params[0].dtype) * lr).unbind(0)))
 
-
 def muon_fused_step(params: list[Tensor], G: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, wd: Tensor,
                     ns: NewtonSchulz, scale: float) -> None:
     muon_apply(params, muon_direction(G, buf, mu, ns, scale), lr, wd)
-
 
 class Muon(torch.optim.Optimizer):
     """Muon batched as PR #1584: same-shape buckets, split over ranks by one reduce-scatter and one all-gather."""
@@ -2406,13 +2268,11 @@ class Muon(torch.optim.Optimizer):
         for (gi, ps), X, part in zip(self.buckets, gathered, full.split([X.numel() for X in gathered], dim=1)):
             self._apply(ps, part.reshape(-1, *X.shape[1:])[: len(ps)], scalars[gi][0], scalars[gi][2])
 
-
 def lr_scale(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """LR multiplier at training progress `frac` in [0, 1]: 1, then linear warmdown to a MIN_LR floor."""
     if warmdown_frac <= 0.0 or frac < 1.0 - warmdown_frac:
         return 1.0
     return max(min((1.0 - frac) / warmdown_frac, 1.0), min_lr)  # min(): the ratio may be 1 + 1 ulp at warmdown start
-
 
 def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float,
                    warmdown_iters: int, min_lr: float) -> float:
@@ -2422,17 +2282,14 @@ def lr_scale_iters(step: int, elapsed_s: float, iterations: int, max_wallclock_s
         remaining = min(remaining, (max_wallclock_seconds - elapsed_s) / (warmdown_iters * (elapsed_s / step)))
     return max(min(max(remaining, 0.0), 1.0), min_lr)
 
-
 def muon_momentum_at(step: int, start: float, final: float, warmup_steps: int) -> float:
     f = 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
     return (1.0 - f) * start + f * final
-
 
 def training_progress(step: int, elapsed_s: float, iterations: int, max_wallclock_seconds: float) -> float:
     """Fraction of the run done: whichever of the step budget and the wallclock cap is closer to its end."""
     wall = elapsed_s / max_wallclock_seconds if max_wallclock_seconds > 0 else 0.0
     return min(max(step / iterations, wall), 1.0)
-
 
 class Optimizers:
     """Muon for block matrices, AdamW for the rest (PARAM_GROUPS); `step()` also averages and clips gradients."""
@@ -2488,7 +2345,6 @@ class Optimizers:
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
 
-
 def clip_global_norm_(replicated: list[Tensor], sharded: list[Tensor], max_norm: float, world_size: int) -> None:
     """clip_grad_norm_ (same coefficient, no host sync) over gradients `replicated` on all ranks and `sharded`."""
     local = (torch.stack([t.float().pow(2).sum() for t in sharded]).sum() if sharded
@@ -2503,7 +2359,6 @@ def clip_global_norm_(replicated: list[Tensor], sharded: list[Tensor], max_norm:
     if sharded:
         torch._foreach_mul_(sharded, coef)
 
-
 def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = True) -> None:
     if world_size <= 1:
         return
@@ -2514,7 +2369,6 @@ def sync_gradients(params: list[nn.Parameter], world_size: int, average: bool = 
         flat.div_(world_size)
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
-
 
 class EMA:
     """fp32 EMA of all parameters in one lerp (PR #1584), bias-corrected as Adam's so initial weights do not linger."""
@@ -2575,14 +2429,11 @@ FIT_OVERSHOOT = 1.15  # widen k a little more than the entropy estimate asks, so
 GPTQ_RESERVE_SAFETY = 1.25  # auto reserve = probe time x batches x this + GPTQ_RESERVE_PAD_S
 GPTQ_RESERVE_PAD_S = 0.5
 
-
 class OutputError(RuntimeError):
     """An output could not be written (disk full, permissions): the message says what was kept, and where."""
 
-
 class ArtifactError(Hinted, ValueError):
     """An artifact that cannot be read back: the message names the file and what is wrong."""
-
 
 def quant_group(name: str) -> str:
     """SDClip/bit-width group: embed (tables, an untied head), gate (GATED_ATTN_QUANT_GATE), attn or mlp."""
@@ -2590,15 +2441,12 @@ def quant_group(name: str) -> str:
         return "embed"
     return "gate" if name.endswith(".attn_gate_w") else "attn" if ".attn." in name else "mlp"
 
-
 def is_quantized(name: str, t: Tensor) -> bool:
     """Matrices, embedding tables and an untied head; control tensors (PARAM_GROUPS "scalar") stay fp16."""
     return t.is_floating_point() and t.ndim == 2 and classify_param(name) != "scalar"
 
-
 def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
-
 
 def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
     """SDClip (PR #1394): fp16 row steps clipping at k (unbiased) std devs; k = 0: at the row's max (naive int8)."""
@@ -2606,11 +2454,9 @@ def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
     scale = (clip / qmax(bits)).half()
     return torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row: scale 1
 
-
 def quantize_rtn(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     r = qmax(bits)
     return torch.clamp(torch.round(w.float() / scale.float().unsqueeze(-1)), -r, r).to(torch.int8)
-
 
 def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
     """Full-Hessian act-order GPTQ (PR #1019 -> PR #1394) on a fixed SDClip grid, of a matrix or a stack of them."""
@@ -2644,7 +2490,6 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, damp: float, b
     Q = Q.gather(2, torch.argsort(perm)[:, None, :].expand(k, rows, n))
     return Q[0] if single else Q
 
-
 def lqer_factors(A: Tensor, B: Tensor, spec: "QuantSpec") -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
     """LQER codes of E ~ A @ B and B's scale group: asymmetric int2 A, int4 B (PR #1797), else 0: by row (PR #1855)."""
     g, bits = spec.lqer_asym_group, spec.lqer_factor_bits
@@ -2657,7 +2502,6 @@ def lqer_factors(A: Tensor, B: Tensor, spec: "QuantSpec") -> tuple[tuple[Tensor,
     qa = torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8)
     qb = torch.clamp(torch.round(groups / sb.float()), -8, 7).to(torch.int8).reshape(B.shape)
     return (qa, sa, qb, sb), g
-
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -2684,7 +2528,6 @@ class QuantSpec:
                    lqer_factor_bits=h.lqer_factor_bits, lqer_asym_group=h.lqer_asym_group if h.lqer_asym_enabled else 0,
                    compressor=h.compressor)
 
-
 @dataclass
 class QuantTensor:
     group: str
@@ -2704,7 +2547,6 @@ class QuantTensor:
             w = w + (qa.float() * sa.float()) @ b
         return w.to(self.dtype)
 
-
 def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: QuantSpec, names: list[str],
                    log: Callable[[str], None] | None) -> tuple[Tensor, list[str]]:
     """Codes and methods of same-shape matrices: batched GPTQ given Hessians; RTN for one whose Hessian is not PD."""
@@ -2720,7 +2562,6 @@ def quantize_stack(W: Tensor, H: Tensor | None, scale: Tensor, bits: int, spec: 
     if log:
         log(format_kv(gptq_fallback=names[0], reason="cholesky_failed", used="round_to_nearest"))
     return quantize_rtn(W, scale, bits), ["rtn_fallback"]
-
 
 def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, QuantTensor | Tensor]:
@@ -2752,7 +2593,6 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
         out[name].lqer = tuple(t.cpu() for t in factors)
     return out
 
-
 def quant_entropy_bytes(quantized: dict[str, QuantTensor | Tensor]) -> dict[str, dict[str, float]]:
     """Zeroth-order entropy of the codes per group, in bytes (what an ideal coder would need)."""
     counts: dict[str, Tensor] = {}
@@ -2768,7 +2608,6 @@ def quant_entropy_bytes(quantized: dict[str, QuantTensor | Tensor]) -> dict[str,
         result[group] = {"params": n, "entropy_bits_per_param": bits, "entropy_bytes": bits * n / 8}
     return result
 
-
 def byte_shuffle(data: bytes, stride: int, undo: bool = False) -> bytes:
     """Byte k of every `stride`-byte value together, a shorter tail as is (PR #1089); undo: the inverse."""
     if stride <= 1 or len(data) < stride:
@@ -2777,10 +2616,8 @@ def byte_shuffle(data: bytes, stride: int, undo: bool = False) -> bytes:
     arr = np.frombuffer(data, dtype=np.uint8, count=whole)
     return arr.reshape((stride, -1) if undo else (-1, stride)).T.tobytes() + data[whole:]
 
-
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int8,
                                                           torch.uint8, torch.int32, torch.int64, torch.bool)}
-
 
 def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
     """brotli, zlib or xz of data; undo: the inverse."""
@@ -2792,18 +2629,15 @@ def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
     import lzma
     return lzma.decompress(data, lzma.FORMAT_XZ) if undo else lzma.compress(data, lzma.FORMAT_XZ, preset=LZMA_PRESET)
 
-
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
     """fn over items on a thread per core: brotli, lzma and waits on lrzip release the GIL while they work."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1) or 1) as pool:
         return list(pool.map(fn, items))
 
-
 def code_role(name: str) -> str:
     """The name without its block index: PR #1855 codes every layer's c_q (mlp.fc, ...) as one stream."""
     return re.sub(r"^blocks\.\d+\.", "", name)
-
 
 def similarity_order(q: np.ndarray) -> np.ndarray:
     """PR #1855's similarity sort: rows in greedy nearest-L1-neighbour order from row 0, so neighbours differ little."""
@@ -2813,12 +2647,10 @@ def similarity_order(q: np.ndarray) -> np.ndarray:
         order.append(int(d[order[-1]].argmin()))
     return np.array(order, dtype=np.uint16)
 
-
 def lrzip(data: bytes, *args: str) -> bytes:
     """lrzip through a pipe, at our nice value: its default, 19, starves it on a busy machine (13 s for 32 KB)."""
     import subprocess
     return subprocess.run(["lrzip", "-N", str(os.nice(0)), *args], input=data, capture_output=True, check=True).stdout
-
 
 def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
     """(role, bytes, shapes) in body order: each role's run of codes (PERGROUP_MIN_BYTES or more), the rest as ""."""
@@ -2834,7 +2666,6 @@ def pergroup_pieces(body: bytes) -> list[tuple[str, bytes, list]]:
             pos = a + n
     return [p for p in pieces + [("", body[pos:], [])] if p[1]]
 
-
 def encode_role(role: str, raw: bytes, shapes: list) -> bytes:
     """A role's codes as PR #1855's coder reads them: PERGROUP_HEAD, shapes, row orders if sorted, each transposed."""
     sort = role in PERGROUP_SORTED and max(r for r, _ in shapes) <= 1 << 14  # similarity_order: rows^2 fp32, 1 GiB
@@ -2843,7 +2674,6 @@ def encode_role(role: str, raw: bytes, shapes: list) -> bytes:
     orders = [similarity_order(m) for m in mats] if sort else [slice(None)] * len(mats)
     return b"".join([PERGROUP_HEAD.pack(len(shapes), sort), np.array(shapes, "<u4").tobytes(),
                      *(o.tobytes() for o in orders if sort), *(m[o].T.tobytes() for m, o in zip(mats, orders))])
-
 
 def decode_role(raw: bytes) -> bytes:
     """Inverse of encode_role: the matrices row-major, one after another; ValueError where raw is not one."""
@@ -2857,13 +2687,11 @@ def decode_role(raw: bytes) -> bytes:
         raise ValueError("a row order is not a permutation")
     return b"".join((m[np.argsort(o)] if sort else m).tobytes() for m, o in zip(mats, orders))
 
-
 def pack_piece(piece: tuple[str, bytes, list]) -> bytes:
     """One pergroup chunk: coder index (PERGROUP_CODERS) | role | 0 | the coded bytes."""
     if piece[0]:
         return b"\1" + piece[0].encode() + b"\0" + lrzip(encode_role(*piece), "-z", "-L", "9")
     return b"\0\0" + _compress(piece[1], "brotli")
-
 
 def unpack_piece(chunk: bytes, source: str) -> bytes:
     """Inverse of pack_piece; ArtifactError names the group that does not decode."""
@@ -2876,7 +2704,6 @@ def unpack_piece(chunk: bytes, source: str) -> bytes:
                             f"({PERGROUP_CODERS[coder] if coder < 2 else coder}): {type(exc).__name__}: "
                             f"{str(exc)[:200]!r}") from None
 
-
 def compress_body(body: bytes, compressor: str) -> bytes:
     """prefix | compressor id | chunk count | chunk lengths | chunks (pergroup_pieces, or COMPRESS_CHUNK_BYTES each)."""
     if compressor == "pergroup":
@@ -2887,7 +2714,6 @@ def compress_body(body: bytes, compressor: str) -> bytes:
     compressed = (bytes([ARTIFACT_COMPRESSOR_IDS[compressor]]) + CHUNK_COUNT.pack(len(chunks))
                   + b"".join(CHUNK_COUNT.pack(len(c)) for c in chunks) + b"".join(chunks))
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(compressed), len(compressed)) + compressed
-
 
 def decompress_chunks(compressed: bytes, source: str) -> bytes:
     """Inverse of compress_body's part after the prefix (checked by the caller): the serialized body."""
@@ -2911,11 +2737,9 @@ def decompress_chunks(compressed: bytes, source: str) -> bytes:
     except Exception as exc:  # brotli.error / lzma.LZMAError / struct.error / ValueError: all mean corrupt
         raise ArtifactError(f"{source}: corrupted artifact: {type(exc).__name__}: {exc}") from None
 
-
 def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                    meta: dict[str, Any] | None = None) -> bytes:
     return compress_body(serialize_quantized(quantized, compressor, meta), compressor)
-
 
 def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                         meta: dict[str, Any] | None = None) -> bytes:
@@ -2954,7 +2778,6 @@ def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: 
                          "tensors": entries, "meta": meta or {}}, sort_keys=True, separators=(",", ":")).encode()
     return struct.pack("<I", len(header)) + header + b"".join(segments)
 
-
 def artifact_body(blob: bytes, source: str = "artifact") -> bytes:
     """The serialized body: prefix checked (magic, version, length, CRC32), then decompressed."""
     if len(blob) < ARTIFACT_PREFIX.size:
@@ -2973,7 +2796,6 @@ def artifact_body(blob: bytes, source: str = "artifact") -> bytes:
     if zlib.crc32(compressed) != crc:
         raise ArtifactError(f"{source}: corrupted artifact: CRC32 mismatch")
     return decompress_chunks(compressed, source)
-
 
 def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Inverse of serialize_quantized: (dequantized state in the original dtypes, metadata)."""
@@ -3022,14 +2844,12 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
             raise ArtifactError(f"{source}: corrupted artifact: tensor {name!r}: {type(exc).__name__}: {exc}") from None
     return state, header.get("meta", {})
 
-
 def read_artifact(path: Path, with_meta: bool = False):
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact file not found")
     state, meta = unpack_body(artifact_body(path.read_bytes(), str(path)), str(path))
     return (state, meta) if with_meta else state
-
 
 @dataclass
 class FitResult:
@@ -3039,7 +2859,6 @@ class FitResult:
     entropy: dict[str, dict[str, float]]
     quant_seconds: float
     fits: bool
-
 
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
@@ -3082,7 +2901,6 @@ def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, 
     blob = blob if blob is not None else pack_quantized(quantized, s.compressor, meta)
     return FitResult(blob, s, attempts, entropy, time.perf_counter() - t0, False)
 
-
 @torch.no_grad()
 def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.device, compute_dtype: str,
                      forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
@@ -3109,7 +2927,6 @@ def collect_hessians(model: "GPT", batches: Iterable[Tensor], device: torch.devi
         model.head_hessian = None
     return hessians
 
-
 def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: TrainLoader, batches: int,
                     forward: Callable[[Tensor], Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
     """GPTQ Hessians of `batches` training batches (each rank its share of each) summed over ranks, and the seconds."""
@@ -3122,7 +2939,6 @@ def gather_hessians(h: Hyperparameters, d: DistInfo, model: "GPT", loader: Train
         all_reduce_(t)
     synchronize(d.device)
     return hessians, time.perf_counter() - t0
-
 
 def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                          make_loader: Callable[[], TrainLoader]) -> float:
@@ -3137,14 +2953,12 @@ def measure_gptq_reserve(h: Hyperparameters, d: DistInfo, model: "GPT", forward:
     reserve = worst * h.gptq_calibration_batches * GPTQ_RESERVE_SAFETY + GPTQ_RESERVE_PAD_S
     return float(all_reduce_(torch.tensor(reserve, device=d.device), op="max"))  # the slowest rank's
 
-
 @dataclass
 class Calibration:
     hessians: dict[str, Tensor] | None
     source: str  # "train_data" | "off"
     seconds: float
     tokens: int  # calibration tokens over all ranks
-
 
 def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Callable[[Tensor], Tensor],
                    make_loader: Callable[[], TrainLoader]) -> Calibration:
@@ -3162,7 +2976,6 @@ def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Calla
     return Calibration(hessians, "train_data", time.perf_counter() - t0,
                        h.gptq_calibration_batches * h.train_batch_tokens)
 
-
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
     """Log the artifact bytes against the target and the challenge cap; loud when over either."""
     bytes_total = bytes_model + bytes_code
@@ -3174,7 +2987,6 @@ def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logg
             warn(log, f"bytes_total {bytes_total:,} is OVER the {what} limit of {limit:,} bytes by "
                       f"{bytes_total - limit:,} bytes{invalid}", banner=True)
     return bytes_total
-
 
 def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, reserve: float) -> float:
     """Log calibration, loud when training data was read after the cap; returns when it was last read (s)."""
@@ -3190,7 +3002,6 @@ def log_calibration(rc: RunContext, calib: Calibration, train_time_s: float, res
                      f"GPTQ_RESERVE_SECONDS (the reserve was {reserve:.2f}s)", banner=True)
     return access_end
 
-
 def available_compressor(h: Hyperparameters, code_bytes: int, log: Logger) -> Hyperparameters:
     """COMPRESSOR=pergroup where lrzip is installed; else brotli, with a warning of the bytes that costs."""
     if h.compressor != "pergroup" or h.eval_only or shutil.which("lrzip"):
@@ -3199,7 +3010,6 @@ def available_compressor(h: Hyperparameters, code_bytes: int, log: Logger) -> Hy
     warn(log, f"COMPRESSOR=pergroup needs lrzip (apt-get install -y lrzip): brotli instead, ~{lost:,.0f} bytes more "
               f"for the same model", banner=True)
     return dataclasses.replace(h, compressor="brotli")
-
 
 # Left out of an artifact's config (the same run twice writes the same bytes); EVAL_ONLY reads them from the env.
 EVAL_ONLY_ENV_KNOBS = frozenset({
@@ -3210,7 +3020,6 @@ EVAL_ONLY_ENV_KNOBS = frozenset({
     "ttt_lora_lr", "ttt_weight_decay", "ttt_batch_size", "ttt_chunk_size", "ttt_warm_start_a", "phased_ttt_prefix_docs",
     "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_epochs",
 })
-
 
 def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | None, steps: int) -> tuple[Path, dict]:
     """Quantize to fit the budget, write <RUN_ID>.ptz atomically (rank 0); returns its path and the quant report."""
@@ -3252,9 +3061,7 @@ def write_artifact(rc: RunContext, model: GPT, hessians: dict[str, Tensor] | Non
         raise OutputError(failure)
     return artifact_path, report
 
-
 # ==== Evaluation ====
-
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -3264,14 +3071,12 @@ class EvalResult:
     bytes: int
     seconds: float
 
-
 def result_from_sums(sums: Tensor, t0: float) -> EvalResult:
     """All-reduce this rank's (nats, targets, bytes) into a result timed from t0."""
     all_reduce_(sums)
     nats, tokens, n_bytes = sums.tolist()
     return EvalResult(nats / tokens, bpb_from_sums(nats, tokens, n_bytes), int(tokens), int(n_bytes),
                       time.perf_counter() - t0)
-
 
 @dataclass(frozen=True)
 class EvalContext:
@@ -3307,7 +3112,6 @@ class EvalContext:
     def autocast(self):
         return compute_autocast(self.device, self.compute_dtype)
 
-
 def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Tensor:
     """Sum of (nats, targets, bytes) over the windows, batch_seqs a forward (the last batch padded: one graph)."""
     sums, n = torch.zeros(3, dtype=torch.float64, device=ctx.device), starts.size
@@ -3325,7 +3129,6 @@ def score_windows(ctx: EvalContext, starts: np.ndarray, first: np.ndarray) -> Te
         sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (n_bytes * mask).sum().double()])
     return sums
 
-
 @torch.no_grad()
 def eval_windows(ctx: EvalContext, stride: int) -> EvalResult:
     """Each target scored exactly once, seq_len windows every `stride` tokens (PR #50; stride = seq_len: plain eval)."""
@@ -3333,7 +3136,6 @@ def eval_windows(ctx: EvalContext, stride: int) -> EvalResult:
     starts, first = sliding_windows(ctx.n_targets, ctx.seq_len, stride)
     lo, hi = starts.size * ctx.rank // ctx.world_size, starts.size * (ctx.rank + 1) // ctx.world_size
     return result_from_sums(score_windows(ctx, starts[lo:hi], first[lo:hi]), t0)
-
 
 @dataclass(frozen=True)
 class TTTConfig:
@@ -3348,10 +3150,8 @@ class TTTConfig:
         """Phased TTT's SGD on the base weights (GLOBAL_TTT_*; momentum, chunk and clip shared with TTT_*)."""
         return cls(h.global_ttt_lr, h.global_ttt_epochs, h.ttt_momentum, h.ttt_chunk_tokens, h.ttt_grad_clip)
 
-
 TTT_LORA_BETAS = (0.0, 0.99)  # AdamW betas of the LoRA adapters: no momentum (PR #1530; beta2 0.99 as the top's)
 TTT_LORA_EPS = 1e-10
-
 
 class DocLoRA:
     """Per-document LoRA (PR #1530) on Q, K, V, O, MLP of every virtual layer and the head; B = 0: base scores first."""
@@ -3386,7 +3186,6 @@ class DocLoRA:
                 bound = 1.0 / math.sqrt(a.size(-1))
                 a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=self.gen))
 
-
 @dataclass(frozen=True)
 class LoRATTTConfig:
     rank: int
@@ -3405,12 +3204,10 @@ class LoRATTTConfig:
         return cls(h.ttt_lora_rank, h.ttt_lora_alpha, h.ttt_lora_lr, h.ttt_weight_decay, h.ttt_batch_size,
                    h.ttt_chunk_size, h.ttt_warm_start_a, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases, h.seed)
 
-
 def ttt_documents(tokens: np.ndarray, n_targets: int) -> list[tuple[int, int]]:
     """[lo, hi) input positions of each document, from its BOS (or 0) to the next one's, covering 0..n_targets."""
     starts = np.union1d([0], np.flatnonzero(tokens[:n_targets] == BOS_ID))
     return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], n_targets))]
-
 
 def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[int]]]:
     """(index in the cut, documents) of each LoRA batch, cut by length from the shortest, longest first (PR #1855)."""
@@ -3418,11 +3215,9 @@ def lora_batches(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, list[i
     cut = [order[j: j + batch_docs].tolist() for j in range(0, order.size, batch_docs)]
     return sorted(enumerate(cut), key=lambda ib: -int(lengths[ib[1][-1]]))
 
-
 def phase_bounds(n_docs: int, prefix_docs: int, phases: int) -> list[int]:
     """Documents scored by each global SGD pause (PR #1855): prefix*(k+1)/phases, the prefix at most all."""
     return [min(prefix_docs, n_docs) * (k + 1) // phases for k in range(phases)] if prefix_docs else []
-
 
 def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: int) -> tuple[list, list[int]]:
     """(per segment, each rank's batches; per pause, the batches scored before it): ranks claim the queue as each comes
@@ -3445,11 +3240,9 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
             pauses.append(q)
     return segments, pauses
 
-
 def phase_documents(batches: list[tuple[int, list[int]]], scored: int, n_docs: int) -> list[int]:
     """A pause's documents (PR #1855): the first n_docs of the batches scored so far, in the order they were cut."""
     return [d for _, docs in sorted(batches[:scored]) for d in docs][:n_docs]
-
 
 class LoRAWalk(NamedTuple):
     """Plan of one LoRA batch, longest document first (PR #1855); c: chunk, r: row (a document)."""
@@ -3479,11 +3272,9 @@ class LoRAWalk(NamedTuple):
         """Window tokens through the model: the work the ranks are balanced on."""
         return int(sum(k * w for k, w in zip(self.rows, self.width)))
 
-
 def lora_chunk_nll(model: GPT, x: Tensor, cols: Tensor, y: Tensor, lora: LoRAView) -> Tensor:
     """Nats of the targets y (rows, M) at window positions cols: only they reach the head."""
     return softcapped_cross_entropy(model.raw_logits(x, lora=lora, cols=cols).float(), y, model.cfg.logit_softcap)
-
 
 def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx: EvalContext) -> Tensor:
     """lora_chunk_nll, compiled where ctx.lora is: one graph, rows >= 2 and width >= 3 dynamic (never specialized)."""
@@ -3494,13 +3285,11 @@ def lora_nll(model: GPT, lora: LoRAView, x: Tensor, cols: Tensor, y: Tensor, ctx
     with ctx.autocast():
         return lora_chunk_nll(model, x, cols, y, lora) if ctx.lora is None else ctx.lora(x, cols, y, lora)
 
-
 def row_groups(k: int, group: int) -> list[tuple[int, int]]:
     """k rows in the fewest near-equal parts of at most `group` rows, each of at least 2 (see lora_nll)."""
     parts = max(1, min(-(-k // group), k // 2))
     cuts = [k * i // parts for i in range(parts + 1)]
     return list(zip(cuts, cuts[1:]))
-
 
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
                      cfg: LoRATTTConfig, every: int, group: int = 1 << 30) -> Tensor:
@@ -3530,7 +3319,6 @@ def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[t
             opt.zero_grad(set_to_none=True)
     return sums
 
-
 def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: LoRATTTConfig) -> tuple[int, float]:
     """(rows per forward, MiB per row): a whole batch unless on CUDA that passes 80% of free memory (2-row probe)."""
     if ctx.device.type != "cuda":
@@ -3548,7 +3336,6 @@ def lora_rows_per_forward(ctx: EvalContext, model: GPT, lora: "DocLoRA", cfg: Lo
     per_row = max((torch.cuda.max_memory_allocated(ctx.device) - used) / 2, 1.0)
     return max(2, min(cfg.batch_docs, int(0.8 * free / per_row))), per_row / 2**20
 
-
 def with_frozen(params: list[nn.Parameter], fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) with params' requires_grad off: a LoRA backward skips their gradients (and it guards the graph)."""
     for p in params:
@@ -3558,7 +3345,6 @@ def with_frozen(params: list[nn.Parameter], fn: Callable[..., Any], *args: Any) 
     finally:
         for p in params:
             p.requires_grad_(True)
-
 
 @dataclass
 class PhasedTTT:
@@ -3628,7 +3414,6 @@ class PhasedTTT:
             torch.nn.utils.clip_grad_norm_(self.base, self.sgd.grad_clip)
         opt.step()
 
-
 @dataclass
 class TTTGuard:
     """Phased TTT's time budget: a rank projected past it steps LoRA down (locally); a phase runs if all ranks fit."""
@@ -3655,7 +3440,6 @@ class TTTGuard:
         projected = torch.tensor([mine], dtype=torch.float64, device=ctx.device)
         all_reduce_(projected, op="max")
         return projected.item() <= self.budget_s
-
 
 def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConfig, budget_s: float,
                   log: Callable[[str], None]) -> tuple[EvalResult, dict[str, Any]]:
@@ -3703,7 +3487,6 @@ def eval_ttt_lora(ctx: EvalContext, model: GPT, cfg: LoRATTTConfig, sgd: TTTConf
     info["lora_steps_down"] = guard.steps_down
     return result_from_sums(sums, guard.t0), info
 
-
 @dataclass
 class Evaluations:
     results: dict[str, EvalResult]  # label -> result, in the order they ran
@@ -3714,11 +3497,9 @@ class Evaluations:
     def label(self) -> str:  # the score's: the last evaluation
         return list(self.results)[-1]
 
-
 def log_result(label: str, r: EvalResult, log: Logger, **extra: Any) -> None:
     log(format_kv(**{f"{label}_val_loss": f"{r.val_loss:.8f}"}, val_bpb=f"{r.val_bpb:.8f}",
                   eval_time=f"{r.seconds * 1000:.0f}ms", val_tokens=r.tokens, val_bytes=r.bytes, **extra))
-
 
 def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path: Path) -> Evaluations:
     """Timed evaluation: read the artifact, score its round trip, sliding windows, then TTT; the last is the score."""
@@ -3756,10 +3537,8 @@ def run_evaluations(rc: RunContext, model: GPT, ctx: EvalContext, artifact_path:
                   covers="artifact read + every evaluation + TTT (compiled in the untimed warm-up)"))
     return ev
 
-
 TRAIN_LIMIT_S = 600.0  # challenge rules: training and evaluation are each capped at 10 minutes on 8xH100
 EVAL_LIMIT_S = 600.0
-
 
 def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_ms: float, eval_s: float,
                      bytes_total: int, data: DataBundle, label: str, calibration: str) -> list[str]:
@@ -3792,13 +3571,10 @@ def compliance_block(h: Hyperparameters, train_time_ms: float, data_access_end_m
                   else data.reportable_reason),
     ]
 
-
 # ==== Training ====
-
 
 class TrainingDiverged(Hinted, RuntimeError):
     """The training loss became NaN or infinite."""
-
 
 @dataclass
 class TrainResult:
@@ -3807,7 +3583,6 @@ class TrainResult:
     data_wait_ms: float
     stopped_by: str
     history: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)  # progress lines
-
 
 def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizers, h: Hyperparameters,
                device: torch.device, timer: StepTimer | None = None) -> Tensor:
@@ -3831,11 +3606,9 @@ def train_step(model: Callable[..., Tensor], loader: TrainLoader, opt: Optimizer
     mark("optimizer")  # freeing the gradients is optimizer time, not the next phase's
     return total / h.accum_steps
 
-
 def looping_due(h: Hyperparameters, step: int, frac: float) -> bool:
     """Depth recurrence turns on at LOOPING_START_STEP when set, else at ENABLE_LOOPING_AT of training."""
     return h.num_loops > 0 and (step >= h.looping_start_step if h.looping_start_step else frac >= h.enable_looping_at)
-
 
 @dataclass(frozen=True)
 class Graphs:
@@ -3854,7 +3627,6 @@ class Graphs:
         lora = torch.compile(functools.partial(lora_chunk_nll, model), fullgraph=True) if dynamic_ok else None
         return cls(torch.compile(model, dynamic=False, fullgraph=True),
                    lambda ids: (compiled_hidden if tuple(ids.shape) == shape else model.hidden)(ids), model, lora)
-
 
 def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers,
                      make_loader: Callable[[], TrainLoader], log: Logger) -> dict[str, float]:
@@ -3881,7 +3653,6 @@ def warm_up_training(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optim
     opt.load_state_dict(opt_state)
     opt.zero_grad()
     return seconds
-
 
 def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: bool,
                    training_run: bool) -> dict[str, float]:
@@ -3917,7 +3688,6 @@ def warm_up_graphs(h: Hyperparameters, d: DistInfo, graphs: Graphs, looping: boo
     model.set_looping(looping_was)
     return seconds
 
-
 def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable[[int, int], Tensor]) -> None:
     """Phased TTT's chunk graph, forward and backward as score_lora_batch calls it, on fresh adapters."""
     model, rows, width = graphs.base, max(h.ttt_batch_size, 2), h.eval_seq_len
@@ -3931,7 +3701,6 @@ def warm_up_lora(h: Hyperparameters, d: DistInfo, graphs: Graphs, rand: Callable
     x, y = win[:, :-1], win.gather(1, cols + 1)
     with_frozen([p for p in model.parameters() if p.requires_grad],
                 lambda: lora_nll(model, lora.rows(rows), x, cols, y, ctx).mean().backward())
-
 
 def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: Callable[[], TrainLoader],
                  log: Logger) -> float:
@@ -3948,15 +3717,12 @@ def gptq_reserve(h: Hyperparameters, d: DistInfo, graphs: Graphs, make_loader: C
                           f"{h.max_wallclock_seconds:g}", hint="lower GPTQ_CALIBRATION_BATCHES or the reserve")
     return reserve
 
-
 PROGRESS_SECONDS = 30.0  # a progress line at least this often, whatever TRAIN_LOG_EVERY
 PROGRESS_POINTS = 20  # and at least this many over ITERATIONS: the JSON's loss curve has points for any length
-
 
 def progress_due(h: Hyperparameters, step: int, train_time: float, last_line_time: float, last_step: bool) -> bool:
     return (step <= 2 or last_step or step == h.iterations or bool(h.train_log_every and step % h.train_log_every == 0)
             or step % max(1, h.iterations // PROGRESS_POINTS) == 0 or train_time - last_line_time >= PROGRESS_SECONDS)
-
 
 def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, train_time: float, cap: float,
                   log: Logger) -> float:
@@ -3969,7 +3735,6 @@ def schedule_step(h: Hyperparameters, model: GPT, opt: Optimizers, step: int, tr
              else lr_scale(frac, h.warmdown_frac, h.min_lr))
     opt.set_schedule(scale, step)
     return scale
-
 
 def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make_loader: Callable[[], TrainLoader],
           evaluate: Callable[[], EvalResult], reserve: float, log: Logger) -> TrainResult:
@@ -4037,7 +3802,6 @@ def train(h: Hyperparameters, d: DistInfo, graphs: Graphs, opt: Optimizers, make
         log("ema:applied EMA weights")
     return TrainResult(step, train_time * 1000, loader.wait_seconds * 1000, stopped_by, history)
 
-
 @dataclass
 class RunContext:
     """One run's fixed parts, handed to every phase of `main`."""
@@ -4050,7 +3814,6 @@ class RunContext:
     log: Logger
     clock: PhaseClock
     files: RunFiles | None
-
 
 def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
     h, d, data, log, clock = rc.h, rc.d, rc.data, rc.log, rc.clock
@@ -4099,9 +3862,7 @@ def train_and_evaluate(rc: RunContext, model: GPT, opt: Optimizers) -> int:
                "artifact": str(rc.files.final(".ptz")), "history": result.history}
     return finish(rc, ev, bytes_model, result.train_time_ms, result.steps, metrics)
 
-
 # ==== Main ====
-
 
 def run(h: Hyperparameters) -> int:
     recover = recovery_run(h)
@@ -4147,14 +3908,12 @@ def run(h: Hyperparameters) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP: unwinds like SIGINT (the lock is released, the log says why); exit code 128 + signum."""
 
     def __init__(self, signum: int):
         super().__init__(f"terminated ({signal.Signals(signum).name})")
         self.signum = signum
-
 
 def catch_termination() -> dict[int, Any]:
     """Turn SIGTERM and SIGHUP into Terminated (on the main thread only); returns the handlers to restore."""
@@ -4169,7 +3928,6 @@ def catch_termination() -> dict[int, Any]:
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
     return previous
 
-
 def recovery_run(h: Hyperparameters) -> Any:
     """pgolf.recover for an EVAL_ONLY or REQUANTIZE run, else None; refused where pgolf/ is not beside this file."""
     recover = operations("recover") if h.eval_only or h.requantize else None
@@ -4178,7 +3936,6 @@ def recovery_run(h: Hyperparameters) -> Any:
         raise ConfigError(f"{knob} is not allowed: it needs the repository's pgolf/ beside {Path(__file__).name}",
                           hint="run the repository's train_gpt.py, or copy pgolf/ beside this file")
     return recover
-
 
 def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: float, steps: int,
            metrics: dict[str, Any]) -> int:
@@ -4212,7 +3969,6 @@ def finish(rc: RunContext, ev: Evaluations, bytes_model: int, train_time_ms: flo
     barrier()
     return 0
 
-
 def main(env: Mapping[str, str] | None = None) -> int:
     """Exit code: 2 bad input, 3 training diverged, 4 an output not written, 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
     previous = catch_termination()
@@ -4228,7 +3984,6 @@ def main(env: Mapping[str, str] | None = None) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
 
 if __name__ == "__main__":
     sys.exit(main())
