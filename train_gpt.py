@@ -122,9 +122,7 @@ def _is_non_negative_number(v: str) -> bool:
         return False
 
 def knob(default: Any, help: str, check: Check | None = None) -> Any:
-    """A dataclass field that is an environment knob (`FIELD_NAME` upper-cased)."""
-    test, allowed = check or (None, "")
-    return field(default=default, metadata={"knob": True, "help": help, "check": test, "allowed": allowed})
+    return field(default=default, metadata={"knob": True, "help": help, "check": check})
 
 @dataclass(frozen=True)
 class Hyperparameters:
@@ -313,15 +311,16 @@ class Hyperparameters:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Hyperparameters":
         """The one place that reads the environment. Raises ConfigError naming the bad variable."""
         env = dict(os.environ if env is None else env)
-        preset = env.get("PRESET", "record").strip()
-        if preset not in PRESETS:
-            raise ConfigError(f"PRESET={preset!r} is not allowed: use one of {', '.join(PRESETS)}")
-        values: dict[str, Any] = dict(PRESETS[preset])
-        env, warnings, known = other_names(env)
+        preset = env.get("PRESET", "record").strip()  # an unknown one: __post_init__ refuses it
+        values: dict[str, Any] = {**PRESETS.get(preset, {}), "preset": preset}
+        knobs = operations("knobs")  # pgolf/: other scripts' knob names rewritten, refused or warned about
+        try:
+            env, warnings, known = knobs.rewrite(env) if knobs else (env, [], frozenset())
+        except knobs.Refused as exc:  # only raised where pgolf.knobs exists
+            raise ConfigError(str(exc)) from None
         env_set = frozenset(f.name for f in cls.knob_fields() if f.name.upper() in env) - {"preset"}
         values.update({f.name: _parse_value(f.name.upper(), env[f.name.upper()], type(f.default))
                        for f in cls.knob_fields() if f.name in env_set})
-        values["preset"] = preset
         warnings += _check_unknown_vars(env, known, bool(values.get("strict_env", False)))
         topo = {k: _parse_value(k.upper(), env.get(k.upper(), str(d)), int)
                 for k, d in (("world_size", 1), ("rank", 0), ("local_rank", 0))}
@@ -329,18 +328,15 @@ class Hyperparameters:
 
     def __post_init__(self) -> None:
         for f in self.knob_fields():
-            check, value = f.metadata["check"], getattr(self, f.name)
-            if check is not None and not check(value):
-                raise ConfigError(f"{f.name.upper()}={value!r} is not allowed: expected {f.metadata['allowed']}")
-        if self.local_rank < 0:
-            raise ConfigError(f"LOCAL_RANK={self.local_rank} is not allowed: expected >= 0")
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"RANK={self.rank} / WORLD_SIZE={self.world_size} is not a valid torchrun topology")
+            test, allowed = f.metadata["check"] or (None, "")
+            if test is not None and not test(value := getattr(self, f.name)):
+                raise ConfigError(f"{f.name.upper()}={value!r} is not allowed: expected {allowed}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size or self.local_rank < 0:
+            raise ConfigError(f"RANK={self.rank} / WORLD_SIZE={self.world_size} / LOCAL_RANK={self.local_rank} is "
+                              "not a valid torchrun topology")
         dim, heads = self.model_dim, self.num_heads
-        if dim % heads:
-            raise ConfigError(f"MODEL_DIM={dim} is not allowed: must be divisible by NUM_HEADS={heads}")
-        if (dim // heads) % 2:
-            raise ConfigError(f"MODEL_DIM={dim} is not allowed: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+        if dim % (2 * heads):  # whole head dims, even for RoPE's halves
+            raise ConfigError(f"MODEL_DIM={dim} is not allowed: must be divisible by 2*NUM_HEADS={2 * heads}")
         if self.rope_dims % 2 or self.rope_dims == 2:  # halves of an even width; NTK needs d > 2
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} is not allowed: expected 0 (all) or an even number >= 4")
         if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
@@ -363,7 +359,6 @@ class Hyperparameters:
                               f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {self.world_size}*{self.accum_steps}*"
                               f"{self.train_seq_len} = {chunk}", hint="whole sequences per rank and micro-batch")
 
-    # Derived values are properties, never extra environment variables.
     @property
     def accum_steps(self) -> int:
         return self.grad_accum_steps or max(1, CANONICAL_WORLD // self.world_size)
@@ -392,11 +387,9 @@ class Hyperparameters:
 
     def clip_sigmas(self, group: str) -> float:
         """SDClip k of a quantization group (mlp / attn / embed); MATRIX_CLIP_SIGMAS sets both matrix groups."""
-        if group == "embed":
-            return self.embed_clip_sigmas
-        if self.matrix_clip_sigmas > 0:
+        if group != "embed" and self.matrix_clip_sigmas > 0:
             return self.matrix_clip_sigmas
-        return self.attn_clip_sigmas if group == "attn" else self.mlp_clip_sigmas
+        return {"mlp": self.mlp_clip_sigmas, "attn": self.attn_clip_sigmas, "embed": self.embed_clip_sigmas}[group]
 
     @property
     def gptq_reserve(self) -> float | None:  # None: auto, measured during warmup
@@ -423,13 +416,11 @@ def _parse_value(name: str, raw: str, kind: type) -> Any:
 
 def closest_knob(name: str, candidates: list[str]) -> str | None:
     """The knob `name` looks like a misspelling of (case, underscores or a letter off: seed, SEEED -> SEED), or None."""
-    key = name.upper()
-    if key in candidates:
-        return key
+    key = name.upper()  # an exact match scores 1.0, the best
     squashed = {c.replace("_", ""): c for c in candidates}
     close = (difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
              or difflib.get_close_matches(key.replace("_", ""), list(squashed), n=1, cutoff=0.8))
-    return (squashed.get(close[0], close[0])) if close else None
+    return squashed.get(close[0], close[0]) if close else None
 
 def operations(name: str) -> Any:
     """pgolf.<name> where the unshipped pgolf/ sits beside this file, else None (a broken pgolf module raises)."""
@@ -440,16 +431,6 @@ def operations(name: str) -> Any:
         if exc.name not in ("pgolf", f"pgolf.{name}"):
             raise
         return None
-
-def other_names(env: dict[str, str]) -> tuple[dict[str, str], list[str], frozenset[str]]:
-    """Other scripts' knob names (aliases, retired ones, ...) rewritten, refused or warned about by pgolf.knobs."""
-    knobs = operations("knobs")
-    if knobs is None:
-        return env, [], frozenset()
-    try:
-        return knobs.rewrite(env)
-    except knobs.Refused as exc:
-        raise ConfigError(str(exc)) from None
 
 def _check_unknown_vars(env: Mapping[str, str], known: frozenset[str], strict: bool) -> list[str]:
     """Variables that look like a misspelt knob: a warning each, or (STRICT_ENV=1) one error naming them all."""
