@@ -500,8 +500,7 @@ class Logger:
     def __init__(self, path: Path | None, enabled: bool = True):
         self.enabled, self.path, self.file, self.failure = enabled, path, None, None
         if enabled and path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # in LOG_DIR, which claim_run_files made
                 self.file = open(path, "w", encoding="utf-8")
             except OSError as exc:
                 self._failed(exc)
@@ -545,9 +544,8 @@ class StepTimer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.pending: list[tuple[str, Any, Any]] = []
+        self.marks: list[tuple[str, Any]] = []  # (the phase that ends here, time) since `start`
         self.totals, self.steps = dict.fromkeys(STEP_PHASES, 0.0), 0
-        self._last: Any = None
 
     def _now(self) -> Any:
         if self.cuda:
@@ -557,18 +555,14 @@ class StepTimer:
         return time.perf_counter()
 
     def start(self) -> None:
-        self._last = self._now()
+        self.marks = [("", self._now())]
 
     def mark(self, phase: str) -> None:
-        now = self._now()
-        self.pending.append((phase, self._last, now))
-        self._last = now
+        self.marks.append((phase, self._now()))
 
     def collect(self) -> None:
-        """Add the finished step's intervals (call after the step's last synchronizing operation)."""
-        for phase, a, b in self.pending:
+        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
             self.totals[phase] += a.elapsed_time(b) / 1000.0 if self.cuda else b - a
-        self.pending.clear()
         self.steps += 1
 
     def summary_ms(self) -> dict[str, float]:
@@ -609,11 +603,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 def sha256_file(*paths: Path) -> str:
-    """sha256 of the files' bytes one after the other."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as fh:
@@ -700,8 +692,7 @@ def claim_outputs(h: Hyperparameters, d: DistInfo) -> RunFiles | None:
 def stop_on_output_failure(rc: RunContext, failure: str | None, kept: Callable[[], str]) -> None:
     """When the log or the output `failure` names failed, every rank raises OutputError saying what was kept."""
     failure = rc.log.failure or failure
-    failure = broadcast_object(failure and f"{failure}; {kept()}")
-    if failure:
+    if failure := broadcast_object(failure and f"{failure}; {kept()}"):
         raise OutputError(failure)
 
 def failure_line(exc: BaseException) -> str:
@@ -753,7 +744,6 @@ def setup_distributed(h: Hyperparameters) -> DistInfo:
     return DistInfo(h.rank, h.world_size, h.local_rank, device)
 
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce that is a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
@@ -767,7 +757,6 @@ def barrier() -> None:
         dist.barrier()
 
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's value on every rank (e.g. a generated run id)."""
     box = [obj]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
