@@ -782,8 +782,7 @@ class DataError(ConfigError):
 
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
-    path = Path(path)
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise DataError(f"{path}: truncated shard: {size} bytes, expected at least the {SHARD_HEADER_BYTES}-byte "
                         "header")
@@ -837,7 +836,6 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max
     return np.ascontiguousarray(tokens[: usable + 1])
 
 def dataset_fingerprint(train_files: list[Path], val_files: list[Path], tokenizer: Path) -> dict[str, Any]:
-    """Which data a run saw: shard and token counts, the hash of the validation shards and of the tokenizer."""
     return {"train_shards": len(train_files), "train_tokens": sum(read_shard_header(f) for f in train_files),
             "val_shards": len(val_files), "val_tokens_raw": sum(read_shard_header(f) for f in val_files),
             "val_sha256": sha256_file(*val_files), "tokenizer": str(tokenizer),
@@ -886,7 +884,6 @@ class TrainLoader:
         # (n_windows, seq_len+1) strided views: indexing the first axis copies each window as one contiguous row.
         self._windows = [np.lib.stride_tricks.sliding_window_view(s, seq_len + 1) if s.size > seq_len else None
                          for s in self.shards]
-        self._error: BaseException | None = None
         pin = device.type == "cuda"
         # Ring of preallocated (pinned on CUDA) buffers: queue depth + one being filled + one in use + spare.
         shape = (self.span,) if packed else (micro_seqs, seq_len + 1)
@@ -983,13 +980,11 @@ class TrainLoader:
 
     def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs, targets, cu_seqlens) on the device; (micro_seqs, seq_len) each, packed (1, micro_seqs * seq_len)."""
-        if self._error is not None:
-            raise self._error
         t0 = time.perf_counter()
         item = self._queue.get()
         self.wait_seconds += time.perf_counter() - t0
         if isinstance(item, BaseException):
-            self._error = item  # the producer has stopped: every later call raises too, never blocks
+            self._queue.put(item)  # the producer has stopped: every later call raises it too, never blocks
             raise item
         buf, cu = self._buffers[item], self._cu[item]
         if self.device.type == "cuda":
@@ -1019,8 +1014,7 @@ class ByteLUTs:
 
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
-    path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise DataError(f"{path}: tokenizer file not found (set TOKENIZER_PATH or DATA_DIR)")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -1033,8 +1027,7 @@ def load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
-    """Byte tables from a SentencePiece model. Refuses one without a standalone '▁' piece: it spells every space
-    as 3 byte-fallback tokens counted as 3 bytes, and BPB comes out ~20% too low (openai/parameter-golf#897)."""
+    """Byte tables of a SentencePiece model; refuses one without a '▁' piece (a space = 3 byte tokens: pg#897)."""
     if sp.piece_to_id(LEADING_SPACE) == sp.unk_id():
         raise DataError(f"{path}: tokenizer has no standalone '\u2581' piece; its byte counts would be wrong "
                         "(openai/parameter-golf#897)")
@@ -1076,12 +1069,10 @@ class BPBCheck:
     normalized: int = 0  # CaseOps: checked documents whose decoded text the tokenizer's normalization changed
 
 SELF_CHECK_CHUNK = 1 << 22  # targets per slice when totalling the validation bytes
-# SentencePiece decodes normalized text (NFKC, single spaces): a CaseOps document's decoded original differs from the
-# one its sidecar counts by at most 1.35% on FineWeb (33 of 200 documents differ); a wrong sidecar by far more.
+# SentencePiece's normalization (NFKC, single spaces) moves a CaseOps document's bytes by <= 1.35% on FineWeb.
 CASEOPS_CHECK_TOLERANCE = 0.02
 
 def checked_documents(n_docs: int, max_docs: int | None) -> list[int]:
-    """Which documents the BPB self-check decodes: all, or `max_docs` spread evenly over the stream."""
     if max_docs is None or max_docs >= n_docs:
         return list(range(n_docs))
     return sorted(set(np.linspace(0, n_docs - 1, max_docs).round().astype(int).tolist()))
@@ -1137,8 +1128,7 @@ def bpb_self_check(tokens: np.ndarray, sp, luts: ByteLUTs, max_docs: int | None,
                             f"{ids[j - 1]} piece {sp.id_to_piece(ids[j - 1])!r}")
     return BPBCheck(len(spans), len(pick), n_targets, total_bytes, unknown, normalized)
 
-# A wrong tokenizer of the right size is caught by re-encoding: encode(decode(doc)) == doc held for all 900 FineWeb and
-# Wikipedia documents under each of 7 tokenizers (sp1024-sp8192, CaseOps), for 0-2.5% under another.
+# encode(decode(doc)) == doc held for all 900 test documents under each of 7 tokenizers, for 0-2.5% under another.
 TOKENIZER_CHECK_MIN = 0.9  # of the checked documents must re-encode to themselves
 TOKENIZER_CHECK_DOCS = 1000  # at most this many of the self-check's documents (~1-3 ms each)
 
@@ -1187,8 +1177,7 @@ def load_byte_sidecar(val_files: list[Path], tokens: np.ndarray) -> np.ndarray:
 CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 
 def caseops_decode(text: str) -> str:
-    """The original text of a lossless_caps_caseops_v1 string (PR #1729; data/caseops.py has the transform):
-    ESC escapes one character; TITLE / ALLCAPS / CAPNEXT mark a capital first letter / word / next letter."""
+    """The original text of a lossless_caps_caseops_v1 string (PR #1729; data/caseops.py has the transform)."""
     def word(m: re.Match) -> str:
         escaped, mode, body = m.groups()
         if escaped is not None:
@@ -1202,8 +1191,7 @@ def caseops_decode(text: str) -> str:
     return re.sub(pattern, word, text, flags=re.DOTALL)
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Window starts and first scored offsets: each target scored once, after the first window with >= seq_len - stride
-    tokens of context (a last window ends at the stream's end); stride = seq_len: plain."""
+    """Window starts and first scored offsets: each target once, with >= seq_len - stride context where it can."""
     if n_targets < seq_len:
         raise ValueError(f"{n_targets} targets are fewer than one window of {seq_len}")
     starts = list(range(0, n_targets - seq_len + 1, stride))
@@ -1225,8 +1213,8 @@ class DataBundle:
     check: BPBCheck
     reportable: bool  # only the challenge's whole validation split
     reportable_reason: str
-    reencode: ReencodeCheck | None = None  # the tokenizer reproduces the validation shards
-    shards: dict[str, Any] | str | None = None  # sha256s against the manifest's: None = none listed, "unchecked"
+    reencode: ReencodeCheck  # the tokenizer reproduces the validation shards
+    shards: dict[str, Any] | str | None  # sha256s against the manifest's: None = none listed, "unchecked"
 
 def prepare_data(h: Hyperparameters, d: DistInfo, log: Logger) -> DataBundle:
     """Tokenizer, byte tables, shard lists and the validation split, all checked before training."""
@@ -1282,10 +1270,10 @@ def log_data_checks(h: Hyperparameters, data: DataBundle, log: Logger) -> None:
     log(format_kv(bpb_self_check="ok", documents_checked=f"{c.checked}/{c.documents}", val_documents=c.documents,
                   val_targets=c.targets, val_bytes=c.bytes, unknown_tokens=c.unknown_tokens,
                   byte_accounting=data.fingerprint["byte_accounting"], rule=rule))
-    if r := data.reencode:
-        log(format_kv(tokenizer_check="ok" if r.checked else "unchecked", reencoded=f"{r.reencoded}/{r.checked}",
-                      seconds=f"{r.seconds:.2f}",
-                      rule=f"encode(decode(document))==document for >={TOKENIZER_CHECK_MIN:.0%}"))
+    r = data.reencode
+    log(format_kv(tokenizer_check="ok" if r.checked else "unchecked", reencoded=f"{r.reencoded}/{r.checked}",
+                  seconds=f"{r.seconds:.2f}",
+                  rule=f"encode(decode(document))==document for >={TOKENIZER_CHECK_MIN:.0%}"))
     s, fp = data.shards, data.fingerprint
     log(format_kv(shard_hashes="ok", **s) if isinstance(s, dict)
         else f"shard_hashes:{s or 'unverified (no per-file hashes)'}")
@@ -1592,8 +1580,7 @@ class CausalSelfAttention(nn.Module):
         # Output gate sigmoid(scale * W x[:window]) per head; W = 0 gives 0.5 at init (PR #1787).
         self.attn_gate_w = (nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window))
                             if cfg.sparse_attn_gate_enabled else None)
-        self._flash = None  # FlashAttention (B, T, H, D) in bf16, when the backend is fa3 or fa4
-        self._varlen = None  # FA3's varlen call (total, H, D) over cu_seqlens, for DOC_ISOLATION
+        self._flash = self._varlen = None  # fa3/fa4 on (B, T, H, D) in bf16; FA3's varlen call for DOC_ISOLATION
         if cfg.attn_backend == "fa3":
             from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
             self._flash = functools.partial(flash_attn_func, causal=True)
