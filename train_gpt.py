@@ -1993,8 +1993,7 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
         z, targets, lse = ctx.saved_tensors
         return bwd(grad, z, targets, lse, ctx.cap), None, None
     fwd.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
-    return _CUSTOM_OPS["ce"]
+    return _CUSTOM_OPS.setdefault("ce", lambda z, targets, cap: fwd(z, targets, float(cap))[0])
 
 def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
     """z = a b^T: (z, leaky_relu(z)^2), or with `pre` the MLP's backward z * d leaky_relu(pre)^2/d pre (b = W2^T)."""
@@ -2003,8 +2002,6 @@ def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor
         h = F.leaky_relu(z, slope)
         return z, h * h
     return z * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
-
-MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
 
 @functools.cache
 def leaky_relu2_linear_kernel() -> Any:
@@ -2044,7 +2041,7 @@ def leaky_relu2_linear_kernel() -> Any:
 
 def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
     (M, K), N = a.shape, b.size(0)
-    BM, BN, BK = MLP_BLOCKS
+    BM, BN, BK = 128, 128, 64  # the kernel's M, N, K tile
     out = a.new_empty(M, N, dtype=a.dtype if pre is None else pre.dtype)
     z = torch.empty_like(out) if pre is None else pre.contiguous()
     leaky_relu2_linear_kernel()[(-(-M // BM) * -(-N // BN),)](a, b, z, out, M, N, K, *a.stride(), *b.stride(),
@@ -2088,9 +2085,8 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
         nx, n1, n2 = ctx.needs_input_grad[:3]
         return d @ w1 if nx else None, d.T @ x if n1 else None, grad.T @ post if n2 else None, None
     fwd.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OPS["mlp"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
-                                                       float(slope))[0].view(*x.shape[:-1], -1)
-    return _CUSTOM_OPS["mlp"]
+    return _CUSTOM_OPS.setdefault("mlp", lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
+                                                                       float(slope))[0].view(*x.shape[:-1], -1))
 
 # ==== Optimizers ====
 
