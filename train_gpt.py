@@ -2104,16 +2104,12 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
     """The flat buffer `params` are consecutive contiguous views of (flatten_parameters), else None."""
     if not params:
         return None
-    first = params[0]
-    storage, item, offset = first.untyped_storage(), first.element_size(), 0
-    for p in params:
-        if (p.dtype != first.dtype or not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
-                or p.data_ptr() != storage.data_ptr() + offset * item):
-            return None
-        offset += p.numel()
-    if storage.nbytes() != offset * item:
+    storage = params[0].untyped_storage()
+    if storage.nbytes() != sum(p.numel() for p in params) * params[0].element_size():
         return None
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (offset,), (1,))
+    flat = torch.empty(0, dtype=params[0].dtype, device=params[0].device).set_(storage)
+    return flat if all(p.dtype == flat.dtype and p.is_contiguous() and p.data_ptr() == v.data_ptr()
+                       for p, v in zip(params, flat.split([p.numel() for p in params]))) else None
 
 # Newton-Schulz (a, b, c) per iteration, the last reused: classic Keller Jordan's (the naive baseline to PR #1769);
 # polar_express PR #1344's (PRs #1787 to #1855); polar_express_safe PR #1514's, the norm times 1.02.
@@ -2128,8 +2124,7 @@ NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.0, "polar_express_safe": 1.
 NS_EPS = 1e-7
 MUON_NS_DTYPES = ("auto", "bf16", "fp32")
 
-# One table maps every parameter to exactly one group: (optimizer, LR knob, weight-decay knob).
-PARAM_GROUPS: dict[str, tuple[str, str, str]] = {
+PARAM_GROUPS: dict[str, tuple[str, str, str]] = {  # every parameter's group: (optimizer, LR knob, weight-decay knob)
     "matrix": ("muon", "matrix_lr", "muon_wd"),  # 2-D block matrices
     "embed": ("adamw", "tied_embed_lr", "embed_wd"),  # token embedding (also the head when tied)
     "head": ("adamw", "head_lr", "embed_wd"),  # untied output head
@@ -2318,7 +2313,6 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self, timer: StepTimer | None = None) -> None:
-        """Average gradients over ranks, clip their global norm (GRAD_CLIP_NORM), then step Muon and AdamW."""
         mark = timer.mark if timer is not None else (lambda phase: None)
         sync_gradients(self.adam_params, self.world_size)
         shards = self.muon.shard_grads()
@@ -2372,10 +2366,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.steps = decay, 0
         self.params = list(model.parameters())
-        # fp32 parameters are read in place (_sources); others are copied to fp32 per step.
-        fp32 = all(p.dtype == torch.float32 for p in self.params)
-        self._sources = [p.detach() for p in self.params] if fp32 else None
-        self._flat = flat_buffer(self.params) if fp32 else None
+        self._flat = flat_buffer(self.params) if all(p.dtype == torch.float32 for p in self.params) else None
         if self._flat is not None:
             self._shadow_flat = torch.zeros_like(self._flat)
             self.shadow = [v.view_as(p) for v, p in zip(self._shadow_flat.split([p.numel() for p in self.params]),
@@ -2385,14 +2376,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        if self._sources is not None and self.params[-1].data_ptr() != self._sources[-1].data_ptr():
-            # The parameters were re-bound (e.g. moved) after the EMA was built: read them afresh.
-            self._sources, self._flat = [p.detach() for p in self.params], None
+        if self._flat is not None and self.params[0].data_ptr() != self._flat.data_ptr():
+            self._flat = None  # the parameters were re-bound (e.g. moved) after the EMA was built
         if self._flat is not None:
             self._shadow_flat.lerp_(self._flat, 1.0 - self.decay)
-        else:
-            sources = self._sources if self._sources is not None else [p.detach().float() for p in self.params]
-            torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
+        else:  # fp32 parameters as they are (.float() returns them), others as fp32 copies
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
         self.steps += 1
 
     @torch.no_grad()
