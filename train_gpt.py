@@ -2829,13 +2829,6 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
             raise ArtifactError(f"{source}: corrupted artifact: tensor {name!r}: {type(exc).__name__}: {exc}") from None
     return state, header.get("meta", {})
 
-def read_artifact(path: Path, with_meta: bool = False):
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact file not found")
-    state, meta = unpack_body(artifact_body(path.read_bytes(), str(path)), str(path))
-    return (state, meta) if with_meta else state
-
 @dataclass
 class FitResult:
     blob: bytes
