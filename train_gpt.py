@@ -2404,9 +2404,7 @@ PERGROUP_SORTED = ("tok_emb.weight",)  # PR #1855 also sorts attn.c_q, mlp.fc: h
 PERGROUP_MIN_BYTES = 4096
 PERGROUP_RATIO = 0.99  # pergroup bytes / brotli-11 bytes of one model (0.986-0.992 measured: bench/RESULTS.md)
 PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorted?; then (rows, cols) uint32 each
-ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
-LZMA_PRESET = 9  # PR #1290
 COMPRESS_CHUNK_BYTES = 4 << 20  # compressed in parallel: brotli-11 of the whole record body takes most of a minute
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
@@ -2568,8 +2566,7 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
         for i, name in enumerate(names):
             out[name] = QuantTensor(group, bits, codes[i].cpu(), scale[i].cpu(), state[name].dtype, methods[i])
             if spec.lqer_rank > 0 and group != "gate":
-                # In fp32, not the tensor's dtype, as PR #1855: dequantize adds the factors in fp32, casts once.
-                err = W[i] - codes[i].float() * scale[i].float()[:, None]
+                err = W[i] - codes[i].float() * scale[i].float()[:, None]  # fp32 as PR #1855; dequantize adds in fp32
                 errors.append((float(err.norm()), name, err))
     for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
         U, S, Vh = torch.linalg.svd(err, full_matrices=False)
@@ -2605,14 +2602,14 @@ _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch
                                                           torch.uint8, torch.int32, torch.int64, torch.bool)}
 
 def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
-    """brotli, zlib or xz of data; undo: the inverse."""
+    """brotli, zlib (the naive baseline's zlib-9) or xz -9 (PR #1290) of data; undo: the inverse."""
     if compressor == "brotli":
         import brotli
         return brotli.decompress(data) if undo else brotli.compress(data, quality=BROTLI_QUALITY)
     if compressor == "zlib":
-        return zlib.decompress(data) if undo else zlib.compress(data, ZLIB_LEVEL)
+        return zlib.decompress(data) if undo else zlib.compress(data, 9)
     import lzma
-    return lzma.decompress(data, lzma.FORMAT_XZ) if undo else lzma.compress(data, lzma.FORMAT_XZ, preset=LZMA_PRESET)
+    return lzma.decompress(data, lzma.FORMAT_XZ) if undo else lzma.compress(data, lzma.FORMAT_XZ, preset=9)
 
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
     """fn over items on a thread per core: brotli, lzma and waits on lrzip release the GIL while they work."""
@@ -2728,8 +2725,7 @@ def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str =
 
 def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                         meta: dict[str, Any] | None = None) -> bytes:
-    """header length | JSON header | payload of raw little-endian arrays (no pickle: loading runs no code): codes
-    first (like bytes together), then LQER factors, then scales and small tensors, byte-shuffled by element size."""
+    """header length | JSON header | raw arrays, no pickle: codes, LQER factors, scales, the rest (like with like)."""
     segments = []
 
     def add(t: Tensor) -> dict[str, int]:
@@ -2840,8 +2836,7 @@ class FitResult:
 
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
-    """Quantize and pack, widening the matrix groups' SDClip k while over `budget_bytes`: entropy falls ~log2(factor)
-    bits per parameter (PR #1394), or the last two attempts' slope; an attempt is packed only if its prediction fits."""
+    """Quantize and pack, widening matrix SDClip k while over budget: each doubling ~1 bit/param less (PR #1394)."""
     t0, attempts = time.perf_counter(), []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
@@ -2955,7 +2950,6 @@ def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Calla
                        h.gptq_calibration_batches * h.train_batch_tokens)
 
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
-    """Log the artifact bytes against the target and the challenge cap; loud when over either."""
     bytes_total = bytes_model + bytes_code
     log(format_kv(bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_total, target=h.target_bytes,
                   limit=ARTIFACT_LIMIT_BYTES))
