@@ -1950,8 +1950,7 @@ def fused_softcap_ce() -> Callable[[Tensor, Tensor, float], Tensor]:
         z, targets, lse = ctx.saved_tensors
         return bwd(grad, z, targets, lse, ctx.cap), None, None
     fwd.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OPS["ce"] = lambda z, targets, cap: fwd(z, targets, float(cap))[0]
-    return _CUSTOM_OPS["ce"]
+    return _CUSTOM_OPS.setdefault("ce", lambda z, targets, cap: fwd(z, targets, float(cap))[0])
 
 def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
     """z = a b^T: (z, leaky_relu(z)^2), or with `pre` the MLP's backward z * d leaky_relu(pre)^2/d pre (b = W2^T)."""
@@ -1960,8 +1959,6 @@ def leaky_relu2_linear_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor
         h = F.leaky_relu(z, slope)
         return z, h * h
     return z * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
-
-MLP_BLOCKS = (128, 128, 64)  # M, N, K tile of the fused MLP kernel
 
 @functools.cache
 def leaky_relu2_linear_kernel() -> Any:
@@ -2001,7 +1998,7 @@ def leaky_relu2_linear_kernel() -> Any:
 
 def leaky_relu2_linear_triton(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None) -> Any:
     (M, K), N = a.shape, b.size(0)
-    BM, BN, BK = MLP_BLOCKS
+    BM, BN, BK = 128, 128, 64  # the kernel's M, N, K tile
     out = a.new_empty(M, N, dtype=a.dtype if pre is None else pre.dtype)
     z = torch.empty_like(out) if pre is None else pre.contiguous()
     leaky_relu2_linear_kernel()[(-(-M // BM) * -(-N // BN),)](a, b, z, out, M, N, K, *a.stride(), *b.stride(),
@@ -2045,9 +2042,8 @@ def fused_leaky_relu2_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]
         nx, n1, n2 = ctx.needs_input_grad[:3]
         return d @ w1 if nx else None, d.T @ x if n1 else None, grad.T @ post if n2 else None, None
     fwd.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OPS["mlp"] = lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
-                                                       float(slope))[0].view(*x.shape[:-1], -1)
-    return _CUSTOM_OPS["mlp"]
+    return _CUSTOM_OPS.setdefault("mlp", lambda x, w1, w2, slope: fwd(x.reshape(-1, x.size(-1)), w1, w2,
+                                                                       float(slope))[0].view(*x.shape[:-1], -1))
 
 # ==== Optimizers ====
 
@@ -2065,16 +2061,12 @@ def flat_buffer(params: list[Tensor]) -> Tensor | None:
     """The flat buffer `params` are consecutive contiguous views of (flatten_parameters), else None."""
     if not params:
         return None
-    first = params[0]
-    storage, item, offset = first.untyped_storage(), first.element_size(), 0
-    for p in params:
-        if (p.dtype != first.dtype or not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
-                or p.data_ptr() != storage.data_ptr() + offset * item):
-            return None
-        offset += p.numel()
-    if storage.nbytes() != offset * item:
+    storage = params[0].untyped_storage()
+    if storage.nbytes() != sum(p.numel() for p in params) * params[0].element_size():
         return None
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (offset,), (1,))
+    flat = torch.empty(0, dtype=params[0].dtype, device=params[0].device).set_(storage)
+    return flat if all(p.dtype == flat.dtype and p.is_contiguous() and p.data_ptr() == v.data_ptr()
+                       for p, v in zip(params, flat.split([p.numel() for p in params]))) else None
 
 # Newton-Schulz (a, b, c) per iteration, the last reused: classic Keller Jordan's (the naive baseline to PR #1769);
 # polar_express PR #1344's (PRs #1787 to #1855); polar_express_safe PR #1514's, the norm times 1.02.
@@ -2089,8 +2081,7 @@ NS_NORM_SAFETY = {"classic": 1.0, "polar_express": 1.0, "polar_express_safe": 1.
 NS_EPS = 1e-7
 MUON_NS_DTYPES = ("auto", "bf16", "fp32")
 
-# One table maps every parameter to exactly one group: (optimizer, LR knob, weight-decay knob).
-PARAM_GROUPS: dict[str, tuple[str, str, str]] = {
+PARAM_GROUPS: dict[str, tuple[str, str, str]] = {  # every parameter's group: (optimizer, LR knob, weight-decay knob)
     "matrix": ("muon", "matrix_lr", "muon_wd"),  # 2-D block matrices
     "embed": ("adamw", "tied_embed_lr", "embed_wd"),  # token embedding (also the head when tied)
     "head": ("adamw", "head_lr", "embed_wd"),  # untied output head
@@ -2279,7 +2270,6 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self, timer: StepTimer | None = None) -> None:
-        """Average gradients over ranks, clip their global norm (GRAD_CLIP_NORM), then step Muon and AdamW."""
         mark = timer.mark if timer is not None else (lambda phase: None)
         sync_gradients(self.adam_params, self.world_size)
         shards = self.muon.shard_grads()
@@ -2333,10 +2323,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.steps = decay, 0
         self.params = list(model.parameters())
-        # fp32 parameters are read in place (_sources); others are copied to fp32 per step.
-        fp32 = all(p.dtype == torch.float32 for p in self.params)
-        self._sources = [p.detach() for p in self.params] if fp32 else None
-        self._flat = flat_buffer(self.params) if fp32 else None
+        self._flat = flat_buffer(self.params) if all(p.dtype == torch.float32 for p in self.params) else None
         if self._flat is not None:
             self._shadow_flat = torch.zeros_like(self._flat)
             self.shadow = [v.view_as(p) for v, p in zip(self._shadow_flat.split([p.numel() for p in self.params]),
@@ -2346,14 +2333,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        if self._sources is not None and self.params[-1].data_ptr() != self._sources[-1].data_ptr():
-            # The parameters were re-bound (e.g. moved) after the EMA was built: read them afresh.
-            self._sources, self._flat = [p.detach() for p in self.params], None
+        if self._flat is not None and self.params[0].data_ptr() != self._flat.data_ptr():
+            self._flat = None  # the parameters were re-bound (e.g. moved) after the EMA was built
         if self._flat is not None:
             self._shadow_flat.lerp_(self._flat, 1.0 - self.decay)
-        else:
-            sources = self._sources if self._sources is not None else [p.detach().float() for p in self.params]
-            torch._foreach_lerp_(self.shadow, sources, 1.0 - self.decay)
+        else:  # fp32 parameters as they are (.float() returns them), others as fp32 copies
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
         self.steps += 1
 
     @torch.no_grad()
@@ -2376,9 +2361,7 @@ PERGROUP_SORTED = ("tok_emb.weight",)  # PR #1855 also sorts attn.c_q, mlp.fc: h
 PERGROUP_MIN_BYTES = 4096
 PERGROUP_RATIO = 0.99  # pergroup bytes / brotli-11 bytes of one model (0.986-0.992 measured: bench/RESULTS.md)
 PERGROUP_HEAD = struct.Struct("<IB")  # a role's piece: matrix count, rows sorted?; then (rows, cols) uint32 each
-ZLIB_LEVEL = 9  # the naive baseline's zlib-9
 BROTLI_QUALITY = 11
-LZMA_PRESET = 9  # PR #1290
 COMPRESS_CHUNK_BYTES = 4 << 20  # compressed in parallel: brotli-11 of the whole record body takes most of a minute
 CHUNK_COUNT = struct.Struct("<I")
 FIT_MAX_ATTEMPTS = 8  # fit-to-size: packs tried before giving up (usually 1-2 are needed)
@@ -2540,8 +2523,7 @@ def quantize_state(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str
         for i, name in enumerate(names):
             out[name] = QuantTensor(group, bits, codes[i].cpu(), scale[i].cpu(), state[name].dtype, methods[i])
             if spec.lqer_rank > 0 and group != "gate":
-                # In fp32, not the tensor's dtype, as PR #1855: dequantize adds the factors in fp32, casts once.
-                err = W[i] - codes[i].float() * scale[i].float()[:, None]
+                err = W[i] - codes[i].float() * scale[i].float()[:, None]  # fp32 as PR #1855; dequantize adds in fp32
                 errors.append((float(err.norm()), name, err))
     for _, name, err in sorted(errors, key=lambda e: (-e[0], e[1]))[: spec.lqer_top_k]:
         U, S, Vh = torch.linalg.svd(err, full_matrices=False)
@@ -2577,14 +2559,14 @@ _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch
                                                           torch.uint8, torch.int32, torch.int64, torch.bool)}
 
 def _compress(data: bytes, compressor: str, undo: bool = False) -> bytes:
-    """brotli, zlib or xz of data; undo: the inverse."""
+    """brotli, zlib (the naive baseline's zlib-9) or xz -9 (PR #1290) of data; undo: the inverse."""
     if compressor == "brotli":
         import brotli
         return brotli.decompress(data) if undo else brotli.compress(data, quality=BROTLI_QUALITY)
     if compressor == "zlib":
-        return zlib.decompress(data) if undo else zlib.compress(data, ZLIB_LEVEL)
+        return zlib.decompress(data) if undo else zlib.compress(data, 9)
     import lzma
-    return lzma.decompress(data, lzma.FORMAT_XZ) if undo else lzma.compress(data, lzma.FORMAT_XZ, preset=LZMA_PRESET)
+    return lzma.decompress(data, lzma.FORMAT_XZ) if undo else lzma.compress(data, lzma.FORMAT_XZ, preset=9)
 
 def _map_parallel(fn: Callable[[bytes], bytes], items: list[bytes]) -> list[bytes]:
     """fn over items on a thread per core: brotli, lzma and waits on lrzip release the GIL while they work."""
@@ -2700,8 +2682,7 @@ def pack_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str =
 
 def serialize_quantized(quantized: dict[str, QuantTensor | Tensor], compressor: str = "brotli",
                         meta: dict[str, Any] | None = None) -> bytes:
-    """header length | JSON header | payload of raw little-endian arrays (no pickle: loading runs no code): codes
-    first (like bytes together), then LQER factors, then scales and small tensors, byte-shuffled by element size."""
+    """header length | JSON header | raw arrays, no pickle: codes, LQER factors, scales, the rest (like with like)."""
     segments = []
 
     def add(t: Tensor) -> dict[str, int]:
@@ -2801,13 +2782,6 @@ def unpack_body(body: bytes, source: str = "artifact") -> tuple[dict[str, Tensor
             raise ArtifactError(f"{source}: corrupted artifact: tensor {name!r}: {type(exc).__name__}: {exc}") from None
     return state, header.get("meta", {})
 
-def read_artifact(path: Path, with_meta: bool = False):
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact file not found")
-    state, meta = unpack_body(artifact_body(path.read_bytes(), str(path)), str(path))
-    return (state, meta) if with_meta else state
-
 @dataclass
 class FitResult:
     blob: bytes
@@ -2819,8 +2793,7 @@ class FitResult:
 
 def fit_artifact(state: dict[str, Tensor], spec: QuantSpec, hessians: dict[str, Tensor] | None, budget_bytes: int,
                  meta: dict[str, Any], log: Callable[[str], None]) -> FitResult:
-    """Quantize and pack, widening the matrix groups' SDClip k while over `budget_bytes`: entropy falls ~log2(factor)
-    bits per parameter (PR #1394), or the last two attempts' slope; an attempt is packed only if its prediction fits."""
+    """Quantize and pack, widening matrix SDClip k while over budget: each doubling ~1 bit/param less (PR #1394)."""
     t0, attempts = time.perf_counter(), []
     factor, last, blob = 1.0, None, None  # last: (entropy bytes, compressed bytes) of the last packed attempt
     ratio = PERGROUP_RATIO if spec.compressor == "pergroup" else 1.0
@@ -2934,7 +2907,6 @@ def calibrate_gptq(h: Hyperparameters, d: DistInfo, model: "GPT", forward: Calla
                        h.gptq_calibration_batches * h.train_batch_tokens)
 
 def report_size(h: Hyperparameters, bytes_model: int, bytes_code: int, log: Logger) -> int:
-    """Log the artifact bytes against the target and the challenge cap; loud when over either."""
     bytes_total = bytes_model + bytes_code
     log(format_kv(bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_total, target=h.target_bytes,
                   limit=ARTIFACT_LIMIT_BYTES))

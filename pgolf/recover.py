@@ -31,8 +31,15 @@ def configure(tg: Any, h: Any, code: bytes) -> tuple[Any, dict[str, Any] | None]
     REQUANTIZE's run keeps its own knobs (checked against the weights' config later)."""
     if not h.eval_only:
         return h, None
-    _, meta = tg.read_artifact(Path(h.artifact), with_meta=True)
+    _, meta = read_artifact(tg, Path(h.artifact))
     return eval_only_config(tg, h, meta, code, h.artifact), meta
+
+
+def read_artifact(tg: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(dequantized state, metadata) of the artifact file at `path`; ArtifactError names the file."""
+    if not path.is_file():
+        raise tg.ArtifactError(f"{path}: artifact file not found")
+    return tg.unpack_body(tg.artifact_body(path.read_bytes(), str(path)), str(path))
 
 
 def instead_of_training(tg: Any, rc: Any, model: Any, meta: dict[str, Any] | None) -> int:

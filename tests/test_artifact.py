@@ -357,7 +357,7 @@ def test_blob_layout_is_prefix_plus_pickle_free_body(gpt_state, gpt_blob):
 
 def expect_artifact_error(path: Path, *fragments: str) -> str:
     with pytest.raises(tg.ArtifactError) as info:
-        tg.read_artifact(path)
+        recover.read_artifact(tg, path)
     msg = str(info.value)
     assert "\n" not in msg and msg.strip() == msg, f"not one line: {msg!r}"
     assert str(path) in msg, f"message does not name the file: {msg!r}"
@@ -373,7 +373,7 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def test_good_artifact_reads_back(tmp_path, gpt_blob, gpt_state):
-    out = tg.read_artifact(write(tmp_path, "good.ptz", gpt_blob))
+    out, _ = recover.read_artifact(tg, write(tmp_path, "good.ptz", gpt_blob))
     assert set(out) == set(gpt_state)
 
 

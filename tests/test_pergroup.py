@@ -24,6 +24,7 @@ import torch
 
 import train_gpt as tg
 from artifact_helpers import unpack_artifact_full
+from pgolf import recover
 from test_run import error_lines, run_script, tiny_env
 
 NEEDS_LRZIP = pytest.mark.skipif(shutil.which("lrzip") is None,
@@ -63,7 +64,7 @@ def one_line_error(blob: bytes, tmp_path: Path) -> str:
     path = tmp_path / "a.ptz"
     path.write_bytes(blob)
     with pytest.raises(tg.ArtifactError) as info:
-        tg.read_artifact(path)
+        recover.read_artifact(tg, path)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(str(path)), msg
     return msg

@@ -207,7 +207,7 @@ def test_a_run_logs_its_checks_and_its_artifact_records_the_data(trained, datase
     log = trained.log_lines
     assert any(x.startswith("tokenizer_check:ok reencoded:") and " seconds:" in x for x in log), log
     assert "shard_hashes:unverified (no per-file hashes)" in log
-    _, meta = tg.read_artifact(trained.path("ptz"), with_meta=True)
+    _, meta = recover.read_artifact(tg, trained.path("ptz"))
     assert meta["preset"] == "record" and meta["data"] == {"tokenizer_sha256": tg.sha256_file(dataset["tokenizer"]),
                                                            "val_sha256": trained.metrics["dataset"]["val_sha256"]}
 

@@ -163,10 +163,10 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def evaluate_artifact(h: tg.Hyperparameters, artifact: Path) -> tg.EvalResult:
-    """read_artifact -> GPT.load_state_dict(strict=True) -> the plain evaluation of the run's val tokens."""
+    """recover.read_artifact -> GPT.load_state_dict(strict=True) -> the plain evaluation of the run's val tokens."""
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
     if artifact is not None:
-        model.load_state_dict(tg.read_artifact(artifact), strict=True)
+        model.load_state_dict(recover.read_artifact(tg, artifact)[0], strict=True)
     return evaluate_model(h, model)
 
 
