@@ -3149,8 +3149,7 @@ def phase_bounds(n_docs: int, prefix_docs: int, phases: int) -> list[int]:
     return [min(prefix_docs, n_docs) * (k + 1) // phases for k in range(phases)] if prefix_docs else []
 
 def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: int) -> tuple[list, list[int]]:
-    """(per segment, each rank's batches; per pause, the batches scored before it): ranks claim the queue as each comes
-    free (PR #1855's counter, here on estimated costs: no collective); pause k once bounds[k] documents are done."""
+    """(per segment each rank's batches, per pause the batches before it): free ranks claim the next (PR #1855)."""
     segments, pauses, q, done = [], [], 0, 0
     while q < len(costs):
         share: list[list[int]] = [[] for _ in range(world)]
@@ -3161,7 +3160,7 @@ def ttt_schedule(costs: list[int], sizes: list[int], bounds: list[int], world: i
                 done += sizes[j]
                 paused = paused or (len(pauses) < len(bounds) and done >= bounds[len(pauses)])
             if not paused and q < len(costs):
-                heapq.heappush(busy, (max(t, 0) + costs[q], r, q))
+                heapq.heappush(busy, (max(t, 0) + costs[q], r, q))  # estimated costs: ranks plan alike, no collective
                 share[r].append(q)
                 q += 1
         segments.append(share)
@@ -3222,8 +3221,7 @@ def row_groups(k: int, group: int) -> list[tuple[int, int]]:
 
 def score_lora_batch(model: GPT, lora: "DocLoRA", ctx: EvalContext, docs: list[tuple[int, int]],
                      cfg: LoRATTTConfig, every: int, group: int = 1 << 30) -> Tensor:
-    """Score a batch chunk by chunk (LoRAWalk); every `every` chunks (0: never) step each document's adapters on its
-    chunk's mean loss if a later chunk follows (PR #1855). `group` rows a forward, gradients summed: the same step."""
+    """Score chunk by chunk, stepping the adapters every `every` chunks (0: never; PR #1855); `group` rows a forward."""
     walk = LoRAWalk.plan(docs, cfg.chunk, ctx.seq_len)
     start, col, n, learn = (torch.from_numpy(a).to(ctx.device) for a in (walk.start, walk.col, walk.n, walk.learn))
     opt = torch.optim.AdamW(lora.params, lr=cfg.lr, betas=TTT_LORA_BETAS, eps=TTT_LORA_EPS,
