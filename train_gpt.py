@@ -22,27 +22,8 @@ model, kernels, optimizers, quantization and packing, evaluation, training, main
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import datetime
-import difflib
-import functools
-import hashlib
-import heapq
-import importlib.util
-import json
-import math
-import os
-import platform
-import queue
-import re
-import shutil
-import signal
-import struct
-import sys
-import threading
-import time
-import zlib
+import copy, dataclasses, datetime, difflib, functools, hashlib, heapq, importlib.util, json, math, os, platform
+import queue, re, shutil, signal, struct, sys, threading, time, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -721,8 +702,7 @@ def kept_artifact(rc: RunContext) -> str:
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
+    device: torch.device  # cuda:LOCAL_RANK or cpu
 
     @property
     def is_main(self) -> bool:
@@ -741,7 +721,7 @@ def setup_distributed(h: Hyperparameters) -> DistInfo:
     if h.world_size > 1:
         kwargs = {"device_id": device} if use_cuda else {}
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30), **kwargs)
-    return DistInfo(h.rank, h.world_size, h.local_rank, device)
+    return DistInfo(h.rank, h.world_size, device)
 
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     if dist.is_available() and dist.is_initialized():
@@ -815,7 +795,7 @@ def list_shards(dataset_dir: Path, split: str) -> list[Path]:
     return files
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
-    """An id >= vocab_size means data and VOCAB_SIZE disagree (pg#1723); `offset`: tokens[0]'s position in the file."""
+    """Refuses ids >= vocab_size (openai/parameter-golf#1723); `offset` is tokens[0]'s position in the file."""
     flat = tokens.reshape(-1)
     if flat.size and int(flat.max()) >= vocab_size:
         bad = offset + int(np.argmax(flat >= vocab_size))
@@ -1027,7 +1007,7 @@ def load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 def build_byte_luts(sp, path: Path | str = "tokenizer") -> ByteLUTs:
-    """Byte tables of a SentencePiece model; refuses one without a '▁' piece (a space = 3 byte tokens: pg#897)."""
+    """Byte tables of a SentencePiece model; refuses one without a '▁' piece (openai/parameter-golf#897)."""
     if sp.piece_to_id(LEADING_SPACE) == sp.unk_id():
         raise DataError(f"{path}: tokenizer has no standalone '\u2581' piece; its byte counts would be wrong "
                         "(openai/parameter-golf#897)")

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         mm = tg.load_shard(shard)
 
         def make() -> tg.TrainLoader:
-            return tg.TrainLoader([shard], T, B, 1, args.seed, args.vocab, tg.DistInfo(0, 1, 0, torch.device("cpu")))
+            return tg.TrainLoader([shard], T, B, 1, args.seed, args.vocab, tg.DistInfo(0, 1, torch.device("cpu")))
 
         # The loader's first-epoch starts, wrapped if --steps exceeds it; its first batch must match.
         probe = make()

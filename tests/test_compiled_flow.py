@@ -361,7 +361,7 @@ def test_row8_the_training_graph_takes_cu_seqlens_from_the_loader_and_never_wait
     tokens[400::2] = BOS
     path = tmp_path / "fineweb_train_000000.bin"
     write_shard(path, tokens.astype(np.uint16))
-    loader = tg.TrainLoader([path], 64, 3, 1, 0, 96, tg.DistInfo(0, 1, 0, CPU), packed=True)
+    loader = tg.TrainLoader([path], 64, 3, 1, 0, 96, tg.DistInfo(0, 1, CPU), packed=True)
     graphs = []
 
     def backend(gm, inputs):
@@ -402,7 +402,7 @@ def test_row8_loader_cu_seqlens_are_the_document_starts_padded_to_the_bucket(tmp
     tokens[np.random.default_rng(0).random(4000) < 0.05] = BOS
     path = tmp_path / "fineweb_train_000000.bin"
     write_shard(path, tokens.astype(np.uint16))
-    loader = tg.TrainLoader([path], 64, 5, 1, 0, 96, tg.DistInfo(0, 1, 0, CPU))
+    loader = tg.TrainLoader([path], 64, 5, 1, 0, 96, tg.DistInfo(0, 1, CPU))
     try:
         for _ in range(3):
             x, y, cu = loader.next_batch()
@@ -455,7 +455,7 @@ def test_row9_the_wallclock_stop_uses_synchronized_step_time(monkeypatch):
     opt = types.SimpleNamespace(set_schedule=lambda scale, step: None)
     graphs = tg.Graphs(model, model.hidden, model)
     loader = types.SimpleNamespace(close=lambda: None, wait_seconds=0.0)
-    result = tg.train(h, tg.DistInfo(0, 1, 0, CPU), graphs, opt, lambda: loader, lambda: None, 0.0, lambda *a, **k: None)
+    result = tg.train(h, tg.DistInfo(0, 1, CPU), graphs, opt, lambda: loader, lambda: None, 0.0, lambda *a, **k: None)
     assert result.stopped_by == "wallclock" and result.train_time_ms <= 10_000, result
     assert result.steps == 9  # 9.09 s; a 10th step would end at 10.1 s
 

@@ -408,7 +408,7 @@ def test_typo_warnings_are_repeated_below_the_config_block():
     """The first warnings print above ~160 config lines and scroll away: one line repeats them after the block."""
     h = H.from_env({"SEEDS": "42", "NUM_LAYER": "3"})
     lines: list[str] = []
-    tg.log_header(h, tg.DistInfo(0, 1, 0, tg.torch.device("cpu")), b"code", "sdpa", {}, lines.append)
+    tg.log_header(h, tg.DistInfo(0, 1, tg.torch.device("cpu")), b"code", "sdpa", {}, lines.append)
     end = max(i for i, line in enumerate(lines) if line.startswith("  "))
     after = [line for line in lines[end + 1:] if line.startswith("WARNING:")]
     assert len(after) == 1 and "SEEDS='42'" in after[0] and "did you mean NUM_LAYERS?" in after[0], lines[end:]

@@ -25,7 +25,7 @@ import train_gpt as tg
 from pgolf.shards import write_shard
 
 CPU = torch.device("cpu")
-ONE_CPU = tg.DistInfo(0, 1, 0, CPU)  # rank 0 of 1
+ONE_CPU = tg.DistInfo(0, 1, CPU)  # rank 0 of 1
 
 
 # ---------------------------------------------------------------- helpers
@@ -57,7 +57,7 @@ def assert_names(exc: BaseException, *needles: object) -> str:
 def open_loader(files, seq_len, micro_seqs, accum, rank=0, world_size=1, seed=1337, vocab_size=1 << 16,
                 cls=None):
     loader = (cls or tg.TrainLoader)(list(files), seq_len, micro_seqs, accum, seed, vocab_size,
-                                     tg.DistInfo(rank, world_size, 0, CPU))
+                                     tg.DistInfo(rank, world_size, CPU))
     try:
         yield loader
     finally:
@@ -437,7 +437,7 @@ def test_loader_too_little_data(tmp_path):
         tg.TrainLoader(files, 8, 3, 1, 0, 1 << 16, ONE_CPU)
     assert_names(ei.value, tmp_path / "fineweb_train_*.bin", 2, 3)
     with pytest.raises(tg.DataError):  # 2 ranks x 1 micro-batch of 2 sequences
-        tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(0, 2, 0, CPU))
+        tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(0, 2, CPU))
     with open_loader(files, 8, 2, 1) as loader:  # exactly enough
         check_batch(*loader.next_batch()[:2], 2, 8)
 

@@ -201,7 +201,7 @@ def test_packed_loader_reads_one_contiguous_stream_from_the_first_bos(tmp_path):
     tokens[5] = BOS  # the stream starts at the first BOS, not at the file start
     tokens[100::50] = BOS
     files = write_stream(tmp_path, tokens)
-    loader = tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, 0, torch.device("cpu")), packed=True)
+    loader = tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, torch.device("cpu")), packed=True)
     got = batches(loader, 4)
     assert all(b.shape == (1, 96) for b in got)
     for i, b in enumerate(got):
@@ -218,8 +218,8 @@ def test_packed_order_is_the_same_for_any_world_size_until_a_shard_ends(tmp_path
     tokens[::40] = BOS
     files = write_stream(tmp_path, tokens)
     cpu = torch.device("cpu")
-    one = batches(tg.TrainLoader(files, 8, 2, 2, 0, 1 << 16, tg.DistInfo(0, 1, 0, cpu), packed=True), 60)
-    ranks = [batches(tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(r, 2, 0, cpu), packed=True), 30)
+    one = batches(tg.TrainLoader(files, 8, 2, 2, 0, 1 << 16, tg.DistInfo(0, 1, cpu), packed=True), 60)
+    ranks = [batches(tg.TrainLoader(files, 8, 2, 1, 0, 1 << 16, tg.DistInfo(r, 2, cpu), packed=True), 30)
              for r in range(2)]
     # 17 tokens a span: 1010 tokens hold 59 spans, 2 ranks 29 micro-steps of 34 (58 spans): one process reads
     # the 59th where the ranks go back to the (only) shard's first BOS
@@ -247,7 +247,7 @@ def test_a_packed_loader_whose_shards_cannot_hold_one_micro_step_says_so(tmp_pat
     tokens[50] = BOS  # 150 tokens from the first BOS: one rank's span of 3 x 16 + 1 fits, four ranks' do not
     files = write_stream(tmp_path, tokens)
     cpu = torch.device("cpu")
-    tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, 0, cpu), packed=True).close()
+    tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 1, cpu), packed=True).close()
     with pytest.raises(tg.DataError, match=r"no shard holds one micro-step of every rank from its first BOS "
                                            r"\(4 x 49 tokens\) for DOC_PACKED_LOADER=1"):
-        tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 4, 0, cpu), packed=True)
+        tg.TrainLoader(files, 16, 3, 1, 0, 1 << 16, tg.DistInfo(0, 4, cpu), packed=True)

@@ -375,7 +375,7 @@ def test_wallclock_cap_stops_before_the_cap_with_a_fake_clock(dataset, tmp_path,
         return clock["t"]
 
     h = tg.Hyperparameters.from_env(tiny_env(dataset, tmp_path, "fake", ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=30))
-    d = tg.DistInfo(0, 1, 0, tg.torch.device("cpu"))
+    d = tg.DistInfo(0, 1, tg.torch.device("cpu"))
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
     opt = tg.Optimizers(model, h)
     files = sorted(tg.Path(h.dataset_dir).glob("fineweb_train_*.bin"))

@@ -245,7 +245,7 @@ def test_a_copy_without_pgolf_fingerprints_the_data_but_checks_no_manifest(datas
     write_manifest(data["dir"])
     env = tiny_env(data, tmp_path, "shipped")
     h = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k != "STRICT_ENV"})
-    d = tg.DistInfo(0, 1, 0, tg.torch.device("cpu"))
+    d = tg.DistInfo(0, 1, tg.torch.device("cpu"))
     lines: list[str] = []
     with_pgolf = tg.prepare_data(h, d, lines.append)
     assert isinstance(with_pgolf.shards, dict) and with_pgolf.fingerprint["manifest"].endswith("manifest.json")

@@ -30,8 +30,9 @@ SECTIONS = ["Config", "Logging", "Distributed", "Data and BPB", "Model", "Kernel
 MAIN_MAX_LINES = 150  # the run's outline and the process's exit codes; the parts live in their sections
 # train_gpt.py holds training and what guards a score; the operations layer is pgolf/ and tests/, the
 # alternatives public records dropped are out, and docstrings say what and why in a line. A ceiling, not a goal:
-# 5,503 lines before the last of the operations layer moved, 5,076 before the sections were condensed.
-SCRIPT_MAX_LINES = 4_250
+# 5,503 lines before the last of the operations layer moved, 5,076 before the sections were condensed, 4,234
+# before one blank line between definitions (as PR #1855's script).
+SCRIPT_MAX_LINES = 3_900
 
 
 @pytest.fixture(scope="module")

@@ -238,7 +238,7 @@ def run_our_schedule(times: list[float], **env) -> dict:
 
     batch = (torch.zeros(1, 8, dtype=torch.int64),) * 2 + (torch.tensor([0, 8], dtype=torch.int32),)
     loader = SimpleNamespace(next_batch=lambda: batch, close=lambda: None, wait_seconds=0.0)
-    d = tg.DistInfo(0, 8, 0, CPU)  # all_reduce_ is the identity without a process group
+    d = tg.DistInfo(0, 8, CPU)  # all_reduce_ is the identity without a process group
     graphs = tg.Graphs(model, None, model)
     logs: list[str] = []
     reserve = tg.gptq_reserve(h, d, graphs, lambda: loader, logs.append)
@@ -442,7 +442,7 @@ def our_batches(folder: Path, world_size: int, rank: int, seed: int = 1337, pack
     assert h.accum_steps == 8 // world_size and h.micro_batch_seqs == ROWS and h.doc_packed_loader
     files = tg.list_shards(folder, "train")
     loader = tg.TrainLoader(files, h.train_seq_len, h.micro_batch_seqs, h.accum_steps, h.seed, h.vocab_size,
-                            tg.DistInfo(rank, world_size, 0, CPU),
+                            tg.DistInfo(rank, world_size, CPU),
                             packed=h.doc_packed_loader if packed is None else packed)
     try:
         out = {}
