@@ -122,10 +122,13 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
         tg.check_token_range(tokens, vocab, f"{args.data}/fineweb_val_*.bin")
     except tg.DataError as exc:
         raise UsageError(f"--data: {exc}") from None
-    if identity["text_transform"] == tg.CASEOPS_TRANSFORM or any(args.data.glob("fineweb_val_bytes_*.bin")):
+    plain = tg.Hyperparameters.from_env({"PRESET": "baseline", "DATA_PATH": str(args.data), "CASEOPS_ENABLED": "0"})
+    try:  # train_gpt.py's own test of CaseOps data: it refuses CASEOPS_ENABLED=0 for exactly those shards
+        tg.check_transform(plain, identity["text_transform"], identity["manifest"])
+    except tg.DataError:
         raise UsageError(f"--data={args.data}: CaseOps shards: their BPB counts the byte sidecars "
                          "(fineweb_val_bytes_*.bin), not the lookup tables this tool checks; train_gpt.py's BPB "
-                         "self-check (CASEOPS_ENABLED=1) checks the sidecars against the decoded text")
+                         "self-check (CASEOPS_ENABLED=1) checks the sidecars against the decoded text") from None
     n = int(tokens.size)
     if n < 2:
         raise UsageError(f"--data={args.data}: the validation split has {n} token(s); nothing to score")
